@@ -1,0 +1,276 @@
+//! XDP on the ingest NIC: forwards channel packets to the channel's active encoder.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, generated::bpf_xdp_get_buff_len},
+    macros::xdp,
+    programs::XdpContext,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+};
+use nsfail_common::{
+    ACTION_REDIRECT, ChannelTarget, Endpoint, SOURCE_REFRESH_NS, SourceInfo, SourceKey, csum,
+    xdp_reason as r,
+};
+
+use crate::maps::{
+    CHANNEL_STATS, CHANNELS, ENCODER_STATS, SOURCES, TX_PORTS, XDP_STATS, add_flow, count,
+};
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const VLAN_HLEN: usize = 4;
+const IPPROTO_UDP: u8 = 17;
+
+/// A pointer to a `T` at `offset` in the packet, after checking that all of it is inside.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, u32> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(r::PASS_MALFORMED);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// The whole frame's length, fragments of a multi-buffer frame included.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: ctx is the live XDP context.
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+}
+
+/// What the parser found: a UDP packet to `key`, with the offsets needed to rewrite it.
+struct Parsed {
+    key: Endpoint,
+    src: Endpoint,
+    vlan: bool,
+    ip_len: u64,
+}
+
+/// Forwards packets addressed to a channel's ingest endpoint to its active encoder.
+///
+/// Fail-open: anything that is not a well-formed, unfragmented UDP packet to a known channel —
+/// including frames it cannot parse, fragments, expiring TTLs and encoders without a device —
+/// gets `XDP_PASS` unchanged, counted by reason in `XDP_STATS`. It never drops.
+#[xdp(frags)]
+pub fn nsfail_ingress(ctx: XdpContext) -> u32 {
+    match try_ingress(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(&XDP_STATS, reason);
+            XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &XdpContext) -> Result<u32, u32> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut l3 = EthHdr::LEN;
+    let mut vlan = false;
+    if ether_type == ETH_P_8021Q {
+        let inner: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + 2)?;
+        // SAFETY: bounds checked by ptr_at.
+        ether_type = u16::from_be_bytes(unsafe { *inner });
+        l3 += VLAN_HLEN;
+        vlan = true;
+    }
+    match ether_type {
+        ETH_P_IPV4 => ipv4(ctx, l3, vlan),
+        ETH_P_IPV6 => ipv6(ctx, l3, vlan),
+        _ => Err(r::PASS_NOT_IP),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: bounds checked by ptr_at; every field is a byte array.
+    let hdr = unsafe { &mut *ip };
+    let ihl = ((hdr.vihl & 0x0f) as usize) * 4;
+    if hdr.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(r::PASS_MALFORMED);
+    }
+    if hdr.proto != IPPROTO_UDP {
+        return Err(r::PASS_NOT_UDP);
+    }
+    // MF set, or a non-zero offset: first and later fragments both pass.
+    if u16::from_be_bytes(hdr.frags) & 0x3fff != 0 {
+        return Err(r::PASS_FRAGMENT);
+    }
+    let tot_len = u16::from_be_bytes(hdr.tot_len) as usize;
+    let udp: *mut UdpHdr = ptr_at(ctx, l3 + ihl)?;
+    // SAFETY: bounds checked by ptr_at.
+    let udp_hdr = unsafe { &mut *udp };
+    let udp_len = u16::from_be_bytes(udp_hdr.len) as usize;
+    if tot_len < ihl + UdpHdr::LEN
+        || udp_len < UdpHdr::LEN
+        || udp_len > tot_len - ihl
+        || l3 + tot_len > frame_len(ctx)
+    {
+        return Err(r::PASS_MALFORMED);
+    }
+    let parsed = Parsed {
+        key: Endpoint::v4(hdr.dst_addr, u16::from_be_bytes(udp_hdr.dst)),
+        src: Endpoint::v4(hdr.src_addr, u16::from_be_bytes(udp_hdr.src)),
+        vlan,
+        ip_len: tot_len as u64,
+    };
+    // SAFETY: a HASH lookup; the value is copied out before any await point (there are none).
+    let target = *unsafe { CHANNELS.get(&parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
+    if hdr.ttl <= 1 {
+        return Err(r::PASS_TTL);
+    }
+    check_device(&target)?;
+
+    let old_dst = hdr.dst_addr;
+    let new_dst = [target.addr[0], target.addr[1], target.addr[2], target.addr[3]];
+    let old_ttl_proto = u16::from_be_bytes([hdr.ttl, hdr.proto]);
+    let new_ttl_proto = u16::from_be_bytes([hdr.ttl - 1, hdr.proto]);
+    let mut check = u16::from_be_bytes(hdr.check);
+    check = csum::replace32(check, old_dst, new_dst);
+    check = csum::replace16(check, old_ttl_proto, new_ttl_proto);
+    hdr.check = check.to_be_bytes();
+    hdr.dst_addr = new_dst;
+    hdr.ttl -= 1;
+
+    let udp_check = u16::from_be_bytes(udp_hdr.check);
+    // Zero means "no checksum" in IPv4 and stays zero.
+    if udp_check != 0 {
+        let c = csum::replace32(udp_check, old_dst, new_dst);
+        let c = csum::replace16(c, u16::from_be_bytes(udp_hdr.dst), target.port);
+        udp_hdr.check = csum::udp_nonzero(c).to_be_bytes();
+    }
+    udp_hdr.dst = target.port.to_be_bytes();
+    forward(ctx, &parsed, &target)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: bounds checked by ptr_at; every field is a byte array.
+    let hdr = unsafe { &mut *ip };
+    if hdr.vcf[0] >> 4 != 6 {
+        return Err(r::PASS_MALFORMED);
+    }
+    // Extension headers (fragment header included) pass: the fixed header must lead to UDP.
+    if hdr.next_hdr != IPPROTO_UDP {
+        return Err(r::PASS_NOT_UDP);
+    }
+    let payload_len = u16::from_be_bytes(hdr.payload_len) as usize;
+    let udp: *mut UdpHdr = ptr_at(ctx, l3 + Ipv6Hdr::LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let udp_hdr = unsafe { &mut *udp };
+    let udp_len = u16::from_be_bytes(udp_hdr.len) as usize;
+    // A zero UDP checksum is invalid in IPv6 (RFC 8200): not ours to repair.
+    if udp_len < UdpHdr::LEN
+        || udp_len > payload_len
+        || udp_hdr.check == [0, 0]
+        || l3 + Ipv6Hdr::LEN + payload_len > frame_len(ctx)
+    {
+        return Err(r::PASS_MALFORMED);
+    }
+    let parsed = Parsed {
+        key: Endpoint::v6(hdr.dst_addr, u16::from_be_bytes(udp_hdr.dst)),
+        src: Endpoint::v6(hdr.src_addr, u16::from_be_bytes(udp_hdr.src)),
+        vlan,
+        ip_len: (Ipv6Hdr::LEN + payload_len) as u64,
+    };
+    // SAFETY: a HASH lookup, copied out at once.
+    let target = *unsafe { CHANNELS.get(&parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
+    if hdr.hop_limit <= 1 {
+        return Err(r::PASS_TTL);
+    }
+    check_device(&target)?;
+
+    let c = csum::replace128(u16::from_be_bytes(udp_hdr.check), &hdr.dst_addr, &target.addr);
+    let c = csum::replace16(c, u16::from_be_bytes(udp_hdr.dst), target.port);
+    udp_hdr.check = csum::udp_nonzero(c).to_be_bytes();
+    udp_hdr.dst = target.port.to_be_bytes();
+    hdr.dst_addr = target.addr;
+    hdr.hop_limit -= 1;
+    forward(ctx, &parsed, &target)
+}
+
+/// A local encoder is reached through the DEVMAP: without an entry there the packet is not
+/// rewritten at all (the encoder's veth is gone or not attached yet).
+#[inline(always)]
+fn check_device(target: &ChannelTarget) -> Result<(), u32> {
+    if target.action == ACTION_REDIRECT && TX_PORTS.get(target.encoder_id).is_none() {
+        return Err(r::PASS_NO_DEVICE);
+    }
+    Ok(())
+}
+
+/// Learns the source, counts, rewrites the MACs (dropping a VLAN tag on the way into a
+/// veth), and hands the packet on.
+#[inline(always)]
+fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, u32> {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    learn_source(p, target, now);
+    if let Some(s) = CHANNEL_STATS.get_ptr_mut(target.channel_id) {
+        // SAFETY: a per-CPU slot, written only from this CPU.
+        add_flow(unsafe { &mut *s }, p.ip_len, now);
+    }
+    if let Some(s) = ENCODER_STATS.get_ptr_mut(target.encoder_id) {
+        // SAFETY: as above.
+        add_flow(unsafe { &mut (*s).rx }, p.ip_len, now);
+    }
+
+    let redirect = target.action == ACTION_REDIRECT;
+    // The encoder's veth carries untagged frames: write the new MACs 4 bytes further on, over
+    // the tag, so that the inner EtherType follows them, then drop the first 4 bytes.
+    let mac_at = if redirect && p.vlan { VLAN_HLEN } else { 0 };
+    let macs: *mut [u8; 12] = ptr_at(ctx, mac_at)?;
+    // SAFETY: bounds checked by ptr_at (the frame holds at least l3 + headers).
+    unsafe {
+        let m = &mut *macs;
+        m[..6].copy_from_slice(&target.dmac);
+        m[6..].copy_from_slice(&target.smac);
+    }
+    if mac_at != 0 {
+        // SAFETY: ctx is the live XDP context; no packet pointer is used after this call.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, VLAN_HLEN as i32) } != 0 {
+            // Cannot happen for a frame we just parsed past the tag; keep the count honest.
+            count(&XDP_STATS, r::PASS_MALFORMED);
+            return Ok(XDP_PASS);
+        }
+    }
+    if redirect {
+        count(&XDP_STATS, r::REDIRECTED);
+        Ok(TX_PORTS
+            .redirect(target.encoder_id, XDP_PASS as u64)
+            .unwrap_or_else(|action| action))
+    } else {
+        count(&XDP_STATS, r::TX);
+        Ok(XDP_TX)
+    }
+}
+
+/// Remembers who sends to the channel, so that the return path only answers real sources.
+/// Writes at most once a second per source, to keep the hot path read-mostly.
+#[inline(always)]
+fn learn_source(p: &Parsed, target: &ChannelTarget, now: u64) {
+    let key = SourceKey {
+        peer: p.src,
+        channel_id: target.channel_id,
+    };
+    let fresh = match SOURCES.get_ptr(&key) {
+        // SAFETY: a map value pointer, read once.
+        Some(v) => now.saturating_sub(unsafe { (*v).last_seen_ns }) < SOURCE_REFRESH_NS,
+        None => false,
+    };
+    if !fresh {
+        let _ = SOURCES.insert(&key, &SourceInfo { last_seen_ns: now }, 0);
+    }
+}

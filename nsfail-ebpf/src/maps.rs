@@ -1,0 +1,74 @@
+//! Every map of the data plane. All are pinned by name under the pin directory the loader gives
+//! (`/sys/fs/bpf/nsfail/` in production), so that forwarding survives a controller restart.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+};
+use nsfail_common::{
+    ChannelTarget, EncoderInfo, EncoderStats, Endpoint, FlowStats, MAX_CHANNELS, MAX_ENCODERS,
+    MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey, tc_reason, xdp_reason,
+};
+
+/// Key: a channel's ingest endpoint. Value: where its packets go now.
+/// Writer: userspace (one update per failover). Reader: XDP ingress.
+#[map]
+pub static CHANNELS: HashMap<Endpoint, ChannelTarget> = HashMap::pinned(MAX_CHANNELS, 0);
+
+/// Key: an encoder's endpoint for a channel (encoder address, encoder-side port). Value: the
+/// channel's ingest endpoint to restore on replies. Writer: userspace. Reader: TC egress.
+#[map]
+pub static REPLIES: HashMap<Endpoint, ReplyTarget> = HashMap::pinned(2 * MAX_CHANNELS, 0);
+
+/// Key: (channel, source endpoint). Value: last seen. Writer: XDP ingress (learns sources).
+/// Readers: TC egress (replies go only to known sources), userspace (status).
+#[map]
+pub static SOURCES: LruHashMap<SourceKey, SourceInfo> = LruHashMap::pinned(MAX_SOURCES, 0);
+
+/// Key: encoder id. Value: the encoder's registration. Writer and reader: userspace only (it is
+/// how a restarted controller learns the ids of a pinned data plane).
+#[map]
+pub static ENCODERS: HashMap<u32, EncoderInfo> = HashMap::pinned(MAX_ENCODERS, 0);
+
+/// Key: encoder id. Value: ifindex of a local encoder's host-side veth. Writer: userspace.
+/// Reader: XDP ingress (`bpf_redirect_map`).
+#[map]
+pub static TX_PORTS: DevMap = DevMap::pinned(MAX_ENCODERS, 0);
+
+/// Index: channel id. Value (per CPU): packets, bytes and last-seen of the channel's input.
+/// Writer: XDP ingress. Reader: userspace.
+#[map]
+pub static CHANNEL_STATS: PerCpuArray<FlowStats> = PerCpuArray::pinned(MAX_CHANNELS, 0);
+
+/// Index: encoder id. Value (per CPU): forwarded to it, replies from it, drops.
+/// Writers: XDP ingress (rx), TC egress (tx, drops). Reader: userspace.
+#[map]
+pub static ENCODER_STATS: PerCpuArray<EncoderStats> = PerCpuArray::pinned(MAX_ENCODERS, 0);
+
+/// Index: `xdp_reason::*`. Value (per CPU): packets. Writer: XDP ingress. Reader: userspace.
+#[map]
+pub static XDP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(xdp_reason::COUNT, 0);
+
+/// Index: `tc_reason::*`. Value (per CPU): packets. Writer: TC egress. Reader: userspace.
+#[map]
+pub static TC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(tc_reason::COUNT, 0);
+
+/// Index 0: `ABI_VERSION` of the maps' layout. Writer: userspace on first load. Reader:
+/// userspace before adopting pinned maps.
+#[map]
+pub static META: Array<u32> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn count(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only from this CPU with preemption off.
+        unsafe { *p += 1 }
+    }
+}
+
+#[inline(always)]
+pub fn add_flow(stats: &mut FlowStats, bytes: u64, now: u64) {
+    stats.packets += 1;
+    stats.bytes += bytes;
+    stats.last_seen_ns = now;
+}

@@ -1,0 +1,95 @@
+//! Interfaces and network namespaces: looking up an interface's index and MAC, in this
+//! namespace or in a named one, and running a closure inside a named namespace.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    thread,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::paths;
+
+/// An interface's index and hardware address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// Looks `ifname` up in the calling thread's network namespace.
+pub fn link(ifname: &str) -> io::Result<Link> {
+    let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("interface {ifname}: {}", e.desc()),
+        )
+    })?;
+    Ok(Link {
+        ifindex,
+        mac: hwaddr(ifname)?,
+    })
+}
+
+/// Looks `ifname` up inside the named namespace `ns`, or in this one when `ns` is `None`.
+pub fn link_in(ns: Option<&str>, ifname: &str) -> io::Result<Link> {
+    match ns {
+        None => link(ifname),
+        Some(ns) => {
+            let ifname = ifname.to_owned();
+            in_netns(ns, move || link(&ifname))?
+        }
+    }
+}
+
+/// Runs `f` on a new thread that has joined the named namespace `ns` (the caller's own thread
+/// never changes namespace).
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let handle = File::open(paths::netns(ns))
+        .map_err(|e| io::Error::new(e.kind(), format!("network namespace {ns}: {e}")))?;
+    thread::spawn(move || -> io::Result<T> {
+        setns(handle.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| io::Error::other("namespace thread panicked"))?
+}
+
+fn hwaddr(ifname: &str) -> io::Result<[u8; 6]> {
+    // SAFETY: plain socket(2) call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name too long: {ifname}"),
+        ));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of a valid ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("interface {ifname}: {e}")));
+    }
+    // SAFETY: the ioctl filled the hwaddr member of the union.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(mac)
+}
