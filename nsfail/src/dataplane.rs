@@ -60,7 +60,11 @@ pub enum DataplaneError {
         "pinned data plane at {dir} has layout version {found}, this nsfail needs {expected}: \
          run `nsfail teardown` first"
     )]
-    AbiMismatch { dir: String, found: u32, expected: u32 },
+    AbiMismatch {
+        dir: String,
+        found: u32,
+        expected: u32,
+    },
     #[error("interface {name}: {source}")]
     Interface { name: String, source: io::Error },
     #[error("XDP attach to {ifname} in {mode:?} mode failed: {source}")]
@@ -82,7 +86,10 @@ pub enum DataplaneError {
         channel: SocketAddr,
     },
     #[error("encoder {encoder:?} is still used by channel {channel}")]
-    EncoderInUse { encoder: String, channel: SocketAddr },
+    EncoderInUse {
+        encoder: String,
+        channel: SocketAddr,
+    },
     #[error(
         "encoder {encoder:?} already receives channel {other} on port {port}: \
          replies could not be told apart"
@@ -228,18 +235,28 @@ impl Dataplane {
     }
 
     fn load(pins: Pins) -> Result<Self> {
-        for dir in [pins.root().to_path_buf(), pins.maps(), pins.progs(), pins.links()] {
+        for dir in [
+            pins.root().to_path_buf(),
+            pins.maps(),
+            pins.progs(),
+            pins.links(),
+        ] {
             create_dir(&dir)?;
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
             .load(EBPF_OBJECT)?;
-        let programs = [(PROG_INGRESS, pins.prog(PROG_INGRESS)), (PROG_EGRESS, pins.prog(PROG_EGRESS))];
+        let programs = [
+            (PROG_INGRESS, pins.prog(PROG_INGRESS)),
+            (PROG_EGRESS, pins.prog(PROG_EGRESS)),
+        ];
         for (name, path) in programs.iter().rev() {
-            let prog = ebpf.program_mut(name).ok_or_else(|| DataplaneError::Invalid {
-                what: "eBPF object".into(),
-                why: format!("no program {name}"),
-            })?;
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DataplaneError::Invalid {
+                    what: "eBPF object".into(),
+                    why: format!("no program {name}"),
+                })?;
             match prog {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
@@ -255,7 +272,10 @@ impl Dataplane {
         }
         let mut meta: Array<MapData, u32> = take_map(&mut ebpf, "META")?;
         meta.set(0, ABI_VERSION, 0).map_err(map_err("META"))?;
-        info!("loaded the data plane and pinned it at {}", pins.root().display());
+        info!(
+            "loaded the data plane and pinned it at {}",
+            pins.root().display()
+        );
         // Everything is pinned: reopen it the way a later controller will.
         drop(ebpf);
         let mut dp = Self::adopt(pins)?;
@@ -435,7 +455,9 @@ impl Dataplane {
         for (key, target) in self.channel_targets()? {
             if target.encoder_id == id {
                 let t = target_for(&info, id, target.channel_id, target.port);
-                self.channels.insert(key, t, 0).map_err(map_err("CHANNELS"))?;
+                self.channels
+                    .insert(key, t, 0)
+                    .map_err(map_err("CHANNELS"))?;
             }
         }
         Ok(id)
@@ -512,8 +534,11 @@ impl Dataplane {
         let channel_id = match previous {
             Some(t) => t.channel_id,
             None => {
-                let used: HashSet<u32> =
-                    self.channel_targets()?.iter().map(|(_, t)| t.channel_id).collect();
+                let used: HashSet<u32> = self
+                    .channel_targets()?
+                    .iter()
+                    .map(|(_, t)| t.channel_id)
+                    .collect();
                 let id = (0..MAX_CHANNELS)
                     .find(|i| !used.contains(i))
                     .ok_or(DataplaneError::Full("channel"))?;
@@ -700,7 +725,12 @@ impl Dataplane {
                 }
             }
         }
-        for dir in [pins.links(), pins.progs(), pins.maps(), pins.root().to_path_buf()] {
+        for dir in [
+            pins.links(),
+            pins.progs(),
+            pins.maps(),
+            pins.root().to_path_buf(),
+        ] {
             if dir.exists() {
                 fs::remove_dir(&dir).map_err(|source| DataplaneError::Bpffs {
                     path: dir.display().to_string(),
@@ -793,7 +823,11 @@ impl Dataplane {
         if info.family != family {
             return Err(DataplaneError::FamilyMismatch {
                 encoder: name.to_owned(),
-                encoder_family: if info.family == FAMILY_V4 { "IPv4" } else { "IPv6" },
+                encoder_family: if info.family == FAMILY_V4 {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                },
                 channel,
             });
         }
@@ -940,12 +974,11 @@ fn zero_slot<T: aya::Pod + Default>(
         what: "possible CPUs".into(),
         why: e.to_string(),
     })?;
-    let zeros = PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| {
-        DataplaneError::Invalid {
+    let zeros =
+        PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| DataplaneError::Invalid {
             what: "per-CPU values".into(),
             why: e.to_string(),
-        }
-    })?;
+        })?;
     map.set(index, zeros, 0).map_err(map_err(name))
 }
 
@@ -993,7 +1026,7 @@ fn pin_link(link: FdLink, path: &Path) -> Result<()> {
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let bpffs = Path::new(crate::paths::BPFFS);
-    let statfs = |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64);
+    let statfs = |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0);
     if statfs(bpffs).ok() != Some(BPF_FS_MAGIC) {
         info!("mounting bpffs at {}", bpffs.display());
         nix::mount::mount(

@@ -61,7 +61,8 @@ impl Frame {
                 l4.extend_from_slice(&[0, 0]);
                 l4.extend_from_slice(&self.payload);
                 if !self.zero_csum {
-                    let c = csum::udp_checksum(&ip_bytes(self.src.ip()), &ip_bytes(self.dst.ip()), &l4);
+                    let c =
+                        csum::udp_checksum(&ip_bytes(self.src.ip()), &ip_bytes(self.dst.ip()), &l4);
                     l4[6..8].copy_from_slice(&c.to_be_bytes());
                 }
             }
@@ -161,11 +162,19 @@ pub fn verify_udp(frame: &[u8]) -> Result<(), String> {
                 return Err(format!("IPv4 header checksum wrong: {ip:02x?}"));
             }
             let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-            (ip[12..16].to_vec(), ip[16..20].to_vec(), &frame[14 + ihl..14 + tot])
+            (
+                ip[12..16].to_vec(),
+                ip[16..20].to_vec(),
+                &frame[14 + ihl..14 + tot],
+            )
         }
         ETH_P_IPV6 => {
             let plen = u16::from_be_bytes([frame[18], frame[19]]) as usize;
-            (frame[22..38].to_vec(), frame[38..54].to_vec(), &frame[54..54 + plen])
+            (
+                frame[22..38].to_vec(),
+                frame[38..54].to_vec(),
+                &frame[54..54 + plen],
+            )
         }
         t => return Err(format!("not IP: ethertype {t:#06x}")),
     };

@@ -18,6 +18,8 @@ use nix::sched::{CloneFlags, setns};
 use nsfail::{Dataplane, paths::Pins};
 
 pub mod frames;
+pub mod lab;
+pub mod traffic;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{ProgramError, TestRun, TestRunOptions};
 use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpModeSetting, netns};
 use nsfail_tests::{
     Entered, Netns, PinDir,
@@ -45,20 +45,38 @@ impl Fixture {
     fn new() -> Self {
         let ns = Netns::new("ptr");
         for (a, b) in [("ing", "ingp"), ("ve4", "ve4p"), ("ve6", "ve6p")] {
-            ip_in(&ns.name, &["link", "add", a, "type", "veth", "peer", "name", b]);
+            ip_in(
+                &ns.name,
+                &["link", "add", a, "type", "veth", "peer", "name", b],
+            );
             ip_in(&ns.name, &["link", "set", a, "up"]);
             ip_in(&ns.name, &["link", "set", b, "up"]);
         }
         let entered = Entered::new(&ns);
         let pins = PinDir::new();
         let mut dp = pins.open();
-        dp.attach_ingest("ing", XdpModeSetting::Native).expect("attach");
+        dp.attach_ingest("ing", XdpModeSetting::Native)
+            .expect("attach");
         let ingest_mac = netns::link("ing").unwrap().mac;
         let enc4 = (netns::link("ve4").unwrap(), netns::link("ve4p").unwrap());
         let enc6 = (netns::link("ve6").unwrap(), netns::link("ve6p").unwrap());
         for (name, addr, mac, link) in [
-            ("enc4", ENC4, enc4.1.mac, EncoderLink::Local { ifname: "ve4".into() }),
-            ("enc6", ENC6, enc6.1.mac, EncoderLink::Local { ifname: "ve6".into() }),
+            (
+                "enc4",
+                ENC4,
+                enc4.1.mac,
+                EncoderLink::Local {
+                    ifname: "ve4".into(),
+                },
+            ),
+            (
+                "enc6",
+                ENC6,
+                enc6.1.mac,
+                EncoderLink::Local {
+                    ifname: "ve6".into(),
+                },
+            ),
             ("remote", REMOTE4, REMOTE_MAC, EncoderLink::Remote),
         ] {
             dp.upsert_encoder(&EncoderSpec {
@@ -84,6 +102,23 @@ impl Fixture {
             enc4,
             enc6,
         }
+    }
+
+    /// Runs one frame through the XDP (`xdp`) or TC program: verdict and output bytes.
+    fn test_run(&self, xdp: bool, input: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let mut out = vec![0u8; input.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let res = if xdp {
+            self.dp.ingress_program().test_run(opts)
+        } else {
+            self.dp.egress_program().test_run(opts)
+        }?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
     }
 
     fn stats(&self, xdp: bool) -> Vec<(&'static str, u64)> {
@@ -125,20 +160,12 @@ fn sa(s: &str) -> SocketAddr {
 fn run_rows(fx: &Fixture, xdp: bool, rows: &[Row]) {
     for row in rows {
         let before = fx.stats(xdp);
-        let mut out = vec![0u8; row.input.len() + 64];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(&row.input);
-        opts.data_out = Some(&mut out);
-        let res = if xdp {
-            fx.dp.ingress_program().test_run(opts)
-        } else {
-            fx.dp.egress_program().test_run(opts)
-        }
-        .unwrap_or_else(|e| panic!("{}: test_run failed: {e}", row.name));
-        let got = &out[..res.data_size_out as usize];
-        assert_eq!(res.return_value, row.verdict, "{}: verdict", row.name);
+        let (verdict, got) = fx
+            .test_run(xdp, &row.input)
+            .unwrap_or_else(|e| panic!("{}: test_run failed: {e}", row.name));
+        assert_eq!(verdict, row.verdict, "{}: verdict", row.name);
         let want = row.output.as_ref().unwrap_or(&row.input);
-        assert_eq!(got, &want[..], "{}: output bytes", row.name);
+        assert_eq!(got, *want, "{}: output bytes", row.name);
         let after = fx.stats(xdp);
         let moved: Vec<_> = before
             .iter()
@@ -222,7 +249,13 @@ fn xdp_ingress_table() {
         name: "channel to a remote encoder: XDP_TX, tag kept".into(),
         input: remote_tagged.bytes(),
         verdict: XDP_TX,
-        output: Some(rewritten(&remote_tagged, REMOTE4, REMOTE_MAC, fx.ingest_mac, true)),
+        output: Some(rewritten(
+            &remote_tagged,
+            REMOTE4,
+            REMOTE_MAC,
+            fx.ingest_mac,
+            true,
+        )),
         reason: "tx",
     });
     let jumbo_payload: Vec<u8> = (0..8972u32).map(|i| (i % 251) as u8).collect();
@@ -260,10 +293,18 @@ fn xdp_ingress_table() {
     ));
     let mut tcp = v4.clone();
     tcp.proto = 6;
-    rows.push(Row::pass("TCP to the channel's address and port", tcp.bytes(), "pass_not_udp"));
+    rows.push(Row::pass(
+        "TCP to the channel's address and port",
+        tcp.bytes(),
+        "pass_not_udp",
+    ));
     let mut icmp = v4.clone();
     icmp.proto = 1;
-    rows.push(Row::pass("ICMP echo to the ingest address", icmp.bytes(), "pass_not_udp"));
+    rows.push(Row::pass(
+        "ICMP echo to the ingest address",
+        icmp.bytes(),
+        "pass_not_udp",
+    ));
     rows.push(Row::pass(
         "ARP request",
         arp([2, 0, 0, 0, 0, 0xbb], [10, 77, 0, 2], [10, 77, 0, 1]),
@@ -277,13 +318,25 @@ fn xdp_ingress_table() {
     rows.push(Row::pass("later fragment", later.bytes(), "pass_fragment"));
     let mut ttl = v4.clone();
     ttl.ttl = 1;
-    rows.push(Row::pass("channel IPv4 with TTL 1", ttl.bytes(), "pass_ttl"));
+    rows.push(Row::pass(
+        "channel IPv4 with TTL 1",
+        ttl.bytes(),
+        "pass_ttl",
+    ));
     let mut hop = v6.clone();
     hop.ttl = 1;
-    rows.push(Row::pass("channel IPv6 with hop limit 1", hop.bytes(), "pass_ttl"));
+    rows.push(Row::pass(
+        "channel IPv6 with hop limit 1",
+        hop.bytes(),
+        "pass_ttl",
+    ));
     let mut ext = v6.clone();
     ext.hop_by_hop = true;
-    rows.push(Row::pass("IPv6 with an extension header", ext.bytes(), "pass_not_udp"));
+    rows.push(Row::pass(
+        "IPv6 with an extension header",
+        ext.bytes(),
+        "pass_not_udp",
+    ));
     let mut qinq = v4.clone();
     qinq.vlans = vec![10, 20];
     rows.push(Row::pass("two VLAN tags", qinq.bytes(), "pass_not_ip"));
@@ -292,7 +345,11 @@ fn xdp_ingress_table() {
     rows.push(Row::pass("IPv4 IHL below 5", bad_ihl, "pass_malformed"));
     let mut long_udp = v4.bytes();
     long_udp[38..40].copy_from_slice(&2000u16.to_be_bytes()); // UDP length beyond the packet
-    rows.push(Row::pass("UDP length beyond IP length", long_udp, "pass_malformed"));
+    rows.push(Row::pass(
+        "UDP length beyond IP length",
+        long_udp,
+        "pass_malformed",
+    ));
     rows.push(Row::pass(
         "Ethernet header only",
         v4.bytes()[..14].to_vec(),
@@ -325,11 +382,7 @@ fn xdp_ingress_table() {
     }
 
     // The kernel refuses frames shorter than an Ethernet header before the program sees them.
-    let mut out = vec![0u8; 64];
-    let mut opts = TestRunOptions::default();
-    opts.data_in = Some(&[]);
-    opts.data_out = Some(&mut out);
-    assert!(fx.dp.ingress_program().test_run(opts).is_err(), "zero-length frame");
+    assert!(fx.test_run(true, &[]).is_err(), "zero-length frame");
 }
 
 #[test]
@@ -342,16 +395,21 @@ fn tc_egress_table() {
     // Sources become known by sending to the channel through XDP.
     for (src, ch) in [(SRC4, CH4), (SRC6, CH6)] {
         let input = Frame::udp(sa(src), sa(ch), &payload).bytes();
-        let mut out = vec![0u8; input.len() + 64];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(&input);
-        opts.data_out = Some(&mut out);
-        let res = fx.dp.ingress_program().test_run(opts).unwrap();
-        assert_eq!(res.return_value, XDP_REDIRECT);
+        assert_eq!(fx.test_run(true, &input).unwrap().0, XDP_REDIRECT);
     }
     let sources = fx.dp.sources().unwrap();
-    assert!(sources.iter().any(|s| s.peer == sa(SRC4) && s.channel == sa(CH4)), "{sources:?}");
-    assert!(sources.iter().any(|s| s.peer == sa(SRC6) && s.channel == sa(CH6)), "{sources:?}");
+    assert!(
+        sources
+            .iter()
+            .any(|s| s.peer == sa(SRC4) && s.channel == sa(CH4)),
+        "{sources:?}"
+    );
+    assert!(
+        sources
+            .iter()
+            .any(|s| s.peer == sa(SRC6) && s.channel == sa(CH6)),
+        "{sources:?}"
+    );
 
     let enc4_ep = SocketAddr::new(ENC4.parse().unwrap(), ENC_PORT);
     let enc6_ep = SocketAddr::new(ENC6.parse().unwrap(), ENC_PORT);
@@ -429,18 +487,20 @@ fn tc_egress_table() {
     pass("fragmented reply", frag.bytes(), "pass_malformed");
     // Shorter IPv4 skbs are refused by the kernel's test-run itself (checked below).
     for len in [34, 38, 40, 41] {
-        pass(&format!("IPv4 reply truncated to {len} B"), r4.bytes()[..len].to_vec(), "pass_malformed");
+        pass(
+            &format!("IPv4 reply truncated to {len} B"),
+            r4.bytes()[..len].to_vec(),
+            "pass_malformed",
+        );
     }
     run_rows(&fx, false, &rows);
     for row in rows.iter().filter(|r| r.verdict == TC_ACT_REDIRECT) {
         verify_udp(row.output.as_ref().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", row.name));
     }
-    let mut out = vec![0u8; 64];
-    let mut opts = TestRunOptions::default();
-    let short = r4.bytes()[..20].to_vec();
-    opts.data_in = Some(&short);
-    opts.data_out = Some(&mut out);
-    assert!(fx.dp.egress_program().test_run(opts).is_err(), "20-byte IPv4 skb");
+    assert!(
+        fx.test_run(false, &r4.bytes()[..20]).is_err(),
+        "20-byte IPv4 skb"
+    );
     let tx = fx.dp.encoder_stats("enc4").unwrap().tx;
     assert_eq!(tx.packets, 2, "enc4 replies counted");
 }

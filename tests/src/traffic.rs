@@ -1,0 +1,158 @@
+//! Sequenced UDP traffic for end-to-end tests: a sender in one namespace, receivers in others
+//! that check every payload byte and answer each packet, so the return path is exercised too.
+//! Every loop is bounded in count and time.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::Netns;
+
+const PAYLOAD_LEN: usize = 200;
+
+/// The payload of packet `seq`: the sequence number, then a pattern derived from it.
+pub fn payload(seq: u32) -> Vec<u8> {
+    let mut p = seq.to_be_bytes().to_vec();
+    p.extend((0..PAYLOAD_LEN - 4).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seq) as u8));
+    p
+}
+
+/// A UDP receiver on a thread inside a namespace. It records the sequence numbers of intact
+/// packets, counts corrupt ones, and answers each packet with `ack` + its sequence number.
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<(BTreeSet<u32>, u64)>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    pub fn start(ns: &Netns, bind: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new((BTreeSet::new(), 0u64)));
+        let target = File::open(nsfail::paths::netns(&ns.name)).expect("netns");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = {
+            let stop = stop.clone();
+            let seen = seen.clone();
+            thread::spawn(move || {
+                setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+                let sock = UdpSocket::bind(bind).expect("bind receiver");
+                sock.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                let mut buf = [0u8; 2048];
+                // Bounded: at most 10 minutes, normally stopped by the test.
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let mut s = seen.lock().unwrap();
+                    if n == PAYLOAD_LEN {
+                        let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                        if buf[..n] == payload(seq)[..] {
+                            s.0.insert(seq);
+                            let mut ack = b"ack".to_vec();
+                            ack.extend_from_slice(&seq.to_be_bytes());
+                            let _ = sock.send_to(&ack, from);
+                            continue;
+                        }
+                    }
+                    s.1 += 1;
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("receiver ready");
+        Self {
+            stop,
+            seen,
+            handle: Some(handle),
+        }
+    }
+
+    /// Sequence numbers received intact so far.
+    pub fn seen(&self) -> BTreeSet<u32> {
+        self.seen.lock().unwrap().0.clone()
+    }
+
+    /// Packets that arrived with a wrong length or payload.
+    pub fn corrupt(&self) -> u64 {
+        self.seen.lock().unwrap().1
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What a burst of traffic brought back.
+#[derive(Debug, Default)]
+pub struct Replies {
+    /// (from, seq) of every `ack` received.
+    pub acks: Vec<(SocketAddr, u32)>,
+}
+
+impl Replies {
+    pub fn from_only(&self, addr: SocketAddr) -> bool {
+        self.acks.iter().all(|(from, _)| *from == addr)
+    }
+
+    pub fn seqs(&self) -> BTreeSet<u32> {
+        self.acks.iter().map(|(_, s)| *s).collect()
+    }
+}
+
+/// Sends packets `seqs` from `bind` to `dst` inside `ns`, one every `gap`, then collects the
+/// answers for `linger`.
+pub fn send_burst(
+    ns: &Netns,
+    bind: SocketAddr,
+    dst: SocketAddr,
+    seqs: std::ops::Range<u32>,
+    gap: Duration,
+    linger: Duration,
+) -> Replies {
+    ns.run(move || {
+        let sock = UdpSocket::bind(bind).expect("bind sender");
+        sock.set_nonblocking(true).unwrap();
+        let mut replies = Replies::default();
+        let mut buf = [0u8; 64];
+        let mut drain = |sock: &UdpSocket, replies: &mut Replies| {
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                if n == 7 && &buf[..3] == b"ack" {
+                    let seq = u32::from_be_bytes(buf[3..7].try_into().unwrap());
+                    replies.acks.push((from, seq));
+                }
+            }
+        };
+        for seq in seqs {
+            sock.send_to(&payload(seq), dst).expect("send");
+            drain(&sock, &mut replies);
+            thread::sleep(gap);
+        }
+        let end = Instant::now() + linger;
+        while Instant::now() < end {
+            drain(&sock, &mut replies);
+            thread::sleep(Duration::from_millis(5));
+        }
+        replies
+    })
+}
