@@ -18,7 +18,6 @@ use nix::sched::{CloneFlags, setns};
 use nsfail::{Dataplane, paths::Pins};
 
 pub mod frames;
-pub mod lab;
 pub mod traffic;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -45,53 +44,39 @@ pub fn run(cmd: &str, args: &[&str]) {
     );
 }
 
-/// Runs `ip` inside namespace `ns`.
+/// A uniquely named network namespace, deleted on drop.
+pub struct Netns(pub nsfail::lab::Netns);
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        Self(nsfail::lab::Netns::new(&unique(prefix)).expect("create namespace"))
+    }
+}
+
+impl std::ops::Deref for Netns {
+    type Target = nsfail::lab::Netns;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+/// Runs `ip` inside namespace `ns`, panicking on failure.
 pub fn ip_in(ns: &str, args: &[&str]) {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     run("ip", &full);
 }
 
-/// A network namespace, deleted on drop (with every interface inside it).
-pub struct Netns {
-    pub name: String,
+/// Spawns `cmd` inside namespace `ns` (`ip netns exec`), killed when the guard drops.
+pub fn spawn_in(ns: &nsfail::lab::Netns, cmd: &str, args: &[&str]) -> ChildGuard {
+    let mut full = vec!["netns", "exec", &ns.name, cmd];
+    full.extend_from_slice(args);
+    ChildGuard::spawn("ip", &full)
 }
 
-impl Netns {
-    pub fn new(prefix: &str) -> Self {
-        let name = unique(prefix);
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ip_in(&ns.name, &["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread inside this namespace and returns its result.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        nsfail::netns::in_netns(&self.name, f).expect("enter namespace")
-    }
-
-    /// Spawns `cmd` inside this namespace.
-    pub fn spawn(&self, cmd: &str, args: &[&str]) -> ChildGuard {
-        let mut full = vec!["netns", "exec", &self.name, cmd];
-        full.extend_from_slice(args);
-        ChildGuard::spawn("ip", &full)
-    }
-
-    /// Runs `cmd` inside this namespace to completion.
-    pub fn exec(&self, cmd: &str, args: &[&str]) {
-        let mut full = vec!["netns", "exec", &self.name, cmd];
-        full.extend_from_slice(args);
-        run("ip", &full);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// The lab of `nsfail::lab` with namespace names unique to this test.
+pub fn lab(encoders: usize) -> nsfail::lab::Lab {
+    nsfail::lab::Lab::new(&unique("l"), encoders).expect("build the lab")
 }
 
 /// Switches the calling thread into a namespace until dropped. Used where a library call
@@ -101,7 +86,7 @@ pub struct Entered {
 }
 
 impl Entered {
-    pub fn new(ns: &Netns) -> Self {
+    pub fn new(ns: &nsfail::lab::Netns) -> Self {
         let home = File::open("/proc/thread-self/ns/net").expect("own netns");
         let target = File::open(nsfail::paths::netns(&ns.name)).expect("test netns");
         setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");

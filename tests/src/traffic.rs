@@ -16,8 +16,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, setns};
-
-use crate::Netns;
+use nsfail::lab::Netns;
 
 const PAYLOAD_LEN: usize = 200;
 
@@ -155,4 +154,5 @@ pub fn send_burst(
         }
         replies
     })
+    .expect("enter namespace")
 }

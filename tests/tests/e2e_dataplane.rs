@@ -8,10 +8,12 @@ use std::{
     time::Duration,
 };
 
-use nsfail::netns;
-use nsfail_tests::{
-    ChildGuard, Entered, PinDir,
+use nsfail::{
     lab::{INGEST4, INGEST6, Lab, SRC4, SRC6},
+    netns,
+};
+use nsfail_tests::{
+    ChildGuard, Entered, PinDir, lab, spawn_in,
     traffic::{Receiver, send_burst},
     wait_for,
 };
@@ -66,13 +68,13 @@ fn encoder_args(lab: &Lab, i: usize, name: &str, v6: bool) -> Vec<String> {
         name.into(),
         if v6 { e.addr6.clone() } else { e.addr4.clone() },
         e.host_if.clone(),
-        mac_str(lab.encoder_mac(i)),
+        mac_str(lab.encoder_mac(i).expect("encoder MAC")),
     ]
 }
 
 #[test]
 fn udp_forwarding_replies_remap_and_adoption() {
-    let lab = Lab::new(2);
+    let lab = lab(2);
     let pins = PinDir::new();
     let ch4 = sa(INGEST4, 5000);
     let ch6 = sa(INGEST6, 5000);
@@ -163,17 +165,24 @@ fn udp_forwarding_replies_remap_and_adoption() {
     // 6. Traffic that is not for a channel is untouched: ping, UDP to another port, TCP to
     //    the channel's own port number, all answered by the ingest host's own stack.
     lab.src
-        .exec("ping", &["-c", "2", "-W", "2", "-i", "0.2", INGEST4]);
+        .exec("ping", &["-c", "2", "-W", "2", "-i", "0.2", INGEST4])
+        .expect("IPv4 ping of the ingest host");
     lab.src
-        .exec("ping", &["-6", "-c", "2", "-W", "2", "-i", "0.2", INGEST6]);
-    let udp_other = lab.rt.run(|| UdpSocket::bind(sa(INGEST4, 5001)).unwrap());
+        .exec("ping", &["-6", "-c", "2", "-W", "2", "-i", "0.2", INGEST6])
+        .expect("IPv6 ping of the ingest host");
+    let udp_other = lab
+        .rt
+        .run(|| UdpSocket::bind(sa(INGEST4, 5001)).unwrap())
+        .unwrap();
     udp_other
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
-    lab.src.run(|| {
-        let s = UdpSocket::bind(sa(SRC4, 0)).unwrap();
-        s.send_to(b"hello", sa(INGEST4, 5001)).unwrap();
-    });
+    lab.src
+        .run(|| {
+            let s = UdpSocket::bind(sa(SRC4, 0)).unwrap();
+            s.send_to(b"hello", sa(INGEST4, 5001)).unwrap();
+        })
+        .unwrap();
     let mut buf = [0u8; 16];
     let (n, from) = udp_other
         .recv_from(&mut buf)
@@ -182,11 +191,16 @@ fn udp_forwarding_replies_remap_and_adoption() {
         (&buf[..n], from.ip()),
         (&b"hello"[..], SRC4.parse().unwrap())
     );
-    let tcp = lab.rt.run(|| TcpListener::bind(sa(INGEST4, 5000)).unwrap());
-    lab.src.run(|| {
-        std::net::TcpStream::connect_timeout(&sa(INGEST4, 5000), Duration::from_secs(2))
-            .expect("TCP to the ingest host")
-    });
+    let tcp = lab
+        .rt
+        .run(|| TcpListener::bind(sa(INGEST4, 5000)).unwrap())
+        .unwrap();
+    lab.src
+        .run(|| {
+            std::net::TcpStream::connect_timeout(&sa(INGEST4, 5000), Duration::from_secs(2))
+                .expect("TCP to the ingest host")
+        })
+        .unwrap();
     tcp.set_nonblocking(true).unwrap();
     assert!(
         wait_for(Duration::from_secs(2), || tcp.accept().ok()).is_some(),
@@ -195,7 +209,8 @@ fn udp_forwarding_replies_remap_and_adoption() {
     // The ingest host never had to forward anything.
     let forwarding = lab
         .rt
-        .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward"));
+        .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward"))
+        .unwrap();
     assert_eq!(forwarding.unwrap().trim(), "0");
     let xdp = dp.xdp_stats().unwrap();
     let count = |name: &str| xdp.iter().find(|(n, _)| *n == name).unwrap().1;
@@ -206,7 +221,7 @@ fn udp_forwarding_replies_remap_and_adoption() {
 
 #[test]
 fn srt_session_through_the_redirector() {
-    let lab = Lab::new(1);
+    let lab = lab(1);
     let pins = PinDir::new();
     let ch = sa(INGEST4, 5000);
     let mut args = encoder_args(&lab, 0, "ea", false);
@@ -215,18 +230,23 @@ fn srt_session_through_the_redirector() {
 
     let ea = &lab.encoders[0];
     // Listener in encoder A: SRT in on 7000, out to a local UDP socket we count.
-    let out = ea.ns.run(|| {
-        let s = UdpSocket::bind("127.0.0.1:9001").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        s
-    });
-    let _listener = ea.ns.spawn(
+    let out = ea
+        .ns
+        .run(|| {
+            let s = UdpSocket::bind("127.0.0.1:9001").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            s
+        })
+        .unwrap();
+    let _listener = spawn_in(
+        &ea.ns,
         "srt-live-transmit",
         &["-q", "srt://:7000?mode=listener", "udp://127.0.0.1:9001"],
     );
     // Caller in the source namespace: UDP in on 9000, SRT out to the ingest address.
-    let _caller = lab.src.spawn(
+    let _caller = spawn_in(
+        &lab.src,
         "srt-live-transmit",
         &[
             "-q",
