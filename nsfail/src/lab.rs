@@ -92,6 +92,7 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }

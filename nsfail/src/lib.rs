@@ -4,6 +4,7 @@
 //! `paths` names every path; `netns` looks at interfaces and namespaces.
 
 pub mod dataplane;
+pub mod demo;
 pub mod lab;
 pub mod netns;
 pub mod paths;
