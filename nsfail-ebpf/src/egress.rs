@@ -36,7 +36,7 @@ pub fn nsfail_egress(ctx: TcContext) -> i32 {
         Err(reason) => reason,
     };
     count(&TC_STATS, reason);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// What a reply needs: its source and destination, where its source address and UDP header
@@ -57,12 +57,12 @@ fn try_egress(ctx: &TcContext) -> Result<i32, u32> {
         _ => return Err(r::PASS_OTHER),
     };
     // SAFETY: a HASH lookup, copied out at once.
-    let target: ReplyTarget = *unsafe { REPLIES.get(&reply.src) }.ok_or(r::PASS_NO_CHANNEL)?;
+    let target: ReplyTarget = *unsafe { REPLIES.get(reply.src) }.ok_or(r::PASS_NO_CHANNEL)?;
     let source = SourceKey {
         peer: reply.dst,
         channel_id: target.channel_id,
     };
-    if SOURCES.get_ptr(&source).is_none() {
+    if SOURCES.get_ptr(source).is_none() {
         return Err(r::PASS_UNKNOWN_PEER);
     }
     if v4 {
@@ -83,7 +83,7 @@ fn try_egress(ctx: &TcContext) -> Result<i32, u32> {
         // SAFETY: a helper without arguments; the stats slot is per CPU.
         unsafe { add_flow(&mut (*s).tx, reply.ip_len, bpf_ktime_get_ns()) };
     }
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }
 
 #[inline(always)]

@@ -126,14 +126,19 @@ fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
         ip_len: tot_len as u64,
     };
     // SAFETY: a HASH lookup; the value is copied out before any await point (there are none).
-    let target = *unsafe { CHANNELS.get(&parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
+    let target = *unsafe { CHANNELS.get(parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
     if hdr.ttl <= 1 {
         return Err(r::PASS_TTL);
     }
     check_device(&target)?;
 
     let old_dst = hdr.dst_addr;
-    let new_dst = [target.addr[0], target.addr[1], target.addr[2], target.addr[3]];
+    let new_dst = [
+        target.addr[0],
+        target.addr[1],
+        target.addr[2],
+        target.addr[3],
+    ];
     let old_ttl_proto = u16::from_be_bytes([hdr.ttl, hdr.proto]);
     let new_ttl_proto = u16::from_be_bytes([hdr.ttl - 1, hdr.proto]);
     let mut check = u16::from_be_bytes(hdr.check);
@@ -186,13 +191,17 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
         ip_len: (Ipv6Hdr::LEN + payload_len) as u64,
     };
     // SAFETY: a HASH lookup, copied out at once.
-    let target = *unsafe { CHANNELS.get(&parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
+    let target = *unsafe { CHANNELS.get(parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
     if hdr.hop_limit <= 1 {
         return Err(r::PASS_TTL);
     }
     check_device(&target)?;
 
-    let c = csum::replace128(u16::from_be_bytes(udp_hdr.check), &hdr.dst_addr, &target.addr);
+    let c = csum::replace128(
+        u16::from_be_bytes(udp_hdr.check),
+        &hdr.dst_addr,
+        &target.addr,
+    );
     let c = csum::replace16(c, u16::from_be_bytes(udp_hdr.dst), target.port);
     udp_hdr.check = csum::udp_nonzero(c).to_be_bytes();
     udp_hdr.dst = target.port.to_be_bytes();
@@ -265,12 +274,12 @@ fn learn_source(p: &Parsed, target: &ChannelTarget, now: u64) {
         peer: p.src,
         channel_id: target.channel_id,
     };
-    let fresh = match SOURCES.get_ptr(&key) {
+    let fresh = match SOURCES.get_ptr(key) {
         // SAFETY: a map value pointer, read once.
         Some(v) => now.saturating_sub(unsafe { (*v).last_seen_ns }) < SOURCE_REFRESH_NS,
         None => false,
     };
     if !fresh {
-        let _ = SOURCES.insert(&key, &SourceInfo { last_seen_ns: now }, 0);
+        let _ = SOURCES.insert(key, SourceInfo { last_seen_ns: now }, 0);
     }
 }

@@ -9,10 +9,12 @@
 //! ```
 //!
 //! The rt namespace plays the ingest host; IP forwarding stays off there. Every namespace is
-//! removed when the [`Lab`] is dropped.
+//! removed when the [`Lab`] is dropped, unless [`Lab::keep`] hands them over first (the
+//! persistent lab of `nsfail lab up`, see `labctl`).
 
 use std::{
     io,
+    mem::{self, ManuallyDrop},
     process::{Command, Output},
 };
 
@@ -85,6 +87,13 @@ impl Netns {
     /// Runs `f` on a thread inside this namespace and returns its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
         netns::in_netns(&self.name, f)
+    }
+
+    /// Disarms the drop guard: the namespace outlives this value. Returns its name, which is
+    /// now the caller's to remove.
+    pub fn keep(self) -> String {
+        let mut kept = ManuallyDrop::new(self);
+        mem::take(&mut kept.name)
     }
 }
 
@@ -175,6 +184,15 @@ impl Lab {
             });
         }
         Ok(Self { rt, src, encoders })
+    }
+
+    /// Disarms every drop guard, so the namespaces (and the veths in them) outlive this value.
+    /// Returns their names, now the caller's to remove: rt, src, then the encoders in order.
+    pub fn keep(self) -> Vec<String> {
+        let Self { rt, src, encoders } = self;
+        let mut names = vec![rt.keep(), src.keep()];
+        names.extend(encoders.into_iter().map(|e| e.ns.keep()));
+        names
     }
 
     /// The inner veth's MAC of encoder `i` (what XDP writes as destination MAC).

@@ -1,11 +1,21 @@
 //! nsfail: keeps live-video contribution streams flowing when the encoder receiving them dies.
 //!
-//! The module tree follows the architecture: `dataplane` owns every BPF map and link;
-//! `paths` names every path; `netns` looks at interfaces and namespaces.
+//! The module tree follows the architecture: `config` → `controller` (decisions, events) →
+//! `dataplane` (the one owner of every BPF map and link); `api` is the socket protocol shared
+//! by `daemon` and `cli`; `netns` looks at interfaces and namespaces; `lab`/`labctl` build the
+//! lab; `paths` names every path.
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod decision;
 pub mod dataplane;
 pub mod demo;
 pub mod lab;
+pub mod labctl;
+pub mod metrics;
 pub mod netns;
 pub mod paths;
 

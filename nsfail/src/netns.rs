@@ -93,3 +93,28 @@ fn hwaddr(ifname: &str) -> io::Result<[u8; 6]> {
     }
     Ok(mac)
 }
+
+/// The interface that carries `addr`, looked up inside the named namespace `ns` (how a local
+/// encoder's MAC is found: its namespace and address are in the config, its interface name
+/// is not).
+pub fn link_with_addr(ns: &str, addr: std::net::IpAddr) -> io::Result<Link> {
+    let name = ns.to_owned();
+    in_netns(ns, move || -> io::Result<Link> {
+        let ifname = nix::ifaddrs::getifaddrs()
+            .map_err(io::Error::from)?
+            .find(|ifa| {
+                ifa.address.as_ref().is_some_and(|a| {
+                    a.as_sockaddr_in().map(|s| std::net::IpAddr::V4(s.ip())) == Some(addr)
+                        || a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())) == Some(addr)
+                })
+            })
+            .map(|ifa| ifa.interface_name)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no interface with address {addr} in namespace {name}"),
+                )
+            })?;
+        link(&ifname)
+    })?
+}

@@ -10,6 +10,11 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/nsfail";
 pub const SOCKET: &str = "/run/nsfail/nsfail.sock";
 /// Named network namespaces (as `ip netns` keeps them).
 pub const NETNS_DIR: &str = "/run/netns";
+/// The persistent demo lab of `nsfail lab up`: its record, the daemon config it writes, the
+/// streams its encoders receive and its processes' logs.
+pub const LAB_DIR: &str = "/run/nsfail/lab";
+/// Where the kernel shows processes.
+pub const PROC: &str = "/proc";
 
 /// The layout of one pin directory: maps, programs and links of one data plane.
 #[derive(Clone, Debug)]
@@ -62,6 +67,53 @@ impl Default for Pins {
     fn default() -> Self {
         Self::new(PIN_DIR)
     }
+}
+
+/// The layout of one lab directory (`nsfail lab up`), owned whole by that lab: `lab down`
+/// removes it.
+#[derive(Clone, Debug)]
+pub struct LabDir {
+    root: PathBuf,
+}
+
+impl LabDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// What `lab up` made (namespaces, processes), as JSON; `lab down` removes exactly that.
+    pub fn record(&self) -> PathBuf {
+        self.root.join("lab.json")
+    }
+
+    /// The record while it is being replaced (written, then renamed over `record`).
+    pub fn record_tmp(&self) -> PathBuf {
+        self.root.join("lab.json.tmp")
+    }
+
+    /// The daemon config written for the lab.
+    pub fn config(&self) -> PathBuf {
+        self.root.join("nsfail.toml")
+    }
+
+    /// The stream an encoder receives, appended as it arrives.
+    pub fn output(&self, encoder: &str) -> PathBuf {
+        self.root.join(format!("{encoder}.ts"))
+    }
+
+    /// One lab process's stderr (and stdout, unless that is a stream).
+    pub fn log(&self, process: &str) -> PathBuf {
+        self.root.join(format!("{process}.log"))
+    }
+}
+
+/// One file of process `pid` under [`PROC`] (`stat`, `cmdline`, ...).
+pub fn proc_file(pid: u32, name: &str) -> PathBuf {
+    Path::new(PROC).join(pid.to_string()).join(name)
 }
 
 /// A named network namespace's handle.

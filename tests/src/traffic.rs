@@ -129,7 +129,19 @@ pub fn send_burst(
     gap: Duration,
     linger: Duration,
 ) -> Replies {
-    ns.run(move || {
+    send_burst_in(&ns.name, bind, dst, seqs, gap, linger)
+}
+
+/// [`send_burst`] by namespace name (for use from another thread).
+pub fn send_burst_in(
+    ns: &str,
+    bind: SocketAddr,
+    dst: SocketAddr,
+    seqs: std::ops::Range<u32>,
+    gap: Duration,
+    linger: Duration,
+) -> Replies {
+    nsfail::netns::in_netns(ns, move || {
         let sock = UdpSocket::bind(bind).expect("bind sender");
         sock.set_nonblocking(true).unwrap();
         let mut replies = Replies::default();

@@ -1,0 +1,164 @@
+//! The control socket's protocol, shared by the daemon and the CLI: one JSON object per line
+//! each way. Every request carries the protocol version `v`; the daemon answers requests of
+//! another version with an error rather than guessing.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixStream,
+};
+
+use crate::config;
+
+pub const VERSION: u32 = 1;
+/// Requests longer than this are refused (and the connection closed).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client waits for the daemon.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    Status,
+    Remap { channel: String, encoder: String },
+    Drain { encoder: String },
+    Undrain { encoder: String },
+    AddChannel { channel: config::Channel },
+    AddEncoder { encoder: config::Encoder },
+    RemoveChannel { name: String },
+    RemoveEncoder { name: String },
+    Events,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn ok(data: impl Serialize) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            data: serde_json::to_value(data).ok(),
+        }
+    }
+
+    pub fn error(msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            data: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub channels: Vec<ChannelStatus>,
+    pub encoders: Vec<EncoderStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChannelStatus {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// The active encoder's name.
+    pub active: Option<String>,
+    /// Priority order: primary first.
+    pub encoders: Vec<String>,
+    pub port: u16,
+    pub protocol: String,
+    pub failback: String,
+    /// Input packets and bytes (IP bytes) since the channel was created.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Milliseconds since the last input packet; `None` when none was seen.
+    pub idle_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EncoderStatus {
+    pub name: String,
+    pub address: String,
+    pub local: bool,
+    pub healthy: bool,
+    pub drained: bool,
+    /// Channel packets and bytes forwarded to it.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Replies from it returned to sources.
+    pub replies: u64,
+    /// Packets leaving it that were dropped, all reasons.
+    pub drops: u64,
+    /// Channels for which it is active.
+    pub active_for: Vec<String>,
+}
+
+/// A decision or observation: `from`/`to` are encoder names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub channel: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub reason: String,
+    /// For a finished failover: the old encoder's last packet to the new one's first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover_ms: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the daemon at {path}: {source} (is `nsfail run` running?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the daemon's answer is not understood: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends one request and reads its response.
+pub async fn call(socket: &Path, command: Command) -> Result<Response, ClientError> {
+    let exchange = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: socket.display().to_string(),
+                source,
+            })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_vec(&Request {
+            v: VERSION,
+            command,
+        })?;
+        line.push(b'\n');
+        write.write_all(&line).await?;
+        let mut reader = BufReader::new(read);
+        let mut answer = String::new();
+        reader.read_line(&mut answer).await?;
+        Ok(serde_json::from_str(&answer)?)
+    };
+    tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout(CLIENT_TIMEOUT))?
+}

@@ -1,0 +1,400 @@
+//! The command line: the daemon (`run`), config checking, socket clients, teardown and the
+//! lab. Human tables by default, JSON with `--json`. Exit status: 0 success, 1 a refused or
+//! failed request (one line on stderr), 2 usage (clap).
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::{
+    Dataplane,
+    api::{self, Command, Event, Response, Status},
+    config::Config,
+    daemon, labctl,
+    paths::{self, Pins},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "nsfail",
+    version,
+    about = "Keeps live-video contribution streams flowing when their encoder fails"
+)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = paths::SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// The pin directory of the data plane.
+        #[arg(long, default_value = paths::PIN_DIR)]
+        pins: PathBuf,
+    },
+    /// Validate a config file without touching anything.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Channels with their active encoder and counters; encoders with health.
+    Status,
+    /// Channels and encoders, briefly.
+    List,
+    /// Move a channel to another of its encoders now (manual failover).
+    Remap { channel: String, encoder: String },
+    /// Move every channel off an encoder and keep them off.
+    Drain { encoder: String },
+    /// Let an encoder receive channels again.
+    Undrain { encoder: String },
+    /// Add a channel or an encoder at run time (persisted).
+    #[command(subcommand)]
+    Add(AddCmd),
+    /// Remove a channel or an encoder at run time (persisted).
+    #[command(subcommand)]
+    Remove(RemoveCmd),
+    /// Decisions and observations, oldest first.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Detach and unpin the whole data plane, with or without a daemon running.
+    Teardown {
+        #[arg(long, default_value = paths::PIN_DIR)]
+        pins: PathBuf,
+    },
+    /// The demo lab.
+    #[command(subcommand)]
+    Lab(LabCmd),
+}
+
+#[derive(Subcommand)]
+enum AddCmd {
+    Channel(AddChannel),
+    Encoder(AddEncoder),
+}
+
+#[derive(Args)]
+struct AddChannel {
+    name: String,
+    /// The ingest address senders are given, e.g. 10.200.0.1:5000.
+    #[arg(long)]
+    listen: String,
+    /// Encoders in priority order, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    encoders: Vec<String>,
+    /// Encoder-side UDP port (default: the listen port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// manual | auto
+    #[arg(long)]
+    failback: Option<String>,
+    /// udp | srt
+    #[arg(long)]
+    protocol: Option<String>,
+}
+
+#[derive(Args)]
+struct AddEncoder {
+    name: String,
+    #[arg(long)]
+    address: String,
+    /// Host side of its veth (a local encoder); omit for a remote one.
+    #[arg(long)]
+    interface: Option<String>,
+    /// Its network namespace (local encoder).
+    #[arg(long)]
+    netns: Option<String>,
+    /// Its MAC, when it cannot be looked up in `--netns`.
+    #[arg(long)]
+    mac: Option<String>,
+    /// What it may reach besides replying to sources (repeatable).
+    #[arg(long)]
+    allow: Vec<String>,
+    /// Health check port for udp/tcp probes.
+    #[arg(long)]
+    health_port: Option<u16>,
+}
+
+#[derive(Subcommand)]
+enum RemoveCmd {
+    Channel { name: String },
+    Encoder { name: String },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the demo lab: namespaces, veths, SRT listeners and a live test source.
+    Up,
+    /// Remove exactly what `lab up` made.
+    Down,
+    /// A self-contained data-plane demo: stream, remap half-way, clean up.
+    Demo {
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600))]
+        seconds: u64,
+    },
+}
+
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nsfail: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).collect::<Vec<_>>().join(" ")
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    let socket = cli.socket.clone();
+    let request = |command: Command| -> Result<serde_json::Value> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let resp: Response = rt.block_on(api::call(&socket, command))?;
+        match resp {
+            Response { ok: true, data, .. } => Ok(data.unwrap_or(serde_json::Value::Null)),
+            Response { error, .. } => Err(anyhow!(error.unwrap_or_else(|| "refused".into()))),
+        }
+    };
+    let done = |what: String| {
+        if json {
+            println!("{}", json!({ "ok": true }));
+        } else {
+            println!("{what}");
+        }
+    };
+    match cli.command {
+        Cmd::Run { config, pins } => daemon::run(daemon::Options {
+            config,
+            socket: cli.socket,
+            pins: Pins::new(pins),
+        }),
+        Cmd::Check { config } => {
+            let cfg = Config::load(&config)?;
+            done(format!(
+                "{}: ok ({} channels, {} encoders)",
+                config.display(),
+                cfg.channels.len(),
+                cfg.encoders.len()
+            ));
+            Ok(())
+        }
+        Cmd::Status | Cmd::List => {
+            let list = matches!(cli.command, Cmd::List);
+            let data = request(Command::Status)?;
+            if json {
+                println!("{data}");
+            } else {
+                let status: Status = serde_json::from_value(data)?;
+                print!("{}", render_status(&status, list));
+            }
+            Ok(())
+        }
+        Cmd::Remap { channel, encoder } => {
+            request(Command::Remap {
+                channel: channel.clone(),
+                encoder: encoder.clone(),
+            })?;
+            done(format!("{channel} -> {encoder}"));
+            Ok(())
+        }
+        Cmd::Drain { encoder } => {
+            request(Command::Drain {
+                encoder: encoder.clone(),
+            })?;
+            done(format!("{encoder} drained"));
+            Ok(())
+        }
+        Cmd::Undrain { encoder } => {
+            request(Command::Undrain {
+                encoder: encoder.clone(),
+            })?;
+            done(format!("{encoder} undrained"));
+            Ok(())
+        }
+        Cmd::Add(AddCmd::Channel(a)) => {
+            let mut v = json!({ "name": a.name, "listen": a.listen, "encoders": a.encoders });
+            for (k, val) in [
+                ("port", a.port.map(|p| json!(p))),
+                ("failback", a.failback.map(|f| json!(f))),
+                ("protocol", a.protocol.map(|p| json!(p))),
+            ] {
+                if let Some(val) = val {
+                    v[k] = val;
+                }
+            }
+            let channel = serde_json::from_value(v).context("channel")?;
+            request(Command::AddChannel { channel })?;
+            done(format!("channel {} added", a.name));
+            Ok(())
+        }
+        Cmd::Add(AddCmd::Encoder(a)) => {
+            let mut v = json!({ "name": a.name, "address": a.address, "allow": a.allow });
+            for (k, val) in [
+                ("interface", a.interface),
+                ("netns", a.netns),
+                ("mac", a.mac),
+            ] {
+                if let Some(val) = val {
+                    v[k] = json!(val);
+                }
+            }
+            if let Some(port) = a.health_port {
+                v["health"] = json!({ "kind": "udp", "port": port });
+            }
+            let encoder = serde_json::from_value(v).context("encoder")?;
+            request(Command::AddEncoder { encoder })?;
+            done(format!("encoder {} added", a.name));
+            Ok(())
+        }
+        Cmd::Remove(RemoveCmd::Channel { name }) => {
+            request(Command::RemoveChannel { name: name.clone() })?;
+            done(format!("channel {name} removed"));
+            Ok(())
+        }
+        Cmd::Remove(RemoveCmd::Encoder { name }) => {
+            request(Command::RemoveEncoder { name: name.clone() })?;
+            done(format!("encoder {name} removed"));
+            Ok(())
+        }
+        Cmd::Events { follow } => {
+            let mut last: Option<Event> = None;
+            loop {
+                let events: Vec<Event> = serde_json::from_value(request(Command::Events)?)?;
+                // The ring may have rotated: continue after the last event printed.
+                let start = match &last {
+                    Some(l) => events.iter().position(|e| e == l).map_or(0, |i| i + 1),
+                    None => 0,
+                };
+                for e in &events[start.min(events.len())..] {
+                    if json {
+                        println!("{}", serde_json::to_string(e)?);
+                    } else {
+                        println!("{}", render_event(e));
+                    }
+                }
+                last = events.last().cloned().or(last);
+                if !follow {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        Cmd::Teardown { pins } => {
+            Dataplane::teardown(&Pins::new(pins))?;
+            done("data plane detached and unpinned".into());
+            Ok(())
+        }
+        Cmd::Lab(LabCmd::Up) => {
+            let info = labctl::up(&labctl::LabOptions::default())?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!("lab up: namespaces {}", info.namespaces.join(", "));
+                println!("config for the daemon: {}", info.config.display());
+            }
+            Ok(())
+        }
+        Cmd::Lab(LabCmd::Down) => {
+            labctl::down()?;
+            done("lab removed".into());
+            Ok(())
+        }
+        Cmd::Lab(LabCmd::Demo { seconds }) => crate::demo::run(seconds),
+    }
+}
+
+fn render_event(e: &Event) -> String {
+    format!(
+        "{}  {:<10} {:<10} -> {:<10} {}",
+        e.time,
+        e.channel.as_deref().unwrap_or("-"),
+        e.from.as_deref().unwrap_or("-"),
+        e.to.as_deref().unwrap_or("-"),
+        e.reason
+    )
+}
+
+fn render_status(s: &Status, brief: bool) -> String {
+    let mut out = String::new();
+    if brief {
+        out += &format!(
+            "{:<12} {:<24} {:<10} ENCODERS\n",
+            "CHANNEL", "LISTEN", "ACTIVE"
+        );
+        for c in &s.channels {
+            out += &format!(
+                "{:<12} {:<24} {:<10} {}\n",
+                c.name,
+                c.listen.to_string(),
+                c.active.as_deref().unwrap_or("-"),
+                c.encoders.join(",")
+            );
+        }
+        out += &format!(
+            "\n{:<12} {:<26} {:<7} {:<8} {:<7}\n",
+            "ENCODER", "ADDRESS", "LOCAL", "HEALTHY", "DRAINED"
+        );
+        for e in &s.encoders {
+            out += &format!(
+                "{:<12} {:<26} {:<7} {:<8} {:<7}\n",
+                e.name, e.address, e.local, e.healthy, e.drained
+            );
+        }
+        return out;
+    }
+    out += &format!(
+        "{:<12} {:<24} {:<10} {:>10} {:>12} {:>9}  {}\n",
+        "CHANNEL", "LISTEN", "ACTIVE", "PACKETS", "BYTES", "IDLE_MS", "ENCODERS"
+    );
+    for c in &s.channels {
+        out += &format!(
+            "{:<12} {:<24} {:<10} {:>10} {:>12} {:>9}  {}\n",
+            c.name,
+            c.listen.to_string(),
+            c.active.as_deref().unwrap_or("-"),
+            c.packets,
+            c.bytes,
+            c.idle_ms.map_or("-".into(), |v| v.to_string()),
+            c.encoders.join(",")
+        );
+    }
+    out += &format!(
+        "\n{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
+        "ENCODER", "ADDRESS", "HEALTHY", "DRAINED", "PACKETS", "REPLIES", "DROPS", "ACTIVE_FOR"
+    );
+    for e in &s.encoders {
+        out += &format!(
+            "{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
+            e.name,
+            e.address,
+            e.healthy,
+            e.drained,
+            e.packets,
+            e.replies,
+            e.drops,
+            e.active_for.join(",")
+        );
+    }
+    out
+}

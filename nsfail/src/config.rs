@@ -1,0 +1,1040 @@
+//! The TOML configuration: ingest NIC, encoders and channels, checked before anything is touched.
+//!
+//! [`Config::parse`] runs two passes. Serde catches syntax, wrong types and unknown or missing
+//! keys; [`Config::validate`]'s semantic checks catch what serde cannot (unknown or duplicate
+//! names, port clashes, health checks missing what they need). Every error from `parse` reads
+//! `ORIGIN:LINE:COL: message`: serde errors carry a byte span, and semantic problems name the
+//! offending value by its key path, which is looked up in the document's spans
+//! ([`toml::de::DeTable`]).
+//!
+//! ```toml
+//! [ingest]
+//! interface = "eth0"
+//!
+//! [[encoder]]
+//! name = "enc-a"
+//! address = "10.200.1.2"
+//! health = { kind = "udp", port = 9000 }
+//!
+//! [[channel]]
+//! name = "cam1"
+//! listen = "10.200.0.1:5000"
+//! encoders = ["enc-a"]
+//! ```
+
+use std::{
+    collections::HashMap,
+    fmt, fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    ops::{Range, RangeInclusive},
+    path::Path,
+    str::FromStr,
+};
+
+use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
+use toml::de::{DeTable, DeValue};
+
+use crate::dataplane::XdpModeSetting;
+
+/// A key path, e.g. `at!["channel", 2, "encoders", 0]`.
+macro_rules! at {
+    ($($seg:expr),* $(,)?) => {
+        vec![$(Seg::from($seg)),*]
+    };
+}
+
+/// Longest encoder or channel name, in bytes: names travel NUL-terminated in 32-byte map fields.
+pub const MAX_NAME_LEN: usize = 31;
+
+/// Where Prometheus metrics are served unless `ingest.metrics` says otherwise.
+pub const DEFAULT_METRICS: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 9464));
+
+/// Failback hold-down unless a channel sets `hold_down_ms`.
+pub const DEFAULT_HOLD_DOWN_MS: u64 = 10_000;
+
+/// Longest Linux interface name (IFNAMSIZ minus the NUL).
+const MAX_IFNAME_LEN: usize = 15;
+
+/// A whole nsfail configuration file.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub ingest: Ingest,
+    #[serde(rename = "encoder", default, skip_serializing_if = "Vec::is_empty")]
+    pub encoders: Vec<Encoder>,
+    #[serde(rename = "channel", default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<Channel>,
+}
+
+/// `[ingest]`: the NIC that receives contribution streams.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ingest {
+    /// The XDP program attaches here.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// The Prometheus endpoint (port 0 is accepted: an ephemeral port, for tests).
+    #[serde(default = "default_metrics", deserialize_with = "socket_addr_from_str")]
+    pub metrics: SocketAddr,
+    /// The network namespace the ingest interface lives in, when not the daemon's own (the
+    /// lab's ingest host): the daemon moves into it before anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+}
+
+/// `ingest.xdp_mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Native,
+    Generic,
+    /// Native if the driver supports it, otherwise generic (and say so).
+    Auto,
+}
+
+/// `[[encoder]]`: a receiver of channels.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encoder {
+    pub name: String,
+    /// Where the encoder receives.
+    #[serde(deserialize_with = "ip_addr_from_str")]
+    pub address: IpAddr,
+    /// Host side of its veth for a local encoder; `None` for a remote one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Its network namespace (local encoder); exec probes run inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// MAC override, `"aa:bb:cc:dd:ee:ff"`; normally learnt from the link or the neighbour table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// What it may reach besides replying to sources, in [`AllowRule`] syntax.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub health: Health,
+}
+
+/// `encoder.health`: how an encoder is judged alive.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub kind: HealthKind,
+    /// Probe port (udp, tcp).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Probe URL (http); a 2xx status is healthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Program and arguments (exec), run inside the encoder's netns; exit 0 is healthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive successes that make a down encoder healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy encoder down.
+    pub fall: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::default(),
+            port: None,
+            url: None,
+            command: None,
+            interval_ms: 100,
+            timeout_ms: 100,
+            rise: 3,
+            fall: 3,
+        }
+    }
+}
+
+/// `encoder.health.kind`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// UDP echo on `port`.
+    #[default]
+    Udp,
+    /// TCP connect to `port`.
+    Tcp,
+    /// HTTP GET of `url`.
+    Http,
+    /// `command` inside the encoder's namespace.
+    Exec,
+    /// Data-plane liveness: the channel's input moves, so the encoder's output must too.
+    Flow,
+}
+
+/// `[[channel]]`: one contribution stream.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channel {
+    pub name: String,
+    /// The ingest address the sender is given.
+    #[serde(deserialize_with = "socket_addr_from_str")]
+    pub listen: SocketAddr,
+    /// Priority order: the first is primary, the rest are backups.
+    pub encoders: Vec<String>,
+    /// Encoder-side port; see [`Channel::encoder_port`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub failback: Failback,
+    #[serde(default = "default_hold_down_ms")]
+    pub hold_down_ms: u64,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// `channel.failback`: what happens once a channel's primary is healthy again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    /// Stay on the backup until an operator remaps.
+    #[default]
+    Manual,
+    /// Move back after the primary has stayed healthy for `hold_down_ms`.
+    Auto,
+}
+
+/// `channel.protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Udp,
+    /// Two-way: the encoder's handshake, ACK and NAK go back to the sender.
+    Srt,
+}
+
+/// Lowercase TOML spelling of config enums, for messages and tables.
+macro_rules! toml_names {
+    ($ty:ty { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// The value as written in the config file.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+toml_names!(XdpMode { Native => "native", Generic => "generic", Auto => "auto" });
+toml_names!(HealthKind {
+    Udp => "udp",
+    Tcp => "tcp",
+    Http => "http",
+    Exec => "exec",
+    Flow => "flow",
+});
+toml_names!(Failback { Manual => "manual", Auto => "auto" });
+toml_names!(Protocol { Udp => "udp", Srt => "srt" });
+
+impl From<XdpMode> for XdpModeSetting {
+    fn from(mode: XdpMode) -> Self {
+        match mode {
+            XdpMode::Native => Self::Native,
+            XdpMode::Generic => Self::Generic,
+            XdpMode::Auto => Self::Auto,
+        }
+    }
+}
+
+impl Encoder {
+    /// Local encoders sit behind a veth of this host; remote ones are reached through the
+    /// ingest NIC.
+    pub fn is_local(&self) -> bool {
+        self.interface.is_some()
+    }
+
+    /// The MAC override as bytes: `None` when there is none (or it is malformed, which
+    /// [`Config::validate`] rejects).
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        self.mac.as_deref().and_then(parse_mac)
+    }
+
+    /// The allow-list, parsed.
+    pub fn allow_rules(&self) -> Result<Vec<AllowRule>, AllowRuleError> {
+        self.allow.iter().map(|rule| rule.parse()).collect()
+    }
+}
+
+impl Channel {
+    /// The UDP port the channel's encoders receive on: `port`, or the listen port.
+    pub fn encoder_port(&self) -> u16 {
+        self.port.unwrap_or(self.listen.port())
+    }
+}
+
+/// One entry of an encoder's allow-list: `NETWORK[/PREFIX][:PORT[-PORT]]/PROTO`.
+///
+/// Examples: `10.200.9.1:443/tcp`, `10.0.0.0/8:1000-2000/udp`, `10.1.1.1/icmp`,
+/// `[fd00::/64]:53/udp`, `fd00::1/icmp`. IPv6 with ports needs brackets; `icmp` takes no ports
+/// (and means ICMPv6 for an IPv6 network).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowRule {
+    pub network: IpAddr,
+    pub prefix_len: u8,
+    /// First and last destination port; `None` is every port.
+    pub ports: Option<RangeInclusive<u16>>,
+    pub proto: AllowProto,
+}
+
+/// Protocol of an [`AllowRule`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllowProto {
+    Udp,
+    Tcp,
+    Icmp,
+}
+
+/// Why an allow rule does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid allow rule {rule:?}: {why}")]
+pub struct AllowRuleError {
+    pub rule: String,
+    pub why: String,
+}
+
+impl FromStr for AllowRule {
+    type Err = AllowRuleError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_allow(text).map_err(|why| AllowRuleError {
+            rule: text.to_owned(),
+            why,
+        })
+    }
+}
+
+fn parse_allow(text: &str) -> Result<AllowRule, String> {
+    const SHAPE: &str = "expected NETWORK[/PREFIX][:PORT[-PORT]]/PROTO, e.g. \"10.0.0.1:443/tcp\"";
+    let (target, proto) = text
+        .rsplit_once('/')
+        .ok_or_else(|| format!("no protocol; {SHAPE}"))?;
+    let proto = match proto {
+        "udp" => AllowProto::Udp,
+        "tcp" => AllowProto::Tcp,
+        "icmp" => AllowProto::Icmp,
+        other => {
+            return Err(format!(
+                "unknown protocol {other:?} (udp, tcp or icmp); {SHAPE}"
+            ));
+        }
+    };
+    let (cidr, ports) = if let Some(rest) = target.strip_prefix('[') {
+        let (cidr, after) = rest
+            .split_once(']')
+            .ok_or_else(|| "missing ']'".to_owned())?;
+        match after {
+            "" => (cidr, None),
+            _ => {
+                let ports = after
+                    .strip_prefix(':')
+                    .ok_or_else(|| format!("unexpected {after:?} after ']'"))?;
+                (cidr, Some(ports))
+            }
+        }
+    } else if target.matches(':').count() == 1 {
+        let (cidr, ports) = target.split_once(':').expect("one colon");
+        (cidr, Some(ports))
+    } else {
+        // No colon: IPv4 without ports. Several: IPv6 without ports (ports need brackets).
+        (target, None)
+    };
+    let (network, prefix_len) = parse_cidr(cidr)?;
+    let ports = ports.map(parse_ports).transpose()?;
+    if proto == AllowProto::Icmp && ports.is_some() {
+        return Err("icmp has no ports".into());
+    }
+    Ok(AllowRule {
+        network,
+        prefix_len,
+        ports,
+        proto,
+    })
+}
+
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => (addr, Some(len)),
+        None => (text, None),
+    };
+    let network: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let max = if network.is_ipv4() { 32 } else { 128 };
+    let prefix_len = match len {
+        None => max,
+        Some(len) => {
+            let len: u8 = len
+                .parse()
+                .map_err(|_| format!("prefix length {len:?} is not a number"))?;
+            if len > max {
+                return Err(format!("prefix length {len} is longer than {max}"));
+            }
+            len
+        }
+    };
+    let (bits, width) = match network {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32u32),
+        IpAddr::V6(a) => (u128::from(a), 128u32),
+    };
+    let host_bits = width - u32::from(prefix_len);
+    let host_mask = if host_bits == 0 {
+        0
+    } else {
+        u128::MAX >> (128 - host_bits)
+    };
+    if bits & host_mask != 0 {
+        let net = bits & !host_mask;
+        let net = match network {
+            IpAddr::V4(_) => IpAddr::from(Ipv4Addr::from(net as u32)),
+            IpAddr::V6(_) => IpAddr::from(Ipv6Addr::from(net)),
+        };
+        return Err(format!(
+            "{text} has bits set after the prefix (did you mean {net}/{prefix_len}?)"
+        ));
+    }
+    Ok((network, prefix_len))
+}
+
+fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let port = |p: &str| -> Result<u16, String> {
+        match p.parse::<u16>() {
+            Ok(0) => Err("port 0 is not a valid port".into()),
+            Ok(p) => Ok(p),
+            Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+        }
+    };
+    let (first, last) = match text.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => (port(text)?, port(text)?),
+    };
+    if first > last {
+        return Err(format!("port range {first}-{last} is reversed"));
+    }
+    Ok(first..=last)
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (either case).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// A place in the config file: 1-based line and column (in characters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+/// A config that cannot be used. Displays as one line, `ORIGIN:LINE:COL: message` when the
+/// place is known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{origin}: cannot read: {source}")]
+    Read { origin: String, source: io::Error },
+    /// Not TOML, a wrong type, an unknown or missing key.
+    #[error("{}{message}", prefix(Some(.origin), .location))]
+    Syntax {
+        origin: String,
+        location: Option<Location>,
+        message: String,
+    },
+    /// Well-formed but wrong: a dangling or duplicate name, a port clash, a missing probe
+    /// setting. `origin` and `location` are `None` for a config built in code.
+    #[error("{}{message}", prefix(.origin.as_ref(), .location))]
+    Invalid {
+        origin: Option<String>,
+        location: Option<Location>,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// Where in the file, when known.
+    pub fn location(&self) -> Option<Location> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Syntax { location, .. } | Self::Invalid { location, .. } => *location,
+        }
+    }
+}
+
+fn prefix(origin: Option<&String>, location: &Option<Location>) -> String {
+    match (origin, location) {
+        (Some(origin), Some(at)) => format!("{origin}:{}:{}: ", at.line, at.column),
+        (Some(origin), None) => format!("{origin}: "),
+        (None, _) => String::new(),
+    }
+}
+
+impl Config {
+    /// Parses and validates a config; `origin` (usually the file name) prefixes every error.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            location: e.span().map(|span| location(text, span.start)),
+            message: one_line(e.message()),
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        // Serde has just parsed the same text, so this parse succeeds; were it to fail, the
+        // error would merely lack a location.
+        let doc = DeTable::parse(text)
+            .map(|doc| DeValue::Table(doc.into_inner()))
+            .ok();
+        let locate = |path: &[Seg]| {
+            doc.as_ref()
+                .map(|doc| location(text, span_of(doc, path).start))
+        };
+        // The first problem in the file, as a compiler would report it.
+        let problem = problems
+            .into_iter()
+            .min_by_key(|p| locate(&p.at).map(|at| (at.line, at.column)))
+            .expect("not empty");
+        let mut message = problem.message;
+        if let Some(first) = problem.first.as_deref().and_then(locate) {
+            message.push_str(&format!(" (first at line {})", first.line));
+        }
+        Err(ConfigError::Invalid {
+            origin: Some(origin.to_owned()),
+            location: locate(&problem.at),
+            message,
+        })
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            origin: origin.clone(),
+            source,
+        })?;
+        Self::parse(&text, &origin)
+    }
+
+    /// The config as TOML that [`Config::parse`] reads back to an equal value.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every Config field has a TOML form")
+    }
+
+    /// The semantic checks of [`Config::parse`], for a config built or changed in code. The
+    /// error has no origin or location; the first problem found is reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.problems().into_iter().next() {
+            None => Ok(()),
+            Some(problem) => Err(ConfigError::Invalid {
+                origin: None,
+                location: None,
+                message: problem.message,
+            }),
+        }
+    }
+
+    pub fn encoder(&self, name: &str) -> Option<&Encoder> {
+        self.encoders.iter().find(|e| e.name == name)
+    }
+
+    pub fn channel(&self, name: &str) -> Option<&Channel> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// Every semantic problem, each with the key path of the value to blame.
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Some(why) = ifname_problem(&self.ingest.interface) {
+            out.push(Problem::new(
+                at!["ingest", "interface"],
+                format!("ingest.interface {why}"),
+            ));
+        }
+        if let Some(netns) = &self.ingest.netns
+            && !netns_name_ok(netns)
+        {
+            out.push(Problem::new(
+                at!["ingest", "netns"],
+                format!("ingest.netns {netns:?} is not a network namespace name"),
+            ));
+        }
+        let mut encoder_names = HashMap::new();
+        for (i, encoder) in self.encoders.iter().enumerate() {
+            if let Some(&first) = encoder_names.get(encoder.name.as_str()) {
+                out.push(
+                    Problem::new(
+                        at!["encoder", i, "name"],
+                        format!("duplicate encoder name {:?}", encoder.name),
+                    )
+                    .first(at!["encoder", first, "name"]),
+                );
+            } else {
+                encoder_names.insert(encoder.name.as_str(), i);
+            }
+            encoder_problems(i, encoder, &mut out);
+        }
+        let mut channel_names = HashMap::new();
+        let mut listens = HashMap::new();
+        // (encoder address, encoder-side port) -> (channel index, encoder): the key the return
+        // path tells replies apart by.
+        let mut reply_keys: HashMap<(IpAddr, u16), (usize, &str)> = HashMap::new();
+        for (i, channel) in self.channels.iter().enumerate() {
+            let name = &channel.name;
+            if let Some(why) = name_problem(name) {
+                out.push(Problem::new(
+                    at!["channel", i, "name"],
+                    format!("channel name {name:?} {why}"),
+                ));
+            }
+            if let Some(&first) = channel_names.get(name.as_str()) {
+                out.push(
+                    Problem::new(
+                        at!["channel", i, "name"],
+                        format!("duplicate channel name {name:?}"),
+                    )
+                    .first(at!["channel", first, "name"]),
+                );
+            } else {
+                channel_names.insert(name.as_str(), i);
+            }
+            let listen = channel.listen;
+            if listen.port() == 0 {
+                out.push(Problem::new(
+                    at!["channel", i, "listen"],
+                    format!("channel {name:?}: port 0 is not a valid listen port"),
+                ));
+            }
+            if !is_unicast(listen.ip()) {
+                out.push(Problem::new(
+                    at!["channel", i, "listen"],
+                    format!(
+                        "channel {name:?}: listen address {} is not a unicast address",
+                        listen.ip()
+                    ),
+                ));
+            }
+            if let Some(&first) = listens.get(&listen) {
+                let first: &Channel = &self.channels[first];
+                out.push(Problem::new(
+                    at!["channel", i, "listen"],
+                    format!(
+                        "ingest address {listen} is used by channels {:?} and {name:?}",
+                        first.name
+                    ),
+                ));
+            } else {
+                listens.insert(listen, i);
+            }
+            if channel.port == Some(0) {
+                out.push(Problem::new(
+                    at!["channel", i, "port"],
+                    format!("channel {name:?}: port 0 is not a valid encoder-side port"),
+                ));
+            }
+            if channel.encoders.is_empty() {
+                out.push(Problem::new(
+                    at!["channel", i, "encoders"],
+                    format!("channel {name:?} has no encoders"),
+                ));
+            }
+            let port = channel.encoder_port();
+            // A clash is blamed on the value that set the encoder-side port.
+            let port_at = if channel.port.is_some() {
+                at!["channel", i, "port"]
+            } else {
+                at!["channel", i, "listen"]
+            };
+            for (j, encoder_name) in channel.encoders.iter().enumerate() {
+                let entry = at!["channel", i, "encoders", j];
+                if channel.encoders[..j].contains(encoder_name) {
+                    out.push(Problem::new(
+                        entry,
+                        format!("channel {name:?} lists encoder {encoder_name:?} twice"),
+                    ));
+                    continue;
+                }
+                let Some(encoder) = self.encoder(encoder_name) else {
+                    out.push(Problem::new(
+                        entry,
+                        format!("channel {name:?} names unknown encoder {encoder_name:?}"),
+                    ));
+                    continue;
+                };
+                if encoder.address.is_ipv4() != listen.is_ipv4() {
+                    out.push(Problem::new(
+                        entry,
+                        format!(
+                            "channel {name:?} listens on {} {listen} but encoder \
+                             {encoder_name:?} has {} address {}",
+                            family(listen.ip()),
+                            family(encoder.address),
+                            encoder.address
+                        ),
+                    ));
+                    continue;
+                }
+                if port == 0 {
+                    continue;
+                }
+                match reply_keys.get(&(encoder.address, port)) {
+                    Some(&(other, other_encoder)) if other != i => {
+                        let other = &self.channels[other].name;
+                        let message = if other_encoder == encoder_name {
+                            format!(
+                                "encoder {encoder_name:?} would receive channels {other:?} and \
+                                 {name:?} on the same port {port}, so their replies could not \
+                                 be told apart: give one of them another `port`"
+                            )
+                        } else {
+                            format!(
+                                "encoders {other_encoder:?} (channel {other:?}) and \
+                                 {encoder_name:?} (channel {name:?}) share address {} and \
+                                 port {port}, so their replies could not be told apart: give \
+                                 one channel another `port`",
+                                encoder.address
+                            )
+                        };
+                        out.push(Problem::new(port_at.clone(), message));
+                    }
+                    Some(_) => {}
+                    None => {
+                        reply_keys.insert((encoder.address, port), (i, encoder_name));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn encoder_problems(i: usize, encoder: &Encoder, out: &mut Vec<Problem>) {
+    let name = &encoder.name;
+    if let Some(why) = name_problem(name) {
+        out.push(Problem::new(
+            at!["encoder", i, "name"],
+            format!("encoder name {name:?} {why}"),
+        ));
+    }
+    if !is_unicast(encoder.address) {
+        out.push(Problem::new(
+            at!["encoder", i, "address"],
+            format!(
+                "encoder {name:?}: address {} is not a unicast address",
+                encoder.address
+            ),
+        ));
+    }
+    if let Some(why) = encoder.interface.as_deref().and_then(ifname_problem) {
+        out.push(Problem::new(
+            at!["encoder", i, "interface"],
+            format!("encoder {name:?}: interface {why}"),
+        ));
+    }
+    if let Some(netns) = &encoder.netns
+        && !netns_name_ok(netns)
+    {
+        out.push(Problem::new(
+            at!["encoder", i, "netns"],
+            format!("encoder {name:?}: {netns:?} is not a network namespace name"),
+        ));
+    }
+    if let Some(mac) = &encoder.mac {
+        let why = match parse_mac(mac) {
+            None => Some("expected six hex pairs like \"02:00:00:00:00:01\""),
+            Some(m) if m[0] & 1 == 1 => Some("a multicast MAC cannot be an encoder's"),
+            Some([0, 0, 0, 0, 0, 0]) => Some("the all-zero MAC cannot be an encoder's"),
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            out.push(Problem::new(
+                at!["encoder", i, "mac"],
+                format!("encoder {name:?}: invalid mac {mac:?}: {why}"),
+            ));
+        }
+    }
+    for (j, rule) in encoder.allow.iter().enumerate() {
+        if let Err(e) = rule.parse::<AllowRule>() {
+            out.push(Problem::new(
+                at!["encoder", i, "allow", j],
+                format!("encoder {name:?}: {e}"),
+            ));
+        }
+    }
+    health_problems(i, encoder, out);
+}
+
+fn health_problems(i: usize, encoder: &Encoder, out: &mut Vec<Problem>) {
+    let name = &encoder.name;
+    let health = &encoder.health;
+    let kind = health.kind;
+    let mut push = |key: &'static str, message: String| {
+        out.push(Problem::new(
+            at!["encoder", i, "health", key],
+            format!("encoder {name:?}: {message}"),
+        ));
+    };
+    match kind {
+        HealthKind::Udp | HealthKind::Tcp => match health.port {
+            None => push(
+                "kind",
+                format!(
+                    "health kind \"{kind}\" needs a port (health = {{ kind = \"{kind}\", port = N }})"
+                ),
+            ),
+            Some(0) => push("port", "port 0 is not a valid health-check port".into()),
+            Some(_) => {}
+        },
+        HealthKind::Http => match health.url.as_deref() {
+            None => push(
+                "kind",
+                "health kind \"http\" needs a url (url = \"http://HOST:PORT/PATH\")".into(),
+            ),
+            Some(url) if !url.starts_with("http://") || url.len() == "http://".len() => push(
+                "url",
+                format!("health url {url:?} must start with http:// and name a host"),
+            ),
+            Some(_) => {}
+        },
+        HealthKind::Exec => {
+            if health
+                .command
+                .as_ref()
+                .is_none_or(|c| c.first().is_none_or(|program| program.is_empty()))
+            {
+                push(
+                    "command",
+                    "health kind \"exec\" needs a non-empty command (command = [\"PROGRAM\", \
+                     \"ARG\"])"
+                        .into(),
+                );
+            }
+        }
+        HealthKind::Flow => {}
+    }
+    let unused = [
+        (
+            "port",
+            health.port.is_some(),
+            matches!(kind, HealthKind::Udp | HealthKind::Tcp),
+        ),
+        ("url", health.url.is_some(), kind == HealthKind::Http),
+        (
+            "command",
+            health.command.is_some(),
+            kind == HealthKind::Exec,
+        ),
+    ];
+    for (key, set, used) in unused {
+        if set && !used {
+            push(key, format!("health kind \"{kind}\" does not use `{key}`"));
+        }
+    }
+    for (key, value) in [
+        ("interval_ms", health.interval_ms),
+        ("timeout_ms", health.timeout_ms),
+        ("rise", u64::from(health.rise)),
+        ("fall", u64::from(health.fall)),
+    ] {
+        if value == 0 {
+            push(key, format!("health {key} must be at least 1"));
+        }
+    }
+    // With a zero interval the problem is the interval, reported above.
+    if health.interval_ms > 0 && health.timeout_ms > health.interval_ms {
+        push(
+            "timeout_ms",
+            format!(
+                "health timeout_ms ({}) must not exceed interval_ms ({}): one probe at a time",
+                health.timeout_ms, health.interval_ms
+            ),
+        );
+    }
+}
+
+/// Why `name` cannot name an encoder or channel.
+fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("is empty".into())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!(
+            "is {} bytes long, the limit is {MAX_NAME_LEN}",
+            name.len()
+        ))
+    } else {
+        name.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .map(|c| format!("contains {c:?}: use only A-Z a-z 0-9 . _ -"))
+    }
+}
+
+/// Why `name` cannot be a Linux interface name (the kernel's `dev_valid_name`).
+fn ifname_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("is empty".into())
+    } else if name.len() > MAX_IFNAME_LEN {
+        Some(format!(
+            "{name:?} is longer than {MAX_IFNAME_LEN} bytes, the limit for an interface name"
+        ))
+    } else if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        Some(format!("{name:?} is not a valid interface name"))
+    } else {
+        None
+    }
+}
+
+fn is_unicast(ip: IpAddr) -> bool {
+    !(ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST))
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// One step of a key path: a table key or an array index.
+#[derive(Clone, Debug)]
+enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+impl From<&'static str> for Seg {
+    fn from(key: &'static str) -> Self {
+        Self::Key(key)
+    }
+}
+
+impl From<usize> for Seg {
+    fn from(index: usize) -> Self {
+        Self::Index(index)
+    }
+}
+
+/// A semantic problem and the value it is blamed on.
+struct Problem {
+    at: Vec<Seg>,
+    message: String,
+    /// For duplicates: the earlier occurrence, reported by line.
+    first: Option<Vec<Seg>>,
+}
+
+impl Problem {
+    fn new(at: Vec<Seg>, message: String) -> Self {
+        Self {
+            at,
+            message,
+            first: None,
+        }
+    }
+
+    fn first(mut self, at: Vec<Seg>) -> Self {
+        self.first = Some(at);
+        self
+    }
+}
+
+/// The span of the value at `path`, or of its nearest ancestor present in the document (a
+/// defaulted key is blamed on the table that left it out).
+fn span_of(doc: &DeValue<'_>, path: &[Seg]) -> Range<usize> {
+    let mut value = doc;
+    let mut span = 0..0;
+    for seg in path {
+        let next = match seg {
+            Seg::Key(key) => value.get(*key),
+            Seg::Index(index) => value.get(*index),
+        };
+        match next {
+            Some(next) => {
+                span = next.span();
+                value = next.get_ref();
+            }
+            None => break,
+        }
+    }
+    span
+}
+
+fn location(text: &str, offset: usize) -> Location {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Location {
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn default_metrics() -> SocketAddr {
+    DEFAULT_METRICS
+}
+
+fn default_hold_down_ms() -> u64 {
+    DEFAULT_HOLD_DOWN_MS
+}
+
+fn socket_addr_from_str<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        D::Error::custom(format!(
+            "invalid socket address {text:?}: expected IP:PORT, e.g. \"10.200.0.1:5000\" or \
+             \"[fd00::1]:5000\""
+        ))
+    })
+}
+
+fn ip_addr_from_str<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        D::Error::custom(format!(
+            "invalid IP address {text:?}: expected e.g. \"10.200.1.2\" or \"fd00::2\" (no port)"
+        ))
+    })
+}
+
+/// A name `ip netns` could have made: a plain file name under /run/netns.
+fn netns_name_ok(name: &str) -> bool {
+    !(name.is_empty() || name.contains('/') || name == "." || name == "..")
+}

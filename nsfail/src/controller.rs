@@ -1,0 +1,795 @@
+//! The controller: the effective configuration (the config file plus runtime changes), the
+//! decisions (which encoder each channel goes to), and the events that record them. It drives
+//! the data plane only through [`Dataplane`].
+//!
+//! Runtime changes are kept as a delta over the config file in a state file beside it, written
+//! atomically after every change, so a restart keeps them and an edited config file still
+//! takes effect for everything the operator did not change at run time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Dataplane, DataplaneError, EncoderLink, EncoderSpec,
+    api::{ChannelStatus, EncoderStatus, Event, Status},
+    config::{self, Config, ConfigError},
+    decision::{ChannelPolicy, Decider, Decision, Reason},
+    netns,
+};
+
+fn policy(ch: &config::Channel) -> ChannelPolicy {
+    ChannelPolicy {
+        encoders: ch.encoders.clone(),
+        failback: ch.failback,
+        hold_down: Duration::from_millis(ch.hold_down_ms),
+    }
+}
+
+/// How many events the daemon keeps in memory.
+pub const EVENT_RING: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("state file {path}: {why}")]
+    State { path: String, why: String },
+    #[error("unknown channel {0:?}")]
+    UnknownChannel(String),
+    #[error("unknown encoder {0:?}")]
+    UnknownEncoder(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("encoder {name:?}: {why}")]
+    Encoder { name: String, why: String },
+}
+
+type Result<T, E = ControlError> = std::result::Result<T, E>;
+
+/// Runtime changes over the config file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delta {
+    pub v: u32,
+    #[serde(default)]
+    pub added_encoders: Vec<config::Encoder>,
+    #[serde(default)]
+    pub added_channels: Vec<config::Channel>,
+    #[serde(default)]
+    pub removed_encoders: BTreeSet<String>,
+    #[serde(default)]
+    pub removed_channels: BTreeSet<String>,
+    /// Channel name → active encoder, where a decision moved it off its default.
+    #[serde(default)]
+    pub active: BTreeMap<String, String>,
+    #[serde(default)]
+    pub drained: BTreeSet<String>,
+}
+
+impl Delta {
+    /// The effective configuration: the file's, with the runtime changes applied.
+    pub fn apply(&self, base: &Config) -> Config {
+        let mut cfg = base.clone();
+        cfg.encoders
+            .retain(|e| !self.removed_encoders.contains(&e.name));
+        cfg.channels
+            .retain(|c| !self.removed_channels.contains(&c.name));
+        for e in &self.added_encoders {
+            cfg.encoders.retain(|x| x.name != e.name);
+            cfg.encoders.push(e.clone());
+        }
+        for c in &self.added_channels {
+            cfg.channels.retain(|x| x.name != c.name);
+            cfg.channels.push(c.clone());
+        }
+        cfg
+    }
+}
+
+/// The state file beside a config file: `nsfail.toml` → `nsfail.state.json`.
+pub fn state_path(config: &Path) -> PathBuf {
+    sibling(config, "state.json")
+}
+
+/// The events file beside a config file: `nsfail.toml` → `nsfail.events.jsonl`.
+pub fn events_path(config: &Path) -> PathBuf {
+    sibling(config, "events.jsonl")
+}
+
+fn sibling(config: &Path, ext: &str) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "nsfail".into());
+    config.with_file_name(format!("{stem}.{ext}"))
+}
+
+pub struct Controller {
+    base: Config,
+    delta: Delta,
+    effective: Config,
+    state_path: PathBuf,
+    events_path: PathBuf,
+    dp: Dataplane,
+    /// Health, placement and the failover rules.
+    decider: Decider,
+    /// Per channel: input packets last seen and since when they have not moved.
+    input: BTreeMap<String, InputWatch>,
+    /// Failovers whose switchover time is still being measured.
+    pending: Vec<PendingSwitch>,
+    events: VecDeque<Event>,
+}
+
+/// How long a channel's input may stand still before it is reported as lost.
+pub const INPUT_LOSS_AFTER: Duration = Duration::from_secs(1);
+/// How long a switchover measurement waits for the first packet at the new encoder.
+const SWITCH_MEASURE_FOR: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+struct InputWatch {
+    packets: u64,
+    since: Instant,
+    lost: bool,
+}
+
+/// A failover waiting for the new encoder's first packet.
+#[derive(Clone, Debug)]
+struct PendingSwitch {
+    channel: String,
+    from: String,
+    to: String,
+    /// The old encoder's last packet (CLOCK_MONOTONIC ns).
+    last_old_ns: u64,
+    /// The new encoder's packet count at the switch.
+    new_packets: u64,
+    started: Instant,
+}
+
+/// A finished switchover measurement, for metrics.
+#[derive(Clone, Debug)]
+pub struct Switchover {
+    pub channel: String,
+    pub gap: Duration,
+}
+
+impl Controller {
+    /// Builds the controller over an open data plane and brings the data plane in line with
+    /// the effective configuration. When the data plane was adopted, channels keep the
+    /// encoder they are on (if still valid), so a restart moves nothing.
+    pub fn start(base: Config, config_path: &Path, dp: Dataplane) -> Result<Self> {
+        let state_path = state_path(config_path);
+        let delta = match fs::read_to_string(&state_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| ControlError::State {
+                path: state_path.display().to_string(),
+                why: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Delta {
+                v: 1,
+                ..Default::default()
+            },
+            Err(e) => {
+                return Err(ControlError::State {
+                    path: state_path.display().to_string(),
+                    why: e.to_string(),
+                });
+            }
+        };
+        let effective = delta.apply(&base);
+        effective.validate().map_err(|e| ControlError::State {
+            path: state_path.display().to_string(),
+            why: format!("runtime changes no longer fit the config file: {e}"),
+        })?;
+        let mut c = Self {
+            base,
+            delta,
+            effective,
+            state_path,
+            events_path: events_path(config_path),
+            dp,
+            decider: Decider::new(),
+            input: BTreeMap::new(),
+            pending: Vec::new(),
+            events: VecDeque::new(),
+        };
+        for name in c.delta.drained.clone() {
+            c.decider.restore_drained(&name);
+        }
+        c.reconcile()?;
+        Ok(c)
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.effective
+    }
+
+    /// Makes the data plane match `effective`: encoders, then channels, then removal of
+    /// whatever the data plane has that the config does not.
+    fn reconcile(&mut self) -> Result<()> {
+        let cfg = self.effective.clone();
+        let now = Instant::now();
+        for e in &cfg.encoders {
+            let spec = encoder_spec(e)?;
+            self.dp.upsert_encoder(&spec)?;
+            self.decider.add_encoder(&e.name, now);
+        }
+        let current: BTreeMap<_, _> = self
+            .dp
+            .channels()?
+            .into_iter()
+            .map(|c| (c.listen, c))
+            .collect();
+        for ch in &cfg.channels {
+            let active = self.choose_initial(ch, current.get(&ch.listen).map(|c| &c.encoder));
+            let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
+            let before = current.get(&ch.listen).map(|c| c.encoder.clone());
+            self.dp
+                .set_channel(ch.listen, ch.encoder_port(), &active, &members)?;
+            self.decider.set_channel(&ch.name, policy(ch), &active);
+            if before.as_deref() != Some(active.as_str()) {
+                self.event(Some(&ch.name), before, Some(active.clone()), "configured");
+            }
+        }
+        let listens: BTreeSet<_> = cfg.channels.iter().map(|c| c.listen).collect();
+        for (listen, _) in current.iter().filter(|(l, _)| !listens.contains(l)) {
+            self.dp.remove_channel(*listen)?;
+        }
+        let channel_names: BTreeSet<_> = cfg.channels.iter().map(|c| c.name.clone()).collect();
+        for gone in self.input.keys().filter(|n| !channel_names.contains(*n)).cloned().collect::<Vec<_>>() {
+            self.input.remove(&gone);
+        }
+        for name in self.decider.channel_names() {
+            if !channel_names.contains(&name) {
+                self.decider.remove_channel(&name);
+            }
+        }
+        let names: BTreeSet<_> = cfg.encoders.iter().map(|e| e.name.as_str()).collect();
+        for e in self.dp.encoders()? {
+            if !names.contains(e.name.as_str()) {
+                self.dp.remove_encoder(&e.name)?;
+                self.decider.remove_encoder(&e.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// The encoder a channel starts on: a recorded decision, else what the adopted data plane
+    /// forwards to, else the first healthy undrained encoder in priority order.
+    fn choose_initial(&self, ch: &config::Channel, in_dataplane: Option<&String>) -> String {
+        let usable = |n: &String| ch.encoders.contains(n) && !self.delta.drained.contains(n);
+        if let Some(a) = self.delta.active.get(&ch.name).filter(|a| usable(a)) {
+            return a.clone();
+        }
+        if let Some(a) = in_dataplane.filter(|a| usable(a)) {
+            return a.clone();
+        }
+        self.best(ch, None)
+            .unwrap_or_else(|| ch.encoders[0].clone())
+    }
+
+    /// The highest-priority healthy, undrained encoder of `ch`, other than `except`.
+    fn best(&self, ch: &config::Channel, except: Option<&str>) -> Option<String> {
+        ch.encoders
+            .iter()
+            .find(|n| {
+                Some(n.as_str()) != except
+                    && !self.decider.drained(n)
+                    && self.decider.healthy(n)
+            })
+            .cloned()
+    }
+
+    fn channel(&self, name: &str) -> Result<config::Channel> {
+        self.effective
+            .channel(name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownChannel(name.to_owned()))
+    }
+
+    fn active_of(&self, ch: &config::Channel) -> Result<Option<String>> {
+        Ok(self
+            .dp
+            .channels()?
+            .into_iter()
+            .find(|c| c.listen == ch.listen)
+            .map(|c| c.encoder))
+    }
+
+    /// Manual failover: `channel` to `encoder`, which must be one of its encoders and not
+    /// drained.
+    pub fn remap(&mut self, channel: &str, encoder: &str) -> Result<()> {
+        let ch = self.channel(channel)?;
+        if self.effective.encoder(encoder).is_none() {
+            return Err(ControlError::UnknownEncoder(encoder.to_owned()));
+        }
+        if !ch.encoders.iter().any(|e| e == encoder) {
+            return Err(ControlError::Refused(format!(
+                "encoder {encoder:?} is not one of channel {channel:?}'s encoders ({})",
+                ch.encoders.join(", ")
+            )));
+        }
+        if self.decider.drained(encoder) {
+            return Err(ControlError::Refused(format!(
+                "encoder {encoder:?} is drained (nsfail undrain {encoder} first)"
+            )));
+        }
+        let decision = self
+            .decider
+            .remap(channel, encoder, Instant::now())
+            .ok_or_else(|| ControlError::UnknownChannel(channel.to_owned()))?;
+        self.apply(decision)
+    }
+
+    /// Carries a decision out: one map write, the persisted state, the event. A decision
+    /// without a target (no healthy backup) is only recorded.
+    fn apply(&mut self, d: Decision) -> Result<()> {
+        let Some(to) = d.to.clone() else {
+            self.event(Some(&d.channel), Some(d.from), None, d.reason.as_str());
+            return Ok(());
+        };
+        let ch = self.channel(&d.channel)?;
+        let measure = matches!(d.reason, Reason::EncoderDown | Reason::Recovered)
+            .then(|| self.switch_baseline(&d.channel, &d.from, &to))
+            .flatten();
+        self.dp.activate(ch.listen, &to)?;
+        self.delta.active.insert(d.channel.clone(), to.clone());
+        self.persist()?;
+        self.event(Some(&d.channel), Some(d.from), Some(to), d.reason.as_str());
+        self.pending.extend(measure);
+        Ok(())
+    }
+
+    fn switch_baseline(&self, channel: &str, from: &str, to: &str) -> Option<PendingSwitch> {
+        let old = self.dp.encoder_stats(from).ok()?;
+        let new = self.dp.encoder_stats(to).ok()?;
+        Some(PendingSwitch {
+            channel: channel.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            last_old_ns: old.rx.last_seen_ns,
+            new_packets: new.rx.packets,
+            started: Instant::now(),
+        })
+    }
+
+    /// Moves every channel off `encoder` and keeps them off until undrained. Refused, with
+    /// nothing moved, when some channel would be left without a healthy encoder.
+    pub fn drain(&mut self, encoder: &str) -> Result<()> {
+        if self.effective.encoder(encoder).is_none() {
+            return Err(ControlError::UnknownEncoder(encoder.to_owned()));
+        }
+        let decisions = self
+            .decider
+            .drain(encoder, Instant::now())
+            .map_err(|channel| {
+                ControlError::Refused(format!(
+                    "draining {encoder:?} would leave channel {channel:?} without a healthy encoder"
+                ))
+            })?;
+        self.delta.drained.insert(encoder.to_owned());
+        self.persist()?;
+        self.event(None, Some(encoder.to_owned()), None, "drained");
+        for d in decisions {
+            self.apply(d)?;
+        }
+        Ok(())
+    }
+
+    pub fn undrain(&mut self, encoder: &str) -> Result<()> {
+        if self.effective.encoder(encoder).is_none() {
+            return Err(ControlError::UnknownEncoder(encoder.to_owned()));
+        }
+        if self.decider.undrain(encoder) {
+            self.delta.drained.remove(encoder);
+            self.persist()?;
+            self.event(None, None, Some(encoder.to_owned()), "undrained");
+        }
+        Ok(())
+    }
+
+    /// A health transition of an encoder (from its probe's rise/fall counter, or the flow
+    /// check): logged as an event, and failovers carried out.
+    pub fn on_health(&mut self, encoder: &str, healthy: bool) -> Result<()> {
+        if self.effective.encoder(encoder).is_none() || self.decider.healthy(encoder) == healthy {
+            return Ok(());
+        }
+        let reason = if healthy { "encoder healthy" } else { "encoder unhealthy" };
+        self.event(None, None, Some(encoder.to_owned()), reason);
+        for d in self.decider.set_health(encoder, healthy, Instant::now()) {
+            self.apply(d)?;
+        }
+        Ok(())
+    }
+
+    /// Periodic work: automatic failback, input-loss watch, switchover measurements. Returns
+    /// the switchovers measured since the last call.
+    pub fn tick(&mut self) -> Result<Vec<Switchover>> {
+        let now = Instant::now();
+        for d in self.decider.tick(now) {
+            self.apply(d)?;
+        }
+        self.watch_input(now)?;
+        Ok(self.measure_switchovers(now))
+    }
+
+    /// Input loss is the sender's problem, not the encoder's: reported, never failed over.
+    fn watch_input(&mut self, now: Instant) -> Result<()> {
+        for ch in self.effective.channels.clone() {
+            let packets = self.dp.channel_stats(ch.listen).map(|s| s.packets).unwrap_or(0);
+            let w = self.input.entry(ch.name.clone()).or_insert(InputWatch {
+                packets,
+                since: now,
+                lost: false,
+            });
+            if packets != w.packets {
+                let restored = w.lost;
+                *w = InputWatch {
+                    packets,
+                    since: now,
+                    lost: false,
+                };
+                if restored {
+                    self.event(Some(&ch.name), None, None, "input restored");
+                }
+            } else if packets > 0 && !w.lost && now.duration_since(w.since) >= INPUT_LOSS_AFTER {
+                w.lost = true;
+                let active = self.decider.active(&ch.name).map(str::to_owned);
+                self.event(Some(&ch.name), active, None, "input loss (no failover)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a channel's input moved within `window` (for the flow check).
+    pub fn input_moving(&self, channel: &str, window: Duration) -> bool {
+        self.input
+            .get(channel)
+            .is_some_and(|w| w.packets > 0 && w.since.elapsed() < window)
+    }
+
+    /// Channels an encoder is active for.
+    pub fn channels_on(&self, encoder: &str) -> Vec<String> {
+        self.decider.channels_on(encoder)
+    }
+
+    /// Switchover time: the old encoder's last packet to the new encoder's first, both from
+    /// the data plane's timestamps. The new encoder's first packet is taken as its last-seen
+    /// time when its count first moves, so the figure is at most one tick (plus one packet
+    /// interval) late.
+    fn measure_switchovers(&mut self, now: Instant) -> Vec<Switchover> {
+        let mut done = Vec::new();
+        let mut keep = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            let Ok(new) = self.dp.encoder_stats(&p.to) else {
+                continue;
+            };
+            if new.rx.packets > p.new_packets {
+                let gap = Duration::from_nanos(new.rx.last_seen_ns.saturating_sub(p.last_old_ns));
+                let ev = Event {
+                    time: rfc3339(SystemTime::now()),
+                    channel: Some(p.channel.clone()),
+                    from: Some(p.from.clone()),
+                    to: Some(p.to.clone()),
+                    reason: "switchover complete".into(),
+                    switchover_ms: Some(gap.as_secs_f64() * 1e3),
+                };
+                self.record(ev);
+                done.push(Switchover {
+                    channel: p.channel,
+                    gap,
+                });
+            } else if now.duration_since(p.started) < SWITCH_MEASURE_FOR {
+                keep.push(p);
+            }
+        }
+        self.pending = keep;
+        done
+    }
+
+    /// Applies a candidate effective configuration: validated first; on any failure the
+    /// previous delta is restored and the data plane reconciled back.
+    fn change(&mut self, edit: impl FnOnce(&mut Delta)) -> Result<()> {
+        let saved = self.delta.clone();
+        edit(&mut self.delta);
+        let candidate = self.delta.apply(&self.base);
+        if let Err(e) = candidate.validate() {
+            self.delta = saved;
+            return Err(e.into());
+        }
+        let previous = std::mem::replace(&mut self.effective, candidate);
+        if let Err(e) = self.reconcile() {
+            self.delta = saved;
+            self.effective = previous;
+            if let Err(again) = self.reconcile() {
+                warn!("restoring the data plane after a failed change: {again}");
+            }
+            return Err(e);
+        }
+        self.persist()
+    }
+
+    pub fn add_channel(&mut self, ch: config::Channel) -> Result<()> {
+        if self.effective.channel(&ch.name).is_some() {
+            return Err(ControlError::Refused(format!(
+                "channel {:?} already exists",
+                ch.name
+            )));
+        }
+        let name = ch.name.clone();
+        self.change(|d| {
+            d.removed_channels.remove(&ch.name);
+            d.added_channels.push(ch);
+        })?;
+        let active = self.active_of(&self.channel(&name)?)?;
+        self.event(Some(&name), None, active, "channel added");
+        Ok(())
+    }
+
+    pub fn add_encoder(&mut self, e: config::Encoder) -> Result<()> {
+        if self.effective.encoder(&e.name).is_some() {
+            return Err(ControlError::Refused(format!(
+                "encoder {:?} already exists",
+                e.name
+            )));
+        }
+        // Resolve before changing anything, for a clear error.
+        encoder_spec(&e)?;
+        let name = e.name.clone();
+        self.change(|d| {
+            d.removed_encoders.remove(&e.name);
+            d.added_encoders.push(e);
+        })?;
+        self.event(None, None, Some(name), "encoder added");
+        Ok(())
+    }
+
+    pub fn remove_channel(&mut self, name: &str) -> Result<()> {
+        let ch = self.channel(name)?;
+        let active = self.active_of(&ch)?;
+        self.change(|d| {
+            d.added_channels.retain(|c| c.name != ch.name);
+            d.active.remove(&ch.name);
+            d.removed_channels.insert(ch.name.clone());
+        })?;
+        self.event(Some(name), active, None, "channel removed");
+        Ok(())
+    }
+
+    pub fn remove_encoder(&mut self, name: &str) -> Result<()> {
+        if self.effective.encoder(name).is_none() {
+            return Err(ControlError::UnknownEncoder(name.to_owned()));
+        }
+        if let Some(ch) = self
+            .effective
+            .channels
+            .iter()
+            .find(|c| c.encoders.iter().any(|e| e == name))
+        {
+            return Err(ControlError::Refused(format!(
+                "encoder {name:?} is still used by channel {:?} (remove it there first)",
+                ch.name
+            )));
+        }
+        self.change(|d| {
+            d.added_encoders.retain(|e| e.name != name);
+            d.drained.remove(name);
+            d.removed_encoders.insert(name.to_owned());
+        })?;
+        self.event(None, Some(name.to_owned()), None, "encoder removed");
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let now = monotonic_ns();
+        let active: BTreeMap<_, _> = self
+            .dp
+            .channels()?
+            .into_iter()
+            .map(|c| (c.listen, c.encoder))
+            .collect();
+        let mut channels = Vec::new();
+        for ch in &self.effective.channels {
+            let stats = self.dp.channel_stats(ch.listen).unwrap_or_default();
+            channels.push(ChannelStatus {
+                name: ch.name.clone(),
+                listen: ch.listen,
+                active: active.get(&ch.listen).cloned(),
+                encoders: ch.encoders.clone(),
+                port: ch.encoder_port(),
+                protocol: ch.protocol.as_str().to_owned(),
+                failback: ch.failback.as_str().to_owned(),
+                packets: stats.packets,
+                bytes: stats.bytes,
+                idle_ms: (stats.packets > 0)
+                    .then(|| now.saturating_sub(stats.last_seen_ns) / 1_000_000),
+            });
+        }
+        let mut encoders = Vec::new();
+        for e in &self.effective.encoders {
+            let stats = self.dp.encoder_stats(&e.name).unwrap_or_default();
+            encoders.push(EncoderStatus {
+                name: e.name.clone(),
+                address: e.address.to_string(),
+                local: e.interface.is_some(),
+                healthy: self.decider.healthy(&e.name),
+                drained: self.decider.drained(&e.name),
+                packets: stats.rx.packets,
+                bytes: stats.rx.bytes,
+                replies: stats.tx.packets,
+                drops: stats.drops.iter().sum(),
+                active_for: channels
+                    .iter()
+                    .filter(|c| c.active.as_deref() == Some(e.name.as_str()))
+                    .map(|c| c.name.clone())
+                    .collect(),
+            });
+        }
+        Ok(Status { channels, encoders })
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.iter().cloned().collect()
+    }
+
+    /// Records an event: logged, kept in the ring, appended to the events file.
+    fn event(
+        &mut self,
+        channel: Option<&str>,
+        from: Option<String>,
+        to: Option<String>,
+        reason: &str,
+    ) {
+        self.record(Event {
+            time: rfc3339(SystemTime::now()),
+            channel: channel.map(str::to_owned),
+            from,
+            to,
+            reason: reason.to_owned(),
+            switchover_ms: None,
+        });
+    }
+
+    fn record(&mut self, ev: Event) {
+        info!(
+            "event: channel={} from={} to={} reason={}",
+            ev.channel.as_deref().unwrap_or("-"),
+            ev.from.as_deref().unwrap_or("-"),
+            ev.to.as_deref().unwrap_or("-"),
+            ev.reason
+        );
+        if let Err(e) = append_line(&self.events_path, &ev) {
+            warn!("events file {}: {e}", self.events_path.display());
+        }
+        if self.events.len() == EVENT_RING {
+            self.events.pop_front();
+        }
+        self.events.push_back(ev);
+    }
+
+    /// Writes the delta atomically (temporary file, then rename).
+    fn persist(&self) -> Result<()> {
+        let err = |e: std::io::Error| ControlError::State {
+            path: self.state_path.display().to_string(),
+            why: e.to_string(),
+        };
+        let tmp = self.state_path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(&self.delta).expect("delta serializes");
+        let mut f = fs::File::create(&tmp).map_err(err)?;
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        fs::rename(&tmp, &self.state_path).map_err(err)
+    }
+}
+
+/// What the data plane needs for a configured encoder; a local encoder's MAC is looked up in
+/// its namespace unless the config gives it.
+pub fn encoder_spec(e: &config::Encoder) -> Result<EncoderSpec> {
+    let err = |why: String| ControlError::Encoder {
+        name: e.name.clone(),
+        why,
+    };
+    let mac = match (&e.mac, &e.netns) {
+        (Some(m), _) => config::parse_mac(m).ok_or_else(|| err(format!("bad MAC {m:?}")))?,
+        (None, Some(ns)) => {
+            netns::link_with_addr(ns, e.address)
+                .map_err(|x| err(x.to_string()))?
+                .mac
+        }
+        (None, None) => {
+            return Err(err(
+                "no `mac` and no `netns` to find it in: set one of them".into(),
+            ));
+        }
+    };
+    let link = match &e.interface {
+        Some(ifname) => EncoderLink::Local {
+            ifname: ifname.clone(),
+        },
+        None => EncoderLink::Remote,
+    };
+    Ok(EncoderSpec {
+        name: e.name.clone(),
+        addr: e.address,
+        mac,
+        link,
+    })
+}
+
+fn append_line<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut line = serde_json::to_vec(value)?;
+    line.push(b'\n');
+    f.write_all(&line)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the data plane's last-seen times.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// `2026-11-27T23:09:47.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_820_987_123);
+        assert_eq!(rfc3339(t), "2026-11-27T23:09:47.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn state_files_sit_beside_the_config() {
+        let p = Path::new("/etc/nsfail/site.toml");
+        assert_eq!(state_path(p), Path::new("/etc/nsfail/site.state.json"));
+        assert_eq!(events_path(p), Path::new("/etc/nsfail/site.events.jsonl"));
+    }
+}

@@ -1,0 +1,465 @@
+//! The failover state machine, pure: no clock, no I/O. Callers pass the time in (`Instant`s
+//! from a real or a fake clock) and apply the [`Decision`]s it returns to the data plane.
+//!
+//! Rules:
+//! - an encoder that goes down moves every channel it is active for to the highest-priority
+//!   healthy, undrained encoder of that channel, at once;
+//! - with no such encoder the channel stays where it is and a critical decision (`to: None`)
+//!   is returned, once per outage;
+//! - failback (`auto` only) returns a channel to a better encoder only after that encoder has
+//!   been healthy without interruption for the hold-down, and no sooner than a hold-down after
+//!   the channel's last move: a flapping encoder cannot bounce a channel more than once per
+//!   hold-down;
+//! - a manual remap or drain always wins: it is applied as asked, and automatic failback
+//!   leaves a manually placed channel alone until the next automatic failover.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use crate::config::Failback;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The active encoder went down.
+    EncoderDown,
+    /// The active encoder went down and no healthy backup exists: nothing moved.
+    NoBackup,
+    /// A channel without a healthy encoder got one back.
+    Recovered,
+    /// Automatic return to a better encoder after the hold-down.
+    Failback,
+    /// `nsfail remap`.
+    Manual,
+    /// `nsfail drain`.
+    Drain,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EncoderDown => "encoder down: failover",
+            Self::NoBackup => "encoder down: no healthy backup (critical)",
+            Self::Recovered => "encoder recovered: channel back on a healthy encoder",
+            Self::Failback => "failback after hold-down",
+            Self::Manual => "manual remap",
+            Self::Drain => "drain",
+        }
+    }
+}
+
+/// A move of a channel (or, with `to: None`, a move that could not be made).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub channel: String,
+    pub from: String,
+    pub to: Option<String>,
+    pub reason: Reason,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChannelPolicy {
+    pub encoders: Vec<String>,
+    pub failback: Failback,
+    pub hold_down: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct ChannelState {
+    policy: ChannelPolicy,
+    active: String,
+    last_move: Option<Instant>,
+    /// Placed by an operator: automatic failback leaves it alone.
+    manual: bool,
+    /// A `NoBackup` decision was returned for the current outage.
+    stranded: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct EncoderState {
+    healthy: bool,
+    /// When the current health state began.
+    since: Instant,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Decider {
+    channels: BTreeMap<String, ChannelState>,
+    encoders: BTreeMap<String, EncoderState>,
+    drained: BTreeSet<String>,
+}
+
+impl Decider {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a channel, currently on `active`.
+    pub fn set_channel(&mut self, name: &str, policy: ChannelPolicy, active: &str) {
+        let prev = self.channels.remove(name);
+        self.channels.insert(
+            name.to_owned(),
+            ChannelState {
+                policy,
+                active: active.to_owned(),
+                last_move: prev.as_ref().and_then(|p| p.last_move),
+                manual: prev.as_ref().is_some_and(|p| p.manual && p.active == active),
+                stranded: false,
+            },
+        );
+    }
+
+    pub fn channel_names(&self) -> Vec<String> {
+        self.channels.keys().cloned().collect()
+    }
+
+    pub fn remove_channel(&mut self, name: &str) {
+        self.channels.remove(name);
+    }
+
+    /// Adds an encoder (healthy until told otherwise) if unknown.
+    pub fn add_encoder(&mut self, name: &str, now: Instant) {
+        self.encoders.entry(name.to_owned()).or_insert(EncoderState {
+            healthy: true,
+            since: now,
+        });
+    }
+
+    pub fn remove_encoder(&mut self, name: &str) {
+        self.encoders.remove(name);
+        self.drained.remove(name);
+    }
+
+    pub fn healthy(&self, encoder: &str) -> bool {
+        self.encoders.get(encoder).is_some_and(|e| e.healthy)
+    }
+
+    pub fn active(&self, channel: &str) -> Option<&str> {
+        self.channels.get(channel).map(|c| c.active.as_str())
+    }
+
+    pub fn drained(&self, encoder: &str) -> bool {
+        self.drained.contains(encoder)
+    }
+
+    fn usable(&self, encoder: &str) -> bool {
+        self.healthy(encoder) && !self.drained.contains(encoder)
+    }
+
+    /// The highest-priority usable encoder of a channel, other than `except`.
+    fn best(&self, policy: &ChannelPolicy, except: Option<&str>) -> Option<String> {
+        policy
+            .encoders
+            .iter()
+            .find(|e| Some(e.as_str()) != except && self.usable(e))
+            .cloned()
+    }
+
+    fn apply(&mut self, channel: &str, to: &str, reason: Reason, now: Instant) -> Decision {
+        let st = self.channels.get_mut(channel).expect("known channel");
+        let from = std::mem::replace(&mut st.active, to.to_owned());
+        st.last_move = Some(now);
+        st.manual = matches!(reason, Reason::Manual | Reason::Drain);
+        st.stranded = false;
+        Decision {
+            channel: channel.to_owned(),
+            from,
+            to: Some(to.to_owned()),
+            reason,
+        }
+    }
+
+    /// A health transition (from the rise/fall counters, or the flow check).
+    pub fn set_health(&mut self, encoder: &str, healthy: bool, now: Instant) -> Vec<Decision> {
+        let Some(e) = self.encoders.get_mut(encoder) else {
+            return Vec::new();
+        };
+        if e.healthy == healthy {
+            return Vec::new();
+        }
+        *e = EncoderState { healthy, since: now };
+        let mut out = Vec::new();
+        let names: Vec<String> = self.channels.keys().cloned().collect();
+        for name in names {
+            let st = &self.channels[&name];
+            if !healthy && st.active == encoder {
+                match self.best(&st.policy, Some(encoder)) {
+                    Some(to) => out.push(self.apply(&name, &to, Reason::EncoderDown, now)),
+                    None => {
+                        let st = self.channels.get_mut(&name).expect("known channel");
+                        if !st.stranded {
+                            st.stranded = true;
+                            out.push(Decision {
+                                channel: name.clone(),
+                                from: st.active.clone(),
+                                to: None,
+                                reason: Reason::NoBackup,
+                            });
+                        }
+                    }
+                }
+            } else if healthy
+                && !self.healthy(&st.active)
+                && st.policy.encoders.iter().any(|x| x == encoder)
+            {
+                // A channel stuck on a dead encoder takes the first one that comes back.
+                if let Some(to) = self.best(&st.policy, None) {
+                    out.push(self.apply(&name, &to, Reason::Recovered, now));
+                }
+            }
+        }
+        out
+    }
+
+    /// Time passes: automatic failback where its conditions hold.
+    pub fn tick(&mut self, now: Instant) -> Vec<Decision> {
+        let mut out = Vec::new();
+        let names: Vec<String> = self.channels.keys().cloned().collect();
+        for name in names {
+            let st = &self.channels[&name];
+            if st.policy.failback != Failback::Auto || st.manual {
+                continue;
+            }
+            let Some(best) = self.best(&st.policy, None) else {
+                continue;
+            };
+            if best == st.active {
+                continue;
+            }
+            let hold = st.policy.hold_down;
+            let stable = self.encoders[&best].since + hold <= now;
+            let rested = st.last_move.is_none_or(|t| t + hold <= now);
+            // Failback only moves up the priority list, never sideways.
+            let rank = |e: &str| st.policy.encoders.iter().position(|x| x == e);
+            if stable && rested && rank(&best) < rank(&st.active) {
+                out.push(self.apply(&name, &best, Reason::Failback, now));
+            }
+        }
+        out
+    }
+
+    /// `nsfail remap`: always applied (the caller has checked the encoder belongs to the
+    /// channel and is not drained).
+    pub fn remap(&mut self, channel: &str, encoder: &str, now: Instant) -> Option<Decision> {
+        self.channels.get(channel)?;
+        Some(self.apply(channel, encoder, Reason::Manual, now))
+    }
+
+    /// The moves a drain of `encoder` needs, or the first channel it would strand. Nothing
+    /// changes until [`Decider::drain`].
+    pub fn plan_drain(&self, encoder: &str) -> Result<Vec<(String, String)>, String> {
+        let mut moves = Vec::new();
+        for (name, st) in &self.channels {
+            if st.active == encoder {
+                match self.best(&st.policy, Some(encoder)) {
+                    Some(to) => moves.push((name.clone(), to)),
+                    None => return Err(name.clone()),
+                }
+            }
+        }
+        Ok(moves)
+    }
+
+    pub fn drain(&mut self, encoder: &str, now: Instant) -> Result<Vec<Decision>, String> {
+        let moves = self.plan_drain(encoder)?;
+        self.drained.insert(encoder.to_owned());
+        Ok(moves
+            .into_iter()
+            .map(|(ch, to)| self.apply(&ch, &to, Reason::Drain, now))
+            .collect())
+    }
+
+    pub fn undrain(&mut self, encoder: &str) -> bool {
+        self.drained.remove(encoder)
+    }
+
+    /// Marks a drained encoder at start-up (from persisted state), without moving anything.
+    pub fn restore_drained(&mut self, encoder: &str) {
+        self.drained.insert(encoder.to_owned());
+    }
+
+    /// Channels whose active encoder is `encoder`.
+    pub fn channels_on(&self, encoder: &str) -> Vec<String> {
+        self.channels
+            .iter()
+            .filter(|(_, st)| st.active == encoder)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOLD: Duration = Duration::from_secs(10);
+
+    /// A fake clock: an origin and an offset.
+    struct Clock(Instant, Duration);
+    impl Clock {
+        fn new() -> Self {
+            Self(Instant::now(), Duration::ZERO)
+        }
+        fn now(&self) -> Instant {
+            self.0 + self.1
+        }
+        fn advance(&mut self, d: Duration) -> Instant {
+            self.1 += d;
+            self.now()
+        }
+    }
+
+    fn setup(failback: Failback) -> (Decider, Clock) {
+        let clock = Clock::new();
+        let mut d = Decider::new();
+        for e in ["a", "b", "c"] {
+            d.add_encoder(e, clock.now());
+        }
+        let policy = ChannelPolicy {
+            encoders: vec!["a".into(), "b".into(), "c".into()],
+            failback,
+            hold_down: HOLD,
+        };
+        d.set_channel("cam1", policy.clone(), "a");
+        d.set_channel(
+            "cam2",
+            ChannelPolicy {
+                encoders: vec!["b".into(), "a".into()],
+                ..policy
+            },
+            "b",
+        );
+        (d, clock)
+    }
+
+    fn moved(ds: &[Decision]) -> Vec<(&str, &str, Option<&str>, Reason)> {
+        ds.iter()
+            .map(|d| (d.channel.as_str(), d.from.as_str(), d.to.as_deref(), d.reason))
+            .collect()
+    }
+
+    #[test]
+    fn failover_picks_the_best_healthy_backup_by_priority() {
+        let (mut d, mut c) = setup(Failback::Manual);
+        let t = c.advance(Duration::from_secs(1));
+        assert_eq!(
+            moved(&d.set_health("a", false, t)),
+            vec![("cam1", "a", Some("b"), Reason::EncoderDown)]
+        );
+        // b is now active for both; b fails: cam1 goes to c (a is down), cam2 to a? a is down
+        // too, so cam2 has no backup.
+        let t = c.advance(Duration::from_secs(1));
+        assert_eq!(
+            moved(&d.set_health("b", false, t)),
+            vec![
+                ("cam1", "b", Some("c"), Reason::EncoderDown),
+                ("cam2", "b", None, Reason::NoBackup),
+            ]
+        );
+        assert_eq!(d.active("cam2"), Some("b"), "no backup: the mapping stays");
+        // Repeated bad news for the same outage raises nothing new.
+        assert!(d.set_health("b", false, t).is_empty());
+    }
+
+    #[test]
+    fn a_drained_backup_is_skipped_and_a_healthy_return_rescues_a_stranded_channel() {
+        let (mut d, mut c) = setup(Failback::Manual);
+        d.restore_drained("b");
+        let t = c.advance(Duration::from_secs(1));
+        assert_eq!(
+            moved(&d.set_health("a", false, t)),
+            vec![("cam1", "a", Some("c"), Reason::EncoderDown)]
+        );
+        let t = c.advance(Duration::from_secs(1));
+        let ds = d.set_health("c", false, t);
+        assert_eq!(moved(&ds), vec![("cam1", "c", None, Reason::NoBackup)]);
+        let t = c.advance(Duration::from_secs(1));
+        assert_eq!(
+            moved(&d.set_health("a", true, t)),
+            vec![("cam1", "c", Some("a"), Reason::Recovered)]
+        );
+    }
+
+    #[test]
+    fn manual_failback_stays_on_the_backup() {
+        let (mut d, mut c) = setup(Failback::Manual);
+        d.set_health("a", false, c.advance(Duration::from_secs(1)));
+        d.set_health("a", true, c.advance(Duration::from_secs(1)));
+        assert!(d.tick(c.advance(HOLD * 3)).is_empty());
+        assert_eq!(d.active("cam1"), Some("b"));
+    }
+
+    #[test]
+    fn auto_failback_waits_for_the_hold_down_then_returns_once() {
+        let (mut d, mut c) = setup(Failback::Auto);
+        d.set_health("a", false, c.advance(Duration::from_secs(1)));
+        d.set_health("a", true, c.advance(Duration::from_secs(1)));
+        assert!(d.tick(c.advance(HOLD - Duration::from_millis(1))).is_empty());
+        let ds = d.tick(c.advance(Duration::from_millis(1)));
+        assert_eq!(moved(&ds), vec![("cam1", "b", Some("a"), Reason::Failback)]);
+        assert!(d.tick(c.advance(HOLD * 5)).is_empty(), "once");
+    }
+
+    #[test]
+    fn a_flapping_encoder_moves_a_channel_at_most_once_per_hold_down() {
+        let (mut d, mut c) = setup(Failback::Auto);
+        let mut moves = 0;
+        // 'a' flaps every 300 ms for a minute.
+        for i in 0..200 {
+            let t = c.advance(Duration::from_millis(300));
+            moves += d
+                .set_health("a", i % 2 == 1, t)
+                .iter()
+                .chain(d.tick(t).iter())
+                .filter(|x| x.channel == "cam1" && x.to.is_some())
+                .count();
+        }
+        assert_eq!(moves, 1, "one failover, no failback while it flaps");
+        // Once stable for the hold-down, it gets the channel back, once.
+        let t = c.now();
+        let healthy_now = d.healthy("a");
+        if !healthy_now {
+            d.set_health("a", true, t);
+        }
+        let ds = d.tick(c.advance(HOLD));
+        assert_eq!(moved(&ds), vec![("cam1", "b", Some("a"), Reason::Failback)]);
+    }
+
+    #[test]
+    fn manual_remap_wins_over_automatic_failback() {
+        let (mut d, mut c) = setup(Failback::Auto);
+        let ds = d.remap("cam1", "c", c.advance(Duration::from_secs(1))).unwrap();
+        assert_eq!(ds.reason, Reason::Manual);
+        assert!(d.tick(c.advance(HOLD * 3)).is_empty(), "left where the operator put it");
+        // An automatic failover still happens if the chosen encoder dies, and then failback
+        // is automatic again.
+        let ds = d.set_health("c", false, c.advance(Duration::from_secs(1)));
+        assert_eq!(moved(&ds), vec![("cam1", "c", Some("a"), Reason::EncoderDown)]);
+    }
+
+    #[test]
+    fn drain_moves_everything_or_nothing() {
+        let (mut d, mut c) = setup(Failback::Auto);
+        let t = c.advance(Duration::from_secs(1));
+        d.set_health("c", false, t);
+        // Draining b moves cam2 to a.
+        let ds = d.drain("b", t).unwrap();
+        assert_eq!(moved(&ds), vec![("cam2", "b", Some("a"), Reason::Drain)]);
+        // Draining a now would strand cam1 (b drained, c down): refused, nothing changes.
+        assert_eq!(d.drain("a", t), Err("cam1".to_owned()));
+        assert!(!d.drained("a"));
+        assert_eq!(d.active("cam1"), Some("a"));
+        // A drained encoder is never chosen by failback, even after the hold-down.
+        assert!(d.tick(c.advance(HOLD * 2)).is_empty());
+        assert!(d.undrain("b"));
+    }
+
+    #[test]
+    fn unknown_encoders_and_repeated_states_decide_nothing() {
+        let (mut d, c) = setup(Failback::Auto);
+        assert!(d.set_health("zz", false, c.now()).is_empty());
+        assert!(d.set_health("a", true, c.now()).is_empty());
+        assert!(d.remap("nope", "a", c.now()).is_none());
+    }
+}

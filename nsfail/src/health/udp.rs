@@ -1,0 +1,123 @@
+//! UDP echo: send `nsfail-probe <seq>` to the encoder and wait for the same bytes back.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use tokio::{net::UdpSocket, sync::Mutex, time::Instant};
+
+use super::{Probe, ProbeError, ProbeFuture};
+
+const PREFIX: &[u8] = b"nsfail-probe ";
+
+/// Echo probe of one `(address, port)`.
+///
+/// Its socket is bound to the wildcard address in the daemon's own namespace and reached the
+/// encoder by ordinary routing (for a local encoder, through the host side of its veth). It is
+/// created on first use and kept: attempts are numbered, and a late echo of an earlier
+/// attempt is skipped rather than taken for the current one.
+pub struct UdpProbe {
+    target: SocketAddr,
+    /// Held for a whole attempt: two attempts on one socket would read each other's echoes.
+    state: Mutex<State>,
+}
+
+struct State {
+    socket: Option<UdpSocket>,
+    seq: u64,
+}
+
+impl UdpProbe {
+    pub fn new(target: SocketAddr) -> Self {
+        Self {
+            target,
+            state: Mutex::new(State {
+                socket: None,
+                seq: 0,
+            }),
+        }
+    }
+
+    async fn attempt(&self) -> Result<Duration, ProbeError> {
+        let mut state = self.state.lock().await;
+        let State { socket, seq } = &mut *state;
+        let socket = match socket {
+            Some(socket) => socket,
+            None => socket.insert(bind(self.target).await?),
+        };
+        *seq += 1;
+        let payload = format!("nsfail-probe {seq}");
+        let start = Instant::now();
+        socket
+            .send_to(payload.as_bytes(), self.target)
+            .await
+            .map_err(|source| ProbeError::Io { op: "send", source })?;
+        // Larger than any probe, so a longer answer is seen as longer, not cut to size.
+        let mut buf = [0u8; 128];
+        loop {
+            let (len, from) = socket
+                .recv_from(&mut buf)
+                .await
+                .map_err(|source| ProbeError::Io {
+                    op: "receive",
+                    source,
+                })?;
+            if from != self.target {
+                continue;
+            }
+            let echo = &buf[..len];
+            if echo == payload.as_bytes() {
+                return Ok(start.elapsed());
+            }
+            if !is_earlier(echo, *seq) {
+                return Err(ProbeError::WrongEcho { from, len });
+            }
+        }
+    }
+}
+
+impl Probe for UdpProbe {
+    fn probe(&self) -> ProbeFuture<'_> {
+        Box::pin(self.attempt())
+    }
+
+    fn kind(&self) -> &'static str {
+        "udp"
+    }
+}
+
+async fn bind(target: SocketAddr) -> Result<UdpSocket, ProbeError> {
+    let any = match target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    UdpSocket::bind(any)
+        .await
+        .map_err(|source| ProbeError::Io { op: "bind", source })
+}
+
+/// Whether `echo` is the echo of an attempt before `seq` (one that timed out).
+fn is_earlier(echo: &[u8], seq: u64) -> bool {
+    echo.strip_prefix(PREFIX)
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n < seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_earlier;
+
+    #[test]
+    fn only_echoes_of_earlier_attempts_are_stale() {
+        assert!(is_earlier(b"nsfail-probe 1", 2));
+        assert!(is_earlier(b"nsfail-probe 41", 42));
+        assert!(!is_earlier(b"nsfail-probe 42", 42));
+        assert!(!is_earlier(b"nsfail-probe 43", 42));
+        assert!(!is_earlier(b"nsfail-probe -1", 42));
+        assert!(!is_earlier(b"nsfail-probe 1 ", 42));
+        assert!(!is_earlier(b"hello", 42));
+        assert!(!is_earlier(b"", 42));
+    }
+}

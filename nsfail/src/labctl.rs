@@ -1,0 +1,789 @@
+//! `nsfail lab up` / `nsfail lab down`: the demo lab as something that stays up. `up` builds the
+//! namespaces of [`crate::lab`], starts real processes in them (per encoder a stream receiver
+//! and a UDP echo responder for health probes; in the source namespace a live MPEG-TS test
+//! stream), writes a daemon config for the lab and records all of it; `down` removes exactly
+//! what was recorded and nothing else (the daemon's pins are the daemon's).
+//!
+//! The record (`lab.json`) is claimed before anything is made and rewritten after each step, so
+//! a `lab up` killed half-way leaves a record that `lab down` can act on. A recorded process is
+//! signalled only while its PID still names it (same start time, same command line), through a
+//! pidfd, so a PID that the system has since reused is never signalled.
+
+use std::{
+    env,
+    fs::{self, File, OpenOptions},
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{fs::PermissionsExt, process::CommandExt},
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::{
+        signal::Signal,
+        wait::{WaitPidFlag, waitpid},
+    },
+    unistd::Pid,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    lab::{self, INGEST_IF, INGEST4, Lab, LabError},
+    paths::{self, LabDir},
+};
+
+/// The channel's ingest port, and the port each encoder receives on.
+const STREAM_PORT: u16 = 5000;
+/// Each encoder's UDP echo port, for the daemon's health probes.
+const ECHO_PORT: u16 = 9000;
+/// Where the source's ffmpeg hands its stream to the SRT caller (loopback of the source
+/// namespace).
+const RELAY: &str = "udp://127.0.0.1:9100";
+const METRICS: &str = "127.0.0.1:9464";
+/// The most encoder namespaces [`Lab`] builds.
+const MAX_ENCODERS: usize = 8;
+/// How long every started process must stay up before `up` believes it started.
+const SETTLE: Duration = Duration::from_millis(500);
+/// How long a process gets to exec, and to exit after SIGTERM (then after SIGKILL).
+const GRACE: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabCtlError {
+    #[error("lab is already up (nsfail lab down removes it)")]
+    AlreadyUp,
+    #[error(
+        "network namespace {0} exists but no lab is recorded; if it is a leftover, `ip netns del {0}` removes it"
+    )]
+    NamespaceExists(String),
+    #[error("{tool} not found on PATH (apt-get install {package})")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("lab options: {0}")]
+    Options(String),
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{name} did not start: {detail}")]
+    Start { name: String, detail: String },
+    #[error("{cause}; undoing it failed too: {cleanup} (nsfail lab down retries)")]
+    Rollback {
+        cause: Box<LabCtlError>,
+        cleanup: String,
+    },
+    #[error("the lab is not completely down: {0} (nsfail lab down retries)")]
+    Down(String),
+}
+
+type Result<T> = std::result::Result<T, LabCtlError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabCtlError {
+    let what = what.into();
+    move |source| LabCtlError::Io { what, source }
+}
+
+/// What the source sends and the encoders receive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LabProtocol {
+    /// SRT: the source calls the ingest address, each encoder listens.
+    #[default]
+    Srt,
+    /// Plain MPEG-TS over UDP.
+    Udp,
+}
+
+impl LabProtocol {
+    /// The value as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Srt => "srt",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Encoder namespaces, 1 to 8: enc-a, enc-b, ...
+    pub encoders: usize,
+    pub protocol: LabProtocol,
+    /// Every namespace's name starts with this (`nsf-rt`, `nsf-src`, `nsf-ea`, ...).
+    pub prefix: String,
+    /// The lab's own directory, removed whole by `down`.
+    pub dir: PathBuf,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            encoders: 2,
+            protocol: LabProtocol::Srt,
+            prefix: "nsf-".to_owned(),
+            dir: PathBuf::from(paths::LAB_DIR),
+        }
+    }
+}
+
+/// One process the lab started, and how to recognise it later.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabProcess {
+    /// Its role: `enc-a-receiver`, `enc-a-echo`, `src-relay`, `src-ffmpeg`.
+    pub name: String,
+    pub netns: String,
+    pub pid: u32,
+    /// Start time in clock ticks after boot (`/proc/PID/stat`): with the PID, names the process.
+    pub start_time: u64,
+    /// The command line, as `/proc/PID/cmdline` shows it.
+    pub cmdline: Vec<String>,
+    /// Its stderr (and its stdout, unless that is a received stream).
+    pub log: PathBuf,
+}
+
+/// What a recorded process has become.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Still the recorded process, running.
+    Running,
+    /// The recorded process, exited and not yet reaped.
+    Zombie,
+    /// Gone or on its way out (its command line already empty), or its PID now names another
+    /// process.
+    Gone,
+}
+
+impl LabProcess {
+    /// Whether the recorded process is still running (not merely a process with its PID).
+    pub fn is_running(&self) -> bool {
+        self.fate() == Fate::Running
+    }
+
+    fn fate(&self) -> Fate {
+        match proc_stat(self.pid) {
+            Some((_, start)) if start != self.start_time => Fate::Gone,
+            Some(('Z' | 'X', _)) => Fate::Zombie,
+            Some(_) if proc_cmdline(self.pid).as_ref() == Some(&self.cmdline) => Fate::Running,
+            _ => Fate::Gone,
+        }
+    }
+
+    /// Sends `sig` if, and only if, the PID still names the recorded process. A pidfd pins one
+    /// process, so the check made after opening it holds until the signal is sent.
+    fn signal(&self, sig: Signal) {
+        // SAFETY: pidfd_open(2) takes a PID and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return;
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        if self.fate() != Fate::Running {
+            return;
+        }
+        // SAFETY: pidfd_send_signal(2) with a valid pidfd, a signal number, no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                sig as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
+    /// Reaps the process if it is this process's own exited child (`lab up` and `lab down` in
+    /// one process, as in tests); otherwise its parent does.
+    fn reap(&self) {
+        if self.fate() == Fate::Zombie {
+            let _ = waitpid(Pid::from_raw(self.pid as i32), Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
+
+/// Everything a lab is: what `up` made and `down` removes. Persisted as `lab.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabInfo {
+    pub dir: PathBuf,
+    pub protocol: LabProtocol,
+    /// The config written for the daemon (`nsfail run --config` it).
+    pub config: PathBuf,
+    /// The namespaces: the ingest host (rt) first, then the source, then the encoders.
+    pub namespaces: Vec<String>,
+    pub processes: Vec<LabProcess>,
+    /// Each encoder and the file its received stream grows in.
+    pub outputs: Vec<(String, PathBuf)>,
+}
+
+/// Builds the lab, starts its processes and writes its daemon config; refuses if a lab is
+/// recorded already. On failure, undoes what it did before returning the error.
+pub fn up(opts: &LabOptions) -> Result<LabInfo> {
+    check_options(opts)?;
+    require("ip", "iproute2")?;
+    require("ethtool", "ethtool")?;
+    require("socat", "socat")?;
+    require("ffmpeg", "ffmpeg")?;
+    if opts.protocol == LabProtocol::Srt {
+        require("srt-live-transmit", "srt-tools")?;
+    }
+    let dir = LabDir::new(&opts.dir);
+    let info = LabInfo {
+        dir: opts.dir.clone(),
+        protocol: opts.protocol,
+        config: dir.config(),
+        namespaces: Vec::new(),
+        processes: Vec::new(),
+        outputs: Vec::new(),
+    };
+    claim(&dir, &info)?;
+    let mut builder = Builder {
+        dir,
+        info,
+        children: Vec::new(),
+    };
+    match builder.build(opts) {
+        Ok(()) => Ok(builder.info),
+        Err(cause) => Err(builder.undo(cause)),
+    }
+}
+
+/// Removes the lab recorded in [`paths::LAB_DIR`]; nothing to do if none is.
+pub fn down() -> Result<()> {
+    down_with(&LabOptions::default())
+}
+
+/// Removes the lab recorded in `opts.dir`: stops its processes, deletes its namespaces and the
+/// directory. Anything that resists stays recorded, so that a retry can finish the job.
+pub fn down_with(opts: &LabOptions) -> Result<()> {
+    let dir = LabDir::new(&opts.dir);
+    let Some(mut info) = load(&dir)? else {
+        let strays = namespaces_with_prefix(&opts.prefix);
+        if !strays.is_empty() {
+            log::warn!(
+                "no lab is recorded in {}, so nothing is removed; namespaces {} exist \
+                 (`ip netns del NAME` removes a leftover)",
+                dir.root().display(),
+                strays.join(", ")
+            );
+        }
+        return Ok(());
+    };
+    teardown(&dir, &mut info)
+}
+
+/// The lab recorded in [`paths::LAB_DIR`], if any.
+pub fn status() -> Result<Option<LabInfo>> {
+    status_with(&LabOptions::default())
+}
+
+/// The lab recorded in `opts.dir`, if any.
+pub fn status_with(opts: &LabOptions) -> Result<Option<LabInfo>> {
+    load(&LabDir::new(&opts.dir))
+}
+
+fn check_options(opts: &LabOptions) -> Result<()> {
+    if !(1..=MAX_ENCODERS).contains(&opts.encoders) {
+        return Err(LabCtlError::Options(format!(
+            "{} encoders: a lab has 1 to {MAX_ENCODERS}",
+            opts.encoders
+        )));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if opts.prefix.is_empty() || opts.prefix.len() > 32 || !opts.prefix.chars().all(allowed) {
+        return Err(LabCtlError::Options(format!(
+            "namespace prefix {:?}: 1 to 32 of A-Z a-z 0-9 - _ .",
+            opts.prefix
+        )));
+    }
+    Ok(())
+}
+
+fn require(tool: &'static str, package: &'static str) -> Result<()> {
+    let found = env::var_os("PATH").is_some_and(|path| {
+        env::split_paths(&path).any(|d| {
+            fs::metadata(d.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    found
+        .then_some(())
+        .ok_or(LabCtlError::MissingTool { tool, package })
+}
+
+/// Claims `dir` for a new lab: the record is created exclusively, so of two `up`s one wins.
+fn claim(dir: &LabDir, info: &LabInfo) -> Result<()> {
+    fs::create_dir_all(dir.root()).map_err(io_err(format!("create {}", dir.root().display())))?;
+    let file = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.record())
+    {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(LabCtlError::AlreadyUp),
+        other => other.map_err(io_err(format!("create {}", dir.record().display())))?,
+    };
+    serde_json::to_writer_pretty(file, info).map_err(|source| LabCtlError::Record {
+        path: dir.record(),
+        source,
+    })
+}
+
+/// Replaces the record whole (write, then rename), so a reader never sees half of one.
+fn save(dir: &LabDir, info: &LabInfo) -> Result<()> {
+    let json = serde_json::to_vec_pretty(info).map_err(|source| LabCtlError::Record {
+        path: dir.record(),
+        source,
+    })?;
+    let tmp = dir.record_tmp();
+    fs::write(&tmp, json).map_err(io_err(format!("write {}", tmp.display())))?;
+    fs::rename(&tmp, dir.record()).map_err(io_err(format!("write {}", dir.record().display())))
+}
+
+fn load(dir: &LabDir) -> Result<Option<LabInfo>> {
+    let path = dir.record();
+    let text = match fs::read(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        other => other.map_err(io_err(format!("read {}", path.display())))?,
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|source| LabCtlError::Record { path, source })
+}
+
+/// Stops the recorded processes, deletes the recorded namespaces, then the lab directory.
+/// What resists stays in the record.
+fn teardown(dir: &LabDir, info: &mut LabInfo) -> Result<()> {
+    let mut failures = Vec::new();
+    info.processes = stop(&info.processes);
+    for p in &info.processes {
+        failures.push(format!(
+            "process {} (pid {}) survived SIGKILL",
+            p.name, p.pid
+        ));
+    }
+    info.namespaces.retain(|ns| match delete_netns(ns) {
+        Ok(()) => false,
+        Err(e) => {
+            failures.push(e.to_string());
+            true
+        }
+    });
+    if !failures.is_empty() {
+        save(dir, info)?;
+        return Err(LabCtlError::Down(failures.join("; ")));
+    }
+    match fs::remove_dir_all(dir.root()) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("remove {}", dir.root().display()))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// SIGTERM, then SIGKILL for what is left after [`GRACE`]; returns the processes still running.
+fn stop(procs: &[LabProcess]) -> Vec<LabProcess> {
+    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+        for p in procs {
+            p.signal(sig);
+        }
+        let start = Instant::now();
+        loop {
+            procs.iter().for_each(LabProcess::reap);
+            if !procs.iter().any(LabProcess::is_running) || start.elapsed() > GRACE {
+                break;
+            }
+            thread::sleep(POLL);
+        }
+    }
+    procs.iter().filter(|p| p.is_running()).cloned().collect()
+}
+
+fn delete_netns(name: &str) -> Result<()> {
+    if !paths::netns(name).exists() {
+        return Ok(());
+    }
+    lab::cmd("ip", &["netns", "del", name])?;
+    Ok(())
+}
+
+fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(paths::NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `(state, start time)` from `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(paths::proc_file(pid, "stat")).ok()?;
+    // The command name in field 2 may hold spaces and parentheses: count from the last ')'.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Field 3 is the state; field 22 the start time.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn proc_cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = fs::read(paths::proc_file(pid, "cmdline")).ok()?;
+    let raw = raw.strip_suffix(&[0]).unwrap_or(&raw);
+    Some(
+        raw.split(|b| *b == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect(),
+    )
+}
+
+fn open_append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(format!("open {}", path.display())))
+}
+
+/// The last lines of a log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return format!("no output in {}", path.display());
+    }
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// ffmpeg's video encoder arguments: H.264 when this ffmpeg has libx264, else MPEG-2.
+fn video_codec() -> Vec<&'static str> {
+    let has_x264 = Command::new("ffmpeg")
+        .args(["-hide_banner", "-encoders"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(" libx264 "));
+    if has_x264 {
+        vec![
+            "-pix_fmt",
+            "yuv420p",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ]
+    } else {
+        vec!["-pix_fmt", "yuv420p", "-c:v", "mpeg2video"]
+    }
+}
+
+/// One encoder of the lab, as the config and its processes need it.
+struct LabEncoder {
+    name: String,
+    netns: String,
+    host_if: String,
+    addr4: String,
+}
+
+/// A TOML basic string.
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// The daemon's config for the lab (the keys of DESIGN.md's contract, plus `ingest.netns`).
+fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProtocol) -> String {
+    let mut text = format!(
+        "# The demo lab's daemon config, written by `nsfail lab up`; `nsfail lab down` removes it.\n\
+         \n\
+         [ingest]\n\
+         interface = {}\n\
+         netns = {}\n\
+         xdp_mode = \"native\"\n\
+         metrics = {}\n",
+        quoted(INGEST_IF),
+        quoted(rt),
+        quoted(METRICS),
+    );
+    for e in encoders {
+        text += &format!(
+            "\n[[encoder]]\n\
+             name = {}\n\
+             address = {}\n\
+             interface = {}\n\
+             netns = {}\n\
+             health = {{ kind = \"udp\", port = {ECHO_PORT}, interval_ms = 100, timeout_ms = 100, rise = 3, fall = 3 }}\n",
+            quoted(&e.name),
+            quoted(&e.addr4),
+            quoted(&e.host_if),
+            quoted(&e.netns),
+        );
+    }
+    let names: Vec<String> = encoders.iter().map(|e| quoted(&e.name)).collect();
+    text += &format!(
+        "\n[[channel]]\n\
+         name = \"cam1\"\n\
+         listen = {}\n\
+         encoders = [{}]\n\
+         port = {STREAM_PORT}\n\
+         failback = \"manual\"\n\
+         protocol = {}\n",
+        quoted(&format!("{INGEST4}:{STREAM_PORT}")),
+        names.join(", "),
+        quoted(protocol.as_str()),
+    );
+    text
+}
+
+/// A lab being built: the record so far, and the processes started, still held as children so
+/// that undoing never depends on recognising them.
+struct Builder {
+    dir: LabDir,
+    info: LabInfo,
+    children: Vec<(String, Child)>,
+}
+
+impl Builder {
+    fn build(&mut self, opts: &LabOptions) -> Result<()> {
+        let prefix = &opts.prefix;
+        let planned = ["rt".to_owned(), "src".to_owned()]
+            .into_iter()
+            .chain((0..opts.encoders).map(|i| format!("e{}", letter(i))));
+        for name in planned.map(|n| format!("{prefix}{n}")) {
+            if paths::netns(&name).exists() {
+                return Err(LabCtlError::NamespaceExists(name));
+            }
+        }
+
+        let lab = Lab::new(prefix, opts.encoders)?;
+        let rt = lab.rt.name.clone();
+        let src = lab.src.name.clone();
+        let encoders: Vec<LabEncoder> = lab
+            .encoders
+            .iter()
+            .enumerate()
+            .map(|(i, e)| LabEncoder {
+                name: format!("enc-{}", letter(i)),
+                netns: e.ns.name.clone(),
+                host_if: e.host_if.clone(),
+                addr4: e.addr4.clone(),
+            })
+            .collect();
+        // From here the record, not the Lab's guards, is what removes the namespaces.
+        self.info.namespaces = lab.keep();
+        self.save()?;
+
+        let config = daemon_config(&rt, &encoders, opts.protocol);
+        fs::write(&self.info.config, config)
+            .map_err(io_err(format!("write {}", self.info.config.display())))?;
+
+        for e in &encoders {
+            let output = self.dir.output(&e.name);
+            File::create(&output).map_err(io_err(format!("create {}", output.display())))?;
+            self.info.outputs.push((e.name.clone(), output.clone()));
+            let receiver = match opts.protocol {
+                LabProtocol::Srt => vec![
+                    "srt-live-transmit".to_owned(),
+                    "-a".to_owned(),
+                    "yes".to_owned(),
+                    "-q".to_owned(),
+                    format!("srt://:{STREAM_PORT}?mode=listener"),
+                    "file://con".to_owned(),
+                ],
+                LabProtocol::Udp => vec![
+                    "socat".to_owned(),
+                    "-u".to_owned(),
+                    format!("UDP-RECV:{STREAM_PORT}"),
+                    "STDOUT".to_owned(),
+                ],
+            };
+            self.spawn(
+                &format!("{}-receiver", e.name),
+                &e.netns,
+                receiver,
+                Some(&output),
+            )?;
+            // One datagram in, the same datagram back to its sender, from the echo port.
+            let echo = vec![
+                "socat".to_owned(),
+                "-T1".to_owned(),
+                format!("UDP-RECVFROM:{ECHO_PORT},fork"),
+                "PIPE".to_owned(),
+            ];
+            self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
+        }
+
+        let target = match opts.protocol {
+            LabProtocol::Srt => {
+                let relay = vec![
+                    "srt-live-transmit".to_owned(),
+                    "-a".to_owned(),
+                    "yes".to_owned(),
+                    "-q".to_owned(),
+                    RELAY.to_owned(),
+                    format!("srt://{INGEST4}:{STREAM_PORT}?mode=caller"),
+                ];
+                self.spawn("src-relay", &src, relay, None)?;
+                format!("{RELAY}?pkt_size=1316")
+            }
+            LabProtocol::Udp => format!("udp://{INGEST4}:{STREAM_PORT}?pkt_size=1316"),
+        };
+        let mut ffmpeg: Vec<String> = [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=640x360:rate=25",
+        ]
+        .into_iter()
+        .chain(video_codec())
+        .chain(["-g", "25", "-b:v", "1M", "-f", "mpegts"])
+        .map(str::to_owned)
+        .collect();
+        ffmpeg.push(target);
+        self.spawn("src-ffmpeg", &src, ffmpeg, None)?;
+
+        // A process that cannot bind, connect or find its codec exits at once.
+        thread::sleep(SETTLE);
+        for (name, child) in &mut self.children {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err(format!("wait for {name}")))?
+            {
+                return Err(LabCtlError::Start {
+                    name: name.clone(),
+                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `cmdline` in namespace `netns` as a detached process (own session, stdin from
+    /// /dev/null, output to files), waits until it runs as itself, and records it.
+    fn spawn(
+        &mut self,
+        name: &str,
+        netns: &str,
+        cmdline: Vec<String>,
+        stdout: Option<&Path>,
+    ) -> Result<()> {
+        let log_path = self.dir.log(name);
+        let log = open_append(&log_path)?;
+        let out = match stdout {
+            Some(path) => open_append(path)?,
+            None => log
+                .try_clone()
+                .map_err(io_err(format!("open {}", log_path.display())))?,
+        };
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .args(&cmdline)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(log);
+        // SAFETY: setsid(2) is async-signal-safe, and the closure allocates nothing.
+        unsafe {
+            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
+        let child = command
+            .spawn()
+            .map_err(io_err(format!("start {}", cmdline.join(" "))))?;
+        let pid = child.id();
+        self.children.push((name.to_owned(), child));
+        let child = &mut self.children.last_mut().expect("just pushed").1;
+
+        // `ip netns exec` execs the program in place: wait until the PID shows it.
+        let start = Instant::now();
+        while proc_cmdline(pid).as_ref() != Some(&cmdline) {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err(format!("wait for {name}")))?
+            {
+                return Err(LabCtlError::Start {
+                    name: name.to_owned(),
+                    detail: format!("{status}: {}", log_tail(&log_path)),
+                });
+            }
+            if start.elapsed() > GRACE {
+                return Err(LabCtlError::Start {
+                    name: name.to_owned(),
+                    detail: format!("not running as `{}` after {GRACE:?}", cmdline.join(" ")),
+                });
+            }
+            thread::sleep(POLL);
+        }
+        let (_, start_time) = proc_stat(pid).ok_or_else(|| LabCtlError::Start {
+            name: name.to_owned(),
+            detail: "exited at once".to_owned(),
+        })?;
+        self.info.processes.push(LabProcess {
+            name: name.to_owned(),
+            netns: netns.to_owned(),
+            pid,
+            start_time,
+            cmdline,
+            log: log_path,
+        });
+        self.save()
+    }
+
+    fn save(&self) -> Result<()> {
+        save(&self.dir, &self.info)
+    }
+
+    /// Undoes a failed build: stops the children (by handle, which cannot name another
+    /// process), then removes the namespaces and the directory. Returns the error to report.
+    fn undo(mut self, cause: LabCtlError) -> LabCtlError {
+        for (_, child) in &self.children {
+            let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        }
+        let start = Instant::now();
+        for (_, child) in &mut self.children {
+            while matches!(child.try_wait(), Ok(None)) && start.elapsed() < GRACE {
+                thread::sleep(POLL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.info.processes.clear();
+        match teardown(&self.dir, &mut self.info) {
+            Ok(()) => cause,
+            Err(e) => LabCtlError::Rollback {
+                cause: Box::new(cause),
+                cleanup: e.to_string(),
+            },
+        }
+    }
+}
+
+/// The letter of encoder `i`: a, b, ... (as in [`Lab`]'s namespace and interface names).
+fn letter(i: usize) -> char {
+    (b'a' + i as u8) as char
+}

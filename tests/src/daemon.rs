@@ -1,0 +1,179 @@
+//! Running the real `nsfail` binary in tests: a daemon guard (stopped on drop), CLI calls with
+//! their exit status, and a config for a lab.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use nsfail::lab::Lab;
+
+use crate::{ChildGuard, PinDir, unique, wait_for};
+
+/// The product binary, `target/<profile>/nsfail`, next to the test's own `deps/` directory.
+/// `cargo test --workspace` (what `cargo xtask test` runs) builds it.
+pub fn nsfail_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("nsfail");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p nsfail` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory for one test, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(unique("nsfail-test-"));
+        fs::create_dir_all(&path).expect("temp dir");
+        Self { path }
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The result of one CLI call.
+pub struct CliOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `nsfail --socket SOCKET ARGS...` to completion.
+pub fn cli(socket: &Path, args: &[&str]) -> CliOut {
+    let out: Output = Command::new(nsfail_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nsfail");
+    CliOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `nsfail status --json`, parsed.
+pub fn status(socket: &Path) -> serde_json::Value {
+    let out = cli(socket, &["status", "--json"]);
+    assert_eq!(out.code, 0, "status failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("status --json is JSON")
+}
+
+/// The config of a daemon on `lab`: channel cam1 on 10.77.0.1:5000 (SRT, encoder port 7000)
+/// and cam2 on 10.77.0.1:5002 (UDP, encoder port 7002), both on enc-a then enc-b.
+pub fn lab_config(lab: &Lab) -> String {
+    let mut s = format!(
+        "[ingest]\ninterface = \"ing\"\nnetns = \"{}\"\nxdp_mode = \"native\"\n\
+         metrics = \"127.0.0.1:9464\"\n\n",
+        lab.rt.name
+    );
+    for (i, name) in ["enc-a", "enc-b"]
+        .iter()
+        .enumerate()
+        .take(lab.encoders.len())
+    {
+        let e = &lab.encoders[i];
+        s += &format!(
+            "[[encoder]]\nname = \"{name}\"\naddress = \"{}\"\ninterface = \"{}\"\n\
+             netns = \"{}\"\nhealth = {{ kind = \"udp\", port = 9000 }}\n\n",
+            e.addr4, e.host_if, e.ns.name
+        );
+    }
+    s += "[[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\n\
+          encoders = [\"enc-a\", \"enc-b\"]\nport = 7000\nprotocol = \"srt\"\n\n\
+          [[channel]]\nname = \"cam2\"\nlisten = \"10.77.0.1:5002\"\n\
+          encoders = [\"enc-a\", \"enc-b\"]\nport = 7002\n";
+    s
+}
+
+/// A running daemon, stopped with SIGTERM (then SIGKILL) on drop. Its data plane stays pinned
+/// until the test's [`PinDir`] is dropped.
+pub struct Daemon {
+    pub child: ChildGuard,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, socket: &Path, pins: &PinDir) -> Self {
+        let log = fs::File::create(config.with_extension("log")).expect("daemon log");
+        let child = Command::new(nsfail_bin())
+            .arg("--socket")
+            .arg(socket)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--pins")
+            .arg(pins.pins.root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn daemon");
+        let mut d = Self {
+            child: ChildGuard { child },
+            socket: socket.to_owned(),
+        };
+        let up = wait_for(Duration::from_secs(20), || {
+            if let Ok(Some(status)) = d.child.child.try_wait() {
+                panic!(
+                    "daemon exited with {status}: {}",
+                    fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+                );
+            }
+            (cli(socket, &["status", "--json"]).code == 0).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "daemon did not answer on {}",
+            socket.display()
+        );
+        d.child.child.stdout.take();
+        d
+    }
+
+    /// SIGTERM and wait: a clean stop. Returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        wait_for(Duration::from_secs(10), || {
+            self.child.child.try_wait().ok().flatten()
+        })
+        .and_then(|status| status.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // ChildGuard kills it if SIGTERM did not end it.
+        if matches!(self.child.child.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}

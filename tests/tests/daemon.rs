@@ -1,0 +1,397 @@
+//! The daemon and the CLI, driven as an operator would: through the `nsfail` binary only.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    thread,
+    time::Duration,
+};
+
+use nsfail::lab::{INGEST4, SRC4};
+use nsfail_tests::{
+    PinDir,
+    daemon::{Daemon, TempDir, cli, lab_config, status},
+    lab, spawn_in,
+    traffic::{Receiver, send_burst, send_burst_in},
+    wait_for,
+};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A lab, its config and a running daemon.
+struct Setup {
+    daemon: Daemon,
+    dir: TempDir,
+    config: std::path::PathBuf,
+    pins: PinDir,
+    lab: nsfail::lab::Lab,
+}
+
+fn setup() -> Setup {
+    let lab = lab(2);
+    let dir = TempDir::new();
+    let config = dir.path.join("nsfail.toml");
+    fs::write(&config, lab_config(&lab)).unwrap();
+    let pins = PinDir::new();
+    let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
+    Setup {
+        daemon,
+        dir,
+        config,
+        pins,
+        lab,
+    }
+}
+
+fn active(status: &serde_json::Value, channel: &str) -> String {
+    status["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == channel)
+        .unwrap_or_else(|| panic!("no channel {channel} in {status}"))["active"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn check_reports_config_errors_with_their_line() {
+    let dir = TempDir::new();
+    let socket = dir.path.join("none.sock");
+    let good = dir.path.join("good.toml");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/nsfail.toml");
+    fs::copy(example, &good).unwrap();
+    let out = cli(&socket, &["check", "--config", good.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "example config: {}", out.stderr);
+
+    let bad = dir.path.join("bad.toml");
+    let text = fs::read_to_string(example)
+        .unwrap()
+        .replacen("address", "adress", 1);
+    let line = text.lines().position(|l| l.contains("adress")).unwrap() + 1;
+    fs::write(&bad, text).unwrap();
+    let out = cli(&socket, &["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert_eq!(
+        out.stderr.trim().lines().count(),
+        1,
+        "one line: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(&format!("bad.toml:{line}:")),
+        "names line {line}: {}",
+        out.stderr
+    );
+
+    let out = cli(&socket, &["check"]);
+    assert_eq!(out.code, 2, "usage error: {}", out.stderr);
+    let out = cli(&socket, &["status"]);
+    assert_eq!(out.code, 1, "no daemon: {}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot reach the daemon"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn refused_requests_leave_state_unchanged() {
+    let s = setup();
+    let sock = &s.daemon.socket;
+    let mode = fs::metadata(sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let before = status(sock);
+    assert_eq!(active(&before, "cam1"), "enc-a");
+
+    let refusals: [(&[&str], &str); 7] = [
+        (&["remap", "nope", "enc-b"], "unknown channel"),
+        (&["remap", "cam1", "nope"], "unknown encoder"),
+        (&["drain", "nope"], "unknown encoder"),
+        (&["remove", "encoder", "enc-a"], "still used by channel"),
+        (&["remove", "channel", "nope"], "unknown channel"),
+        (
+            &[
+                "add",
+                "channel",
+                "cam3",
+                "--listen",
+                "10.77.0.1:5000",
+                "--encoders",
+                "enc-a",
+            ],
+            "10.77.0.1:5000",
+        ),
+        (
+            &[
+                "add",
+                "channel",
+                "cam3",
+                "--listen",
+                "10.77.0.1:5009",
+                "--encoders",
+                "enc-z",
+            ],
+            "enc-z",
+        ),
+    ];
+    for (args, needle) in refusals {
+        let out = cli(sock, args);
+        assert_eq!(out.code, 1, "{args:?} must be refused: {}", out.stdout);
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(needle), "{args:?}: {}", out.stderr);
+        assert_eq!(status(sock)["channels"], before["channels"], "{args:?}");
+    }
+    // Draining enc-a moves both channels to enc-b; draining enc-b then would leave them
+    // without a healthy encoder: refused, nothing moves.
+    assert_eq!(cli(sock, &["drain", "enc-a"]).code, 0);
+    let drained = status(sock);
+    assert_eq!(active(&drained, "cam1"), "enc-b");
+    assert_eq!(active(&drained, "cam2"), "enc-b");
+    let out = cli(sock, &["drain", "enc-b"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("without a healthy encoder"),
+        "{}",
+        out.stderr
+    );
+    let after = status(sock);
+    assert_eq!(after["channels"], drained["channels"]);
+    let enc_b = after["encoders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "enc-b")
+        .unwrap()
+        .clone();
+    assert_eq!(enc_b["drained"], false);
+    let out = cli(sock, &["remap", "cam1", "enc-a"]);
+    assert_eq!(out.code, 1, "remap to a drained encoder is refused");
+}
+
+#[test]
+fn socket_survives_bad_clients_and_concurrency() {
+    let s = setup();
+    let sock = s.daemon.socket.clone();
+    let exchange = |payload: &[u8]| -> String {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(payload);
+        let mut line = String::new();
+        let _ = BufReader::new(c).read_line(&mut line);
+        line
+    };
+    let answer: serde_json::Value = serde_json::from_str(&exchange(b"{not json\n")).unwrap();
+    assert_eq!(answer["ok"], false);
+    assert!(answer["error"].as_str().unwrap().contains("malformed"));
+    let answer: serde_json::Value =
+        serde_json::from_str(&exchange(b"{\"v\":99,\"cmd\":\"status\"}\n")).unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("version"),
+        "{answer}"
+    );
+    let mut big = vec![b'x'; 200 * 1024];
+    big.push(b'\n');
+    let answer: serde_json::Value = serde_json::from_str(&exchange(&big)).unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("longer than"),
+        "{answer}"
+    );
+    // A client that connects and says nothing does not block the others.
+    let _idle = UnixStream::connect(&sock).unwrap();
+
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let sock = sock.clone();
+            thread::spawn(move || {
+                (0..20)
+                    .filter(|_| cli(&sock, &["status", "--json"]).code == 0)
+                    .count()
+            })
+        })
+        .collect();
+    let ok: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(ok, 160, "every concurrent status call answered");
+    assert_eq!(active(&status(&sock), "cam1"), "enc-a");
+}
+
+#[test]
+fn runtime_changes_persist_and_a_restart_loses_nothing() {
+    let mut s = setup();
+    let sock = s.daemon.socket.clone();
+    let (ea, eb) = (&s.lab.encoders[0], &s.lab.encoders[1]);
+    let rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
+    let cam2 = sa(&format!("{INGEST4}:5002"));
+    let src = sa(&format!("{SRC4}:40002"));
+    let gap = Duration::from_millis(1);
+    let linger = Duration::from_millis(300);
+
+    send_burst(&s.lab.src, src, cam2, 0..100, gap, linger);
+    assert_eq!(rx_a.seen().len(), 100);
+    let st = status(&sock);
+    let cam2_packets = st["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "cam2")
+        .unwrap()["packets"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        cam2_packets, 100,
+        "status counters come from the data plane"
+    );
+
+    let out = cli(&sock, &["remap", "cam2", "enc-b"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = cli(
+        &sock,
+        &[
+            "add",
+            "channel",
+            "cam3",
+            "--listen",
+            "10.77.0.1:5004",
+            "--encoders",
+            "enc-b,enc-a",
+            "--port",
+            "7004",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // SIGKILL the daemon while the stream runs: the data plane does not notice.
+    let sender = {
+        let src_ns = s.lab.src.name.clone();
+        thread::spawn(move || send_burst_in(&src_ns, src, cam2, 100..1100, gap, linger))
+    };
+    thread::sleep(Duration::from_millis(300));
+    s.daemon.child.child.kill().unwrap();
+    s.daemon.child.child.wait().unwrap();
+    let replies = sender.join().unwrap();
+    assert_eq!(
+        rx_b.seen(),
+        (100..1100).collect(),
+        "no packet lost across SIGKILL"
+    );
+    assert_eq!(
+        replies.seqs(),
+        (100..1100).collect(),
+        "and every reply came back"
+    );
+
+    // Restart: adopts, keeps enc-b for cam2 and the added cam3, still no loss.
+    s.daemon = Daemon::start(&s.config, &sock, &s.pins);
+    let st = status(&sock);
+    assert_eq!(active(&st, "cam2"), "enc-b", "remap survived the restart");
+    assert_eq!(
+        active(&st, "cam3"),
+        "enc-b",
+        "added channel survived the restart"
+    );
+    let events = cli(&sock, &["events", "--json"]);
+    assert_eq!(events.code, 0);
+    send_burst(&s.lab.src, src, cam2, 1100..1200, gap, linger);
+    assert_eq!(rx_b.seen(), (100..1200).collect());
+    assert_eq!(rx_a.seen().len(), 100, "enc-a got nothing after the remap");
+
+    // A clean stop leaves the data plane forwarding.
+    assert_eq!(s.daemon.stop(), Some(0), "SIGTERM is a clean stop");
+    send_burst(&s.lab.src, src, cam2, 1200..1300, gap, linger);
+    assert_eq!(
+        rx_b.seen(),
+        (100..1300).collect(),
+        "forwarding after SIGTERM"
+    );
+    let state = fs::read_to_string(s.dir.path.join("nsfail.state.json")).unwrap();
+    assert!(state.contains("cam3") && state.contains("enc-b"), "{state}");
+}
+
+#[test]
+fn srt_stream_moves_with_remap() {
+    let s = setup();
+    let sock = &s.daemon.socket;
+    let out_dir = &s.dir.path;
+    let mut listeners = Vec::new();
+    for (i, e) in s.lab.encoders.iter().enumerate() {
+        let file = out_dir.join(format!("enc{i}.ts"));
+        let shell = format!(
+            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
+            file.display()
+        );
+        listeners.push((spawn_in(&e.ns, "sh", &["-c", &shell]), file));
+    }
+    let _caller = spawn_in(
+        &s.lab.src,
+        "srt-live-transmit",
+        &[
+            "-q",
+            "-a",
+            "yes",
+            "udp://127.0.0.1:9000",
+            &format!("srt://{INGEST4}:5000?mode=caller"),
+        ],
+    );
+    let src_ns = s.lab.src.name.clone();
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let feeder = {
+        let feeding = feeding.clone();
+        thread::spawn(move || {
+            nsfail::netns::in_netns(&src_ns, move || {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                // Bounded: at most 60 s of 1316-byte datagrams every 5 ms.
+                for i in 0..12_000u32 {
+                    if !feeding.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut p = vec![0x47u8; 1316];
+                    p[1..5].copy_from_slice(&i.to_be_bytes());
+                    let _ = sock.send_to(&p, "127.0.0.1:9000");
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+    };
+    let size = |i: usize| fs::metadata(&listeners[i].1).map(|m| m.len()).unwrap_or(0);
+    let grew = wait_for(Duration::from_secs(15), || {
+        (size(0) > 100_000).then_some(())
+    });
+    assert!(
+        grew.is_some(),
+        "enc-a's SRT output did not grow: {} bytes",
+        size(0)
+    );
+    let st = status(sock);
+    assert_eq!(active(&st, "cam1"), "enc-a");
+    assert!(st["channels"][0]["packets"].as_u64().unwrap() > 50, "{st}");
+
+    let out = cli(sock, &["remap", "cam1", "enc-b"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // The caller's session was with enc-a; enc-b's listener sees a new handshake once the
+    // caller reconnects (libsrt's peer-idle timeout, about 5 s, without SRT-aware failover).
+    let moved = wait_for(Duration::from_secs(20), || {
+        (size(1) > 100_000).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "enc-b's SRT output did not grow: {} bytes",
+        size(1)
+    );
+    let a_then = size(0);
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(size(0), a_then, "enc-a's output stopped growing");
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap().unwrap();
+    assert_eq!(active(&status(sock), "cam1"), "enc-b");
+}
