@@ -140,6 +140,9 @@ enum LabCmd {
     Up,
     /// Remove exactly what `lab up` made.
     Down,
+    /// `lab up`, then the daemon on the lab in the foreground; on Ctrl-C the daemon stops and
+    /// the lab and the data plane are removed.
+    Run,
     /// A self-contained data-plane demo: stream, remap half-way, clean up.
     Demo {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600))]
@@ -315,6 +318,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Lab(LabCmd::Run) => lab_run(&cli.socket),
         Cmd::Lab(LabCmd::Down) => {
             labctl::down()?;
             done("lab removed".into());
@@ -397,4 +401,53 @@ fn render_status(s: &Status, brief: bool) -> String {
         );
     }
     out
+}
+
+/// The demo: lab up, daemon in the foreground (a child process, since the daemon moves into
+/// the lab's ingest namespace), then everything removed.
+fn lab_run(socket: &std::path::Path) -> Result<()> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+
+    let info = labctl::up(&labctl::LabOptions::default())?;
+    let outputs: Vec<String> = info
+        .outputs
+        .iter()
+        .map(|(enc, file)| format!("{enc}: {}", file.display()))
+        .collect();
+    println!(
+        "\nThe lab is up: a live test stream (ffmpeg testsrc, MPEG-TS over SRT) is sent from \
+         namespace {} to 10.77.0.1:5000, channel cam1, on encoder enc-a.\n\
+         In another terminal, as root:\n  \
+         target/debug/nsfail status          # cam1's counters move; enc-a receives\n  \
+         target/debug/nsfail remap cam1 enc-b\n  \
+         target/debug/nsfail status          # now enc-b receives\n  \
+         target/debug/nsfail events\n  \
+         ls -l {}   # each encoder's received stream\n\
+         Ctrl-C here stops the daemon and removes the lab.\n",
+        info.namespaces.get(1).map_or("nsf-src", String::as_str),
+        info.dir.join("*.ts").display(),
+    );
+    println!("stream outputs: {}\n", outputs.join(", "));
+    let exe = std::env::current_exe().context("locating the nsfail binary")?;
+    // Ctrl-C goes to the whole foreground group: the daemon stops on it, this process waits
+    // and then cleans up.
+    // SAFETY: replacing the SIGINT disposition before any thread of ours handles signals.
+    unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) }.context("ignoring SIGINT")?;
+    let status = std::process::Command::new(exe)
+        .arg("--socket")
+        .arg(socket)
+        .arg("run")
+        .arg("--config")
+        .arg(&info.config)
+        .status();
+    let down = labctl::down();
+    let teardown = Dataplane::teardown(&Pins::default());
+    println!("lab removed (namespaces, processes), data plane detached and unpinned");
+    down?;
+    teardown?;
+    let status = status.context("running the daemon")?;
+    if !status.success() && status.code().is_some() {
+        return Err(anyhow!("the daemon exited with {status}"));
+    }
+    Ok(())
 }

@@ -41,6 +41,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ffmpeg",
     "socat",
     "tcpdump",
+    "iputils-ping",
+    "curl",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.
 const USERSPACE: &[&str] = &["--workspace", "--exclude", "nsfail-ebpf"];
@@ -68,7 +70,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, build, then run nsfail with ARGS (default: `lab demo`).
+    /// Set up, build, then run nsfail with ARGS (default: `lab run`, the demo lab).
     Run {
         /// Arguments for nsfail; put them after `--` when they start with `-`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -352,7 +354,7 @@ impl Xtask {
         let mut cmd = Command::new(&binary);
         cmd.env("PATH", &self.path);
         if args.is_empty() {
-            cmd.args(["lab", "demo"]);
+            cmd.args(["lab", "run"]);
         } else {
             cmd.args(args);
         }
