@@ -11,10 +11,8 @@ use std::{
     fs,
     io::Write,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
-
-use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
@@ -129,6 +127,8 @@ pub struct Controller {
     input: BTreeMap<String, InputWatch>,
     /// Failovers whose switchover time is still being measured.
     pending: Vec<PendingSwitch>,
+    /// Channels moved since the last tick (for the failover counters).
+    moved: Vec<String>,
     events: VecDeque<Event>,
 }
 
@@ -155,6 +155,13 @@ struct PendingSwitch {
     /// The new encoder's packet count at the switch.
     new_packets: u64,
     started: Instant,
+}
+
+/// What a tick found, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct TickReport {
+    pub moved: Vec<String>,
+    pub switchovers: Vec<Switchover>,
 }
 
 /// A finished switchover measurement, for metrics.
@@ -201,6 +208,7 @@ impl Controller {
             decider: Decider::new(),
             input: BTreeMap::new(),
             pending: Vec::new(),
+            moved: Vec::new(),
             events: VecDeque::new(),
         };
         for name in c.delta.drained.clone() {
@@ -250,7 +258,13 @@ impl Controller {
             self.dp.remove_channel(*listen)?;
         }
         let channel_names: BTreeSet<_> = cfg.channels.iter().map(|c| c.name.clone()).collect();
-        for gone in self.input.keys().filter(|n| !channel_names.contains(*n)).cloned().collect::<Vec<_>>() {
+        for gone in self
+            .input
+            .keys()
+            .filter(|n| !channel_names.contains(*n))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             self.input.remove(&gone);
         }
         for name in self.decider.channel_names() {
@@ -287,9 +301,7 @@ impl Controller {
         ch.encoders
             .iter()
             .find(|n| {
-                Some(n.as_str()) != except
-                    && !self.decider.drained(n)
-                    && self.decider.healthy(n)
+                Some(n.as_str()) != except && !self.decider.drained(n) && self.decider.healthy(n)
             })
             .cloned()
     }
@@ -351,6 +363,7 @@ impl Controller {
         self.persist()?;
         self.event(Some(&d.channel), Some(d.from), Some(to), d.reason.as_str());
         self.pending.extend(measure);
+        self.moved.push(d.channel);
         Ok(())
     }
 
@@ -408,7 +421,11 @@ impl Controller {
         if self.effective.encoder(encoder).is_none() || self.decider.healthy(encoder) == healthy {
             return Ok(());
         }
-        let reason = if healthy { "encoder healthy" } else { "encoder unhealthy" };
+        let reason = if healthy {
+            "encoder healthy"
+        } else {
+            "encoder unhealthy"
+        };
         self.event(None, None, Some(encoder.to_owned()), reason);
         for d in self.decider.set_health(encoder, healthy, Instant::now()) {
             self.apply(d)?;
@@ -416,21 +433,28 @@ impl Controller {
         Ok(())
     }
 
-    /// Periodic work: automatic failback, input-loss watch, switchover measurements. Returns
-    /// the switchovers measured since the last call.
-    pub fn tick(&mut self) -> Result<Vec<Switchover>> {
+    /// Periodic work: automatic failback, input-loss watch, switchover measurements. Reports
+    /// the channels moved and the switchovers measured since the last call.
+    pub fn tick(&mut self) -> Result<TickReport> {
         let now = Instant::now();
         for d in self.decider.tick(now) {
             self.apply(d)?;
         }
         self.watch_input(now)?;
-        Ok(self.measure_switchovers(now))
+        Ok(TickReport {
+            switchovers: self.measure_switchovers(now),
+            moved: std::mem::take(&mut self.moved),
+        })
     }
 
     /// Input loss is the sender's problem, not the encoder's: reported, never failed over.
     fn watch_input(&mut self, now: Instant) -> Result<()> {
         for ch in self.effective.channels.clone() {
-            let packets = self.dp.channel_stats(ch.listen).map(|s| s.packets).unwrap_or(0);
+            let packets = self
+                .dp
+                .channel_stats(ch.listen)
+                .map(|s| s.packets)
+                .unwrap_or(0);
             let w = self.input.entry(ch.name.clone()).or_insert(InputWatch {
                 packets,
                 since: now,

@@ -3,10 +3,12 @@
 //! forwarding.
 
 use std::{
+    collections::BTreeMap,
     fs,
     os::{fd::AsFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -16,13 +18,17 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+    time::MissedTickBehavior,
 };
 
 use crate::{
     Dataplane,
     api::{self, Command, Request, Response},
-    config::Config,
-    controller::Controller,
+    config::{self, Config, Health, HealthKind},
+    controller::{self, Controller},
+    health::{self, Counter, HealthUpdate},
+    metrics::{self, Metrics},
     paths::{self, Pins},
 };
 
@@ -61,9 +67,38 @@ pub fn run(opts: Options) -> Result<()> {
         .block_on(serve(ctl, &opts.socket))
 }
 
+/// How often the controller's periodic work runs (failback, input loss, switchover
+/// measurement, flow checks).
+const TICK: Duration = Duration::from_millis(10);
+
 async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
     let listener = bind(socket).await?;
-    info!("listening on {}", socket.display());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    let metrics_addr = lock(&ctl).config().ingest.metrics;
+    let refresh = {
+        let (ctl, metrics) = (ctl.clone(), metrics.clone());
+        move || refresh_metrics(&ctl, &metrics)
+    };
+    let (bound, metrics_task) = metrics::serve(
+        metrics_addr,
+        metrics::Limits::default(),
+        metrics.clone(),
+        refresh,
+        stop_rx.clone(),
+    )
+    .await?;
+    info!(
+        "listening on {}; metrics on http://{bound}/metrics",
+        socket.display()
+    );
+
+    let (health_tx, mut health_rx) = mpsc::channel(1024);
+    let mut probes = Probes::default();
+    let mut flows = FlowChecks::default();
+    probes.sync(lock(&ctl).config(), &health_tx, &stop_rx);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
@@ -79,13 +114,162 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
                 }
                 Err(e) => warn!("accept: {e}"),
             },
+            Some(update) = health_rx.recv() => {
+                metrics.record_probe(&update.encoder, update.latency);
+                if let Some(healthy) = update.transition {
+                    if let Some(e) = &update.error {
+                        info!("encoder {} probe: {e}", update.encoder);
+                    }
+                    if let Err(e) = lock(&ctl).on_health(&update.encoder, healthy) {
+                        warn!("acting on {}'s health: {e}", update.encoder);
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                let mut c = lock(&ctl);
+                flows.run(&mut c);
+                match c.tick() {
+                    Ok(report) => {
+                        for channel in &report.moved {
+                            metrics.record_failover(channel, None);
+                        }
+                        for s in &report.switchovers {
+                            metrics.record_switchover(s.gap);
+                        }
+                    }
+                    Err(e) => warn!("periodic work: {e}"),
+                }
+                probes.sync(c.config(), &health_tx, &stop_rx);
+            },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    let _ = stop_tx.send(true);
+    let _ = metrics_task.await;
     let _ = fs::remove_file(socket);
     info!("stopped; the data plane keeps forwarding (nsfail teardown removes it)");
     Ok(())
+}
+
+fn lock(ctl: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
+    ctl.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn refresh_metrics(ctl: &Mutex<Controller>, metrics: &Metrics) {
+    let c = lock(ctl);
+    let Ok(status) = c.status() else { return };
+    let dp = c.dataplane();
+    metrics.observe(
+        &status,
+        &[],
+        &dp.xdp_stats().unwrap_or_default(),
+        &dp.tc_stats().unwrap_or_default(),
+    );
+}
+
+/// One probe task per encoder with a network health check, restarted when its check changes
+/// and stopped when the encoder goes away.
+#[derive(Default)]
+struct Probes {
+    running: BTreeMap<String, (Health, watch::Sender<bool>)>,
+}
+
+impl Probes {
+    fn sync(
+        &mut self,
+        cfg: &Config,
+        tx: &mpsc::Sender<HealthUpdate>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let wanted: BTreeMap<&str, &config::Encoder> = cfg
+            .encoders
+            .iter()
+            .filter(|e| e.health.kind != HealthKind::Flow)
+            .map(|e| (e.name.as_str(), e))
+            .collect();
+        self.running.retain(|name, (health, cancel)| {
+            let keep = wanted
+                .get(name.as_str())
+                .is_some_and(|e| e.health == *health);
+            if !keep {
+                let _ = cancel.send(true);
+            }
+            keep
+        });
+        for (name, e) in wanted {
+            if self.running.contains_key(name) {
+                continue;
+            }
+            let Some(probe) = health::probe_for(e) else {
+                continue;
+            };
+            let (cancel_tx, cancel_rx) = watch::channel(false);
+            // The daemon's own stop also stops every probe.
+            let mut stop = stop.clone();
+            let cancel_on_stop = cancel_tx.clone();
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                let _ = cancel_on_stop.send(true);
+            });
+            health::spawn(name.to_owned(), probe, &e.health, tx.clone(), cancel_rx);
+            self.running
+                .insert(name.to_owned(), (e.health.clone(), cancel_tx));
+        }
+    }
+}
+
+/// The `flow` check: an encoder is failing when a channel it is active for has moving input
+/// but the encoder has sent nothing back (replies) for `timeout_ms`. Judged every
+/// `interval_ms` and counted with rise/fall like a probe. With no input, nothing is judged.
+#[derive(Default)]
+struct FlowChecks {
+    state: BTreeMap<String, (Counter, Instant)>,
+}
+
+impl FlowChecks {
+    fn run(&mut self, c: &mut Controller) {
+        let now = Instant::now();
+        let encoders: Vec<config::Encoder> = c
+            .config()
+            .encoders
+            .iter()
+            .filter(|e| e.health.kind == HealthKind::Flow)
+            .cloned()
+            .collect();
+        self.state
+            .retain(|n, _| encoders.iter().any(|e| &e.name == n));
+        for e in encoders {
+            let h = &e.health;
+            let (counter, last) = self
+                .state
+                .entry(e.name.clone())
+                .or_insert_with(|| (Counter::new(h.rise, h.fall, true), now));
+            if now.duration_since(*last) < Duration::from_millis(h.interval_ms) {
+                continue;
+            }
+            *last = now;
+            let window = Duration::from_millis(h.timeout_ms);
+            let fed = c
+                .channels_on(&e.name)
+                .iter()
+                .any(|ch| c.input_moving(ch, window));
+            if !fed {
+                continue;
+            }
+            let idle_ns = c
+                .dataplane()
+                .encoder_stats(&e.name)
+                .map(|s| controller::monotonic_ns().saturating_sub(s.tx.last_seen_ns))
+                .unwrap_or(u64::MAX);
+            let ok = idle_ns < window.as_nanos() as u64;
+            if let Some(healthy) = counter.record(ok)
+                && let Err(err) = c.on_health(&e.name, healthy)
+            {
+                warn!("acting on {}'s flow check: {err}", e.name);
+            }
+        }
+    }
 }
 
 /// Binds the socket (mode 0600). A socket file nobody answers on is stale and replaced; one
@@ -147,7 +331,7 @@ async fn handle(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> Result<()> {
 }
 
 fn execute(ctl: &Mutex<Controller>, command: Command) -> Response {
-    let mut c = ctl.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = lock(ctl);
     let done = |r: Result<(), crate::controller::ControlError>| match r {
         Ok(()) => Response::ok(()),
         Err(e) => Response::error(e.to_string()),

@@ -6,6 +6,7 @@
 //! lab; `paths` names every path.
 
 pub mod api;
+pub mod bench_object;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod decision;
 pub mod dataplane;
 pub mod demo;
+pub mod health;
 pub mod lab;
 pub mod labctl;
 pub mod metrics;

@@ -192,6 +192,12 @@ impl Metrics {
         }
     }
 
+    /// Records one measured switchover (old encoder's last packet to the new one's first),
+    /// without counting a failover (that was counted when the move was made).
+    pub fn record_switchover(&self, gap: Duration) {
+        self.switchover.observe(gap.as_secs_f64());
+    }
+
     /// Records one health probe of `encoder`: its latency when it succeeded, `None` when it
     /// failed. Both series exist from the first probe on, so rates work from the start.
     pub fn record_probe(&self, encoder: &str, latency: Option<Duration>) {
@@ -463,8 +469,7 @@ async fn accept_loop(
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            // Err: the sender is gone, which also means stop.
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stopped(&mut shutdown) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept(), if connections.len() < limits.max_connections => {
                 match accepted {
@@ -487,7 +492,13 @@ async fn accept_loop(
     }
 }
 
-/// How long a refused client gets to stop sending before the connection is closed anyway.
+/// Resolves when `shutdown` turns true or its sender is dropped (which also means stop).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: drop it here, not in the caller's select.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// How long a client gets to close its end after the response before it is closed anyway.
 const LINGER: Duration = Duration::from_secs(1);
 
 /// An HTTP response: status line, content type and body.
@@ -579,7 +590,9 @@ async fn read_head(stream: &mut TcpStream, max: usize) -> io::Result<Head> {
             if end > max {
                 return Ok(Head::TooLarge);
             }
-            return Ok(Head::Complete(String::from_utf8_lossy(&buf[..end]).into_owned()));
+            return Ok(Head::Complete(
+                String::from_utf8_lossy(&buf[..end]).into_owned(),
+            ));
         }
         if buf.len() > max {
             return Ok(Head::TooLarge);
@@ -598,11 +611,7 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
-async fn respond(
-    head: &str,
-    metrics: Arc<Metrics>,
-    refresh: Arc<dyn Fn() + Send + Sync>,
-) -> Reply {
+async fn respond(head: &str, metrics: Arc<Metrics>, refresh: Arc<dyn Fn() + Send + Sync>) -> Reply {
     let request_line = head.lines().next().unwrap_or_default();
     let mut parts = request_line.split_whitespace();
     let (Some(method), Some(target), Some(version), None) =
@@ -641,7 +650,7 @@ async fn respond(
             head_only,
         },
         Err(e) => {
-            warn!("metrics endpoint: refreshing the snapshot failed: {e}");
+            warn!("metrics endpoint: refreshing or encoding the metrics failed: {e}");
             Reply::error("500 Internal Server Error")
         }
     }
@@ -768,33 +777,94 @@ mod tests {
     fn snapshot_counters_and_gauges() {
         let s = samples(&observed().encode());
         let ch = |c| [("channel", c)];
-        assert_eq!(value(&s, "nsfail_channel_packets_total", &ch("cam1")), Some(100.0));
-        assert_eq!(value(&s, "nsfail_channel_packets_total", &ch("cam2")), Some(0.0));
-        assert_eq!(value(&s, "nsfail_channel_bytes_total", &ch("cam1")), Some(131_600.0));
-        assert_eq!(value(&s, "nsfail_channel_idle_seconds", &ch("cam1")), Some(1.5));
+        assert_eq!(
+            value(&s, "nsfail_channel_packets_total", &ch("cam1")),
+            Some(100.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_channel_packets_total", &ch("cam2")),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_channel_bytes_total", &ch("cam1")),
+            Some(131_600.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_channel_idle_seconds", &ch("cam1")),
+            Some(1.5)
+        );
 
-        let active = |c, e| value(&s, "nsfail_channel_active_encoder", &[("channel", c), ("encoder", e)]);
+        let active = |c, e| {
+            value(
+                &s,
+                "nsfail_channel_active_encoder",
+                &[("channel", c), ("encoder", e)],
+            )
+        };
         assert_eq!(active("cam1", "enc-b"), Some(1.0));
         assert_eq!(active("cam1", "enc-a"), Some(0.0));
         assert_eq!(active("cam2", "enc-a"), Some(0.0));
         assert_eq!(active("cam2", "enc-b"), Some(0.0));
 
         let enc = |e| [("encoder", e)];
-        assert_eq!(value(&s, "nsfail_encoder_healthy", &enc("enc-a")), Some(0.0));
-        assert_eq!(value(&s, "nsfail_encoder_healthy", &enc("enc-b")), Some(1.0));
-        assert_eq!(value(&s, "nsfail_encoder_drained", &enc("enc-a")), Some(0.0));
-        assert_eq!(value(&s, "nsfail_encoder_drained", &enc("enc-b")), Some(1.0));
-        assert_eq!(value(&s, "nsfail_encoder_packets_total", &enc("enc-b")), Some(90.0));
-        assert_eq!(value(&s, "nsfail_encoder_bytes_total", &enc("enc-b")), Some(90.0 * 1316.0));
-        assert_eq!(value(&s, "nsfail_encoder_replies_total", &enc("enc-a")), Some(7.0));
+        assert_eq!(
+            value(&s, "nsfail_encoder_healthy", &enc("enc-a")),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_healthy", &enc("enc-b")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_drained", &enc("enc-a")),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_drained", &enc("enc-b")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_packets_total", &enc("enc-b")),
+            Some(90.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_bytes_total", &enc("enc-b")),
+            Some(90.0 * 1316.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_replies_total", &enc("enc-a")),
+            Some(7.0)
+        );
 
-        let drop = |r| value(&s, "nsfail_encoder_drops_total", &[("encoder", "enc-a"), ("reason", r)]);
+        let drop = |r| {
+            value(
+                &s,
+                "nsfail_encoder_drops_total",
+                &[("encoder", "enc-a"), ("reason", r)],
+            )
+        };
         assert_eq!(drop("denied"), Some(2.0));
         assert_eq!(drop("no_route"), Some(1.0));
-        assert_eq!(value(&s, "nsfail_xdp_packets_total", &[("reason", "redirected")]), Some(100.0));
-        assert_eq!(value(&s, "nsfail_xdp_packets_total", &[("reason", "pass_not_ip")]), Some(4.0));
-        assert_eq!(value(&s, "nsfail_tc_packets_total", &[("reason", "reply_redirected")]), Some(7.0));
-        assert_eq!(value(&s, "nsfail_tc_packets_total", &[("reason", "error")]), Some(0.0));
+        assert_eq!(
+            value(&s, "nsfail_xdp_packets_total", &[("reason", "redirected")]),
+            Some(100.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_xdp_packets_total", &[("reason", "pass_not_ip")]),
+            Some(4.0)
+        );
+        assert_eq!(
+            value(
+                &s,
+                "nsfail_tc_packets_total",
+                &[("reason", "reply_redirected")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_tc_packets_total", &[("reason", "error")]),
+            Some(0.0)
+        );
     }
 
     #[test]
@@ -806,9 +876,21 @@ mod tests {
         next.channels.pop();
         metrics.observe(&next, &[], &[], &[]);
         let s = samples(&metrics.encode());
-        assert_eq!(value(&s, "nsfail_channel_packets_total", &[("channel", "cam1")]), Some(250.0));
-        assert_eq!(value(&s, "nsfail_channel_packets_total", &[("channel", "cam2")]), None);
-        let active = |e| value(&s, "nsfail_channel_active_encoder", &[("channel", "cam1"), ("encoder", e)]);
+        assert_eq!(
+            value(&s, "nsfail_channel_packets_total", &[("channel", "cam1")]),
+            Some(250.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_channel_packets_total", &[("channel", "cam2")]),
+            None
+        );
+        let active = |e| {
+            value(
+                &s,
+                "nsfail_channel_active_encoder",
+                &[("channel", "cam1"), ("encoder", e)],
+            )
+        };
         assert_eq!(active("enc-a"), Some(1.0));
         assert_eq!(active("enc-b"), Some(0.0));
         assert!(s.iter().all(|x| x.name != "nsfail_xdp_packets_total"));
@@ -844,11 +926,29 @@ mod tests {
         metrics.record_probe("enc-b", None);
         let s = samples(&metrics.encode());
         let enc = |e| [("encoder", e)];
-        assert_eq!(value(&s, "nsfail_probe_latency_seconds_count", &enc("enc-a")), Some(2.0));
-        assert_eq!(value(&s, "nsfail_probe_latency_seconds_count", &enc("enc-b")), Some(0.0));
-        assert_eq!(value(&s, "nsfail_probe_failures_total", &enc("enc-a")), Some(0.0));
-        assert_eq!(value(&s, "nsfail_probe_failures_total", &enc("enc-b")), Some(1.0));
-        let bucket = |le| value(&s, "nsfail_probe_latency_seconds_bucket", &[("encoder", "enc-a"), ("le", le)]);
+        assert_eq!(
+            value(&s, "nsfail_probe_latency_seconds_count", &enc("enc-a")),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_probe_latency_seconds_count", &enc("enc-b")),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_probe_failures_total", &enc("enc-a")),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_probe_failures_total", &enc("enc-b")),
+            Some(1.0)
+        );
+        let bucket = |le| {
+            value(
+                &s,
+                "nsfail_probe_latency_seconds_bucket",
+                &[("encoder", "enc-a"), ("le", le)],
+            )
+        };
         assert_eq!(bucket("0.0001"), Some(1.0));
         assert_eq!(bucket("0.0025"), Some(1.0));
         assert_eq!(bucket("0.005"), Some(2.0));
@@ -864,7 +964,10 @@ mod tests {
         next.encoders.retain(|e| e.name != "enc-a");
         metrics.observe(&next, &[], &[], &[]);
         let s = samples(&metrics.encode());
-        assert!(s.iter().all(|x| x.labels.get("channel").map(String::as_str) != Some("cam2")));
+        assert!(
+            s.iter()
+                .all(|x| x.labels.get("channel").map(String::as_str) != Some("cam2"))
+        );
         assert!(
             s.iter()
                 .filter(|x| x.name.starts_with("nsfail_probe_"))
@@ -894,13 +997,17 @@ mod tests {
                 .find_map(|suffix| sample.name.strip_suffix(suffix))
                 .filter(|base| types.iter().any(|t| t == base))
                 .unwrap_or(&sample.name);
-            assert!(types.iter().any(|t| t == family), "{} is not described", sample.name);
+            assert!(
+                types.iter().any(|t| t == family),
+                "{} is not described",
+                sample.name
+            );
         }
     }
 
     #[test]
     fn head_end_finds_the_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(23));
         assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(14));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
     }

@@ -168,3 +168,70 @@ pub fn send_burst_in(
     })
     .expect("enter namespace")
 }
+
+/// A UDP echo responder (what the encoders' `udp` health checks talk to) on a thread inside a
+/// namespace. Stops when dropped, or when [`Echo::stop`] is called (an encoder "dying").
+pub struct Echo {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    pub fn start(ns: &Netns, bind: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sock = ns
+            .run(move || UdpSocket::bind(bind))
+            .expect("enter namespace")
+            .expect("bind echo");
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let handle = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                // Bounded: at most 10 minutes, normally stopped by the test.
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(&buf[..n], from);
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Compares received sequence numbers with the expected range, reporting what is missing or
+/// extra rather than both whole sets.
+pub fn check_seqs(seen: &BTreeSet<u32>, want: std::ops::Range<u32>) -> Result<(), String> {
+    let want: BTreeSet<u32> = want.collect();
+    let missing: Vec<_> = want.difference(seen).collect();
+    let extra: Vec<_> = seen.difference(&want).collect();
+    if missing.is_empty() && extra.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} missing (first {:?}), {} unexpected (first {:?})",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        extra.len(),
+        &extra[..extra.len().min(10)]
+    ))
+}

@@ -56,13 +56,14 @@ impl UdpProbe {
         // Larger than any probe, so a longer answer is seen as longer, not cut to size.
         let mut buf = [0u8; 128];
         loop {
-            let (len, from) = socket
-                .recv_from(&mut buf)
-                .await
-                .map_err(|source| ProbeError::Io {
-                    op: "receive",
-                    source,
-                })?;
+            let (len, from) =
+                socket
+                    .recv_from(&mut buf)
+                    .await
+                    .map_err(|source| ProbeError::Io {
+                        op: "receive",
+                        source,
+                    })?;
             if from != self.target {
                 continue;
             }
