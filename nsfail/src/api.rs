@@ -117,7 +117,8 @@ pub struct Event {
     pub from: Option<String>,
     pub to: Option<String>,
     pub reason: String,
-    /// For a finished failover: the old encoder's last packet to the new one's first.
+    /// For a finished failover: the old encoder's last sign of life (last reply or successful
+    /// probe) to the new encoder's first packet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_ms: Option<f64>,
 }

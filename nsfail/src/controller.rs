@@ -129,6 +129,8 @@ pub struct Controller {
     pending: Vec<PendingSwitch>,
     /// Channels moved since the last tick (for the failover counters).
     moved: Vec<String>,
+    /// Per encoder: its last successful probe (CLOCK_MONOTONIC ns).
+    alive_ns: BTreeMap<String, u64>,
     events: VecDeque<Event>,
 }
 
@@ -150,7 +152,7 @@ struct PendingSwitch {
     channel: String,
     from: String,
     to: String,
-    /// The old encoder's last packet (CLOCK_MONOTONIC ns).
+    /// The old encoder's last sign of life (CLOCK_MONOTONIC ns).
     last_old_ns: u64,
     /// The new encoder's packet count at the switch.
     new_packets: u64,
@@ -209,6 +211,7 @@ impl Controller {
             input: BTreeMap::new(),
             pending: Vec::new(),
             moved: Vec::new(),
+            alive_ns: BTreeMap::new(),
             events: VecDeque::new(),
         };
         for name in c.delta.drained.clone() {
@@ -367,14 +370,32 @@ impl Controller {
         Ok(())
     }
 
+    /// A successful probe of `encoder`: a sign of life, for switchover measurement.
+    pub fn note_alive(&mut self, encoder: &str) {
+        self.alive_ns.insert(encoder.to_owned(), monotonic_ns());
+    }
+
+    /// The start of a switchover: the failed encoder's last sign of life. The data plane
+    /// forwards to a dead encoder until the switch, so its forwarded-packet time says nothing
+    /// about when it died; its last reply through the return path (SRT ACKs, any answer) or
+    /// its last successful probe, whichever is later, does. With neither, the last packet
+    /// forwarded to it is used.
     fn switch_baseline(&self, channel: &str, from: &str, to: &str) -> Option<PendingSwitch> {
         let old = self.dp.encoder_stats(from).ok()?;
         let new = self.dp.encoder_stats(to).ok()?;
+        let alive = old
+            .tx
+            .last_seen_ns
+            .max(self.alive_ns.get(from).copied().unwrap_or(0));
         Some(PendingSwitch {
             channel: channel.to_owned(),
             from: from.to_owned(),
             to: to.to_owned(),
-            last_old_ns: old.rx.last_seen_ns,
+            last_old_ns: if alive > 0 {
+                alive
+            } else {
+                old.rx.last_seen_ns
+            },
             new_packets: new.rx.packets,
             started: Instant::now(),
         })
@@ -491,8 +512,8 @@ impl Controller {
         self.decider.channels_on(encoder)
     }
 
-    /// Switchover time: the old encoder's last packet to the new encoder's first, both from
-    /// the data plane's timestamps. The new encoder's first packet is taken as its last-seen
+    /// Switchover time: the old encoder's last sign of life to the new encoder's first packet
+    /// (data-plane timestamps and probe times, all CLOCK_MONOTONIC). The new encoder's first packet is taken as its last-seen
     /// time when its count first moves, so the figure is at most one tick (plus one packet
     /// interval) late.
     fn measure_switchovers(&mut self, now: Instant) -> Vec<Switchover> {

@@ -116,6 +116,9 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
             },
             Some(update) = health_rx.recv() => {
                 metrics.record_probe(&update.encoder, update.latency);
+                if update.ok {
+                    lock(&ctl).note_alive(&update.encoder);
+                }
                 if let Some(healthy) = update.transition {
                     if let Some(e) = &update.error {
                         info!("encoder {} probe: {e}", update.encoder);

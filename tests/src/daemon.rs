@@ -84,9 +84,33 @@ pub fn status(socket: &Path) -> serde_json::Value {
     serde_json::from_str(&out.stdout).expect("status --json is JSON")
 }
 
+/// Per-encoder health and cam2's failback, for [`lab_config_with`].
+pub struct Policy<'a> {
+    /// The `health = { ... }` inline table of enc-a and of enc-b.
+    pub health: [&'a str; 2],
+    /// cam2's failback: `manual` or `auto`.
+    pub failback: &'a str,
+    pub hold_down_ms: u64,
+}
+
+impl Default for Policy<'_> {
+    fn default() -> Self {
+        Self {
+            health: ["{ kind = \"udp\", port = 9000 }"; 2],
+            failback: "manual",
+            hold_down_ms: 10_000,
+        }
+    }
+}
+
 /// The config of a daemon on `lab`: channel cam1 on 10.77.0.1:5000 (SRT, encoder port 7000)
 /// and cam2 on 10.77.0.1:5002 (UDP, encoder port 7002), both on enc-a then enc-b.
 pub fn lab_config(lab: &Lab) -> String {
+    lab_config_with(lab, &Policy::default())
+}
+
+/// [`lab_config`] with other health checks and failback.
+pub fn lab_config_with(lab: &Lab, policy: &Policy) -> String {
     let mut s = format!(
         "[ingest]\ninterface = \"ing\"\nnetns = \"{}\"\nxdp_mode = \"native\"\n\
          metrics = \"127.0.0.1:9464\"\n\n",
@@ -100,14 +124,18 @@ pub fn lab_config(lab: &Lab) -> String {
         let e = &lab.encoders[i];
         s += &format!(
             "[[encoder]]\nname = \"{name}\"\naddress = \"{}\"\ninterface = \"{}\"\n\
-             netns = \"{}\"\nhealth = {{ kind = \"udp\", port = 9000 }}\n\n",
-            e.addr4, e.host_if, e.ns.name
+             netns = \"{}\"\nhealth = {}\n\n",
+            e.addr4, e.host_if, e.ns.name, policy.health[i]
         );
     }
     s += "[[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\n\
           encoders = [\"enc-a\", \"enc-b\"]\nport = 7000\nprotocol = \"srt\"\n\n\
           [[channel]]\nname = \"cam2\"\nlisten = \"10.77.0.1:5002\"\n\
           encoders = [\"enc-a\", \"enc-b\"]\nport = 7002\n";
+    s += &format!(
+        "failback = \"{}\"\nhold_down_ms = {}\n",
+        policy.failback, policy.hold_down_ms
+    );
     s
 }
 

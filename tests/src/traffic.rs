@@ -31,6 +31,7 @@ pub fn payload(seq: u32) -> Vec<u8> {
 /// packets, counts corrupt ones, and answers each packet with `ack` + its sequence number.
 pub struct Receiver {
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     seen: Arc<Mutex<(BTreeSet<u32>, u64)>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -38,11 +39,13 @@ pub struct Receiver {
 impl Receiver {
     pub fn start(ns: &Netns, bind: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new((BTreeSet::new(), 0u64)));
         let target = File::open(nsfail::paths::netns(&ns.name)).expect("netns");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = {
             let stop = stop.clone();
+            let paused = paused.clone();
             let seen = seen.clone();
             thread::spawn(move || {
                 setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
@@ -54,6 +57,10 @@ impl Receiver {
                 // Bounded: at most 10 minutes, normally stopped by the test.
                 let deadline = Instant::now() + Duration::from_secs(600);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if paused.load(Ordering::Relaxed) {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
                     let Ok((n, from)) = sock.recv_from(&mut buf) else {
                         continue;
                     };
@@ -77,8 +84,23 @@ impl Receiver {
             .expect("receiver ready");
         Self {
             stop,
+            paused,
             seen,
             handle: Some(handle),
+        }
+    }
+
+    /// Stops reading (and so answering) without closing the socket, as SIGSTOP would: a hung
+    /// media receiver.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Closes the socket, as if the receiver process died.
+    pub fn kill(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 
@@ -95,10 +117,7 @@ impl Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        self.kill();
     }
 }
 

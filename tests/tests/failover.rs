@@ -1,0 +1,420 @@
+//! Automatic failover end to end: real namespaces, the real daemon, real streams. Timings are
+//! printed for the record; the pass/fail lines assert what happened (who received what, which
+//! decisions were taken), with bounds only loose enough to catch a broken detector. The timed
+//! figures belong to `cargo xtask bench failover`.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nsfail::lab::{INGEST4, SRC4};
+use nsfail_tests::{
+    PinDir,
+    daemon::{Daemon, Policy, TempDir, cli, lab_config_with, status},
+    lab, spawn_in,
+    traffic::{Echo, Receiver, send_burst, send_burst_in},
+    wait_for,
+};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+struct Setup {
+    daemon: Daemon,
+    echoes: Vec<Echo>,
+    _dir: TempDir,
+    _pins: PinDir,
+    lab: nsfail::lab::Lab,
+}
+
+fn setup(policy: &Policy) -> Setup {
+    let lab = lab(2);
+    let echoes = lab
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let dir = TempDir::new();
+    let config = dir.path.join("nsfail.toml");
+    fs::write(&config, lab_config_with(&lab, policy)).unwrap();
+    let pins = PinDir::new();
+    let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
+    Setup {
+        daemon,
+        echoes,
+        _dir: dir,
+        _pins: pins,
+        lab,
+    }
+}
+
+fn active(socket: &std::path::Path, channel: &str) -> String {
+    let st = status(socket);
+    st["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == channel)
+        .unwrap()["active"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn events(socket: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = cli(socket, &["events", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect()
+}
+
+fn count_events(events: &[serde_json::Value], channel: &str, reason: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["channel"] == channel && e["reason"].as_str().unwrap_or("").contains(reason))
+        .count()
+}
+
+/// Streams to cam2 from a thread while `during` runs; returns what each encoder got, the
+/// number of packets sent and how long the stream took.
+struct Outcome {
+    a: std::collections::BTreeSet<u32>,
+    b: std::collections::BTreeSet<u32>,
+    sent: u32,
+    took: Duration,
+}
+
+fn stream_cam2(
+    s: &mut Setup,
+    rx: (&mut Receiver, &Receiver),
+    n: u32,
+    during: impl FnOnce(&mut Setup, &mut Receiver),
+) -> Outcome {
+    let src_ns = s.lab.src.name.clone();
+    let cam2 = sa(&format!("{INGEST4}:5002"));
+    let src = sa(&format!("{SRC4}:40002"));
+    let start = Instant::now();
+    let sender = thread::spawn(move || {
+        send_burst_in(
+            &src_ns,
+            src,
+            cam2,
+            0..n,
+            Duration::from_millis(1),
+            Duration::from_millis(500),
+        )
+    });
+    thread::sleep(Duration::from_millis(1000));
+    during(s, rx.0);
+    sender.join().unwrap();
+    Outcome {
+        a: rx.0.seen(),
+        b: rx.1.seen(),
+        sent: n,
+        took: start.elapsed() - Duration::from_millis(500),
+    }
+}
+
+impl Outcome {
+    /// The packets lost in the switch, as one contiguous run between A's last and B's first,
+    /// and that run in milliseconds of stream.
+    fn gap(&self) -> (u32, f64) {
+        let lost: Vec<u32> = (0..self.sent)
+            .filter(|s| !self.a.contains(s) && !self.b.contains(s))
+            .collect();
+        if let (Some(first), Some(last)) = (lost.first(), lost.last()) {
+            assert_eq!(
+                (last - first + 1) as usize,
+                lost.len(),
+                "losses are one contiguous run: {lost:?}"
+            );
+        }
+        let per_packet_ms = self.took.as_secs_f64() * 1e3 / f64::from(self.sent);
+        (lost.len() as u32, lost.len() as f64 * per_packet_ms)
+    }
+
+    /// Everything after the switch reached B.
+    fn tail_on_b(&self) {
+        let first_b = *self.b.first().expect("encoder B received the stream");
+        let missing: Vec<u32> = (first_b..self.sent)
+            .filter(|s| !self.b.contains(s))
+            .collect();
+        assert!(missing.is_empty(), "lost after the switch: {missing:?}");
+        assert!(self.a.iter().all(|s| *s < first_b), "A and B overlap");
+    }
+}
+
+#[test]
+fn udp_probes_fail_a_dead_encoder_over() {
+    let mut s = setup(&Policy::default());
+    let sock = s.daemon.socket.clone();
+    let (ea, eb) = (&s.lab.encoders[0], &s.lab.encoders[1]);
+    let mut rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
+    let out = stream_cam2(&mut s, (&mut rx_a, &rx_b), 3000, |s, rx_a| {
+        // Encoder A dies: its media receiver and its health responder.
+        rx_a.kill();
+        s.echoes[0].stop();
+    });
+    out.tail_on_b();
+    let (lost, ms) = out.gap();
+    println!("udp probes (100 ms, fall 3): lost {lost} packets, a {ms:.0} ms gap");
+    // 3 intervals + 1 timeout is the design figure (400 ms); this bound only catches a
+    // detector that does not work.
+    assert!(ms < 2000.0, "gap of {ms:.0} ms");
+    assert_eq!(active(&sock, "cam2"), "enc-b");
+    let st = status(&sock);
+    let enc_a = &st["encoders"][0];
+    assert_eq!(
+        (enc_a["name"].as_str(), enc_a["healthy"].as_bool()),
+        (Some("enc-a"), Some(false))
+    );
+
+    let ev = events(&sock);
+    assert_eq!(
+        count_events(&ev, "cam2", "encoder down: failover"),
+        1,
+        "{ev:?}"
+    );
+    let measured = wait_for(Duration::from_secs(3), || {
+        events(&sock)
+            .into_iter()
+            .find(|e| e["channel"] == "cam2" && e["reason"] == "switchover complete")
+    })
+    .expect("switchover measured");
+    let switch_ms = measured["switchover_ms"].as_f64().unwrap();
+    println!("switchover measured by nsfail: {switch_ms:.1} ms");
+    assert!(switch_ms > 0.0);
+
+    // The metrics endpoint (inside the lab's ingest namespace) shows it.
+    let metrics = s
+        .lab
+        .rt
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
+        .expect("curl /metrics");
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    let sample = |name: &str, labels: &str| -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find(|l| {
+                l.starts_with(&format!("{name}{labels} "))
+                    || (labels.is_empty() && l.starts_with(&format!("{name} ")))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample line: {line}");
+    }
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    assert!(
+        sample("nsfail_channel_failovers_total", "{channel=\"cam2\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample("nsfail_switchover_seconds_count", "").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample("nsfail_encoder_healthy", "{encoder=\"enc-a\"}"),
+        Some(0.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn flow_check_fails_over_a_hung_receiver() {
+    let policy = Policy {
+        health: [
+            "{ kind = \"flow\", interval_ms = 50, timeout_ms = 50, rise = 2, fall = 2 }",
+            "{ kind = \"udp\", port = 9000 }",
+        ],
+        ..Policy::default()
+    };
+    let mut s = setup(&policy);
+    let sock = s.daemon.socket.clone();
+    let (ea, eb) = (&s.lab.encoders[0], &s.lab.encoders[1]);
+    let mut rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
+    let out = stream_cam2(&mut s, (&mut rx_a, &rx_b), 3000, |_, rx_a| {
+        // The media receiver hangs (as under SIGSTOP); the health responder keeps answering.
+        rx_a.pause(true);
+    });
+    let (lost, ms) = out.gap();
+    println!("flow check (50 ms, fall 2): lost {lost} packets, a {ms:.0} ms gap");
+    assert!(!out.b.is_empty(), "encoder B took over");
+    assert_eq!(active(&sock, "cam2"), "enc-b");
+    let ev = events(&sock);
+    assert_eq!(
+        count_events(&ev, "cam2", "encoder down: failover"),
+        1,
+        "{ev:?}"
+    );
+    assert!(ms < 2000.0, "gap of {ms:.0} ms");
+}
+
+#[test]
+fn input_loss_is_reported_and_never_failed_over() {
+    let s = setup(&Policy::default());
+    let sock = s.daemon.socket.clone();
+    let ea = &s.lab.encoders[0];
+    let rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    let cam2 = sa(&format!("{INGEST4}:5002"));
+    let src = sa(&format!("{SRC4}:40002"));
+    send_burst(
+        &s.lab.src,
+        src,
+        cam2,
+        0..300,
+        Duration::from_millis(1),
+        Duration::ZERO,
+    );
+    // The source stops.
+    let lost = wait_for(Duration::from_secs(5), || {
+        (count_events(&events(&sock), "cam2", "input loss") == 1).then_some(())
+    });
+    assert!(lost.is_some(), "input loss reported: {:?}", events(&sock));
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(active(&sock, "cam2"), "enc-a", "no failover for input loss");
+    let ev = events(&sock);
+    assert_eq!(count_events(&ev, "cam2", "encoder down"), 0, "{ev:?}");
+    send_burst(
+        &s.lab.src,
+        src,
+        cam2,
+        300..400,
+        Duration::from_millis(1),
+        Duration::from_millis(300),
+    );
+    let restored = wait_for(Duration::from_secs(3), || {
+        (count_events(&events(&sock), "cam2", "input restored") == 1).then_some(())
+    });
+    assert!(restored.is_some(), "{:?}", events(&sock));
+    assert_eq!(rx_a.seen().len(), 400);
+}
+
+#[test]
+fn auto_failback_returns_once_after_the_hold_down() {
+    let policy = Policy {
+        failback: "auto",
+        hold_down_ms: 1000,
+        ..Policy::default()
+    };
+    let mut s = setup(&policy);
+    let sock = s.daemon.socket.clone();
+    s.echoes[0].stop();
+    let moved = wait_for(Duration::from_secs(5), || {
+        (active(&sock, "cam2") == "enc-b").then_some(())
+    });
+    assert!(moved.is_some(), "cam2 failed over");
+    let ea = &s.lab.encoders[0];
+    let back_at = Instant::now();
+    s.echoes[0] = Echo::start(&ea.ns, sa(&format!("{}:9000", ea.addr4)));
+    let back = wait_for(Duration::from_secs(10), || {
+        (active(&sock, "cam2") == "enc-a").then_some(())
+    });
+    assert!(back.is_some(), "cam2 failed back: {:?}", events(&sock));
+    let after = back_at.elapsed();
+    println!(
+        "failback {after:?} after enc-a's responder came back (rise 3 x 100 ms + hold-down 1 s)"
+    );
+    assert!(
+        after >= Duration::from_millis(1000),
+        "not before the hold-down: {after:?}"
+    );
+    // cam1 has manual failback: it stays on enc-b.
+    assert_eq!(active(&sock, "cam1"), "enc-b");
+    thread::sleep(Duration::from_millis(2500));
+    let ev = events(&sock);
+    assert_eq!(
+        count_events(&ev, "cam2", "failback after hold-down"),
+        1,
+        "once: {ev:?}"
+    );
+    assert_eq!(count_events(&ev, "cam1", "failback"), 0, "{ev:?}");
+    assert_eq!(active(&sock, "cam2"), "enc-a");
+}
+
+#[test]
+fn srt_stream_continues_on_the_backup_when_the_encoder_dies() {
+    let mut s = setup(&Policy::default());
+    let sock = s.daemon.socket.clone();
+    let dir = TempDir::new();
+    let mut listeners = Vec::new();
+    for (i, e) in s.lab.encoders.iter().enumerate() {
+        let file = dir.path.join(format!("enc{i}.ts"));
+        let shell = format!(
+            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
+            file.display()
+        );
+        listeners.push((Some(spawn_in(&e.ns, "sh", &["-c", &shell])), file));
+    }
+    let _caller = spawn_in(
+        &s.lab.src,
+        "srt-live-transmit",
+        &[
+            "-q",
+            "-a",
+            "yes",
+            "udp://127.0.0.1:9000",
+            &format!("srt://{INGEST4}:5000?mode=caller"),
+        ],
+    );
+    let src_ns = s.lab.src.name.clone();
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let feeder = {
+        let feeding = feeding.clone();
+        thread::spawn(move || {
+            nsfail::netns::in_netns(&src_ns, move || {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                // Bounded: at most 60 s of 1316-byte datagrams every 5 ms.
+                for i in 0..12_000u32 {
+                    if !feeding.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut p = vec![0x47u8; 1316];
+                    p[1..5].copy_from_slice(&i.to_be_bytes());
+                    let _ = sock.send_to(&p, "127.0.0.1:9000");
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+    };
+    let size = |f: &std::path::Path| fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+    let a_file = listeners[0].1.clone();
+    let b_file = listeners[1].1.clone();
+    assert!(
+        wait_for(Duration::from_secs(15), || (size(&a_file) > 50_000)
+            .then_some(()))
+        .is_some(),
+        "enc-a receives"
+    );
+    // Encoder A dies: its SRT listener and its health responder.
+    listeners[0].0.take();
+    s.echoes[0].stop();
+    let died = Instant::now();
+    let recovered = wait_for(Duration::from_secs(20), || {
+        (size(&b_file) > 50_000).then_some(())
+    });
+    println!("SRT output at enc-b {:?} after enc-a died", died.elapsed());
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap().unwrap();
+    assert!(
+        recovered.is_some(),
+        "enc-b's SRT output did not grow: {} bytes",
+        size(&b_file)
+    );
+    assert_eq!(active(&sock, "cam1"), "enc-b");
+}
