@@ -104,7 +104,9 @@ impl Decider {
                 policy,
                 active: active.to_owned(),
                 last_move: prev.as_ref().and_then(|p| p.last_move),
-                manual: prev.as_ref().is_some_and(|p| p.manual && p.active == active),
+                manual: prev
+                    .as_ref()
+                    .is_some_and(|p| p.manual && p.active == active),
                 stranded: false,
             },
         );
@@ -120,10 +122,12 @@ impl Decider {
 
     /// Adds an encoder (healthy until told otherwise) if unknown.
     pub fn add_encoder(&mut self, name: &str, now: Instant) {
-        self.encoders.entry(name.to_owned()).or_insert(EncoderState {
-            healthy: true,
-            since: now,
-        });
+        self.encoders
+            .entry(name.to_owned())
+            .or_insert(EncoderState {
+                healthy: true,
+                since: now,
+            });
     }
 
     pub fn remove_encoder(&mut self, name: &str) {
@@ -178,7 +182,10 @@ impl Decider {
         if e.healthy == healthy {
             return Vec::new();
         }
-        *e = EncoderState { healthy, since: now };
+        *e = EncoderState {
+            healthy,
+            since: now,
+        };
         let mut out = Vec::new();
         let names: Vec<String> = self.channels.keys().cloned().collect();
         for name in names {
@@ -335,7 +342,14 @@ mod tests {
 
     fn moved(ds: &[Decision]) -> Vec<(&str, &str, Option<&str>, Reason)> {
         ds.iter()
-            .map(|d| (d.channel.as_str(), d.from.as_str(), d.to.as_deref(), d.reason))
+            .map(|d| {
+                (
+                    d.channel.as_str(),
+                    d.from.as_str(),
+                    d.to.as_deref(),
+                    d.reason,
+                )
+            })
             .collect()
     }
 
@@ -395,7 +409,10 @@ mod tests {
         let (mut d, mut c) = setup(Failback::Auto);
         d.set_health("a", false, c.advance(Duration::from_secs(1)));
         d.set_health("a", true, c.advance(Duration::from_secs(1)));
-        assert!(d.tick(c.advance(HOLD - Duration::from_millis(1))).is_empty());
+        assert!(
+            d.tick(c.advance(HOLD - Duration::from_millis(1)))
+                .is_empty()
+        );
         let ds = d.tick(c.advance(Duration::from_millis(1)));
         assert_eq!(moved(&ds), vec![("cam1", "b", Some("a"), Reason::Failback)]);
         assert!(d.tick(c.advance(HOLD * 5)).is_empty(), "once");
@@ -429,13 +446,21 @@ mod tests {
     #[test]
     fn manual_remap_wins_over_automatic_failback() {
         let (mut d, mut c) = setup(Failback::Auto);
-        let ds = d.remap("cam1", "c", c.advance(Duration::from_secs(1))).unwrap();
+        let ds = d
+            .remap("cam1", "c", c.advance(Duration::from_secs(1)))
+            .unwrap();
         assert_eq!(ds.reason, Reason::Manual);
-        assert!(d.tick(c.advance(HOLD * 3)).is_empty(), "left where the operator put it");
+        assert!(
+            d.tick(c.advance(HOLD * 3)).is_empty(),
+            "left where the operator put it"
+        );
         // An automatic failover still happens if the chosen encoder dies, and then failback
         // is automatic again.
         let ds = d.set_health("c", false, c.advance(Duration::from_secs(1)));
-        assert_eq!(moved(&ds), vec![("cam1", "c", Some("a"), Reason::EncoderDown)]);
+        assert_eq!(
+            moved(&ds),
+            vec![("cam1", "c", Some("a"), Reason::EncoderDown)]
+        );
     }
 
     #[test]
