@@ -4,5 +4,6 @@
 
 pub mod csum;
 pub mod maps;
+pub mod srt;
 
 pub use maps::*;

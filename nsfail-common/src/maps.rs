@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -101,8 +101,25 @@ pub struct ReplyTarget {
     pub encoder_id: u32,
     /// The ingest interface, where replies leave.
     pub ifindex: u32,
+    /// `REPLY_SRT`: the channel carries SRT; learn the caller's socket ID from replies.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<ReplyTarget>() == 32);
+const _: () = assert!(core::mem::size_of::<ReplyTarget>() == 36);
+
+/// [`ReplyTarget::flags`]: an SRT channel.
+pub const REPLY_SRT: u32 = 1;
+
+/// Value of `SRT_PEERS` (key: [`SourceKey`], the caller and the channel): the caller's SRT
+/// socket ID, learnt from the Destination Socket ID of listener→caller packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SrtPeer {
+    pub socket_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when last refreshed (at most once a second unless the ID changes).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SrtPeer>() == 16);
 
 /// Key of `SOURCES`: a contribution source seen sending to a channel.
 #[repr(C)]
@@ -265,6 +282,8 @@ mod pod {
     unsafe impl aya::Pod for SourceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SourceInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SrtPeer {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EncoderInfo {}
     // SAFETY: as above.

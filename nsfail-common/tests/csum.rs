@@ -809,3 +809,18 @@ fn encoder_stats_merge_sums_every_counter() {
         assert_eq!(merged, expected, "seed {seed}");
     });
 }
+
+#[test]
+fn srt_shutdown_matches_the_documented_layout() {
+    use nsfail_common::srt;
+    let p = srt::shutdown(0x1234_abcd);
+    let words: Vec<u32> = p
+        .chunks(4)
+        .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
+        .collect();
+    // word 0: control bit + type 5; words 1-2: 0; word 3: the caller's socket ID; 4 zero bytes.
+    assert_eq!(words, vec![0x8005_0000, 0, 0, 0x1234_abcd, 0]);
+    assert_eq!(srt::dest_socket_id(&p), Some(0x1234_abcd));
+    assert_eq!(srt::dest_socket_id(&p[..15]), None);
+    assert_ne!(srt::shutdown(1), srt::shutdown(2));
+}

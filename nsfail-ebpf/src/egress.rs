@@ -13,9 +13,11 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
 };
-use nsfail_common::{Endpoint, ReplyTarget, SourceKey, tc_reason as r};
+use nsfail_common::{
+    Endpoint, REPLY_SRT, ReplyTarget, SOURCE_REFRESH_NS, SourceKey, SrtPeer, srt, tc_reason as r,
+};
 
-use crate::maps::{ENCODER_STATS, REPLIES, SOURCES, TC_STATS, add_flow, count};
+use crate::maps::{ENCODER_STATS, REPLIES, SOURCES, SRT_PEERS, TC_STATS, add_flow, count};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -65,6 +67,11 @@ fn try_egress(ctx: &TcContext) -> Result<i32, u32> {
     if SOURCES.get_ptr(source).is_none() {
         return Err(r::PASS_UNKNOWN_PEER);
     }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if target.flags & REPLY_SRT != 0 {
+        learn_srt_peer(ctx, &reply, &source, now);
+    }
     if v4 {
         rewrite_v4(ctx, &reply, &target).map_err(|_| r::ERROR)?;
     } else {
@@ -80,10 +87,36 @@ fn try_egress(ctx: &TcContext) -> Result<i32, u32> {
     }
     count(&TC_STATS, r::REPLY_REDIRECTED);
     if let Some(s) = ENCODER_STATS.get_ptr_mut(target.encoder_id) {
-        // SAFETY: a helper without arguments; the stats slot is per CPU.
-        unsafe { add_flow(&mut (*s).tx, reply.ip_len, bpf_ktime_get_ns()) };
+        // SAFETY: the stats slot is per CPU.
+        unsafe { add_flow(&mut (*s).tx, reply.ip_len, now) };
     }
     Ok(TC_ACT_REDIRECT)
+}
+
+/// Remembers the caller's SRT socket ID (the Destination Socket ID of what the listener sends
+/// it), so that userspace can tell the caller to reconnect when the channel is repointed.
+/// Written when the ID changes or at most once a second.
+#[inline(always)]
+fn learn_srt_peer(ctx: &TcContext, reply: &Reply, key: &SourceKey, now: u64) {
+    let Ok(id) = ctx.load::<[u8; 4]>(reply.l4 + UdpHdr::LEN + srt::DEST_SOCKET_ID_OFFSET) else {
+        return;
+    };
+    let socket_id = u32::from_be_bytes(id);
+    let fresh = match SRT_PEERS.get_ptr(key) {
+        // SAFETY: a map value pointer, read once.
+        Some(p) => unsafe {
+            (*p).socket_id == socket_id && now.saturating_sub((*p).last_seen_ns) < SOURCE_REFRESH_NS
+        },
+        None => false,
+    };
+    if !fresh {
+        let peer = SrtPeer {
+            socket_id,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        let _ = SRT_PEERS.insert(key, &peer, 0);
+    }
 }
 
 #[inline(always)]

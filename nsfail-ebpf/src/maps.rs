@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use nsfail_common::{
     ChannelTarget, EncoderInfo, EncoderStats, Endpoint, FlowStats, MAX_CHANNELS, MAX_ENCODERS,
-    MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey, tc_reason, xdp_reason,
+    MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey, SrtPeer, tc_reason, xdp_reason,
 };
 
 /// Key: a channel's ingest endpoint. Value: where its packets go now.
@@ -24,6 +24,12 @@ pub static REPLIES: HashMap<Endpoint, ReplyTarget> = HashMap::pinned(2 * MAX_CHA
 /// Readers: TC egress (replies go only to known sources), userspace (status).
 #[map]
 pub static SOURCES: LruHashMap<SourceKey, SourceInfo> = LruHashMap::pinned(MAX_SOURCES, 0);
+
+/// Key: (channel, caller endpoint). Value: the caller's SRT socket ID, learnt from
+/// listener→caller packets. Writer: TC egress (SRT channels only). Reader: userspace, which
+/// sends the caller a SHUTDOWN when it repoints the channel.
+#[map]
+pub static SRT_PEERS: LruHashMap<SourceKey, SrtPeer> = LruHashMap::pinned(MAX_SOURCES, 0);
 
 /// Key: encoder id. Value: the encoder's registration. Writer and reader: userspace only (it is
 /// how a restarted controller learns the ids of a pinned data plane).

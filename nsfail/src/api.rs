@@ -88,6 +88,18 @@ pub struct ChannelStatus {
     pub bytes: u64,
     /// Milliseconds since the last input packet; `None` when none was seen.
     pub idle_ms: Option<u64>,
+    /// SRT channels: the callers seen, with the socket ID their listener addresses them by.
+    #[serde(default)]
+    pub srt_peers: Vec<SrtPeerStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SrtPeerStatus {
+    pub caller: SocketAddr,
+    pub socket_id: u32,
+    /// Milliseconds since the return path last refreshed it (refreshed about once a second
+    /// while the session lives).
+    pub idle_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,6 +133,10 @@ pub struct Event {
     /// probe) to the new encoder's first packet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_ms: Option<f64>,
+    /// SRT channels: how many callers were sent a SHUTDOWN so that they reconnect to the
+    /// encoder the channel now points to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srt_reconnects: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,8 @@ use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     fs,
     io::Write,
+    net::SocketAddr,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
-    api::{ChannelStatus, EncoderStatus, Event, Status},
+    api::{ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
     config::{self, Config, ConfigError},
     decision::{ChannelPolicy, Decider, Decision, Reason},
     netns,
@@ -136,6 +138,8 @@ pub struct Controller {
 
 /// How long a channel's input may stand still before it is reported as lost.
 pub const INPUT_LOSS_AFTER: Duration = Duration::from_secs(1);
+/// SRT callers seen within this long are told to reconnect on a repoint.
+const SRT_PEER_FRESH: Duration = Duration::from_secs(30);
 /// How long a switchover measurement waits for the first packet at the new encoder.
 const SWITCH_MEASURE_FOR: Duration = Duration::from_secs(5);
 
@@ -249,8 +253,13 @@ impl Controller {
             let active = self.choose_initial(ch, current.get(&ch.listen).map(|c| &c.encoder));
             let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
             let before = current.get(&ch.listen).map(|c| c.encoder.clone());
-            self.dp
-                .set_channel(ch.listen, ch.encoder_port(), &active, &members)?;
+            self.dp.set_channel(
+                ch.listen,
+                ch.encoder_port(),
+                &active,
+                &members,
+                ch.protocol == config::Protocol::Srt,
+            )?;
             self.decider.set_channel(&ch.name, policy(ch), &active);
             if before.as_deref() != Some(active.as_str()) {
                 self.event(Some(&ch.name), before, Some(active.clone()), "configured");
@@ -362,9 +371,20 @@ impl Controller {
             .then(|| self.switch_baseline(&d.channel, &d.from, &to))
             .flatten();
         self.dp.activate(ch.listen, &to)?;
+        // Repoint first, then tell SRT callers: their reconnect must reach the new encoder.
+        let reconnects =
+            (ch.protocol == config::Protocol::Srt && d.from != to).then(|| self.srt_reconnect(&ch));
         self.delta.active.insert(d.channel.clone(), to.clone());
         self.persist()?;
-        self.event(Some(&d.channel), Some(d.from), Some(to), d.reason.as_str());
+        self.record(Event {
+            time: rfc3339(SystemTime::now()),
+            channel: Some(d.channel.clone()),
+            from: Some(d.from),
+            to: Some(to),
+            reason: d.reason.as_str().to_owned(),
+            switchover_ms: None,
+            srt_reconnects: reconnects,
+        });
         self.pending.extend(measure);
         self.moved.push(d.channel);
         Ok(())
@@ -380,6 +400,40 @@ impl Controller {
     /// about when it died; its last reply through the return path (SRT ACKs, any answer) or
     /// its last successful probe, whichever is later, does. With neither, the last packet
     /// forwarded to it is used.
+    /// Sends each live SRT caller of `ch` a SHUTDOWN from the channel's ingest address, three
+    /// times a few ms apart (loss-safe; a caller ignores a wrong or stale ID). The caller drops
+    /// its session at once and its new handshake lands on the encoder the channel now points
+    /// to, instead of waiting out libsrt's ~5 s peer-idle timeout. Returns the callers told.
+    fn srt_reconnect(&self, ch: &config::Channel) -> u32 {
+        let now = monotonic_ns();
+        let callers: Vec<(SocketAddr, u32)> = match self.dp.srt_peers() {
+            Ok(peers) => peers
+                .into_iter()
+                .filter(|p| {
+                    p.channel == ch.listen
+                        && now.saturating_sub(p.last_seen_ns) < SRT_PEER_FRESH.as_nanos() as u64
+                })
+                .map(|p| (p.peer, p.socket_id))
+                .collect(),
+            Err(e) => {
+                warn!("channel {}: reading SRT peers: {e}", ch.name);
+                return 0;
+            }
+        };
+        if callers.is_empty() {
+            return 0;
+        }
+        let listen = ch.listen;
+        let name = ch.name.clone();
+        let count = callers.len() as u32;
+        std::thread::spawn(move || {
+            if let Err(e) = send_srt_shutdowns(listen, &callers) {
+                warn!("channel {name}: SRT shutdown to callers: {e}");
+            }
+        });
+        count
+    }
+
     fn switch_baseline(&self, channel: &str, from: &str, to: &str) -> Option<PendingSwitch> {
         let old = self.dp.encoder_stats(from).ok()?;
         let new = self.dp.encoder_stats(to).ok()?;
@@ -532,6 +586,7 @@ impl Controller {
                     to: Some(p.to.clone()),
                     reason: "switchover complete".into(),
                     switchover_ms: Some(gap.as_secs_f64() * 1e3),
+                    srt_reconnects: None,
                 };
                 self.record(ev);
                 done.push(Switchover {
@@ -647,6 +702,7 @@ impl Controller {
             .into_iter()
             .map(|c| (c.listen, c.encoder))
             .collect();
+        let peers = self.dp.srt_peers().unwrap_or_default();
         let mut channels = Vec::new();
         for ch in &self.effective.channels {
             let stats = self.dp.channel_stats(ch.listen).unwrap_or_default();
@@ -662,6 +718,15 @@ impl Controller {
                 bytes: stats.bytes,
                 idle_ms: (stats.packets > 0)
                     .then(|| now.saturating_sub(stats.last_seen_ns) / 1_000_000),
+                srt_peers: peers
+                    .iter()
+                    .filter(|p| p.channel == ch.listen)
+                    .map(|p| SrtPeerStatus {
+                        caller: p.peer,
+                        socket_id: p.socket_id,
+                        idle_ms: now.saturating_sub(p.last_seen_ns) / 1_000_000,
+                    })
+                    .collect(),
             });
         }
         let mut encoders = Vec::new();
@@ -706,6 +771,7 @@ impl Controller {
             to,
             reason: reason.to_owned(),
             switchover_ms: None,
+            srt_reconnects: None,
         });
     }
 
@@ -773,6 +839,39 @@ pub fn encoder_spec(e: &config::Encoder) -> Result<EncoderSpec> {
         mac,
         link,
     })
+}
+
+/// Sends the SHUTDOWNs from the ingest address (IP_FREEBIND: the address need not be
+/// configured on this host for the packets to carry it).
+fn send_srt_shutdowns(from: SocketAddr, callers: &[(SocketAddr, u32)]) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, sendto, setsockopt, socket,
+        sockopt,
+    };
+    let family = if from.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::IpFreebind, &true)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        for (caller, id) in callers {
+            let packet = nsfail_common::srt::shutdown(*id);
+            sendto(
+                fd.as_raw_fd(),
+                &packet,
+                &SockaddrStorage::from(*caller),
+                nix::sys::socket::MsgFlags::empty(),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn append_line<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {

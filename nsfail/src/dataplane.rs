@@ -31,7 +31,7 @@ use log::{info, warn};
 use nsfail_common::{
     ABI_VERSION, ACTION_REDIRECT, ACTION_TX, ChannelTarget, ENCODER_LOCAL, ENCODER_REMOTE,
     EncoderInfo, EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats, MAX_CHANNELS,
-    MAX_ENCODERS, ReplyTarget, SourceInfo, SourceKey, tc_reason, xdp_reason,
+    MAX_ENCODERS, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer, tc_reason, xdp_reason,
 };
 
 use crate::{netns, paths::Pins};
@@ -184,6 +184,16 @@ pub struct SourceEntry {
     pub last_seen_ns: u64,
 }
 
+/// An SRT caller of a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SrtPeerEntry {
+    pub channel: SocketAddr,
+    pub peer: SocketAddr,
+    pub socket_id: u32,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub last_seen_ns: u64,
+}
+
 /// The ingest NIC as attached.
 #[derive(Clone, Debug)]
 struct Ingest {
@@ -200,6 +210,7 @@ pub struct Dataplane {
     channels: HashMap<MapData, Endpoint, ChannelTarget>,
     replies: HashMap<MapData, Endpoint, ReplyTarget>,
     sources: HashMap<MapData, SourceKey, SourceInfo>,
+    srt_peers: HashMap<MapData, SourceKey, SrtPeer>,
     encoders: HashMap<MapData, u32, EncoderInfo>,
     tx_ports: DevMap<MapData>,
     channel_stats: PerCpuArray<MapData, FlowStats>,
@@ -209,10 +220,11 @@ pub struct Dataplane {
 }
 
 /// Every map of the object, by name (as pinned).
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     "CHANNELS",
     "REPLIES",
     "SOURCES",
+    "SRT_PEERS",
     "ENCODERS",
     "TX_PORTS",
     "CHANNEL_STATS",
@@ -314,6 +326,7 @@ impl Dataplane {
             channels: typed!("CHANNELS"),
             replies: typed!("REPLIES"),
             sources: typed!("SOURCES"),
+            srt_peers: typed!("SRT_PEERS"),
             encoders: typed!("ENCODERS"),
             tx_ports: typed!("TX_PORTS"),
             channel_stats: typed!("CHANNEL_STATS"),
@@ -490,14 +503,16 @@ impl Dataplane {
 
     /// Adds or replaces a channel: packets to `listen` go to `active` on `port`, and replies
     /// from any of `members` (the active encoder and its backups) on `port` are returned from
-    /// `listen`. The CHANNELS write comes last, so the channel forwards only once its return
-    /// path is in place.
+    /// `listen`. For an `srt` channel the return path also learns each caller's SRT socket ID
+    /// ([`Dataplane::srt_peers`]). The CHANNELS write comes last, so the channel forwards only
+    /// once its return path is in place.
     pub fn set_channel(
         &mut self,
         listen: SocketAddr,
         port: u16,
         active: &str,
         members: &[&str],
+        srt: bool,
     ) -> Result<u32> {
         let ingest = self.ingest.clone().ok_or(DataplaneError::NoIngest)?;
         validate_endpoint(listen)?;
@@ -559,6 +574,7 @@ impl Dataplane {
                 channel_id,
                 encoder_id: *id,
                 ifindex: ingest.ifindex,
+                flags: if srt { REPLY_SRT } else { 0 },
             };
             self.replies
                 .insert(reply_key(info, port), rt, 0)
@@ -606,8 +622,32 @@ impl Dataplane {
             .collect();
         for k in stale {
             let _ = self.sources.remove(&k);
+            let _ = self.srt_peers.remove(&k);
         }
         Ok(())
+    }
+
+    /// SRT callers of SRT channels, with the socket ID their listener last addressed them by.
+    pub fn srt_peers(&self) -> Result<Vec<SrtPeerEntry>> {
+        let by_id: BTreeMap<u32, SocketAddr> = self
+            .channel_targets()?
+            .into_iter()
+            .map(|(k, t)| (t.channel_id, socket_addr(&k)))
+            .collect();
+        let mut out = Vec::new();
+        for item in self.srt_peers.iter() {
+            let (k, v) = item.map_err(map_err("SRT_PEERS"))?;
+            if let Some(channel) = by_id.get(&k.channel_id) {
+                out.push(SrtPeerEntry {
+                    channel: *channel,
+                    peer: socket_addr(&k.peer),
+                    socket_id: v.socket_id,
+                    last_seen_ns: v.last_seen_ns,
+                });
+            }
+        }
+        out.sort_by_key(|p| (p.channel, p.peer));
+        Ok(out)
     }
 
     pub fn encoders(&self) -> Result<Vec<EncoderEntry>> {

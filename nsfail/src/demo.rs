@@ -104,7 +104,7 @@ fn demo(lab: &Lab, pins: &Pins, seconds: u64) -> Result<()> {
         }
         Ok(dp)
     })??;
-    dp.set_channel(channel, PORT, names[0], &names)?;
+    dp.set_channel(channel, PORT, names[0], &names, false)?;
     println!(
         "channel cam1: {channel} -> enc-a ({}:{PORT}), backup enc-b",
         lab.encoders[0].addr4

@@ -91,6 +91,8 @@ pub struct Policy<'a> {
     /// cam2's failback: `manual` or `auto`.
     pub failback: &'a str,
     pub hold_down_ms: u64,
+    /// cam1's protocol: `srt` or `udp`.
+    pub cam1_protocol: &'a str,
 }
 
 impl Default for Policy<'_> {
@@ -99,6 +101,7 @@ impl Default for Policy<'_> {
             health: ["{ kind = \"udp\", port = 9000 }"; 2],
             failback: "manual",
             hold_down_ms: 10_000,
+            cam1_protocol: "srt",
         }
     }
 }
@@ -128,10 +131,13 @@ pub fn lab_config_with(lab: &Lab, policy: &Policy) -> String {
             e.addr4, e.host_if, e.ns.name, policy.health[i]
         );
     }
-    s += "[[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\n\
-          encoders = [\"enc-a\", \"enc-b\"]\nport = 7000\nprotocol = \"srt\"\n\n\
-          [[channel]]\nname = \"cam2\"\nlisten = \"10.77.0.1:5002\"\n\
-          encoders = [\"enc-a\", \"enc-b\"]\nport = 7002\n";
+    s += &format!(
+        "[[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\n\
+         encoders = [\"enc-a\", \"enc-b\"]\nport = 7000\nprotocol = \"{}\"\n\n\
+         [[channel]]\nname = \"cam2\"\nlisten = \"10.77.0.1:5002\"\n\
+         encoders = [\"enc-a\", \"enc-b\"]\nport = 7002\n",
+        policy.cam1_protocol
+    );
     s += &format!(
         "failback = \"{}\"\nhold_down_ms = {}\n",
         policy.failback, policy.hold_down_ms

@@ -32,7 +32,7 @@ fn setup(lab: &Lab, pins: &PinDir) -> Dataplane {
     dp.attach_ingest(INGEST_IF, XdpModeSetting::Native).unwrap();
     dp.upsert_encoder(&spec(lab, 0, "ea")).unwrap();
     dp.upsert_encoder(&spec(lab, 1, "eb")).unwrap();
-    dp.set_channel(sa("10.77.0.1:5000"), 7000, "ea", &["ea", "eb"])
+    dp.set_channel(sa("10.77.0.1:5000"), 7000, "ea", &["ea", "eb"], false)
         .unwrap();
     dp
 }
@@ -47,7 +47,7 @@ fn bad_updates_are_refused_and_change_nothing() {
     let before = (dp.channels().unwrap(), dp.encoders().unwrap());
 
     let err = dp
-        .set_channel(sa("10.77.0.1:5001"), 7001, "nope", &["nope"])
+        .set_channel(sa("10.77.0.1:5001"), 7001, "nope", &["nope"], false)
         .unwrap_err();
     assert!(
         matches!(err, DataplaneError::UnknownEncoder(ref n) if n == "nope"),
@@ -55,7 +55,7 @@ fn bad_updates_are_refused_and_change_nothing() {
     );
     assert_eq!(err.to_string(), "unknown encoder \"nope\"");
     let err = dp
-        .set_channel(sa("10.77.0.1:5001"), 7001, "ea", &["ea", "nope"])
+        .set_channel(sa("10.77.0.1:5001"), 7001, "ea", &["ea", "nope"], false)
         .unwrap_err();
     assert!(matches!(err, DataplaneError::UnknownEncoder(_)), "{err}");
     let err = dp.activate(ch, "nope").unwrap_err();
@@ -63,7 +63,7 @@ fn bad_updates_are_refused_and_change_nothing() {
     let err = dp.activate(sa("10.77.0.1:5999"), "eb").unwrap_err();
     assert!(matches!(err, DataplaneError::UnknownChannel(_)), "{err}");
     let err = dp
-        .set_channel(sa("[fd77::1]:5000"), 7000, "ea", &["ea"])
+        .set_channel(sa("[fd77::1]:5000"), 7000, "ea", &["ea"], false)
         .unwrap_err();
     assert!(
         matches!(err, DataplaneError::FamilyMismatch { .. }),
@@ -75,18 +75,18 @@ fn bad_updates_are_refused_and_change_nothing() {
         "a backup's replies are still expected: {err}"
     );
     let err = dp
-        .set_channel(sa("10.77.0.1:6000"), 7000, "eb", &["eb"])
+        .set_channel(sa("10.77.0.1:6000"), 7000, "eb", &["eb"], false)
         .unwrap_err();
     assert!(
         matches!(err, DataplaneError::PortConflict { port: 7000, .. }),
         "{err}"
     );
     let err = dp
-        .set_channel(sa("10.77.0.1:0"), 7000, "ea", &["ea"])
+        .set_channel(sa("10.77.0.1:0"), 7000, "ea", &["ea"], false)
         .unwrap_err();
     assert!(matches!(err, DataplaneError::Invalid { .. }), "{err}");
     let err = dp
-        .set_channel(sa("10.77.0.1:6001"), 0, "ea", &["ea"])
+        .set_channel(sa("10.77.0.1:6001"), 0, "ea", &["ea"], false)
         .unwrap_err();
     assert!(matches!(err, DataplaneError::Invalid { .. }), "{err}");
     let mut long = spec(&lab, 0, "x");

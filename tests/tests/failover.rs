@@ -347,16 +347,22 @@ fn auto_failback_returns_once_after_the_hold_down() {
     assert_eq!(active(&sock, "cam2"), "enc-a");
 }
 
-#[test]
-fn srt_stream_continues_on_the_backup_when_the_encoder_dies() {
-    let mut s = setup(&Policy::default());
+/// An SRT caller streams through cam1 to enc-a's listener; enc-a dies (listener and health
+/// responder). Returns how long until enc-b's listener output grew, and the events.
+fn srt_failover(protocol: &str, passphrase: Option<&str>) -> (Duration, Vec<serde_json::Value>) {
+    let policy = Policy {
+        cam1_protocol: protocol,
+        ..Policy::default()
+    };
+    let mut s = setup(&policy);
     let sock = s.daemon.socket.clone();
     let dir = TempDir::new();
+    let secret = passphrase.map_or(String::new(), |p| format!("&passphrase={p}"));
     let mut listeners = Vec::new();
     for (i, e) in s.lab.encoders.iter().enumerate() {
         let file = dir.path.join(format!("enc{i}.ts"));
         let shell = format!(
-            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
+            "exec srt-live-transmit -q 'srt://:7000?mode=listener{secret}' file://con > {}",
             file.display()
         );
         listeners.push((Some(spawn_in(&e.ns, "sh", &["-c", &shell])), file));
@@ -369,29 +375,10 @@ fn srt_stream_continues_on_the_backup_when_the_encoder_dies() {
             "-a",
             "yes",
             "udp://127.0.0.1:9000",
-            &format!("srt://{INGEST4}:5000?mode=caller"),
+            &format!("srt://{INGEST4}:5000?mode=caller{secret}"),
         ],
     );
-    let src_ns = s.lab.src.name.clone();
-    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let feeder = {
-        let feeding = feeding.clone();
-        thread::spawn(move || {
-            nsfail::netns::in_netns(&src_ns, move || {
-                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-                // Bounded: at most 60 s of 1316-byte datagrams every 5 ms.
-                for i in 0..12_000u32 {
-                    if !feeding.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let mut p = vec![0x47u8; 1316];
-                    p[1..5].copy_from_slice(&i.to_be_bytes());
-                    let _ = sock.send_to(&p, "127.0.0.1:9000");
-                    thread::sleep(Duration::from_millis(5));
-                }
-            })
-        })
-    };
+    let _feed = Feeder::start(&s.lab.src.name);
     let size = |f: &std::path::Path| fs::metadata(f).map(|m| m.len()).unwrap_or(0);
     let a_file = listeners[0].1.clone();
     let b_file = listeners[1].1.clone();
@@ -405,16 +392,146 @@ fn srt_stream_continues_on_the_backup_when_the_encoder_dies() {
     listeners[0].0.take();
     s.echoes[0].stop();
     let died = Instant::now();
+    let b_before = size(&b_file);
     let recovered = wait_for(Duration::from_secs(20), || {
-        (size(&b_file) > 50_000).then_some(())
+        (size(&b_file) > b_before + 13_160).then_some(died.elapsed())
     });
-    println!("SRT output at enc-b {:?} after enc-a died", died.elapsed());
-    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
-    feeder.join().unwrap().unwrap();
-    assert!(
-        recovered.is_some(),
-        "enc-b's SRT output did not grow: {} bytes",
-        size(&b_file)
-    );
+    let recovered =
+        recovered.unwrap_or_else(|| panic!("enc-b's output did not grow: {} bytes", size(&b_file)));
     assert_eq!(active(&sock, "cam1"), "enc-b");
+    (recovered, events(&sock))
+}
+
+/// Datagrams into the SRT caller (1316 bytes every 5 ms), stopped on drop; bounded to 60 s.
+struct Feeder {
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Feeder {
+    fn start(ns: &str) -> Self {
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = on.clone();
+        let ns = ns.to_owned();
+        let handle = thread::spawn(move || {
+            let _ = nsfail::netns::in_netns(&ns, move || {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                for i in 0..12_000u32 {
+                    if !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut p = vec![0x47u8; 1316];
+                    p[1..5].copy_from_slice(&i.to_be_bytes());
+                    let _ = sock.send_to(&p, "127.0.0.1:9000");
+                    thread::sleep(Duration::from_millis(5));
+                }
+            });
+        });
+        Self {
+            on,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.on.store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn srt_reconnects(events: &[serde_json::Value]) -> Option<u64> {
+    events
+        .iter()
+        .find(|e| e["channel"] == "cam1" && e["reason"] == "encoder down: failover")
+        .and_then(|e| e["srt_reconnects"].as_u64())
+}
+
+#[test]
+fn srt_caller_is_told_to_reconnect_on_failover() {
+    let (took, events) = srt_failover("srt", None);
+    println!("SRT channel: stream at enc-b {took:?} after enc-a died");
+    assert_eq!(
+        srt_reconnects(&events),
+        Some(1),
+        "one caller told: {events:?}"
+    );
+}
+
+#[test]
+fn srt_caller_is_told_to_reconnect_on_failover_encrypted() {
+    let (took, events) = srt_failover("srt", Some("0123456789abcdef"));
+    println!("SRT channel, encrypted: stream at enc-b {took:?} after enc-a died");
+    assert_eq!(
+        srt_reconnects(&events),
+        Some(1),
+        "one caller told: {events:?}"
+    );
+}
+
+#[test]
+fn udp_channel_carrying_srt_recovers_only_by_the_callers_timeout() {
+    // The baseline: the same stream on a channel declared "udp" gets no SHUTDOWN; the caller
+    // reconnects only after libsrt's peer-idle timeout (about 5 s).
+    let (took, events) = srt_failover("udp", None);
+    println!("UDP channel carrying SRT: stream at enc-b {took:?} after enc-a died");
+    assert_eq!(srt_reconnects(&events), None, "{events:?}");
+}
+
+#[test]
+fn srt_remap_with_both_encoders_alive_is_near_seamless() {
+    let s = setup(&Policy::default());
+    let sock = s.daemon.socket.clone();
+    let dir = TempDir::new();
+    let mut files = Vec::new();
+    let mut _listeners = Vec::new();
+    for (i, e) in s.lab.encoders.iter().enumerate() {
+        let file = dir.path.join(format!("enc{i}.ts"));
+        let shell = format!(
+            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
+            file.display()
+        );
+        _listeners.push(spawn_in(&e.ns, "sh", &["-c", &shell]));
+        files.push(file);
+    }
+    let _caller = spawn_in(
+        &s.lab.src,
+        "srt-live-transmit",
+        &[
+            "-q",
+            "-a",
+            "yes",
+            "udp://127.0.0.1:9000",
+            &format!("srt://{INGEST4}:5000?mode=caller"),
+        ],
+    );
+    let _feed = Feeder::start(&s.lab.src.name);
+    let size = |f: &std::path::Path| fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        wait_for(Duration::from_secs(15), || (size(&files[0]) > 50_000)
+            .then_some(()))
+        .is_some(),
+        "enc-a receives"
+    );
+    let out = cli(&sock, &["remap", "cam1", "enc-b"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let remapped = Instant::now();
+    let b_before = size(&files[1]);
+    let moved = wait_for(Duration::from_secs(20), || {
+        (size(&files[1]) > b_before).then_some(remapped.elapsed())
+    })
+    .expect("enc-b's output grows after the remap");
+    println!("SRT remap with both alive: first output at enc-b {moved:?} after the remap");
+    let ev = events(&sock);
+    let remap = ev
+        .iter()
+        .find(|e| e["channel"] == "cam1" && e["reason"] == "manual remap")
+        .expect("remap event");
+    assert_eq!(remap["srt_reconnects"].as_u64(), Some(1), "{remap}");
+    let a_then = size(&files[0]);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(size(&files[0]), a_then, "enc-a's output stopped");
 }

@@ -87,12 +87,18 @@ impl Fixture {
             })
             .expect("encoder");
         }
-        dp.set_channel(CH4.parse().unwrap(), ENC_PORT, "enc4", &["enc4"])
+        dp.set_channel(CH4.parse().unwrap(), ENC_PORT, "enc4", &["enc4"], true)
             .expect("channel v4");
-        dp.set_channel(CH6.parse().unwrap(), ENC_PORT, "enc6", &["enc6"])
+        dp.set_channel(CH6.parse().unwrap(), ENC_PORT, "enc6", &["enc6"], false)
             .expect("channel v6");
-        dp.set_channel(CH_REMOTE.parse().unwrap(), ENC_PORT, "remote", &["remote"])
-            .expect("channel remote");
+        dp.set_channel(
+            CH_REMOTE.parse().unwrap(),
+            ENC_PORT,
+            "remote",
+            &["remote"],
+            false,
+        )
+        .expect("channel remote");
         Self {
             dp,
             _pins: pins,
@@ -500,6 +506,14 @@ fn tc_egress_table() {
     assert!(
         fx.test_run(false, &r4.bytes()[..20]).is_err(),
         "20-byte IPv4 skb"
+    );
+    // The SRT channel (CH4) learnt its caller's socket ID from the listener's replies: the
+    // Destination Socket ID, bytes 12..16 of the UDP payload; the plain channel (CH6) did not.
+    let peers = fx.dp.srt_peers().unwrap();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(
+        (peers[0].channel, peers[0].peer, peers[0].socket_id),
+        (sa(CH4), sa(SRC4), u32::from_be_bytes([12, 13, 14, 15]))
     );
     let tx = fx.dp.encoder_stats("enc4").unwrap().tx;
     assert_eq!(tx.packets, 2, "enc4 replies counted");

@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             }
             ("channel", [listen, port, active, members, more @ ..]) => {
                 let members: Vec<&str> = members.split(',').collect();
-                dp.set_channel(listen.parse()?, port.parse()?, active, &members)?;
+                dp.set_channel(listen.parse()?, port.parse()?, active, &members, false)?;
                 rest = more;
             }
             _ => bail!("cannot parse arguments at {word:?}"),
