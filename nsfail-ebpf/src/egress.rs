@@ -115,7 +115,7 @@ fn learn_srt_peer(ctx: &TcContext, reply: &Reply, key: &SourceKey, now: u64) {
             _pad: 0,
             last_seen_ns: now,
         };
-        let _ = SRT_PEERS.insert(key, &peer, 0);
+        let _ = SRT_PEERS.insert(key, peer, 0);
     }
 }
 

@@ -278,6 +278,25 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut encoder,
+            "srt_peer_idle",
+            "SRT callers of a channel, by address and socket ID: time since the return path \
+             last saw their session.",
+            Some(&Unit::Seconds),
+            status.channels.iter().flat_map(|c| {
+                c.srt_peers.iter().map(move |p| {
+                    (
+                        [
+                            ("channel", c.name.clone()),
+                            ("caller", p.caller.to_string()),
+                            ("socket_id", p.socket_id.to_string()),
+                        ],
+                        ConstGauge::new(Duration::from_millis(p.idle_ms).as_secs_f64()),
+                    )
+                })
+            }),
+        )?;
+        family(
+            &mut encoder,
             "channel_active_encoder",
             "1 for the encoder the channel is forwarded to now, 0 for its backups.",
             None,
@@ -731,6 +750,11 @@ mod tests {
             packets,
             bytes,
             idle_ms: Some(1500),
+            srt_peers: vec![crate::api::SrtPeerStatus {
+                caller: SocketAddr::from((Ipv4Addr::new(10, 200, 0, 9), 40000)),
+                socket_id: 7,
+                idle_ms: 250,
+            }],
         }
     }
 
@@ -792,6 +816,18 @@ mod tests {
         assert_eq!(
             value(&s, "nsfail_channel_idle_seconds", &ch("cam1")),
             Some(1.5)
+        );
+        assert_eq!(
+            value(
+                &s,
+                "nsfail_srt_peer_idle_seconds",
+                &[
+                    ("channel", "cam1"),
+                    ("caller", "10.200.0.9:40000"),
+                    ("socket_id", "7")
+                ]
+            ),
+            Some(0.25)
         );
 
         let active = |c, e| {

@@ -43,6 +43,7 @@ fn status(packets: u64) -> Status {
             packets,
             bytes: packets * 1316,
             idle_ms: Some(20),
+            srt_peers: Vec::new(),
         }],
         encoders: ["enc-a", "enc-b"]
             .into_iter()
