@@ -64,6 +64,9 @@ enum Cmd {
     /// Remove a channel or an encoder at run time (persisted).
     #[command(subcommand)]
     Remove(RemoveCmd),
+    /// Managed encoders.
+    #[command(subcommand)]
+    Encoder(EncoderCmd),
     /// Decisions and observations, oldest first.
     Events {
         /// Keep printing new events as they happen.
@@ -126,6 +129,37 @@ struct AddEncoder {
     /// Health check port for udp/tcp probes.
     #[arg(long)]
     health_port: Option<u16>,
+}
+
+#[derive(Subcommand)]
+enum EncoderCmd {
+    /// Add a managed encoder: nsfail makes its namespace, veth, addresses and routes and runs
+    /// COMMAND inside, restarting it when it exits.
+    Spawn(SpawnEncoder),
+}
+
+#[derive(Args)]
+struct SpawnEncoder {
+    name: String,
+    /// Its address inside its namespace; the host side of the veth takes the link's first
+    /// address.
+    #[arg(long)]
+    address: String,
+    /// The link's prefix length (default /30 for IPv4, /126 for IPv6).
+    #[arg(long)]
+    prefix: Option<u8>,
+    /// always | never
+    #[arg(long)]
+    restart: Option<String>,
+    /// A udp health check on this port (default: the flow check).
+    #[arg(long)]
+    health_port: Option<u16>,
+    /// What it may reach besides replying to sources (repeatable).
+    #[arg(long)]
+    allow: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -268,6 +302,29 @@ fn dispatch(cli: Cli) -> Result<()> {
             let encoder = serde_json::from_value(v).context("encoder")?;
             request(Command::AddEncoder { encoder })?;
             done(format!("encoder {} added", a.name));
+            Ok(())
+        }
+        Cmd::Encoder(EncoderCmd::Spawn(a)) => {
+            let (command, args) = a.command.split_first().expect("clap requires a command");
+            let mut v = json!({
+                "name": a.name,
+                "address": a.address,
+                "allow": a.allow,
+                "spawn": { "command": command, "args": args },
+                "health": match a.health_port {
+                    Some(port) => json!({ "kind": "udp", "port": port }),
+                    None => json!({ "kind": "flow" }),
+                },
+            });
+            if let Some(p) = a.prefix {
+                v["prefix"] = json!(p);
+            }
+            if let Some(r) = a.restart {
+                v["restart"] = json!(r);
+            }
+            let encoder = serde_json::from_value(v).context("encoder")?;
+            request(Command::AddEncoder { encoder })?;
+            done(format!("managed encoder {} spawned", a.name));
             Ok(())
         }
         Cmd::Remove(RemoveCmd::Channel { name }) => {

@@ -117,6 +117,36 @@ pub struct Encoder {
     pub allow: Vec<String>,
     #[serde(default)]
     pub health: Health,
+    /// A managed encoder: nsfail makes its namespace, veth, addresses and routes, and runs
+    /// this command inside as a supervised child.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<Spawn>,
+    /// Managed encoders: what to do when the command exits.
+    #[serde(default)]
+    pub restart: Restart,
+    /// Managed encoders: the prefix length of the veth link (default 30 for IPv4, 126 for
+    /// IPv6); the host side takes the link's first address, the encoder `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
+}
+
+/// `encoder.spawn`: the program a managed encoder runs.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spawn {
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// `encoder.restart`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Restart {
+    /// Restart with backoff whenever it exits.
+    #[default]
+    Always,
+    Never,
 }
 
 /// `encoder.health`: how an encoder is judged alive.
@@ -260,7 +290,31 @@ impl Encoder {
     /// Local encoders sit behind a veth of this host; remote ones are reached through the
     /// ingest NIC.
     pub fn is_local(&self) -> bool {
-        self.interface.is_some()
+        self.interface.is_some() || self.spawn.is_some()
+    }
+
+    /// The host-side veth of a local encoder: configured, or derived for a managed one
+    /// (`nf-` and the name's first 10 bytes).
+    pub fn host_interface(&self) -> Option<String> {
+        self.interface.clone().or_else(|| {
+            self.spawn.as_ref().map(|_| {
+                let short: String = self.name.chars().take(10).collect();
+                format!("nf-{short}")
+            })
+        })
+    }
+
+    /// The namespace of a local encoder: configured, or `nsf-<name>` for a managed one.
+    pub fn namespace(&self) -> Option<String> {
+        self.netns
+            .clone()
+            .or_else(|| self.spawn.as_ref().map(|_| format!("nsf-{}", self.name)))
+    }
+
+    /// A managed encoder's link prefix length.
+    pub fn link_prefix(&self) -> u8 {
+        self.prefix
+            .unwrap_or(if self.address.is_ipv4() { 30 } else { 126 })
     }
 
     /// The MAC override as bytes: `None` when there is none (or it is malformed, which
@@ -758,6 +812,25 @@ fn encoder_problems(i: usize, encoder: &Encoder, out: &mut Vec<Problem>) {
             format!("encoder {name:?}: interface {why}"),
         ));
     }
+    if let Some(spawn) = &encoder.spawn {
+        if spawn.command.trim().is_empty() {
+            out.push(Problem::new(
+                at!["encoder", i, "spawn"],
+                format!("encoder {name:?}: spawn.command is empty"),
+            ));
+        }
+        if let Some(why) = managed_address_problem(encoder.address, encoder.link_prefix()) {
+            out.push(Problem::new(
+                at!["encoder", i, "address"],
+                format!("encoder {name:?}: {why}"),
+            ));
+        }
+    } else if encoder.prefix.is_some() {
+        out.push(Problem::new(
+            at!["encoder", i, "prefix"],
+            format!("encoder {name:?}: `prefix` is only for managed encoders (with `spawn`)"),
+        ));
+    }
     if let Some(netns) = &encoder.netns
         && !netns_name_ok(netns)
     {
@@ -1037,4 +1110,54 @@ fn ip_addr_from_str<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error>
 /// A name `ip netns` could have made: a plain file name under /run/netns.
 fn netns_name_ok(name: &str) -> bool {
     !(name.is_empty() || name.contains('/') || name == "." || name == "..")
+}
+
+/// A managed encoder's address must leave room for the host side: the link's first address is
+/// the host's, the encoder's must be another host address of the same link.
+fn managed_address_problem(addr: IpAddr, prefix: u8) -> Option<String> {
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix >= bits - 1 {
+        return Some(format!(
+            "prefix /{prefix} leaves no room for the host side of the veth"
+        ));
+    }
+    let (host, gateway) = managed_link(addr, prefix);
+    if addr == gateway {
+        return Some(format!(
+            "address {addr} is the link's first address, which the host side takes ({gateway}/{prefix})"
+        ));
+    }
+    if addr.is_ipv4() && (host == 0 || host == (1u128 << (bits - prefix)) - 1) {
+        return Some(format!(
+            "address {addr} is the network or broadcast address of /{prefix}"
+        ));
+    }
+    None
+}
+
+/// For a managed encoder: its host part within the link, and the host side's address (the
+/// link's first address).
+pub fn managed_link(addr: IpAddr, prefix: u8) -> (u128, IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            let v = u32::from(a);
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
+            let gw = std::net::Ipv4Addr::from((v & mask) + 1);
+            (u128::from(v & !mask), IpAddr::V4(gw))
+        }
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
+            let gw = std::net::Ipv6Addr::from((v & mask) + 1);
+            (v & !mask, IpAddr::V6(gw))
+        }
+    }
 }

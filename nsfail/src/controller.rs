@@ -24,7 +24,7 @@ use crate::{
     api::{ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
     config::{self, Config, ConfigError},
     decision::{ChannelPolicy, Decider, Decision, Reason},
-    netns,
+    managed, netns,
 };
 
 fn policy(ch: &config::Channel) -> ChannelPolicy {
@@ -239,6 +239,12 @@ impl Controller {
         let cfg = self.effective.clone();
         let now = Instant::now();
         for e in &cfg.encoders {
+            if let Some(plan) = managed::Plan::of(e) {
+                managed::provision(&plan).map_err(|x| ControlError::Encoder {
+                    name: e.name.clone(),
+                    why: x.to_string(),
+                })?;
+            }
             let spec = encoder_spec(e)?;
             self.dp.upsert_encoder(&spec)?;
             self.decider.add_encoder(&e.name, now);
@@ -561,6 +567,11 @@ impl Controller {
             .is_some_and(|w| w.packets > 0 && w.since.elapsed() < window)
     }
 
+    /// Something about an encoder worth an event (its supervised process exiting, ...).
+    pub fn encoder_event(&mut self, encoder: &str, reason: String) {
+        self.event(None, None, Some(encoder.to_owned()), &reason);
+    }
+
     /// Channels an encoder is active for.
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.decider.channels_on(encoder)
@@ -613,6 +624,14 @@ impl Controller {
         }
         let previous = std::mem::replace(&mut self.effective, candidate);
         if let Err(e) = self.reconcile() {
+            // Managed encoders this change provisioned are taken away again.
+            for enc in &self.effective.encoders {
+                if previous.encoder(&enc.name).is_none()
+                    && let Some(plan) = managed::Plan::of(enc)
+                {
+                    managed::deprovision_or_warn(&plan);
+                }
+            }
             self.delta = saved;
             self.effective = previous;
             if let Err(again) = self.reconcile() {
@@ -647,8 +666,11 @@ impl Controller {
                 e.name
             )));
         }
-        // Resolve before changing anything, for a clear error.
-        encoder_spec(&e)?;
+        // Resolve before changing anything, for a clear error (a managed encoder's namespace
+        // does not exist yet: it is made by the change itself).
+        if e.spawn.is_none() {
+            encoder_spec(&e)?;
+        }
         let name = e.name.clone();
         self.change(|d| {
             d.removed_encoders.remove(&e.name);
@@ -814,10 +836,10 @@ pub fn encoder_spec(e: &config::Encoder) -> Result<EncoderSpec> {
         name: e.name.clone(),
         why,
     };
-    let mac = match (&e.mac, &e.netns) {
+    let mac = match (&e.mac, e.namespace()) {
         (Some(m), _) => config::parse_mac(m).ok_or_else(|| err(format!("bad MAC {m:?}")))?,
         (None, Some(ns)) => {
-            netns::link_with_addr(ns, e.address)
+            netns::link_with_addr(&ns, e.address)
                 .map_err(|x| err(x.to_string()))?
                 .mac
         }
@@ -827,10 +849,8 @@ pub fn encoder_spec(e: &config::Encoder) -> Result<EncoderSpec> {
             ));
         }
     };
-    let link = match &e.interface {
-        Some(ifname) => EncoderLink::Local {
-            ifname: ifname.clone(),
-        },
+    let link = match e.host_interface() {
+        Some(ifname) => EncoderLink::Local { ifname },
         None => EncoderLink::Remote,
     };
     Ok(EncoderSpec {

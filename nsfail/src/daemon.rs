@@ -19,6 +19,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
+    task::JoinHandle,
     time::MissedTickBehavior,
 };
 
@@ -28,6 +29,7 @@ use crate::{
     config::{self, Config, Health, HealthKind},
     controller::{self, Controller},
     health::{self, Counter, HealthUpdate},
+    managed,
     metrics::{self, Metrics},
     paths::{self, Pins},
 };
@@ -96,7 +98,9 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let mut probes = Probes::default();
     let mut flows = FlowChecks::default();
+    let mut managed = Managed::new(ctl.clone());
     probes.sync(lock(&ctl).config(), &health_tx, &stop_rx);
+    managed.sync(lock(&ctl).config());
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
@@ -143,12 +147,14 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
                     Err(e) => warn!("periodic work: {e}"),
                 }
                 probes.sync(c.config(), &health_tx, &stop_rx);
+                managed.sync(c.config());
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     let _ = stop_tx.send(true);
+    managed.stop_all().await;
     let _ = metrics_task.await;
     let _ = fs::remove_file(socket);
     info!("stopped; the data plane keeps forwarding (nsfail teardown removes it)");
@@ -218,6 +224,72 @@ impl Probes {
             health::spawn(name.to_owned(), probe, &e.health, tx.clone(), cancel_rx);
             self.running
                 .insert(name.to_owned(), (e.health.clone(), cancel_tx));
+        }
+    }
+}
+
+/// The supervised processes of managed encoders. A removed encoder's process is stopped, then
+/// its namespace and veth are removed; at shutdown processes stop and namespaces stay (a
+/// restarted daemon finds them in place).
+struct Managed {
+    ctl: Arc<Mutex<Controller>>,
+    running: BTreeMap<String, (config::Encoder, watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+impl Managed {
+    fn new(ctl: Arc<Mutex<Controller>>) -> Self {
+        Self {
+            ctl,
+            running: BTreeMap::new(),
+        }
+    }
+
+    fn sync(&mut self, cfg: &Config) {
+        let wanted: BTreeMap<&str, &config::Encoder> = cfg
+            .encoders
+            .iter()
+            .filter(|e| e.spawn.is_some())
+            .map(|e| (e.name.as_str(), e))
+            .collect();
+        let gone: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, (e, _, _))| wanted.get(name.as_str()) != Some(&e))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            let (e, stop, task) = self.running.remove(&name).expect("listed above");
+            let _ = stop.send(true);
+            let removed = !wanted.contains_key(name.as_str());
+            tokio::spawn(async move {
+                let _ = task.await;
+                if removed && let Some(plan) = managed::Plan::of(&e) {
+                    let _ =
+                        tokio::task::spawn_blocking(move || managed::deprovision_or_warn(&plan))
+                            .await;
+                }
+            });
+        }
+        for (name, e) in wanted {
+            if self.running.contains_key(name) {
+                continue;
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            let ctl = self.ctl.clone();
+            let report: managed::Report = Arc::new(move |encoder: &str, msg: String| {
+                warn!("managed encoder {encoder}: {msg}");
+                lock(&ctl).encoder_event(encoder, msg);
+            });
+            let task = tokio::spawn(managed::supervise(e.clone(), stop_rx, report));
+            self.running
+                .insert(name.to_owned(), (e.clone(), stop, task));
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for (_, (_, stop, task)) in std::mem::take(&mut self.running) {
+            let _ = stop.send(true);
+            let _ = task.await;
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod health;
 pub mod lab;
 pub mod labctl;
+pub mod managed;
 pub mod metrics;
 pub mod netns;
 pub mod paths;
