@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -184,7 +184,8 @@ impl FlowStats {
     }
 }
 
-/// Drop reasons per encoder (`EncoderStats::drops`), written by the egress policy.
+/// Drop reasons per encoder (`EncoderStats::drops`, indexed by [`drop_reason`]), written by
+/// the egress policy.
 pub const DROP_REASONS: usize = 8;
 
 /// Value of `ENCODER_STATS` (per CPU, index: encoder id).
@@ -207,6 +208,149 @@ impl EncoderStats {
         for (d, o) in self.drops.iter_mut().zip(other.drops.iter()) {
             *d += o;
         }
+    }
+}
+
+/// Why the egress policy dropped a packet leaving an encoder: indexes into
+/// [`EncoderStats::drops`].
+pub mod drop_reason {
+    use super::DROP_REASONS;
+
+    /// Not from the encoder's own address (IPv6 neighbour discovery excepted).
+    pub const FORGED_SOURCE: usize = 0;
+    /// To a destination (address, protocol, port) not on the encoder's allow-list.
+    pub const DENIED: usize = 1;
+    /// From a channel's encoder port to a peer that never sent to the channel (and not
+    /// allowed otherwise): a reply with nowhere to go.
+    pub const UNKNOWN_PEER: usize = 2;
+    /// A later IPv4 or IPv6 fragment: it has no ports to judge it by.
+    pub const FRAGMENT: usize = 3;
+    /// An IP protocol other than UDP, TCP and ICMP (of the packet's family), or an IPv6
+    /// extension header chain longer than the program follows.
+    pub const PROTOCOL: usize = 4;
+    /// Neither IPv4, IPv6 nor ARP (a VLAN tag, LLDP, ...).
+    pub const NOT_IP: usize = 5;
+    /// Truncated or inconsistent headers.
+    pub const MALFORMED: usize = 6;
+    /// A reply whose rewrite or redirect failed in a kernel helper.
+    pub const ERROR: usize = 7;
+    pub const NAMES: [&str; DROP_REASONS] = [
+        "forged_source",
+        "denied",
+        "unknown_peer",
+        "fragment",
+        "protocol",
+        "not_ip",
+        "malformed",
+        "error",
+    ];
+}
+
+/// IP protocol numbers the egress policy knows.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// How many allow rules an encoder's policy holds (the egress program walks them in a
+/// bounded loop).
+pub const MAX_ALLOW_RULES: usize = 16;
+
+/// One allow rule of an [`EncoderPolicy`]: packets of `family` and `proto` to an address in
+/// `net`/`mask` with a destination port in `port_min..=port_max` pass. ICMP has no ports (the
+/// program gives it port 0), so an ICMP rule holds `0..=u16::MAX`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// Network address, host bits zero, network byte order (IPv4 in the first 4 bytes).
+    pub net: [u8; 16],
+    /// Prefix mask, network byte order (all zero past an IPv4 address).
+    pub mask: [u8; 16],
+    /// First and last destination port, host byte order (`port_min <= port_max`).
+    pub port_min: u16,
+    pub port_max: u16,
+    /// [`PROTO_UDP`], [`PROTO_TCP`], or [`PROTO_ICMP`] / [`PROTO_ICMPV6`] by family.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PolicyRule>() == 40);
+
+impl PolicyRule {
+    /// Whether a packet of `family` and `proto` to `dst` (as in [`Endpoint::addr`]) and
+    /// destination `port` (0 for ICMP) matches.
+    #[inline(always)]
+    pub fn matches(&self, family: u8, proto: u8, dst: &[u8; 16], port: u16) -> bool {
+        // Differences are OR-ed together rather than tested one by one: one branch per rule
+        // instead of six keeps the verifier's walk over 16 rules short.
+        let mut diff = u32::from((self.family ^ family) | (self.proto ^ proto));
+        let mut i = 0;
+        while i < 16 {
+            diff |= (word(dst, i) & word(&self.mask, i)) ^ word(&self.net, i);
+            i += 4;
+        }
+        let in_range =
+            port.wrapping_sub(self.port_min) <= self.port_max.wrapping_sub(self.port_min);
+        diff == 0 && in_range
+    }
+}
+
+/// Bytes `i..i + 4` of an address as one word (any byte order will do, used on both sides).
+#[inline(always)]
+const fn word(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+}
+
+/// Value of `POLICIES` (key: encoder id): what may leave the encoder's namespace besides
+/// ARP, neighbour discovery and replies to its channels' sources. Replaced whole by one HASH
+/// map update, so the program sees the old or the new policy, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncoderPolicy {
+    /// The encoder's address (from its registration): anything else as a source is forged.
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Protocol of the health check ([`PROTO_UDP`] or [`PROTO_TCP`]), 0 for none: packets of
+    /// this protocol from `health_port` are probe answers and pass to any destination.
+    pub health_proto: u8,
+    /// Health-check port, host byte order.
+    pub health_port: u16,
+    /// How many of `rules` are in use.
+    pub n_rules: u32,
+    pub rules: [PolicyRule; MAX_ALLOW_RULES],
+}
+const _: () = assert!(core::mem::size_of::<EncoderPolicy>() == 24 + 40 * MAX_ALLOW_RULES);
+
+impl EncoderPolicy {
+    /// Whether `src` is the encoder's own address.
+    #[inline(always)]
+    pub fn own_source(&self, family: u8, src: &[u8; 16]) -> bool {
+        self.family == family && self.addr == *src
+    }
+
+    /// Whether a packet with this protocol and source port answers the encoder's health check.
+    #[inline(always)]
+    pub fn health_answer(&self, proto: u8, src_port: u16) -> bool {
+        self.health_proto != 0 && self.health_proto == proto && self.health_port == src_port
+    }
+
+    /// Whether the allow-list lets a packet of `family` and `proto` to `dst`:`port` through.
+    #[inline(always)]
+    pub fn allows(&self, family: u8, proto: u8, dst: &[u8; 16], port: u16) -> bool {
+        let n = self.n_rules as usize;
+        let mut i = 0;
+        while i < MAX_ALLOW_RULES {
+            if i >= n {
+                return false;
+            }
+            if self.rules[i].matches(family, proto, dst, port) {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 }
 
@@ -243,6 +387,9 @@ pub mod xdp_reason {
 }
 
 /// Outcomes of the TC program on encoder veths: indexes into `TC_STATS` (per CPU, u64 packets).
+/// `REPLY_REDIRECTED` counts replies on every veth; `PASS_OTHER` to `ERROR` are the outcomes
+/// of a veth without an egress policy (fail-open); the last three are what a policy let
+/// through (what it drops is counted per encoder, by [`drop_reason`]).
 pub mod tc_reason {
     /// A reply to a known source, rewritten to the ingest address and sent out of the ingest NIC.
     pub const REPLY_REDIRECTED: u32 = 0;
@@ -254,10 +401,18 @@ pub mod tc_reason {
     pub const PASS_UNKNOWN_PEER: u32 = 3;
     /// Truncated or inconsistent headers, or a fragment.
     pub const PASS_MALFORMED: u32 = 4;
-    /// A rewrite or redirect helper failed (passed if the rewrite failed, dropped if only the
-    /// redirect did, since the packet already carries the ingest address).
+    /// A rewrite or redirect helper failed, on a veth without a policy (passed if the rewrite
+    /// failed, dropped if only the redirect did, since the packet already carries the ingest
+    /// address). Under a policy, both are drops (`drop_reason::ERROR`).
     pub const ERROR: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// From an encoder with a policy: ARP or IPv6 neighbour discovery, passed.
+    pub const PASS_NEIGHBOUR: u32 = 6;
+    /// From an encoder with a policy: an answer to its health check, passed.
+    pub const PASS_HEALTH: u32 = 7;
+    /// From an encoder with a policy: to a destination on its allow-list, passed. (What the
+    /// policy drops is counted per encoder, in `EncoderStats::drops`.)
+    pub const PASS_ALLOWED: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "reply_redirected",
         "pass_other",
@@ -265,6 +420,9 @@ pub mod tc_reason {
         "pass_unknown_peer",
         "pass_malformed",
         "error",
+        "pass_neighbour",
+        "pass_health",
+        "pass_allowed",
     ];
 }
 
@@ -290,4 +448,108 @@ mod pod {
     unsafe impl aya::Pod for FlowStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EncoderStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EncoderPolicy {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        Endpoint::v4(a, 0).addr
+    }
+
+    fn rule(family: u8, net: [u8; 16], prefix: usize, proto: u8, ports: (u16, u16)) -> PolicyRule {
+        let mut mask = [0u8; 16];
+        for (i, m) in mask.iter_mut().enumerate() {
+            let bits = prefix.saturating_sub(i * 8).min(8);
+            *m = (0xff00u16 >> bits) as u8;
+        }
+        PolicyRule {
+            net,
+            mask,
+            port_min: ports.0,
+            port_max: ports.1,
+            proto,
+            family,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn rules_match_prefix_protocol_and_ports() {
+        let net = rule(FAMILY_V4, v4([10, 77, 9, 0]), 24, PROTO_UDP, (5000, 5010));
+        assert!(net.matches(FAMILY_V4, PROTO_UDP, &v4([10, 77, 9, 200]), 5000));
+        assert!(net.matches(FAMILY_V4, PROTO_UDP, &v4([10, 77, 9, 1]), 5010));
+        assert!(!net.matches(FAMILY_V4, PROTO_UDP, &v4([10, 77, 9, 1]), 4999));
+        assert!(!net.matches(FAMILY_V4, PROTO_UDP, &v4([10, 77, 9, 1]), 5011));
+        assert!(!net.matches(FAMILY_V4, PROTO_UDP, &v4([10, 77, 8, 1]), 5000));
+        assert!(!net.matches(FAMILY_V4, PROTO_TCP, &v4([10, 77, 9, 1]), 5000));
+        assert!(!net.matches(FAMILY_V6, PROTO_UDP, &v4([10, 77, 9, 1]), 5000));
+
+        let odd = rule(FAMILY_V4, v4([10, 77, 9, 64]), 26, PROTO_TCP, (0, u16::MAX));
+        assert!(odd.matches(FAMILY_V4, PROTO_TCP, &v4([10, 77, 9, 127]), 1));
+        assert!(!odd.matches(FAMILY_V4, PROTO_TCP, &v4([10, 77, 9, 128]), 1));
+
+        let icmp = rule(FAMILY_V4, v4([10, 77, 9, 5]), 32, PROTO_ICMP, (0, u16::MAX));
+        assert!(icmp.matches(FAMILY_V4, PROTO_ICMP, &v4([10, 77, 9, 5]), 0));
+        assert!(!icmp.matches(FAMILY_V4, PROTO_ICMP, &v4([10, 77, 9, 6]), 0));
+
+        let mut fd = [0u8; 16];
+        fd[..4].copy_from_slice(&[0xfd, 0x77, 0, 9]);
+        let v6 = rule(FAMILY_V6, fd, 64, PROTO_TCP, (443, 443));
+        let mut host = fd;
+        host[15] = 1;
+        assert!(v6.matches(FAMILY_V6, PROTO_TCP, &host, 443));
+        host[7] = 1;
+        assert!(
+            !v6.matches(FAMILY_V6, PROTO_TCP, &host, 443),
+            "outside the /64"
+        );
+
+        let any = rule(FAMILY_V6, [0; 16], 0, PROTO_ICMPV6, (0, u16::MAX));
+        assert!(any.matches(FAMILY_V6, PROTO_ICMPV6, &host, 0));
+    }
+
+    #[test]
+    fn policy_walks_only_its_rules() {
+        let mut p = EncoderPolicy {
+            addr: v4([10, 77, 1, 2]),
+            family: FAMILY_V4,
+            health_proto: PROTO_UDP,
+            health_port: 9000,
+            ..Default::default()
+        };
+        let dst = v4([10, 77, 9, 1]);
+        p.rules[3] = rule(FAMILY_V4, dst, 32, PROTO_TCP, (443, 443));
+        p.n_rules = 3;
+        assert!(
+            !p.allows(FAMILY_V4, PROTO_TCP, &dst, 443),
+            "rule 3 is not in use"
+        );
+        p.n_rules = 4;
+        assert!(p.allows(FAMILY_V4, PROTO_TCP, &dst, 443));
+        p.n_rules = u32::MAX;
+        assert!(
+            p.allows(FAMILY_V4, PROTO_TCP, &dst, 443),
+            "n_rules is capped"
+        );
+        assert!(!p.allows(FAMILY_V4, PROTO_TCP, &dst, 444));
+
+        assert!(p.own_source(FAMILY_V4, &v4([10, 77, 1, 2])));
+        assert!(!p.own_source(FAMILY_V4, &v4([10, 77, 1, 3])));
+        assert!(!p.own_source(FAMILY_V6, &v4([10, 77, 1, 2])));
+        assert!(p.health_answer(PROTO_UDP, 9000));
+        assert!(!p.health_answer(PROTO_TCP, 9000));
+        assert!(!p.health_answer(PROTO_UDP, 9001));
+        p.health_proto = 0;
+        p.health_port = 0;
+        assert!(
+            !p.health_answer(0, 0),
+            "no health check, nothing passes as an answer"
+        );
+    }
 }

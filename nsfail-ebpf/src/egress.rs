@@ -1,9 +1,11 @@
 //! TC on each local encoder's host-side veth (clsact ingress: traffic leaving the encoder's
 //! namespace). Replies to a channel's contribution source get the channel's ingest address as
-//! their source and leave straight out of the ingest NIC.
+//! their source and leave straight out of the ingest NIC. For an encoder with an egress policy,
+//! everything else is judged by that policy, and what it does not let through is dropped and
+//! counted by reason.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, generated::bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
@@ -14,91 +16,372 @@ use network_types::{
     udp::UdpHdr,
 };
 use nsfail_common::{
-    Endpoint, REPLY_SRT, ReplyTarget, SOURCE_REFRESH_NS, SourceKey, SrtPeer, srt, tc_reason as r,
+    EncoderPolicy, Endpoint, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    REPLY_SRT, ReplyTarget, SOURCE_REFRESH_NS, SourceKey, SrtPeer, drop_reason as d, srt,
+    tc_reason as r,
 };
 
-use crate::maps::{ENCODER_STATS, REPLIES, SOURCES, SRT_PEERS, TC_STATS, add_flow, count};
+use crate::maps::{
+    ENCODER_IFINDEX, ENCODER_STATS, POLICIES, REPLIES, SOURCES, SRT_PEERS, TC_STATS, add_flow,
+    count, count_drop,
+};
 
+const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_UDP: u8 = 17;
 const IPV4_CHECK_OFF: usize = EthHdr::LEN + 10;
 const IPV4_SRC_OFF: usize = EthHdr::LEN + 12;
 const IPV6_SRC_OFF: usize = EthHdr::LEN + 8;
 const UDP_CHECK_OFF: usize = 6;
+/// Minimal TCP header: the policy reads only the ports, but a shorter one is malformed.
+const TCP_HDR_LEN: usize = 20;
+/// Type, code and checksum: all an ICMP message is sure to have.
+const ICMP_HDR_LEN: usize = 4;
+/// IPv6 extension headers the parser steps over, and how many at most.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+const MAX_EXT_HEADERS: usize = 4;
+/// ICMPv6 neighbour discovery: router solicitation/advertisement, neighbour
+/// solicitation/advertisement, redirect.
+const ND_FIRST: u8 = 133;
+const ND_LAST: u8 = 137;
+/// Multicast listener discovery (queries, reports, done; MLDv2 reports): a new IPv6 interface
+/// sends these from `::` or its link-local address; they are link housekeeping like ND.
+const MLD_FIRST: u8 = 130;
+const MLD_LAST: u8 = 132;
+const MLD2_REPORT: u8 = 143;
 
-/// Rewrites replies from an encoder to a channel's source and redirects them to the ingest NIC.
-///
-/// Fail-open for now: everything else, and anything it cannot parse, gets `TC_ACT_OK` and is
-/// counted by reason in `TC_STATS`.
+/// Finds the encoder a packet leaves by the veth it arrived on (the skb's ingress ifindex),
+/// then:
+/// - with a policy for that encoder: ARP and IPv6 neighbour discovery pass; a packet not from
+///   the encoder's own address is dropped (`forged_source`); a reply to a known source of one
+///   of its channels is rewritten and redirected; answers to its health check pass; packets
+///   to destinations on its allow-list pass; everything else (later fragments, unknown
+///   protocols, malformed frames included) is dropped and counted by reason in the
+///   encoder's `ENCODER_STATS` slot. Dropping is this program's job, so it is not fail-open.
+/// - without one (a veth nsfail has no policy for): fail-open, as before policies existed:
+///   replies are rewritten, everything else, and anything it cannot parse, gets `TC_ACT_OK`
+///   and is counted by reason in `TC_STATS`.
 #[classifier]
 pub fn nsfail_egress(ctx: TcContext) -> i32 {
-    let reason = match try_egress(&ctx) {
-        Ok(action) => return action,
-        Err(reason) => reason,
+    // SAFETY: a field of the context the kernel handed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let policed = ENCODER_IFINDEX.get_ptr(ifindex).and_then(|id| {
+        // SAFETY: a HASH value pointer, read once.
+        let id = unsafe { *id };
+        POLICIES.get_ptr(id).map(|p| (id, p))
+    });
+    match policed {
+        // SAFETY: the policy stays valid for this run (RCU); it is read through the pointer,
+        // never copied (it is larger than the stack).
+        Some((id, policy)) => enforce(&ctx, id, unsafe { &*policy }),
+        None => fail_open(&ctx),
+    }
+}
+
+/// The policy path: a verdict for every packet, drops counted per encoder.
+#[inline(always)]
+fn enforce(ctx: &TcContext, id: u32, policy: &EncoderPolicy) -> i32 {
+    let mut pkt = Packet::default();
+    match parse(ctx, &mut pkt) {
+        Ok(()) => {}
+        Err(Unparsed::Arp) => return pass(r::PASS_NEIGHBOUR),
+        Err(Unparsed::NotIp) => return shot(id, d::NOT_IP),
+        Err(Unparsed::Malformed) => return shot(id, d::MALFORMED),
+    }
+    if pkt.family == FAMILY_V6
+        && pkt.proto == PROTO_ICMPV6
+        && pkt.has_l4
+        && ((ND_FIRST..=ND_LAST).contains(&pkt.icmp_type)
+            || (MLD_FIRST..=MLD_LAST).contains(&pkt.icmp_type)
+            || pkt.icmp_type == MLD2_REPORT)
+    {
+        return pass(r::PASS_NEIGHBOUR);
+    }
+    if !policy.own_source(pkt.family, &pkt.src) {
+        return shot(id, d::FORGED_SOURCE);
+    }
+    if pkt.later_fragment {
+        return shot(id, d::FRAGMENT);
+    }
+    if !pkt.has_l4 {
+        return shot(id, d::PROTOCOL);
+    }
+    let mut denied = d::DENIED;
+    if pkt.proto == PROTO_UDP && !pkt.fragment {
+        match reply(ctx, &pkt, Some(id)) {
+            Reply::Sent => return TC_ACT_REDIRECT,
+            Reply::UnknownPeer => denied = d::UNKNOWN_PEER,
+            Reply::NoChannel => {}
+            Reply::Failed { .. } => return shot(id, d::ERROR),
+        }
+    }
+    if policy.health_answer(pkt.proto, pkt.src_port) {
+        return pass(r::PASS_HEALTH);
+    }
+    if policy.allows(pkt.family, pkt.proto, &pkt.dst, pkt.dst_port) {
+        return pass(r::PASS_ALLOWED);
+    }
+    shot(id, denied)
+}
+
+/// The path of a veth without a policy: replies are rewritten, the rest passes.
+#[inline(always)]
+fn fail_open(ctx: &TcContext) -> i32 {
+    let mut pkt = Packet::default();
+    let reason = match parse(ctx, &mut pkt) {
+        Err(Unparsed::Arp | Unparsed::NotIp) => r::PASS_OTHER,
+        Err(Unparsed::Malformed) => r::PASS_MALFORMED,
+        Ok(()) if pkt.proto != PROTO_UDP => r::PASS_OTHER,
+        Ok(()) if pkt.fragment => r::PASS_MALFORMED,
+        Ok(()) => match reply(ctx, &pkt, None) {
+            Reply::Sent => return TC_ACT_REDIRECT,
+            Reply::UnknownPeer => r::PASS_UNKNOWN_PEER,
+            Reply::NoChannel => r::PASS_NO_CHANNEL,
+            Reply::Failed { rewritten: false } => r::ERROR,
+            Reply::Failed { rewritten: true } => {
+                // The packet already carries the ingest address; sending it on unredirected
+                // would leak it through the host's stack, so it is dropped.
+                count(&TC_STATS, r::ERROR);
+                return TC_ACT_SHOT;
+            }
+        },
     };
     count(&TC_STATS, reason);
     TC_ACT_OK
 }
 
-/// What a reply needs: its source and destination, where its source address and UDP header
-/// are, and the channel it belongs to.
-struct Reply {
-    src: Endpoint,
-    dst: Endpoint,
-    l4: usize,
-    ip_len: u64,
+#[inline(always)]
+fn pass(reason: u32) -> i32 {
+    count(&TC_STATS, reason);
+    TC_ACT_OK
 }
 
 #[inline(always)]
-fn try_egress(ctx: &TcContext) -> Result<i32, u32> {
-    let ether_type = u16::from_be(ctx.load::<u16>(12).map_err(|_| r::PASS_MALFORMED)?);
-    let (reply, v4) = match ether_type {
-        ETH_P_IPV4 => (parse_v4(ctx)?, true),
-        ETH_P_IPV6 => (parse_v6(ctx)?, false),
-        _ => return Err(r::PASS_OTHER),
+fn shot(id: u32, reason: usize) -> i32 {
+    count_drop(id, reason);
+    TC_ACT_SHOT
+}
+
+/// What the parser learnt of an IP packet leaving an encoder.
+#[derive(Default)]
+struct Packet {
+    family: u8,
+    /// The L4 protocol (after any IPv6 extension headers).
+    proto: u8,
+    /// As in [`Endpoint::addr`].
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// Whether `proto` is UDP, TCP or the family's ICMP and its header was read: then the
+    /// ports (UDP, TCP) or `icmp_type` are set. Never for a later fragment.
+    has_l4: bool,
+    /// Offset of the L4 header.
+    l4: usize,
+    /// Host byte order; 0 for ICMP.
+    src_port: u16,
+    dst_port: u16,
+    icmp_type: u8,
+    /// Any fragment, first or later.
+    fragment: bool,
+    /// A fragment other than the first: no L4 header.
+    later_fragment: bool,
+    /// Length of the IP packet, headers included.
+    ip_len: u64,
+}
+
+/// Frames that are not an IP packet the parser understood.
+enum Unparsed {
+    Arp,
+    NotIp,
+    /// Truncated or inconsistent headers.
+    Malformed,
+}
+
+/// Parses Ethernet (untagged), IPv4 or IPv6 (stepping over up to [`MAX_EXT_HEADERS`]
+/// extension headers), and the UDP, TCP or ICMP header. Every read is bounds-checked by
+/// `bpf_skb_load_bytes`.
+#[inline(always)]
+fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Unparsed> {
+    let ether_type = u16::from_be(ctx.load::<u16>(12).map_err(|_| Unparsed::Malformed)?);
+    match ether_type {
+        ETH_P_IPV4 => parse_v4(ctx, pkt)?,
+        ETH_P_IPV6 => parse_v6(ctx, pkt)?,
+        ETH_P_ARP => return Err(Unparsed::Arp),
+        _ => return Err(Unparsed::NotIp),
+    }
+    if pkt.later_fragment {
+        return Ok(());
+    }
+    let icmp = if pkt.family == FAMILY_V4 {
+        PROTO_ICMP
+    } else {
+        PROTO_ICMPV6
     };
-    // SAFETY: a HASH lookup, copied out at once.
-    let target: ReplyTarget = *unsafe { REPLIES.get(reply.src) }.ok_or(r::PASS_NO_CHANNEL)?;
+    match pkt.proto {
+        PROTO_UDP | PROTO_TCP => {
+            let len = if pkt.proto == PROTO_UDP {
+                UdpHdr::LEN
+            } else {
+                TCP_HDR_LEN
+            };
+            // The last byte of the minimal header first: all of it is there, or it is malformed.
+            ctx.load::<u8>(pkt.l4 + len - 1)
+                .map_err(|_| Unparsed::Malformed)?;
+            let ports: [u8; 4] = ctx.load(pkt.l4).map_err(|_| Unparsed::Malformed)?;
+            pkt.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+            pkt.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+            pkt.has_l4 = true;
+        }
+        p if p == icmp => {
+            let hdr: [u8; ICMP_HDR_LEN] = ctx.load(pkt.l4).map_err(|_| Unparsed::Malformed)?;
+            pkt.icmp_type = hdr[0];
+            pkt.has_l4 = true;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Unparsed> {
+    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).map_err(|_| Unparsed::Malformed)?;
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Unparsed::Malformed);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let later = frags & 0x1fff != 0;
+    pkt.family = FAMILY_V4;
+    pkt.proto = ip.proto;
+    pkt.src[..4].copy_from_slice(&ip.src_addr);
+    pkt.dst[..4].copy_from_slice(&ip.dst_addr);
+    pkt.l4 = EthHdr::LEN + ihl;
+    pkt.fragment = later || frags & 0x2000 != 0;
+    pkt.later_fragment = later;
+    pkt.ip_len = u16::from_be_bytes(ip.tot_len) as u64;
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Unparsed> {
+    let ip: Ipv6Hdr = ctx.load(EthHdr::LEN).map_err(|_| Unparsed::Malformed)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Unparsed::Malformed);
+    }
+    let mut next = ip.next_hdr;
+    let mut off = EthHdr::LEN + Ipv6Hdr::LEN;
+    let mut fragment = false;
+    let mut later = false;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let h: [u8; 2] = ctx.load(off).map_err(|_| Unparsed::Malformed)?;
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let h: [u8; 4] = ctx.load(off).map_err(|_| Unparsed::Malformed)?;
+                next = h[0];
+                fragment = true;
+                later = u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0;
+                off += 8;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    // A chain longer than the walk leaves `next` on an extension header, which `parse` then
+    // treats as an unknown protocol.
+    pkt.family = FAMILY_V6;
+    pkt.proto = next;
+    pkt.src = ip.src_addr;
+    pkt.dst = ip.dst_addr;
+    pkt.l4 = off;
+    pkt.fragment = fragment;
+    pkt.later_fragment = later;
+    pkt.ip_len = (Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize) as u64;
+    Ok(())
+}
+
+/// What became of a UDP packet offered to the return path.
+enum Reply {
+    /// Rewritten and redirected to the ingest NIC.
+    Sent,
+    /// Not from a channel's encoder endpoint (of this encoder, when it is known).
+    NoChannel,
+    /// From a channel's encoder endpoint, to a peer that never sent to the channel.
+    UnknownPeer,
+    /// A helper failed; `rewritten`: the packet already carries the ingest address.
+    Failed { rewritten: bool },
+}
+
+/// Rewrites a reply from an encoder to a channel's source and redirects it to the ingest NIC.
+/// `encoder`: the encoder the packet is known to leave (policy path); the reply must then be
+/// for one of its channels.
+#[inline(always)]
+fn reply(ctx: &TcContext, pkt: &Packet, encoder: Option<u32>) -> Reply {
+    let from = Endpoint {
+        addr: pkt.src,
+        port: pkt.src_port,
+        family: pkt.family,
+        _pad: 0,
+    };
+    let Some(target) = REPLIES.get_ptr(from) else {
+        return Reply::NoChannel;
+    };
+    // SAFETY: a HASH value stays valid for this run (RCU); read through the pointer rather
+    // than copied, to spare the stack.
+    let target = unsafe { &*target };
+    if encoder.is_some_and(|id| id != target.encoder_id) {
+        return Reply::NoChannel;
+    }
     let source = SourceKey {
-        peer: reply.dst,
+        peer: Endpoint {
+            addr: pkt.dst,
+            port: pkt.dst_port,
+            family: pkt.family,
+            _pad: 0,
+        },
         channel_id: target.channel_id,
     };
     if SOURCES.get_ptr(source).is_none() {
-        return Err(r::PASS_UNKNOWN_PEER);
+        return Reply::UnknownPeer;
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if target.flags & REPLY_SRT != 0 {
-        learn_srt_peer(ctx, &reply, &source, now);
+        learn_srt_peer(ctx, pkt, &source, now);
     }
-    if v4 {
-        rewrite_v4(ctx, &reply, &target).map_err(|_| r::ERROR)?;
+    let rewritten = if pkt.family == FAMILY_V4 {
+        rewrite_v4(ctx, pkt, target)
     } else {
-        rewrite_v6(ctx, &reply, &target).map_err(|_| r::ERROR)?;
+        rewrite_v6(ctx, pkt, target)
+    };
+    if rewritten.is_err() {
+        return Reply::Failed { rewritten: false };
     }
     // SAFETY: no neighbour parameters: the helper looks the next hop up itself.
     let action = unsafe { bpf_redirect_neigh(target.ifindex, core::ptr::null_mut(), 0, 0) };
     if action != TC_ACT_REDIRECT as i64 {
-        // The packet is already rewritten; sending it on unredirected would leak it with the
-        // ingest address through the host's stack, so it is dropped here and counted.
-        count(&TC_STATS, r::ERROR);
-        return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
+        return Reply::Failed { rewritten: true };
     }
     count(&TC_STATS, r::REPLY_REDIRECTED);
     if let Some(s) = ENCODER_STATS.get_ptr_mut(target.encoder_id) {
         // SAFETY: the stats slot is per CPU.
-        unsafe { add_flow(&mut (*s).tx, reply.ip_len, now) };
+        unsafe { add_flow(&mut (*s).tx, pkt.ip_len, now) };
     }
-    Ok(TC_ACT_REDIRECT)
+    Reply::Sent
 }
 
 /// Remembers the caller's SRT socket ID (the Destination Socket ID of what the listener sends
 /// it), so that userspace can tell the caller to reconnect when the channel is repointed.
 /// Written when the ID changes or at most once a second.
 #[inline(always)]
-fn learn_srt_peer(ctx: &TcContext, reply: &Reply, key: &SourceKey, now: u64) {
-    let Ok(id) = ctx.load::<[u8; 4]>(reply.l4 + UdpHdr::LEN + srt::DEST_SOCKET_ID_OFFSET) else {
+fn learn_srt_peer(ctx: &TcContext, pkt: &Packet, key: &SourceKey, now: u64) {
+    let Ok(id) = ctx.load::<[u8; 4]>(pkt.l4 + UdpHdr::LEN + srt::DEST_SOCKET_ID_OFFSET) else {
         return;
     };
     let socket_id = u32::from_be_bytes(id);
@@ -119,67 +402,25 @@ fn learn_srt_peer(ctx: &TcContext, reply: &Reply, key: &SourceKey, now: u64) {
     }
 }
 
-#[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Result<Reply, u32> {
-    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).map_err(|_| r::PASS_MALFORMED)?;
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return Err(r::PASS_MALFORMED);
-    }
-    if ip.proto != IPPROTO_UDP {
-        return Err(r::PASS_OTHER);
-    }
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(r::PASS_MALFORMED);
-    }
-    let l4 = EthHdr::LEN + ihl;
-    let udp: UdpHdr = ctx.load(l4).map_err(|_| r::PASS_MALFORMED)?;
-    Ok(Reply {
-        src: Endpoint::v4(ip.src_addr, u16::from_be_bytes(udp.src)),
-        dst: Endpoint::v4(ip.dst_addr, u16::from_be_bytes(udp.dst)),
-        l4,
-        ip_len: u16::from_be_bytes(ip.tot_len) as u64,
-    })
-}
-
-#[inline(always)]
-fn parse_v6(ctx: &TcContext) -> Result<Reply, u32> {
-    let ip: Ipv6Hdr = ctx.load(EthHdr::LEN).map_err(|_| r::PASS_MALFORMED)?;
-    if ip.vcf[0] >> 4 != 6 {
-        return Err(r::PASS_MALFORMED);
-    }
-    if ip.next_hdr != IPPROTO_UDP {
-        return Err(r::PASS_OTHER);
-    }
-    let l4 = EthHdr::LEN + Ipv6Hdr::LEN;
-    let udp: UdpHdr = ctx.load(l4).map_err(|_| r::PASS_MALFORMED)?;
-    Ok(Reply {
-        src: Endpoint::v6(ip.src_addr, u16::from_be_bytes(udp.src)),
-        dst: Endpoint::v6(ip.dst_addr, u16::from_be_bytes(udp.dst)),
-        l4,
-        ip_len: (Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize) as u64,
-    })
-}
-
 /// Source address and port to the ingest endpoint. The kernel's csum helpers keep the checksums
 /// right whether the UDP checksum is complete or still partial (TX offload in the encoder).
 #[inline(always)]
-fn rewrite_v4(ctx: &TcContext, reply: &Reply, target: &ReplyTarget) -> Result<(), i64> {
+fn rewrite_v4(ctx: &TcContext, pkt: &Packet, target: &ReplyTarget) -> Result<(), i64> {
     let old_addr: u32 = ctx.load(IPV4_SRC_OFF)?;
     let new = target.ingest.addr;
     let new_addr = u32::from_ne_bytes([new[0], new[1], new[2], new[3]]);
-    let udp_check = reply.l4 + UDP_CHECK_OFF;
+    let udp_check = pkt.l4 + UDP_CHECK_OFF;
     // A zero UDP checksum means "none" in IPv4 and stays zero (BPF_F_MARK_MANGLED_0).
     let l4_flags = (BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR) as u64;
     ctx.l4_csum_replace(udp_check, old_addr as u64, new_addr as u64, l4_flags | 4)?;
     ctx.l3_csum_replace(IPV4_CHECK_OFF, old_addr as u64, new_addr as u64, 4)?;
     ctx.store(IPV4_SRC_OFF, &new_addr, 0)?;
-    rewrite_port(ctx, reply, target, BPF_F_MARK_MANGLED_0 as u64)
+    rewrite_port(ctx, pkt, target, BPF_F_MARK_MANGLED_0 as u64)
 }
 
 #[inline(always)]
-fn rewrite_v6(ctx: &TcContext, reply: &Reply, target: &ReplyTarget) -> Result<(), i64> {
-    let udp_check = reply.l4 + UDP_CHECK_OFF;
+fn rewrite_v6(ctx: &TcContext, pkt: &Packet, target: &ReplyTarget) -> Result<(), i64> {
+    let udp_check = pkt.l4 + UDP_CHECK_OFF;
     let new = target.ingest.addr;
     let mut i = 0;
     while i < 4 {
@@ -196,23 +437,23 @@ fn rewrite_v6(ctx: &TcContext, reply: &Reply, target: &ReplyTarget) -> Result<()
         ctx.store(off, &new_word, 0)?;
         i += 1;
     }
-    rewrite_port(ctx, reply, target, 0)
+    rewrite_port(ctx, pkt, target, 0)
 }
 
 #[inline(always)]
 fn rewrite_port(
     ctx: &TcContext,
-    reply: &Reply,
+    pkt: &Packet,
     target: &ReplyTarget,
     flags: u64,
 ) -> Result<(), i64> {
-    let old_port = reply.src.port.to_be();
+    let old_port = pkt.src_port.to_be();
     let new_port = target.ingest.port.to_be();
     ctx.l4_csum_replace(
-        reply.l4 + UDP_CHECK_OFF,
+        pkt.l4 + UDP_CHECK_OFF,
         old_port as u64,
         new_port as u64,
         flags | 2,
     )?;
-    ctx.store(reply.l4, &new_port, 0)
+    ctx.store(pkt.l4, &new_port, 0)
 }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
 };
 use nsfail_common::{
-    ChannelTarget, EncoderInfo, EncoderStats, Endpoint, FlowStats, MAX_CHANNELS, MAX_ENCODERS,
-    MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey, SrtPeer, tc_reason, xdp_reason,
+    ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FlowStats, MAX_CHANNELS,
+    MAX_ENCODERS, MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey, SrtPeer, tc_reason, xdp_reason,
 };
 
 /// Key: a channel's ingest endpoint. Value: where its packets go now.
@@ -41,12 +41,25 @@ pub static ENCODERS: HashMap<u32, EncoderInfo> = HashMap::pinned(MAX_ENCODERS, 0
 #[map]
 pub static TX_PORTS: DevMap = DevMap::pinned(MAX_ENCODERS, 0);
 
+/// Key: ifindex of a local encoder's host-side veth. Value: the encoder's id. Writer:
+/// userspace (with the encoder's registration). Reader: TC egress, which finds the encoder a
+/// packet leaves by the device it arrived on, never by its (forgeable) source address.
+#[map]
+pub static ENCODER_IFINDEX: HashMap<u32, u32> = HashMap::pinned(MAX_ENCODERS, 0);
+
+/// Key: encoder id. Value: the encoder's egress policy, replaced whole by one update (a
+/// policy change is atomic and needs no re-attach). Writer: userspace. Reader: TC egress;
+/// an encoder without an entry is not policed (fail-open).
+#[map]
+pub static POLICIES: HashMap<u32, EncoderPolicy> = HashMap::pinned(MAX_ENCODERS, 0);
+
 /// Index: channel id. Value (per CPU): packets, bytes and last-seen of the channel's input.
 /// Writer: XDP ingress. Reader: userspace.
 #[map]
 pub static CHANNEL_STATS: PerCpuArray<FlowStats> = PerCpuArray::pinned(MAX_CHANNELS, 0);
 
-/// Index: encoder id. Value (per CPU): forwarded to it, replies from it, drops.
+/// Index: encoder id. Value (per CPU): forwarded to it, replies from it, egress-policy drops
+/// by `drop_reason`.
 /// Writers: XDP ingress (rx), TC egress (tx, drops). Reader: userspace.
 #[map]
 pub static ENCODER_STATS: PerCpuArray<EncoderStats> = PerCpuArray::pinned(MAX_ENCODERS, 0);
@@ -77,4 +90,15 @@ pub fn add_flow(stats: &mut FlowStats, bytes: u64, now: u64) {
     stats.packets += 1;
     stats.bytes += bytes;
     stats.last_seen_ns = now;
+}
+
+/// Counts one packet dropped by encoder `id`'s egress policy for `reason` (a `drop_reason`).
+#[inline(always)]
+pub fn count_drop(id: u32, reason: usize) {
+    if let Some(s) = ENCODER_STATS.get_ptr_mut(id) {
+        // SAFETY: a per-CPU slot, written only from this CPU with preemption off.
+        if let Some(d) = unsafe { (*s).drops.get_mut(reason) } {
+            *d += 1;
+        }
+    }
 }

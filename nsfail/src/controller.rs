@@ -247,6 +247,7 @@ impl Controller {
             }
             let spec = encoder_spec(e)?;
             self.dp.upsert_encoder(&spec)?;
+            self.dp.set_policy(&e.name, &policy_from_config(e)?)?;
             self.decider.add_encoder(&e.name, now);
         }
         let current: BTreeMap<_, _> = self
@@ -933,6 +934,35 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 60,
         d.subsec_millis()
     )
+}
+
+/// The kernel egress policy of a configured encoder: its allow-list, and the protocol and port
+/// its health check is answered from (the daemon probes from the ingest host, so the answers
+/// pass whatever the allow-list says).
+pub fn policy_from_config(e: &config::Encoder) -> Result<crate::dataplane::EgressPolicy> {
+    use crate::{
+        config::{AllowProto, HealthKind},
+        dataplane::{EgressPolicy, HealthAnswers},
+    };
+    let err = |why: String| ControlError::Encoder {
+        name: e.name.clone(),
+        why,
+    };
+    let allow = e.allow_rules().map_err(|x| err(x.to_string()))?;
+    let answers = |proto, port| HealthAnswers { proto, port };
+    let health = match e.health.kind {
+        HealthKind::Udp => e.health.port.map(|p| answers(AllowProto::Udp, p)),
+        HealthKind::Tcp => e.health.port.map(|p| answers(AllowProto::Tcp, p)),
+        HealthKind::Http => match e.health.url.as_deref() {
+            Some(url) => {
+                let url = crate::health::HttpUrl::parse(url).map_err(err)?;
+                Some(answers(AllowProto::Tcp, url.port))
+            }
+            None => None,
+        },
+        HealthKind::Exec | HealthKind::Flow => None,
+    };
+    Ok(EgressPolicy { allow, health })
 }
 
 #[cfg(test)]

@@ -169,9 +169,14 @@ fn refresh_metrics(ctl: &Mutex<Controller>, metrics: &Metrics) {
     let c = lock(ctl);
     let Ok(status) = c.status() else { return };
     let dp = c.dataplane();
+    let drops: Vec<_> = status
+        .encoders
+        .iter()
+        .filter_map(|e| Some((e.name.clone(), dp.encoder_drops(&e.name).ok()?)))
+        .collect();
     metrics.observe(
         &status,
-        &[],
+        &drops,
         &dp.xdp_stats().unwrap_or_default(),
         &dp.tc_stats().unwrap_or_default(),
     );

@@ -8,7 +8,9 @@
 //!
 //! Failover is one atomic map write: `CHANNELS` is a HASH map whose whole value (the rewrite
 //! target: encoder address, MACs, port, counter slots) is replaced by one `bpf_map_update_elem`;
-//! the XDP program sees either the old or the new value, never a mix.
+//! the XDP program sees either the old or the new value, never a mix. An encoder's egress
+//! policy is likewise one `POLICIES` value, replaced whole by [`Dataplane::set_policy`] while
+//! the TC program stays attached.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -30,11 +32,17 @@ use aya_obj::programs::XdpAttachType;
 use log::{info, warn};
 use nsfail_common::{
     ABI_VERSION, ACTION_REDIRECT, ACTION_TX, ChannelTarget, ENCODER_LOCAL, ENCODER_REMOTE,
-    EncoderInfo, EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats, MAX_CHANNELS,
-    MAX_ENCODERS, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer, tc_reason, xdp_reason,
+    EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats,
+    MAX_ALLOW_RULES, MAX_CHANNELS, MAX_ENCODERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    PolicyRule, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer, drop_reason, tc_reason,
+    xdp_reason,
 };
 
-use crate::{netns, paths::Pins};
+use crate::{
+    config::{AllowProto, AllowRule},
+    netns,
+    paths::Pins,
+};
 
 /// The eBPF object built by build.rs from nsfail-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nsfail"));
@@ -101,6 +109,12 @@ pub enum DataplaneError {
     },
     #[error("invalid {what}: {why}")]
     Invalid { what: String, why: String },
+    #[error("encoder {encoder:?} has {count} allow rules; the kernel policy holds at most {max}")]
+    TooManyRules {
+        encoder: String,
+        count: usize,
+        max: usize,
+    },
     #[error("no free {0} slot (limit reached)")]
     Full(&'static str),
 }
@@ -164,6 +178,27 @@ pub struct EncoderEntry {
     pub local: bool,
 }
 
+/// What an encoder may send out of its namespace besides ARP, neighbour discovery and replies
+/// to its channels' sources (built from its config by the controller). Everything else is
+/// dropped and counted by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// Destinations it may reach; at most `MAX_ALLOW_RULES` (16), each of the encoder's
+    /// address family.
+    pub allow: Vec<AllowRule>,
+    /// Its network health check: answers from this port pass, to any destination (the
+    /// daemon probes from the ingest host).
+    pub health: Option<HealthAnswers>,
+}
+
+/// The protocol and port an encoder answers health probes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthAnswers {
+    /// `Udp` or `Tcp` (an HTTP check is TCP).
+    pub proto: AllowProto,
+    pub port: u16,
+}
+
 /// A channel as the data plane has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChannelEntry {
@@ -212,6 +247,8 @@ pub struct Dataplane {
     sources: HashMap<MapData, SourceKey, SourceInfo>,
     srt_peers: HashMap<MapData, SourceKey, SrtPeer>,
     encoders: HashMap<MapData, u32, EncoderInfo>,
+    encoder_ifindex: HashMap<MapData, u32, u32>,
+    policies: HashMap<MapData, u32, EncoderPolicy>,
     tx_ports: DevMap<MapData>,
     channel_stats: PerCpuArray<MapData, FlowStats>,
     encoder_stats: PerCpuArray<MapData, EncoderStats>,
@@ -220,12 +257,14 @@ pub struct Dataplane {
 }
 
 /// Every map of the object, by name (as pinned).
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 13] = [
     "CHANNELS",
     "REPLIES",
     "SOURCES",
     "SRT_PEERS",
     "ENCODERS",
+    "ENCODER_IFINDEX",
+    "POLICIES",
     "TX_PORTS",
     "CHANNEL_STATS",
     "ENCODER_STATS",
@@ -328,6 +367,8 @@ impl Dataplane {
             sources: typed!("SOURCES"),
             srt_peers: typed!("SRT_PEERS"),
             encoders: typed!("ENCODERS"),
+            encoder_ifindex: typed!("ENCODER_IFINDEX"),
+            policies: typed!("POLICIES"),
             tx_ports: typed!("TX_PORTS"),
             channel_stats: typed!("CHANNEL_STATS"),
             encoder_stats: typed!("ENCODER_STATS"),
@@ -426,8 +467,10 @@ impl Dataplane {
             _pad: [0; 2],
         };
         let existing = self.encoder_id(&spec.name)?;
+        let mut old_info = None;
         if let Some(id) = existing {
             let old = self.encoders.get(&id, 0).map_err(map_err("ENCODERS"))?;
+            old_info = Some(old);
             if old.family != family {
                 // Channels are bound to an address family: refuse rather than break them.
                 if let Some(ch) = self.channels_using(id)?.first() {
@@ -464,6 +507,7 @@ impl Dataplane {
         self.encoders
             .insert(id, info, 0)
             .map_err(map_err("ENCODERS"))?;
+        self.index_encoder(id, old_info.as_ref(), &info)?;
         // Repoint channels whose target is this encoder (its MAC or address may have changed).
         for (key, target) in self.channel_targets()? {
             if target.encoder_id == id {
@@ -497,6 +541,68 @@ impl Dataplane {
             }
             // The veth may be gone already; remove any pinned TC link that names it.
             self.remove_stale_tc_links()?;
+            self.unindex_ifindex(info.ifindex, id)?;
+        }
+        remove_missing_ok(&mut self.policies, &id, "POLICIES")
+    }
+
+    /// Replaces an encoder's egress policy: one HASH map update, so the TC program sees the
+    /// old policy or the new one, never a mix, and stays attached. The encoder's own address
+    /// (the only source it may use) is its registered address. Refused, leaving the old
+    /// policy in place, when the allow-list has more than `MAX_ALLOW_RULES` rules or a rule
+    /// of the other address family, or the health protocol is not UDP or TCP.
+    pub fn set_policy(&mut self, encoder: &str, policy: &EgressPolicy) -> Result<()> {
+        let id = self
+            .encoder_id(encoder)?
+            .ok_or_else(|| DataplaneError::UnknownEncoder(encoder.to_owned()))?;
+        let info = self.encoders.get(&id, 0).map_err(map_err("ENCODERS"))?;
+        let value = policy_value(encoder, &info, policy)?;
+        self.policies
+            .insert(id, value, 0)
+            .map_err(map_err("POLICIES"))
+    }
+
+    /// An encoder's egress-policy drops by reason (`drop_reason::NAMES`), summed over CPUs.
+    pub fn encoder_drops(&self, name: &str) -> Result<Vec<(&'static str, u64)>> {
+        let stats = self.encoder_stats(name)?;
+        Ok(drop_reason::NAMES.into_iter().zip(stats.drops).collect())
+    }
+
+    /// Keeps `ENCODER_IFINDEX` and the encoder's policy in line with its registration: the TC
+    /// program finds a local encoder by its veth, and judges sources by its address.
+    fn index_encoder(
+        &mut self,
+        id: u32,
+        old: Option<&EncoderInfo>,
+        info: &EncoderInfo,
+    ) -> Result<()> {
+        if let Some(old) = old
+            && old.kind == ENCODER_LOCAL
+            && (info.kind != ENCODER_LOCAL || old.ifindex != info.ifindex)
+        {
+            self.unindex_ifindex(old.ifindex, id)?;
+        }
+        if info.kind == ENCODER_LOCAL {
+            self.encoder_ifindex
+                .insert(info.ifindex, id, 0)
+                .map_err(map_err("ENCODER_IFINDEX"))?;
+        }
+        if let Ok(mut policy) = self.policies.get(&id, 0)
+            && (policy.addr != info.addr || policy.family != info.family)
+        {
+            policy.addr = info.addr;
+            policy.family = info.family;
+            self.policies
+                .insert(id, policy, 0)
+                .map_err(map_err("POLICIES"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the `ENCODER_IFINDEX` entry of `ifindex` if it still names encoder `id`.
+    fn unindex_ifindex(&mut self, ifindex: u32, id: u32) -> Result<()> {
+        if self.encoder_ifindex.get(&ifindex, 0).ok() == Some(id) {
+            remove_missing_ok(&mut self.encoder_ifindex, &ifindex, "ENCODER_IFINDEX")?;
         }
         Ok(())
     }
@@ -925,6 +1031,123 @@ fn target_for(info: &EncoderInfo, encoder_id: u32, channel_id: u32, port: u16) -
     }
 }
 
+/// The `POLICIES` value of an encoder: `policy` checked against the encoder's registration.
+fn policy_value(name: &str, info: &EncoderInfo, policy: &EgressPolicy) -> Result<EncoderPolicy> {
+    if policy.allow.len() > MAX_ALLOW_RULES {
+        return Err(DataplaneError::TooManyRules {
+            encoder: name.to_owned(),
+            count: policy.allow.len(),
+            max: MAX_ALLOW_RULES,
+        });
+    }
+    let (health_proto, health_port) = match policy.health {
+        None => (0, 0),
+        Some(HealthAnswers { port: 0, .. }) => {
+            return Err(DataplaneError::Invalid {
+                what: format!("egress policy of encoder {name:?}"),
+                why: "health-check port 0".into(),
+            });
+        }
+        Some(HealthAnswers {
+            proto: AllowProto::Udp,
+            port,
+        }) => (PROTO_UDP, port),
+        Some(HealthAnswers {
+            proto: AllowProto::Tcp,
+            port,
+        }) => (PROTO_TCP, port),
+        Some(HealthAnswers {
+            proto: AllowProto::Icmp,
+            ..
+        }) => {
+            return Err(DataplaneError::Invalid {
+                what: format!("egress policy of encoder {name:?}"),
+                why: "health answers are UDP or TCP, not ICMP".into(),
+            });
+        }
+    };
+    let mut value = EncoderPolicy {
+        addr: info.addr,
+        family: info.family,
+        health_proto,
+        health_port,
+        n_rules: policy.allow.len() as u32,
+        ..Default::default()
+    };
+    for (slot, rule) in value.rules.iter_mut().zip(&policy.allow) {
+        *slot = policy_rule(name, info.family, rule)?;
+    }
+    Ok(value)
+}
+
+fn policy_rule(name: &str, family: u8, rule: &AllowRule) -> Result<PolicyRule> {
+    let (rule_family, net) = ip_bytes(rule.network);
+    let invalid = |why: String| DataplaneError::Invalid {
+        what: format!("allow rule {} of encoder {name:?}", describe_rule(rule)),
+        why,
+    };
+    if rule_family != family {
+        let fam = |f: u8| if f == FAMILY_V4 { "IPv4" } else { "IPv6" };
+        return Err(invalid(format!(
+            "an {} rule for an {} encoder can never match (its other traffic counts as forged)",
+            fam(rule_family),
+            fam(family)
+        )));
+    }
+    let width = if family == FAMILY_V4 { 32 } else { 128 };
+    if rule.prefix_len > width {
+        return Err(invalid(format!("prefix longer than {width} bits")));
+    }
+    let mut mask = [0u8; 16];
+    for (i, m) in mask.iter_mut().enumerate() {
+        let bits = usize::from(rule.prefix_len).saturating_sub(i * 8).min(8);
+        *m = (0xff00u16 >> bits) as u8;
+    }
+    let mut net_masked = net;
+    for (n, m) in net_masked.iter_mut().zip(mask) {
+        *n &= m;
+    }
+    let proto = match (rule.proto, family) {
+        (AllowProto::Udp, _) => PROTO_UDP,
+        (AllowProto::Tcp, _) => PROTO_TCP,
+        (AllowProto::Icmp, FAMILY_V4) => PROTO_ICMP,
+        (AllowProto::Icmp, _) => PROTO_ICMPV6,
+    };
+    let (port_min, port_max) = match &rule.ports {
+        // ICMP has no ports: the program matches it as port 0.
+        _ if rule.proto == AllowProto::Icmp => (0, u16::MAX),
+        Some(range) if range.is_empty() => return Err(invalid("empty port range".into())),
+        Some(range) => (*range.start(), *range.end()),
+        None => (0, u16::MAX),
+    };
+    Ok(PolicyRule {
+        net: net_masked,
+        mask,
+        port_min,
+        port_max,
+        proto,
+        family,
+        _pad: [0; 2],
+    })
+}
+
+/// A rule as the config spells it, for messages.
+fn describe_rule(rule: &AllowRule) -> String {
+    let proto = match rule.proto {
+        AllowProto::Udp => "udp",
+        AllowProto::Tcp => "tcp",
+        AllowProto::Icmp => "icmp",
+    };
+    let net = format!("{}/{}", rule.network, rule.prefix_len);
+    match &rule.ports {
+        None => format!("{net}/{proto}"),
+        Some(p) if rule.network.is_ipv6() => {
+            format!("[{net}]:{}-{}/{proto}", p.start(), p.end())
+        }
+        Some(p) => format!("{net}:{}-{}/{proto}", p.start(), p.end()),
+    }
+}
+
 fn reply_key(info: &EncoderInfo, port: u16) -> Endpoint {
     Endpoint {
         addr: info.addr,
@@ -1035,6 +1258,18 @@ fn sum_reasons(
             Ok((*name, v.iter().sum()))
         })
         .collect()
+}
+
+/// Removes `key` from a HASH map; a key that is not there is not an error.
+fn remove_missing_ok<V: aya::Pod>(
+    map: &mut HashMap<MapData, u32, V>,
+    key: &u32,
+    name: &str,
+) -> Result<()> {
+    match map.remove(key) {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map_err(map_err(name)),
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>

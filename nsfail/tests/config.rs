@@ -290,6 +290,9 @@ fn a_config_built_in_code_is_validated_without_a_location() {
             kind: HealthKind::Flow,
             ..Health::default()
         },
+        spawn: None,
+        restart: Default::default(),
+        prefix: None,
     });
     assert_eq!(
         config.validate().unwrap_err().to_string(),

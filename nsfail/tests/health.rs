@@ -40,6 +40,9 @@ fn encoder(health: Health, netns: Option<&str>) -> Encoder {
         mac: None,
         allow: Vec::new(),
         health,
+        spawn: None,
+        restart: Default::default(),
+        prefix: None,
     }
 }
 

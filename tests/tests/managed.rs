@@ -78,7 +78,6 @@ fn managed_encoder_lifecycle() {
              [[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\n\
              encoders = [\"mgd\", \"enc-b\"]\nport = 7000\nprotocol = \"srt\"\n",
             rt = lab.rt.name,
-            listener = listener.replace('\'', "'"),
             b = eb.addr4,
             b_if = eb.host_if,
             b_ns = eb.ns.name,

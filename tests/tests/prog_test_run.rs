@@ -2,11 +2,23 @@
 //! input frame, the expected verdict, the exact expected output bytes and the reason counted.
 //! Expected outputs are built from scratch (checksums computed over the whole header), never
 //! with the incremental arithmetic under test.
+//!
+//! The TC program finds the encoder a packet leaves by the skb's ingress ifindex: rows run
+//! without a context (ifindex 0) exercise the fail-open path of a veth without a policy; the
+//! egress policy rows give the test run a `__sk_buff` naming the encoder's veth.
 
 use std::net::SocketAddr;
 
-use aya::programs::{ProgramError, TestRun, TestRunOptions};
-use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpModeSetting, netns};
+use aya::programs::{
+    ProgramError, TestRun, TestRunOptions,
+    links::{FdLink, PinnedLink},
+};
+use nsfail::{
+    Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpModeSetting,
+    config::{AllowProto, AllowRule},
+    dataplane::{EgressPolicy, HealthAnswers},
+    netns,
+};
 use nsfail_tests::{
     Entered, Netns, PinDir,
     frames::{Frame, arp, verify_udp},
@@ -17,6 +29,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const CH4: &str = "10.77.0.1:5000";
@@ -29,16 +42,37 @@ const SRC4: &str = "10.77.0.2:40000";
 const SRC6: &str = "[fd77::2]:40000";
 const ENC_PORT: u16 = 7000;
 const REMOTE_MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+/// enc4's egress policy: its allow-list, and UDP health probes answered from port 9000.
+const ENC4_ALLOW: [&str; 3] = [
+    "10.77.9.1:443/tcp",
+    "10.77.9.0/24:5000-5010/udp",
+    "10.77.9.5/icmp",
+];
+const ENC4_HEALTH: u16 = 9000;
+/// enc6's: one IPv6 service, and TCP health probes answered from port 9100.
+const ENC6_ALLOW: [&str; 1] = ["[fd77:9::/64]:443/tcp"];
+const ENC6_HEALTH: u16 = 9100;
 
-/// A namespace with an ingest veth and two encoder veths, and a data plane attached in it.
+/// A namespace with an ingest veth and two encoder veths, and a data plane attached in it;
+/// enc4 and enc6 have egress policies, `remote` (no veth) has none.
 struct Fixture {
     dp: Dataplane,
-    _pins: PinDir,
+    pins: PinDir,
     _ns: Netns,
     _entered: Entered,
-    ingest_mac: [u8; 6],
+    ingest: netns::Link,
     enc4: (netns::Link, netns::Link),
     enc6: (netns::Link, netns::Link),
+}
+
+fn policy(allow: &[&str], proto: AllowProto, port: u16) -> EgressPolicy {
+    EgressPolicy {
+        allow: allow
+            .iter()
+            .map(|r| r.parse::<AllowRule>().unwrap())
+            .collect(),
+        health: Some(HealthAnswers { proto, port }),
+    }
 }
 
 impl Fixture {
@@ -57,7 +91,7 @@ impl Fixture {
         let mut dp = pins.open();
         dp.attach_ingest("ing", XdpModeSetting::Native)
             .expect("attach");
-        let ingest_mac = netns::link("ing").unwrap().mac;
+        let ingest = netns::link("ing").unwrap();
         let enc4 = (netns::link("ve4").unwrap(), netns::link("ve4p").unwrap());
         let enc6 = (netns::link("ve6").unwrap(), netns::link("ve6p").unwrap());
         for (name, addr, mac, link) in [
@@ -99,15 +133,66 @@ impl Fixture {
             false,
         )
         .expect("channel remote");
+        dp.set_policy("enc4", &policy(&ENC4_ALLOW, AllowProto::Udp, ENC4_HEALTH))
+            .expect("enc4 policy");
+        dp.set_policy("enc6", &policy(&ENC6_ALLOW, AllowProto::Tcp, ENC6_HEALTH))
+            .expect("enc6 policy");
         Self {
             dp,
-            _pins: pins,
+            pins,
             _ns: ns,
             _entered: entered,
-            ingest_mac,
+            ingest,
             enc4,
             enc6,
         }
+    }
+
+    /// Runs one frame through the TC program as if it had arrived on interface `ifindex`:
+    /// verdict and output bytes.
+    fn tc_run_on(&self, ifindex: u32, input: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        // A `struct __sk_buff` (192 bytes) with `ingress_ifindex` (offset 36) and `ifindex`
+        // (offset 40) set; a test run accepts these fields and wants the others zero.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; input.len() + 64];
+        let res = self.dp.egress_program().test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+
+    /// Every TC outcome (`tc/REASON`) and every egress-policy drop of enc4 and enc6
+    /// (`enc4/REASON`), so that a row can say exactly which one moved.
+    fn tc_counters(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = self
+            .dp
+            .tc_stats()
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (format!("tc/{n}"), v))
+            .collect();
+        for enc in ["enc4", "enc6"] {
+            all.extend(
+                self.dp
+                    .encoder_drops(enc)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(n, v)| (format!("{enc}/{n}"), v)),
+            );
+        }
+        all
+    }
+
+    /// The id of the TC link pinned for `ifname` (a re-attach would make a new link).
+    fn tc_link_id(&self, ifname: &str) -> u32 {
+        let pinned = PinnedLink::from_pin(self.pins.pins.tc_link(ifname)).expect("TC link pin");
+        FdLink::from(pinned).info().expect("link info").id()
     }
 
     /// Runs one frame through the XDP (`xdp`) or TC program: verdict and output bytes.
@@ -259,7 +344,7 @@ fn xdp_ingress_table() {
             &remote_tagged,
             REMOTE4,
             REMOTE_MAC,
-            fx.ingest_mac,
+            fx.ingest.mac,
             true,
         )),
         reason: "tx",
@@ -391,6 +476,8 @@ fn xdp_ingress_table() {
     assert!(fx.test_run(true, &[]).is_err(), "zero-length frame");
 }
 
+/// Without a context the skb's ingress ifindex is 0, which names no encoder: the fail-open
+/// path of a veth without a policy.
 #[test]
 fn tc_egress_table() {
     let fx = Fixture::new();
@@ -517,4 +604,629 @@ fn tc_egress_table() {
     );
     let tx = fx.dp.encoder_stats("enc4").unwrap().tx;
     assert_eq!(tx.packets, 2, "enc4 replies counted");
+}
+
+/// One row of an egress policy table: a frame leaving an encoder's veth.
+struct PolicyRow {
+    name: String,
+    /// The interface the frame arrives on (the skb's ingress ifindex).
+    ifindex: u32,
+    input: Vec<u8>,
+    verdict: u32,
+    /// `None`: the output must equal the input.
+    output: Option<Vec<u8>>,
+    /// The one counter that must move: `tc/REASON` or `ENCODER/DROP_REASON`.
+    counter: &'static str,
+}
+
+/// Runs `rows` through the TC program; each row checks verdict, output bytes and that exactly
+/// its counter moved, by exactly one.
+fn run_policy_rows(fx: &Fixture, rows: &[PolicyRow]) {
+    for row in rows {
+        let before = fx.tc_counters();
+        let (verdict, got) = fx
+            .tc_run_on(row.ifindex, &row.input)
+            .unwrap_or_else(|e| panic!("{}: test_run failed: {e}", row.name));
+        assert_eq!(verdict, row.verdict, "{}: verdict", row.name);
+        let want = row.output.as_ref().unwrap_or(&row.input);
+        assert_eq!(got, *want, "{}: output bytes", row.name);
+        let after = fx.tc_counters();
+        let moved: Vec<_> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| a.1 != b.1)
+            .map(|(b, a)| (a.0.as_str(), a.1 - b.1))
+            .collect();
+        assert_eq!(moved, vec![(row.counter, 1)], "{}: counters", row.name);
+    }
+}
+
+fn packet(proto: u8, src: &str, dst: &str) -> Frame {
+    let mut f = Frame::udp(sa(src), sa(dst), &[0x5a; 32]);
+    f.proto = proto;
+    f
+}
+
+/// An ICMPv6 message of `icmp_type` (the frame's ICMP type byte rewritten; the programs do
+/// not check ICMP checksums).
+fn icmp6(icmp_type: u8, src: &str, dst: &str) -> Vec<u8> {
+    let mut b = packet(58, &format!("[{src}]:0"), &format!("[{dst}]:0")).bytes();
+    b[14 + 40] = icmp_type;
+    b
+}
+
+/// An IPv6 frame whose hop-by-hop header is turned into a fragment header with this
+/// offset-and-flags word.
+fn v6_fragment(f: &Frame, frag: u16) -> Vec<u8> {
+    let mut g = f.clone();
+    g.hop_by_hop = true;
+    let mut b = g.bytes();
+    b[14 + 6] = 44;
+    b[14 + 40 + 1] = 0;
+    b[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&frag.to_be_bytes());
+    b[14 + 40 + 4..14 + 40 + 8].copy_from_slice(&[0, 0, 0x12, 0x34]);
+    b
+}
+
+#[test]
+fn tc_egress_policy_table() {
+    let fx = Fixture::new();
+    let payload: Vec<u8> = (0..100u32).map(|i| i as u8).collect();
+    // Sources become known by sending to the channel through XDP.
+    for (src, ch) in [(SRC4, CH4), (SRC6, CH6)] {
+        let input = Frame::udp(sa(src), sa(ch), &payload).bytes();
+        assert_eq!(fx.test_run(true, &input).unwrap().0, XDP_REDIRECT);
+    }
+    let ve4 = fx.enc4.0.ifindex;
+    let ve6 = fx.enc6.0.ifindex;
+    let ch4_reply = Frame::udp(sa("10.77.1.2:7000"), sa(SRC4), &payload);
+    let ch6_reply = Frame::udp(sa("[fd77:1::2]:7000"), sa(SRC6), &payload);
+    let restored = |f: &Frame, ingest: &str| {
+        let mut g = f.clone();
+        g.src = sa(ingest);
+        g.bytes()
+    };
+    let mut rows = vec![
+        PolicyRow {
+            name: "IPv4 reply to the source: rewritten and redirected".into(),
+            ifindex: ve4,
+            input: ch4_reply.bytes(),
+            verdict: TC_ACT_REDIRECT,
+            output: Some(restored(&ch4_reply, CH4)),
+            counter: "tc/reply_redirected",
+        },
+        PolicyRow {
+            name: "IPv6 reply to the source: rewritten and redirected".into(),
+            ifindex: ve6,
+            input: ch6_reply.bytes(),
+            verdict: TC_ACT_REDIRECT,
+            output: Some(restored(&ch6_reply, CH6)),
+            counter: "tc/reply_redirected",
+        },
+    ];
+    let mut row = |name: &str, ifindex: u32, input: Vec<u8>, counter: &'static str| {
+        let verdict = if counter.starts_with("tc/") {
+            TC_ACT_OK
+        } else {
+            TC_ACT_SHOT
+        };
+        rows.push(PolicyRow {
+            name: name.into(),
+            ifindex,
+            input,
+            verdict,
+            output: None,
+            counter,
+        });
+    };
+    let (tcp, udp, icmp) = (6, 17, 1);
+    let e4 = "10.77.1.2:40000";
+    let e6 = "[fd77:1::2]:40000";
+
+    // enc4: allow 10.77.9.1:443/tcp, 10.77.9.0/24:5000-5010/udp, 10.77.9.5/icmp; UDP health 9000.
+    row(
+        "allowed TCP to 10.77.9.1:443",
+        ve4,
+        packet(tcp, e4, "10.77.9.1:443").bytes(),
+        "tc/pass_allowed",
+    );
+    row(
+        "allowed UDP, first port of the range, in the /24",
+        ve4,
+        packet(udp, e4, "10.77.9.77:5000").bytes(),
+        "tc/pass_allowed",
+    );
+    row(
+        "allowed UDP, last port of the range",
+        ve4,
+        packet(udp, e4, "10.77.9.254:5010").bytes(),
+        "tc/pass_allowed",
+    );
+    row(
+        "allowed ICMP echo to 10.77.9.5",
+        ve4,
+        packet(icmp, "10.77.1.2:0", "10.77.9.5:0").bytes(),
+        "tc/pass_allowed",
+    );
+    row(
+        "denied destination: TCP to 10.77.9.2:443",
+        ve4,
+        packet(tcp, e4, "10.77.9.2:443").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "denied port: TCP to 10.77.9.1:444",
+        ve4,
+        packet(tcp, e4, "10.77.9.1:444").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "denied port: UDP just past the range",
+        ve4,
+        packet(udp, e4, "10.77.9.1:5011").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "denied port: UDP just below the range",
+        ve4,
+        packet(udp, e4, "10.77.9.1:4999").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "denied destination: UDP outside the /24",
+        ve4,
+        packet(udp, e4, "10.77.8.1:5000").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "denied protocol of a rule: TCP to the UDP range",
+        ve4,
+        packet(tcp, e4, "10.77.9.1:5000").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "denied ICMP to 10.77.9.6",
+        ve4,
+        packet(icmp, "10.77.1.2:0", "10.77.9.6:0").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "forged source to an allowed destination",
+        ve4,
+        packet(tcp, "10.77.1.3:40000", "10.77.9.1:443").bytes(),
+        "enc4/forged_source",
+    );
+    row(
+        "forged source: a channel reply from another encoder's address",
+        ve4,
+        packet(udp, "10.77.2.2:7000", SRC4).bytes(),
+        "enc4/forged_source",
+    );
+    row(
+        "forged source: enc6's address on enc4's veth",
+        ve4,
+        packet(tcp, e6, "[fd77:9::1]:443").bytes(),
+        "enc4/forged_source",
+    );
+    row(
+        "channel port to a peer that never sent to the channel",
+        ve4,
+        packet(udp, "10.77.1.2:7000", "10.77.0.50:40000").bytes(),
+        "enc4/unknown_peer",
+    );
+    row(
+        "health answer: UDP from 9000 to the ingest host",
+        ve4,
+        packet(udp, "10.77.1.2:9000", "10.77.0.1:51515").bytes(),
+        "tc/pass_health",
+    );
+    row(
+        "health answer: UDP from 9000 to anywhere",
+        ve4,
+        packet(udp, "10.77.1.2:9000", "192.0.2.1:51515").bytes(),
+        "tc/pass_health",
+    );
+    row(
+        "TCP from the health port (the check is UDP)",
+        ve4,
+        packet(tcp, "10.77.1.2:9000", "10.77.0.1:51515").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "UDP to port 9000 (answers come from it, not to it)",
+        ve4,
+        packet(udp, e4, "10.77.0.1:9000").bytes(),
+        "enc4/denied",
+    );
+    row(
+        "ARP request",
+        ve4,
+        arp(fx.enc4.1.mac, [10, 77, 1, 2], [10, 77, 1, 1]),
+        "tc/pass_neighbour",
+    );
+    row(
+        "ARP with a forged sender address (ARP is not policed)",
+        ve4,
+        arp(fx.enc4.1.mac, [10, 77, 1, 99], [10, 77, 1, 1]),
+        "tc/pass_neighbour",
+    );
+    let mut first = packet(udp, e4, "10.77.9.1:5001");
+    first.frag = 0x2000; // MF, offset 0
+    row(
+        "first fragment to an allowed destination: judged by its ports",
+        ve4,
+        first.bytes(),
+        "tc/pass_allowed",
+    );
+    let mut first_denied = packet(udp, e4, "10.77.9.1:6000");
+    first_denied.frag = 0x2000;
+    row(
+        "first fragment to a denied port",
+        ve4,
+        first_denied.bytes(),
+        "enc4/denied",
+    );
+    let mut later = packet(udp, e4, "10.77.9.1:5001");
+    later.frag = 0x00b9; // offset 1480, last
+    row(
+        "later fragment (no ports to judge by)",
+        ve4,
+        later.bytes(),
+        "enc4/fragment",
+    );
+    let mut later_mf = later.clone();
+    later_mf.frag = 0x20b9;
+    row("middle fragment", ve4, later_mf.bytes(), "enc4/fragment");
+    let mut frag_reply = ch4_reply.clone();
+    frag_reply.frag = 0x2000;
+    row(
+        "first fragment of a reply: not rewritten, and not allowed",
+        ve4,
+        frag_reply.bytes(),
+        "enc4/denied",
+    );
+    row(
+        "GRE (unknown protocol)",
+        ve4,
+        packet(47, e4, "10.77.9.1:443").bytes(),
+        "enc4/protocol",
+    );
+    row(
+        "ICMPv6 inside IPv4",
+        ve4,
+        packet(58, "10.77.1.2:0", "10.77.9.5:0").bytes(),
+        "enc4/protocol",
+    );
+    let mut tagged = packet(tcp, e4, "10.77.9.1:443");
+    tagged.vlans = vec![100];
+    row("VLAN-tagged frame", ve4, tagged.bytes(), "enc4/not_ip");
+    let mut lldp = arp(fx.enc4.1.mac, [10, 77, 1, 2], [10, 77, 1, 1]);
+    lldp[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
+    row("LLDP", ve4, lldp, "enc4/not_ip");
+    let allowed_tcp = packet(tcp, e4, "10.77.9.1:443").bytes();
+    let mut bad_ihl = allowed_tcp.clone();
+    bad_ihl[14] = 0x44;
+    row("IPv4 IHL below 5", ve4, bad_ihl, "enc4/malformed");
+    let mut bad_version = allowed_tcp.clone();
+    bad_version[14] = 0x65;
+    row(
+        "IPv4 ethertype, version 6",
+        ve4,
+        bad_version,
+        "enc4/malformed",
+    );
+    for len in [34, 36, 38, 40, 53] {
+        row(
+            &format!("allowed TCP truncated to {len} B"),
+            ve4,
+            allowed_tcp[..len].to_vec(),
+            "enc4/malformed",
+        );
+    }
+    let allowed_udp = packet(udp, e4, "10.77.9.1:5000").bytes();
+    for len in [38, 41] {
+        row(
+            &format!("allowed UDP truncated to {len} B"),
+            ve4,
+            allowed_udp[..len].to_vec(),
+            "enc4/malformed",
+        );
+    }
+    row(
+        "ICMP truncated after the IPv4 header",
+        ve4,
+        packet(icmp, "10.77.1.2:0", "10.77.9.5:0").bytes()[..34].to_vec(),
+        "enc4/malformed",
+    );
+
+    // enc6: allow [fd77:9::/64]:443/tcp; TCP health 9100.
+    row(
+        "IPv6 allowed TCP to [fd77:9::1]:443",
+        ve6,
+        packet(tcp, e6, "[fd77:9::1]:443").bytes(),
+        "tc/pass_allowed",
+    );
+    row(
+        "IPv6 allowed TCP anywhere in the /64",
+        ve6,
+        packet(tcp, e6, "[fd77:9::ffff:1:2:3]:443").bytes(),
+        "tc/pass_allowed",
+    );
+    row(
+        "IPv6 denied port",
+        ve6,
+        packet(tcp, e6, "[fd77:9::1]:80").bytes(),
+        "enc6/denied",
+    );
+    row(
+        "IPv6 denied destination: outside the /64",
+        ve6,
+        packet(tcp, e6, "[fd77:9:0:1::1]:443").bytes(),
+        "enc6/denied",
+    );
+    row(
+        "IPv6 denied UDP to an allowed address and port",
+        ve6,
+        packet(udp, e6, "[fd77:9::1]:443").bytes(),
+        "enc6/denied",
+    );
+    row(
+        "IPv6 forged source",
+        ve6,
+        packet(tcp, "[fd77:1::3]:40000", "[fd77:9::1]:443").bytes(),
+        "enc6/forged_source",
+    );
+    row(
+        "IPv4 from the IPv6 encoder",
+        ve6,
+        packet(tcp, e4, "10.77.9.1:443").bytes(),
+        "enc6/forged_source",
+    );
+    row(
+        "IPv6 health answer: TCP from 9100",
+        ve6,
+        packet(tcp, "[fd77:1::2]:9100", "[fd77::1]:51515").bytes(),
+        "tc/pass_health",
+    );
+    row(
+        "ND: neighbour solicitation (135) from the link-local address",
+        ve6,
+        icmp6(135, "fe80::2", "ff02::1:ff00:1"),
+        "tc/pass_neighbour",
+    );
+    row(
+        "ND: neighbour advertisement (136) from the encoder's address",
+        ve6,
+        icmp6(136, "fd77:1::2", "fd77:1::1"),
+        "tc/pass_neighbour",
+    );
+    row(
+        "ND: router solicitation (133) from ::",
+        ve6,
+        icmp6(133, "::", "ff02::2"),
+        "tc/pass_neighbour",
+    );
+    row(
+        "ND: redirect (137)",
+        ve6,
+        icmp6(137, "fe80::2", "fe80::1"),
+        "tc/pass_neighbour",
+    );
+    row(
+        "ICMPv6 echo from the link-local address (not ND)",
+        ve6,
+        icmp6(128, "fe80::2", "fd77:9::1"),
+        "enc6/forged_source",
+    );
+    row(
+        "ICMPv6 type 138 (just past ND) from the link-local address",
+        ve6,
+        icmp6(138, "fe80::2", "fe80::1"),
+        "enc6/forged_source",
+    );
+    row(
+        "ICMPv6 echo to a destination without an icmp rule",
+        ve6,
+        icmp6(128, "fd77:1::2", "fd77:9::1"),
+        "enc6/denied",
+    );
+    let mut hop = packet(tcp, e6, "[fd77:9::1]:443");
+    hop.hop_by_hop = true;
+    row(
+        "IPv6 hop-by-hop header, then allowed TCP",
+        ve6,
+        hop.bytes(),
+        "tc/pass_allowed",
+    );
+    let mut hop_denied = packet(tcp, e6, "[fd77:9::1]:444");
+    hop_denied.hop_by_hop = true;
+    row(
+        "IPv6 hop-by-hop header, then denied TCP",
+        ve6,
+        hop_denied.bytes(),
+        "enc6/denied",
+    );
+    let v6_allowed = packet(tcp, e6, "[fd77:9::1]:443");
+    row(
+        "IPv6 first fragment of allowed TCP",
+        ve6,
+        v6_fragment(&v6_allowed, 0x0001),
+        "tc/pass_allowed",
+    );
+    row(
+        "IPv6 later fragment",
+        ve6,
+        v6_fragment(&v6_allowed, 0x05c8),
+        "enc6/fragment",
+    );
+    let mut chain = packet(tcp, e6, "[fd77:9::1]:443").bytes();
+    // Five hop-by-hop-shaped headers: one more than the program walks.
+    chain[14 + 6] = 0;
+    let l4 = chain.split_off(54);
+    for _ in 0..5 {
+        chain.extend_from_slice(&[0, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let last = chain.len() - 8;
+    chain[last] = 6;
+    chain.extend_from_slice(&l4);
+    let plen = (chain.len() - 54) as u16;
+    chain[18..20].copy_from_slice(&plen.to_be_bytes());
+    row(
+        "IPv6 extension header chain longer than the walk",
+        ve6,
+        chain,
+        "enc6/protocol",
+    );
+    let v6_bytes = v6_allowed.bytes();
+    for len in [54, 58, 73] {
+        row(
+            &format!("IPv6 allowed TCP truncated to {len} B"),
+            ve6,
+            v6_bytes[..len].to_vec(),
+            "enc6/malformed",
+        );
+    }
+
+    // A veth without a policy (the ingest NIC's, no encoder): fail-open, as before policies.
+    row(
+        "no policy for the interface: a denied-looking TCP packet passes",
+        fx.ingest.ifindex,
+        packet(tcp, e4, "10.77.9.2:443").bytes(),
+        "tc/pass_other",
+    );
+    row(
+        "no policy for the interface: forged UDP passes",
+        fx.ingest.ifindex,
+        packet(udp, "10.77.1.3:40000", "10.77.9.2:80").bytes(),
+        "tc/pass_no_channel",
+    );
+    run_policy_rows(&fx, &rows);
+    for row in rows.iter().filter(|r| r.verdict == TC_ACT_REDIRECT) {
+        verify_udp(row.output.as_ref().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", row.name));
+    }
+    // Shorter IPv6 skbs are refused by the kernel's test run itself.
+    assert!(
+        fx.tc_run_on(ve6, &v6_bytes[..40]).is_err(),
+        "40-byte IPv6 skb"
+    );
+}
+
+/// One verdict for a frame on enc4's veth, and the counter that moved.
+fn verdict_on_enc4(fx: &Fixture, frame: &[u8]) -> (u32, String) {
+    let before = fx.tc_counters();
+    let (verdict, _) = fx.tc_run_on(fx.enc4.0.ifindex, frame).unwrap();
+    let after = fx.tc_counters();
+    let moved: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(_, a)| a.0.clone())
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    (verdict, moved[0].clone())
+}
+
+#[test]
+fn tc_egress_policy_is_replaced_atomically_without_reattaching() {
+    let mut fx = Fixture::new();
+    let mut dp_policy = policy(&ENC4_ALLOW, AllowProto::Udp, ENC4_HEALTH);
+    let to_444 = packet(6, "10.77.1.2:40000", "10.77.9.1:444").bytes();
+    let link = fx.tc_link_id("ve4");
+    let denied = (TC_ACT_SHOT, "enc4/denied".to_owned());
+    let allowed = (TC_ACT_OK, "tc/pass_allowed".to_owned());
+    assert_eq!(verdict_on_enc4(&fx, &to_444), denied);
+
+    // One map update lets port 444 through; the program was not touched.
+    dp_policy
+        .allow
+        .push("10.77.9.1:444/tcp".parse::<AllowRule>().unwrap());
+    fx.dp.set_policy("enc4", &dp_policy).unwrap();
+    assert_eq!(verdict_on_enc4(&fx, &to_444), allowed);
+    assert_eq!(fx.tc_link_id("ve4"), link, "the TC link is the same");
+
+    // Refused updates leave the policy in force.
+    let mut too_many = dp_policy.clone();
+    for port in 1..=14u16 {
+        too_many
+            .allow
+            .push(format!("10.77.10.1:{port}/udp").parse().unwrap());
+    }
+    assert_eq!(too_many.allow.len(), 18);
+    let err = fx.dp.set_policy("enc4", &too_many).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataplaneError::TooManyRules {
+                count: 18,
+                max: 16,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "encoder \"enc4\" has 18 allow rules; the kernel policy holds at most 16"
+    );
+    too_many.allow.truncate(16);
+    let mut v6_rule = too_many.clone();
+    v6_rule.allow[15] = "[fd77:9::/64]:443/tcp".parse().unwrap();
+    let err = fx.dp.set_policy("enc4", &v6_rule).unwrap_err();
+    assert!(matches!(err, DataplaneError::Invalid { .. }), "{err}");
+    assert!(
+        err.to_string().contains("IPv6 rule for an IPv4 encoder"),
+        "{err}"
+    );
+    let err = fx.dp.set_policy("nope", &dp_policy).unwrap_err();
+    assert!(matches!(err, DataplaneError::UnknownEncoder(_)), "{err}");
+    assert_eq!(verdict_on_enc4(&fx, &to_444), allowed);
+
+    // Sixteen rules is the limit, and the sixteenth is walked.
+    dp_policy.allow.pop();
+    let mut sixteen = dp_policy.clone();
+    while sixteen.allow.len() < 15 {
+        let port = 20000 + sixteen.allow.len() as u16;
+        sixteen
+            .allow
+            .push(format!("10.77.10.1:{port}/udp").parse().unwrap());
+    }
+    sixteen.allow.push("10.77.9.1:444/tcp".parse().unwrap());
+    assert_eq!(sixteen.allow.len(), 16);
+    fx.dp.set_policy("enc4", &sixteen).unwrap();
+    assert_eq!(verdict_on_enc4(&fx, &to_444), allowed);
+    fx.dp.set_policy("enc4", &dp_policy).unwrap();
+    assert_eq!(verdict_on_enc4(&fx, &to_444), denied);
+
+    // A new address for the encoder becomes the only source it may use.
+    let moved = EncoderSpec {
+        name: "enc4".into(),
+        addr: "10.77.1.20".parse().unwrap(),
+        mac: fx.enc4.1.mac,
+        link: EncoderLink::Local {
+            ifname: "ve4".into(),
+        },
+    };
+    fx.dp.upsert_encoder(&moved).unwrap();
+    let allowed_from = |src: &str| packet(6, src, "10.77.9.1:443").bytes();
+    assert_eq!(
+        verdict_on_enc4(&fx, &allowed_from("10.77.1.20:40000")),
+        allowed
+    );
+    assert_eq!(
+        verdict_on_enc4(&fx, &allowed_from("10.77.1.2:40000")),
+        (TC_ACT_SHOT, "enc4/forged_source".to_owned())
+    );
+
+    // The policy goes with the encoder: its veth is no longer policed, and an encoder added
+    // again under the name starts without one.
+    fx.dp.remove_channel(sa(CH4)).unwrap();
+    fx.dp.remove_encoder("enc4").unwrap();
+    let (verdict, _) = fx.tc_run_on(fx.enc4.0.ifindex, &to_444).unwrap();
+    assert_eq!(verdict, TC_ACT_OK, "no encoder for the veth: fail-open");
+    fx.dp.upsert_encoder(&moved).unwrap();
+    assert_eq!(
+        verdict_on_enc4(&fx, &to_444),
+        (TC_ACT_OK, "tc/pass_other".to_owned()),
+        "re-added without a policy: fail-open"
+    );
 }
