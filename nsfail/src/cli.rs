@@ -490,13 +490,41 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
     // and then cleans up.
     // SAFETY: replacing the SIGINT disposition before any thread of ours handles signals.
     unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) }.context("ignoring SIGINT")?;
-    let status = std::process::Command::new(exe)
+    let mut daemon = std::process::Command::new(exe)
         .arg("--socket")
         .arg(socket)
         .arg("run")
         .arg("--config")
         .arg(&info.config)
-        .status();
+        .spawn();
+    // Once the daemon is up: one allowed and one denied attempt from enc-a to the ingest
+    // host, so that the egress policy shows in the counters.
+    if let (Ok(_), Some(ea)) = (&daemon, info.namespaces.get(2)) {
+        let ea = ea.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            let gateway = labctl::lab_gateway("10.77.1.2");
+            for port in [labctl::SERVICE_PORT, labctl::SERVICE_PORT + 1] {
+                let target: std::net::SocketAddr =
+                    format!("{gateway}:{port}").parse().expect("address");
+                let outcome = crate::netns::in_netns(&ea, move || {
+                    std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2))
+                });
+                let verdict = match outcome {
+                    Ok(Ok(_)) => "connected (allowed by enc-a's allow-list)".to_owned(),
+                    Ok(Err(e)) => {
+                        format!("failed: {e} (dropped at enc-a's veth, counted in DROPS)")
+                    }
+                    Err(e) => format!("could not try: {e}"),
+                };
+                println!("demo: enc-a -> {target}/tcp: {verdict}");
+            }
+        });
+    }
+    let status = daemon
+        .as_mut()
+        .map_err(|e| anyhow!("{e}"))
+        .and_then(|c| Ok(c.wait()?));
     let down = labctl::down();
     let teardown = Dataplane::teardown(&Pins::default());
     println!("lab removed (namespaces, processes), data plane detached and unpinned");

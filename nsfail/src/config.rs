@@ -854,12 +854,31 @@ fn encoder_problems(i: usize, encoder: &Encoder, out: &mut Vec<Problem>) {
         }
     }
     for (j, rule) in encoder.allow.iter().enumerate() {
-        if let Err(e) = rule.parse::<AllowRule>() {
-            out.push(Problem::new(
+        match rule.parse::<AllowRule>() {
+            Err(e) => out.push(Problem::new(
                 at!["encoder", i, "allow", j],
                 format!("encoder {name:?}: {e}"),
-            ));
+            )),
+            Ok(r) if r.network.is_ipv4() != encoder.address.is_ipv4() => out.push(Problem::new(
+                at!["encoder", i, "allow", j],
+                format!(
+                    "encoder {name:?}: allow rule {rule:?} is of the other address family \
+                         than the encoder's address {}",
+                    encoder.address
+                ),
+            )),
+            Ok(_) => {}
         }
+    }
+    let max = nsfail_common::MAX_ALLOW_RULES;
+    if encoder.allow.len() > max {
+        out.push(Problem::new(
+            at!["encoder", i, "allow"],
+            format!(
+                "encoder {name:?} has {} allow rules; the kernel policy holds at most {max}",
+                encoder.allow.len()
+            ),
+        ));
     }
     health_problems(i, encoder, out);
 }

@@ -506,6 +506,17 @@ struct LabEncoder {
     addr4: String,
 }
 
+/// The TCP port of the lab's host service.
+pub const SERVICE_PORT: u16 = 8080;
+
+/// An encoder's gateway in the lab: the host side of its veth, `10.77.N.1` for `10.77.N.2`.
+pub fn lab_gateway(addr4: &str) -> String {
+    match addr4.rsplit_once('.') {
+        Some((net, _)) => format!("{net}.1"),
+        None => addr4.to_owned(),
+    }
+}
+
 /// A TOML basic string.
 fn quoted(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -532,11 +543,13 @@ fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProtocol) -> St
              address = {}\n\
              interface = {}\n\
              netns = {}\n\
+             allow = [{}]\n\
              health = {{ kind = \"udp\", port = {ECHO_PORT}, interval_ms = 100, timeout_ms = 100, rise = 3, fall = 3 }}\n",
             quoted(&e.name),
             quoted(&e.addr4),
             quoted(&e.host_if),
             quoted(&e.netns),
+            quoted(&format!("{}:{SERVICE_PORT}/tcp", lab_gateway(&e.addr4))),
         );
     }
     let names: Vec<String> = encoders.iter().map(|e| quoted(&e.name)).collect();
@@ -632,6 +645,14 @@ impl Builder {
             ];
             self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
         }
+        // A service on the ingest host that the encoders may use (their allow-lists name it):
+        // reachable on SERVICE_PORT, and nothing else is.
+        let service = vec![
+            "socat".to_owned(),
+            format!("TCP-LISTEN:{SERVICE_PORT},fork,reuseaddr"),
+            "SYSTEM:echo nsfail lab host service".to_owned(),
+        ];
+        self.spawn("rt-service", &rt, service, None)?;
 
         let target = match opts.protocol {
             LabProtocol::Srt => {

@@ -1135,3 +1135,49 @@ health = { kind = "flow" }
     );
     assert_refused(&text, "t.toml:17:13:", "unknown encoder \"enc-z\"");
 }
+
+#[test]
+fn allow_rules_the_kernel_cannot_hold() {
+    // The other address family than the encoder's.
+    assert_refused(
+        &with_encoder(
+            "address = \"10.200.3.2\"\nhealth = { kind = \"flow\" }\nallow = [\"fd00::1/icmp\"]\n",
+        ),
+        "t.toml:18:",
+        "other address family",
+    );
+    // More than the 16 rules a kernel policy holds.
+    let rules: Vec<String> = (0..17).map(|i| format!("\"10.9.{i}.1:443/tcp\"")).collect();
+    assert_refused(
+        &with_encoder(&format!(
+            "address = \"10.200.3.2\"\nhealth = {{ kind = \"flow\" }}\nallow = [{}]\n",
+            rules.join(", ")
+        )),
+        "t.toml:18:",
+        "at most 16",
+    );
+}
+
+#[test]
+fn managed_encoders_need_room_on_their_link() {
+    assert_refused(
+        &with_encoder(
+            "address = \"10.200.3.1\"\nhealth = { kind = \"flow\" }\nspawn = { command = \"sleep\" }\n",
+        ),
+        "t.toml:16:",
+        "first address",
+    );
+    assert_refused(
+        &with_encoder("address = \"10.200.3.2\"\nhealth = { kind = \"flow\" }\nprefix = 24\n"),
+        "t.toml:18:",
+        "only for managed encoders",
+    );
+    let ok = with_encoder(
+        "address = \"10.200.3.2\"\nhealth = { kind = \"flow\" }\nspawn = { command = \"sleep\", args = [\"9\"] }\n",
+    );
+    let config = Config::parse(&ok, "t.toml").expect("a managed encoder");
+    let enc = config.encoder("enc-c").unwrap();
+    assert_eq!(enc.host_interface().as_deref(), Some("nf-enc-c"));
+    assert_eq!(enc.namespace().as_deref(), Some("nsf-enc-c"));
+    assert_eq!(enc.link_prefix(), 30);
+}
