@@ -82,6 +82,7 @@ fn up_then_down(protocol: LabProtocol) {
         "enc-a-echo",
         "enc-b-receiver",
         "enc-b-echo",
+        "rt-service",
     ];
     if protocol == LabProtocol::Srt {
         roles.push("src-relay");
