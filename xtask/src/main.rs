@@ -33,7 +33,8 @@ const BPF_LINKER_INSTALL: &[&str] = &[
     "rust-llvm-22",
 ];
 const BPFFS: &str = "/sys/fs/bpf";
-/// Tools the integration tests and the demo lab run.
+/// Tools the integration tests, the demo lab and the benchmarks run (nftables: the DNAT
+/// variant of `bench forward`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -43,6 +44,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "iputils-ping",
     "curl",
+    "nftables",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.
 const USERSPACE: &[&str] = &["--workspace", "--exclude", "nsfail-ebpf"];
@@ -78,10 +80,14 @@ enum Cmd {
     },
     /// Check formatting and run clippy on the userspace crates and on the eBPF crate.
     Lint,
-    /// Run a benchmark (not implemented yet).
+    /// Set up, then run the benchmarks (needs root) in a release build; prints a table and
+    /// writes NAME.json and NAME.svg under target/bench/.
     Bench {
-        /// The benchmark to run.
+        /// The benchmark to run: prog, scale, forward, controller, failover or all (default: all).
         name: Option<String>,
+        /// Repetitions per figure (at least 5; default 7).
+        #[arg(long)]
+        reps: Option<u32>,
     },
 }
 
@@ -108,13 +114,7 @@ fn try_main(cli: Cli) -> Result<ExitCode> {
             xtask.setup()?;
             xtask.lint()?;
         }
-        // Fails before setup: installing tools only to report this would waste minutes.
-        Cmd::Bench { name } => match name {
-            Some(name) => {
-                bail!("cannot run benchmark {name}: benchmarks are not implemented yet (issue 7)")
-            }
-            None => bail!("benchmarks are not implemented yet (issue 7)"),
-        },
+        Cmd::Bench { name, reps } => return xtask.bench(name.as_deref(), reps),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -335,20 +335,52 @@ impl Xtask {
         Ok(exit_code(status(&mut cmd)?))
     }
 
-    /// Replaces this process with nsfail (cargo runs xtask the same way), so nsfail's exit
-    /// status is ours and Ctrl-C reaches it directly. Returns only on failure.
-    fn run_nsfail(&self, args: &[OsString]) -> Result<Infallible> {
+    /// Runs nsfail-bench (release build: debug numbers would mean nothing) and passes its exit
+    /// status on: 1 only when a benchmark could not run, never for a missed target.
+    fn bench(&self, name: Option<&str>, reps: Option<u32>) -> Result<ExitCode> {
+        if !is_root() {
+            bail!(
+                "the benchmarks create network namespaces and load BPF programs, so they need \
+                 root: run `cargo xtask bench` as root"
+            );
+        }
         self.setup()?;
-        self.build(false)?;
-        let binary = cargo_metadata::MetadataCommand::new()
+        // The failover and controller benchmarks run the daemon itself: its release binary.
+        status(&mut self.cargo(["build", "--release", "-p", "nsfail", "--bin", "nsfail"]))?;
+        let out = self.target_dir()?.join("bench");
+        let mut cmd = self.cargo([
+            "run",
+            "--release",
+            "-p",
+            "nsfail-tests",
+            "--bin",
+            "nsfail-bench",
+            "--",
+        ]);
+        cmd.args(name);
+        if let Some(reps) = reps {
+            cmd.args(["--reps", &reps.to_string()]);
+        }
+        cmd.arg("--out").arg(&out);
+        Ok(exit_code(status(&mut cmd)?))
+    }
+
+    fn target_dir(&self) -> Result<PathBuf> {
+        Ok(cargo_metadata::MetadataCommand::new()
             .current_dir(&self.root)
             .no_deps()
             .exec()
             .context("reading the target directory from cargo metadata")?
             .target_directory
-            .join("debug")
-            .join("nsfail")
-            .into_std_path_buf();
+            .into_std_path_buf())
+    }
+
+    /// Replaces this process with nsfail (cargo runs xtask the same way), so nsfail's exit
+    /// status is ours and Ctrl-C reaches it directly. Returns only on failure.
+    fn run_nsfail(&self, args: &[OsString]) -> Result<Infallible> {
+        self.setup()?;
+        self.build(false)?;
+        let binary = self.target_dir()?.join("debug").join("nsfail");
         // Unlike cargo, nsfail runs in the caller's directory: relative paths (--config) mean
         // what the caller meant.
         let mut cmd = Command::new(&binary);

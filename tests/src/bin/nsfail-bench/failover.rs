@@ -1,0 +1,298 @@
+//! `failover`: kill-and-failover trials through the real daemon in a lab.
+//!
+//! - Sequenced UDP (1 packet/ms) to a channel on encoder A; A dies (its receiver and health
+//!   responder stop, or with the `flow` check its receiver hangs while the responder keeps
+//!   answering); the gap is the run of sequence numbers that reached neither encoder, in ms of
+//!   stream. 20 trials per detector by default.
+//! - SRT: a real `srt-live-transmit` caller and listeners; the time from A's death to the first
+//!   bytes at B's output, on an SRT channel (nsfail tells the caller to reconnect) and on the
+//!   same stream declared `udp` (the caller's own ~5 s timeout), and the output gap of a
+//!   `remap` with both encoders alive.
+//!
+//! Not a pass/fail test: the figures and the issue's targets, side by side.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nsfail::lab::{INGEST4, Lab, SRC4};
+use nsfail_tests::{
+    PinDir,
+    daemon::{Daemon, Policy, TempDir, cli, lab_config_with, status},
+    lab, spawn_in,
+    traffic::{Echo, Receiver, send_burst_in},
+    wait_for,
+};
+
+use crate::report::{Figure, Goal, Limit, Report, percentile};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+struct Bed {
+    daemon: Daemon,
+    echoes: Vec<Echo>,
+    _dir: TempDir,
+    _pins: PinDir,
+    lab: Lab,
+}
+
+fn bed(policy: &Policy) -> Result<Bed> {
+    let lab = lab(2);
+    let echoes = lab
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let dir = TempDir::new();
+    let config = dir.path.join("nsfail.toml");
+    fs::write(&config, lab_config_with(&lab, policy))?;
+    let pins = PinDir::new();
+    let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
+    Ok(Bed {
+        daemon,
+        echoes,
+        _dir: dir,
+        _pins: pins,
+        lab,
+    })
+}
+
+fn active(bed: &Bed, channel: &str) -> String {
+    status(&bed.daemon.socket)["channels"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == channel))
+        .and_then(|c| c["active"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// One UDP trial on cam2: returns the gap in ms.
+fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
+    let (ea, eb) = (&bed.lab.encoders[0], &bed.lab.encoders[1]);
+    let mut rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
+    let src_ns = bed.lab.src.name.clone();
+    let cam2 = sa(&format!("{INGEST4}:5002"));
+    let src = sa(&format!("{SRC4}:40002"));
+    let n = 2500u32;
+    let start = Instant::now();
+    let sender = thread::spawn(move || {
+        send_burst_in(
+            &src_ns,
+            src,
+            cam2,
+            0..n,
+            Duration::from_millis(1),
+            Duration::from_millis(300),
+        )
+    });
+    thread::sleep(Duration::from_millis(800));
+    if flow {
+        rx_a.pause(true);
+    } else {
+        rx_a.kill();
+        bed.echoes[0].stop();
+    }
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    let took = start.elapsed() - Duration::from_millis(300);
+    let (a, b) = (rx_a.seen(), rx_b.seen());
+    if b.is_empty() {
+        bail!("no failover: encoder B received nothing");
+    }
+    let lost = (0..n).filter(|s| !a.contains(s) && !b.contains(s)).count();
+    drop(rx_a);
+    drop(rx_b);
+    // Bring A back and the channel with it, for the next trial.
+    if !flow {
+        let ea = &bed.lab.encoders[0];
+        bed.echoes[0] = Echo::start(&ea.ns, sa(&format!("{}:9000", ea.addr4)));
+    }
+    let healthy = wait_for(Duration::from_secs(10), || {
+        status(&bed.daemon.socket)["encoders"][0]["healthy"]
+            .as_bool()
+            .filter(|h| *h)
+    });
+    if healthy.is_none() && !flow {
+        bail!("encoder A did not come back healthy");
+    }
+    let out = cli(&bed.daemon.socket, &["remap", "cam2", "enc-a"]);
+    if out.code != 0 {
+        bail!("remap back to enc-a: {}", out.stderr.trim());
+    }
+    Ok(lost as f64 * took.as_secs_f64() * 1e3 / f64::from(n))
+}
+
+/// An SRT caller through cam1 to the listeners in A and B; A dies (or, `remap`, the channel
+/// is moved with both alive). Returns ms until B's output grew by 10 datagrams.
+fn srt_trial(protocol: &str, remap: bool) -> Result<f64> {
+    let policy = Policy {
+        cam1_protocol: protocol,
+        ..Policy::default()
+    };
+    let mut bed = bed(&policy)?;
+    let dir = TempDir::new();
+    let mut listeners = Vec::new();
+    for (i, e) in bed.lab.encoders.iter().enumerate() {
+        let file = dir.path.join(format!("enc{i}.ts"));
+        let shell = format!(
+            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
+            file.display()
+        );
+        listeners.push((Some(spawn_in(&e.ns, "sh", &["-c", &shell])), file));
+    }
+    let _caller = spawn_in(
+        &bed.lab.src,
+        "srt-live-transmit",
+        &[
+            "-q",
+            "-a",
+            "yes",
+            "udp://127.0.0.1:9000",
+            &format!("srt://{INGEST4}:5000?mode=caller"),
+        ],
+    );
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let feeder = {
+        let feeding = feeding.clone();
+        let ns = bed.lab.src.name.clone();
+        thread::spawn(move || {
+            nsfail::netns::in_netns(&ns, move || {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("feed socket");
+                // Bounded: at most 60 s of 1316-byte datagrams every 5 ms.
+                for i in 0..12_000u32 {
+                    if !feeding.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut p = vec![0x47u8; 1316];
+                    p[1..5].copy_from_slice(&i.to_be_bytes());
+                    let _ = sock.send_to(&p, "127.0.0.1:9000");
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+    };
+    let size = |f: &std::path::Path| fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+    let result = (|| -> Result<f64> {
+        wait_for(Duration::from_secs(15), || {
+            (size(&listeners[0].1) > 50_000).then_some(())
+        })
+        .context("encoder A never received the SRT stream")?;
+        let b_before = size(&listeners[1].1);
+        let t0 = Instant::now();
+        if remap {
+            let out = cli(&bed.daemon.socket, &["remap", "cam1", "enc-b"]);
+            if out.code != 0 {
+                bail!("remap: {}", out.stderr.trim());
+            }
+        } else {
+            listeners[0].0.take();
+            bed.echoes[0].stop();
+        }
+        let at = wait_for(Duration::from_secs(20), || {
+            (size(&listeners[1].1) >= b_before + 13_160).then(|| t0.elapsed())
+        })
+        .context("encoder B's output never grew")?;
+        if active(&bed, "cam1") != "enc-b" {
+            bail!("cam1 is not on enc-b");
+        }
+        Ok(at.as_secs_f64() * 1e3)
+    })();
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = feeder.join();
+    result
+}
+
+pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
+    let mut report = Report::new("failover", "Failover: stream gap per detector (ms)", trials);
+    report.method.push(format!(
+        "UDP: {trials} kill-and-failover trials per detector on one lab and daemon; sequenced \
+         UDP at 1 packet/ms; gap = packets that reached neither encoder x packet interval"
+    ));
+    report.method.push(format!(
+        "SRT: {srt_trials} trials per variant, each on a fresh lab; time from the encoder's \
+         death (or the remap) to 10 more datagrams at the backup listener's output (SRT's 120 ms \
+         receive latency included)"
+    ));
+    let mut udp = Figure::new("gap", "udp probes 100 ms, fall 3", "ms");
+    let mut bed_udp = bed(&Policy::default())?;
+    for i in 0..trials {
+        let g = udp_trial(&mut bed_udp, false).with_context(|| format!("udp trial {i}"))?;
+        eprintln!("  udp trial {i}: {g:.0} ms");
+        udp.samples.push(g);
+    }
+    drop(bed_udp);
+    let mut flow = Figure::new("gap", "flow 50 ms, fall 2", "ms");
+    let mut bed_flow = bed(&Policy {
+        health: [
+            "{ kind = \"flow\", interval_ms = 50, timeout_ms = 50, rise = 2, fall = 2 }",
+            "{ kind = \"udp\", port = 9000 }",
+        ],
+        ..Policy::default()
+    })?;
+    for i in 0..trials {
+        let g = udp_trial(&mut bed_flow, true).with_context(|| format!("flow trial {i}"))?;
+        eprintln!("  flow trial {i}: {g:.0} ms");
+        flow.samples.push(g);
+    }
+    drop(bed_flow);
+
+    let mut srt = Figure::new("srt", "srt channel: encoder dies", "ms");
+    let mut srt_udp = Figure::new("srt", "same stream on a udp channel", "ms");
+    let mut srt_remap = Figure::new("srt", "srt channel: remap, both alive", "ms");
+    for i in 0..srt_trials {
+        for (fig, protocol, remap) in [
+            (&mut srt, "srt", false),
+            (&mut srt_udp, "udp", false),
+            (&mut srt_remap, "srt", true),
+        ] {
+            let t = srt_trial(protocol, remap)
+                .with_context(|| format!("srt trial {i} ({})", fig.variant))?;
+            eprintln!("  {} trial {i}: {t:.0} ms", fig.variant);
+            fig.samples.push(t);
+        }
+    }
+    for f in [&udp, &flow, &srt, &srt_udp, &srt_remap] {
+        let mut sorted = f.samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        report.notes.push(format!(
+            "{}: p95 {:.0} ms over {} trials",
+            f.variant,
+            percentile(&sorted, 0.95),
+            sorted.len()
+        ));
+    }
+    report.limits.push(Limit {
+        name: "udp probes: median gap".into(),
+        value: udp.summary().median,
+        unit: "ms".into(),
+        goal: Goal::AtMost(300.0),
+    });
+    report.limits.push(Limit {
+        name: "flow check: median gap".into(),
+        value: flow.summary().median,
+        unit: "ms".into(),
+        goal: Goal::AtMost(100.0),
+    });
+    report.limits.push(Limit {
+        name: "srt channel: data at the backup (3 probe intervals + 300 ms)".into(),
+        value: srt.summary().median,
+        unit: "ms".into(),
+        goal: Goal::AtMost(600.0),
+    });
+    report.limits.push(Limit {
+        name: "srt remap with both alive".into(),
+        value: srt_remap.summary().median,
+        unit: "ms".into(),
+        goal: Goal::AtMost(300.0),
+    });
+    report.figures.extend([udp, flow, srt, srt_udp, srt_remap]);
+    Ok(report)
+}
