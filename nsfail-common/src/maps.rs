@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -17,8 +17,11 @@ pub const FAMILY_V6: u8 = 6;
 pub const MAX_CHANNELS: u32 = 131_072;
 /// How many encoders the maps hold; encoder ids are `0..MAX_ENCODERS` and index the DEVMAP.
 pub const MAX_ENCODERS: u32 = 4096;
-/// How many (channel, source) pairs the return path remembers (LRU).
-pub const MAX_SOURCES: u32 = 65_536;
+/// How many (channel, source) pairs the return path remembers (LRU): two per channel, so that
+/// a full channel table does not evict on every packet.
+pub const MAX_SOURCES: u32 = 2 * MAX_CHANNELS;
+/// How many SRT callers are remembered (LRU).
+pub const MAX_SRT_PEERS: u32 = 65_536;
 
 /// What the XDP program does with a matched packet after rewriting it.
 pub const ACTION_REDIRECT: u8 = 1;
@@ -183,6 +186,19 @@ impl FlowStats {
         }
     }
 }
+
+/// Value of `CHANNEL_STATS` (per CPU, index: channel id): the channel's input counters, and
+/// the last source this CPU saw for it, so that the hot path touches the shared `SOURCES` map
+/// only when the source changes or once a second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    pub flow: FlowStats,
+    pub last_src: Endpoint,
+    pub _pad: u32,
+    pub last_src_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<ChannelStats>() == 56);
 
 /// Drop reasons per encoder (`EncoderStats::drops`, indexed by [`drop_reason`]), written by
 /// the egress policy.
@@ -446,6 +462,8 @@ mod pod {
     unsafe impl aya::Pod for EncoderInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ChannelStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EncoderStats {}
     // SAFETY: as above.

@@ -4,7 +4,10 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, generated::bpf_xdp_get_buff_len},
+    helpers::{
+        bpf_xdp_adjust_head,
+        generated::{bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
+    },
     macros::xdp,
     programs::XdpContext,
 };
@@ -224,12 +227,24 @@ fn check_device(target: &ChannelTarget) -> Result<(), u32> {
 /// veth), and hands the packet on.
 #[inline(always)]
 fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, u32> {
+    // The coarse clock (CLOCK_MONOTONIC at tick resolution) costs a fraction of the precise
+    // one; last-seen times are read against windows of tens of ms and more.
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    learn_source(p, target, now);
-    if let Some(s) = CHANNEL_STATS.get_ptr_mut(target.channel_id) {
-        // SAFETY: a per-CPU slot, written only from this CPU.
-        add_flow(unsafe { &mut *s }, p.ip_len, now);
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match CHANNEL_STATS.get_ptr_mut(target.channel_id) {
+        Some(s) => {
+            // SAFETY: a per-CPU slot, written only from this CPU.
+            let s = unsafe { &mut *s };
+            add_flow(&mut s.flow, p.ip_len, now);
+            if !same_endpoint(&s.last_src, &p.src)
+                || now.saturating_sub(s.last_src_ns) >= SOURCE_REFRESH_NS
+            {
+                learn_source(p, target, now);
+                s.last_src = p.src;
+                s.last_src_ns = now;
+            }
+        }
+        None => learn_source(p, target, now),
     }
     if let Some(s) = ENCODER_STATS.get_ptr_mut(target.encoder_id) {
         // SAFETY: as above.
@@ -264,6 +279,20 @@ fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, 
         count(&XDP_STATS, r::TX);
         Ok(XDP_TX)
     }
+}
+
+/// Field by field, in 4-byte words: no `memcmp` in a BPF program.
+#[inline(always)]
+fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
+    let w = |e: &Endpoint, i: usize| {
+        u32::from_ne_bytes([e.addr[i], e.addr[i + 1], e.addr[i + 2], e.addr[i + 3]])
+    };
+    w(a, 0) == w(b, 0)
+        && w(a, 4) == w(b, 4)
+        && w(a, 8) == w(b, 8)
+        && w(a, 12) == w(b, 12)
+        && a.port == b.port
+        && a.family == b.family
 }
 
 /// Remembers who sends to the channel, so that the return path only answers real sources.

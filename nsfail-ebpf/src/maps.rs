@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
 };
 use nsfail_common::{
-    ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FlowStats, MAX_CHANNELS,
-    MAX_ENCODERS, MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey, SrtPeer, tc_reason, xdp_reason,
+    ChannelStats, ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FlowStats,
+    MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCES, MAX_SRT_PEERS, ReplyTarget, SourceInfo, SourceKey,
+    SrtPeer, tc_reason, xdp_reason,
 };
 
 /// Key: a channel's ingest endpoint. Value: where its packets go now.
@@ -29,7 +30,7 @@ pub static SOURCES: LruHashMap<SourceKey, SourceInfo> = LruHashMap::pinned(MAX_S
 /// listener→caller packets. Writer: TC egress (SRT channels only). Reader: userspace, which
 /// sends the caller a SHUTDOWN when it repoints the channel.
 #[map]
-pub static SRT_PEERS: LruHashMap<SourceKey, SrtPeer> = LruHashMap::pinned(MAX_SOURCES, 0);
+pub static SRT_PEERS: LruHashMap<SourceKey, SrtPeer> = LruHashMap::pinned(MAX_SRT_PEERS, 0);
 
 /// Key: encoder id. Value: the encoder's registration. Writer and reader: userspace only (it is
 /// how a restarted controller learns the ids of a pinned data plane).
@@ -56,7 +57,7 @@ pub static POLICIES: HashMap<u32, EncoderPolicy> = HashMap::pinned(MAX_ENCODERS,
 /// Index: channel id. Value (per CPU): packets, bytes and last-seen of the channel's input.
 /// Writer: XDP ingress. Reader: userspace.
 #[map]
-pub static CHANNEL_STATS: PerCpuArray<FlowStats> = PerCpuArray::pinned(MAX_CHANNELS, 0);
+pub static CHANNEL_STATS: PerCpuArray<ChannelStats> = PerCpuArray::pinned(MAX_CHANNELS, 0);
 
 /// Index: encoder id. Value (per CPU): forwarded to it, replies from it, egress-policy drops
 /// by `drop_reason`.

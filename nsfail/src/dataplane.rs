@@ -31,11 +31,11 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use log::{info, warn};
 use nsfail_common::{
-    ABI_VERSION, ACTION_REDIRECT, ACTION_TX, ChannelTarget, ENCODER_LOCAL, ENCODER_REMOTE,
-    EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats,
-    MAX_ALLOW_RULES, MAX_CHANNELS, MAX_ENCODERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    PolicyRule, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer, drop_reason, tc_reason,
-    xdp_reason,
+    ABI_VERSION, ACTION_REDIRECT, ACTION_TX, ChannelStats, ChannelTarget, ENCODER_LOCAL,
+    ENCODER_REMOTE, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6,
+    FlowStats, MAX_ALLOW_RULES, MAX_CHANNELS, MAX_ENCODERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP, PolicyRule, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer, drop_reason,
+    tc_reason, xdp_reason,
 };
 
 use crate::{
@@ -250,10 +250,13 @@ pub struct Dataplane {
     encoder_ifindex: HashMap<MapData, u32, u32>,
     policies: HashMap<MapData, u32, EncoderPolicy>,
     tx_ports: DevMap<MapData>,
-    channel_stats: PerCpuArray<MapData, FlowStats>,
+    channel_stats: PerCpuArray<MapData, ChannelStats>,
     encoder_stats: PerCpuArray<MapData, EncoderStats>,
     xdp_stats: PerCpuArray<MapData, u64>,
     tc_stats: PerCpuArray<MapData, u64>,
+    /// ENCODERS by name, kept in step with the map by this type (the only writer): a failover
+    /// (`activate`) is then one map read and one map write, whatever the number of encoders.
+    by_name: BTreeMap<String, (u32, EncoderInfo)>,
 }
 
 /// Every map of the object, by name (as pinned).
@@ -357,7 +360,14 @@ impl Dataplane {
                     .map_err(map_err($name))?
             };
         }
+        let encoders: HashMap<MapData, u32, EncoderInfo> = typed!("ENCODERS");
+        let mut by_name = BTreeMap::new();
+        for item in encoders.iter() {
+            let (id, info) = item.map_err(map_err("ENCODERS"))?;
+            by_name.insert(decode_name(&info.name), (id, info));
+        }
         Ok(Self {
+            by_name,
             adopted: true,
             ingest: None,
             xdp,
@@ -366,7 +376,7 @@ impl Dataplane {
             replies: typed!("REPLIES"),
             sources: typed!("SOURCES"),
             srt_peers: typed!("SRT_PEERS"),
-            encoders: typed!("ENCODERS"),
+            encoders,
             encoder_ifindex: typed!("ENCODER_IFINDEX"),
             policies: typed!("POLICIES"),
             tx_ports: typed!("TX_PORTS"),
@@ -507,6 +517,7 @@ impl Dataplane {
         self.encoders
             .insert(id, info, 0)
             .map_err(map_err("ENCODERS"))?;
+        self.by_name.insert(spec.name.clone(), (id, info));
         self.index_encoder(id, old_info.as_ref(), &info)?;
         // Repoint channels whose target is this encoder (its MAC or address may have changed).
         for (key, target) in self.channel_targets()? {
@@ -534,6 +545,7 @@ impl Dataplane {
         }
         let info = self.encoders.get(&id, 0).map_err(map_err("ENCODERS"))?;
         self.encoders.remove(&id).map_err(map_err("ENCODERS"))?;
+        self.by_name.remove(name);
         let _ = self.tx_ports.set(id, 0, None, 0);
         if info.kind == ENCODER_LOCAL {
             if let Some(ifname) = ifname_of(info.ifindex) {
@@ -812,7 +824,7 @@ impl Dataplane {
             .get(&t.channel_id, 0)
             .map_err(map_err("CHANNEL_STATS"))?;
         let mut sum = FlowStats::default();
-        per_cpu.iter().for_each(|s| sum.merge(s));
+        per_cpu.iter().for_each(|s| sum.merge(&s.flow));
         Ok(sum)
     }
 
@@ -952,19 +964,15 @@ impl Dataplane {
     }
 
     fn encoder_id(&self, name: &str) -> Result<Option<u32>> {
-        Ok(self
-            .encoder_list()?
-            .into_iter()
-            .find(|e| e.name == name)
-            .map(|e| e.id))
+        Ok(self.by_name.get(name).map(|(id, _)| *id))
     }
 
     /// An encoder by name, checked to be of the channel's address family.
     fn encoder_checked(&self, name: &str, channel: SocketAddr) -> Result<(u32, EncoderInfo)> {
-        let id = self
-            .encoder_id(name)?
+        let (id, info) = *self
+            .by_name
+            .get(name)
             .ok_or_else(|| DataplaneError::UnknownEncoder(name.to_owned()))?;
-        let info = self.encoders.get(&id, 0).map_err(map_err("ENCODERS"))?;
         let (family, _) = ip_bytes(channel.ip());
         if info.family != family {
             return Err(DataplaneError::FamilyMismatch {
