@@ -12,21 +12,23 @@ use nsfail::lab::Lab;
 
 use crate::{ChildGuard, PinDir, unique, wait_for};
 
-/// The product binary, `target/<profile>/nsfail`, next to the test's own `deps/` directory.
-/// `cargo test --workspace` (what `cargo xtask test` runs) builds it.
+/// The product binary, `target/<profile>/nsfail`: beside a binary of this package (the
+/// benchmarks), or one level up from an integration test's `deps/` directory. `cargo test
+/// --workspace` (what `cargo xtask test` runs) and `cargo xtask bench` build it.
 pub fn nsfail_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .join("nsfail");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p nsfail` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    let dir = exe.parent().expect("target directory");
+    let candidates = [dir.join("nsfail"), dir.join("../nsfail")];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is missing: build it with `cargo build -p nsfail` (cargo xtask test does)",
+                candidates[1].display()
+            )
+        })
 }
 
 /// A scratch directory for one test, removed on drop.
