@@ -213,3 +213,74 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The encoder channel `channel` is active on, from `status --json`.
+pub fn active(socket: &Path, channel: &str) -> String {
+    status(socket)["channels"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == channel))
+        .and_then(|c| c["active"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `nsfail events --json`, one object per line.
+pub fn events(socket: &Path) -> Vec<serde_json::Value> {
+    let out = cli(socket, &["events", "--json"]);
+    assert_eq!(out.code, 0, "events: {}", out.stderr);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect()
+}
+
+/// How many events of `channel` have a reason containing `reason`.
+pub fn count_events(events: &[serde_json::Value], channel: &str, reason: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["channel"] == channel && e["reason"].as_str().unwrap_or("").contains(reason))
+        .count()
+}
+
+/// A lab of two encoders with health responders, a config for it and the daemon running on
+/// it: what the daemon, failover and benchmark scenarios start from.
+pub struct Bed {
+    pub daemon: Daemon,
+    /// enc-a's and enc-b's `udp` health responders on port 9000.
+    pub echoes: Vec<crate::traffic::Echo>,
+    pub config: PathBuf,
+    pub pins: PinDir,
+    pub dir: TempDir,
+    pub lab: Lab,
+}
+
+impl Bed {
+    pub fn new(policy: &Policy) -> Self {
+        let lab = crate::lab(2);
+        let echoes = lab
+            .encoders
+            .iter()
+            .map(|e| {
+                let at = format!("{}:9000", e.addr4).parse().expect("address");
+                crate::traffic::Echo::start(&e.ns, at)
+            })
+            .collect();
+        let dir = TempDir::new();
+        let config = dir.path.join("nsfail.toml");
+        fs::write(&config, lab_config_with(&lab, policy)).expect("write config");
+        let pins = PinDir::new();
+        let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
+        Self {
+            daemon,
+            echoes,
+            config,
+            pins,
+            dir,
+            lab,
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.daemon.socket.clone()
+    }
+}

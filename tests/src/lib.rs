@@ -19,6 +19,7 @@ use nsfail::{Dataplane, paths::Pins};
 
 pub mod daemon;
 pub mod frames;
+pub mod srt;
 pub mod traffic;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

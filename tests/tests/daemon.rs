@@ -11,47 +11,17 @@ use std::{
 
 use nsfail::lab::{INGEST4, SRC4};
 use nsfail_tests::{
-    PinDir,
-    daemon::{Daemon, TempDir, cli, lab_config, status},
-    lab, spawn_in,
-    traffic::{Echo, Receiver, check_seqs, send_burst, send_burst_in},
-    wait_for,
+    daemon::{Bed, Daemon, Policy, TempDir, cli, status},
+    srt,
+    traffic::{Receiver, check_seqs, send_burst, send_burst_in},
 };
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// A lab with health responders on its encoders, its config and a running daemon.
-struct Setup {
-    daemon: Daemon,
-    _echoes: Vec<Echo>,
-    dir: TempDir,
-    config: std::path::PathBuf,
-    pins: PinDir,
-    lab: nsfail::lab::Lab,
-}
-
-fn setup() -> Setup {
-    let lab = lab(2);
-    let echoes = lab
-        .encoders
-        .iter()
-        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
-        .collect();
-    let dir = TempDir::new();
-    let config = dir.path.join("nsfail.toml");
-    fs::write(&config, lab_config(&lab)).unwrap();
-    let pins = PinDir::new();
-    let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
-    Setup {
-        daemon,
-        _echoes: echoes,
-        dir,
-        config,
-        pins,
-        lab,
-    }
+fn setup() -> Bed {
+    Bed::new(&Policy::default())
 }
 
 fn active(status: &serde_json::Value, channel: &str) -> String {
@@ -323,55 +293,12 @@ fn runtime_changes_persist_and_a_restart_loses_nothing() {
 fn srt_stream_moves_with_remap() {
     let s = setup();
     let sock = &s.daemon.socket;
-    let out_dir = &s.dir.path;
-    let mut listeners = Vec::new();
-    for (i, e) in s.lab.encoders.iter().enumerate() {
-        let file = out_dir.join(format!("enc{i}.ts"));
-        let shell = format!(
-            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
-            file.display()
-        );
-        listeners.push((spawn_in(&e.ns, "sh", &["-c", &shell]), file));
-    }
-    let _caller = spawn_in(
-        &s.lab.src,
-        "srt-live-transmit",
-        &[
-            "-q",
-            "-a",
-            "yes",
-            "udp://127.0.0.1:9000",
-            &format!("srt://{INGEST4}:5000?mode=caller"),
-        ],
-    );
-    let src_ns = s.lab.src.name.clone();
-    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let feeder = {
-        let feeding = feeding.clone();
-        thread::spawn(move || {
-            nsfail::netns::in_netns(&src_ns, move || {
-                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-                // Bounded: at most 60 s of 1316-byte datagrams every 5 ms.
-                for i in 0..12_000u32 {
-                    if !feeding.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let mut p = vec![0x47u8; 1316];
-                    p[1..5].copy_from_slice(&i.to_be_bytes());
-                    let _ = sock.send_to(&p, "127.0.0.1:9000");
-                    thread::sleep(Duration::from_millis(5));
-                }
-            })
-        })
-    };
-    let size = |i: usize| fs::metadata(&listeners[i].1).map(|m| m.len()).unwrap_or(0);
-    let grew = wait_for(Duration::from_secs(15), || {
-        (size(0) > 100_000).then_some(())
-    });
+    let session = srt::Session::start(&s, None);
+    let grew = session.growth(0, 100_000, Duration::from_secs(15));
     assert!(
         grew.is_some(),
         "enc-a's SRT output did not grow: {} bytes",
-        size(0)
+        session.size(0)
     );
     let st = status(sock);
     assert_eq!(active(&st, "cam1"), "enc-a");
@@ -379,20 +306,14 @@ fn srt_stream_moves_with_remap() {
 
     let out = cli(sock, &["remap", "cam1", "enc-b"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    // The caller's session was with enc-a; enc-b's listener sees a new handshake once the
-    // caller reconnects (libsrt's peer-idle timeout, about 5 s, without SRT-aware failover).
-    let moved = wait_for(Duration::from_secs(20), || {
-        (size(1) > 100_000).then_some(())
-    });
+    let moved = session.growth(1, 100_000, Duration::from_secs(20));
     assert!(
         moved.is_some(),
         "enc-b's SRT output did not grow: {} bytes",
-        size(1)
+        session.size(1)
     );
-    let a_then = size(0);
+    let a_then = session.size(0);
     thread::sleep(Duration::from_secs(1));
-    assert_eq!(size(0), a_then, "enc-a's output stopped growing");
-    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
-    feeder.join().unwrap().unwrap();
+    assert_eq!(session.size(0), a_then, "enc-a's output stopped growing");
     assert_eq!(active(&status(sock), "cam1"), "enc-b");
 }

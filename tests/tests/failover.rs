@@ -4,7 +4,6 @@
 //! figures belong to `cargo xtask bench failover`.
 
 use std::{
-    fs,
     net::SocketAddr,
     thread,
     time::{Duration, Instant},
@@ -12,9 +11,8 @@ use std::{
 
 use nsfail::lab::{INGEST4, SRC4};
 use nsfail_tests::{
-    PinDir,
-    daemon::{Daemon, Policy, TempDir, cli, lab_config_with, status},
-    lab, spawn_in,
+    daemon::{Bed, Policy, active, cli, count_events, events, status},
+    srt,
     traffic::{Echo, Receiver, send_burst, send_burst_in},
     wait_for,
 };
@@ -23,62 +21,10 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-struct Setup {
-    daemon: Daemon,
-    echoes: Vec<Echo>,
-    _dir: TempDir,
-    _pins: PinDir,
-    lab: nsfail::lab::Lab,
-}
+type Setup = Bed;
 
 fn setup(policy: &Policy) -> Setup {
-    let lab = lab(2);
-    let echoes = lab
-        .encoders
-        .iter()
-        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
-        .collect();
-    let dir = TempDir::new();
-    let config = dir.path.join("nsfail.toml");
-    fs::write(&config, lab_config_with(&lab, policy)).unwrap();
-    let pins = PinDir::new();
-    let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
-    Setup {
-        daemon,
-        echoes,
-        _dir: dir,
-        _pins: pins,
-        lab,
-    }
-}
-
-fn active(socket: &std::path::Path, channel: &str) -> String {
-    let st = status(socket);
-    st["channels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == channel)
-        .unwrap()["active"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn events(socket: &std::path::Path) -> Vec<serde_json::Value> {
-    let out = cli(socket, &["events", "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    out.stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
-        .collect()
-}
-
-fn count_events(events: &[serde_json::Value], channel: &str, reason: &str) -> usize {
-    events
-        .iter()
-        .filter(|e| e["channel"] == channel && e["reason"].as_str().unwrap_or("").contains(reason))
-        .count()
+    Bed::new(policy)
 }
 
 /// Streams to cam2 from a thread while `during` runs; returns what each encoder got, the
@@ -348,99 +294,24 @@ fn auto_failback_returns_once_after_the_hold_down() {
 }
 
 /// An SRT caller streams through cam1 to enc-a's listener; enc-a dies (listener and health
-/// responder). Returns how long until enc-b's listener output grew, and the events.
+/// responder). Returns how long until enc-b's listener output grew by 10 datagrams, and the
+/// events.
 fn srt_failover(protocol: &str, passphrase: Option<&str>) -> (Duration, Vec<serde_json::Value>) {
-    let policy = Policy {
+    let mut s = setup(&Policy {
         cam1_protocol: protocol,
         ..Policy::default()
-    };
-    let mut s = setup(&policy);
-    let sock = s.daemon.socket.clone();
-    let dir = TempDir::new();
-    let secret = passphrase.map_or(String::new(), |p| format!("&passphrase={p}"));
-    let mut listeners = Vec::new();
-    for (i, e) in s.lab.encoders.iter().enumerate() {
-        let file = dir.path.join(format!("enc{i}.ts"));
-        let shell = format!(
-            "exec srt-live-transmit -q 'srt://:7000?mode=listener{secret}' file://con > {}",
-            file.display()
-        );
-        listeners.push((Some(spawn_in(&e.ns, "sh", &["-c", &shell])), file));
-    }
-    let _caller = spawn_in(
-        &s.lab.src,
-        "srt-live-transmit",
-        &[
-            "-q",
-            "-a",
-            "yes",
-            "udp://127.0.0.1:9000",
-            &format!("srt://{INGEST4}:5000?mode=caller{secret}"),
-        ],
-    );
-    let _feed = Feeder::start(&s.lab.src.name);
-    let size = |f: &std::path::Path| fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-    let a_file = listeners[0].1.clone();
-    let b_file = listeners[1].1.clone();
-    assert!(
-        wait_for(Duration::from_secs(15), || (size(&a_file) > 50_000)
-            .then_some(()))
-        .is_some(),
-        "enc-a receives"
-    );
-    // Encoder A dies: its SRT listener and its health responder.
-    listeners[0].0.take();
-    s.echoes[0].stop();
-    let died = Instant::now();
-    let b_before = size(&b_file);
-    let recovered = wait_for(Duration::from_secs(20), || {
-        (size(&b_file) > b_before + 13_160).then_some(died.elapsed())
     });
-    let recovered =
-        recovered.unwrap_or_else(|| panic!("enc-b's output did not grow: {} bytes", size(&b_file)));
-    assert_eq!(active(&sock, "cam1"), "enc-b");
-    (recovered, events(&sock))
-}
-
-/// Datagrams into the SRT caller (1316 bytes every 5 ms), stopped on drop; bounded to 60 s.
-struct Feeder {
-    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl Feeder {
-    fn start(ns: &str) -> Self {
-        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let flag = on.clone();
-        let ns = ns.to_owned();
-        let handle = thread::spawn(move || {
-            let _ = nsfail::netns::in_netns(&ns, move || {
-                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-                for i in 0..12_000u32 {
-                    if !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let mut p = vec![0x47u8; 1316];
-                    p[1..5].copy_from_slice(&i.to_be_bytes());
-                    let _ = sock.send_to(&p, "127.0.0.1:9000");
-                    thread::sleep(Duration::from_millis(5));
-                }
-            });
-        });
-        Self {
-            on,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Feeder {
-    fn drop(&mut self) {
-        self.on.store(false, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+    let mut session = srt::Session::start(&s, passphrase);
+    let started = session.growth(0, 50_000, Duration::from_secs(15));
+    assert!(started.is_some(), "enc-a receives");
+    // Encoder A dies: its SRT listener and its health responder.
+    session.kill(0);
+    s.echoes[0].stop();
+    let recovered = session
+        .growth(1, 10 * srt::DATAGRAM as u64, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("enc-b's output did not grow: {} bytes", session.size(1)));
+    assert_eq!(active(&s.socket(), "cam1"), "enc-b");
+    (recovered, events(&s.socket()))
 }
 
 fn srt_reconnects(events: &[serde_json::Value]) -> Option<u64> {
@@ -484,46 +355,17 @@ fn udp_channel_carrying_srt_recovers_only_by_the_callers_timeout() {
 #[test]
 fn srt_remap_with_both_encoders_alive_is_near_seamless() {
     let s = setup(&Policy::default());
-    let sock = s.daemon.socket.clone();
-    let dir = TempDir::new();
-    let mut files = Vec::new();
-    let mut _listeners = Vec::new();
-    for (i, e) in s.lab.encoders.iter().enumerate() {
-        let file = dir.path.join(format!("enc{i}.ts"));
-        let shell = format!(
-            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
-            file.display()
-        );
-        _listeners.push(spawn_in(&e.ns, "sh", &["-c", &shell]));
-        files.push(file);
-    }
-    let _caller = spawn_in(
-        &s.lab.src,
-        "srt-live-transmit",
-        &[
-            "-q",
-            "-a",
-            "yes",
-            "udp://127.0.0.1:9000",
-            &format!("srt://{INGEST4}:5000?mode=caller"),
-        ],
-    );
-    let _feed = Feeder::start(&s.lab.src.name);
-    let size = |f: &std::path::Path| fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+    let sock = s.socket();
+    let session = srt::Session::start(&s, None);
     assert!(
-        wait_for(Duration::from_secs(15), || (size(&files[0]) > 50_000)
-            .then_some(()))
-        .is_some(),
+        session.growth(0, 50_000, Duration::from_secs(15)).is_some(),
         "enc-a receives"
     );
     let out = cli(&sock, &["remap", "cam1", "enc-b"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let remapped = Instant::now();
-    let b_before = size(&files[1]);
-    let moved = wait_for(Duration::from_secs(20), || {
-        (size(&files[1]) > b_before).then_some(remapped.elapsed())
-    })
-    .expect("enc-b's output grows after the remap");
+    let moved = session
+        .growth(1, 1, Duration::from_secs(20))
+        .expect("enc-b's output grows after the remap");
     println!("SRT remap with both alive: first output at enc-b {moved:?} after the remap");
     let ev = events(&sock);
     let remap = ev
@@ -531,7 +373,7 @@ fn srt_remap_with_both_encoders_alive_is_near_seamless() {
         .find(|e| e["channel"] == "cam1" && e["reason"] == "manual remap")
         .expect("remap event");
     assert_eq!(remap["srt_reconnects"].as_u64(), Some(1), "{remap}");
-    let a_then = size(&files[0]);
+    let a_then = session.size(0);
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(size(&files[0]), a_then, "enc-a's output stopped");
+    assert_eq!(session.size(0), a_then, "enc-a's output stopped");
 }

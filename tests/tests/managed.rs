@@ -1,13 +1,13 @@
 //! Managed encoders: nsfail makes the namespace, veth, addresses and routes, runs the command
 //! inside, restarts it when it dies (the channel fails over meanwhile), and removes it all.
 
-use std::{fs, net::SocketAddr, path::Path, time::Duration};
+use std::{fs, net::SocketAddr, time::Duration};
 
 use nsfail::lab::INGEST4;
 use nsfail_tests::{
     PinDir,
-    daemon::{Daemon, TempDir, cli, status},
-    lab, spawn_in,
+    daemon::{Daemon, TempDir, active, cli, events, status},
+    lab, srt,
     traffic::Echo,
     unique, wait_for,
 };
@@ -30,26 +30,6 @@ fn pids_in(ns: &str) -> Vec<i32> {
 
 fn ns_exists(ns: &str) -> bool {
     nsfail::paths::netns(ns).exists()
-}
-
-fn events(sock: &Path) -> Vec<serde_json::Value> {
-    cli(sock, &["events", "--json"])
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn active(sock: &Path, channel: &str) -> String {
-    status(sock)["channels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == channel)
-        .unwrap()["active"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 #[test]
@@ -130,37 +110,8 @@ fn managed_encoder_lifecycle() {
     .expect("the encoder's process runs inside its namespace");
 
     // The lab stream reaches it.
-    let _caller = spawn_in(
-        &lab.src,
-        "srt-live-transmit",
-        &[
-            "-q",
-            "-a",
-            "yes",
-            "udp://127.0.0.1:9000",
-            &format!("srt://{INGEST4}:5000?mode=caller"),
-        ],
-    );
-    let src_ns = lab.src.name.clone();
-    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let feeder = {
-        let feeding = feeding.clone();
-        std::thread::spawn(move || {
-            nsfail::netns::in_netns(&src_ns, move || {
-                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-                // Bounded: at most 60 s.
-                for i in 0..12_000u32 {
-                    if !feeding.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let mut p = vec![0x47u8; 1316];
-                    p[1..5].copy_from_slice(&i.to_be_bytes());
-                    let _ = sock.send_to(&p, "127.0.0.1:9000");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        })
-    };
+    let _caller = srt::caller(&lab.src, &format!("{INGEST4}:5000"), None);
+    let feed = srt::Feeder::start(&lab.src.name);
     let size = || fs::metadata(&out_file).map(|m| m.len()).unwrap_or(0);
     assert!(
         wait_for(Duration::from_secs(15), || (size() > 50_000).then_some(())).is_some(),
@@ -194,8 +145,7 @@ fn managed_encoder_lifecycle() {
             .any(|e| e["to"] == "mgd" && e["reason"].as_str().unwrap_or("").contains("restarting")),
         "{ev:?}"
     );
-    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
-    feeder.join().unwrap().unwrap();
+    drop(feed);
 
     // Removal takes everything away: process, veth, namespace.
     assert_eq!(cli(&sock, &["remove", "channel", "cam1"]).code, 0);

@@ -12,18 +12,16 @@
 //! Not a pass/fail test: the figures and the targets, side by side.
 
 use std::{
-    fs,
     net::SocketAddr,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use nsfail::lab::{INGEST4, Lab, SRC4};
+use nsfail::lab::{INGEST4, SRC4};
 use nsfail_tests::{
-    PinDir,
-    daemon::{Daemon, Policy, TempDir, cli, lab_config_with, status},
-    lab, spawn_in,
+    daemon::{Bed, Policy, active, cli, status},
+    srt,
     traffic::{Echo, Receiver, send_burst_in},
     wait_for,
 };
@@ -34,42 +32,8 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("address")
 }
 
-struct Bed {
-    daemon: Daemon,
-    echoes: Vec<Echo>,
-    _dir: TempDir,
-    _pins: PinDir,
-    lab: Lab,
-}
-
 fn bed(policy: &Policy) -> Result<Bed> {
-    let lab = lab(2);
-    let echoes = lab
-        .encoders
-        .iter()
-        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
-        .collect();
-    let dir = TempDir::new();
-    let config = dir.path.join("nsfail.toml");
-    fs::write(&config, lab_config_with(&lab, policy))?;
-    let pins = PinDir::new();
-    let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
-    Ok(Bed {
-        daemon,
-        echoes,
-        _dir: dir,
-        _pins: pins,
-        lab,
-    })
-}
-
-fn active(bed: &Bed, channel: &str) -> String {
-    status(&bed.daemon.socket)["channels"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == channel))
-        .and_then(|c| c["active"].as_str())
-        .unwrap_or_default()
-        .to_owned()
+    Ok(Bed::new(policy))
 }
 
 /// One UDP trial on cam2: returns the gap in ms.
@@ -133,81 +97,31 @@ fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
 /// An SRT caller through cam1 to the listeners in A and B; A dies (or, `remap`, the channel
 /// is moved with both alive). Returns ms until B's output grew by 10 datagrams.
 fn srt_trial(protocol: &str, remap: bool) -> Result<f64> {
-    let policy = Policy {
+    let mut bed = bed(&Policy {
         cam1_protocol: protocol,
         ..Policy::default()
-    };
-    let mut bed = bed(&policy)?;
-    let dir = TempDir::new();
-    let mut listeners = Vec::new();
-    for (i, e) in bed.lab.encoders.iter().enumerate() {
-        let file = dir.path.join(format!("enc{i}.ts"));
-        let shell = format!(
-            "exec srt-live-transmit -q 'srt://:7000?mode=listener' file://con > {}",
-            file.display()
-        );
-        listeners.push((Some(spawn_in(&e.ns, "sh", &["-c", &shell])), file));
-    }
-    let _caller = spawn_in(
-        &bed.lab.src,
-        "srt-live-transmit",
-        &[
-            "-q",
-            "-a",
-            "yes",
-            "udp://127.0.0.1:9000",
-            &format!("srt://{INGEST4}:5000?mode=caller"),
-        ],
-    );
-    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let feeder = {
-        let feeding = feeding.clone();
-        let ns = bed.lab.src.name.clone();
-        thread::spawn(move || {
-            nsfail::netns::in_netns(&ns, move || {
-                let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("feed socket");
-                // Bounded: at most 60 s of 1316-byte datagrams every 5 ms.
-                for i in 0..12_000u32 {
-                    if !feeding.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let mut p = vec![0x47u8; 1316];
-                    p[1..5].copy_from_slice(&i.to_be_bytes());
-                    let _ = sock.send_to(&p, "127.0.0.1:9000");
-                    thread::sleep(Duration::from_millis(5));
-                }
-            })
-        })
-    };
-    let size = |f: &std::path::Path| fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-    let result = (|| -> Result<f64> {
-        wait_for(Duration::from_secs(15), || {
-            (size(&listeners[0].1) > 50_000).then_some(())
-        })
+    })?;
+    let mut session = srt::Session::start(&bed, None);
+    session
+        .growth(0, 50_000, Duration::from_secs(15))
         .context("encoder A never received the SRT stream")?;
-        let b_before = size(&listeners[1].1);
-        let t0 = Instant::now();
-        if remap {
-            let out = cli(&bed.daemon.socket, &["remap", "cam1", "enc-b"]);
-            if out.code != 0 {
-                bail!("remap: {}", out.stderr.trim());
-            }
-        } else {
-            listeners[0].0.take();
-            bed.echoes[0].stop();
+    let t0 = Instant::now();
+    if remap {
+        let out = cli(&bed.daemon.socket, &["remap", "cam1", "enc-b"]);
+        if out.code != 0 {
+            bail!("remap: {}", out.stderr.trim());
         }
-        let at = wait_for(Duration::from_secs(20), || {
-            (size(&listeners[1].1) >= b_before + 13_160).then(|| t0.elapsed())
-        })
+    } else {
+        session.kill(0);
+        bed.echoes[0].stop();
+    }
+    session
+        .growth(1, 10 * srt::DATAGRAM as u64, Duration::from_secs(20))
         .context("encoder B's output never grew")?;
-        if active(&bed, "cam1") != "enc-b" {
-            bail!("cam1 is not on enc-b");
-        }
-        Ok(at.as_secs_f64() * 1e3)
-    })();
-    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
-    let _ = feeder.join();
-    result
+    if active(&bed.daemon.socket, "cam1") != "enc-b" {
+        bail!("cam1 is not on enc-b");
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
 pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
