@@ -133,8 +133,16 @@ pub struct Controller {
     moved: Vec<String>,
     /// Per encoder: its last successful probe (CLOCK_MONOTONIC ns).
     alive_ns: BTreeMap<String, u64>,
+    /// Bumped by every change of the effective configuration, so that the daemon re-reads it
+    /// (probes, managed encoders) only when it changed.
+    generation: u64,
+    /// When the input-loss watch last ran.
+    input_watched: Option<Instant>,
     events: VecDeque<Event>,
 }
+
+/// How often the input-loss watch reads the channels' counters.
+const INPUT_WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a channel's input may stand still before it is reported as lost.
 pub const INPUT_LOSS_AFTER: Duration = Duration::from_secs(1);
@@ -216,6 +224,8 @@ impl Controller {
             pending: Vec::new(),
             moved: Vec::new(),
             alive_ns: BTreeMap::new(),
+            generation: 1,
+            input_watched: None,
             events: VecDeque::new(),
         };
         for name in c.delta.drained.clone() {
@@ -231,6 +241,11 @@ impl Controller {
 
     pub fn config(&self) -> &Config {
         &self.effective
+    }
+
+    /// Changes whenever [`Controller::config`] does.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Makes the data plane match `effective`: encoders, then channels, then removal of
@@ -522,7 +537,15 @@ impl Controller {
         for d in self.decider.tick(now) {
             self.apply(d)?;
         }
-        self.watch_input(now)?;
+        // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
+        // map read per channel on every tick.
+        if self
+            .input_watched
+            .is_none_or(|t| now.duration_since(t) >= INPUT_WATCH_EVERY)
+        {
+            self.input_watched = Some(now);
+            self.watch_input(now)?;
+        }
         Ok(TickReport {
             switchovers: self.measure_switchovers(now),
             moved: std::mem::take(&mut self.moved),
@@ -561,11 +584,16 @@ impl Controller {
         Ok(())
     }
 
-    /// Whether a channel's input moved within `window` (for the flow check).
+    /// Whether a channel's input moved within `window` (for the flow check), from the data
+    /// plane's last-seen time.
     pub fn input_moving(&self, channel: &str, window: Duration) -> bool {
-        self.input
-            .get(channel)
-            .is_some_and(|w| w.packets > 0 && w.since.elapsed() < window)
+        let Some(ch) = self.effective.channel(channel) else {
+            return false;
+        };
+        self.dp.channel_stats(ch.listen).is_ok_and(|s| {
+            s.packets > 0
+                && monotonic_ns().saturating_sub(s.last_seen_ns) < window.as_nanos() as u64
+        })
     }
 
     /// Something about an encoder worth an event (its supervised process exiting, ...).
@@ -640,6 +668,7 @@ impl Controller {
             }
             return Err(e);
         }
+        self.generation += 1;
         self.persist()
     }
 

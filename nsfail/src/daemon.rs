@@ -99,8 +99,13 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
     let mut probes = Probes::default();
     let mut flows = FlowChecks::default();
     let mut managed = Managed::new(ctl.clone());
-    probes.sync(lock(&ctl).config(), &health_tx, &stop_rx);
-    managed.sync(lock(&ctl).config());
+    let mut seen_generation = {
+        let c = lock(&ctl);
+        probes.sync(c.config(), &health_tx, &stop_rx);
+        managed.sync(c.config());
+        flows.sync(c.config());
+        c.generation()
+    };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
@@ -146,8 +151,14 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
                     }
                     Err(e) => warn!("periodic work: {e}"),
                 }
-                probes.sync(c.config(), &health_tx, &stop_rx);
-                managed.sync(c.config());
+                // Probes and managed encoders follow the configuration: re-read it only when
+                // it changed.
+                if c.generation() != seen_generation {
+                    seen_generation = c.generation();
+                    probes.sync(c.config(), &health_tx, &stop_rx);
+                    managed.sync(c.config());
+                    flows.sync(c.config());
+                }
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -304,34 +315,39 @@ impl Managed {
 /// `interval_ms` and counted with rise/fall like a probe. With no input, nothing is judged.
 #[derive(Default)]
 struct FlowChecks {
-    state: BTreeMap<String, (Counter, Instant)>,
+    /// Encoders with a flow check: their settings, counter and last evaluation.
+    state: BTreeMap<String, (Health, Counter, Instant)>,
 }
 
 impl FlowChecks {
-    fn run(&mut self, c: &mut Controller) {
+    /// Follows the configuration: flow-checked encoders added, changed or gone.
+    fn sync(&mut self, cfg: &Config) {
         let now = Instant::now();
-        let encoders: Vec<config::Encoder> = c
-            .config()
+        let wanted: BTreeMap<&str, &Health> = cfg
             .encoders
             .iter()
             .filter(|e| e.health.kind == HealthKind::Flow)
-            .cloned()
+            .map(|e| (e.name.as_str(), &e.health))
             .collect();
         self.state
-            .retain(|n, _| encoders.iter().any(|e| &e.name == n));
-        for e in encoders {
-            let h = &e.health;
-            let (counter, last) = self
-                .state
-                .entry(e.name.clone())
-                .or_insert_with(|| (Counter::new(h.rise, h.fall, true), now));
+            .retain(|n, (h, _, _)| wanted.get(n.as_str()).is_some_and(|w| *w == h));
+        for (name, h) in wanted {
+            self.state
+                .entry(name.to_owned())
+                .or_insert_with(|| (h.clone(), Counter::new(h.rise, h.fall, true), now));
+        }
+    }
+
+    fn run(&mut self, c: &mut Controller) {
+        let now = Instant::now();
+        for (name, (h, counter, last)) in &mut self.state {
             if now.duration_since(*last) < Duration::from_millis(h.interval_ms) {
                 continue;
             }
             *last = now;
             let window = Duration::from_millis(h.timeout_ms);
             let fed = c
-                .channels_on(&e.name)
+                .channels_on(name)
                 .iter()
                 .any(|ch| c.input_moving(ch, window));
             if !fed {
@@ -339,14 +355,14 @@ impl FlowChecks {
             }
             let idle_ns = c
                 .dataplane()
-                .encoder_stats(&e.name)
+                .encoder_stats(name)
                 .map(|s| controller::monotonic_ns().saturating_sub(s.tx.last_seen_ns))
                 .unwrap_or(u64::MAX);
             let ok = idle_ns < window.as_nanos() as u64;
             if let Some(healthy) = counter.record(ok)
-                && let Err(err) = c.on_health(&e.name, healthy)
+                && let Err(err) = c.on_health(name, healthy)
             {
-                warn!("acting on {}'s flow check: {err}", e.name);
+                warn!("acting on {name}'s flow check: {err}");
             }
         }
     }
