@@ -62,8 +62,10 @@ pub fn run(opts: Options) -> Result<()> {
         ctl.config().encoders.len()
     );
     let ctl = Arc::new(Mutex::new(ctl));
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every probe, the socket and the periodic work: nothing on it blocks
+    // (controller calls are short map operations; requests run on the blocking pool), and
+    // with a thousand probe results a second, one thread spares the cross-thread wake-ups.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(serve(ctl, &opts.socket))
