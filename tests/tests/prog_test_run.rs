@@ -1012,6 +1012,31 @@ fn tc_egress_policy_table() {
         icmp6(137, "fe80::2", "fe80::1"),
         "tc/pass_neighbour",
     );
+    for (kind, what) in [
+        (130, "query"),
+        (131, "report"),
+        (132, "done"),
+        (143, "v2 report"),
+    ] {
+        row(
+            &format!("MLD {what} ({kind}) from :: (a new interface's)"),
+            ve6,
+            icmp6(kind, "::", "ff02::16"),
+            "tc/pass_neighbour",
+        );
+    }
+    row(
+        "ICMPv6 type 129 (echo reply, just below MLD) from ::",
+        ve6,
+        icmp6(129, "::", "ff02::16"),
+        "enc6/forged_source",
+    );
+    row(
+        "ICMPv6 type 144 (just past the MLDv2 report) from ::",
+        ve6,
+        icmp6(144, "::", "ff02::16"),
+        "enc6/forged_source",
+    );
     row(
         "ICMPv6 echo from the link-local address (not ND)",
         ve6,
