@@ -259,23 +259,6 @@ pub struct Dataplane {
     by_name: BTreeMap<String, (u32, EncoderInfo)>,
 }
 
-/// Every map of the object, by name (as pinned).
-const MAPS: [&str; 13] = [
-    "CHANNELS",
-    "REPLIES",
-    "SOURCES",
-    "SRT_PEERS",
-    "ENCODERS",
-    "ENCODER_IFINDEX",
-    "POLICIES",
-    "TX_PORTS",
-    "CHANNEL_STATS",
-    "ENCODER_STATS",
-    "XDP_STATS",
-    "TC_STATS",
-    "META",
-];
-
 impl Dataplane {
     /// Loads the data plane and pins it under `pins`, or adopts the one already pinned there.
     /// Mounts bpffs first when it is not mounted.
@@ -745,13 +728,18 @@ impl Dataplane {
         Ok(())
     }
 
-    /// SRT callers of SRT channels, with the socket ID their listener last addressed them by.
-    pub fn srt_peers(&self) -> Result<Vec<SrtPeerEntry>> {
-        let by_id: BTreeMap<u32, SocketAddr> = self
+    /// Each channel's ingest address by channel id (the key of SOURCES and SRT_PEERS).
+    fn listen_by_id(&self) -> Result<BTreeMap<u32, SocketAddr>> {
+        Ok(self
             .channel_targets()?
             .into_iter()
             .map(|(k, t)| (t.channel_id, socket_addr(&k)))
-            .collect();
+            .collect())
+    }
+
+    /// SRT callers of SRT channels, with the socket ID their listener last addressed them by.
+    pub fn srt_peers(&self) -> Result<Vec<SrtPeerEntry>> {
+        let by_id = self.listen_by_id()?;
         let mut out = Vec::new();
         for item in self.srt_peers.iter() {
             let (k, v) = item.map_err(map_err("SRT_PEERS"))?;
@@ -794,11 +782,7 @@ impl Dataplane {
 
     /// Sources seen sending to channels.
     pub fn sources(&self) -> Result<Vec<SourceEntry>> {
-        let by_id: BTreeMap<u32, SocketAddr> = self
-            .channel_targets()?
-            .into_iter()
-            .map(|(k, t)| (t.channel_id, socket_addr(&k)))
-            .collect();
+        let by_id = self.listen_by_id()?;
         let mut out = Vec::new();
         for item in self.sources.iter() {
             let (k, v) = item.map_err(map_err("SOURCES"))?;
@@ -1357,9 +1341,4 @@ fn remove_file(path: &Path) -> Result<()> {
         }),
         _ => Ok(()),
     }
-}
-
-/// All map names, for tools that inspect the pins.
-pub fn map_names() -> &'static [&'static str] {
-    &MAPS
 }
