@@ -831,6 +831,15 @@ impl Dataplane {
         sum_reasons(&self.xdp_stats, &xdp_reason::NAMES, "XDP_STATS")
     }
 
+    /// Packets the XDP program counted under one reason (`xdp_reason::*`), summed over CPUs.
+    pub fn xdp_count(&self, reason: u32) -> Result<u64> {
+        let v = self
+            .xdp_stats
+            .get(&reason, 0)
+            .map_err(map_err("XDP_STATS"))?;
+        Ok(v.iter().sum())
+    }
+
     /// TC outcomes by reason (`tc_reason::NAMES`), summed over CPUs.
     pub fn tc_stats(&self) -> Result<Vec<(&'static str, u64)>> {
         sum_reasons(&self.tc_stats, &tc_reason::NAMES, "TC_STATS")

@@ -151,6 +151,19 @@ pub fn send_burst(
     send_burst_in(&ns.name, bind, dst, seqs, gap, linger)
 }
 
+/// [`send_burst_in`] on a thread of its own, while the caller does something to the path.
+pub fn spawn_burst(
+    ns: &str,
+    bind: SocketAddr,
+    dst: SocketAddr,
+    seqs: std::ops::Range<u32>,
+    gap: Duration,
+    linger: Duration,
+) -> JoinHandle<Replies> {
+    let ns = ns.to_owned();
+    thread::spawn(move || send_burst_in(&ns, bind, dst, seqs, gap, linger))
+}
+
 /// [`send_burst`] by namespace name (for use from another thread).
 pub fn send_burst_in(
     ns: &str,

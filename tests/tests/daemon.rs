@@ -13,7 +13,7 @@ use nsfail::lab::{INGEST4, SRC4};
 use nsfail_tests::{
     daemon::{Bed, Daemon, Policy, TempDir, cli, status},
     srt,
-    traffic::{Receiver, check_seqs, send_burst, send_burst_in},
+    traffic::{Receiver, check_seqs, send_burst, spawn_burst},
 };
 
 fn sa(s: &str) -> SocketAddr {
@@ -249,10 +249,7 @@ fn runtime_changes_persist_and_a_restart_loses_nothing() {
     assert_eq!(out.code, 0, "{}", out.stderr);
 
     // SIGKILL the daemon while the stream runs: the data plane does not notice.
-    let sender = {
-        let src_ns = s.lab.src.name.clone();
-        thread::spawn(move || send_burst_in(&src_ns, src, cam2, 100..1100, gap, linger))
-    };
+    let sender = spawn_burst(&s.lab.src.name, src, cam2, 100..1100, gap, linger);
     thread::sleep(Duration::from_millis(300));
     s.daemon.child.child.kill().unwrap();
     s.daemon.child.child.wait().unwrap();

@@ -215,6 +215,10 @@ fn udp_forwarding_replies_remap_and_adoption() {
     let xdp = dp.xdp_stats().unwrap();
     let count = |name: &str| xdp.iter().find(|(n, _)| *n == name).unwrap().1;
     assert_eq!(count("redirected"), 700);
+    assert_eq!(
+        dp.xdp_count(nsfail_common::xdp_reason::REDIRECTED).unwrap(),
+        700
+    );
     assert!(count("pass_not_udp") >= 2, "pings and TCP passed: {xdp:?}");
     assert!(count("pass_no_channel") >= 1, "UDP to 5001 passed: {xdp:?}");
 }

@@ -13,7 +13,7 @@ use nsfail::lab::{INGEST4, SRC4};
 use nsfail_tests::{
     daemon::{Bed, Policy, active, cli, count_events, events, status},
     srt,
-    traffic::{Echo, Receiver, send_burst, send_burst_in},
+    traffic::{Echo, Receiver, send_burst, spawn_burst},
     wait_for,
 };
 
@@ -42,20 +42,17 @@ fn stream_cam2(
     n: u32,
     during: impl FnOnce(&mut Setup, &mut Receiver),
 ) -> Outcome {
-    let src_ns = s.lab.src.name.clone();
     let cam2 = sa(&format!("{INGEST4}:5002"));
     let src = sa(&format!("{SRC4}:40002"));
     let start = Instant::now();
-    let sender = thread::spawn(move || {
-        send_burst_in(
-            &src_ns,
-            src,
-            cam2,
-            0..n,
-            Duration::from_millis(1),
-            Duration::from_millis(500),
-        )
-    });
+    let sender = spawn_burst(
+        &s.lab.src.name,
+        src,
+        cam2,
+        0..n,
+        Duration::from_millis(1),
+        Duration::from_millis(500),
+    );
     thread::sleep(Duration::from_millis(1000));
     during(s, rx.0);
     sender.join().unwrap();

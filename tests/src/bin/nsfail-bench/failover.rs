@@ -22,7 +22,7 @@ use nsfail::lab::{INGEST4, SRC4};
 use nsfail_tests::{
     daemon::{Bed, Policy, active, cli, status},
     srt,
-    traffic::{Echo, Receiver, send_burst_in},
+    traffic::{Echo, Receiver, spawn_burst},
     wait_for,
 };
 
@@ -41,21 +41,18 @@ fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
     let (ea, eb) = (&bed.lab.encoders[0], &bed.lab.encoders[1]);
     let mut rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
     let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
-    let src_ns = bed.lab.src.name.clone();
     let cam2 = sa(&format!("{INGEST4}:5002"));
     let src = sa(&format!("{SRC4}:40002"));
     let n = 2500u32;
     let start = Instant::now();
-    let sender = thread::spawn(move || {
-        send_burst_in(
-            &src_ns,
-            src,
-            cam2,
-            0..n,
-            Duration::from_millis(1),
-            Duration::from_millis(300),
-        )
-    });
+    let sender = spawn_burst(
+        &bed.lab.src.name,
+        src,
+        cam2,
+        0..n,
+        Duration::from_millis(1),
+        Duration::from_millis(300),
+    );
     thread::sleep(Duration::from_millis(800));
     if flow {
         rx_a.pause(true);

@@ -205,12 +205,7 @@ impl Lab {
         let Some((dp, _)) = &self.dp else {
             return Ok(0);
         };
-        let name = xdp_reason::NAMES[xdp_reason::REDIRECTED as usize];
-        Ok(dp
-            .xdp_stats()?
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, c)| c))
+        Ok(dp.xdp_count(xdp_reason::REDIRECTED)?)
     }
 }
 

@@ -354,12 +354,7 @@ fn per_packet(plane: &mut Plane) -> Result<f64> {
 }
 
 fn redirected(dp: &Dataplane) -> Result<u64> {
-    let name = xdp_reason::NAMES[xdp_reason::REDIRECTED as usize];
-    Ok(dp
-        .xdp_stats()?
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map_or(0, |(_, c)| c))
+    Ok(dp.xdp_count(xdp_reason::REDIRECTED)?)
 }
 
 /// The walk really visits every channel (the kernel does not restore the frame between
