@@ -24,7 +24,7 @@ use aya::{
     maps::{Array, DevMap, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
+        links::{FdLink, LinkError},
     },
     util::nr_cpus,
 };
@@ -853,20 +853,7 @@ impl Dataplane {
         }
         if pins.links().exists() {
             for entry in read_dir(&pins.links())? {
-                // Unpinning and dropping the link detaches it.
-                let path = entry.path();
-                match PinnedLink::from_pin(&path) {
-                    Ok(link) => {
-                        link.unpin().map_err(|source| DataplaneError::Pin {
-                            path: path.display().to_string(),
-                            source,
-                        })?;
-                    }
-                    Err(e) => {
-                        warn!("{}: {e}; removing the pin", path.display());
-                        remove_file(&path)?;
-                    }
-                }
+                detach_pinned_link(&entry.path())?;
             }
         }
         for dir in [pins.progs(), pins.maps()] {
@@ -915,15 +902,7 @@ impl Dataplane {
         if !pin.exists() {
             return Ok(());
         }
-        let link = PinnedLink::from_pin(&pin).map_err(|e| DataplaneError::Link {
-            path: pin.display().to_string(),
-            source: e,
-        })?;
-        link.unpin().map_err(|source| DataplaneError::Pin {
-            path: pin.display().to_string(),
-            source,
-        })?;
-        Ok(())
+        detach_pinned_link(&pin)
     }
 
     /// TC link pins whose veth no longer exists (removed with its namespace).
@@ -1288,6 +1267,86 @@ fn open_pinned_map(pins: &Pins, name: &str) -> Result<Map> {
     let path = pins.map(name);
     let data = MapData::from_pin(&path).map_err(map_err(name))?;
     Map::from_map_data(data).map_err(map_err(name))
+}
+
+/// Detaches the link pinned at `path` now and removes the pin.
+///
+/// Closing the last descriptor is not enough: a process forked by any thread at that moment
+/// holds a copy of every descriptor until it execs, which would keep the link attached and
+/// make an attach that follows fail with EEXIST. `BPF_LINK_DETACH` detaches whoever holds it.
+fn detach_pinned_link(path: &Path) -> Result<()> {
+    let pin_err = |source: io::Error| DataplaneError::Pin {
+        path: path.display().to_string(),
+        source,
+    };
+    match bpf_obj_get(path) {
+        Ok(fd) => match bpf_link_detach(&fd) {
+            Ok(()) => {}
+            // The device went away with its namespace: the kernel detached it already.
+            Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+            Err(e) => warn!("{}: detach: {e}; unpinning it", path.display()),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => warn!("{}: {e}; removing the pin", path.display()),
+    }
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(pin_err(e)),
+        _ => Ok(()),
+    }
+}
+
+/// `BPF_OBJ_GET`: a descriptor for the object pinned at `path`.
+fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let attr = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for BPF_OBJ_GET and outlives the call;
+    // the kernel reads `size_of::<ObjGet>()` bytes and treats the rest as zero.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            size_of::<ObjGet>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `BPF_LINK_DETACH` on a link descriptor.
+fn bpf_link_detach(link: &std::os::fd::OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let link_fd = link.as_raw_fd() as u32;
+    // SAFETY: `link_fd` is the `link_detach` member of `bpf_attr`; it outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &link_fd as *const u32,
+            size_of::<u32>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn pin_link(link: FdLink, path: &Path) -> Result<()> {

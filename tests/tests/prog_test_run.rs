@@ -83,8 +83,12 @@ impl Fixture {
                 &ns.name,
                 &["link", "add", a, "type", "veth", "peer", "name", b],
             );
-            ip_in(&ns.name, &["link", "set", a, "up"]);
-            ip_in(&ns.name, &["link", "set", b, "up"]);
+            // No addresses on either end: no DAD, router solicitation or MLD report can
+            // cross the attached programs while a row compares counters.
+            for end in [a, b] {
+                ip_in(&ns.name, &["link", "set", end, "addrgenmode", "none"]);
+                ip_in(&ns.name, &["link", "set", end, "up"]);
+            }
         }
         let entered = Entered::new(&ns);
         let pins = PinDir::new();
@@ -1254,4 +1258,38 @@ fn tc_egress_policy_is_replaced_atomically_without_reattaching() {
         (TC_ACT_OK, "tc/pass_other".to_owned()),
         "re-added without a policy: fail-open"
     );
+}
+
+/// A process forked at the wrong moment holds a copy of every descriptor until it execs.
+/// Removing an encoder or tearing down must detach the links even so, or the next attach on
+/// the same interface fails with EEXIST.
+#[test]
+fn links_are_detached_while_another_process_holds_them() {
+    let mut fx = Fixture::new();
+    let old = fx.tc_link_id("ve4");
+    // What a forked child would hold: a descriptor of the pinned TC link.
+    let held_tc = PinnedLink::from_pin(fx.pins.pins.tc_link("ve4")).expect("TC link pin");
+    fx.dp.remove_channel(sa(CH4)).unwrap();
+    fx.dp.remove_encoder("enc4").unwrap();
+    assert!(!fx.pins.pins.tc_link("ve4").exists(), "TC link unpinned");
+    fx.dp
+        .upsert_encoder(&EncoderSpec {
+            name: "enc4".into(),
+            addr: ENC4.parse().unwrap(),
+            mac: fx.enc4.1.mac,
+            link: EncoderLink::Local {
+                ifname: "ve4".into(),
+            },
+        })
+        .expect("the encoder's veth takes a new TC link");
+    assert_ne!(fx.tc_link_id("ve4"), old, "a new link");
+    drop(held_tc);
+
+    let held_xdp = PinnedLink::from_pin(fx.pins.pins.xdp_link("ing")).expect("XDP link pin");
+    Dataplane::teardown(&fx.pins.pins).unwrap();
+    let again = PinDir::new();
+    let mut dp = again.open();
+    dp.attach_ingest("ing", XdpModeSetting::Native)
+        .expect("the ingest NIC takes a new XDP link after teardown");
+    drop(held_xdp);
 }
