@@ -130,6 +130,17 @@ impl Lab {
     /// name starts with `prefix`.
     pub fn new(prefix: &str, n: usize) -> Result<Self> {
         let rt = Netns::new(&format!("{prefix}rt"))?;
+        // A new namespace copies the host's IPv4 forwarding switch; the ingest host needs
+        // none, whatever the host runs (a Docker host has it on).
+        rt.run(|| {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "0")?;
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "0")
+        })
+        .and_then(|r| r)
+        .map_err(|e| LabError {
+            cmd: format!("forwarding off in {}", rt.name),
+            detail: e.to_string(),
+        })?;
         let src = Netns::new(&format!("{prefix}src"))?;
         // Veths are created inside rt, then one end moves to the other namespace.
         rt.ip(&[

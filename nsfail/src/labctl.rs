@@ -49,8 +49,10 @@ const METRICS: &str = "127.0.0.1:9464";
 const MAX_ENCODERS: usize = 8;
 /// How long every started process must stay up before `up` believes it started.
 const SETTLE: Duration = Duration::from_millis(500);
-/// How long a process gets to exec, and to exit after SIGTERM (then after SIGKILL).
+/// How long a process gets to exit after SIGTERM (then after SIGKILL).
 const GRACE: Duration = Duration::from_secs(2);
+/// How long `ip netns exec` may take to exec a lab process in place (a loaded host is slow).
+const EXEC_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -752,10 +754,10 @@ impl Builder {
                     detail: format!("{status}: {}", log_tail(&log_path)),
                 });
             }
-            if start.elapsed() > GRACE {
+            if start.elapsed() > EXEC_WAIT {
                 return Err(LabCtlError::Start {
                     name: name.to_owned(),
-                    detail: format!("not running as `{}` after {GRACE:?}", cmdline.join(" ")),
+                    detail: format!("not running as `{}` after {EXEC_WAIT:?}", cmdline.join(" ")),
                 });
             }
             thread::sleep(POLL);

@@ -100,7 +100,8 @@ pub struct Policy<'a> {
 impl Default for Policy<'_> {
     fn default() -> Self {
         Self {
-            health: ["{ kind = \"udp\", port = 9000 }"; 2],
+            // fall 5: a busy test machine may starve a responder thread for a few probes.
+            health: ["{ kind = \"udp\", port = 9000, fall = 5 }"; 2],
             failback: "manual",
             hold_down_ms: 10_000,
             cam1_protocol: "srt",

@@ -150,6 +150,21 @@ impl Session {
         })
     }
 
+    /// Waits until encoder `i`'s output has not grown for 500 ms (its listener writes what
+    /// it still holds in its latency buffer, in stdio-sized chunks) and returns its size;
+    /// `None` if it was still growing after `limit`.
+    pub fn settled(&self, i: usize, limit: Duration) -> Option<u64> {
+        const QUIET: Duration = Duration::from_millis(500);
+        let mut last = (self.size(i), std::time::Instant::now());
+        crate::wait_for(limit, || {
+            let now = self.size(i);
+            if now != last.0 {
+                last = (now, std::time::Instant::now());
+            }
+            (last.1.elapsed() >= QUIET).then_some(now)
+        })
+    }
+
     /// Ends encoder `i`'s listener, as if it died.
     pub fn kill(&mut self, i: usize) {
         self.listeners[i].take();

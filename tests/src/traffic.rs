@@ -20,6 +20,27 @@ use nsfail::lab::Netns;
 
 const PAYLOAD_LEN: usize = 200;
 
+/// Socket buffers of 8 MiB each way (root may exceed `rmem_max`), so that a test thread
+/// descheduled for a while on a busy machine loses nothing to a full buffer: a test's
+/// zero-loss check then fails only for loss in the path under test.
+fn large_buffers(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    const SIZE: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: a valid socket and a c_int option value that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&SIZE as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "socket buffer: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// The payload of packet `seq`: the sequence number, then a pattern derived from it.
 pub fn payload(seq: u32) -> Vec<u8> {
     let mut p = seq.to_be_bytes().to_vec();
@@ -33,6 +54,8 @@ pub struct Receiver {
     stop: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
     seen: Arc<Mutex<(BTreeSet<u32>, u64)>>,
+    /// When the last datagram arrived.
+    last: Arc<Mutex<Option<Instant>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -41,15 +64,18 @@ impl Receiver {
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new((BTreeSet::new(), 0u64)));
+        let last = Arc::new(Mutex::new(None));
         let target = File::open(nsfail::paths::netns(&ns.name)).expect("netns");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = {
             let stop = stop.clone();
             let paused = paused.clone();
             let seen = seen.clone();
+            let last = last.clone();
             thread::spawn(move || {
                 setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
                 let sock = UdpSocket::bind(bind).expect("bind receiver");
+                large_buffers(&sock);
                 sock.set_read_timeout(Some(Duration::from_millis(50)))
                     .unwrap();
                 ready_tx.send(()).unwrap();
@@ -64,6 +90,7 @@ impl Receiver {
                     let Ok((n, from)) = sock.recv_from(&mut buf) else {
                         continue;
                     };
+                    *last.lock().unwrap() = Some(Instant::now());
                     let mut s = seen.lock().unwrap();
                     if n == PAYLOAD_LEN {
                         let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
@@ -86,6 +113,7 @@ impl Receiver {
             stop,
             paused,
             seen,
+            last,
             handle: Some(handle),
         }
     }
@@ -109,6 +137,21 @@ impl Receiver {
         self.seen.lock().unwrap().0.clone()
     }
 
+    /// Sequence numbers received intact, once nothing has arrived for 300 ms (waiting at
+    /// most 5 s): what a stream that has ended delivered, however late this thread ran.
+    pub fn settled(&self) -> BTreeSet<u32> {
+        const QUIET: Duration = Duration::from_millis(300);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let last = *self.last.lock().unwrap();
+            if last.is_none_or(|t| t.elapsed() >= QUIET) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.seen()
+    }
+
     /// Packets that arrived with a wrong length or payload.
     pub fn corrupt(&self) -> u64 {
         self.seen.lock().unwrap().1
@@ -126,6 +169,8 @@ impl Drop for Receiver {
 pub struct Replies {
     /// (from, seq) of every `ack` received.
     pub acks: Vec<(SocketAddr, u32)>,
+    /// From the first packet sent to the last.
+    pub sending: Duration,
 }
 
 impl Replies {
@@ -139,7 +184,7 @@ impl Replies {
 }
 
 /// Sends packets `seqs` from `bind` to `dst` inside `ns`, one every `gap`, then collects the
-/// answers for `linger`.
+/// answers until every packet is answered or `linger` has passed.
 pub fn send_burst(
     ns: &Netns,
     bind: SocketAddr,
@@ -175,7 +220,9 @@ pub fn send_burst_in(
 ) -> Replies {
     nsfail::netns::in_netns(ns, move || {
         let sock = UdpSocket::bind(bind).expect("bind sender");
+        large_buffers(&sock);
         sock.set_nonblocking(true).unwrap();
+        let sent = seqs.len();
         let mut replies = Replies::default();
         let mut buf = [0u8; 64];
         let mut drain = |sock: &UdpSocket, replies: &mut Replies| {
@@ -186,13 +233,15 @@ pub fn send_burst_in(
                 }
             }
         };
+        let start = Instant::now();
         for seq in seqs {
             sock.send_to(&payload(seq), dst).expect("send");
             drain(&sock, &mut replies);
             thread::sleep(gap);
         }
+        replies.sending = start.elapsed();
         let end = Instant::now() + linger;
-        while Instant::now() < end {
+        while Instant::now() < end && replies.acks.len() < sent {
             drain(&sock, &mut replies);
             thread::sleep(Duration::from_millis(5));
         }

@@ -41,6 +41,8 @@ const CHANNEL: &str = "10.77.0.1:5000";
 const ENC_PORT: u16 = 7000;
 const HEALTH_PORT: u16 = 9000;
 const FLOOD: u64 = 100_000;
+/// For connections that must succeed: a dropped SYN is retransmitted after 1 s.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -112,7 +114,7 @@ impl Setup {
     fn connect_from_a(&self, to: &str) -> Result<Vec<u8>, std::io::Error> {
         let to = sa(to);
         self.in_a(move || {
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(1))?;
+            let mut s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             let mut greeting = vec![0u8; 7];
             s.read_exact(&mut greeting)?;
@@ -323,9 +325,9 @@ fn replies_and_health_answers_pass_with_an_empty_allow_list() {
         sa(CHANNEL),
         0..50,
         Duration::from_millis(1),
-        Duration::from_millis(300),
+        Duration::from_secs(2),
     );
-    assert_eq!(rx.seen().len(), 50, "stream delivered");
+    assert_eq!(rx.settled().len(), 50, "stream delivered");
     assert_eq!(replies.seqs().len(), 50, "every reply came back");
     assert!(replies.from_only(sa(CHANNEL)), "{:?}", replies.acks);
 
@@ -339,9 +341,8 @@ fn replies_and_health_answers_pass_with_an_empty_allow_list() {
     let tcp_port = 9100;
     let _service = s.in_a(move || Greeter::start(&format!("0.0.0.0:{tcp_port}")));
     s.set_policy(&[], Some((AllowProto::Tcp, tcp_port)));
-    let mut c =
-        TcpStream::connect_timeout(&sa(&format!("{addr}:{tcp_port}")), Duration::from_secs(2))
-            .expect("TCP health check connects");
+    let mut c = TcpStream::connect_timeout(&sa(&format!("{addr}:{tcp_port}")), CONNECT_TIMEOUT)
+        .expect("TCP health check connects");
     c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut greeting = [0u8; 7];
     c.read_exact(&mut greeting).unwrap();
@@ -357,12 +358,15 @@ fn replies_and_health_answers_pass_with_an_empty_allow_list() {
     );
 }
 
-/// One UDP echo probe from the calling thread's namespace: whether it was answered.
+/// Up to five UDP echo probes, 300 ms apart, from the calling thread's namespace: whether
+/// one was answered.
 fn udp_probe(to: SocketAddr) -> bool {
     let sock = UdpSocket::bind(sa(&format!("{HOST}:0"))).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    sock.send_to(b"probe", to).unwrap();
     let mut buf = [0u8; 16];
-    matches!(sock.recv_from(&mut buf), Ok((5, from)) if from == to && &buf[..5] == b"probe")
+    (0..5).any(|_| {
+        sock.send_to(b"probe", to).unwrap();
+        matches!(sock.recv_from(&mut buf), Ok((5, from)) if from == to && &buf[..5] == b"probe")
+    })
 }

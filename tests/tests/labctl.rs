@@ -39,7 +39,7 @@ fn options(protocol: LabProtocol) -> LabOptions {
 }
 
 /// Sends a datagram from the ingest namespace to `addr`'s echo port; returns what came back
-/// from that address and port.
+/// from that address and port. Up to 25 tries 200 ms apart: socat may still be starting.
 fn echo(rt: &str, addr: &str) -> Option<Vec<u8>> {
     let target: SocketAddr = format!("{addr}:9000").parse().unwrap();
     netns::in_netns(rt, move || {
@@ -47,7 +47,7 @@ fn echo(rt: &str, addr: &str) -> Option<Vec<u8>> {
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let mut buf = [0u8; 64];
-        for attempt in 0..10u8 {
+        for attempt in 0..25u8 {
             let probe = [b'p', attempt];
             sock.send_to(&probe, target).expect("send probe");
             if let Ok((n, from)) = sock.recv_from(&mut buf)
