@@ -156,6 +156,10 @@ impl Lab {
         for i in 0..n.min(8) {
             let letter = (b'a' + i as u8) as char;
             let ns = Netns::new(&format!("{prefix}e{letter}"))?;
+            netns::unlimit_icmp_errors(&ns.name).map_err(|e| LabError {
+                cmd: format!("ICMP error rate limit off in {}", ns.name),
+                detail: e.to_string(),
+            })?;
             let host_if = format!("ve{letter}");
             let inner_if = format!("e{letter}0");
             let net = i + 1;

@@ -60,6 +60,18 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| io::Error::other("namespace thread panicked"))?
 }
 
+/// Lifts the ICMP error rate limit in the encoder namespace `ns` (IPv4 and IPv6), so each
+/// health probe to a port where nothing listens any more is answered by a port unreachable:
+/// the prober then fails it at once instead of after its timeout, probe after probe (the
+/// kernel default sends about one a second per destination after a burst of six). The
+/// encoder's egress policy lets only port unreachables for its own health port out.
+pub fn unlimit_icmp_errors(ns: &str) -> io::Result<()> {
+    in_netns(ns, || {
+        std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", "0")?;
+        std::fs::write("/proc/sys/net/ipv6/icmp/ratelimit", "0")
+    })?
+}
+
 fn hwaddr(ifname: &str) -> io::Result<[u8; 6]> {
     // SAFETY: plain socket(2) call; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

@@ -21,7 +21,7 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 fn setup() -> Bed {
-    Bed::new(&Policy::default())
+    Bed::new(&Policy::tolerant())
 }
 
 fn active(status: &serde_json::Value, channel: &str) -> String {

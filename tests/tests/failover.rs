@@ -11,7 +11,9 @@ use std::{
 
 use nsfail::lab::{INGEST4, SRC4};
 use nsfail_tests::{
-    daemon::{Bed, Policy, active, cli, count_events, events, status},
+    daemon::{
+        Bed, HEALTH_DESIGN, HEALTH_TOLERANT, Policy, active, cli, count_events, events, status,
+    },
     srt,
     traffic::{Echo, Receiver, send_burst, spawn_burst},
     wait_for,
@@ -94,12 +96,9 @@ impl Outcome {
 
 #[test]
 fn udp_probes_fail_a_dead_encoder_over() {
-    // The design figure's setting on the encoder that dies; the tolerant default on B.
+    // The design setting on the encoder that dies.
     let mut s = setup(&Policy {
-        health: [
-            "{ kind = \"udp\", port = 9000, fall = 3 }",
-            Policy::default().health[1],
-        ],
+        health: [HEALTH_DESIGN, HEALTH_TOLERANT],
         ..Policy::default()
     });
     let sock = s.daemon.socket.clone();
@@ -118,6 +117,13 @@ fn udp_probes_fail_a_dead_encoder_over() {
     // detector that does not work.
     assert!(ms < 2000.0, "gap of {ms:.0} ms");
     assert_eq!(active(&sock, "cam2"), "enc-b");
+    // The probes heard enc-a's kernel refuse them (ICMP port unreachable, let through its
+    // egress policy as a health answer) rather than waiting out their timeouts.
+    let log = std::fs::read_to_string(s.config.with_extension("log")).unwrap();
+    assert!(
+        log.contains("encoder enc-a probe: refused"),
+        "enc-a's last failed probe was refused:\n{log}"
+    );
     let st = status(&sock);
     let enc_a = &st["encoders"][0];
     assert_eq!(
@@ -216,7 +222,7 @@ fn flow_check_fails_over_a_hung_receiver() {
 
 #[test]
 fn input_loss_is_reported_and_never_failed_over() {
-    let s = setup(&Policy::default());
+    let s = setup(&Policy::tolerant());
     let sock = s.daemon.socket.clone();
     let ea = &s.lab.encoders[0];
     let rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
@@ -357,7 +363,7 @@ fn udp_channel_carrying_srt_recovers_only_by_the_callers_timeout() {
 
 #[test]
 fn srt_remap_with_both_encoders_alive_is_near_seamless() {
-    let s = setup(&Policy::default());
+    let s = setup(&Policy::tolerant());
     let sock = s.socket();
     let session = srt::Session::start(&s, None);
     assert!(

@@ -651,6 +651,26 @@ fn packet(proto: u8, src: &str, dst: &str) -> Frame {
     f
 }
 
+/// An ICMP error (`icmp_type`, `code`) from `from` to `to` that quotes the IP and transport
+/// headers of `quoted` (a frame from `to`), as the kernel of a host without a listener
+/// sends. The programs do not check ICMP checksums.
+fn icmp_error(icmp_type: u8, code: u8, from: &str, to: &str, quoted: &Frame) -> Vec<u8> {
+    let v6 = quoted.dst.is_ipv6();
+    let (quote_len, l4) = if v6 { (48, 14 + 40) } else { (28, 14 + 20) };
+    let (from, to) = if v6 {
+        (format!("[{from}]:0"), format!("[{to}]:0"))
+    } else {
+        (format!("{from}:0"), format!("{to}:0"))
+    };
+    let mut f = packet(if v6 { 58 } else { 1 }, &from, &to);
+    f.payload = quoted.bytes()[14..14 + quote_len].to_vec();
+    // The frame's ICMP header (an echo request's, then 4 bytes of ids) becomes the error's:
+    // type, code, checksum, unused.
+    let mut b = f.bytes();
+    b[l4..l4 + 8].copy_from_slice(&[icmp_type, code, 0, 0, 0, 0, 0, 0]);
+    b
+}
+
 /// An ICMPv6 message of `icmp_type` (the frame's ICMP type byte rewritten; the programs do
 /// not check ICMP checksums).
 fn icmp6(icmp_type: u8, src: &str, dst: &str) -> Vec<u8> {
@@ -830,6 +850,47 @@ fn tc_egress_policy_table() {
         packet(udp, "10.77.1.2:9000", "192.0.2.1:51515").bytes(),
         "tc/pass_health",
     );
+    // A dead health responder: its kernel's port unreachable answers the probe.
+    let probe4 = |to: &str, proto: u8| packet(proto, "10.77.0.1:51515", to);
+    let unreach4 = |code: u8, quoted: Frame| icmp_error(3, code, "10.77.1.2", "10.77.0.1", &quoted);
+    row(
+        "port unreachable for a UDP probe of the health port",
+        ve4,
+        unreach4(3, probe4("10.77.1.2:9000", udp)),
+        "tc/pass_health",
+    );
+    row(
+        "port unreachable for UDP to another port",
+        ve4,
+        unreach4(3, probe4("10.77.1.2:9001", udp)),
+        "enc4/denied",
+    );
+    row(
+        "port unreachable for a probe of another address",
+        ve4,
+        unreach4(3, probe4("10.77.1.9:9000", udp)),
+        "enc4/denied",
+    );
+    row(
+        "port unreachable for TCP to the health port",
+        ve4,
+        unreach4(3, probe4("10.77.1.2:9000", tcp)),
+        "enc4/denied",
+    );
+    row(
+        "host unreachable (code 1) for a probe of the health port",
+        ve4,
+        unreach4(1, probe4("10.77.1.2:9000", udp)),
+        "enc4/denied",
+    );
+    let mut cut = unreach4(3, probe4("10.77.1.2:9000", udp));
+    cut.truncate(14 + 20 + 8 + 20 + 3);
+    row(
+        "port unreachable whose quote stops inside the UDP ports",
+        ve4,
+        cut,
+        "enc4/denied",
+    );
     row(
         "TCP from the health port (the check is UDP)",
         ve4,
@@ -993,6 +1054,18 @@ fn tc_egress_policy_table() {
         "tc/pass_health",
     );
     row(
+        "ICMPv6 port unreachable for UDP to 9100 (the check is TCP)",
+        ve6,
+        icmp_error(
+            1,
+            4,
+            "fd77:1::2",
+            "fd77::1",
+            &packet(udp, "[fd77::1]:51515", "[fd77:1::2]:9100"),
+        ),
+        "enc6/denied",
+    );
+    row(
         "ND: neighbour solicitation (135) from the link-local address",
         ve6,
         icmp6(135, "fe80::2", "ff02::1:ff00:1"),
@@ -1142,8 +1215,13 @@ fn tc_egress_policy_table() {
 
 /// One verdict for a frame on enc4's veth, and the counter that moved.
 fn verdict_on_enc4(fx: &Fixture, frame: &[u8]) -> (u32, String) {
+    verdict_on(fx, fx.enc4.0.ifindex, frame)
+}
+
+/// One verdict for a frame on interface `ifindex`, and the counter that moved.
+fn verdict_on(fx: &Fixture, ifindex: u32, frame: &[u8]) -> (u32, String) {
     let before = fx.tc_counters();
-    let (verdict, _) = fx.tc_run_on(fx.enc4.0.ifindex, frame).unwrap();
+    let (verdict, _) = fx.tc_run_on(ifindex, frame).unwrap();
     let after = fx.tc_counters();
     let moved: Vec<String> = before
         .iter()
@@ -1292,4 +1370,25 @@ fn links_are_detached_while_another_process_holds_them() {
     dp.attach_ingest("ing", XdpModeSetting::Native)
         .expect("the ingest NIC takes a new XDP link after teardown");
     drop(held_xdp);
+}
+
+#[test]
+fn icmpv6_port_unreachable_answers_a_udp_health_check() {
+    let mut fx = Fixture::new();
+    fx.dp
+        .set_policy("enc6", &policy(&ENC6_ALLOW, AllowProto::Udp, ENC6_HEALTH))
+        .unwrap();
+    let unreach = |port: u16| {
+        let probe = packet(17, "[fd77::1]:51515", &format!("[fd77:1::2]:{port}"));
+        icmp_error(1, 4, "fd77:1::2", "fd77::1", &probe)
+    };
+    let ve6 = fx.enc6.0.ifindex;
+    assert_eq!(
+        verdict_on(&fx, ve6, &unreach(ENC6_HEALTH)),
+        (TC_ACT_OK, "tc/pass_health".to_owned())
+    );
+    assert_eq!(
+        verdict_on(&fx, ve6, &unreach(ENC6_HEALTH + 1)),
+        (TC_ACT_SHOT, "enc6/denied".to_owned())
+    );
 }

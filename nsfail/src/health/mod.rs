@@ -51,6 +51,9 @@ pub enum ProbeError {
         #[source]
         source: io::Error,
     },
+    /// ICMP port unreachable: the encoder's host is up and nothing listens on the port.
+    #[error("refused: nothing listens on the health port")]
+    Refused,
     #[error("echo from {from} does not match the probe ({len} bytes)")]
     WrongEcho { from: SocketAddr, len: usize },
     #[error("HTTP status {0}")]

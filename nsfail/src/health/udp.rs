@@ -13,10 +13,13 @@ const PREFIX: &[u8] = b"nsfail-probe ";
 
 /// Echo probe of one `(address, port)`.
 ///
-/// Its socket is bound to the wildcard address in the daemon's own namespace and reached the
-/// encoder by ordinary routing (for a local encoder, through the host side of its veth). It is
-/// created on first use and kept: attempts are numbered, and a late echo of an earlier
-/// attempt is skipped rather than taken for the current one.
+/// Its socket is bound to the wildcard address in the daemon's own namespace, connected to the
+/// target and reaches the encoder by ordinary routing (for a local encoder, through the host
+/// side of its veth). It is created on first use and kept: attempts are numbered, and a late
+/// echo of an earlier attempt is skipped rather than taken for the current one.
+///
+/// Being connected, the socket hears ICMP port unreachable: an encoder whose process died
+/// while its host (or namespace) lives fails the attempt at once, not after the timeout.
 pub struct UdpProbe {
     target: SocketAddr,
     /// Held for a whole attempt: two attempts on one socket would read each other's echoes.
@@ -50,23 +53,17 @@ impl UdpProbe {
         let payload = format!("nsfail-probe {seq}");
         let start = Instant::now();
         socket
-            .send_to(payload.as_bytes(), self.target)
+            .send(payload.as_bytes())
             .await
-            .map_err(|source| ProbeError::Io { op: "send", source })?;
+            .map_err(|source| io_error("send", source))?;
         // Larger than any probe, so a longer answer is seen as longer, not cut to size.
         let mut buf = [0u8; 128];
+        let from = self.target;
         loop {
-            let (len, from) =
-                socket
-                    .recv_from(&mut buf)
-                    .await
-                    .map_err(|source| ProbeError::Io {
-                        op: "receive",
-                        source,
-                    })?;
-            if from != self.target {
-                continue;
-            }
+            let len = socket
+                .recv(&mut buf)
+                .await
+                .map_err(|source| io_error("receive", source))?;
             let echo = &buf[..len];
             if echo == payload.as_bytes() {
                 return Ok(start.elapsed());
@@ -93,9 +90,27 @@ async fn bind(target: SocketAddr) -> Result<UdpSocket, ProbeError> {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
-    UdpSocket::bind(any)
+    let socket = UdpSocket::bind(any)
         .await
-        .map_err(|source| ProbeError::Io { op: "bind", source })
+        .map_err(|source| ProbeError::Io { op: "bind", source })?;
+    // Only the target's datagrams are delivered, and its port-unreachables are reported.
+    socket
+        .connect(target)
+        .await
+        .map_err(|source| ProbeError::Io {
+            op: "connect",
+            source,
+        })?;
+    Ok(socket)
+}
+
+/// ECONNREFUSED (a port unreachable, for this or an earlier attempt) is [`ProbeError::Refused`].
+fn io_error(op: &'static str, source: std::io::Error) -> ProbeError {
+    if source.kind() == std::io::ErrorKind::ConnectionRefused {
+        ProbeError::Refused
+    } else {
+        ProbeError::Io { op, source }
+    }
 }
 
 /// Whether `echo` is the echo of an attempt before `seq` (one that timed out).
@@ -108,7 +123,30 @@ fn is_earlier(echo: &[u8], seq: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_earlier;
+    use std::time::Duration;
+
+    use super::{UdpProbe, is_earlier};
+    use crate::health::{ProbeError, probe_once};
+
+    #[tokio::test]
+    async fn an_echo_is_healthy_and_a_closed_port_is_refused_at_once() {
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = echo.local_addr().unwrap();
+        let responder = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let (n, from) = echo.recv_from(&mut buf).unwrap();
+            echo.send_to(&buf[..n], from).unwrap();
+            // `echo` closes here: the port is now unreachable.
+        });
+        let probe = UdpProbe::new(at);
+        let long = Duration::from_secs(5);
+        probe_once(&probe, long).await.expect("echo answered");
+        responder.join().unwrap();
+        let start = std::time::Instant::now();
+        let err = probe_once(&probe, long).await.unwrap_err();
+        assert!(matches!(err, ProbeError::Refused), "{err}");
+        assert!(start.elapsed() < long / 2, "{:?}", start.elapsed());
+    }
 
     #[test]
     fn only_echoes_of_earlier_attempts_are_stale() {
