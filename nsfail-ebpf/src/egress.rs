@@ -133,8 +133,9 @@ fn enforce(ctx: &TcContext, id: u32, policy: &EncoderPolicy) -> i32 {
 }
 
 /// Whether the packet is a port unreachable that quotes a UDP datagram to the encoder's own
-/// UDP health port: its kernel saying that nothing listens there, which the prober takes as
-/// a failure at once instead of waiting out its timeout. Nothing else of ICMP passes.
+/// UDP health port, sent back to that datagram's sender: its kernel saying that nothing
+/// listens there, which the prober takes as a failure at once instead of waiting out its
+/// timeout. Nothing else of ICMP errors passes.
 #[inline(always)]
 fn refuses_health_probe(ctx: &TcContext, pkt: &Packet, policy: &EncoderPolicy) -> bool {
     let (icmp, unreach) = if pkt.family == FAMILY_V4 {
@@ -149,6 +150,7 @@ fn refuses_health_probe(ctx: &TcContext, pkt: &Packet, policy: &EncoderPolicy) -
         return false;
     }
     let quote = pkt.l4 + ICMP_QUOTE_OFF;
+    let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     let (proto, udp) = if pkt.family == FAMILY_V4 {
         let Ok(ip) = ctx.load::<Ipv4Hdr>(quote) else {
@@ -158,12 +160,14 @@ fn refuses_health_probe(ctx: &TcContext, pkt: &Packet, policy: &EncoderPolicy) -
         if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
             return false;
         }
+        src[..4].copy_from_slice(&ip.src_addr);
         dst[..4].copy_from_slice(&ip.dst_addr);
         (ip.proto, quote + ihl)
     } else {
         let Ok(ip) = ctx.load::<Ipv6Hdr>(quote) else {
             return false;
         };
+        src = ip.src_addr;
         dst = ip.dst_addr;
         (ip.next_hdr, quote + Ipv6Hdr::LEN)
     };
@@ -171,6 +175,7 @@ fn refuses_health_probe(ctx: &TcContext, pkt: &Packet, policy: &EncoderPolicy) -
         return false;
     };
     proto == PROTO_UDP
+        && src == pkt.dst
         && policy.own_source(pkt.family, &dst)
         && policy.health_answer(PROTO_UDP, u16::from_be_bytes([ports[2], ports[3]]))
 }

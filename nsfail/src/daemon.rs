@@ -199,7 +199,25 @@ fn refresh_metrics(ctl: &Mutex<Controller>, metrics: &Metrics) {
 /// and stopped when the encoder goes away.
 #[derive(Default)]
 struct Probes {
-    running: BTreeMap<String, (Health, watch::Sender<bool>)>,
+    running: BTreeMap<String, (ProbeTarget, watch::Sender<bool>)>,
+}
+
+/// Everything a probe task was made from: a change to any of it replaces the task.
+#[derive(Debug, Clone, PartialEq)]
+struct ProbeTarget {
+    health: Health,
+    address: std::net::IpAddr,
+    netns: Option<String>,
+}
+
+impl ProbeTarget {
+    fn of(e: &config::Encoder) -> Self {
+        Self {
+            health: e.health.clone(),
+            address: e.address,
+            netns: e.netns.clone(),
+        }
+    }
 }
 
 impl Probes {
@@ -215,10 +233,10 @@ impl Probes {
             .filter(|e| e.health.kind != HealthKind::Flow)
             .map(|e| (e.name.as_str(), e))
             .collect();
-        self.running.retain(|name, (health, cancel)| {
+        self.running.retain(|name, (target, cancel)| {
             let keep = wanted
                 .get(name.as_str())
-                .is_some_and(|e| e.health == *health);
+                .is_some_and(|e| ProbeTarget::of(e) == *target);
             if !keep {
                 let _ = cancel.send(true);
             }
@@ -241,7 +259,7 @@ impl Probes {
             });
             health::spawn(name.to_owned(), probe, &e.health, tx.clone(), cancel_rx);
             self.running
-                .insert(name.to_owned(), (e.health.clone(), cancel_tx));
+                .insert(name.to_owned(), (ProbeTarget::of(e), cancel_tx));
         }
     }
 }
@@ -447,5 +465,49 @@ fn execute(ctl: &Mutex<Controller>, command: Command) -> Response {
         Command::AddEncoder { encoder } => done(c.add_encoder(encoder)),
         Command::RemoveChannel { name } => done(c.remove_channel(&name)),
         Command::RemoveEncoder { name } => done(c.remove_encoder(&name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::{mpsc, watch};
+
+    use super::Probes;
+    use crate::config::Config;
+
+    fn config(address: &str) -> Config {
+        let text = format!(
+            "[ingest]\ninterface = \"eth0\"\n\n[[encoder]]\nname = \"enc-a\"\n\
+             address = \"{address}\"\nhealth = {{ kind = \"udp\", port = 9, interval_ms = 60000, \
+             timeout_ms = 100 }}\n"
+        );
+        Config::parse(&text, "t.toml").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_probe_follows_its_encoders_address() {
+        let (tx, _rx) = mpsc::channel(8);
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut probes = Probes::default();
+        probes.sync(&config("127.0.0.2"), &tx, &stop);
+        let first = probes.running["enc-a"].1.subscribe();
+        assert!(!*first.borrow());
+
+        // Same settings: the running probe is kept.
+        probes.sync(&config("127.0.0.2"), &tx, &stop);
+        assert!(!*first.borrow());
+
+        // A new address: the old probe is cancelled and one for the new address runs.
+        probes.sync(&config("127.0.0.3"), &tx, &stop);
+        assert!(
+            *first.borrow(),
+            "the probe of the old address was cancelled"
+        );
+        let (target, cancel) = &probes.running["enc-a"];
+        assert_eq!(
+            target.address,
+            "127.0.0.3".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert!(!*cancel.subscribe().borrow());
     }
 }

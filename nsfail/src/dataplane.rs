@@ -1280,12 +1280,12 @@ fn detach_pinned_link(path: &Path) -> Result<()> {
         source,
     };
     match bpf_obj_get(path) {
-        Ok(fd) => match bpf_link_detach(&fd) {
-            Ok(()) => {}
-            // The device went away with its namespace: the kernel detached it already.
-            Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
-            Err(e) => warn!("{}: detach: {e}; unpinning it", path.display()),
-        },
+        // A link whose device went away with its namespace detaches again without error.
+        Ok(fd) => {
+            if let Err(e) = bpf_link_detach(&fd) {
+                warn!("{}: detach: {e}; unpinning it", path.display());
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => warn!("{}: {e}; removing the pin", path.display()),
     }

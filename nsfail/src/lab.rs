@@ -134,7 +134,7 @@ impl Lab {
         // none, whatever the host runs (a Docker host has it on).
         rt.run(|| {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "0")?;
-            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "0")
+            netns::write_if_present("/proc/sys/net/ipv6/conf/all/forwarding", "0")
         })
         .and_then(|r| r)
         .map_err(|e| LabError {
@@ -156,8 +156,8 @@ impl Lab {
         for i in 0..n.min(8) {
             let letter = (b'a' + i as u8) as char;
             let ns = Netns::new(&format!("{prefix}e{letter}"))?;
-            netns::unlimit_icmp_errors(&ns.name).map_err(|e| LabError {
-                cmd: format!("ICMP error rate limit off in {}", ns.name),
+            netns::quicken_icmp_errors(&ns.name).map_err(|e| LabError {
+                cmd: format!("ICMP error rate limit in {}", ns.name),
                 detail: e.to_string(),
             })?;
             let host_if = format!("ve{letter}");

@@ -167,8 +167,8 @@ pub fn delete_netns(ns: &str) -> io::Result<()> {
 /// finds its encoders' namespaces in place).
 pub fn provision(plan: &Plan) -> Result<(), ManagedError> {
     create_netns(&plan.netns).map_err(plan.err("creating its namespace"))?;
-    crate::netns::unlimit_icmp_errors(&plan.netns)
-        .map_err(plan.err("lifting its ICMP error rate limit"))?;
+    crate::netns::quicken_icmp_errors(&plan.netns)
+        .map_err(plan.err("quickening its ICMP errors"))?;
     let p = plan.clone();
     let peer = format!("{}p", plan.host_if);
     let ns_file =

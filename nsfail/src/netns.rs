@@ -60,16 +60,30 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| io::Error::other("namespace thread panicked"))?
 }
 
-/// Lifts the ICMP error rate limit in the encoder namespace `ns` (IPv4 and IPv6), so each
-/// health probe to a port where nothing listens any more is answered by a port unreachable:
-/// the prober then fails it at once instead of after its timeout, probe after probe (the
-/// kernel default sends about one a second per destination after a burst of six). The
-/// encoder's egress policy lets only port unreachables for its own health port out.
-pub fn unlimit_icmp_errors(ns: &str) -> io::Result<()> {
+/// Per-destination ICMP error rate limit in an encoder namespace, in ms: one error per 10 ms
+/// to each destination, where the kernel default is one a second after a burst of six.
+const ICMP_ERROR_INTERVAL_MS: &str = "10";
+
+/// Lets the encoder namespace `ns` answer every health probe of a port where nothing listens
+/// any more (probes come at most every 10 ms): the prober then fails it at once instead of
+/// after its timeout, probe after probe. The limit stays per destination, so the errors a
+/// dead encoder's own stream provokes (for its source, dropped by the egress policy) cannot
+/// use up the namespace's global ICMP budget that the prober's answers need. The encoder's
+/// egress policy lets only port unreachables for its own health port out.
+pub fn quicken_icmp_errors(ns: &str) -> io::Result<()> {
     in_netns(ns, || {
-        std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", "0")?;
-        std::fs::write("/proc/sys/net/ipv6/icmp/ratelimit", "0")
+        std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", ICMP_ERROR_INTERVAL_MS)?;
+        // Absent when the host booted with IPv6 disabled.
+        write_if_present("/proc/sys/net/ipv6/icmp/ratelimit", ICMP_ERROR_INTERVAL_MS)
     })?
+}
+
+/// Writes a sysctl file that may not exist (an IPv6 one on a host without IPv6).
+pub fn write_if_present(path: &str, value: &str) -> io::Result<()> {
+    match std::fs::write(path, value) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 fn hwaddr(ifname: &str) -> io::Result<[u8; 6]> {

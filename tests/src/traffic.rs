@@ -184,7 +184,7 @@ impl Replies {
 }
 
 /// Sends packets `seqs` from `bind` to `dst` inside `ns`, one every `gap`, then collects the
-/// answers until every packet is answered or `linger` has passed.
+/// answers until every packet is answered (and 100 ms more) or `linger` has passed.
 pub fn send_burst(
     ns: &Netns,
     bind: SocketAddr,
@@ -242,6 +242,13 @@ pub fn send_burst_in(
         replies.sending = start.elapsed();
         let end = Instant::now() + linger;
         while Instant::now() < end && replies.acks.len() < sent {
+            drain(&sock, &mut replies);
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Everything answered: a little longer still, so that an extra or wrongly addressed
+        // answer is caught too.
+        let extra = Instant::now() + Duration::from_millis(100).min(linger);
+        while Instant::now() < extra {
             drain(&sock, &mut replies);
             thread::sleep(Duration::from_millis(5));
         }

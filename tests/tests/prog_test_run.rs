@@ -656,7 +656,11 @@ fn packet(proto: u8, src: &str, dst: &str) -> Frame {
 /// sends. The programs do not check ICMP checksums.
 fn icmp_error(icmp_type: u8, code: u8, from: &str, to: &str, quoted: &Frame) -> Vec<u8> {
     let v6 = quoted.dst.is_ipv6();
-    let (quote_len, l4) = if v6 { (48, 14 + 40) } else { (28, 14 + 20) };
+    let (quote_len, l4) = if v6 {
+        (40 + 8, 14 + 40)
+    } else {
+        (20 + quoted.options.len() + 8, 14 + 20)
+    };
     let (from, to) = if v6 {
         (format!("[{from}]:0"), format!("[{to}]:0"))
     } else {
@@ -881,6 +885,26 @@ fn tc_egress_policy_table() {
         "host unreachable (code 1) for a probe of the health port",
         ve4,
         unreach4(1, probe4("10.77.1.2:9000", udp)),
+        "enc4/denied",
+    );
+    let mut with_options = probe4("10.77.1.2:9000", udp);
+    with_options.options = vec![1, 1, 1, 0]; // NOP, NOP, NOP, end of options
+    row(
+        "port unreachable quoting a probe with IP options",
+        ve4,
+        unreach4(3, with_options),
+        "tc/pass_health",
+    );
+    row(
+        "port unreachable sent to someone other than the probe's sender",
+        ve4,
+        icmp_error(
+            3,
+            3,
+            "10.77.1.2",
+            "192.0.2.1",
+            &probe4("10.77.1.2:9000", udp),
+        ),
         "enc4/denied",
     );
     let mut cut = unreach4(3, probe4("10.77.1.2:9000", udp));

@@ -45,32 +45,45 @@ impl UdpProbe {
     async fn attempt(&self) -> Result<Duration, ProbeError> {
         let mut state = self.state.lock().await;
         let State { socket, seq } = &mut *state;
-        let socket = match socket {
-            Some(socket) => socket,
+        let sock = match socket {
+            Some(sock) => sock,
             None => socket.insert(bind(self.target).await?),
         };
         *seq += 1;
-        let payload = format!("nsfail-probe {seq}");
-        let start = Instant::now();
-        socket
-            .send(payload.as_bytes())
+        let result = exchange(sock, *seq, self.target).await;
+        if let Err(ProbeError::Io { .. }) = result {
+            // A route or local address may have changed under the connected socket: the next
+            // attempt binds and connects afresh.
+            *socket = None;
+        }
+        result
+    }
+}
+
+/// Sends probe `seq` on the connected `socket` and waits for its echo.
+async fn exchange(socket: &UdpSocket, seq: u64, from: SocketAddr) -> Result<Duration, ProbeError> {
+    // A port unreachable that came after an earlier attempt timed out is still pending on the
+    // socket: that attempt has been counted already, and this one must be sent.
+    let _ = socket.take_error();
+    let payload = format!("nsfail-probe {seq}");
+    let start = Instant::now();
+    socket
+        .send(payload.as_bytes())
+        .await
+        .map_err(|source| io_error("send", source))?;
+    // Larger than any probe, so a longer answer is seen as longer, not cut to size.
+    let mut buf = [0u8; 128];
+    loop {
+        let len = socket
+            .recv(&mut buf)
             .await
-            .map_err(|source| io_error("send", source))?;
-        // Larger than any probe, so a longer answer is seen as longer, not cut to size.
-        let mut buf = [0u8; 128];
-        let from = self.target;
-        loop {
-            let len = socket
-                .recv(&mut buf)
-                .await
-                .map_err(|source| io_error("receive", source))?;
-            let echo = &buf[..len];
-            if echo == payload.as_bytes() {
-                return Ok(start.elapsed());
-            }
-            if !is_earlier(echo, *seq) {
-                return Err(ProbeError::WrongEcho { from, len });
-            }
+            .map_err(|source| io_error("receive", source))?;
+        let echo = &buf[..len];
+        if echo == payload.as_bytes() {
+            return Ok(start.elapsed());
+        }
+        if !is_earlier(echo, seq) {
+            return Err(ProbeError::WrongEcho { from, len });
         }
     }
 }
@@ -132,12 +145,8 @@ mod tests {
     async fn an_echo_is_healthy_and_a_closed_port_is_refused_at_once() {
         let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let at = echo.local_addr().unwrap();
-        let responder = std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            let (n, from) = echo.recv_from(&mut buf).unwrap();
-            echo.send_to(&buf[..n], from).unwrap();
-            // `echo` closes here: the port is now unreachable.
-        });
+        // The responder's socket closes after one echo: the port is then unreachable.
+        let responder = echo_once(echo);
         let probe = UdpProbe::new(at);
         let long = Duration::from_secs(5);
         probe_once(&probe, long).await.expect("echo answered");
@@ -146,6 +155,40 @@ mod tests {
         let err = probe_once(&probe, long).await.unwrap_err();
         assert!(matches!(err, ProbeError::Refused), "{err}");
         assert!(start.elapsed() < long / 2, "{:?}", start.elapsed());
+    }
+
+    /// An echo responder on `sock` for one datagram, on a thread.
+    fn echo_once(sock: std::net::UdpSocket) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let (n, from) = sock.recv_from(&mut buf).unwrap();
+            sock.send_to(&buf[..n], from).unwrap();
+        })
+    }
+
+    #[tokio::test]
+    async fn a_refusal_left_over_from_an_earlier_datagram_is_not_this_attempts() {
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = echo.local_addr().unwrap();
+        let probe = UdpProbe::new(at);
+        let long = Duration::from_secs(5);
+        let responder = echo_once(echo);
+        probe_once(&probe, long).await.expect("echo answered");
+        responder.join().unwrap();
+        // The port is closed now: a datagram sent on the probe's socket (as a timed-out
+        // attempt's was) leaves a port unreachable pending on it.
+        {
+            let state = probe.state.lock().await;
+            let sock = state.socket.as_ref().expect("socket kept");
+            sock.send(b"late").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The encoder is back before the next attempt: that attempt succeeds.
+        let responder = echo_once(std::net::UdpSocket::bind(at).unwrap());
+        probe_once(&probe, long)
+            .await
+            .expect("the next attempt is sent and answered");
+        responder.join().unwrap();
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))?
         .sending;
-    let (a, b) = (rx_a.seen(), rx_b.seen());
+    let (a, b) = (rx_a.settled(), rx_b.settled());
     if b.is_empty() {
         bail!("no failover: encoder B received nothing");
     }
