@@ -29,6 +29,9 @@ pub struct UdpProbe {
 struct State {
     socket: Option<UdpSocket>,
     seq: u64,
+    /// An attempt was cut off (timed out) before it finished: a port unreachable for its
+    /// datagram may arrive later and stay pending on the socket.
+    unfinished: bool,
 }
 
 impl UdpProbe {
@@ -38,19 +41,32 @@ impl UdpProbe {
             state: Mutex::new(State {
                 socket: None,
                 seq: 0,
+                unfinished: false,
             }),
         }
     }
 
     async fn attempt(&self) -> Result<Duration, ProbeError> {
         let mut state = self.state.lock().await;
-        let State { socket, seq } = &mut *state;
+        let State {
+            socket,
+            seq,
+            unfinished,
+        } = &mut *state;
         let sock = match socket {
             Some(sock) => sock,
             None => socket.insert(bind(self.target).await?),
         };
+        if *unfinished {
+            // That attempt has been counted already (as a timeout); its late refusal must not
+            // fail this one, which is still to be sent.
+            let _ = sock.take_error();
+        }
         *seq += 1;
+        // Cleared below unless this future is dropped first (the caller's timeout).
+        *unfinished = true;
         let result = exchange(sock, *seq, self.target).await;
+        *unfinished = false;
         if let Err(ProbeError::Io { .. }) = result {
             // A route or local address may have changed under the connected socket: the next
             // attempt binds and connects afresh.
@@ -62,9 +78,6 @@ impl UdpProbe {
 
 /// Sends probe `seq` on the connected `socket` and waits for its echo.
 async fn exchange(socket: &UdpSocket, seq: u64, from: SocketAddr) -> Result<Duration, ProbeError> {
-    // A port unreachable that came after an earlier attempt timed out is still pending on the
-    // socket: that attempt has been counted already, and this one must be sent.
-    let _ = socket.take_error();
     let payload = format!("nsfail-probe {seq}");
     let start = Instant::now();
     socket
@@ -175,12 +188,14 @@ mod tests {
         let responder = echo_once(echo);
         probe_once(&probe, long).await.expect("echo answered");
         responder.join().unwrap();
-        // The port is closed now: a datagram sent on the probe's socket (as a timed-out
-        // attempt's was) leaves a port unreachable pending on it.
+        // What an attempt cut off by its timeout leaves behind once the port has closed: its
+        // datagram's port unreachable pending on the socket, and the attempt unfinished.
         {
-            let state = probe.state.lock().await;
+            let mut state = probe.state.lock().await;
             let sock = state.socket.as_ref().expect("socket kept");
-            sock.send(b"late").await.unwrap();
+            sock.send(b"nsfail-probe 2").await.unwrap();
+            state.seq = 2;
+            state.unfinished = true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The encoder is back before the next attempt: that attempt succeeds.
