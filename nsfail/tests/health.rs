@@ -147,6 +147,26 @@ async fn udp_without_an_answer_times_out() {
 }
 
 #[tokio::test]
+async fn udp_to_a_closed_port_is_refused_at_once() {
+    // One echo, then the port closes: the probe's kept socket hears the port unreachable.
+    let echo = UdpSocket::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    let once = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        let (len, peer) = echo.recv_from(&mut buf).await.unwrap();
+        echo.send_to(&buf[..len], peer).await.unwrap();
+    });
+    let probe = local_probe(udp(addr.port()));
+    let long = Duration::from_secs(5);
+    probe_once(probe.as_ref(), long).await.unwrap();
+    once.await.unwrap();
+    let start = Instant::now();
+    let result = probe_once(probe.as_ref(), long).await;
+    assert!(matches!(result, Err(ProbeError::Refused)), "{result:?}");
+    assert!(start.elapsed() < long / 2, "{:?}", start.elapsed());
+}
+
+#[tokio::test]
 async fn udp_wrong_echo_fails() {
     let addr = responder(Echo::Wrong, Arc::new(AtomicBool::new(true))).await;
     let probe = local_probe(udp(addr.port()));
