@@ -261,12 +261,9 @@ fn run_rows(fx: &Fixture, xdp: bool, rows: &[Row]) {
         assert_eq!(verdict, row.verdict, "{}: verdict", row.name);
         let want = row.output.as_ref().unwrap_or(&row.input);
         assert_eq!(got, *want, "{}: output bytes", row.name);
-        let after = fx.stats(xdp);
-        let moved: Vec<_> = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| a.1 != b.1)
-            .map(|(_, a)| a.0)
+        let moved: Vec<_> = moved(&before, &fx.stats(xdp))
+            .into_iter()
+            .map(|(name, _)| name)
             .collect();
         assert_eq!(moved, vec![row.reason], "{}: counters that moved", row.name);
     }
@@ -634,13 +631,8 @@ fn run_policy_rows(fx: &Fixture, rows: &[PolicyRow]) {
         assert_eq!(verdict, row.verdict, "{}: verdict", row.name);
         let want = row.output.as_ref().unwrap_or(&row.input);
         assert_eq!(got, *want, "{}: output bytes", row.name);
-        let after = fx.tc_counters();
-        let moved: Vec<_> = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| a.1 != b.1)
-            .map(|(b, a)| (a.0.as_str(), a.1 - b.1))
-            .collect();
+        let moved = moved(&before, &fx.tc_counters());
+        let moved: Vec<_> = moved.iter().map(|(n, d)| (n.as_str(), *d)).collect();
         assert_eq!(moved, vec![(row.counter, 1)], "{}: counters", row.name);
     }
 }
@@ -1246,15 +1238,19 @@ fn verdict_on_enc4(fx: &Fixture, frame: &[u8]) -> (u32, String) {
 fn verdict_on(fx: &Fixture, ifindex: u32, frame: &[u8]) -> (u32, String) {
     let before = fx.tc_counters();
     let (verdict, _) = fx.tc_run_on(ifindex, frame).unwrap();
-    let after = fx.tc_counters();
-    let moved: Vec<String> = before
-        .iter()
-        .zip(&after)
-        .filter(|(b, a)| a.1 != b.1)
-        .map(|(_, a)| a.0.clone())
-        .collect();
+    let moved = moved(&before, &fx.tc_counters());
     assert_eq!(moved.len(), 1, "{moved:?}");
-    (verdict, moved[0].clone())
+    (verdict, moved[0].0.clone())
+}
+
+/// The counters that differ between two readings of the same list, with how much they grew.
+fn moved<N: Clone>(before: &[(N, u64)], after: &[(N, u64)]) -> Vec<(N, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| (a.0.clone(), a.1.wrapping_sub(b.1)))
+        .collect()
 }
 
 #[test]
