@@ -141,14 +141,10 @@ impl Receiver {
     /// most 5 s): what a stream that has ended delivered, however late this thread ran.
     pub fn settled(&self) -> BTreeSet<u32> {
         const QUIET: Duration = Duration::from_millis(300);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
+        crate::wait_for(Duration::from_secs(5), || {
             let last = *self.last.lock().unwrap();
-            if last.is_none_or(|t| t.elapsed() >= QUIET) {
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+            last.is_none_or(|t| t.elapsed() >= QUIET).then_some(())
+        });
         self.seen()
     }
 
@@ -255,6 +251,27 @@ pub fn send_burst_in(
         replies
     })
     .expect("enter namespace")
+}
+
+/// Sends `msg` from a socket bound to `bind` (in the calling thread's namespace) to `to`, up
+/// to `tries` times, each time waiting `wait` for an answer: the first that comes from `to`.
+pub fn ask(
+    bind: SocketAddr,
+    to: SocketAddr,
+    msg: &[u8],
+    tries: u32,
+    wait: Duration,
+) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind(bind).expect("bind");
+    sock.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 2048];
+    (0..tries).find_map(|_| {
+        sock.send_to(msg, to).expect("send");
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) if from == to => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    })
 }
 
 /// A UDP echo responder (what the encoders' `udp` health checks talk to) on a thread inside a

@@ -29,7 +29,7 @@ use nsfail::{
 };
 use nsfail_tests::{
     Entered, PinDir, lab,
-    traffic::{Echo, Receiver, send_burst},
+    traffic::{Echo, Receiver, ask, send_burst},
     wait_for,
 };
 
@@ -361,12 +361,6 @@ fn replies_and_health_answers_pass_with_an_empty_allow_list() {
 /// Up to five UDP echo probes, 300 ms apart, from the calling thread's namespace: whether
 /// one was answered.
 fn udp_probe(to: SocketAddr) -> bool {
-    let sock = UdpSocket::bind(sa(&format!("{HOST}:0"))).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let mut buf = [0u8; 16];
-    (0..5).any(|_| {
-        sock.send_to(b"probe", to).unwrap();
-        matches!(sock.recv_from(&mut buf), Ok((5, from)) if from == to && &buf[..5] == b"probe")
-    })
+    let bind = sa(&format!("{HOST}:0"));
+    ask(bind, to, b"probe", 5, Duration::from_millis(300)).is_some_and(|a| a == b"probe")
 }

@@ -3,19 +3,14 @@
 //! test uses its own namespace prefix and lab directory, so it cannot touch a real lab or
 //! another test, and a guard brings its lab down whatever happens.
 
-use std::{
-    fs,
-    net::{SocketAddr, UdpSocket},
-    process::Command,
-    time::Duration,
-};
+use std::{fs, net::SocketAddr, process::Command, time::Duration};
 
 use nsfail::{
     labctl::{self, LabCtlError, LabInfo, LabOptions, LabProcess, LabProtocol},
     netns,
     paths::{self, LabDir},
 };
-use nsfail_tests::{ChildGuard, unique, wait_for};
+use nsfail_tests::{ChildGuard, traffic::ask, unique, wait_for};
 
 /// Brings the test's lab down when dropped, panics included.
 struct LabGuard(LabOptions);
@@ -42,21 +37,9 @@ fn options(protocol: LabProtocol) -> LabOptions {
 /// from that address and port. Up to 25 tries 200 ms apart: socat may still be starting.
 fn echo(rt: &str, addr: &str) -> Option<Vec<u8>> {
     let target: SocketAddr = format!("{addr}:9000").parse().unwrap();
+    let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
     netns::in_netns(rt, move || {
-        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut buf = [0u8; 64];
-        for attempt in 0..25u8 {
-            let probe = [b'p', attempt];
-            sock.send_to(&probe, target).expect("send probe");
-            if let Ok((n, from)) = sock.recv_from(&mut buf)
-                && from == target
-            {
-                return Some(buf[..n].to_vec());
-            }
-        }
-        None
+        ask(any, target, b"p", 25, Duration::from_millis(200))
     })
     .expect("enter the ingest namespace")
 }
