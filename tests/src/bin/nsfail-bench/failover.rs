@@ -120,6 +120,18 @@ fn srt_trial(protocol: &str, remap: bool) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
+/// `trials` kill-and-failover trials ([`udp_trial`]) on one lab and daemon run with `policy`.
+fn gap_trials(variant: &str, policy: &Policy, flow: bool, trials: usize) -> Result<Figure> {
+    let mut figure = Figure::new("gap", variant, "ms");
+    let mut bed = bed(policy)?;
+    for i in 0..trials {
+        let g = udp_trial(&mut bed, flow).with_context(|| format!("{variant} trial {i}"))?;
+        eprintln!("  {variant} trial {i}: {g:.0} ms");
+        figure.samples.push(g);
+    }
+    Ok(figure)
+}
+
 pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
     let mut report = Report::new("failover", "Failover: stream gap per detector (ms)", trials);
     report.method.push(format!(
@@ -131,42 +143,30 @@ pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
          death (or the remap) to 10 more datagrams at the backup listener's output (SRT's 120 ms \
          receive latency included)"
     ));
-    let mut udp = Figure::new("gap", "udp probes 100 ms, fall 3", "ms");
-    let mut bed_udp = bed(&Policy::default())?;
-    for i in 0..trials {
-        let g = udp_trial(&mut bed_udp, false).with_context(|| format!("udp trial {i}"))?;
-        eprintln!("  udp trial {i}: {g:.0} ms");
-        udp.samples.push(g);
-    }
-    drop(bed_udp);
+    let udp = gap_trials(
+        "udp probes 100 ms, fall 3",
+        &Policy::default(),
+        false,
+        trials,
+    )?;
     // The flow check at two settings: 50 ms windows, and 20 ms ones (judged every 20 ms, so
     // fall 2 means at least 40 ms without a reply: four SRT ACK periods).
-    let mut flows = Vec::new();
-    for (variant, health) in [
-        (
-            "flow 50 ms, fall 2",
-            "{ kind = \"flow\", interval_ms = 50, timeout_ms = 50, rise = 2, fall = 2 }",
-        ),
-        (
-            "flow 20 ms, fall 2",
-            "{ kind = \"flow\", interval_ms = 20, timeout_ms = 20, rise = 2, fall = 2 }",
-        ),
-    ] {
-        let mut flow = Figure::new("gap", variant, "ms");
-        let mut bed_flow = bed(&Policy {
-            health: [health, "{ kind = \"udp\", port = 9000 }"],
-            ..Policy::default()
-        })?;
-        for i in 0..trials {
-            let g =
-                udp_trial(&mut bed_flow, true).with_context(|| format!("{variant} trial {i}"))?;
-            eprintln!("  {variant} trial {i}: {g:.0} ms");
-            flow.samples.push(g);
-        }
-        flows.push(flow);
-    }
-    let flow_fast = flows.pop().expect("the 20 ms setting");
-    let flow = flows.pop().expect("the 50 ms setting");
+    let flow_policy = |health| Policy {
+        health: [health, "{ kind = \"udp\", port = 9000 }"],
+        ..Policy::default()
+    };
+    let flow = gap_trials(
+        "flow 50 ms, fall 2",
+        &flow_policy("{ kind = \"flow\", interval_ms = 50, timeout_ms = 50, rise = 2, fall = 2 }"),
+        true,
+        trials,
+    )?;
+    let flow_fast = gap_trials(
+        "flow 20 ms, fall 2",
+        &flow_policy("{ kind = \"flow\", interval_ms = 20, timeout_ms = 20, rise = 2, fall = 2 }"),
+        true,
+        trials,
+    )?;
 
     let mut srt = Figure::new("srt", "srt channel: encoder dies", "ms");
     let mut srt_udp = Figure::new("srt", "same stream on a udp channel", "ms");
