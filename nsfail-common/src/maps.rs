@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -201,21 +201,23 @@ pub struct ChannelStats {
 const _: () = assert!(core::mem::size_of::<ChannelStats>() == 56);
 
 /// Drop reasons per encoder (`EncoderStats::drops`, indexed by [`drop_reason`]), written by
-/// the egress policy.
-pub const DROP_REASONS: usize = 8;
+/// the egress policy, and by the redirect tracepoints for frames the encoder's device refused.
+pub const DROP_REASONS: usize = 9;
 
 /// Value of `ENCODER_STATS` (per CPU, index: encoder id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EncoderStats {
-    /// Channel packets forwarded to the encoder by XDP.
+    /// Channel packets XDP handed to the encoder's device (those the device then refused are
+    /// in `drops[drop_reason::REDIRECT_FAILED]`; forwarded = `rx.packets` minus those).
     pub rx: FlowStats,
     /// Replies from the encoder rewritten to an ingest address by TC.
     pub tx: FlowStats,
-    /// Packets leaving the encoder that were dropped, by reason.
+    /// Packets dropped, by reason: leaving the encoder (egress policy), or on the way in
+    /// (`REDIRECT_FAILED`).
     pub drops: [u64; DROP_REASONS],
 }
-const _: () = assert!(core::mem::size_of::<EncoderStats>() == 112);
+const _: () = assert!(core::mem::size_of::<EncoderStats>() == 120);
 
 impl EncoderStats {
     pub fn merge(&mut self, other: &EncoderStats) {
@@ -250,6 +252,9 @@ pub mod drop_reason {
     pub const MALFORMED: usize = 6;
     /// A reply whose rewrite or redirect failed in a kernel helper.
     pub const ERROR: usize = 7;
+    /// A channel packet XDP redirected to the encoder's device that the kernel refused (a veth
+    /// whose peer can take no XDP frames, a device down or gone, a frame over its MTU).
+    pub const REDIRECT_FAILED: usize = 8;
     pub const NAMES: [&str; DROP_REASONS] = [
         "forged_source",
         "denied",
@@ -259,6 +264,7 @@ pub mod drop_reason {
         "not_ip",
         "malformed",
         "error",
+        "redirect_failed",
     ];
 }
 
@@ -388,7 +394,10 @@ pub mod xdp_reason {
     pub const PASS_TTL: u32 = 7;
     /// A channel packet whose encoder has no DEVMAP entry (not attached yet, or removed).
     pub const PASS_NO_DEVICE: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Counted after the fact by the redirect tracepoints: redirected frames the target device
+    /// refused (a subset of `REDIRECTED`, also counted per encoder).
+    pub const REDIRECT_FAILED: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "tx",
@@ -399,6 +408,7 @@ pub mod xdp_reason {
         "pass_no_channel",
         "pass_ttl",
         "pass_no_device",
+        "redirect_failed",
     ];
 }
 
@@ -470,6 +480,8 @@ mod pod {
     unsafe impl aya::Pod for PolicyRule {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EncoderPolicy {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TraceConfig {}
 }
 
 #[cfg(test)]
@@ -571,3 +583,23 @@ mod tests {
         );
     }
 }
+
+/// Value of `TRACE_CONFIG[0]`: what the redirect tracepoints need to tell this data plane's
+/// refused redirects from every other XDP user's on the host. Written by userspace before
+/// the tracepoints are attached (and again on adoption); read by the tracepoint programs.
+/// Offsets come from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// The cookie of the network namespace the data plane runs in (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+    /// `TX_PORTS`'s map id: `xdp_redirect_err` reports it with the failing key.
+    pub devmap_id: u32,
+    /// Byte offset of `ifindex` in `struct net_device`.
+    pub off_ifindex: u32,
+    /// Byte offset of `nd_net.net` (the `struct net *`) in `struct net_device`.
+    pub off_nd_net: u32,
+    /// Byte offset of `net_cookie` in `struct net`.
+    pub off_net_cookie: u32,
+}
+const _: () = assert!(core::mem::size_of::<TraceConfig>() == 24);

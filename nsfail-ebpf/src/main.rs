@@ -8,6 +8,7 @@
 mod egress;
 mod ingress;
 mod maps;
+mod trace;
 
 #[cfg(not(test))]
 #[panic_handler]

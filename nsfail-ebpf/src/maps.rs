@@ -8,7 +8,7 @@ use aya_ebpf::{
 use nsfail_common::{
     ChannelStats, ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FlowStats,
     MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCES, MAX_SRT_PEERS, ReplyTarget, SourceInfo, SourceKey,
-    SrtPeer, tc_reason, xdp_reason,
+    SrtPeer, TraceConfig, tc_reason, xdp_reason,
 };
 
 /// Key: a channel's ingest endpoint. Value: where its packets go now.
@@ -59,9 +59,9 @@ pub static POLICIES: HashMap<u32, EncoderPolicy> = HashMap::pinned(MAX_ENCODERS,
 #[map]
 pub static CHANNEL_STATS: PerCpuArray<ChannelStats> = PerCpuArray::pinned(MAX_CHANNELS, 0);
 
-/// Index: encoder id. Value (per CPU): forwarded to it, replies from it, egress-policy drops
-/// by `drop_reason`.
-/// Writers: XDP ingress (rx), TC egress (tx, drops). Reader: userspace.
+/// Index: encoder id. Value (per CPU): handed to its device, replies from it, drops by
+/// `drop_reason`. Writers: XDP ingress (rx), TC egress (tx, egress drops), the redirect
+/// tracepoints (`REDIRECT_FAILED`). Reader: userspace.
 #[map]
 pub static ENCODER_STATS: PerCpuArray<EncoderStats> = PerCpuArray::pinned(MAX_ENCODERS, 0);
 
@@ -72,6 +72,11 @@ pub static XDP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(xdp_reason::COUNT, 
 /// Index: `tc_reason::*`. Value (per CPU): packets. Writer: TC egress. Reader: userspace.
 #[map]
 pub static TC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(tc_reason::COUNT, 0);
+
+/// Index 0: how the redirect tracepoints recognise this data plane's devices and DEVMAP.
+/// Writer: userspace, before the tracepoints attach. Reader: the tracepoint programs.
+#[map]
+pub static TRACE_CONFIG: Array<TraceConfig> = Array::pinned(1, 0);
 
 /// Index 0: `ABI_VERSION` of the maps' layout. Writer: userspace on first load. Reader:
 /// userspace before adopting pinned maps.
@@ -96,10 +101,25 @@ pub fn add_flow(stats: &mut FlowStats, bytes: u64, now: u64) {
 /// Counts one packet dropped by encoder `id`'s egress policy for `reason` (a `drop_reason`).
 #[inline(always)]
 pub fn count_drop(id: u32, reason: usize) {
+    count_drops(id, reason, 1);
+}
+
+/// Counts `n` packets of encoder `id` dropped for `reason` (a `drop_reason`).
+#[inline(always)]
+pub fn count_drops(id: u32, reason: usize, n: u64) {
     if let Some(s) = ENCODER_STATS.get_ptr_mut(id) {
         // SAFETY: a per-CPU slot, written only from this CPU with preemption off.
         if let Some(d) = unsafe { (*s).drops.get_mut(reason) } {
-            *d += 1;
+            *d += n;
         }
+    }
+}
+
+/// Adds `n` packets to one `XDP_STATS` reason.
+#[inline(always)]
+pub fn count_n(map: &PerCpuArray<u64>, index: u32, n: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: as in `count`.
+        unsafe { *p += n }
     }
 }

@@ -109,9 +109,20 @@ pub struct EncoderStatus {
     pub local: bool,
     pub healthy: bool,
     pub drained: bool,
-    /// Channel packets and bytes forwarded to it.
+    /// Local encoders: whether its interface takes XDP-redirected frames (`None`: a remote
+    /// encoder, or not checked yet); an encoder that cannot receive is not healthy.
+    #[serde(default)]
+    pub can_receive: Option<bool>,
+    /// Why it can or cannot receive.
+    #[serde(default)]
+    pub receive: Option<String>,
+    /// Channel packets forwarded to it: handed to its device and not refused by the kernel.
     pub packets: u64,
+    /// Bytes XDP handed to its device (refused frames included).
     pub bytes: u64,
+    /// Channel packets redirected to its device that the kernel refused (also in `drops`).
+    #[serde(default)]
+    pub redirect_failed: u64,
     /// Replies from it returned to sources.
     pub replies: u64,
     /// Packets leaving it that were dropped, all reasons.

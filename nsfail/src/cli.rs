@@ -43,10 +43,14 @@ enum Cmd {
         #[arg(long, default_value = paths::PIN_DIR)]
         pins: PathBuf,
     },
-    /// Validate a config file without touching anything.
+    /// Validate a config file without touching anything: the file, then this host (the
+    /// interfaces it names must exist in the ingest namespace).
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Check the file only, not this host (a config written for another machine).
+        #[arg(long)]
+        portable: bool,
     },
     /// Channels with their active encoder and counters; encoders with health.
     Status,
@@ -226,8 +230,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             socket: cli.socket,
             pins: Pins::new(pins),
         }),
-        Cmd::Check { config } => {
-            let cfg = Config::load(&config)?;
+        Cmd::Check { config, portable } => {
+            let cfg = if portable {
+                Config::load(&config)?
+            } else {
+                Config::load_for_host(&config)?
+            };
             done(format!(
                 "{}: ok ({} channels, {} encoders)",
                 config.display(),

@@ -553,12 +553,74 @@ fn prefix(origin: Option<&String>, location: &Option<Location>) -> String {
 impl Config {
     /// Parses and validates a config; `origin` (usually the file name) prefixes every error.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(text, origin, |_| Vec::new())
+    }
+
+    /// As [`Config::parse`], and checks the config against this host too: the ingest
+    /// interface and every local encoder's `interface` (managed encoders' are made by nsfail)
+    /// must exist in the ingest namespace. What `nsfail check` and `nsfail run` read.
+    pub fn load_for_host(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            origin: origin.clone(),
+            source,
+        })?;
+        Self::parse_with(&text, &origin, Config::host_problems)
+    }
+
+    /// Interfaces the config names that this host does not have, looked up inside
+    /// `ingest.netns` when it is set (read-only: nothing is changed).
+    fn host_problems(&self) -> Vec<Problem> {
+        let mut names = vec![(at!["ingest", "interface"], self.ingest.interface.clone())];
+        for (i, e) in self.encoders.iter().enumerate() {
+            if let (Some(ifname), None) = (&e.interface, &e.spawn) {
+                names.push((at!["encoder", i, "interface"], ifname.clone()));
+            }
+        }
+        let lookup = {
+            let names: Vec<String> = names.iter().map(|(_, n)| n.clone()).collect();
+            move || -> Vec<Option<String>> {
+                names
+                    .iter()
+                    .map(|n| crate::netns::link(n).err().map(|e| e.to_string()))
+                    .collect()
+            }
+        };
+        let (missing, where_) = match &self.ingest.netns {
+            Some(ns) => match crate::netns::in_netns(ns, lookup) {
+                Ok(found) => (found, format!("in network namespace {ns}")),
+                Err(e) => {
+                    return vec![Problem::new(
+                        at!["ingest", "netns"],
+                        format!("ingest.netns {ns:?}: {e}"),
+                    )];
+                }
+            },
+            None => (lookup(), "in the ingest namespace".to_owned()),
+        };
+        names
+            .into_iter()
+            .zip(missing)
+            .filter_map(|((at, name), err)| {
+                err.map(|_| Problem::new(at, format!("interface {name:?} does not exist {where_}")))
+            })
+            .collect()
+    }
+
+    fn parse_with(
+        text: &str,
+        origin: &str,
+        host: impl FnOnce(&Config) -> Vec<Problem>,
+    ) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_owned(),
             location: e.span().map(|span| location(text, span.start)),
             message: one_line(e.message()),
         })?;
-        let problems = config.problems();
+        let mut problems = config.problems();
+        if problems.is_empty() {
+            problems = host(&config);
+        }
         if problems.is_empty() {
             return Ok(config);
         }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use futures_util::{FutureExt as _, StreamExt as _};
 use log::{info, warn};
 use nix::sched::{CloneFlags, setns};
 use tokio::{
@@ -43,7 +44,7 @@ pub struct Options {
 /// Runs the daemon in the foreground. Must be called before any other thread exists: when the
 /// config names an ingest namespace, the whole process moves into it first.
 pub fn run(opts: Options) -> Result<()> {
-    let cfg = Config::load(&opts.config)?;
+    let cfg = Config::load_for_host(&opts.config)?;
     if let Some(ns) = &cfg.ingest.netns {
         let f = fs::File::open(paths::netns(ns))
             .with_context(|| format!("ingest network namespace {ns}"))?;
@@ -108,6 +109,7 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
         flows.sync(c.config());
         c.generation()
     };
+    let link_watch = tokio::spawn(watch_links(ctl.clone(), stop_rx.clone()));
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
@@ -167,6 +169,8 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    // It ends at the stop signal; a panic in it was logged by the runtime already.
+    let _ = link_watch.await;
     managed.stop_all().await;
     let _ = metrics_task.await;
     let _ = fs::remove_file(socket);
@@ -193,6 +197,69 @@ fn refresh_metrics(ctl: &Mutex<Controller>, metrics: &Metrics) {
         &dp.xdp_stats().unwrap_or_default(),
         &dp.tc_stats().unwrap_or_default(),
     );
+}
+
+/// How often attachments and receive readiness are checked when no link event says so
+/// sooner.
+const LINK_SWEEP: Duration = Duration::from_millis(500);
+
+/// Keeps the data plane on the interfaces that exist now, and every local encoder able to
+/// receive: on every link event in this namespace (an interface deleted, re-created, brought
+/// up or down) and every [`LINK_SWEEP`] (a peer's GRO turned off in another namespace makes
+/// no event here). The checks run on the blocking pool, one round at a time; the
+/// controller is locked only to apply what they found.
+async fn watch_links(ctl: Arc<Mutex<Controller>>, mut stop: watch::Receiver<bool>) {
+    let mut events = match rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link]) {
+        Ok((conn, _handle, events)) => {
+            tokio::spawn(conn);
+            Some(events)
+        }
+        Err(e) => {
+            warn!("link events unavailable ({e}); checking links every {LINK_SWEEP:?} only");
+            None
+        }
+    };
+    let mut sweep = tokio::time::interval(LINK_SWEEP);
+    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {},
+            Some(_) = async {
+                match events.as_mut() {
+                    Some(ev) => ev.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // A burst of events (a veth pair made, addressed, brought up) is one round.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(ev) = events.as_mut() {
+                    while let Some(Some(_)) = ev.next().now_or_never() {}
+                }
+            },
+            _ = async {
+                // Err: the daemon is gone, which is a stop too.
+                let _ = stop.wait_for(|s| *s).await;
+            } => return,
+        }
+        let ctl = ctl.clone();
+        let round = tokio::task::spawn_blocking(move || {
+            let targets = lock(&ctl).receive_targets();
+            let verdicts: Vec<_> = targets
+                .into_iter()
+                .map(|(name, ifname, ns)| (name, crate::receive::ensure(&ifname, ns.as_deref())))
+                .collect();
+            let mut c = lock(&ctl);
+            c.check_attachments();
+            for (name, verdict) in verdicts {
+                if let Err(e) = c.set_receive(&name, verdict) {
+                    warn!("acting on {name}'s interface: {e}");
+                }
+            }
+        });
+        if let Err(e) = round.await {
+            warn!("link check: {e}");
+        }
+    }
 }
 
 /// One probe task per encoder with a network health check, restarted when its check changes

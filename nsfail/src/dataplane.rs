@@ -23,7 +23,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMap, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramError, RawTracePoint, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError},
     },
     util::nr_cpus,
@@ -34,8 +34,8 @@ use nsfail_common::{
     ABI_VERSION, ACTION_REDIRECT, ACTION_TX, ChannelStats, ChannelTarget, ENCODER_LOCAL,
     ENCODER_REMOTE, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6,
     FlowStats, MAX_ALLOW_RULES, MAX_CHANNELS, MAX_ENCODERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP, PolicyRule, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer, drop_reason,
-    tc_reason, xdp_reason,
+    PROTO_UDP, PolicyRule, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer, TraceConfig,
+    drop_reason, tc_reason, xdp_reason,
 };
 
 use crate::{
@@ -49,6 +49,11 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 const PROG_INGRESS: &str = "nsfail_ingress";
 const PROG_EGRESS: &str = "nsfail_egress";
+/// The redirect tracepoints: (program, kernel tracepoint).
+const TRACEPOINTS: [(&str, &str); 2] = [
+    ("nsfail_devmap_xmit", "xdp_devmap_xmit"),
+    ("nsfail_redirect_err", "xdp_redirect_err"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -283,10 +288,11 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
             .load(EBPF_OBJECT)?;
-        let programs = [
+        let mut programs = vec![
             (PROG_INGRESS, pins.prog(PROG_INGRESS)),
             (PROG_EGRESS, pins.prog(PROG_EGRESS)),
         ];
+        programs.extend(TRACEPOINTS.iter().map(|(p, _)| (*p, pins.prog(p))));
         for (name, path) in programs.iter().rev() {
             let prog = ebpf
                 .program_mut(name)
@@ -297,7 +303,8 @@ impl Dataplane {
             match prog {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
-                _ => unreachable!("nsfail-ebpf has only XDP and TC programs"),
+                aya::programs::Program::RawTracePoint(p) => p.load(),
+                _ => unreachable!("nsfail-ebpf has only XDP, TC and raw tracepoint programs"),
             }
             .map_err(prog_err(name))?;
             // Pinned egress first, ingress last: the ingress pin is what `open` takes as "a
@@ -335,6 +342,23 @@ impl Dataplane {
             .map_err(prog_err(PROG_INGRESS))?;
         let tc =
             SchedClassifier::from_pin(pins.prog(PROG_EGRESS)).map_err(prog_err(PROG_EGRESS))?;
+        let devmap_id = MapData::from_pin(pins.map("TX_PORTS"))
+            .and_then(|m| m.info())
+            .map(|i| i.id())
+            .map_err(map_err("TX_PORTS"))?;
+        let mut trace_config: Array<MapData, TraceConfig> = open_pinned_map(&pins, "TRACE_CONFIG")?
+            .try_into()
+            .map_err(map_err("TRACE_CONFIG"))?;
+        match trace_config_for(devmap_id) {
+            Ok(cfg) => trace_config
+                .set(0, cfg, 0)
+                .map_err(map_err("TRACE_CONFIG"))?,
+            // Forwarding works without it; only the count of refused redirects is lost.
+            Err(e) => warn!(
+                "redirects the kernel refuses cannot be counted (redirect_failed stays 0): {e}"
+            ),
+        }
+        attach_tracepoints(&pins)?;
         info!("adopted the pinned data plane at {}", pins.root().display());
         macro_rules! typed {
             ($name:literal) => {
@@ -390,16 +414,19 @@ impl Dataplane {
         &self.tc
     }
 
-    /// Attaches the XDP program to the ingest NIC and pins the link. When a link is already
-    /// pinned for this interface (adoption), it is kept as it is: no gap in forwarding.
-    pub fn attach_ingest(&mut self, ifname: &str, mode: XdpModeSetting) -> Result<()> {
+    /// Attaches the XDP program to the ingest NIC and pins the link. A link already pinned
+    /// for this interface (adoption) is kept as it is, no gap in forwarding, when it is still
+    /// attached to the interface that has this name now; a link left behind by an interface
+    /// that was deleted (and perhaps re-created) is replaced. Returns whether it attached.
+    pub fn attach_ingest(&mut self, ifname: &str, mode: XdpModeSetting) -> Result<bool> {
         let link = netns::link(ifname).map_err(|source| DataplaneError::Interface {
             name: ifname.to_owned(),
             source,
         })?;
         let pin = self.pins.xdp_link(ifname);
-        if pin.exists() {
+        let attached = if live_link(&pin, link.ifindex)? {
             info!("XDP already attached to {ifname} (pinned link kept)");
+            false
         } else {
             let try_mode = |xdp: &mut Xdp, m: XdpMode| xdp.attach_to_if_index(link.ifindex, m);
             let id = match mode {
@@ -422,12 +449,30 @@ impl Dataplane {
             })?;
             pin_link(fd_link, &pin)?;
             info!("XDP attached to {ifname} ({mode:?})");
-        }
+            true
+        };
         self.ingest = Some(Ingest {
             ifindex: link.ifindex,
             mac: link.mac,
         });
-        Ok(())
+        Ok(attached)
+    }
+
+    /// Whether the XDP link pinned for `ifname` is attached to the interface that has that
+    /// name now (false when the interface is gone, or was re-created).
+    pub fn ingest_attached(&self, ifname: &str) -> Result<bool> {
+        match netns::link(ifname) {
+            Ok(link) => live_link(&self.pins.xdp_link(ifname), link.ifindex),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Whether encoder `name`'s TC link is attached to the interface `ifname` names now.
+    pub fn egress_attached(&self, ifname: &str) -> Result<bool> {
+        match netns::link(ifname) {
+            Ok(link) => live_link(&self.pins.tc_link(ifname), link.ifindex),
+            Err(_) => Ok(false),
+        }
     }
 
     /// Adds an encoder, or replaces its address, MAC or link. Channels pointing at it are
@@ -880,9 +925,17 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Attaches the TC program to `ifname` unless the link pinned for it is attached to the
+    /// interface of that name now; a link left by a deleted interface is replaced.
     fn attach_egress(&mut self, ifname: &str) -> Result<()> {
         let pin = self.pins.tc_link(ifname);
-        if pin.exists() {
+        let ifindex = netns::link(ifname)
+            .map_err(|source| DataplaneError::Interface {
+                name: ifname.to_owned(),
+                source,
+            })?
+            .ifindex;
+        if live_link(&pin, ifindex)? {
             return Ok(());
         }
         let id = self
@@ -1281,11 +1334,12 @@ fn detach_pinned_link(path: &Path) -> Result<()> {
     };
     match bpf_obj_get(path) {
         // A link whose device went away with its namespace detaches again without error.
-        Ok(fd) => {
-            if let Err(e) = bpf_link_detach(&fd) {
-                warn!("{}: detach: {e}; unpinning it", path.display());
-            }
-        }
+        Ok(fd) => match bpf_link_detach(&fd) {
+            // Tracepoint links have no detach: unpinning ends them once nobody holds them.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            Err(e) => warn!("{}: detach: {e}; unpinning it", path.display()),
+            Ok(()) => {}
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => warn!("{}: {e}; removing the pin", path.display()),
     }
@@ -1293,6 +1347,135 @@ fn detach_pinned_link(path: &Path) -> Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(pin_err(e)),
         _ => Ok(()),
     }
+}
+
+/// Whether the link pinned at `pin` is attached to interface `ifindex`. A pinned link that
+/// is attached nowhere (its interface was deleted) or to another interface (one re-created
+/// under the same name has a new index) is detached and unpinned, so that the caller attaches
+/// afresh.
+fn live_link(pin: &Path, ifindex: u32) -> Result<bool> {
+    match link_ifindex(pin)? {
+        None => Ok(false),
+        Some(i) if i == ifindex => Ok(true),
+        Some(i) => {
+            warn!(
+                "{}: attached to interface index {i}, not {ifindex} (the interface was \
+                 re-created): replacing it",
+                pin.display()
+            );
+            detach_pinned_link(pin)?;
+            Ok(false)
+        }
+    }
+}
+
+/// The interface index an XDP or TCX link pinned at `pin` is attached to (0 once its
+/// interface is gone), or `None` when nothing is pinned there.
+fn link_ifindex(pin: &Path) -> Result<Option<u32>> {
+    let fd = match bpf_obj_get(pin) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(DataplaneError::Pin {
+                path: pin.display().to_string(),
+                source,
+            });
+        }
+    };
+    let info = bpf_link_info(&fd).map_err(|source| DataplaneError::Pin {
+        path: pin.display().to_string(),
+        source,
+    })?;
+    // `struct bpf_link_info`: type, id, prog_id, padding, then the per-type union, whose
+    // `xdp.ifindex` and `tcx.ifindex` both come first.
+    Ok(Some(u32::from_ne_bytes([
+        info[16], info[17], info[18], info[19],
+    ])))
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link: the first 32 bytes of its `struct bpf_link_info`.
+fn bpf_link_info(link: &std::os::fd::OwnedFd) -> io::Result<[u8; 32]> {
+    use std::os::fd::AsRawFd;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u8; 32];
+    let attr = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` is the `info` member of `bpf_attr`; the kernel writes at most
+    // `info_len` bytes to `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFd,
+            size_of::<InfoByFd>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
+/// What the redirect tracepoints need: this namespace's cookie, the DEVMAP's id, and the
+/// struct offsets of the running kernel.
+fn trace_config_for(devmap_id: u32) -> std::result::Result<TraceConfig, String> {
+    let btf = crate::btf::Btf::kernel().map_err(|e| e.to_string())?;
+    let offset = |s: &str, m: &str| btf.offset(s, m).map_err(|e| e.to_string());
+    Ok(TraceConfig {
+        netns_cookie: netns_cookie().map_err(|e| format!("network namespace cookie: {e}"))?,
+        devmap_id,
+        off_ifindex: offset("net_device", "ifindex")?,
+        off_nd_net: offset("net_device", "nd_net.net")?,
+        off_net_cookie: offset("net", "net_cookie")?,
+    })
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14).
+fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Attaches each redirect tracepoint whose link is not pinned yet, and pins its link.
+fn attach_tracepoints(pins: &Pins) -> Result<()> {
+    for (prog, tracepoint) in TRACEPOINTS {
+        let pin = pins.trace_link(tracepoint);
+        if pin.exists() {
+            continue;
+        }
+        let mut tp = RawTracePoint::from_pin(pins.prog(prog)).map_err(prog_err(prog))?;
+        let id = tp.attach(tracepoint).map_err(prog_err(prog))?;
+        let link: FdLink = tp.take_link(id).map_err(prog_err(prog))?.into();
+        pin_link(link, &pin)?;
+    }
+    Ok(())
 }
 
 /// `BPF_OBJ_GET`: a descriptor for the object pinned at `path`.

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod bench_object;
+pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -21,5 +22,6 @@ pub mod managed;
 pub mod metrics;
 pub mod netns;
 pub mod paths;
+pub mod receive;
 
 pub use dataplane::{Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpModeSetting};

@@ -30,6 +30,7 @@ use tokio::{
 
 use crate::{
     config::{self, Encoder, Restart},
+    netns::{netlink, set_gro},
     paths,
 };
 
@@ -83,34 +84,6 @@ impl Plan {
 
 fn nl(e: rtnetlink::Error) -> io::Error {
     io::Error::other(e.to_string())
-}
-
-/// Runs `f` with a netlink handle inside namespace `ns` (or this one), on a thread of its own
-/// with its own small runtime, so it works from any context, async or not.
-fn netlink<T: Send + 'static>(
-    ns: Option<&str>,
-    f: impl FnOnce(Handle) -> std::pin::Pin<Box<dyn Future<Output = io::Result<T>> + Send>>
-    + Send
-    + 'static,
-) -> io::Result<T> {
-    let target = ns.map(|n| File::open(paths::netns(n))).transpose()?;
-    std::thread::spawn(move || -> io::Result<T> {
-        if let Some(t) = target {
-            setns(t.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            let (conn, handle, _) = rtnetlink::new_connection()?;
-            let task = tokio::spawn(conn);
-            let out = f(handle).await;
-            task.abort();
-            out
-        })
-    })
-    .join()
-    .map_err(|_| io::Error::other("netlink thread panicked"))?
 }
 
 async fn index_of(handle: &Handle, name: &str) -> io::Result<Option<u32>> {
@@ -295,40 +268,6 @@ pub fn deprovision(plan: &Plan) -> Result<(), ManagedError> {
         "managed encoder {}: namespace and veth removed",
         plan.encoder
     );
-    Ok(())
-}
-
-/// Turns generic receive offload on or off (the ETHTOOL_SGRO ioctl).
-fn set_gro(ifname: &str, on: bool) -> io::Result<()> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_SGRO: u32 = 0x0000_002c;
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_SGRO,
-        data: u32::from(on),
-    };
-    // SAFETY: a plain socket for the ioctl; owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is fresh and owned by nothing else.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain old data.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(ifname.as_bytes()) {
-        *d = *s as libc::c_char;
-    }
-    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
-    // SAFETY: SIOCETHTOOL reads the command from the buffer ifru_data points to, which lives
-    // until the call returns.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
     Ok(())
 }
 

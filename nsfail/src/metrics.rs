@@ -19,6 +19,7 @@
 //! | `nsfail_switchover_seconds` | histogram | |
 //! | `nsfail_encoder_healthy` | gauge (0/1) | encoder |
 //! | `nsfail_encoder_drained` | gauge (0/1) | encoder |
+//! | `nsfail_encoder_can_receive` | gauge (0/1) | encoder (local encoders, once checked) |
 //! | `nsfail_encoder_packets_total` | counter | encoder |
 //! | `nsfail_encoder_bytes_total` | counter | encoder |
 //! | `nsfail_encoder_replies_total` | counter | encoder |
@@ -333,6 +334,17 @@ impl Collector for SnapshotCollector {
                 .encoders
                 .iter()
                 .map(|e| (encoder_label(&e.name), flag(e.drained))),
+        )?;
+        family(
+            &mut encoder,
+            "encoder_can_receive",
+            "1 when the local encoder's interface takes XDP-redirected frames; 0 is a silent \
+             loss nsfail could not repair (the encoder is failed over).",
+            None,
+            status
+                .encoders
+                .iter()
+                .filter_map(|e| Some((encoder_label(&e.name), flag(e.can_receive?)))),
         )?;
         family(
             &mut encoder,
@@ -765,8 +777,11 @@ mod tests {
             local: true,
             healthy,
             drained,
+            can_receive: Some(!drained),
+            receive: Some("veth".into()),
             packets,
             bytes: packets * 1316,
+            redirect_failed: 1,
             replies: 7,
             drops: 3,
             active_for: Vec::new(),
@@ -858,6 +873,14 @@ mod tests {
         assert_eq!(
             value(&s, "nsfail_encoder_drained", &enc("enc-b")),
             Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_can_receive", &enc("enc-a")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "nsfail_encoder_can_receive", &enc("enc-b")),
+            Some(0.0)
         );
         assert_eq!(
             value(&s, "nsfail_encoder_packets_total", &enc("enc-b")),

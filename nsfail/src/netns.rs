@@ -9,6 +9,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, setns};
+use rtnetlink::Handle;
 
 use crate::paths;
 
@@ -58,6 +59,94 @@ pub fn in_netns<T: Send + 'static>(
     })
     .join()
     .map_err(|_| io::Error::other("namespace thread panicked"))?
+}
+
+/// Runs `f` with a netlink handle inside namespace `ns` (or this one), on a thread of its own
+/// with its own small runtime, so it works from any context, async or not.
+pub fn netlink<T: Send + 'static>(
+    ns: Option<&str>,
+    f: impl FnOnce(Handle) -> std::pin::Pin<Box<dyn Future<Output = io::Result<T>> + Send>>
+    + Send
+    + 'static,
+) -> io::Result<T> {
+    let target = ns.map(|n| File::open(paths::netns(n))).transpose()?;
+    netlink_at(target, f)
+}
+
+/// As [`netlink`], inside the namespace `target` is a handle of (or this one when `None`):
+/// a namespace without a name is reached through a process's `/proc/PID/ns/net`.
+pub fn netlink_at<T: Send + 'static>(
+    target: Option<File>,
+    f: impl FnOnce(Handle) -> std::pin::Pin<Box<dyn Future<Output = io::Result<T>> + Send>>
+    + Send
+    + 'static,
+) -> io::Result<T> {
+    std::thread::spawn(move || -> io::Result<T> {
+        if let Some(t) = target {
+            setns(t.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            let task = tokio::spawn(conn);
+            let out = f(handle).await;
+            task.abort();
+            out
+        })
+    })
+    .join()
+    .map_err(|_| io::Error::other("netlink thread panicked"))?
+}
+
+/// Turns generic receive offload on or off (the ETHTOOL_SGRO ioctl).
+pub fn set_gro(ifname: &str, on: bool) -> io::Result<()> {
+    const ETHTOOL_SGRO: u32 = 0x0000_002c;
+    ethtool_value(ifname, ETHTOOL_SGRO, u32::from(on)).map(drop)
+}
+
+/// One `struct ethtool_value` command (`cmd`, `data`) on `ifname`; returns `data` as the
+/// kernel left it.
+fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> io::Result<u32> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue { cmd, data };
+    // SAFETY: a plain socket for the ioctl; owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and owned by nothing else.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if ifname.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name too long: {ifname}"),
+        ));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(ifname.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: SIOCETHTOOL reads the command from the buffer ifru_data points to, which lives
+    // until the call returns.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value.data)
+}
+
+/// Whether generic receive offload is on (the ETHTOOL_GGRO ioctl).
+pub fn gro(ifname: &str) -> io::Result<bool> {
+    const ETHTOOL_GGRO: u32 = 0x0000_002b;
+    ethtool_value(ifname, ETHTOOL_GGRO, 0).map(|v| v != 0)
 }
 
 /// Per-destination ICMP error rate limit in an encoder namespace, in ms: one error per 10 ms
@@ -143,4 +232,16 @@ pub fn link_with_addr(ns: &str, addr: std::net::IpAddr) -> io::Result<Link> {
             })?;
         link(&ifname)
     })?
+}
+
+/// The name of interface `ifindex` in the calling thread's namespace.
+pub fn ifname_of(ifindex: u32) -> io::Result<String> {
+    nix::net::if_::if_indextoname(ifindex)
+        .map(|n| n.to_string_lossy().into_owned())
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("interface {ifindex}: {}", e.desc()),
+            )
+        })
 }

@@ -13,6 +13,8 @@ pub const NETNS_DIR: &str = "/run/netns";
 /// The persistent demo lab of `nsfail lab up`: its record, the daemon config it writes, the
 /// streams its encoders receive and its processes' logs.
 pub const LAB_DIR: &str = "/run/nsfail/lab";
+/// The running kernel's own type information.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Where the kernel shows processes.
 pub const PROC: &str = "/proc";
 
@@ -55,6 +57,11 @@ impl Pins {
     /// The XDP link on the ingest interface.
     pub fn xdp_link(&self, ifname: &str) -> PathBuf {
         self.links().join(format!("xdp_{ifname}"))
+    }
+
+    /// The link of one of the redirect tracepoints (`xdp_devmap_xmit`, `xdp_redirect_err`).
+    pub fn trace_link(&self, tracepoint: &str) -> PathBuf {
+        self.links().join(format!("trace_{tracepoint}"))
     }
 
     /// The TC link on an encoder's host-side veth.
@@ -119,4 +126,9 @@ pub fn proc_file(pid: u32, name: &str) -> PathBuf {
 /// A named network namespace's handle.
 pub fn netns(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
+}
+
+/// A process's network namespace handle.
+pub fn proc_netns(pid: u32) -> PathBuf {
+    proc_file(pid, "ns/net")
 }

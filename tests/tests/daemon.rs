@@ -43,8 +43,34 @@ fn check_reports_config_errors_with_their_line() {
     let good = dir.path.join("good.toml");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/nsfail.toml");
     fs::copy(example, &good).unwrap();
-    let out = cli(&socket, &["check", "--config", good.to_str().unwrap()]);
+    let out = cli(
+        &socket,
+        &["check", "--portable", "--config", good.to_str().unwrap()],
+    );
     assert_eq!(out.code, 0, "example config: {}", out.stderr);
+    // Checked against this host, which has none of the example's interfaces: the first one
+    // is named, with its line.
+    let out = cli(&socket, &["check", "--config", good.to_str().unwrap()]);
+    assert_eq!(out.code, 1, "example config on this host: {}", out.stdout);
+    let text = fs::read_to_string(example).unwrap();
+    let named: usize = out
+        .stderr
+        .split("good.toml:")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no line in {}", out.stderr));
+    assert!(
+        text.lines()
+            .nth(named - 1)
+            .unwrap()
+            .starts_with("interface = ")
+            && out
+                .stderr
+                .contains("does not exist in the ingest namespace"),
+        "names the line of a missing interface ({named}): {}",
+        out.stderr
+    );
 
     let bad = dir.path.join("bad.toml");
     let text = fs::read_to_string(example)
@@ -52,7 +78,10 @@ fn check_reports_config_errors_with_their_line() {
         .replacen("address", "adress", 1);
     let line = text.lines().position(|l| l.contains("adress")).unwrap() + 1;
     fs::write(&bad, text).unwrap();
-    let out = cli(&socket, &["check", "--config", bad.to_str().unwrap()]);
+    let out = cli(
+        &socket,
+        &["check", "--portable", "--config", bad.to_str().unwrap()],
+    );
     assert_eq!(out.code, 1);
     assert_eq!(
         out.stderr.trim().lines().count(),
