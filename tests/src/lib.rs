@@ -18,6 +18,7 @@ use nix::sched::{CloneFlags, setns};
 use nsfail::{Dataplane, paths::Pins};
 
 pub mod daemon;
+pub mod foreign;
 pub mod frames;
 pub mod srt;
 pub mod traffic;

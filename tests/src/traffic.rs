@@ -61,11 +61,17 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start(ns: &Netns, bind: SocketAddr) -> Self {
+        Self::start_at(&nsfail::paths::netns(&ns.name), bind)
+    }
+
+    /// [`Receiver::start`] in the namespace `netns` is a handle of (a named one's
+    /// `/run/netns/NAME`, or a process's `/proc/PID/ns/net`).
+    pub fn start_at(netns: &std::path::Path, bind: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new((BTreeSet::new(), 0u64)));
         let last = Arc::new(Mutex::new(None));
-        let target = File::open(nsfail::paths::netns(&ns.name)).expect("netns");
+        let target = File::open(netns).expect("netns");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = {
             let stop = stop.clone();
@@ -283,11 +289,20 @@ pub struct Echo {
 
 impl Echo {
     pub fn start(ns: &Netns, bind: SocketAddr) -> Self {
+        Self::start_at(&nsfail::paths::netns(&ns.name), bind)
+    }
+
+    /// [`Echo::start`] in the namespace `netns` is a handle of.
+    pub fn start_at(netns: &std::path::Path, bind: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let sock = ns
-            .run(move || UdpSocket::bind(bind))
-            .expect("enter namespace")
-            .expect("bind echo");
+        let target = File::open(netns).expect("netns");
+        let sock = thread::spawn(move || {
+            setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+            UdpSocket::bind(bind)
+        })
+        .join()
+        .expect("enter namespace")
+        .expect("bind echo");
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let handle = {
