@@ -458,6 +458,21 @@ impl Dataplane {
         Ok(attached)
     }
 
+    /// Attaches the redirect tracepoints (the count of refused redirects) if they are not.
+    /// Attached by [`Dataplane::open`]; this and [`Dataplane::detach_tracepoints`] exist so
+    /// that a benchmark can measure what counting costs.
+    pub fn attach_tracepoints(&self) -> Result<()> {
+        attach_tracepoints(&self.pins)
+    }
+
+    /// Detaches the redirect tracepoints: refused redirects are no longer counted.
+    pub fn detach_tracepoints(&self) -> Result<()> {
+        for (_, tracepoint) in TRACEPOINTS {
+            detach_pinned_link(&self.pins.trace_link(tracepoint))?;
+        }
+        Ok(())
+    }
+
     /// Whether the XDP link pinned for `ifname` is attached to the interface that has that
     /// name now (false when the interface is gone, or was re-created).
     pub fn ingest_attached(&self, ifname: &str) -> Result<bool> {
