@@ -717,6 +717,40 @@ impl Config {
             }
             encoder_problems(i, encoder, &mut out);
         }
+        // Every interface nsfail attaches to or makes is its own: two encoders on one veth
+        // (or a managed encoder's generated name, `nf-` + 10 characters of its name, meeting
+        // another's) would share one TC link and one DEVMAP slot, and removing one would
+        // take the other's veth.
+        let mut interfaces: HashMap<String, (Vec<Seg>, String)> = HashMap::new();
+        interfaces.insert(
+            self.ingest.interface.clone(),
+            (at!["ingest", "interface"], "the ingest interface".into()),
+        );
+        for (i, encoder) in self.encoders.iter().enumerate() {
+            let Some(ifname) = encoder.host_interface() else {
+                continue;
+            };
+            let here = if encoder.interface.is_some() {
+                at!["encoder", i, "interface"]
+            } else {
+                at!["encoder", i, "name"]
+            };
+            match interfaces.get(&ifname) {
+                Some((first, owner)) => out.push(
+                    Problem::new(
+                        here,
+                        format!(
+                            "encoder {:?}'s interface {ifname:?} is already {owner}",
+                            encoder.name
+                        ),
+                    )
+                    .first(first.clone()),
+                ),
+                None => {
+                    interfaces.insert(ifname, (here, format!("encoder {:?}'s", encoder.name)));
+                }
+            }
+        }
         let mut channel_names = HashMap::new();
         let mut listens = HashMap::new();
         // (encoder address, encoder-side port) -> (channel index, encoder): the key the return

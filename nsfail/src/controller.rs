@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use nsfail_common::drop_reason;
 use serde::{Deserialize, Serialize};
 
@@ -149,7 +149,16 @@ pub struct Controller {
     ingest_lost: Option<String>,
     /// Per local encoder: why re-attaching to its re-created interface failed, while it fails.
     relink_failed: BTreeMap<String, String>,
+    /// Decisions whose map write failed, retried every tick.
+    unapplied: Vec<Decision>,
+    /// Why the state file could not be written, while it cannot.
+    persist_failed: Option<String>,
+    /// When persisting was last retried.
+    persist_tried: Option<Instant>,
 }
+
+/// How often a state file that could not be written is tried again.
+const PERSIST_RETRY: Duration = Duration::from_secs(1);
 
 /// How often the input-loss watch reads the channels' counters.
 const INPUT_WATCH_EVERY: Duration = Duration::from_millis(100);
@@ -201,11 +210,25 @@ impl Controller {
     /// encoder they are on (if still valid), so a restart moves nothing.
     pub fn start(base: Config, config_path: &Path, dp: Dataplane) -> Result<Self> {
         let state_path = state_path(config_path);
+        // A state file that cannot be read back, or whose changes no longer fit the config
+        // file, is moved aside: the daemon starts from the config, and says so.
+        let mut set_aside = None;
         let delta = match fs::read_to_string(&state_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| ControlError::State {
-                path: state_path.display().to_string(),
-                why: e.to_string(),
-            })?,
+            Ok(text) => match serde_json::from_str::<Delta>(&text)
+                .map_err(|e| format!("not a state file: {e}"))
+                .and_then(|d| match d.apply(&base).validate() {
+                    Ok(()) => Ok(d),
+                    Err(e) => Err(format!("its changes no longer fit the config file: {e}")),
+                }) {
+                Ok(d) => d,
+                Err(why) => {
+                    set_aside = Some(set_aside_state(&state_path, &why)?);
+                    Delta {
+                        v: 1,
+                        ..Default::default()
+                    }
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Delta {
                 v: 1,
                 ..Default::default()
@@ -218,10 +241,6 @@ impl Controller {
             }
         };
         let effective = delta.apply(&base);
-        effective.validate().map_err(|e| ControlError::State {
-            path: state_path.display().to_string(),
-            why: format!("runtime changes no longer fit the config file: {e}"),
-        })?;
         let mut c = Self {
             base,
             delta,
@@ -241,7 +260,14 @@ impl Controller {
             probed: BTreeMap::new(),
             ingest_lost: None,
             relink_failed: BTreeMap::new(),
+            unapplied: Vec::new(),
+            persist_failed: None,
+            persist_tried: None,
         };
+        if let Some(reason) = set_aside {
+            warn!("{reason}");
+            c.event(None, None, None, &reason);
+        }
         for name in c.delta.drained.clone() {
             c.decider.restore_drained(&name);
         }
@@ -396,11 +422,83 @@ impl Controller {
             .decider
             .remap(channel, encoder, Instant::now())
             .ok_or_else(|| ControlError::UnknownChannel(channel.to_owned()))?;
-        self.apply(decision)
+        self.apply_all(vec![decision]);
+        Ok(())
     }
 
-    /// Carries a decision out: one map write, the persisted state, the event. A decision
-    /// without a target (no healthy backup) is only recorded.
+    /// Carries out a batch of decisions: every map write first, each tried whatever the
+    /// others do, then the state persisted once. A map write that fails is retried by
+    /// [`Controller::tick`] and raises a critical event; so does a persist that fails. A
+    /// failover that has started finishes for every channel.
+    fn apply_all(&mut self, decisions: Vec<Decision>) {
+        if decisions.is_empty() {
+            return;
+        }
+        for d in decisions {
+            if let Err(e) = self.apply(d.clone()) {
+                let reason = format!("repointing failed (critical), retrying: {e}");
+                warn!("channel {}: {reason}", d.channel);
+                self.event(
+                    Some(&d.channel),
+                    Some(d.from.clone()),
+                    d.to.clone(),
+                    &reason,
+                );
+                self.unapplied.retain(|u| u.channel != d.channel);
+                self.unapplied.push(d);
+            }
+        }
+        self.persist_or_report();
+    }
+
+    /// Retries the decisions whose map write failed (the newest for each channel).
+    fn retry_unapplied(&mut self) {
+        for d in std::mem::take(&mut self.unapplied) {
+            // A channel removed since, or moved by a later decision, needs nothing.
+            if self.decider.active(&d.channel) != d.to.as_deref() {
+                continue;
+            }
+            if let Err(e) = self.apply(d.clone()) {
+                debug!("channel {}: repointing still fails: {e}", d.channel);
+                self.unapplied.push(d);
+            } else {
+                self.event(
+                    Some(&d.channel),
+                    None,
+                    d.to.clone(),
+                    "repointed after a retry",
+                );
+                self.persist_or_report();
+            }
+        }
+    }
+
+    /// Persists the state; a failure (a read-only or full disk) is a critical event, once per
+    /// cause, and is retried by [`Controller::tick`] until it works.
+    fn persist_or_report(&mut self) {
+        match self.persist() {
+            Ok(()) => {
+                if self.persist_failed.take().is_some() {
+                    self.event(None, None, None, "runtime state persisted again");
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if self.persist_failed.as_ref() != Some(&why) {
+                    let reason = format!(
+                        "persisting runtime state failed (critical), retrying; a restart now \
+                         would lose the last changes: {why}"
+                    );
+                    warn!("{reason}");
+                    self.event(None, None, None, &reason);
+                    self.persist_failed = Some(why);
+                }
+            }
+        }
+    }
+
+    /// Carries one decision out: the map write, the event. A decision without a target (no
+    /// healthy backup) is only recorded. The caller persists.
     fn apply(&mut self, d: Decision) -> Result<()> {
         let Some(to) = d.to.clone() else {
             self.event(Some(&d.channel), Some(d.from), None, d.reason.as_str());
@@ -415,7 +513,6 @@ impl Controller {
         let reconnects =
             (ch.protocol == config::Protocol::Srt && d.from != to).then(|| self.srt_reconnect(&ch));
         self.delta.active.insert(d.channel.clone(), to.clone());
-        self.persist()?;
         self.record(Event {
             time: rfc3339(SystemTime::now()),
             channel: Some(d.channel.clone()),
@@ -510,10 +607,11 @@ impl Controller {
                 ))
             })?;
         self.delta.drained.insert(encoder.to_owned());
-        self.persist()?;
         self.event(None, Some(encoder.to_owned()), None, "drained");
-        for d in decisions {
-            self.apply(d)?;
+        let moved_none = decisions.is_empty();
+        self.apply_all(decisions);
+        if moved_none {
+            self.persist_or_report();
         }
         Ok(())
     }
@@ -524,8 +622,8 @@ impl Controller {
         }
         if self.decider.undrain(encoder) {
             self.delta.drained.remove(encoder);
-            self.persist()?;
             self.event(None, None, Some(encoder.to_owned()), "undrained");
+            self.persist_or_report();
         }
         Ok(())
     }
@@ -556,9 +654,8 @@ impl Controller {
         if self.decider.healthy(encoder) == healthy {
             return Ok(());
         }
-        for d in self.decider.set_health(encoder, healthy, Instant::now()) {
-            self.apply(d)?;
-        }
+        let decisions = self.decider.set_health(encoder, healthy, Instant::now());
+        self.apply_all(decisions);
         Ok(())
     }
 
@@ -685,8 +782,16 @@ impl Controller {
     /// the channels moved and the switchovers measured since the last call.
     pub fn tick(&mut self) -> Result<TickReport> {
         let now = Instant::now();
-        for d in self.decider.tick(now) {
-            self.apply(d)?;
+        let decisions = self.decider.tick(now);
+        self.apply_all(decisions);
+        self.retry_unapplied();
+        if self.persist_failed.is_some()
+            && self
+                .persist_tried
+                .is_none_or(|t| now.duration_since(t) >= PERSIST_RETRY)
+        {
+            self.persist_tried = Some(now);
+            self.persist_or_report();
         }
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
         // map read per channel on every tick.
@@ -820,7 +925,10 @@ impl Controller {
             return Err(e);
         }
         self.generation += 1;
-        self.persist()
+        // The change is made: a state file that cannot be written is reported (and retried),
+        // not presented as a refusal of what is already in the data plane.
+        self.persist_or_report();
+        Ok(())
     }
 
     pub fn add_channel(&mut self, ch: config::Channel) -> Result<()> {
@@ -1010,7 +1118,7 @@ impl Controller {
         };
         let tmp = self.state_path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(&self.delta).expect("delta serializes");
-        let mut f = fs::File::create(&tmp).map_err(err)?;
+        let mut f = private_file(&tmp, false).map_err(err)?;
         f.write_all(text.as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)?;
         fs::rename(&tmp, &self.state_path).map_err(err)
@@ -1096,11 +1204,40 @@ fn send_srt_shutdowns(from: SocketAddr, callers: &[(SocketAddr, u32)]) -> std::i
     Ok(())
 }
 
-fn append_line<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let mut f = fs::OpenOptions::new()
+/// Moves an unusable state file aside (`<file>.bad-<unix seconds>`); returns the event's
+/// reason.
+fn set_aside_state(path: &Path, why: &str) -> Result<String> {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = path.with_extension(format!("json.bad-{secs}"));
+    fs::rename(path, &aside).map_err(|e| ControlError::State {
+        path: path.display().to_string(),
+        why: format!("{why}; moving it aside failed: {e}"),
+    })?;
+    Ok(format!(
+        "state file {} unusable (critical), moved to {}; started from the config file: {why}",
+        path.display(),
+        aside.display()
+    ))
+}
+
+/// Opens a file nsfail writes (state, events) readable by root only: spawn arguments can
+/// hold an SRT passphrase.
+fn private_file(path: &Path, append: bool) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
         .create(true)
-        .append(true)
-        .open(path)?;
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .mode(0o600)
+        .open(path)
+}
+
+fn append_line<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let mut f = private_file(path, true)?;
     let mut line = serde_json::to_vec(value)?;
     line.push(b'\n');
     f.write_all(&line)

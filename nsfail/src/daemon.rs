@@ -5,7 +5,10 @@
 use std::{
     collections::BTreeMap,
     fs,
-    os::{fd::AsFd, unix::fs::PermissionsExt},
+    os::{
+        fd::AsFd,
+        unix::fs::{OpenOptionsExt as _, PermissionsExt},
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -45,6 +48,9 @@ pub struct Options {
 /// config names an ingest namespace, the whole process moves into it first.
 pub fn run(opts: Options) -> Result<()> {
     let cfg = Config::load_for_host(&opts.config)?;
+    // Before anything is loaded, adopted or changed: a second daemon on the same data plane
+    // would reconcile it to its own config, under the first one's feet.
+    let _lock = lock_pins(&opts.pins, &opts.socket)?;
     if let Some(ns) = &cfg.ingest.netns {
         let f = fs::File::open(paths::netns(ns))
             .with_context(|| format!("ingest network namespace {ns}"))?;
@@ -70,6 +76,53 @@ pub fn run(opts: Options) -> Result<()> {
         .enable_all()
         .build()?
         .block_on(serve(ctl, &opts.socket))
+}
+
+/// Takes the pin directory's lock (held until the process exits) and writes this daemon's
+/// PID and socket into it; refuses, naming the daemon that holds it, when another one does.
+fn lock_pins(pins: &Pins, socket: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = pins.lock_file();
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            // What the holder wrote; a read error leaves the message without it.
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            bail!(
+                "another nsfail daemon serves the data plane at {} ({}); nothing was changed",
+                pins.root().display(),
+                if holder.is_empty() {
+                    format!("it holds {}", path.display())
+                } else {
+                    holder.to_owned()
+                }
+            );
+        }
+        Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+    };
+    lock.set_len(0)?;
+    lock.rewind()?;
+    writeln!(
+        lock,
+        "pid {}, socket {}",
+        std::process::id(),
+        socket.display()
+    )?;
+    Ok(lock)
 }
 
 /// How often the controller's periodic work runs (failback, input loss, switchover
@@ -458,8 +511,11 @@ impl FlowChecks {
 /// Binds the socket (mode 0600). A socket file nobody answers on is stale and replaced; one
 /// that answers belongs to a running daemon, and this one refuses to start.
 async fn bind(socket: &Path) -> Result<UnixListener> {
-    if let Some(dir) = socket.parent() {
+    if let Some(dir) = socket.parent()
+        && !dir.exists()
+    {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     if socket.exists() {
         if UnixStream::connect(socket).await.is_ok() {
@@ -467,8 +523,11 @@ async fn bind(socket: &Path) -> Result<UnixListener> {
         }
         fs::remove_file(socket).with_context(|| format!("removing stale {}", socket.display()))?;
     }
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    // Created 0600: there is no moment at which another user could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let bound = UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = bound.with_context(|| format!("binding {}", socket.display()))?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

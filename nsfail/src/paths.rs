@@ -15,6 +15,8 @@ pub const NETNS_DIR: &str = "/run/netns";
 pub const LAB_DIR: &str = "/run/nsfail/lab";
 /// The running kernel's own type information.
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Where a daemon's lock on its pin directory is kept (bpffs holds no regular files).
+pub const LOCK_DIR: &str = "/run/nsfail/locks";
 /// Where the kernel shows processes.
 pub const PROC: &str = "/proc";
 
@@ -57,6 +59,19 @@ impl Pins {
     /// The XDP link on the ingest interface.
     pub fn xdp_link(&self, ifname: &str) -> PathBuf {
         self.links().join(format!("xdp_{ifname}"))
+    }
+
+    /// The file a daemon holds an exclusive lock on while it serves this pin directory, with
+    /// its PID and socket inside: `/run/nsfail/locks/<pin dir, '/' as '_'>.lock`.
+    pub fn lock_file(&self) -> PathBuf {
+        let tail = self
+            .root
+            .strip_prefix(BPFFS)
+            .unwrap_or(&self.root)
+            .to_string_lossy()
+            .trim_matches('/')
+            .replace('/', "_");
+        Path::new(LOCK_DIR).join(format!("{tail}.lock"))
     }
 
     /// The link of one of the redirect tracepoints (`xdp_devmap_xmit`, `xdp_redirect_err`).

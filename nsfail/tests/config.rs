@@ -1181,3 +1181,45 @@ fn managed_encoders_need_room_on_their_link() {
     assert_eq!(enc.namespace().as_deref(), Some("nsf-enc-c"));
     assert_eq!(enc.link_prefix(), 30);
 }
+
+/// Two encoders on one interface, or a managed encoder's generated interface (`nf-` and ten
+/// characters of its name) meeting another's, would share one TC link and one DEVMAP slot.
+#[test]
+fn interface_names_are_unique() {
+    let managed = |name: &str, addr: &str| {
+        format!(
+            "\n[[encoder]]\nname = \"{name}\"\naddress = \"{addr}\"\n\
+             spawn = {{ command = \"true\" }}\nhealth = {{ kind = \"flow\" }}\n"
+        )
+    };
+    // enc-camera-1 and enc-camera-2 both make `nf-enc-camera`.
+    let text = base_with(
+        &(managed("enc-camera-1", "10.200.5.2") + &managed("enc-camera-2", "10.200.6.2")),
+    );
+    let line = text
+        .lines()
+        .position(|l| l.contains("enc-camera-2"))
+        .unwrap()
+        + 1;
+    assert_refused(
+        &text,
+        &format!("t.toml:{line}:"),
+        "\"nf-enc-camera\" is already encoder \"enc-camera-1\"'s",
+    );
+    let first = text
+        .lines()
+        .position(|l| l.contains("enc-camera-1"))
+        .unwrap()
+        + 1;
+    assert!(error(&text).contains(&format!("(first at line {first})")));
+
+    // A local encoder on the ingest interface.
+    let text = with_encoder(
+        "address = \"10.200.3.2\"\ninterface = \"eth0\"\nnetns = \"x\"\nhealth = { kind = \"flow\" }",
+    );
+    assert!(
+        error(&text).contains("is already the ingest interface"),
+        "{}",
+        error(&text)
+    );
+}
