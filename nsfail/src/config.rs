@@ -25,16 +25,18 @@
 use std::{
     collections::HashMap,
     fmt, fs, io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
-    ops::{Range, RangeInclusive},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    ops::Range,
     path::Path,
-    str::FromStr,
 };
 
 use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
 use toml::de::{DeTable, DeValue};
 
-use crate::dataplane::XdpModeSetting;
+pub use crate::dataplane::{
+    XdpMode,
+    policy::{AllowProto, AllowRule, AllowRuleError},
+};
 
 /// A key path, e.g. `at!["channel", 2, "encoders", 0]`.
 macro_rules! at {
@@ -82,17 +84,6 @@ pub struct Ingest {
     /// lab's ingest host): the daemon moves into it before anything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
-}
-
-/// `ingest.xdp_mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    #[default]
-    Native,
-    Generic,
-    /// Native if the driver supports it, otherwise generic (and say so).
-    Auto,
 }
 
 /// `[[encoder]]`: a receiver of channels.
@@ -265,7 +256,6 @@ macro_rules! toml_names {
     };
 }
 
-toml_names!(XdpMode { Native => "native", Generic => "generic", Auto => "auto" });
 toml_names!(HealthKind {
     Udp => "udp",
     Tcp => "tcp",
@@ -275,16 +265,6 @@ toml_names!(HealthKind {
 });
 toml_names!(Failback { Manual => "manual", Auto => "auto" });
 toml_names!(Protocol { Udp => "udp", Srt => "srt" });
-
-impl From<XdpMode> for XdpModeSetting {
-    fn from(mode: XdpMode) -> Self {
-        match mode {
-            XdpMode::Native => Self::Native,
-            XdpMode::Generic => Self::Generic,
-            XdpMode::Auto => Self::Auto,
-        }
-    }
-}
 
 impl Encoder {
     /// Local encoders sit behind a veth of this host; remote ones are reached through the
@@ -334,157 +314,6 @@ impl Channel {
     pub fn encoder_port(&self) -> u16 {
         self.port.unwrap_or(self.listen.port())
     }
-}
-
-/// One entry of an encoder's allow-list: `NETWORK[/PREFIX][:PORT[-PORT]]/PROTO`.
-///
-/// Examples: `10.200.9.1:443/tcp`, `10.0.0.0/8:1000-2000/udp`, `10.1.1.1/icmp`,
-/// `[fd00::/64]:53/udp`, `fd00::1/icmp`. IPv6 with ports needs brackets; `icmp` takes no ports
-/// (and means ICMPv6 for an IPv6 network).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllowRule {
-    pub network: IpAddr,
-    pub prefix_len: u8,
-    /// First and last destination port; `None` is every port.
-    pub ports: Option<RangeInclusive<u16>>,
-    pub proto: AllowProto,
-}
-
-/// Protocol of an [`AllowRule`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AllowProto {
-    Udp,
-    Tcp,
-    Icmp,
-}
-
-/// Why an allow rule does not parse.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid allow rule {rule:?}: {why}")]
-pub struct AllowRuleError {
-    pub rule: String,
-    pub why: String,
-}
-
-impl FromStr for AllowRule {
-    type Err = AllowRuleError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        parse_allow(text).map_err(|why| AllowRuleError {
-            rule: text.to_owned(),
-            why,
-        })
-    }
-}
-
-fn parse_allow(text: &str) -> Result<AllowRule, String> {
-    const SHAPE: &str = "expected NETWORK[/PREFIX][:PORT[-PORT]]/PROTO, e.g. \"10.0.0.1:443/tcp\"";
-    let (target, proto) = text
-        .rsplit_once('/')
-        .ok_or_else(|| format!("no protocol; {SHAPE}"))?;
-    let proto = match proto {
-        "udp" => AllowProto::Udp,
-        "tcp" => AllowProto::Tcp,
-        "icmp" => AllowProto::Icmp,
-        other => {
-            return Err(format!(
-                "unknown protocol {other:?} (udp, tcp or icmp); {SHAPE}"
-            ));
-        }
-    };
-    let (cidr, ports) = if let Some(rest) = target.strip_prefix('[') {
-        let (cidr, after) = rest
-            .split_once(']')
-            .ok_or_else(|| "missing ']'".to_owned())?;
-        match after {
-            "" => (cidr, None),
-            _ => {
-                let ports = after
-                    .strip_prefix(':')
-                    .ok_or_else(|| format!("unexpected {after:?} after ']'"))?;
-                (cidr, Some(ports))
-            }
-        }
-    } else if target.matches(':').count() == 1 {
-        let (cidr, ports) = target.split_once(':').expect("one colon");
-        (cidr, Some(ports))
-    } else {
-        // No colon: IPv4 without ports. Several: IPv6 without ports (ports need brackets).
-        (target, None)
-    };
-    let (network, prefix_len) = parse_cidr(cidr)?;
-    let ports = ports.map(parse_ports).transpose()?;
-    if proto == AllowProto::Icmp && ports.is_some() {
-        return Err("icmp has no ports".into());
-    }
-    Ok(AllowRule {
-        network,
-        prefix_len,
-        ports,
-        proto,
-    })
-}
-
-fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, len) = match text.split_once('/') {
-        Some((addr, len)) => (addr, Some(len)),
-        None => (text, None),
-    };
-    let network: IpAddr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not an IP address"))?;
-    let max = if network.is_ipv4() { 32 } else { 128 };
-    let prefix_len = match len {
-        None => max,
-        Some(len) => {
-            let len: u8 = len
-                .parse()
-                .map_err(|_| format!("prefix length {len:?} is not a number"))?;
-            if len > max {
-                return Err(format!("prefix length {len} is longer than {max}"));
-            }
-            len
-        }
-    };
-    let (bits, width) = match network {
-        IpAddr::V4(a) => (u128::from(u32::from(a)), 32u32),
-        IpAddr::V6(a) => (u128::from(a), 128u32),
-    };
-    let host_bits = width - u32::from(prefix_len);
-    let host_mask = if host_bits == 0 {
-        0
-    } else {
-        u128::MAX >> (128 - host_bits)
-    };
-    if bits & host_mask != 0 {
-        let net = bits & !host_mask;
-        let net = match network {
-            IpAddr::V4(_) => IpAddr::from(Ipv4Addr::from(net as u32)),
-            IpAddr::V6(_) => IpAddr::from(Ipv6Addr::from(net)),
-        };
-        return Err(format!(
-            "{text} has bits set after the prefix (did you mean {net}/{prefix_len}?)"
-        ));
-    }
-    Ok((network, prefix_len))
-}
-
-fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
-    let port = |p: &str| -> Result<u16, String> {
-        match p.parse::<u16>() {
-            Ok(0) => Err("port 0 is not a valid port".into()),
-            Ok(p) => Ok(p),
-            Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
-        }
-    };
-    let (first, last) = match text.split_once('-') {
-        Some((a, b)) => (port(a)?, port(b)?),
-        None => (port(text)?, port(text)?),
-    };
-    if first > last {
-        return Err(format!("port range {first}-{last} is reversed"));
-    }
-    Ok(first..=last)
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (either case).

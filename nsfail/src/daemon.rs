@@ -31,7 +31,7 @@ use crate::{
     Dataplane,
     api::{self, Command, Request, Response},
     config::{self, Config, Health, HealthKind},
-    controller::{self, Controller},
+    control::{self, Controller},
     health::{self, Counter, HealthUpdate},
     managed,
     metrics::{self, Metrics},
@@ -59,7 +59,7 @@ pub fn run(opts: Options) -> Result<()> {
         info!("running in network namespace {ns}");
     }
     let mut dp = Dataplane::open(opts.pins.clone())?;
-    dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode.into())?;
+    dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
     let adopted = dp.adopted();
     let ctl = Controller::start(cfg, &opts.config, dp)?;
     info!(
@@ -496,7 +496,7 @@ impl FlowChecks {
             let idle_ns = c
                 .dataplane()
                 .encoder_stats(name)
-                .map(|s| controller::monotonic_ns().saturating_sub(s.tx.last_seen_ns))
+                .map(|s| control::monotonic_ns().saturating_sub(s.tx.last_seen_ns))
                 .unwrap_or(u64::MAX);
             let ok = idle_ns < window.as_nanos() as u64;
             if let Some(healthy) = counter.record(ok)
@@ -574,7 +574,7 @@ async fn handle(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> Result<()> {
 
 fn execute(ctl: &Mutex<Controller>, command: Command) -> Response {
     let mut c = lock(ctl);
-    let done = |r: Result<(), crate::controller::ControlError>| match r {
+    let done = |r: Result<(), crate::control::ControlError>| match r {
         Ok(()) => Response::ok(()),
         Err(e) => Response::error(e.to_string()),
     };

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use crate::{
-    Dataplane, EncoderLink, EncoderSpec, XdpModeSetting,
+    Dataplane, EncoderLink, EncoderSpec, XdpMode,
     lab::{INGEST_IF, INGEST4, Lab, Netns, SRC4},
     netns,
     paths::{self, Pins},
@@ -98,7 +98,7 @@ fn demo(lab: &Lab, pins: &Pins, seconds: u64) -> Result<()> {
     let pins2 = pins.clone();
     let mut dp = netns::in_netns(&lab.rt.name, move || -> Result<Dataplane> {
         let mut dp = Dataplane::open(pins2)?;
-        dp.attach_ingest(INGEST_IF, XdpModeSetting::Native)?;
+        dp.attach_ingest(INGEST_IF, XdpMode::Native)?;
         for spec in &specs {
             dp.upsert_encoder(spec)?;
         }

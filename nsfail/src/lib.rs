@@ -7,13 +7,11 @@
 
 pub mod api;
 pub mod bench_object;
-pub mod btf;
 pub mod cli;
 pub mod config;
-pub mod controller;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod decision;
 pub mod demo;
 pub mod health;
 pub mod lab;
@@ -24,4 +22,4 @@ pub mod netns;
 pub mod paths;
 pub mod receive;
 
-pub use dataplane::{Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpModeSetting};
+pub use dataplane::{Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpMode};

@@ -6,12 +6,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nsfail::{
-    XdpModeSetting,
-    config::{
-        AllowProto, AllowRule, Channel, Config, ConfigError, Encoder, Failback, Health, HealthKind,
-        Location, Protocol, XdpMode,
-    },
+use nsfail::config::{
+    AllowProto, AllowRule, Channel, Config, ConfigError, Encoder, Failback, Health, HealthKind,
+    Location, Protocol, XdpMode,
 };
 
 fn example_path() -> PathBuf {
@@ -302,15 +299,10 @@ fn a_config_built_in_code_is_validated_without_a_location() {
 
 #[test]
 fn xdp_mode_maps_to_the_dataplane_setting() {
-    assert_eq!(
-        XdpModeSetting::from(XdpMode::Native),
-        XdpModeSetting::Native
-    );
-    assert_eq!(
-        XdpModeSetting::from(XdpMode::Generic),
-        XdpModeSetting::Generic
-    );
-    assert_eq!(XdpModeSetting::from(XdpMode::Auto), XdpModeSetting::Auto);
+    // There is one XdpMode, the data plane's: the config's value is what attach takes.
+    let config = example();
+    let mode: nsfail::dataplane::XdpMode = config.ingest.xdp_mode;
+    assert_eq!(mode, nsfail::XdpMode::Native);
     assert_eq!(XdpMode::Generic.to_string(), "generic");
     assert_eq!(HealthKind::Exec.as_str(), "exec");
 }

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nsfail::{
-    Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpModeSetting,
+    Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpMode,
     lab::{INGEST_IF, INGEST4, Lab, SRC4},
 };
 use nsfail_tests::{
@@ -29,7 +29,7 @@ fn spec(lab: &Lab, i: usize, name: &str) -> EncoderSpec {
 
 fn setup(lab: &Lab, pins: &PinDir) -> Dataplane {
     let mut dp = pins.open();
-    dp.attach_ingest(INGEST_IF, XdpModeSetting::Native).unwrap();
+    dp.attach_ingest(INGEST_IF, XdpMode::Native).unwrap();
     dp.upsert_encoder(&spec(lab, 0, "ea")).unwrap();
     dp.upsert_encoder(&spec(lab, 1, "eb")).unwrap();
     dp.set_channel(sa("10.77.0.1:5000"), 7000, "ea", &["ea", "eb"], false)

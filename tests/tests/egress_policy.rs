@@ -21,7 +21,7 @@ use std::{
 
 use aya::programs::links::{FdLink, PinnedLink};
 use nsfail::{
-    Dataplane, EncoderLink, EncoderSpec, XdpModeSetting,
+    Dataplane, EncoderLink, EncoderSpec, XdpMode,
     config::{AllowProto, AllowRule},
     dataplane::{EgressPolicy, HealthAnswers},
     lab::{INGEST_IF, INGEST4, Lab, SRC4},
@@ -63,7 +63,7 @@ impl Setup {
         let entered = Entered::new(&lab.rt);
         let pins = PinDir::new();
         let mut dp = pins.open();
-        dp.attach_ingest(INGEST_IF, XdpModeSetting::Native).unwrap();
+        dp.attach_ingest(INGEST_IF, XdpMode::Native).unwrap();
         let a = &lab.encoders[0];
         dp.upsert_encoder(&EncoderSpec {
             name: ENCODER.into(),

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nsfail::{EncoderLink, EncoderSpec, XdpModeSetting, netns};
+use nsfail::{EncoderLink, EncoderSpec, XdpMode, netns};
 use nsfail_common::{drop_reason, xdp_reason};
 use nsfail_tests::{
     Entered, Netns, PinDir,
@@ -298,7 +298,7 @@ fn refused_redirects_are_counted_and_never_forwarded() {
     let dp = {
         let _in = Entered::new(&w.rt);
         let mut dp = pins.open();
-        dp.attach_ingest("ing", XdpModeSetting::Native).unwrap();
+        dp.attach_ingest("ing", XdpMode::Native).unwrap();
         dp.upsert_encoder(&EncoderSpec {
             name: "ea".into(),
             addr: enc.addr.parse().unwrap(),

@@ -14,7 +14,7 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
 };
 use nsfail::{
-    Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpModeSetting,
+    Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpMode,
     config::{AllowProto, AllowRule},
     dataplane::{EgressPolicy, HealthAnswers},
     netns,
@@ -93,8 +93,7 @@ impl Fixture {
         let entered = Entered::new(&ns);
         let pins = PinDir::new();
         let mut dp = pins.open();
-        dp.attach_ingest("ing", XdpModeSetting::Native)
-            .expect("attach");
+        dp.attach_ingest("ing", XdpMode::Native).expect("attach");
         let ingest = netns::link("ing").unwrap();
         let enc4 = (netns::link("ve4").unwrap(), netns::link("ve4p").unwrap());
         let enc6 = (netns::link("ve6").unwrap(), netns::link("ve6p").unwrap());
@@ -1387,7 +1386,7 @@ fn links_are_detached_while_another_process_holds_them() {
     Dataplane::teardown(&fx.pins.pins).unwrap();
     let again = PinDir::new();
     let mut dp = again.open();
-    dp.attach_ingest("ing", XdpModeSetting::Native)
+    dp.attach_ingest("ing", XdpMode::Native)
         .expect("the ingest NIC takes a new XDP link after teardown");
     drop(held_xdp);
 }

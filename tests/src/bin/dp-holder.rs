@@ -9,7 +9,7 @@
 use std::{io::Write, thread, time::Duration};
 
 use anyhow::{Context, bail};
-use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpModeSetting, paths::Pins};
+use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpMode, paths::Pins};
 
 fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
     let bytes: Vec<u8> = s
@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         bail!("usage: dp-holder PIN_DIR INGEST_IF [encoder ...] [channel ...]");
     };
     let mut dp = Dataplane::open(Pins::new(pin_dir))?;
-    dp.attach_ingest(ingest, XdpModeSetting::Native)?;
+    dp.attach_ingest(ingest, XdpMode::Native)?;
     let mut rest = rest;
     while let Some((word, tail)) = rest.split_first() {
         match (word.as_str(), tail) {

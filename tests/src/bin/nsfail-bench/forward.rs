@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpModeSetting, lab::Netns};
+use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpMode, lab::Netns};
 use nsfail_common::xdp_reason;
 use nsfail_tests::{Entered, PinDir, frames::Frame};
 
@@ -119,7 +119,7 @@ impl Lab {
                 let _in = Entered::new(&lab.rt);
                 let pins = PinDir::new();
                 let mut dp = Dataplane::open(pins.pins.clone())?;
-                dp.attach_ingest("g1", XdpModeSetting::Native)?;
+                dp.attach_ingest("g1", XdpMode::Native)?;
                 dp.upsert_encoder(&EncoderSpec {
                     name: "enc".into(),
                     addr: (*ENCODER.ip()).into(),

@@ -3,7 +3,7 @@
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use nsfail::{Dataplane, XdpModeSetting};
+use nsfail::{Dataplane, XdpMode};
 use nsfail_common::xdp_reason;
 use nsfail_tests::{Entered, PinDir};
 
@@ -44,7 +44,7 @@ pub fn run(reps: usize) -> Result<Report> {
     let entered = Entered::new(&ns);
     let pins = PinDir::new();
     let mut dp = Dataplane::open(pins.pins.clone()).context("opening a data plane")?;
-    dp.attach_ingest("ing", XdpModeSetting::Native)?;
+    dp.attach_ingest("ing", XdpMode::Native)?;
     // Two channels forwarding to each other: every run is a complete hit.
     chain::build(&mut dp, &pins.pins, "enc", encp.mac, 2)?;
     let mut obj = BenchObject::load()?;

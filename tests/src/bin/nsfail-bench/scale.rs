@@ -13,9 +13,7 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{TestRun, TestRunOptions},
 };
-use nsfail::{
-    Dataplane, EncoderLink, EncoderSpec, XdpModeSetting, dataplane::endpoint, lab::Netns,
-};
+use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpMode, dataplane::endpoint, lab::Netns};
 use nsfail_common::{ChannelTarget, Endpoint, xdp_reason};
 use nsfail_tests::{Entered, PinDir, frames::Frame};
 use rand::Rng as _;
@@ -265,7 +263,7 @@ pub fn run(reps: usize) -> Result<Report> {
 fn plane(ns: &Netns, k: usize, n: usize) -> Result<Plane> {
     let pins = PinDir::new();
     let mut dp = Dataplane::open(pins.pins.clone()).context("opening a data plane")?;
-    dp.attach_ingest(&format!("i{k}"), XdpModeSetting::Native)?;
+    dp.attach_ingest(&format!("i{k}"), XdpMode::Native)?;
     chain::build(
         &mut dp,
         &pins.pins,
@@ -297,7 +295,7 @@ fn plane(ns: &Netns, k: usize, n: usize) -> Result<Plane> {
         false,
     )?;
     // The same program on a second ingest veth, for live forwarding on the router core.
-    dp.attach_ingest(&format!("j{k}"), XdpModeSetting::Native)?;
+    dp.attach_ingest(&format!("j{k}"), XdpMode::Native)?;
     let napi = sys::threaded_napi(ns, &format!("j{k}"), sys::ROUTER_CPU)?;
     let mut sink_chain = BenchObject::load()?;
     sink_chain.attach(object::SINK, sys::link(ns, &format!("p{k}"))?.ifindex)?;

@@ -1,0 +1,82 @@
+//! Events: every decision and observation, logged, kept in a ring and appended to the
+//! events file; the clocks they are stamped with.
+
+use super::*;
+
+impl Controller {
+    pub fn events(&self) -> Vec<Event> {
+        self.events.iter().cloned().collect()
+    }
+
+    /// Records an event: logged, kept in the ring, appended to the events file.
+    pub(super) fn event(
+        &mut self,
+        channel: Option<&str>,
+        from: Option<String>,
+        to: Option<String>,
+        reason: &str,
+    ) {
+        self.record(Event {
+            time: rfc3339(SystemTime::now()),
+            channel: channel.map(str::to_owned),
+            from,
+            to,
+            reason: reason.to_owned(),
+            switchover_ms: None,
+            srt_reconnects: None,
+        });
+    }
+
+    pub(super) fn record(&mut self, ev: Event) {
+        info!(
+            "event: channel={} from={} to={} reason={}",
+            ev.channel.as_deref().unwrap_or("-"),
+            ev.from.as_deref().unwrap_or("-"),
+            ev.to.as_deref().unwrap_or("-"),
+            ev.reason
+        );
+        if let Err(e) = append_line(&self.events_path, &ev) {
+            warn!("events file {}: {e}", self.events_path.display());
+        }
+        if self.events.len() == EVENT_RING {
+            self.events.pop_front();
+        }
+        self.events.push_back(ev);
+    }
+
+    /// Something about an encoder worth an event (its supervised process exiting, ...).
+    pub fn encoder_event(&mut self, encoder: &str, reason: String) {
+        self.event(None, None, Some(encoder.to_owned()), &reason);
+    }
+}
+
+/// `2026-11-27T23:09:47.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the data plane's last-seen times.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}

@@ -1,0 +1,601 @@
+//! The controller: the effective configuration (the config file plus runtime changes), the
+//! decisions (which encoder each channel goes to), and the events that record them. It drives
+//! the data plane only through [`Dataplane`].
+//!
+//! Runtime changes are kept as a delta over the config file in a state file beside it, written
+//! atomically after every change, so a restart keeps them and an edited config file still
+//! takes effect for everything the operator did not change at run time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    fs,
+    io::Write,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use log::{debug, info, warn};
+use nsfail_common::drop_reason;
+use serde::{Deserialize, Serialize};
+
+mod changes;
+pub mod decision;
+mod events;
+mod input;
+mod links;
+mod srt;
+mod state;
+mod status;
+mod switchover;
+
+use self::{
+    decision::{ChannelPolicy, Decider, Decision, Reason},
+    input::InputWatch,
+    state::*,
+    switchover::PendingSwitch,
+};
+pub use self::{
+    events::{monotonic_ns, rfc3339},
+    links::encoder_spec,
+    state::{Delta, events_path, state_path},
+};
+use crate::{
+    Dataplane, DataplaneError, EncoderLink, EncoderSpec,
+    api::{ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
+    config::{self, Config, ConfigError},
+    managed, netns,
+    receive::{self, Verdict},
+};
+
+fn policy(ch: &config::Channel) -> ChannelPolicy {
+    ChannelPolicy {
+        encoders: ch.encoders.clone(),
+        failback: ch.failback,
+        hold_down: Duration::from_millis(ch.hold_down_ms),
+    }
+}
+
+/// How many events the daemon keeps in memory.
+pub const EVENT_RING: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("state file {path}: {why}")]
+    State { path: String, why: String },
+    #[error("unknown channel {0:?}")]
+    UnknownChannel(String),
+    #[error("unknown encoder {0:?}")]
+    UnknownEncoder(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("encoder {name:?}: {why}")]
+    Encoder { name: String, why: String },
+}
+
+type Result<T, E = ControlError> = std::result::Result<T, E>;
+
+pub struct Controller {
+    base: Config,
+    delta: Delta,
+    effective: Config,
+    state_path: PathBuf,
+    events_path: PathBuf,
+    dp: Dataplane,
+    /// Health, placement and the failover rules.
+    decider: Decider,
+    /// Per channel: input packets last seen and since when they have not moved.
+    input: BTreeMap<String, InputWatch>,
+    /// Failovers whose switchover time is still being measured.
+    pending: Vec<PendingSwitch>,
+    /// Channels moved since the last tick (for the failover counters).
+    moved: Vec<String>,
+    /// Per encoder: its last successful probe (CLOCK_MONOTONIC ns).
+    alive_ns: BTreeMap<String, u64>,
+    /// Bumped by every change of the effective configuration, so that the daemon re-reads it
+    /// (probes, managed encoders) only when it changed.
+    generation: u64,
+    /// When the input-loss watch last ran.
+    input_watched: Option<Instant>,
+    events: VecDeque<Event>,
+    /// Per local encoder: whether its interface takes XDP-redirected frames, as last checked.
+    receive: BTreeMap<String, Verdict>,
+    /// Per encoder: what its probe (or flow check) last said; healthy until told otherwise.
+    probed: BTreeMap<String, bool>,
+    /// Why the XDP program is not on the ingest interface, while it is not.
+    ingest_lost: Option<String>,
+    /// Per local encoder: why re-attaching to its re-created interface failed, while it fails.
+    relink_failed: BTreeMap<String, String>,
+    /// Decisions whose map write failed, retried every tick.
+    unapplied: Vec<Decision>,
+    /// Why the state file could not be written, while it cannot.
+    persist_failed: Option<String>,
+    /// When persisting was last retried.
+    persist_tried: Option<Instant>,
+}
+
+/// How often a state file that could not be written is tried again.
+const PERSIST_RETRY: Duration = Duration::from_secs(1);
+
+/// How often the input-loss watch reads the channels' counters.
+const INPUT_WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a channel's input may stand still before it is reported as lost.
+pub const INPUT_LOSS_AFTER: Duration = Duration::from_secs(1);
+/// SRT callers seen within this long are told to reconnect on a repoint.
+const SRT_PEER_FRESH: Duration = Duration::from_secs(30);
+/// How long a switchover measurement waits for the first packet at the new encoder.
+const SWITCH_MEASURE_FOR: Duration = Duration::from_secs(5);
+
+/// What a tick found, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct TickReport {
+    pub moved: Vec<String>,
+    pub switchovers: Vec<Switchover>,
+}
+
+/// A finished switchover measurement, for metrics.
+#[derive(Clone, Debug)]
+pub struct Switchover {
+    pub channel: String,
+    pub gap: Duration,
+}
+
+impl Controller {
+    /// Builds the controller over an open data plane and brings the data plane in line with
+    /// the effective configuration. When the data plane was adopted, channels keep the
+    /// encoder they are on (if still valid), so a restart moves nothing.
+    pub fn start(base: Config, config_path: &Path, dp: Dataplane) -> Result<Self> {
+        let state_path = state_path(config_path);
+        // A state file that cannot be read back, or whose changes no longer fit the config
+        // file, is moved aside: the daemon starts from the config, and says so.
+        let mut set_aside = None;
+        let delta = match fs::read_to_string(&state_path) {
+            Ok(text) => match serde_json::from_str::<Delta>(&text)
+                .map_err(|e| format!("not a state file: {e}"))
+                .and_then(|d| match d.apply(&base).validate() {
+                    Ok(()) => Ok(d),
+                    Err(e) => Err(format!("its changes no longer fit the config file: {e}")),
+                }) {
+                Ok(d) => d,
+                Err(why) => {
+                    set_aside = Some(set_aside_state(&state_path, &why)?);
+                    Delta {
+                        v: 1,
+                        ..Default::default()
+                    }
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Delta {
+                v: 1,
+                ..Default::default()
+            },
+            Err(e) => {
+                return Err(ControlError::State {
+                    path: state_path.display().to_string(),
+                    why: e.to_string(),
+                });
+            }
+        };
+        let effective = delta.apply(&base);
+        let mut c = Self {
+            base,
+            delta,
+            effective,
+            state_path,
+            events_path: events_path(config_path),
+            dp,
+            decider: Decider::new(),
+            input: BTreeMap::new(),
+            pending: Vec::new(),
+            moved: Vec::new(),
+            alive_ns: BTreeMap::new(),
+            generation: 1,
+            input_watched: None,
+            events: VecDeque::new(),
+            receive: BTreeMap::new(),
+            probed: BTreeMap::new(),
+            ingest_lost: None,
+            relink_failed: BTreeMap::new(),
+            unapplied: Vec::new(),
+            persist_failed: None,
+            persist_tried: None,
+        };
+        if let Some(reason) = set_aside {
+            warn!("{reason}");
+            c.event(None, None, None, &reason);
+        }
+        for name in c.delta.drained.clone() {
+            c.decider.restore_drained(&name);
+        }
+        c.reconcile()?;
+        Ok(c)
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.effective
+    }
+
+    /// Changes whenever [`Controller::config`] does.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Makes the data plane match `effective`: encoders, then channels, then removal of
+    /// whatever the data plane has that the config does not.
+    fn reconcile(&mut self) -> Result<()> {
+        let cfg = self.effective.clone();
+        let now = Instant::now();
+        for e in &cfg.encoders {
+            if let Some(plan) = managed::Plan::of(e) {
+                managed::provision(&plan).map_err(|x| ControlError::Encoder {
+                    name: e.name.clone(),
+                    why: x.to_string(),
+                })?;
+            }
+            let spec = encoder_spec(e)?;
+            self.dp.upsert_encoder(&spec)?;
+            self.dp.set_policy(&e.name, &policy_from_config(e)?)?;
+            self.decider.add_encoder(&e.name, now);
+            if let Some(ifname) = e.host_interface() {
+                let verdict = receive::ensure(&ifname, e.namespace().as_deref());
+                self.set_receive(&e.name, verdict)?;
+            }
+        }
+        let current: BTreeMap<_, _> = self
+            .dp
+            .channels()?
+            .into_iter()
+            .map(|c| (c.listen, c))
+            .collect();
+        for ch in &cfg.channels {
+            let active = self.choose_initial(ch, current.get(&ch.listen).map(|c| &c.encoder));
+            let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
+            let before = current.get(&ch.listen).map(|c| c.encoder.clone());
+            self.dp.set_channel(
+                ch.listen,
+                ch.encoder_port(),
+                &active,
+                &members,
+                ch.protocol == config::Protocol::Srt,
+            )?;
+            self.decider.set_channel(&ch.name, policy(ch), &active);
+            if before.as_deref() != Some(active.as_str()) {
+                self.event(Some(&ch.name), before, Some(active.clone()), "configured");
+            }
+        }
+        let listens: BTreeSet<_> = cfg.channels.iter().map(|c| c.listen).collect();
+        for (listen, _) in current.iter().filter(|(l, _)| !listens.contains(l)) {
+            self.dp.remove_channel(*listen)?;
+        }
+        let channel_names: BTreeSet<_> = cfg.channels.iter().map(|c| c.name.clone()).collect();
+        for gone in self
+            .input
+            .keys()
+            .filter(|n| !channel_names.contains(*n))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            self.input.remove(&gone);
+        }
+        for name in self.decider.channel_names() {
+            if !channel_names.contains(&name) {
+                self.decider.remove_channel(&name);
+            }
+        }
+        let names: BTreeSet<_> = cfg.encoders.iter().map(|e| e.name.as_str()).collect();
+        for e in self.dp.encoders()? {
+            if !names.contains(e.name.as_str()) {
+                self.dp.remove_encoder(&e.name)?;
+                self.decider.remove_encoder(&e.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// The encoder a channel starts on: a recorded decision, else what the adopted data plane
+    /// forwards to, else the first healthy undrained encoder in priority order.
+    fn choose_initial(&self, ch: &config::Channel, in_dataplane: Option<&String>) -> String {
+        let usable = |n: &String| ch.encoders.contains(n) && !self.delta.drained.contains(n);
+        if let Some(a) = self.delta.active.get(&ch.name).filter(|a| usable(a)) {
+            return a.clone();
+        }
+        if let Some(a) = in_dataplane.filter(|a| usable(a)) {
+            return a.clone();
+        }
+        self.best(ch, None)
+            .unwrap_or_else(|| ch.encoders[0].clone())
+    }
+
+    /// The highest-priority healthy, undrained encoder of `ch`, other than `except`.
+    fn best(&self, ch: &config::Channel, except: Option<&str>) -> Option<String> {
+        ch.encoders
+            .iter()
+            .find(|n| {
+                Some(n.as_str()) != except && !self.decider.drained(n) && self.decider.healthy(n)
+            })
+            .cloned()
+    }
+
+    fn channel(&self, name: &str) -> Result<config::Channel> {
+        self.effective
+            .channel(name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownChannel(name.to_owned()))
+    }
+
+    fn active_of(&self, ch: &config::Channel) -> Result<Option<String>> {
+        Ok(self
+            .dp
+            .channels()?
+            .into_iter()
+            .find(|c| c.listen == ch.listen)
+            .map(|c| c.encoder))
+    }
+
+    /// Manual failover: `channel` to `encoder`, which must be one of its encoders and not
+    /// drained.
+    pub fn remap(&mut self, channel: &str, encoder: &str) -> Result<()> {
+        let ch = self.channel(channel)?;
+        if self.effective.encoder(encoder).is_none() {
+            return Err(ControlError::UnknownEncoder(encoder.to_owned()));
+        }
+        if !ch.encoders.iter().any(|e| e == encoder) {
+            return Err(ControlError::Refused(format!(
+                "encoder {encoder:?} is not one of channel {channel:?}'s encoders ({})",
+                ch.encoders.join(", ")
+            )));
+        }
+        if self.decider.drained(encoder) {
+            return Err(ControlError::Refused(format!(
+                "encoder {encoder:?} is drained (nsfail undrain {encoder} first)"
+            )));
+        }
+        let decision = self
+            .decider
+            .remap(channel, encoder, Instant::now())
+            .ok_or_else(|| ControlError::UnknownChannel(channel.to_owned()))?;
+        self.apply_all(vec![decision]);
+        Ok(())
+    }
+
+    /// Carries out a batch of decisions: every map write first, each tried whatever the
+    /// others do, then the state persisted once. A map write that fails is retried by
+    /// [`Controller::tick`] and raises a critical event; so does a persist that fails. A
+    /// failover that has started finishes for every channel.
+    fn apply_all(&mut self, decisions: Vec<Decision>) {
+        if decisions.is_empty() {
+            return;
+        }
+        for d in decisions {
+            if let Err(e) = self.apply(d.clone()) {
+                let reason = format!("repointing failed (critical), retrying: {e}");
+                warn!("channel {}: {reason}", d.channel);
+                self.event(
+                    Some(&d.channel),
+                    Some(d.from.clone()),
+                    d.to.clone(),
+                    &reason,
+                );
+                self.unapplied.retain(|u| u.channel != d.channel);
+                self.unapplied.push(d);
+            }
+        }
+        self.persist_or_report();
+    }
+
+    /// Retries the decisions whose map write failed (the newest for each channel).
+    fn retry_unapplied(&mut self) {
+        for d in std::mem::take(&mut self.unapplied) {
+            // A channel removed since, or moved by a later decision, needs nothing.
+            if self.decider.active(&d.channel) != d.to.as_deref() {
+                continue;
+            }
+            if let Err(e) = self.apply(d.clone()) {
+                debug!("channel {}: repointing still fails: {e}", d.channel);
+                self.unapplied.push(d);
+            } else {
+                self.event(
+                    Some(&d.channel),
+                    None,
+                    d.to.clone(),
+                    "repointed after a retry",
+                );
+                self.persist_or_report();
+            }
+        }
+    }
+
+    /// Carries one decision out: the map write, the event. A decision without a target (no
+    /// healthy backup) is only recorded. The caller persists.
+    fn apply(&mut self, d: Decision) -> Result<()> {
+        let Some(to) = d.to.clone() else {
+            self.event(Some(&d.channel), Some(d.from), None, d.reason.as_str());
+            return Ok(());
+        };
+        let ch = self.channel(&d.channel)?;
+        let measure = matches!(d.reason, Reason::EncoderDown | Reason::Recovered)
+            .then(|| self.switch_baseline(&d.channel, &d.from, &to))
+            .flatten();
+        self.dp.activate(ch.listen, &to)?;
+        // Repoint first, then tell SRT callers: their reconnect must reach the new encoder.
+        let reconnects =
+            (ch.protocol == config::Protocol::Srt && d.from != to).then(|| self.srt_reconnect(&ch));
+        self.delta.active.insert(d.channel.clone(), to.clone());
+        self.record(Event {
+            time: rfc3339(SystemTime::now()),
+            channel: Some(d.channel.clone()),
+            from: Some(d.from),
+            to: Some(to),
+            reason: d.reason.as_str().to_owned(),
+            switchover_ms: None,
+            srt_reconnects: reconnects,
+        });
+        self.pending.extend(measure);
+        self.moved.push(d.channel);
+        Ok(())
+    }
+
+    /// Moves every channel off `encoder` and keeps them off until undrained. Refused, with
+    /// nothing moved, when some channel would be left without a healthy encoder.
+    pub fn drain(&mut self, encoder: &str) -> Result<()> {
+        if self.effective.encoder(encoder).is_none() {
+            return Err(ControlError::UnknownEncoder(encoder.to_owned()));
+        }
+        let decisions = self
+            .decider
+            .drain(encoder, Instant::now())
+            .map_err(|channel| {
+                ControlError::Refused(format!(
+                    "draining {encoder:?} would leave channel {channel:?} without a healthy encoder"
+                ))
+            })?;
+        self.delta.drained.insert(encoder.to_owned());
+        self.event(None, Some(encoder.to_owned()), None, "drained");
+        let moved_none = decisions.is_empty();
+        self.apply_all(decisions);
+        if moved_none {
+            self.persist_or_report();
+        }
+        Ok(())
+    }
+
+    pub fn undrain(&mut self, encoder: &str) -> Result<()> {
+        if self.effective.encoder(encoder).is_none() {
+            return Err(ControlError::UnknownEncoder(encoder.to_owned()));
+        }
+        if self.decider.undrain(encoder) {
+            self.delta.drained.remove(encoder);
+            self.event(None, None, Some(encoder.to_owned()), "undrained");
+            self.persist_or_report();
+        }
+        Ok(())
+    }
+
+    /// A health transition of an encoder (from its probe's rise/fall counter, or the flow
+    /// check): logged as an event, and failovers carried out.
+    pub fn on_health(&mut self, encoder: &str, healthy: bool) -> Result<()> {
+        if self.effective.encoder(encoder).is_none() {
+            return Ok(());
+        }
+        let before = self.probed.insert(encoder.to_owned(), healthy);
+        if before.unwrap_or(true) != healthy {
+            let reason = if healthy {
+                "encoder healthy"
+            } else {
+                "encoder unhealthy"
+            };
+            self.event(None, None, Some(encoder.to_owned()), reason);
+        }
+        self.sync_health(encoder)
+    }
+
+    /// An encoder is usable when its probe says so and, for a local one, its interface takes
+    /// XDP-redirected frames: the decider is told when that changes.
+    fn sync_health(&mut self, encoder: &str) -> Result<()> {
+        let healthy = self.probed.get(encoder).copied().unwrap_or(true)
+            && self.receive.get(encoder).is_none_or(|v| v.can_receive);
+        if self.decider.healthy(encoder) == healthy {
+            return Ok(());
+        }
+        let decisions = self.decider.set_health(encoder, healthy, Instant::now());
+        self.apply_all(decisions);
+        Ok(())
+    }
+
+    /// Periodic work: automatic failback, input-loss watch, switchover measurements. Reports
+    /// the channels moved and the switchovers measured since the last call.
+    pub fn tick(&mut self) -> Result<TickReport> {
+        let now = Instant::now();
+        let decisions = self.decider.tick(now);
+        self.apply_all(decisions);
+        self.retry_unapplied();
+        if self.persist_failed.is_some()
+            && self
+                .persist_tried
+                .is_none_or(|t| now.duration_since(t) >= PERSIST_RETRY)
+        {
+            self.persist_tried = Some(now);
+            self.persist_or_report();
+        }
+        // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
+        // map read per channel on every tick.
+        if self
+            .input_watched
+            .is_none_or(|t| now.duration_since(t) >= INPUT_WATCH_EVERY)
+        {
+            self.input_watched = Some(now);
+            self.watch_input(now)?;
+        }
+        Ok(TickReport {
+            switchovers: self.measure_switchovers(now),
+            moved: std::mem::take(&mut self.moved),
+        })
+    }
+
+    /// Channels an encoder is active for.
+    pub fn channels_on(&self, encoder: &str) -> Vec<String> {
+        self.decider.channels_on(encoder)
+    }
+}
+
+/// The kernel egress policy of a configured encoder: its allow-list, and the protocol and port
+/// its health check is answered from (the daemon probes from the ingest host, so the answers
+/// pass whatever the allow-list says).
+pub fn policy_from_config(e: &config::Encoder) -> Result<crate::dataplane::EgressPolicy> {
+    use crate::{
+        config::{AllowProto, HealthKind},
+        dataplane::{EgressPolicy, HealthAnswers},
+    };
+    let err = |why: String| ControlError::Encoder {
+        name: e.name.clone(),
+        why,
+    };
+    let allow = e.allow_rules().map_err(|x| err(x.to_string()))?;
+    let answers = |proto, port| HealthAnswers { proto, port };
+    let health = match e.health.kind {
+        HealthKind::Udp => e.health.port.map(|p| answers(AllowProto::Udp, p)),
+        HealthKind::Tcp => e.health.port.map(|p| answers(AllowProto::Tcp, p)),
+        HealthKind::Http => match e.health.url.as_deref() {
+            Some(url) => {
+                let url = crate::health::HttpUrl::parse(url).map_err(err)?;
+                Some(answers(AllowProto::Tcp, url.port))
+            }
+            None => None,
+        },
+        HealthKind::Exec | HealthKind::Flow => None,
+    };
+    Ok(EgressPolicy { allow, health })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_820_987_123);
+        assert_eq!(rfc3339(t), "2026-11-27T23:09:47.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn state_files_sit_beside_the_config() {
+        let p = Path::new("/etc/nsfail/site.toml");
+        assert_eq!(state_path(p), Path::new("/etc/nsfail/site.state.json"));
+        assert_eq!(events_path(p), Path::new("/etc/nsfail/site.events.jsonl"));
+    }
+}

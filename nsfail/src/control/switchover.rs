@@ -1,0 +1,85 @@
+//! Switchover timing: from the failed encoder's last sign of life to the first packet the
+//! new one is given.
+
+use super::*;
+
+impl Controller {
+    pub(super) fn switch_baseline(
+        &self,
+        channel: &str,
+        from: &str,
+        to: &str,
+    ) -> Option<PendingSwitch> {
+        let old = self.dp.encoder_stats(from).ok()?;
+        let new = self.dp.encoder_stats(to).ok()?;
+        let alive = old
+            .tx
+            .last_seen_ns
+            .max(self.alive_ns.get(from).copied().unwrap_or(0));
+        Some(PendingSwitch {
+            channel: channel.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            last_old_ns: if alive > 0 {
+                alive
+            } else {
+                old.rx.last_seen_ns
+            },
+            new_packets: new.rx.packets,
+            started: Instant::now(),
+        })
+    }
+
+    /// Switchover time: the old encoder's last sign of life to the new encoder's first packet
+    /// (data-plane timestamps and probe times, all CLOCK_MONOTONIC). The new encoder's first packet is taken as its last-seen
+    /// time when its count first moves, so the figure is at most one tick (plus one packet
+    /// interval) late.
+    pub(super) fn measure_switchovers(&mut self, now: Instant) -> Vec<Switchover> {
+        let mut done = Vec::new();
+        let mut keep = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            let Ok(new) = self.dp.encoder_stats(&p.to) else {
+                continue;
+            };
+            if new.rx.packets > p.new_packets {
+                let gap = Duration::from_nanos(new.rx.last_seen_ns.saturating_sub(p.last_old_ns));
+                let ev = Event {
+                    time: rfc3339(SystemTime::now()),
+                    channel: Some(p.channel.clone()),
+                    from: Some(p.from.clone()),
+                    to: Some(p.to.clone()),
+                    reason: "switchover complete".into(),
+                    switchover_ms: Some(gap.as_secs_f64() * 1e3),
+                    srt_reconnects: None,
+                };
+                self.record(ev);
+                done.push(Switchover {
+                    channel: p.channel,
+                    gap,
+                });
+            } else if now.duration_since(p.started) < SWITCH_MEASURE_FOR {
+                keep.push(p);
+            }
+        }
+        self.pending = keep;
+        done
+    }
+
+    /// A successful probe of `encoder`: a sign of life, for switchover measurement.
+    pub fn note_alive(&mut self, encoder: &str) {
+        self.alive_ns.insert(encoder.to_owned(), monotonic_ns());
+    }
+}
+
+/// A failover waiting for the new encoder's first packet.
+#[derive(Clone, Debug)]
+pub(super) struct PendingSwitch {
+    channel: String,
+    from: String,
+    to: String,
+    /// The old encoder's last sign of life (CLOCK_MONOTONIC ns).
+    last_old_ns: u64,
+    /// The new encoder's packet count at the switch.
+    new_packets: u64,
+    started: Instant,
+}

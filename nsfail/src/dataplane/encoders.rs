@@ -1,0 +1,315 @@
+//! Encoders in the data plane: registration (ENCODERS, the DEVMAP slot, the TC link on a
+//! local encoder's veth, ENCODER_IFINDEX), egress policies and counters.
+
+use super::*;
+
+impl Dataplane {
+    /// Whether encoder `name`'s TC link is attached to the interface `ifname` names now.
+    pub fn egress_attached(&self, ifname: &str) -> Result<bool> {
+        match netns::link(ifname) {
+            Ok(link) => live_link(&self.pins.tc_link(ifname), link.ifindex),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Adds an encoder, or replaces its address, MAC or link. Channels pointing at it are
+    /// repointed to the new values (one map write each). Returns its id.
+    pub fn upsert_encoder(&mut self, spec: &EncoderSpec) -> Result<u32> {
+        let name_bytes = encode_name(&spec.name)?;
+        let ingest = self.ingest.clone();
+        let (ifindex, smac, kind) = match &spec.link {
+            EncoderLink::Local { ifname } => {
+                let l = netns::link(ifname).map_err(|source| DataplaneError::Interface {
+                    name: ifname.clone(),
+                    source,
+                })?;
+                (l.ifindex, l.mac, ENCODER_LOCAL)
+            }
+            EncoderLink::Remote => {
+                let ingest = ingest.ok_or(DataplaneError::NoIngest)?;
+                (ingest.ifindex, ingest.mac, ENCODER_REMOTE)
+            }
+        };
+        let (family, addr) = ip_bytes(spec.addr);
+        let info = EncoderInfo {
+            name: name_bytes,
+            addr,
+            mac: spec.mac,
+            smac,
+            ifindex,
+            family,
+            kind,
+            _pad: [0; 2],
+        };
+        let existing = self.encoder_id(&spec.name)?;
+        let mut old_info = None;
+        if let Some(id) = existing {
+            let old = self.encoders.get(&id, 0).map_err(map_err("ENCODERS"))?;
+            old_info = Some(old);
+            if old.family != family {
+                // Channels are bound to an address family: refuse rather than break them.
+                if let Some(ch) = self.channels_using(id)?.first() {
+                    return Err(DataplaneError::EncoderInUse {
+                        encoder: spec.name.clone(),
+                        channel: *ch,
+                    });
+                }
+            }
+        }
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let used: HashSet<u32> = self.encoder_list()?.iter().map(|e| e.id).collect();
+                let id = (0..MAX_ENCODERS)
+                    .find(|i| !used.contains(i))
+                    .ok_or(DataplaneError::Full("encoder"))?;
+                zero_slot(&mut self.encoder_stats, id, "ENCODER_STATS")?;
+                id
+            }
+        };
+        if let EncoderLink::Local { ifname } = &spec.link {
+            self.attach_egress(ifname)?;
+            self.tx_ports
+                .set(id, ifindex, None, 0)
+                .map_err(|e| DataplaneError::Invalid {
+                    what: "TX_PORTS".into(),
+                    why: e.to_string(),
+                })?;
+        } else {
+            // A remote encoder is reached by XDP_TX: no DEVMAP entry.
+            let _ = self.tx_ports.set(id, 0, None, 0);
+        }
+        self.encoders
+            .insert(id, info, 0)
+            .map_err(map_err("ENCODERS"))?;
+        self.by_name.insert(spec.name.clone(), (id, info));
+        self.index_encoder(id, old_info.as_ref(), &info)?;
+        // Repoint channels whose target is this encoder (its MAC or address may have changed).
+        for (key, target) in self.channel_targets()? {
+            if target.encoder_id == id {
+                let t = target_for(&info, id, target.channel_id, target.port);
+                self.channels
+                    .insert(key, t, 0)
+                    .map_err(map_err("CHANNELS"))?;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Removes an encoder. Refused while a channel is forwarded to it or lists it as a backup
+    /// (its replies are still expected).
+    pub fn remove_encoder(&mut self, name: &str) -> Result<()> {
+        let id = self
+            .encoder_id(name)?
+            .ok_or_else(|| DataplaneError::UnknownEncoder(name.to_owned()))?;
+        if let Some(ch) = self.channels_using(id)?.first() {
+            return Err(DataplaneError::EncoderInUse {
+                encoder: name.to_owned(),
+                channel: *ch,
+            });
+        }
+        let info = self.encoders.get(&id, 0).map_err(map_err("ENCODERS"))?;
+        self.encoders.remove(&id).map_err(map_err("ENCODERS"))?;
+        self.by_name.remove(name);
+        let _ = self.tx_ports.set(id, 0, None, 0);
+        if info.kind == ENCODER_LOCAL {
+            if let Some(ifname) = ifname_of(info.ifindex) {
+                self.detach_egress(&ifname)?;
+            }
+            // The veth may be gone already; remove any pinned TC link that names it.
+            self.remove_stale_tc_links()?;
+            self.unindex_ifindex(info.ifindex, id)?;
+        }
+        remove_missing_ok(&mut self.policies, &id, "POLICIES")
+    }
+
+    /// Replaces an encoder's egress policy: one HASH map update, so the TC program sees the
+    /// old policy or the new one, never a mix, and stays attached. The encoder's own address
+    /// (the only source it may use) is its registered address. Refused, leaving the old
+    /// policy in place, when the allow-list has more than `MAX_ALLOW_RULES` rules or a rule
+    /// of the other address family, or the health protocol is not UDP or TCP.
+    pub fn set_policy(&mut self, encoder: &str, policy: &EgressPolicy) -> Result<()> {
+        let id = self
+            .encoder_id(encoder)?
+            .ok_or_else(|| DataplaneError::UnknownEncoder(encoder.to_owned()))?;
+        let info = self.encoders.get(&id, 0).map_err(map_err("ENCODERS"))?;
+        let value = policy_value(encoder, &info, policy)?;
+        self.policies
+            .insert(id, value, 0)
+            .map_err(map_err("POLICIES"))
+    }
+
+    /// An encoder's egress-policy drops by reason (`drop_reason::NAMES`), summed over CPUs.
+    pub fn encoder_drops(&self, name: &str) -> Result<Vec<(&'static str, u64)>> {
+        let stats = self.encoder_stats(name)?;
+        Ok(drop_reason::NAMES.into_iter().zip(stats.drops).collect())
+    }
+
+    /// Keeps `ENCODER_IFINDEX` and the encoder's policy in line with its registration: the TC
+    /// program finds a local encoder by its veth, and judges sources by its address.
+    pub(super) fn index_encoder(
+        &mut self,
+        id: u32,
+        old: Option<&EncoderInfo>,
+        info: &EncoderInfo,
+    ) -> Result<()> {
+        if let Some(old) = old
+            && old.kind == ENCODER_LOCAL
+            && (info.kind != ENCODER_LOCAL || old.ifindex != info.ifindex)
+        {
+            self.unindex_ifindex(old.ifindex, id)?;
+        }
+        if info.kind == ENCODER_LOCAL {
+            self.encoder_ifindex
+                .insert(info.ifindex, id, 0)
+                .map_err(map_err("ENCODER_IFINDEX"))?;
+        }
+        if let Ok(mut policy) = self.policies.get(&id, 0)
+            && (policy.addr != info.addr || policy.family != info.family)
+        {
+            policy.addr = info.addr;
+            policy.family = info.family;
+            self.policies
+                .insert(id, policy, 0)
+                .map_err(map_err("POLICIES"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the `ENCODER_IFINDEX` entry of `ifindex` if it still names encoder `id`.
+    pub(super) fn unindex_ifindex(&mut self, ifindex: u32, id: u32) -> Result<()> {
+        if self.encoder_ifindex.get(&ifindex, 0).ok() == Some(id) {
+            remove_missing_ok(&mut self.encoder_ifindex, &ifindex, "ENCODER_IFINDEX")?;
+        }
+        Ok(())
+    }
+
+    pub fn encoders(&self) -> Result<Vec<EncoderEntry>> {
+        self.encoder_list()
+    }
+
+    /// An encoder's counters, summed over CPUs.
+    pub fn encoder_stats(&self, name: &str) -> Result<EncoderStats> {
+        let id = self
+            .encoder_id(name)?
+            .ok_or_else(|| DataplaneError::UnknownEncoder(name.to_owned()))?;
+        let per_cpu = self
+            .encoder_stats
+            .get(&id, 0)
+            .map_err(map_err("ENCODER_STATS"))?;
+        let mut sum = EncoderStats::default();
+        per_cpu.iter().for_each(|s| sum.merge(s));
+        Ok(sum)
+    }
+
+    /// Attaches the TC program to `ifname` unless the link pinned for it is attached to the
+    /// interface of that name now; a link left by a deleted interface is replaced.
+    pub(super) fn attach_egress(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.pins.tc_link(ifname);
+        let ifindex = netns::link(ifname)
+            .map_err(|source| DataplaneError::Interface {
+                name: ifname.to_owned(),
+                source,
+            })?
+            .ifindex;
+        if live_link(&pin, ifindex)? {
+            return Ok(());
+        }
+        let id = self
+            .tc
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(prog_err(PROG_EGRESS))?;
+        let link = self.tc.take_link(id).map_err(prog_err(PROG_EGRESS))?;
+        let fd_link: FdLink = link.try_into().map_err(|e| DataplaneError::Link {
+            path: pin.display().to_string(),
+            source: e,
+        })?;
+        pin_link(fd_link, &pin)
+    }
+
+    pub(super) fn detach_egress(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.pins.tc_link(ifname);
+        if !pin.exists() {
+            return Ok(());
+        }
+        detach_pinned_link(&pin)
+    }
+
+    /// TC link pins whose veth no longer exists (removed with its namespace).
+    pub(super) fn remove_stale_tc_links(&mut self) -> Result<()> {
+        for entry in read_dir(&self.pins.links())? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(ifname) = name.strip_prefix("tc_")
+                && netns::link(ifname).is_err()
+            {
+                self.detach_egress(ifname)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn encoder_list(&self) -> Result<Vec<EncoderEntry>> {
+        let mut out = Vec::new();
+        for item in self.encoders.iter() {
+            let (id, info) = item.map_err(map_err("ENCODERS"))?;
+            out.push(EncoderEntry {
+                id,
+                name: decode_name(&info.name),
+                addr: ip_addr(info.family, &info.addr),
+                mac: info.mac,
+                ifindex: info.ifindex,
+                local: info.kind == ENCODER_LOCAL,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub(super) fn encoder_id(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self.by_name.get(name).map(|(id, _)| *id))
+    }
+
+    /// An encoder by name, checked to be of the channel's address family.
+    pub(super) fn encoder_checked(
+        &self,
+        name: &str,
+        channel: SocketAddr,
+    ) -> Result<(u32, EncoderInfo)> {
+        let (id, info) = *self
+            .by_name
+            .get(name)
+            .ok_or_else(|| DataplaneError::UnknownEncoder(name.to_owned()))?;
+        let (family, _) = ip_bytes(channel.ip());
+        if info.family != family {
+            return Err(DataplaneError::FamilyMismatch {
+                encoder: name.to_owned(),
+                encoder_family: if info.family == FAMILY_V4 {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                },
+                channel,
+            });
+        }
+        Ok((id, info))
+    }
+
+    /// Channels forwarded to encoder `id` or expecting its replies.
+    pub(super) fn channels_using(&self, id: u32) -> Result<Vec<SocketAddr>> {
+        let mut out: Vec<SocketAddr> = self
+            .channel_targets()?
+            .iter()
+            .filter(|(_, t)| t.encoder_id == id)
+            .map(|(k, _)| socket_addr(k))
+            .collect();
+        out.extend(
+            self.reply_entries()?
+                .iter()
+                .filter(|(_, r)| r.encoder_id == id)
+                .map(|(_, r)| socket_addr(&r.ingest)),
+        );
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
