@@ -12,7 +12,8 @@ use crate::{
     Dataplane,
     api::{self, Command, Event, Response, Status},
     config::Config,
-    daemon, labctl,
+    daemon,
+    lab::ctl as labctl,
     paths::{self, Pins},
 };
 
@@ -389,7 +390,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             done("lab removed".into());
             Ok(())
         }
-        Cmd::Lab(LabCmd::Demo { seconds }) => crate::demo::run(seconds),
+        Cmd::Lab(LabCmd::Demo { seconds }) => crate::lab::demo::run(seconds),
     }
 }
 
@@ -515,7 +516,7 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
             for port in [labctl::SERVICE_PORT, labctl::SERVICE_PORT + 1] {
                 let target: std::net::SocketAddr =
                     format!("{gateway}:{port}").parse().expect("address");
-                let outcome = crate::netns::in_netns(&ea, move || {
+                let outcome = crate::net::netns::in_netns(&ea, move || {
                     std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2))
                 });
                 let verdict = match outcome {

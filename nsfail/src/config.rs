@@ -411,12 +411,12 @@ impl Config {
             move || -> Vec<Option<String>> {
                 names
                     .iter()
-                    .map(|n| crate::netns::link(n).err().map(|e| e.to_string()))
+                    .map(|n| crate::net::netns::link(n).err().map(|e| e.to_string()))
                     .collect()
             }
         };
         let (missing, where_) = match &self.ingest.netns {
-            Some(ns) => match crate::netns::in_netns(ns, lookup) {
+            Some(ns) => match crate::net::netns::in_netns(ns, lookup) {
                 Ok(found) => (found, format!("in network namespace {ns}")),
                 Err(e) => {
                     return vec![Problem::new(

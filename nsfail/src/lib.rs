@@ -6,20 +6,15 @@
 //! lab; `paths` names every path.
 
 pub mod api;
-pub mod bench_object;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod demo;
 pub mod health;
 pub mod lab;
-pub mod labctl;
-pub mod managed;
 pub mod metrics;
-pub mod netns;
+pub mod net;
 pub mod paths;
-pub mod receive;
 
 pub use dataplane::{Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpMode};

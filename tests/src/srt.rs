@@ -69,7 +69,7 @@ impl Feeder {
         let flag = on.clone();
         let ns = ns.to_owned();
         let handle = thread::spawn(move || {
-            let _ = nsfail::netns::in_netns(&ns, move || {
+            let _ = nsfail::net::netns::in_netns(&ns, move || {
                 let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
                     return;
                 };

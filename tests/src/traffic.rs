@@ -220,7 +220,7 @@ pub fn send_burst_in(
     gap: Duration,
     linger: Duration,
 ) -> Replies {
-    nsfail::netns::in_netns(ns, move || {
+    nsfail::net::netns::in_netns(ns, move || {
         let sock = UdpSocket::bind(bind).expect("bind sender");
         large_buffers(&sock);
         sock.set_nonblocking(true).unwrap();

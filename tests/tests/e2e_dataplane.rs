@@ -10,7 +10,7 @@ use std::{
 
 use nsfail::{
     lab::{INGEST4, INGEST6, Lab, SRC4, SRC6},
-    netns,
+    net::netns,
 };
 use nsfail_tests::{
     ChildGuard, Entered, PinDir, lab, spawn_in,

@@ -25,7 +25,7 @@ use nsfail::{
     config::{AllowProto, AllowRule},
     dataplane::{EgressPolicy, HealthAnswers},
     lab::{INGEST_IF, INGEST4, Lab, SRC4},
-    netns,
+    net::netns,
 };
 use nsfail_tests::{
     Entered, PinDir, lab,

@@ -6,8 +6,8 @@
 use std::{fs, net::SocketAddr, process::Command, time::Duration};
 
 use nsfail::{
-    labctl::{self, LabCtlError, LabInfo, LabOptions, LabProcess, LabProtocol},
-    netns,
+    lab::ctl::{self, LabCtlError, LabInfo, LabOptions, LabProcess, LabProtocol},
+    net::netns,
     paths::{self, LabDir},
 };
 use nsfail_tests::{ChildGuard, traffic::ask, unique, wait_for};
@@ -17,7 +17,7 @@ struct LabGuard(LabOptions);
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        if let Err(e) = labctl::down_with(&self.0) {
+        if let Err(e) = ctl::down_with(&self.0) {
             eprintln!("lab down for {}: {e}", self.0.dir.display());
         }
     }
@@ -47,7 +47,7 @@ fn echo(rt: &str, addr: &str) -> Option<Vec<u8>> {
 fn up_then_down(protocol: LabProtocol) {
     let opts = options(protocol);
     let guard = LabGuard(opts.clone());
-    let info = labctl::up(&opts).expect("lab up");
+    let info = ctl::up(&opts).expect("lab up");
     let prefix = &opts.prefix;
     let rt = format!("{prefix}rt");
 
@@ -77,11 +77,8 @@ fn up_then_down(protocol: LabProtocol) {
         assert!(p.is_running(), "{} (pid {}) is not running", p.name, p.pid);
     }
 
-    assert_eq!(
-        labctl::status_with(&opts).expect("status"),
-        Some(info.clone())
-    );
-    let refused = labctl::up(&opts).expect_err("a second lab up must be refused");
+    assert_eq!(ctl::status_with(&opts).expect("status"), Some(info.clone()));
+    let refused = ctl::up(&opts).expect_err("a second lab up must be refused");
     assert_eq!(
         refused.to_string(),
         "lab is already up (nsfail lab down removes it)"
@@ -120,7 +117,7 @@ fn up_then_down(protocol: LabProtocol) {
         );
     }
 
-    labctl::down_with(&opts).expect("lab down");
+    ctl::down_with(&opts).expect("lab down");
     for ns in &info.namespaces {
         assert!(!paths::netns(ns).exists(), "namespace {ns} left behind");
     }
@@ -128,8 +125,8 @@ fn up_then_down(protocol: LabProtocol) {
         assert!(!p.is_running(), "{} (pid {}) left running", p.name, p.pid);
     }
     assert!(!opts.dir.exists(), "lab directory left behind");
-    assert_eq!(labctl::status_with(&opts).expect("status"), None);
-    labctl::down_with(&opts).expect("lab down with nothing up");
+    assert_eq!(ctl::status_with(&opts).expect("status"), None);
+    ctl::down_with(&opts).expect("lab down with nothing up");
     drop(guard);
 }
 
@@ -149,14 +146,14 @@ fn up_refuses_an_existing_namespace_and_leaves_it_alone() {
     let _guard = LabGuard(opts.clone());
     let foreign = nsfail::lab::Netns::new(&format!("{}ea", opts.prefix)).expect("namespace");
 
-    let err = labctl::up(&opts).expect_err("up must refuse");
+    let err = ctl::up(&opts).expect_err("up must refuse");
     assert!(
         matches!(&err, LabCtlError::NamespaceExists(n) if *n == foreign.name),
         "unexpected error: {err}"
     );
     assert!(paths::netns(&foreign.name).exists());
     assert!(!paths::netns(&format!("{}rt", opts.prefix)).exists());
-    assert_eq!(labctl::status_with(&opts).expect("status"), None);
+    assert_eq!(ctl::status_with(&opts).expect("status"), None);
     assert!(!opts.dir.exists(), "a refused up left its directory");
 }
 
@@ -228,7 +225,7 @@ fn down_signals_only_processes_that_are_still_the_recorded_ones() {
     fs::create_dir_all(dir.root()).unwrap();
     fs::write(dir.record(), serde_json::to_vec(&info).unwrap()).unwrap();
 
-    labctl::down_with(&opts).expect("lab down");
+    ctl::down_with(&opts).expect("lab down");
     assert!(reused_cmdline.child.try_wait().unwrap().is_none());
     assert!(reused_start.child.try_wait().unwrap().is_none());
     assert!(

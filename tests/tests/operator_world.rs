@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nsfail::{EncoderLink, EncoderSpec, XdpMode, netns};
+use nsfail::{EncoderLink, EncoderSpec, XdpMode, net::netns};
 use nsfail_common::{drop_reason, xdp_reason};
 use nsfail_tests::{
     Entered, Netns, PinDir,
@@ -351,7 +351,7 @@ fn refused_redirects_are_counted_and_never_forwarded() {
     // What the daemon does: the kernel's verdict, then GRO on at the peer.
     let verdict = {
         let _in = Entered::new(&w.rt);
-        nsfail::receive::ensure(&enc.host_if, None)
+        nsfail::net::receive::ensure(&enc.host_if, None)
     };
     assert!(verdict.can_receive, "{verdict:?}");
     assert!(

@@ -17,7 +17,7 @@ use nsfail::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpMode,
     config::{AllowProto, AllowRule},
     dataplane::{EgressPolicy, HealthAnswers},
-    netns,
+    net::netns,
 };
 use nsfail_tests::{
     Entered, Netns, PinDir,

@@ -19,9 +19,9 @@ impl Controller {
             // Managed encoders this change provisioned are taken away again.
             for enc in &self.effective.encoders {
                 if previous.encoder(&enc.name).is_none()
-                    && let Some(plan) = managed::Plan::of(enc)
+                    && let Some(plan) = provision::Plan::of(enc)
                 {
-                    managed::deprovision_or_warn(&plan);
+                    provision::deprovision_or_warn(&plan);
                 }
             }
             self.delta = saved;

@@ -45,8 +45,10 @@ use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
     api::{ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
     config::{self, Config, ConfigError},
-    managed, netns,
-    receive::{self, Verdict},
+    net::{
+        netns, provision,
+        receive::{self, Verdict},
+    },
 };
 
 fn policy(ch: &config::Channel) -> ChannelPolicy {
@@ -236,8 +238,8 @@ impl Controller {
         let cfg = self.effective.clone();
         let now = Instant::now();
         for e in &cfg.encoders {
-            if let Some(plan) = managed::Plan::of(e) {
-                managed::provision(&plan).map_err(|x| ControlError::Encoder {
+            if let Some(plan) = provision::Plan::of(e) {
+                provision::provision(&plan).map_err(|x| ControlError::Encoder {
                     name: e.name.clone(),
                     why: x.to_string(),
                 })?;

@@ -44,7 +44,7 @@ use self::{
     },
     policy::policy_value,
 };
-use crate::{netns, paths::Pins};
+use crate::{net::netns, paths::Pins};
 
 pub mod btf;
 mod channels;

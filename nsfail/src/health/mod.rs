@@ -7,6 +7,7 @@
 //! counters, and [`probe_for`] has nothing to run for it.
 
 mod exec;
+pub mod flow;
 mod http;
 mod tcp;
 mod udp;

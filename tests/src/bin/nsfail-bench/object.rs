@@ -1,4 +1,4 @@
-//! One loaded instance of the reference-program object (`nsfail::bench_object`): each role
+//! One loaded instance of the reference-program object (`nsfail::lab::bench_object`): each role
 //! (generator, sink, redirects, `XDP_PASS`) gets its own instance, so its maps count or
 //! configure that role alone. Programs stay attached for as long as the instance lives.
 
@@ -37,7 +37,7 @@ pub struct BenchObject {
 
 impl BenchObject {
     pub fn load() -> Result<Self> {
-        let ebpf = Ebpf::load(nsfail::bench_object::OBJECT).context("loading nsfail-bench")?;
+        let ebpf = Ebpf::load(nsfail::lab::bench_object::OBJECT).context("loading nsfail-bench")?;
         Ok(Self { ebpf })
     }
 

@@ -15,7 +15,7 @@ use nix::{
     time::{ClockId, clock_gettime},
     unistd::Pid,
 };
-use nsfail::{lab::Netns, netns};
+use nsfail::{lab::Netns, net::netns};
 use nsfail_tests::unique;
 
 /// The core that generates traffic; the other one (`ROUTER_CPU`) does the work under test.

@@ -19,7 +19,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use crate::{
     Dataplane, EncoderLink, EncoderSpec, XdpMode,
     lab::{INGEST_IF, INGEST4, Lab, Netns, SRC4},
-    netns,
+    net::netns,
     paths::{self, Pins},
 };
 

@@ -1,36 +1,28 @@
-//! Managed encoders: nsfail makes the encoder's network namespace, its veth pair (host side in
-//! nsfail's namespace, `eth0` inside), the addresses and routes, turns GRO on inside (needed to
-//! receive XDP-redirected frames), and supervises the encoder's command inside the namespace.
-//! All of it through netlink (rtnetlink) and ioctls, no `ip` commands. Everything made here is
-//! removed by [`deprovision`].
+//! Managed encoders' networking: nsfail makes the encoder's network namespace, its veth pair
+//! (host side in nsfail's namespace, `eth0` inside), the addresses and routes, and turns GRO
+//! on inside (needed to receive XDP-redirected frames). All of it through netlink (rtnetlink)
+//! and ioctls, no `ip` commands. Everything made here is removed by [`deprovision`]. The
+//! encoder's process is supervised by the daemon (`daemon::children`).
 
 use std::{
     fs::{self, File},
     io,
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsRawFd,
     path::Path,
-    process::Stdio,
-    sync::Arc,
-    time::{Duration, Instant},
 };
 
 use futures_util::TryStreamExt;
 use log::{info, warn};
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
-    sched::{CloneFlags, setns, unshare},
+    sched::{CloneFlags, unshare},
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::Command,
-    sync::watch,
-};
 
 use crate::{
-    config::{self, Encoder, Restart},
-    netns::{netlink, set_gro},
+    config::{self, Encoder},
+    net::netns::{netlink, set_gro},
     paths,
 };
 
@@ -140,7 +132,7 @@ pub fn delete_netns(ns: &str) -> io::Result<()> {
 /// finds its encoders' namespaces in place).
 pub fn provision(plan: &Plan) -> Result<(), ManagedError> {
     create_netns(&plan.netns).map_err(plan.err("creating its namespace"))?;
-    crate::netns::quicken_icmp_errors(&plan.netns)
+    crate::net::netns::quicken_icmp_errors(&plan.netns)
         .map_err(plan.err("quickening its ICMP errors"))?;
     let p = plan.clone();
     let peer = format!("{}p", plan.host_if);
@@ -226,7 +218,7 @@ pub fn provision(plan: &Plan) -> Result<(), ManagedError> {
     .map_err(plan.err("addressing it inside its namespace"))?;
 
     let ns = plan.netns.clone();
-    crate::netns::in_netns(&ns, || set_gro(INNER_IF, true))
+    crate::net::netns::in_netns(&ns, || set_gro(INNER_IF, true))
         .and_then(|r| r)
         .map_err(plan.err("turning GRO on inside (needed for XDP redirect into a veth)"))?;
     info!(
@@ -269,128 +261,6 @@ pub fn deprovision(plan: &Plan) -> Result<(), ManagedError> {
         plan.encoder
     );
     Ok(())
-}
-
-/// Something the supervisor has to say, for the event log.
-pub type Report = Arc<dyn Fn(&str, String) + Send + Sync>;
-
-/// Runs a managed encoder's command inside its namespace until `stop` turns true, restarting
-/// it with exponential backoff (0.5 s doubling to 30 s, back to 0.5 s after 10 s of running)
-/// when `restart = "always"`. Its stdout and stderr go to the log, line by line.
-pub async fn supervise(e: Encoder, mut stop: watch::Receiver<bool>, report: Report) {
-    let Some(spawn) = e.spawn.clone() else { return };
-    let ns = e.namespace().unwrap_or_default();
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        let handle = match File::open(paths::netns(&ns)) {
-            Ok(f) => f,
-            Err(err) => {
-                report(&e.name, format!("namespace {ns} missing: {err}"));
-                return;
-            }
-        };
-        let mut cmd = Command::new(&spawn.command);
-        cmd.args(&spawn.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: only setns (async-signal-safe) runs between fork and exec; the namespace
-        // file was opened before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                setns(handle.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
-            });
-        }
-        let started = Instant::now();
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(err) => {
-                report(&e.name, format!("cannot start {}: {err}", spawn.command));
-                if e.restart == Restart::Never || wait_or_stop(&mut stop, backoff).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-        };
-        info!(
-            "managed encoder {}: started {} (pid {:?})",
-            e.name,
-            spawn.command,
-            child.id()
-        );
-        for (stream, name) in [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-                "stdout",
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-                "stderr",
-            ),
-        ] {
-            let Some(stream) = stream else { continue };
-            let who = e.name.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    info!("[{who} {name}] {line}");
-                }
-            });
-        }
-        let status = tokio::select! {
-            status = child.wait() => status,
-            () = stopped(&mut stop) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                info!("managed encoder {}: stopped", e.name);
-                return;
-            }
-        };
-        let ran = started.elapsed();
-        let status = status.map_or_else(|err| err.to_string(), |s| s.to_string());
-        if e.restart == Restart::Never {
-            report(
-                &e.name,
-                format!("process exited ({status}); restart = never"),
-            );
-            return;
-        }
-        if ran > Duration::from_secs(10) {
-            backoff = Duration::from_millis(500);
-        }
-        report(
-            &e.name,
-            format!(
-                "process exited ({status}); restarting in {} ms",
-                backoff.as_millis()
-            ),
-        );
-        if wait_or_stop(&mut stop, backoff).await {
-            return;
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
-}
-
-/// Sleeps `d`; true if `stop` turned true meanwhile.
-async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        () = stopped(stop) => true,
-    }
-}
-
-/// Resolves once `stop` is true or its sender is gone.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Logs a failed deprovision: the operator may have to remove the namespace by hand.

@@ -18,7 +18,11 @@ use std::{
     process::{Command, Output},
 };
 
-use crate::netns;
+use crate::net::netns;
+
+pub mod bench_object;
+pub mod ctl;
+pub mod demo;
 
 pub const INGEST_IF: &str = "ing";
 pub const INGEST4: &str = "10.77.0.1";

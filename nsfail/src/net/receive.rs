@@ -39,7 +39,7 @@ use netlink_packet_route::{
 };
 use nix::sched::{CloneFlags, setns};
 
-use crate::{netns, paths};
+use crate::{net::netns, paths};
 
 /// `NETDEV_XDP_ACT_NDO_XMIT`: the device takes XDP-redirected frames.
 const XDP_ACT_NDO_XMIT: u64 = 1 << 2;

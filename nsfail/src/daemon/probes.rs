@@ -1,0 +1,117 @@
+//! The network health probes: one task per encoder, restarted when what it was made from
+//! changes, stopped when the encoder goes away.
+
+use super::*;
+
+/// One probe task per encoder with a network health check, restarted when its check changes
+/// and stopped when the encoder goes away.
+#[derive(Default)]
+pub(super) struct Probes {
+    running: BTreeMap<String, (ProbeTarget, watch::Sender<bool>)>,
+}
+
+/// Everything a probe task was made from: a change to any of it replaces the task.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ProbeTarget {
+    health: Health,
+    address: std::net::IpAddr,
+    netns: Option<String>,
+}
+
+impl ProbeTarget {
+    pub(super) fn of(e: &config::Encoder) -> Self {
+        Self {
+            health: e.health.clone(),
+            address: e.address,
+            netns: e.netns.clone(),
+        }
+    }
+}
+
+impl Probes {
+    pub(super) fn sync(
+        &mut self,
+        cfg: &Config,
+        tx: &mpsc::Sender<HealthUpdate>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let wanted: BTreeMap<&str, &config::Encoder> = cfg
+            .encoders
+            .iter()
+            .filter(|e| e.health.kind != HealthKind::Flow)
+            .map(|e| (e.name.as_str(), e))
+            .collect();
+        self.running.retain(|name, (target, cancel)| {
+            let keep = wanted
+                .get(name.as_str())
+                .is_some_and(|e| ProbeTarget::of(e) == *target);
+            if !keep {
+                let _ = cancel.send(true);
+            }
+            keep
+        });
+        for (name, e) in wanted {
+            if self.running.contains_key(name) {
+                continue;
+            }
+            let Some(probe) = health::probe_for(e) else {
+                continue;
+            };
+            let (cancel_tx, cancel_rx) = watch::channel(false);
+            // The daemon's own stop also stops every probe.
+            let mut stop = stop.clone();
+            let cancel_on_stop = cancel_tx.clone();
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                let _ = cancel_on_stop.send(true);
+            });
+            health::spawn(name.to_owned(), probe, &e.health, tx.clone(), cancel_rx);
+            self.running
+                .insert(name.to_owned(), (ProbeTarget::of(e), cancel_tx));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::{mpsc, watch};
+
+    use super::Probes;
+    use crate::config::Config;
+
+    fn config(address: &str) -> Config {
+        let text = format!(
+            "[ingest]\ninterface = \"eth0\"\n\n[[encoder]]\nname = \"enc-a\"\n\
+             address = \"{address}\"\nhealth = {{ kind = \"udp\", port = 9, interval_ms = 60000, \
+             timeout_ms = 100 }}\n"
+        );
+        Config::parse(&text, "t.toml").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_probe_follows_its_encoders_address() {
+        let (tx, _rx) = mpsc::channel(8);
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut probes = Probes::default();
+        probes.sync(&config("127.0.0.2"), &tx, &stop);
+        let first = probes.running["enc-a"].1.subscribe();
+        assert!(!*first.borrow());
+
+        // Same settings: the running probe is kept.
+        probes.sync(&config("127.0.0.2"), &tx, &stop);
+        assert!(!*first.borrow());
+
+        // A new address: the old probe is cancelled and one for the new address runs.
+        probes.sync(&config("127.0.0.3"), &tx, &stop);
+        assert!(
+            *first.borrow(),
+            "the probe of the old address was cancelled"
+        );
+        let (target, cancel) = &probes.running["enc-a"];
+        assert_eq!(
+            target.address,
+            "127.0.0.3".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert!(!*cancel.subscribe().borrow());
+    }
+}
