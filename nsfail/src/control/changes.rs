@@ -19,7 +19,7 @@ impl Controller {
             // Managed encoders this change provisioned are taken away again.
             for enc in &self.effective.encoders {
                 if previous.encoder(&enc.name).is_none()
-                    && let Some(plan) = provision::Plan::of(enc)
+                    && let Some(plan) = enc.provision_plan()
                 {
                     provision::deprovision_or_warn(&plan);
                 }

@@ -5,6 +5,9 @@
 //! Runtime changes are kept as a delta over the config file in a state file beside it, written
 //! atomically after every change, so a restart keeps them and an edited config file still
 //! takes effect for everything the operator did not change at run time.
+//!
+//! Must not: touch BPF maps other than through [`Dataplane`], or do network I/O of its own
+//! beyond the SRT SHUTDOWNs of a repoint.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -238,7 +241,7 @@ impl Controller {
         let cfg = self.effective.clone();
         let now = Instant::now();
         for e in &cfg.encoders {
-            if let Some(plan) = provision::Plan::of(e) {
+            if let Some(plan) = e.provision_plan() {
                 provision::provision(&plan).map_err(|x| ControlError::Encoder {
                     name: e.name.clone(),
                     why: x.to_string(),
@@ -569,7 +572,7 @@ pub fn policy_from_config(e: &config::Encoder) -> Result<crate::dataplane::Egres
         HealthKind::Tcp => e.health.port.map(|p| answers(AllowProto::Tcp, p)),
         HealthKind::Http => match e.health.url.as_deref() {
             Some(url) => {
-                let url = crate::health::HttpUrl::parse(url).map_err(err)?;
+                let url = config::HttpUrl::parse(url).map_err(err)?;
                 Some(answers(AllowProto::Tcp, url.port))
             }
             None => None,

@@ -43,7 +43,7 @@ impl Managed {
             let removed = !wanted.contains_key(name.as_str());
             tokio::spawn(async move {
                 let _ = task.await;
-                if removed && let Some(plan) = provision::Plan::of(&e) {
+                if removed && let Some(plan) = e.provision_plan() {
                     let _ =
                         tokio::task::spawn_blocking(move || provision::deprovision_or_warn(&plan))
                             .await;

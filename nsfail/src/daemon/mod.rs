@@ -1,6 +1,10 @@
 //! `nsfail run`: loads the config, opens (or adopts) the data plane, starts the controller and
 //! serves the control socket until SIGTERM or SIGINT. Stopping leaves the pinned data plane
 //! forwarding.
+//!
+//! Owns: the serve loop, the control socket, the pin-directory lock, the probe tasks, the
+//! link watch and managed encoders' processes. Must not: decide failovers (the controller
+//! does) or touch the data plane other than through the controller.
 
 use std::{
     collections::BTreeMap,

@@ -1,4 +1,6 @@
-//! The one type that owns the kernel half of nsfail: every map, program and link.
+//! The one type that owns the kernel half of nsfail: every map, program and link. Nothing
+//! else in nsfail opens a BPF object; this module knows nothing of the config or the
+//! controller.
 //!
 //! Lifecycle: [`Dataplane::open`] loads the eBPF object and pins it, or adopts what an earlier
 //! process pinned (no reload, so forwarding never stops); [`Dataplane::attach_ingest`] puts

@@ -1,7 +1,7 @@
 //! HTTP status: `GET` a `http://` URL with a minimal HTTP/1.1 request; a 2xx status line is
 //! healthy. Only the status line is read.
 
-use std::{net::Ipv6Addr, time::Duration};
+use std::time::Duration;
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -10,86 +10,10 @@ use tokio::{
 };
 
 use super::{Probe, ProbeError, ProbeFuture};
+use crate::config::HttpUrl;
 
 /// The longest status line accepted; a real one is a few dozen bytes.
 const MAX_STATUS_LINE: usize = 1024;
-
-/// A parsed `http://HOST[:PORT][/PATH][?QUERY]` URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpUrl {
-    /// Name or address to connect to (an IPv6 address without its brackets).
-    pub host: String,
-    pub port: u16,
-    /// `HOST[:PORT]` as written, for the `Host` header.
-    pub authority: String,
-    /// Path and query, at least `/`.
-    pub target: String,
-}
-
-impl HttpUrl {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("health url {url:?} {why}");
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("does not start with http://"))?;
-        if rest.bytes().any(|b| b == b' ' || b.is_ascii_control()) {
-            return Err(bad("contains spaces or control characters"));
-        }
-        let rest = rest.split_once('#').map_or(rest, |(rest, _fragment)| rest);
-        let (authority, target) = match rest.find(['/', '?']) {
-            Some(i) => rest.split_at(i),
-            None => (rest, "/"),
-        };
-        let target = if target.starts_with('?') {
-            format!("/{target}")
-        } else {
-            target.to_owned()
-        };
-        if authority.contains('@') {
-            return Err(bad("has user info, which is not supported"));
-        }
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(bracketed) => {
-                let (host, after) = bracketed
-                    .split_once(']')
-                    .ok_or_else(|| bad("lacks the ']' closing its IPv6 address"))?;
-                if host.parse::<Ipv6Addr>().is_err() {
-                    return Err(bad("has an invalid IPv6 address"));
-                }
-                let port = match after {
-                    "" => None,
-                    _ => Some(
-                        after
-                            .strip_prefix(':')
-                            .ok_or_else(|| bad("has junk after its IPv6 address"))?,
-                    ),
-                };
-                (host, port)
-            }
-            None => match authority.split_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            },
-        };
-        if host.is_empty() {
-            return Err(bad("names no host"));
-        }
-        let port = match port {
-            None | Some("") => 80,
-            Some(port) => port
-                .parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| bad("has an invalid port"))?,
-        };
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-            authority: authority.to_owned(),
-            target,
-        })
-    }
-}
 
 /// Status probe of one URL.
 pub struct HttpProbe {

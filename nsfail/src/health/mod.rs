@@ -3,8 +3,10 @@
 //!
 //! A probe attempt is cancelled by dropping its future, and every probe cleans up when dropped
 //! (an exec probe's processes are killed), so the runner's timeout is the only deadline a probe
-//! needs. `flow` health is not a network probe: the controller judges it from data-plane
-//! counters, and [`probe_for`] has nothing to run for it.
+//! needs. `flow` health is not a network probe: [`flow`] judges it from data-plane counters,
+//! and [`probe_for`] has nothing to run for it.
+//!
+//! Must not: act on what it finds (the controller decides).
 
 mod exec;
 pub mod flow;
@@ -20,12 +22,7 @@ use tokio::{
     time::MissedTickBehavior,
 };
 
-pub use self::{
-    exec::ExecProbe,
-    http::{HttpProbe, HttpUrl},
-    tcp::TcpProbe,
-    udp::UdpProbe,
-};
+pub use self::{exec::ExecProbe, http::HttpProbe, tcp::TcpProbe, udp::UdpProbe};
 use crate::config::{Encoder, Health, HealthKind};
 
 /// What a probe attempt resolves to: the latency of a healthy answer, or why there was none.

@@ -1,6 +1,7 @@
 //! The lab: namespaces, veths and addresses for the demo and the end-to-end tests (the same
 //! machinery for both). It shells out to `ip` and `ethtool`, which is acceptable for the lab
-//! only; the product's own interface handling lives in `netns`.
+//! only; the product's own interface handling lives in `net`. Nothing in the product's paths
+//! (daemon, control, dataplane) uses this module.
 //!
 //! ```text
 //!  {p}src: s0 10.77.0.2/24 fd77::2/64 ──veth── ing 10.77.0.1/24 fd77::1/64 ({p}rt, XDP here)

@@ -21,7 +21,6 @@ use nix::{
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::{
-    config::{self, Encoder},
     net::netns::{netlink, set_gro},
     paths,
 };
@@ -50,20 +49,6 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of a managed encoder (`None` for any other).
-    pub fn of(e: &Encoder) -> Option<Self> {
-        e.spawn.as_ref()?;
-        let prefix = e.link_prefix();
-        Some(Self {
-            encoder: e.name.clone(),
-            netns: e.namespace()?,
-            host_if: e.host_interface()?,
-            addr: e.address,
-            prefix,
-            gateway: config::managed_link(e.address, prefix).1,
-        })
-    }
-
     fn err(&self, what: impl Into<String>) -> impl FnOnce(io::Error) -> ManagedError + '_ {
         let what = what.into();
         move |source| ManagedError {
@@ -267,5 +252,32 @@ pub fn deprovision(plan: &Plan) -> Result<(), ManagedError> {
 pub fn deprovision_or_warn(plan: &Plan) {
     if let Err(err) = deprovision(plan) {
         warn!("{err} (remove it with `ip netns del {}`)", plan.netns);
+    }
+}
+
+/// For a managed encoder: its host part within the link, and the host side's address (the
+/// link's first address).
+pub fn managed_link(addr: IpAddr, prefix: u8) -> (u128, IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            let v = u32::from(a);
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
+            let gw = std::net::Ipv4Addr::from((v & mask) + 1);
+            (u128::from(v & !mask), IpAddr::V4(gw))
+        }
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
+            let gw = std::net::Ipv6Addr::from((v & mask) + 1);
+            (v & !mask, IpAddr::V6(gw))
+        }
     }
 }

@@ -17,6 +17,10 @@ use crate::{
     paths::{self, Pins},
 };
 
+mod render;
+
+use self::render::{render_event, render_status};
+
 #[derive(Parser)]
 #[command(
     name = "nsfail",
@@ -392,81 +396,6 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Cmd::Lab(LabCmd::Demo { seconds }) => crate::lab::demo::run(seconds),
     }
-}
-
-fn render_event(e: &Event) -> String {
-    format!(
-        "{}  {:<10} {:<10} -> {:<10} {}",
-        e.time,
-        e.channel.as_deref().unwrap_or("-"),
-        e.from.as_deref().unwrap_or("-"),
-        e.to.as_deref().unwrap_or("-"),
-        e.reason
-    )
-}
-
-fn render_status(s: &Status, brief: bool) -> String {
-    let mut out = String::new();
-    if brief {
-        out += &format!(
-            "{:<12} {:<24} {:<10} ENCODERS\n",
-            "CHANNEL", "LISTEN", "ACTIVE"
-        );
-        for c in &s.channels {
-            out += &format!(
-                "{:<12} {:<24} {:<10} {}\n",
-                c.name,
-                c.listen.to_string(),
-                c.active.as_deref().unwrap_or("-"),
-                c.encoders.join(",")
-            );
-        }
-        out += &format!(
-            "\n{:<12} {:<26} {:<7} {:<8} {:<7}\n",
-            "ENCODER", "ADDRESS", "LOCAL", "HEALTHY", "DRAINED"
-        );
-        for e in &s.encoders {
-            out += &format!(
-                "{:<12} {:<26} {:<7} {:<8} {:<7}\n",
-                e.name, e.address, e.local, e.healthy, e.drained
-            );
-        }
-        return out;
-    }
-    out += &format!(
-        "{:<12} {:<24} {:<10} {:>10} {:>12} {:>9}  {}\n",
-        "CHANNEL", "LISTEN", "ACTIVE", "PACKETS", "BYTES", "IDLE_MS", "ENCODERS"
-    );
-    for c in &s.channels {
-        out += &format!(
-            "{:<12} {:<24} {:<10} {:>10} {:>12} {:>9}  {}\n",
-            c.name,
-            c.listen.to_string(),
-            c.active.as_deref().unwrap_or("-"),
-            c.packets,
-            c.bytes,
-            c.idle_ms.map_or("-".into(), |v| v.to_string()),
-            c.encoders.join(",")
-        );
-    }
-    out += &format!(
-        "\n{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
-        "ENCODER", "ADDRESS", "HEALTHY", "DRAINED", "PACKETS", "REPLIES", "DROPS", "ACTIVE_FOR"
-    );
-    for e in &s.encoders {
-        out += &format!(
-            "{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
-            e.name,
-            e.address,
-            e.healthy,
-            e.drained,
-            e.packets,
-            e.replies,
-            e.drops,
-            e.active_for.join(",")
-        );
-    }
-    out
 }
 
 /// The demo: lab up, daemon in the foreground (a child process, since the daemon moves into

@@ -1,0 +1,328 @@
+//! Building the persistent lab step by step (namespaces, then each process), recording each
+//! step before the next, and the daemon config written for it.
+
+use super::*;
+
+/// ffmpeg's video encoder arguments: H.264 when this ffmpeg has libx264, else MPEG-2.
+pub(super) fn video_codec() -> Vec<&'static str> {
+    let has_x264 = Command::new("ffmpeg")
+        .args(["-hide_banner", "-encoders"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(" libx264 "));
+    if has_x264 {
+        vec![
+            "-pix_fmt",
+            "yuv420p",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ]
+    } else {
+        vec!["-pix_fmt", "yuv420p", "-c:v", "mpeg2video"]
+    }
+}
+
+/// One encoder of the lab, as the config and its processes need it.
+pub(super) struct LabEncoder {
+    pub(super) name: String,
+    pub(super) netns: String,
+    pub(super) host_if: String,
+    pub(super) addr4: String,
+}
+
+/// A TOML basic string.
+pub(super) fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// The daemon's config for the lab (the keys of DESIGN.md's contract, plus `ingest.netns`).
+pub(super) fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProtocol) -> String {
+    let mut text = format!(
+        "# The demo lab's daemon config, written by `nsfail lab up`; `nsfail lab down` removes it.\n\
+         \n\
+         [ingest]\n\
+         interface = {}\n\
+         netns = {}\n\
+         xdp_mode = \"native\"\n\
+         metrics = {}\n",
+        quoted(INGEST_IF),
+        quoted(rt),
+        quoted(METRICS),
+    );
+    for e in encoders {
+        text += &format!(
+            "\n[[encoder]]\n\
+             name = {}\n\
+             address = {}\n\
+             interface = {}\n\
+             netns = {}\n\
+             allow = [{}]\n\
+             health = {{ kind = \"udp\", port = {ECHO_PORT}, interval_ms = 100, timeout_ms = 100, rise = 3, fall = 3 }}\n",
+            quoted(&e.name),
+            quoted(&e.addr4),
+            quoted(&e.host_if),
+            quoted(&e.netns),
+            quoted(&format!("{}:{SERVICE_PORT}/tcp", lab_gateway(&e.addr4))),
+        );
+    }
+    let names: Vec<String> = encoders.iter().map(|e| quoted(&e.name)).collect();
+    text += &format!(
+        "\n[[channel]]\n\
+         name = \"cam1\"\n\
+         listen = {}\n\
+         encoders = [{}]\n\
+         port = {STREAM_PORT}\n\
+         failback = \"manual\"\n\
+         protocol = {}\n",
+        quoted(&format!("{INGEST4}:{STREAM_PORT}")),
+        names.join(", "),
+        quoted(protocol.as_str()),
+    );
+    text
+}
+
+/// A lab being built: the record so far, and the processes started, still held as children so
+/// that undoing never depends on recognising them.
+pub(super) struct Builder {
+    pub(super) dir: LabDir,
+    pub(super) info: LabInfo,
+    pub(super) children: Vec<(String, Child)>,
+}
+
+impl Builder {
+    pub(super) fn build(&mut self, opts: &LabOptions) -> Result<()> {
+        let prefix = &opts.prefix;
+        let planned = ["rt".to_owned(), "src".to_owned()]
+            .into_iter()
+            .chain((0..opts.encoders).map(|i| format!("e{}", letter(i))));
+        for name in planned.map(|n| format!("{prefix}{n}")) {
+            if paths::netns(&name).exists() {
+                return Err(LabCtlError::NamespaceExists(name));
+            }
+        }
+
+        let lab = Lab::new(prefix, opts.encoders)?;
+        let rt = lab.rt.name.clone();
+        let src = lab.src.name.clone();
+        let encoders: Vec<LabEncoder> = lab
+            .encoders
+            .iter()
+            .enumerate()
+            .map(|(i, e)| LabEncoder {
+                name: format!("enc-{}", letter(i)),
+                netns: e.ns.name.clone(),
+                host_if: e.host_if.clone(),
+                addr4: e.addr4.clone(),
+            })
+            .collect();
+        // From here the record, not the Lab's guards, is what removes the namespaces.
+        self.info.namespaces = lab.keep();
+        self.save()?;
+
+        let config = daemon_config(&rt, &encoders, opts.protocol);
+        fs::write(&self.info.config, config)
+            .map_err(io_err(format!("write {}", self.info.config.display())))?;
+
+        for e in &encoders {
+            let output = self.dir.output(&e.name);
+            File::create(&output).map_err(io_err(format!("create {}", output.display())))?;
+            self.info.outputs.push((e.name.clone(), output.clone()));
+            let receiver = match opts.protocol {
+                LabProtocol::Srt => vec![
+                    "srt-live-transmit".to_owned(),
+                    "-a".to_owned(),
+                    "yes".to_owned(),
+                    "-q".to_owned(),
+                    format!("srt://:{STREAM_PORT}?mode=listener"),
+                    "file://con".to_owned(),
+                ],
+                LabProtocol::Udp => vec![
+                    "socat".to_owned(),
+                    "-u".to_owned(),
+                    format!("UDP-RECV:{STREAM_PORT}"),
+                    "STDOUT".to_owned(),
+                ],
+            };
+            self.spawn(
+                &format!("{}-receiver", e.name),
+                &e.netns,
+                receiver,
+                Some(&output),
+            )?;
+            // One datagram in, the same datagram back to its sender, from the echo port.
+            let echo = vec![
+                "socat".to_owned(),
+                "-T1".to_owned(),
+                format!("UDP-RECVFROM:{ECHO_PORT},fork"),
+                "PIPE".to_owned(),
+            ];
+            self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
+        }
+        // A service on the ingest host that the encoders may use (their allow-lists name it):
+        // reachable on SERVICE_PORT, and nothing else is.
+        let service = vec![
+            "socat".to_owned(),
+            format!("TCP-LISTEN:{SERVICE_PORT},fork,reuseaddr"),
+            "SYSTEM:echo nsfail lab host service".to_owned(),
+        ];
+        self.spawn("rt-service", &rt, service, None)?;
+
+        let target = match opts.protocol {
+            LabProtocol::Srt => {
+                let relay = vec![
+                    "srt-live-transmit".to_owned(),
+                    "-a".to_owned(),
+                    "yes".to_owned(),
+                    "-q".to_owned(),
+                    RELAY.to_owned(),
+                    format!("srt://{INGEST4}:{STREAM_PORT}?mode=caller"),
+                ];
+                self.spawn("src-relay", &src, relay, None)?;
+                format!("{RELAY}?pkt_size=1316")
+            }
+            LabProtocol::Udp => format!("udp://{INGEST4}:{STREAM_PORT}?pkt_size=1316"),
+        };
+        let mut ffmpeg: Vec<String> = [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=640x360:rate=25",
+        ]
+        .into_iter()
+        .chain(video_codec())
+        .chain(["-g", "25", "-b:v", "1M", "-f", "mpegts"])
+        .map(str::to_owned)
+        .collect();
+        ffmpeg.push(target);
+        self.spawn("src-ffmpeg", &src, ffmpeg, None)?;
+
+        // A process that cannot bind, connect or find its codec exits at once.
+        thread::sleep(SETTLE);
+        for (name, child) in &mut self.children {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err(format!("wait for {name}")))?
+            {
+                return Err(LabCtlError::Start {
+                    name: name.clone(),
+                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `cmdline` in namespace `netns` as a detached process (own session, stdin from
+    /// /dev/null, output to files), waits until it runs as itself, and records it.
+    pub(super) fn spawn(
+        &mut self,
+        name: &str,
+        netns: &str,
+        cmdline: Vec<String>,
+        stdout: Option<&Path>,
+    ) -> Result<()> {
+        let log_path = self.dir.log(name);
+        let log = open_append(&log_path)?;
+        let out = match stdout {
+            Some(path) => open_append(path)?,
+            None => log
+                .try_clone()
+                .map_err(io_err(format!("open {}", log_path.display())))?,
+        };
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .args(&cmdline)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(log);
+        // SAFETY: setsid(2) is async-signal-safe, and the closure allocates nothing.
+        unsafe {
+            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
+        let child = command
+            .spawn()
+            .map_err(io_err(format!("start {}", cmdline.join(" "))))?;
+        let pid = child.id();
+        self.children.push((name.to_owned(), child));
+        let child = &mut self.children.last_mut().expect("just pushed").1;
+
+        // `ip netns exec` execs the program in place: wait until the PID shows it.
+        let start = Instant::now();
+        while proc_cmdline(pid).as_ref() != Some(&cmdline) {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err(format!("wait for {name}")))?
+            {
+                return Err(LabCtlError::Start {
+                    name: name.to_owned(),
+                    detail: format!("{status}: {}", log_tail(&log_path)),
+                });
+            }
+            if start.elapsed() > EXEC_WAIT {
+                return Err(LabCtlError::Start {
+                    name: name.to_owned(),
+                    detail: format!("not running as `{}` after {EXEC_WAIT:?}", cmdline.join(" ")),
+                });
+            }
+            thread::sleep(POLL);
+        }
+        let (_, start_time) = proc_stat(pid).ok_or_else(|| LabCtlError::Start {
+            name: name.to_owned(),
+            detail: "exited at once".to_owned(),
+        })?;
+        self.info.processes.push(LabProcess {
+            name: name.to_owned(),
+            netns: netns.to_owned(),
+            pid,
+            start_time,
+            cmdline,
+            log: log_path,
+        });
+        self.save()
+    }
+
+    pub(super) fn save(&self) -> Result<()> {
+        save(&self.dir, &self.info)
+    }
+
+    /// Undoes a failed build: stops the children (by handle, which cannot name another
+    /// process), then removes the namespaces and the directory. Returns the error to report.
+    pub(super) fn undo(mut self, cause: LabCtlError) -> LabCtlError {
+        for (_, child) in &self.children {
+            let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        }
+        let start = Instant::now();
+        for (_, child) in &mut self.children {
+            while matches!(child.try_wait(), Ok(None)) && start.elapsed() < GRACE {
+                thread::sleep(POLL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.info.processes.clear();
+        match teardown(&self.dir, &mut self.info) {
+            Ok(()) => cause,
+            Err(e) => LabCtlError::Rollback {
+                cause: Box::new(cause),
+                cleanup: e.to_string(),
+            },
+        }
+    }
+}
+
+/// The letter of encoder `i`: a, b, ... (as in [`Lab`]'s namespace and interface names).
+pub(super) fn letter(i: usize) -> char {
+    (b'a' + i as u8) as char
+}
