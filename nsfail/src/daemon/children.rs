@@ -5,19 +5,22 @@ use std::{fs::File, io, os::fd::AsFd as _, process::Stdio};
 
 use tokio::{io::AsyncBufReadExt as _, process::Command};
 
-use super::*;
+use super::{
+    actor::{ControlHandle, Msg},
+    *,
+};
 use crate::config::{Encoder, Restart};
 
 /// The supervised processes of managed encoders. A removed encoder's process is stopped, then
 /// its namespace and veth are removed; at shutdown processes stop and namespaces stay (a
 /// restarted daemon finds them in place).
 pub(super) struct Managed {
-    ctl: Arc<Mutex<Controller>>,
+    ctl: ControlHandle,
     running: BTreeMap<String, (config::Encoder, watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Managed {
-    pub(super) fn new(ctl: Arc<Mutex<Controller>>) -> Self {
+    pub(super) fn new(ctl: ControlHandle) -> Self {
         Self {
             ctl,
             running: BTreeMap::new(),
@@ -58,7 +61,7 @@ impl Managed {
             let ctl = self.ctl.clone();
             let report: Report = Arc::new(move |encoder: &str, msg: String| {
                 warn!("managed encoder {encoder}: {msg}");
-                lock(&ctl).encoder_event(encoder, msg);
+                ctl.tell(Msg::EncoderEvent(encoder.to_owned(), msg));
             });
             let task = tokio::spawn(supervise(e.clone(), stop_rx, report));
             self.running

@@ -1,7 +1,10 @@
 //! The data plane on the interfaces that exist now: link events and a periodic sweep drive
 //! the controller's readiness and re-attachment checks.
 
-use super::*;
+use super::{
+    actor::{ControlHandle, Msg},
+    *,
+};
 
 /// How often attachments and receive readiness are checked when no link event says so
 /// sooner.
@@ -10,9 +13,9 @@ pub(super) const LINK_SWEEP: Duration = Duration::from_millis(500);
 /// Keeps the data plane on the interfaces that exist now, and every local encoder able to
 /// receive: on every link event in this namespace (an interface deleted, re-created, brought
 /// up or down) and every [`LINK_SWEEP`] (a peer's GRO turned off in another namespace makes
-/// no event here). The checks run on the blocking pool, one round at a time; the
-/// controller is locked only to apply what they found.
-pub(super) async fn watch_links(ctl: Arc<Mutex<Controller>>, mut stop: watch::Receiver<bool>) {
+/// no event here). The checks run on the blocking pool, one round at a time; the controller
+/// applies what they found.
+pub(super) async fn watch_links(ctl: ControlHandle, mut stop: watch::Receiver<bool>) {
     let mut events = match rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link]) {
         Ok((conn, _handle, events)) => {
             tokio::spawn(conn);
@@ -45,25 +48,24 @@ pub(super) async fn watch_links(ctl: Arc<Mutex<Controller>>, mut stop: watch::Re
                 let _ = stop.wait_for(|s| *s).await;
             } => return,
         }
-        let ctl = ctl.clone();
+        let Some(targets) = ctl.ask(Msg::ReceiveTargets).await else {
+            return;
+        };
         let round = tokio::task::spawn_blocking(move || {
-            let targets = lock(&ctl).receive_targets();
-            let verdicts: Vec<_> = targets
+            targets
                 .into_iter()
                 .map(|(name, ifname, ns)| {
                     (name, crate::net::receive::ensure(&ifname, ns.as_deref()))
                 })
-                .collect();
-            let mut c = lock(&ctl);
-            c.check_attachments();
-            for (name, verdict) in verdicts {
-                if let Err(e) = c.set_receive(&name, verdict) {
-                    warn!("acting on {name}'s interface: {e}");
+                .collect::<Vec<_>>()
+        });
+        match round.await {
+            Ok(verdicts) => {
+                if ctl.ask(|done| Msg::Links(verdicts, done)).await.is_none() {
+                    return;
                 }
             }
-        });
-        if let Err(e) = round.await {
-            warn!("link check: {e}");
+            Err(e) => warn!("link check: {e}"),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::{
         unix::fs::{OpenOptionsExt as _, PermissionsExt},
     },
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -33,7 +33,7 @@ use tokio::{
 
 use crate::{
     Dataplane,
-    api::{self, Command, Request, Response},
+    api::{self, Request, Response},
     config::{self, Config, Health, HealthKind},
     control::Controller,
     health::{self, HealthUpdate},
@@ -42,6 +42,7 @@ use crate::{
     paths::{self, Pins},
 };
 
+mod actor;
 mod children;
 mod links;
 mod lock;
@@ -49,13 +50,13 @@ mod probes;
 mod socket;
 
 use self::{
+    actor::{Actor, Msg},
     children::Managed,
     links::watch_links,
     lock::lock_pins,
     probes::Probes,
     socket::{bind, handle},
 };
-use crate::health::flow::FlowChecks;
 
 pub struct Options {
     pub config: PathBuf,
@@ -87,37 +88,46 @@ pub fn run(opts: Options) -> Result<()> {
         ctl.config().channels.len(),
         ctl.config().encoders.len()
     );
-    let ctl = Arc::new(Mutex::new(ctl));
-    // One thread runs every probe, the socket and the periodic work: nothing on it blocks
-    // (controller calls are short map operations; requests run on the blocking pool), and
-    // with a thousand probe results a second, one thread spares the cross-thread wake-ups.
+    // One thread runs every probe, the socket and the metrics endpoint: nothing on it blocks,
+    // since everything that touches the controller runs on the controller's own thread (see
+    // `actor`); with a thousand probe results a second, one thread spares the cross-thread
+    // wake-ups.
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(serve(ctl, &opts.socket))
 }
 
-/// How often the controller's periodic work runs (failback, input loss, switchover
-/// measurement, flow checks).
-const TICK: Duration = Duration::from_millis(10);
-
-async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
+async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
     let listener = bind(socket).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
-    let metrics_addr = lock(&ctl).config().ingest.metrics;
+    let metrics_addr = ctl.config().ingest.metrics;
+    let actor = Actor::spawn(ctl, metrics.clone())?;
+    let ctl = actor.handle.clone();
+    let mut config = actor.config.clone();
     let refresh = {
-        let (ctl, metrics) = (ctl.clone(), metrics.clone());
-        move || refresh_metrics(&ctl, &metrics)
+        let ctl = ctl.clone();
+        // On the endpoint's blocking thread: the scrape waits for the actor's copy.
+        move || {
+            let _ = ctl.ask_blocking(Msg::Observe);
+        }
     };
-    let (bound, metrics_task) = metrics::serve(
+    let served = metrics::serve(
         metrics_addr,
         metrics::Limits::default(),
         metrics.clone(),
         refresh,
         stop_rx.clone(),
     )
-    .await?;
+    .await;
+    let (bound, metrics_task) = match served {
+        Ok(s) => s,
+        Err(e) => {
+            actor.stop();
+            return Err(e.into());
+        }
+    };
     info!(
         "listening on {}; metrics on http://{bound}/metrics",
         socket.display()
@@ -125,18 +135,13 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
 
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let mut probes = Probes::default();
-    let mut flows = FlowChecks::default();
     let mut managed = Managed::new(ctl.clone());
-    let mut seen_generation = {
-        let c = lock(&ctl);
-        probes.sync(c.config(), &health_tx, &stop_rx);
-        managed.sync(c.config());
-        flows.sync(c.config());
-        c.generation()
-    };
+    {
+        let cfg = config.borrow_and_update().clone();
+        probes.sync(&cfg, &health_tx, &stop_rx);
+        managed.sync(&cfg);
+    }
     let link_watch = tokio::spawn(watch_links(ctl.clone(), stop_rx.clone()));
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
@@ -154,40 +159,13 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
             },
             Some(update) = health_rx.recv() => {
                 metrics.record_probe(&update.encoder, update.latency);
-                if update.ok {
-                    lock(&ctl).note_alive(&update.encoder);
-                }
-                if let Some(healthy) = update.transition {
-                    if let Some(e) = &update.error {
-                        info!("encoder {} probe: {e}", update.encoder);
-                    }
-                    if let Err(e) = lock(&ctl).on_health(&update.encoder, healthy) {
-                        warn!("acting on {}'s health: {e}", update.encoder);
-                    }
-                }
+                ctl.tell(Msg::Health(update));
             },
-            _ = tick.tick() => {
-                let mut c = lock(&ctl);
-                flows.run(&mut c);
-                match c.tick() {
-                    Ok(report) => {
-                        for channel in &report.moved {
-                            metrics.record_failover(channel, None);
-                        }
-                        for s in &report.switchovers {
-                            metrics.record_switchover(s.gap);
-                        }
-                    }
-                    Err(e) => warn!("periodic work: {e}"),
-                }
-                // Probes and managed encoders follow the configuration: re-read it only when
-                // it changed.
-                if c.generation() != seen_generation {
-                    seen_generation = c.generation();
-                    probes.sync(c.config(), &health_tx, &stop_rx);
-                    managed.sync(c.config());
-                    flows.sync(c.config());
-                }
+            // Probes and managed encoders follow the configuration.
+            Ok(()) = config.changed() => {
+                let cfg = config.borrow_and_update().clone();
+                probes.sync(&cfg, &health_tx, &stop_rx);
+                managed.sync(&cfg);
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -198,28 +176,8 @@ async fn serve(ctl: Arc<Mutex<Controller>>, socket: &Path) -> Result<()> {
     let _ = link_watch.await;
     managed.stop_all().await;
     let _ = metrics_task.await;
+    actor.stop();
     let _ = fs::remove_file(socket);
     info!("stopped; the data plane keeps forwarding (nsfail teardown removes it)");
     Ok(())
-}
-
-pub(super) fn lock(ctl: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
-    ctl.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn refresh_metrics(ctl: &Mutex<Controller>, metrics: &Metrics) {
-    let c = lock(ctl);
-    let Ok(status) = c.status() else { return };
-    let dp = c.dataplane();
-    let drops: Vec<_> = status
-        .encoders
-        .iter()
-        .filter_map(|e| Some((e.name.clone(), dp.encoder_drops(&e.name).ok()?)))
-        .collect();
-    metrics.observe(
-        &status,
-        &drops,
-        &dp.xdp_stats().unwrap_or_default(),
-        &dp.tc_stats().unwrap_or_default(),
-    );
 }

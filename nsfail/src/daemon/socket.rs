@@ -1,7 +1,7 @@
 //! The control socket: binding it (0600 from the start), one connection's requests, and
 //! running each against the controller.
 
-use super::*;
+use super::{actor::ControlHandle, *};
 
 /// Binds the socket (mode 0600). A socket file nobody answers on is stale and replaced; one
 /// that answers belongs to a running daemon, and this one refuses to start.
@@ -29,7 +29,7 @@ pub(super) async fn bind(socket: &Path) -> Result<UnixListener> {
 
 /// Serves one connection: requests one per line until the client closes. A malformed or
 /// oversized request gets an error answer; an oversized one also ends the connection.
-pub(super) async fn handle(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> Result<()> {
+pub(super) async fn handle(stream: UnixStream, ctl: ControlHandle) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -51,10 +51,7 @@ pub(super) async fn handle(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> R
                     req.v,
                     api::VERSION
                 )),
-                Ok(req) => {
-                    let ctl = ctl.clone();
-                    tokio::task::spawn_blocking(move || execute(&ctl, req.command)).await?
-                }
+                Ok(req) => ctl.request(req.command).await,
                 Err(e) => Response::error(format!("malformed request: {e}")),
             }
         };
@@ -64,27 +61,5 @@ pub(super) async fn handle(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> R
         if too_long {
             return Ok(());
         }
-    }
-}
-
-pub(super) fn execute(ctl: &Mutex<Controller>, command: Command) -> Response {
-    let mut c = lock(ctl);
-    let done = |r: Result<(), crate::control::ControlError>| match r {
-        Ok(()) => Response::ok(()),
-        Err(e) => Response::error(e.to_string()),
-    };
-    match command {
-        Command::Status => match c.status() {
-            Ok(s) => Response::ok(s),
-            Err(e) => Response::error(e.to_string()),
-        },
-        Command::Events => Response::ok(c.events()),
-        Command::Remap { channel, encoder } => done(c.remap(&channel, &encoder)),
-        Command::Drain { encoder } => done(c.drain(&encoder)),
-        Command::Undrain { encoder } => done(c.undrain(&encoder)),
-        Command::AddChannel { channel } => done(c.add_channel(channel)),
-        Command::AddEncoder { encoder } => done(c.add_encoder(encoder)),
-        Command::RemoveChannel { name } => done(c.remove_channel(&name)),
-        Command::RemoveEncoder { name } => done(c.remove_encoder(&name)),
     }
 }
