@@ -172,8 +172,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, socket: &Path, pins: &PinDir) -> Self {
+        Self::start_bin(&nsfail_bin(), config, socket, pins)
+    }
+
+    /// [`Daemon::start`] with another build of nsfail (a benchmark's baseline).
+    pub fn start_bin(bin: &Path, config: &Path, socket: &Path, pins: &PinDir) -> Self {
         let log = fs::File::create(config.with_extension("log")).expect("daemon log");
-        let child = Command::new(nsfail_bin())
+        let child = Command::new(bin)
             .arg("--socket")
             .arg(socket)
             .arg("run")

@@ -2,8 +2,18 @@
 //! probes, each answered from the encoder's own address) and 50 channels, for 60 s: CPU time
 //! as a share of one core, and resident memory. Five 12-second windows after a warm-up; the
 //! figures are their median, min and max.
+//!
+//! With `NSFAIL_BENCH_BASELINE=/path/to/nsfail` (another build, e.g. the previous commit's),
+//! a second daemon from that binary runs at the same time on a lab of its own, both are
+//! measured in the same windows, and their CPU ratio is taken window by window: the machine's
+//! noise falls on both alike.
 
-use std::{fs, net::SocketAddr, time::Duration};
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use nsfail::lab::Netns;
@@ -15,7 +25,7 @@ use nsfail_tests::{
     unique,
 };
 
-use crate::report::{Figure, Goal, Limit, Report};
+use crate::report::{Figure, Goal, Limit, Ratio, Report};
 
 const ENCODERS: usize = 100;
 const CHANNELS: usize = 50;
@@ -43,7 +53,17 @@ fn rss_mib(pid: i32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
-pub fn run(reps: usize) -> Result<Report> {
+/// One daemon on its own lab, with its 100 encoders' echo responders.
+struct Bed {
+    daemon: Daemon,
+    _echoes: Vec<Echo>,
+    _pins: PinDir,
+    _dir: TempDir,
+    _echo_ns: Netns,
+    _lab: nsfail::lab::Lab,
+}
+
+fn bed(bin: &Path) -> Result<Bed> {
     let lab = lab(0);
     // One namespace answers for all 100 encoders, each address with its own echo socket.
     let echo_ns = Netns::new(&unique("ech"))?;
@@ -96,28 +116,56 @@ pub fn run(reps: usize) -> Result<Report> {
     let path = dir.path.join("nsfail.toml");
     fs::write(&path, config)?;
     let pins = PinDir::new();
-    let daemon = Daemon::start(&path, &dir.path.join("nsfail.sock"), &pins);
-    let pid = daemon.child.pid();
+    let daemon = Daemon::start_bin(bin, &path, &dir.path.join("nsfail.sock"), &pins);
+    Ok(Bed {
+        daemon,
+        _echoes: echoes,
+        _pins: pins,
+        _dir: dir,
+        _echo_ns: echo_ns,
+        _lab: lab,
+    })
+}
+
+pub fn run(reps: usize) -> Result<Report> {
+    let baseline = std::env::var_os("NSFAIL_BENCH_BASELINE").map(PathBuf::from);
+    let mut beds = vec![("this build", bed(&nsfail_tests::daemon::nsfail_bin())?)];
+    if let Some(bin) = &baseline {
+        beds.push(("baseline", bed(bin)?));
+    }
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("CLK_TCK")? as f64;
 
     std::thread::sleep(Duration::from_secs(3));
-    let healthy = nsfail_tests::daemon::status(&daemon.socket)["encoders"]
-        .as_array()
-        .map_or(0, |e| e.iter().filter(|e| e["healthy"] == true).count());
-    if healthy != ENCODERS {
-        bail!("only {healthy} of {ENCODERS} encoders are healthy: the probes do not work");
+    for (variant, b) in &beds {
+        let healthy = nsfail_tests::daemon::status(&b.daemon.socket)["encoders"]
+            .as_array()
+            .map_or(0, |e| e.iter().filter(|e| e["healthy"] == true).count());
+        if healthy != ENCODERS {
+            bail!(
+                "{variant}: only {healthy} of {ENCODERS} encoders are healthy: the probes do not work"
+            );
+        }
     }
-    let mut cpu = Figure::new("controller", "CPU, % of one core", "%");
-    let mut rss = Figure::new("controller", "resident memory", "MiB");
+    let mut cpu: Vec<Figure> = beds
+        .iter()
+        .map(|(v, _)| Figure::new("CPU, % of one core", v, "%"))
+        .collect();
+    let mut rss: Vec<Figure> = beds
+        .iter()
+        .map(|(v, _)| Figure::new("resident memory", v, "MiB"))
+        .collect();
     for _ in 0..reps {
-        let t0 = cpu_ticks(pid)?;
+        let pids: Vec<i32> = beds.iter().map(|(_, b)| b.daemon.child.pid()).collect();
+        let t0: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect::<Result<_>>()?;
         std::thread::sleep(WINDOW);
-        let t1 = cpu_ticks(pid)?;
-        cpu.samples
-            .push((t1 - t0) as f64 / tick / WINDOW.as_secs_f64() * 100.0);
-        rss.samples.push(rss_mib(pid)?);
+        for (k, &pid) in pids.iter().enumerate() {
+            let t1 = cpu_ticks(pid)?;
+            cpu[k]
+                .samples
+                .push((t1 - t0[k]) as f64 / tick / WINDOW.as_secs_f64() * 100.0);
+            rss[k].samples.push(rss_mib(pid)?);
+        }
     }
-    drop(echoes);
     let mut report = Report::new(
         "controller",
         "Controller: 100 encoders probed every 100 ms",
@@ -128,19 +176,39 @@ pub fn run(reps: usize) -> Result<Report> {
          daemon CPU (utime+stime from /proc) per {}-s window, VmRSS at each window's end",
         WINDOW.as_secs()
     ));
+    if let Some(bin) = &baseline {
+        report.method.push(format!(
+            "baseline: {} on a lab of its own, running at the same time, measured in the same \
+             windows",
+            bin.display()
+        ));
+        report.ratios.push(Ratio::of(
+            "this build / baseline, CPU",
+            &cpu[0],
+            &cpu[1],
+            None,
+        ));
+        report.ratios.push(Ratio::of(
+            "this build / baseline, resident memory",
+            &rss[0],
+            &rss[1],
+            None,
+        ));
+    }
     report.limits.push(Limit {
         name: "controller CPU".into(),
-        value: cpu.summary().median,
+        value: cpu[0].summary().median,
         unit: "%".into(),
         goal: Goal::AtMost(1.0),
     });
     report.limits.push(Limit {
         name: "controller resident memory".into(),
-        value: rss.summary().max,
+        value: rss[0].summary().max,
         unit: "MiB".into(),
         goal: Goal::AtMost(30.0),
     });
-    report.figures.extend([cpu, rss]);
-    drop(daemon);
+    report.figures.extend(cpu);
+    report.figures.extend(rss);
+    drop(beds);
     Ok(report)
 }
