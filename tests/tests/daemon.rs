@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     os::unix::{fs::PermissionsExt, net::UnixStream},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nsfail::lab::{INGEST4, SRC4};
@@ -305,8 +305,19 @@ fn srt_stream_moves_with_remap() {
     assert_eq!(active(&st, "cam1"), "enc-a");
     assert!(st["channels"][0]["packets"].as_u64().unwrap() > 50, "{st}");
 
+    let caller = session.caller_on_wire();
+    let remapped = Instant::now();
     let out = cli(sock, &["remap", "cam1", "enc-b"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
+    // The caller is told to reconnect, on the wire, and its stream is at enc-b sooner than
+    // its own timeout could bring it there.
+    session.growth(1, 1, srt::TOLD_BOUND).unwrap_or_else(|| {
+        panic!(
+            "no output at enc-b within {:?} of the remap",
+            srt::TOLD_BOUND
+        )
+    });
+    session.assert_told_to_reconnect(caller, remapped);
     let moved = session.growth(1, 100_000, Duration::from_secs(20));
     assert!(
         moved.is_some(),

@@ -4,7 +4,7 @@
 //! figures belong to `cargo xtask bench failover`.
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     thread,
     time::{Duration, Instant},
 };
@@ -222,7 +222,17 @@ fn flow_check_fails_over_a_hung_receiver() {
 
 #[test]
 fn input_loss_is_reported_and_never_failed_over() {
-    let s = setup(&Policy::tolerant());
+    // enc-a is watched by the flow check, the one that could mistake input loss for a hung
+    // encoder: its replies stop with its input. Three checks 100 ms apart without a reply in
+    // the last 100 ms fail it, so without the input guard it would fall about 400 ms after
+    // the source stops, well before the 1.5 s this test waits.
+    let s = setup(&Policy {
+        health: [
+            "{ kind = \"flow\", interval_ms = 100, timeout_ms = 100, rise = 2, fall = 3 }",
+            HEALTH_TOLERANT,
+        ],
+        ..Policy::default()
+    });
     let sock = s.daemon.socket.clone();
     let ea = &s.lab.encoders[0];
     let rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
@@ -302,25 +312,88 @@ fn auto_failback_returns_once_after_the_hold_down() {
     assert_eq!(active(&sock, "cam2"), "enc-a");
 }
 
+/// The caller and socket ID the daemon learned for cam1 (`status --json`).
+fn learned_srt_peers(sock: &std::path::Path) -> Vec<(String, u64)> {
+    status(sock)["channels"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "cam1"))
+        .and_then(|c| c["srt_peers"].as_array())
+        .map(|peers| {
+            peers
+                .iter()
+                .map(|p| {
+                    (
+                        p["caller"].as_str().unwrap_or_default().to_owned(),
+                        p["socket_id"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What an SRT failover did, seen from outside the daemon.
+struct SrtFailover {
+    session: srt::Session,
+    /// The caller's address and socket ID before the failover, from the wire.
+    caller: (SocketAddrV4, u32),
+    /// When enc-a was killed.
+    killed: Instant,
+    /// From then until enc-b's output grew by 10 datagrams.
+    back_after: Duration,
+    events: Vec<serde_json::Value>,
+    _bed: Setup,
+}
+
 /// An SRT caller streams through cam1 to enc-a's listener; enc-a dies (listener and health
-/// responder). Returns how long until enc-b's listener output grew by 10 datagrams, and the
-/// events.
-fn srt_failover(protocol: &str, passphrase: Option<&str>) -> (Duration, Vec<serde_json::Value>) {
+/// responder); cam1 fails over to enc-b, and the caller's stream reaches enc-b's listener.
+fn srt_failover(protocol: &str, passphrase: Option<&str>) -> SrtFailover {
     let mut s = setup(&Policy {
         cam1_protocol: protocol,
         ..Policy::default()
     });
+    let sock = s.socket();
     let mut session = srt::Session::start(&s, passphrase);
     let started = session.growth(0, 50_000, Duration::from_secs(15));
     assert!(started.is_some(), "enc-a receives");
+    let caller = session.caller_on_wire();
+    if protocol == "srt" {
+        assert_eq!(
+            learned_srt_peers(&sock),
+            [(caller.0.to_string(), u64::from(caller.1))],
+            "the daemon learned the caller on the wire"
+        );
+    }
     // Encoder A dies: its SRT listener and its health responder.
     session.kill(0);
     s.echoes[0].stop();
-    let recovered = session
+    let killed = Instant::now();
+    let repointed = wait_for(Duration::from_secs(5), || {
+        (active(&sock, "cam1") == "enc-b").then(Instant::now)
+    })
+    .unwrap_or_else(|| panic!("cam1 did not fail over: {:?}", events(&sock)));
+    session
         .growth(1, 10 * srt::DATAGRAM as u64, Duration::from_secs(20))
         .unwrap_or_else(|| panic!("enc-b's output did not grow: {} bytes", session.size(1)));
-    assert_eq!(active(&s.socket(), "cam1"), "enc-b");
-    (recovered, events(&s.socket()))
+    let back_after = repointed.elapsed();
+    println!(
+        "{protocol} channel{}: repointed {:?} after the kill, stream at enc-b {back_after:?} \
+         after the repoint",
+        if passphrase.is_some() {
+            ", encrypted"
+        } else {
+            ""
+        },
+        repointed - killed
+    );
+    SrtFailover {
+        events: events(&sock),
+        session,
+        caller,
+        killed,
+        back_after,
+        _bed: s,
+    }
 }
 
 fn srt_reconnects(events: &[serde_json::Value]) -> Option<u64> {
@@ -330,35 +403,50 @@ fn srt_reconnects(events: &[serde_json::Value]) -> Option<u64> {
         .and_then(|e| e["srt_reconnects"].as_u64())
 }
 
-#[test]
-fn srt_caller_is_told_to_reconnect_on_failover() {
-    let (took, events) = srt_failover("srt", None);
-    println!("SRT channel: stream at enc-b {took:?} after enc-a died");
+/// The caller got a SHUTDOWN on the wire and its stream was back at enc-b sooner than its
+/// own timeout could have brought it.
+fn assert_told_and_back(f: &SrtFailover) {
+    f.session.assert_told_to_reconnect(f.caller, f.killed);
+    assert!(
+        f.back_after < srt::TOLD_BOUND,
+        "stream back at enc-b {:?} after the repoint: the caller was not told to reconnect",
+        f.back_after
+    );
     assert_eq!(
-        srt_reconnects(&events),
+        srt_reconnects(&f.events),
         Some(1),
-        "one caller told: {events:?}"
+        "one caller told: {:?}",
+        f.events
     );
 }
 
 #[test]
+fn srt_caller_is_told_to_reconnect_on_failover() {
+    assert_told_and_back(&srt_failover("srt", None));
+}
+
+#[test]
 fn srt_caller_is_told_to_reconnect_on_failover_encrypted() {
-    let (took, events) = srt_failover("srt", Some("0123456789abcdef"));
-    println!("SRT channel, encrypted: stream at enc-b {took:?} after enc-a died");
-    assert_eq!(
-        srt_reconnects(&events),
-        Some(1),
-        "one caller told: {events:?}"
-    );
+    assert_told_and_back(&srt_failover("srt", Some("0123456789abcdef")));
 }
 
 #[test]
 fn udp_channel_carrying_srt_recovers_only_by_the_callers_timeout() {
     // The baseline: the same stream on a channel declared "udp" gets no SHUTDOWN; the caller
-    // reconnects only after libsrt's peer-idle timeout (about 5 s).
-    let (took, events) = srt_failover("udp", None);
-    println!("UDP channel carrying SRT: stream at enc-b {took:?} after enc-a died");
-    assert_eq!(srt_reconnects(&events), None, "{events:?}");
+    // reconnects only after libsrt's peer-idle timeout (about 5 s), which misses TOLD_BOUND.
+    let f = srt_failover("udp", None);
+    assert_eq!(
+        f.session.wire.shutdowns().len(),
+        0,
+        "no SHUTDOWN on a udp channel"
+    );
+    assert_eq!(srt_reconnects(&f.events), None, "{:?}", f.events);
+    assert!(
+        f.back_after >= srt::TOLD_BOUND,
+        "an untold caller was back at enc-b {:?} after the repoint: TOLD_BOUND does not tell \
+         a SHUTDOWN from libsrt's own timeout",
+        f.back_after
+    );
 }
 
 #[test]
@@ -370,12 +458,20 @@ fn srt_remap_with_both_encoders_alive_is_near_seamless() {
         session.growth(0, 50_000, Duration::from_secs(15)).is_some(),
         "enc-a receives"
     );
+    let caller = session.caller_on_wire();
+    let remapped = Instant::now();
     let out = cli(&sock, &["remap", "cam1", "enc-b"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let moved = session
+    session
         .growth(1, 1, Duration::from_secs(20))
         .expect("enc-b's output grows after the remap");
+    let moved = remapped.elapsed();
     println!("SRT remap with both alive: first output at enc-b {moved:?} after the remap");
+    session.assert_told_to_reconnect(caller, remapped);
+    assert!(
+        moved < srt::TOLD_BOUND,
+        "stream at enc-b {moved:?} after the remap: the caller was not told to reconnect"
+    );
     let ev = events(&sock);
     let remap = ev
         .iter()
