@@ -15,7 +15,7 @@ use nsfail_tests::{
         Bed, HEALTH_DESIGN, HEALTH_TOLERANT, Policy, active, cli, count_events, events, status,
     },
     srt,
-    traffic::{Echo, Receiver, send_burst, spawn_burst},
+    traffic::{Echo, Receiver, check_seqs, send_burst, spawn_burst},
     wait_for,
 };
 
@@ -279,11 +279,35 @@ fn auto_failback_returns_once_after_the_hold_down() {
     };
     let mut s = setup(&policy);
     let sock = s.daemon.socket.clone();
+    let (ea, eb) = (&s.lab.encoders[0], &s.lab.encoders[1]);
+    // enc-a's media receiver stays up throughout: only its health responder stops, so where
+    // cam2's packets land shows the data plane's choice, not which receiver is alive.
+    let rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
+    let cam2 = sa(&format!("{INGEST4}:5002"));
+    let src = sa(&format!("{SRC4}:40002"));
+    let burst = |s: &Setup, seqs: std::ops::Range<u32>| {
+        send_burst(
+            &s.lab.src,
+            src,
+            cam2,
+            seqs,
+            Duration::from_millis(1),
+            Duration::from_millis(500),
+        )
+    };
+    burst(&s, 0..100);
+    check_seqs(&rx_a.settled(), 0..100).unwrap_or_else(|e| panic!("before: enc-a: {e}"));
+
     s.echoes[0].stop();
     let moved = wait_for(Duration::from_secs(5), || {
         (active(&sock, "cam2") == "enc-b").then_some(())
     });
     assert!(moved.is_some(), "cam2 failed over");
+    burst(&s, 100..200);
+    check_seqs(&rx_b.settled(), 100..200).unwrap_or_else(|e| panic!("after failover: {e}"));
+    check_seqs(&rx_a.settled(), 0..100).unwrap_or_else(|e| panic!("enc-a after failover: {e}"));
+
     let ea = &s.lab.encoders[0];
     let back_at = Instant::now();
     s.echoes[0] = Echo::start(&ea.ns, sa(&format!("{}:9000", ea.addr4)));
@@ -310,6 +334,14 @@ fn auto_failback_returns_once_after_the_hold_down() {
     );
     assert_eq!(count_events(&ev, "cam1", "failback"), 0, "{ev:?}");
     assert_eq!(active(&sock, "cam2"), "enc-a");
+    burst(&s, 200..300);
+    let a: Vec<u32> = (0..100).chain(200..300).collect();
+    assert_eq!(
+        rx_a.settled(),
+        a.into_iter().collect(),
+        "after failback cam2's packets reach enc-a"
+    );
+    check_seqs(&rx_b.settled(), 100..200).unwrap_or_else(|e| panic!("enc-b after failback: {e}"));
 }
 
 /// The caller and socket ID the daemon learned for cam1 (`status --json`).
