@@ -1,7 +1,9 @@
 //! Automatic failover end to end: real namespaces, the real daemon, real streams. Timings are
 //! printed for the record; the pass/fail lines assert what happened (who received what, which
-//! decisions were taken), with bounds only loose enough to catch a broken detector. The timed
-//! figures belong to `cargo xtask bench failover`.
+//! decisions were taken, what went over the wire). The timed figures belong to `cargo xtask
+//! bench failover`. Two bounds remain because they are the behaviour under test: no failback
+//! before the hold-down, and an SRT caller back on the new encoder sooner than its own
+//! peer-idle timeout could bring it (`srt::TOLD_BOUND`).
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -112,10 +114,9 @@ fn udp_probes_fail_a_dead_encoder_over() {
     });
     out.tail_on_b();
     let (lost, ms) = out.gap();
+    // 3 intervals + 1 timeout is the design figure (400 ms), measured by `cargo xtask bench
+    // failover`; a detector that does not work leaves B without the stream's tail (above).
     println!("udp probes (100 ms, fall 3): lost {lost} packets, a {ms:.0} ms gap");
-    // 3 intervals + 1 timeout is the design figure (400 ms); this bound only catches a
-    // detector that does not work.
-    assert!(ms < 2000.0, "gap of {ms:.0} ms");
     assert_eq!(active(&sock, "cam2"), "enc-b");
     // The probes heard enc-a's kernel refuse them (ICMP port unreachable, let through its
     // egress policy as a health answer) rather than waiting out their timeouts.
@@ -143,9 +144,15 @@ fn udp_probes_fail_a_dead_encoder_over() {
             .find(|e| e["channel"] == "cam2" && e["reason"] == "switchover complete")
     })
     .expect("switchover measured");
-    let switch_ms = measured["switchover_ms"].as_f64().unwrap();
+    let switch_ms = measured["switchover_ms"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no switchover_ms: {measured}"));
     println!("switchover measured by nsfail: {switch_ms:.1} ms");
-    assert!(switch_ms > 0.0);
+    assert_eq!(
+        (measured["from"].as_str(), measured["to"].as_str()),
+        (Some("enc-a"), Some("enc-b")),
+        "{measured}"
+    );
 
     // The metrics endpoint (inside the lab's ingest namespace) shows it.
     let metrics = s
@@ -209,7 +216,7 @@ fn flow_check_fails_over_a_hung_receiver() {
     });
     let (lost, ms) = out.gap();
     println!("flow check (50 ms, fall 2): lost {lost} packets, a {ms:.0} ms gap");
-    assert!(!out.b.is_empty(), "encoder B took over");
+    out.tail_on_b();
     assert_eq!(active(&sock, "cam2"), "enc-b");
     let ev = events(&sock);
     assert_eq!(
@@ -217,7 +224,6 @@ fn flow_check_fails_over_a_hung_receiver() {
         1,
         "{ev:?}"
     );
-    assert!(ms < 2000.0, "gap of {ms:.0} ms");
 }
 
 #[test]
