@@ -2,9 +2,9 @@
 //! receive to a file, a caller, and a feeder of MPEG-TS-sized datagrams into the caller.
 
 use std::{
-    fs::{self, File},
+    fs,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -14,15 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::{
-    sched::{CloneFlags, setns},
-    sys::{
-        socket::{
-            AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, setsockopt, socket,
-            sockopt,
-        },
-        time::TimeVal,
+use nix::sys::{
+    socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, setsockopt, socket,
+        sockopt,
     },
+    time::TimeVal,
 };
 use nsfail::lab::Netns;
 
@@ -98,8 +95,8 @@ impl Feeder {
                 }
                 let mut p = vec![0x47u8; DATAGRAM];
                 p[1..5].copy_from_slice(&i.to_be_bytes());
-                // A datagram the caller is not reading yet (it is still starting) is refused
-                // by loopback; the caller's output, which the tests check, shows what arrived.
+                // An unconnected UDP send to loopback fails only for want of buffer space;
+                // the listeners' output, which the tests check, shows what arrived.
                 let _ = sock.send_to(&p, FEED);
                 thread::sleep(Duration::from_millis(5));
             }
@@ -157,23 +154,22 @@ impl Capture {
     pub fn start(ns: &Netns, from: SocketAddrV4) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let target = File::open(nsfail::paths::netns(&ns.name))
-            .unwrap_or_else(|e| panic!("capture: namespace {}: {e}", ns.name));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        // Opened inside the namespace, the socket stays there whichever thread reads it.
+        let fd = nsfail::netns::in_netns(&ns.name, || {
+            socket(
+                AddressFamily::Inet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::Udp,
+            )
+        })
+        .unwrap_or_else(|e| panic!("capture: entering namespace {}: {e}", ns.name))
+        .unwrap_or_else(|e| panic!("capture: raw UDP socket in {}: {e}", ns.name));
+        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000))
+            .unwrap_or_else(|e| panic!("capture: receive timeout: {e}"));
         let handle = {
             let (stop, seen) = (stop.clone(), seen.clone());
             thread::spawn(move || {
-                setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("capture: setns");
-                let fd = socket(
-                    AddressFamily::Inet,
-                    SockType::Raw,
-                    SockFlag::SOCK_CLOEXEC,
-                    SockProtocol::Udp,
-                )
-                .expect("capture: raw UDP socket");
-                setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000))
-                    .expect("capture: receive timeout");
-                ready_tx.send(()).expect("capture: ready");
                 let mut buf = [0u8; 2048];
                 let deadline = Instant::now() + Duration::from_secs(600);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -191,9 +187,6 @@ impl Capture {
                 }
             })
         };
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("capture did not start");
         Self {
             stop,
             seen,
