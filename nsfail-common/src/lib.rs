@@ -4,6 +4,7 @@
 
 pub mod csum;
 pub mod maps;
+pub mod rewrite;
 pub mod srt;
 
 pub use maps::*;

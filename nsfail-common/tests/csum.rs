@@ -1,5 +1,6 @@
-//! Host tests of the pure packet logic in `nsfail-common`: the checksum arithmetic behind the XDP
-//! program's rewrite, and the map key and counter helpers.
+//! Host tests of the pure packet logic in `nsfail-common`: the XDP program's rewrite itself
+//! (`nsfail_common::rewrite`, which `nsfail-ebpf/src/ingress.rs` calls), the checksum
+//! arithmetic behind it, and the map key and counter helpers.
 //!
 //! Random cases derive from a fixed base seed; `NSFAIL_SEED=<n>` replaces it. Each case has its
 //! own seed, printed by every assertion, and running with that seed as `NSFAIL_SEED` replays the
@@ -9,7 +10,7 @@
 //! `csum`'s from-scratch functions, every packet is verified as a receiver would, with the
 //! independent reference sum [`ones_sum`].
 
-use nsfail_common::{EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats, csum};
+use nsfail_common::{EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats, csum, rewrite};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const BASE_SEED: u64 = 0x6e73_6661_696c_0001;
@@ -293,51 +294,30 @@ fn random_target(rng: &mut impl Rng, f: &Frame) -> Target {
     Target { addr, port }
 }
 
-/// The rewrite of `nsfail-ebpf/src/ingress.rs` (`ipv4()` and `ipv6()`), step for step, with
-/// incremental checksum updates only. Returns the UDP checksum as the incremental update left
-/// it before `udp_nonzero`, or `None` for an IPv4 packet without one.
+/// The rewrite the XDP program does (`nsfail_common::rewrite`, called by
+/// `nsfail-ebpf/src/ingress.rs`), applied to the frame's own header bytes. Returns the UDP
+/// checksum as the incremental update left it before `udp_nonzero`, or `None` for an IPv4
+/// packet without one.
 fn rewrite(f: &mut Frame, t: &Target) -> Option<u16> {
-    let ttl_at = f.ttl_at();
-    assert!(f.0[ttl_at] > 1, "ingress passes an expiring TTL unchanged");
+    assert!(
+        f.0[f.ttl_at()] > 1,
+        "ingress passes an expiring TTL unchanged"
+    );
     let l4 = f.l4();
-    let dst_at = f.dst_at();
-    let old_port = f.dport();
     let ip_version = f.ip();
-    let p = &mut f.0;
-    let raw = match ip_version {
+    let (l3, l4_on) = f.0.split_at_mut(l4);
+    let udp: &mut [u8; rewrite::UDP_LEN] = (&mut l4_on[..UDP_LEN]).try_into().unwrap();
+    match ip_version {
         Ip::V4 => {
-            let ip = L3;
-            let old_dst: [u8; 4] = p[dst_at..dst_at + 4].try_into().unwrap();
-            let new_dst = [t.addr[0], t.addr[1], t.addr[2], t.addr[3]];
-            let old_ttl_proto = u16::from_be_bytes([p[ip + 8], p[ip + 9]]);
-            let new_ttl_proto = u16::from_be_bytes([p[ip + 8] - 1, p[ip + 9]]);
-            let mut check = be16(p, ip + 10);
-            check = csum::replace32(check, old_dst, new_dst);
-            check = csum::replace16(check, old_ttl_proto, new_ttl_proto);
-            put16(p, ip + 10, check);
-            p[dst_at..dst_at + 4].copy_from_slice(&new_dst);
-            p[ip + 8] -= 1;
-
-            let udp_check = be16(p, l4 + 6);
-            (udp_check != 0).then(|| {
-                let c = csum::replace32(udp_check, old_dst, new_dst);
-                let c = csum::replace16(c, old_port, t.port);
-                put16(p, l4 + 6, csum::udp_nonzero(c));
-                c
-            })
+            let ip: &mut [u8; rewrite::IPV4_LEN] = (&mut l3[L3..L3 + IPV4_LEN]).try_into().unwrap();
+            let dst = [t.addr[0], t.addr[1], t.addr[2], t.addr[3]];
+            rewrite::ipv4(ip, udp, dst, t.port)
         }
         Ip::V6 => {
-            let old_dst: [u8; 16] = p[dst_at..dst_at + 16].try_into().unwrap();
-            let c = csum::replace128(be16(p, l4 + 6), &old_dst, &t.addr);
-            let c = csum::replace16(c, old_port, t.port);
-            put16(p, l4 + 6, csum::udp_nonzero(c));
-            p[dst_at..dst_at + 16].copy_from_slice(&t.addr);
-            p[ttl_at] -= 1;
-            Some(c)
+            let ip: &mut [u8; rewrite::IPV6_LEN] = (&mut l3[L3..L3 + IPV6_LEN]).try_into().unwrap();
+            Some(rewrite::ipv6(ip, udp, &t.addr, t.port))
         }
-    };
-    put16(p, l4 + 2, t.port);
-    raw
+    }
 }
 
 /// The rewrite changed the destination, TTL and port as asked, and no byte outside them and

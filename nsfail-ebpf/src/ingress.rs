@@ -17,7 +17,7 @@ use network_types::{
     udp::UdpHdr,
 };
 use nsfail_common::{
-    ACTION_REDIRECT, ChannelTarget, Endpoint, SOURCE_REFRESH_NS, SourceInfo, SourceKey, csum,
+    ACTION_REDIRECT, ChannelTarget, Endpoint, SOURCE_REFRESH_NS, SourceInfo, SourceKey, rewrite,
     xdp_reason as r,
 };
 
@@ -135,30 +135,26 @@ fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     }
     check_device(&target)?;
 
-    let old_dst = hdr.dst_addr;
-    let new_dst = [
+    let dst = [
         target.addr[0],
         target.addr[1],
         target.addr[2],
         target.addr[3],
     ];
-    let old_ttl_proto = u16::from_be_bytes([hdr.ttl, hdr.proto]);
-    let new_ttl_proto = u16::from_be_bytes([hdr.ttl - 1, hdr.proto]);
-    let mut check = u16::from_be_bytes(hdr.check);
-    check = csum::replace32(check, old_dst, new_dst);
-    check = csum::replace16(check, old_ttl_proto, new_ttl_proto);
-    hdr.check = check.to_be_bytes();
-    hdr.dst_addr = new_dst;
-    hdr.ttl -= 1;
-
-    let udp_check = u16::from_be_bytes(udp_hdr.check);
-    // Zero means "no checksum" in IPv4 and stays zero.
-    if udp_check != 0 {
-        let c = csum::replace32(udp_check, old_dst, new_dst);
-        let c = csum::replace16(c, u16::from_be_bytes(udp_hdr.dst), target.port);
-        udp_hdr.check = csum::udp_nonzero(c).to_be_bytes();
-    }
-    udp_hdr.dst = target.port.to_be_bytes();
+    const {
+        assert!(
+            size_of::<Ipv4Hdr>() == rewrite::IPV4_LEN && size_of::<UdpHdr>() == rewrite::UDP_LEN
+        )
+    };
+    // SAFETY: both headers were bounds checked by ptr_at and consist of byte arrays only, so
+    // they are these byte arrays; `hdr` and `udp_hdr` are not used again.
+    let (ip, udp) = unsafe {
+        (
+            &mut *ip.cast::<[u8; rewrite::IPV4_LEN]>(),
+            &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
+        )
+    };
+    rewrite::ipv4(ip, udp, dst, target.port);
     forward(ctx, &parsed, &target)
 }
 
@@ -200,16 +196,19 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     }
     check_device(&target)?;
 
-    let c = csum::replace128(
-        u16::from_be_bytes(udp_hdr.check),
-        &hdr.dst_addr,
-        &target.addr,
-    );
-    let c = csum::replace16(c, u16::from_be_bytes(udp_hdr.dst), target.port);
-    udp_hdr.check = csum::udp_nonzero(c).to_be_bytes();
-    udp_hdr.dst = target.port.to_be_bytes();
-    hdr.dst_addr = target.addr;
-    hdr.hop_limit -= 1;
+    const {
+        assert!(
+            size_of::<Ipv6Hdr>() == rewrite::IPV6_LEN && size_of::<UdpHdr>() == rewrite::UDP_LEN
+        )
+    };
+    // SAFETY: as in ipv4(); `hdr` and `udp_hdr` are not used again.
+    let (ip, udp) = unsafe {
+        (
+            &mut *ip.cast::<[u8; rewrite::IPV6_LEN]>(),
+            &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
+        )
+    };
+    rewrite::ipv6(ip, udp, &target.addr, target.port);
     forward(ctx, &parsed, &target)
 }
 

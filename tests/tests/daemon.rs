@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     os::unix::{fs::PermissionsExt, net::UnixStream},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nsfail::lab::{INGEST4, SRC4};
@@ -110,6 +110,21 @@ fn check_reports_config_errors_with_their_line() {
 fn refused_requests_leave_state_unchanged() {
     let s = setup();
     let sock = &s.daemon.socket;
+    let (ea, eb) = (&s.lab.encoders[0], &s.lab.encoders[1]);
+    let rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
+    let cam2 = sa(&format!("{INGEST4}:5002"));
+    let src = sa(&format!("{SRC4}:40002"));
+    let burst = |seqs: std::ops::Range<u32>| {
+        send_burst(
+            &s.lab.src,
+            src,
+            cam2,
+            seqs,
+            Duration::from_millis(1),
+            Duration::from_millis(500),
+        )
+    };
     let mode = fs::metadata(sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
     let before = status(sock);
@@ -183,6 +198,13 @@ fn refused_requests_leave_state_unchanged() {
     assert_eq!(enc_b["drained"], false);
     let out = cli(sock, &["remap", "cam1", "enc-a"]);
     assert_eq!(out.code, 1, "remap to a drained encoder is refused");
+    let out = cli(sock, &["remap", "cam2", "enc-a"]);
+    assert_eq!(out.code, 1, "remap to a drained encoder is refused");
+    // The drain moved cam2's packets to enc-b, and the refusals left them there: they reach
+    // enc-b, and only enc-b. (After the status comparisons: traffic changes the counters.)
+    burst(0..100);
+    check_seqs(&rx_b.settled(), 0..100).unwrap_or_else(|e| panic!("enc-b after the drain: {e}"));
+    assert_eq!(rx_a.settled().len(), 0, "enc-a got packets after the drain");
 }
 
 #[test]
@@ -304,6 +326,12 @@ fn runtime_changes_persist_and_a_restart_loses_nothing() {
     assert_eq!(events.code, 0);
     send_burst(&s.lab.src, src, cam2, 1100..1200, gap, linger);
     check_seqs(&rx_b.settled(), 100..1200).unwrap();
+    // The added channel forwards after the restart too: to enc-b, its first encoder.
+    let rx_b3 = Receiver::start(&eb.ns, sa(&format!("{}:7004", eb.addr4)));
+    let cam3 = sa(&format!("{INGEST4}:5004"));
+    let src3 = sa(&format!("{SRC4}:40004"));
+    send_burst(&s.lab.src, src3, cam3, 0..100, gap, linger);
+    check_seqs(&rx_b3.settled(), 0..100).unwrap_or_else(|e| panic!("cam3 after the restart: {e}"));
     assert_eq!(
         rx_a.settled().len(),
         100,
@@ -334,8 +362,19 @@ fn srt_stream_moves_with_remap() {
     assert_eq!(active(&st, "cam1"), "enc-a");
     assert!(st["channels"][0]["packets"].as_u64().unwrap() > 50, "{st}");
 
+    let caller = session.caller_on_wire();
+    let remapped = Instant::now();
     let out = cli(sock, &["remap", "cam1", "enc-b"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
+    // The caller is told to reconnect, on the wire, and its stream is at enc-b sooner than
+    // its own timeout could bring it there.
+    let first = session.growth(1, 1, srt::TOLD_BOUND);
+    session.assert_told_to_reconnect(caller, remapped);
+    assert!(
+        first.is_some(),
+        "no output at enc-b within {:?} of the remap",
+        srt::TOLD_BOUND
+    );
     let moved = session.growth(1, 100_000, Duration::from_secs(20));
     assert!(
         moved.is_some(),

@@ -3,14 +3,14 @@
 //! test uses its own namespace prefix and lab directory, so it cannot touch a real lab or
 //! another test, and a guard brings its lab down whatever happens.
 
-use std::{fs, net::SocketAddr, process::Command, time::Duration};
+use std::{fs, net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use nsfail::{
     lab::ctl::{self, LabCtlError, LabInfo, LabOptions, LabProcess, LabProtocol},
     net::netns,
     paths::{self, LabDir},
 };
-use nsfail_tests::{ChildGuard, traffic::ask, unique, wait_for};
+use nsfail_tests::{ChildGuard, srt, traffic::ask, unique, wait_for};
 
 /// Brings the test's lab down when dropped, panics included.
 struct LabGuard(LabOptions);
@@ -42,6 +42,40 @@ fn echo(rt: &str, addr: &str) -> Option<Vec<u8>> {
         ask(any, target, b"p", 25, Duration::from_millis(200))
     })
     .expect("enter the ingest namespace")
+}
+
+/// Streams from the ingest namespace to `addr`'s stream port (5000) until its receiver's
+/// output file `out` has grown by ten datagrams (at most 15 s): plain datagrams for the UDP
+/// lab, an SRT caller fed with them for the SRT lab.
+fn stream_into(rt: &str, protocol: LabProtocol, addr: &str, out: &Path) -> Option<()> {
+    let from = srt::size(out);
+    let grown = || (srt::size(out) >= from + 10 * srt::DATAGRAM as u64).then_some(());
+    match protocol {
+        LabProtocol::Srt => {
+            let uri = format!("srt://{addr}:5000?mode=caller");
+            let feed = format!("udp://{}", srt::FEED);
+            let _caller = ChildGuard::spawn(
+                "ip",
+                &["netns", "exec", rt, "srt-live-transmit", "-q", &feed, &uri],
+            );
+            let _feed = srt::Feeder::start(rt);
+            wait_for(Duration::from_secs(15), grown)
+        }
+        LabProtocol::Udp => {
+            let target: SocketAddr = format!("{addr}:5000").parse().unwrap();
+            let sock = netns::in_netns(rt, || std::net::UdpSocket::bind("0.0.0.0:0"))
+                .expect("enter the ingest namespace")
+                .expect("bind");
+            // One datagram every 5 ms, as the SRT feeder sends: at most 3,000 (15 s).
+            (0..3000).find_map(|i: u32| {
+                let mut p = vec![0x47u8; srt::DATAGRAM];
+                p[1..5].copy_from_slice(&i.to_be_bytes());
+                sock.send_to(&p, target).expect("send");
+                std::thread::sleep(Duration::from_millis(5));
+                grown()
+            })
+        }
+    }
 }
 
 fn up_then_down(protocol: LabProtocol) {
@@ -109,11 +143,17 @@ fn up_then_down(protocol: LabProtocol) {
     for addr in ["10.77.1.2", "10.77.2.2"] {
         assert!(echo(&rt, addr).is_some(), "no echo from {addr}:9000");
     }
-    for (encoder, path) in &info.outputs {
+    // What reaches an encoder's stream port ends up in its output file: its receiver runs,
+    // listens where the daemon config sends the stream, and writes where the record says.
+    // (The lab's own source needs the daemon's data plane to reach the encoders.)
+    assert_eq!(info.outputs.len(), 2);
+    for ((encoder, path), addr) in info.outputs.iter().zip(["10.77.1.2", "10.77.2.2"]) {
+        let wrote = stream_into(&rt, protocol, addr, path);
         assert!(
-            path.exists(),
-            "{encoder}'s stream file {} missing",
-            path.display()
+            wrote.is_some(),
+            "nothing sent to {encoder}'s stream port reached {}: {} bytes",
+            path.display(),
+            srt::size(path)
         );
     }
 

@@ -109,6 +109,10 @@ fn managed_encoder_lifecycle() {
     })
     .expect("the encoder's process runs inside its namespace");
 
+    // enc-b's SRT listener, for the stream after the failover.
+    let b_out = dir.path.join("enc-b.ts");
+    let _b_listener = srt::listener(&eb.ns, 7000, &b_out, None);
+
     // The lab stream reaches it.
     let _caller = srt::caller(&lab.src, &format!("{INGEST4}:5000"), None);
     let feed = srt::Feeder::start(&lab.src.name);
@@ -138,6 +142,16 @@ fn managed_encoder_lifecycle() {
         moved.is_some(),
         "failed over meanwhile: {:?}",
         events(&sock)
+    );
+    // The stream itself moved: enc-b's listener writes it.
+    let b_from = srt::size(&b_out);
+    let b_grew = wait_for(Duration::from_secs(20), || {
+        (srt::size(&b_out) >= b_from + 10 * srt::DATAGRAM as u64).then_some(())
+    });
+    assert!(
+        b_grew.is_some(),
+        "the stream did not reach enc-b after the failover: {} bytes",
+        srt::size(&b_out)
     );
     let ev = events(&sock);
     assert!(

@@ -475,9 +475,63 @@ mod tests {
         assert_eq!(d.drain("a", t), Err("cam1".to_owned()));
         assert!(!d.drained("a"));
         assert_eq!(d.active("cam1"), Some("a"));
-        // A drained encoder is never chosen by failback, even after the hold-down.
+        // cam2 was placed by the drain, so failback leaves it alone (a drained encoder on an
+        // automatic channel: `failback_never_chooses_a_drained_encoder`).
         assert!(d.tick(c.advance(HOLD * 2)).is_empty());
         assert!(d.undrain("b"));
+    }
+
+    /// Puts cam1 (auto failback, priority a, b, c) on c by automatic failover while `a` is
+    /// drained and long healthy: a drain moves it to b (a manual placement), then b dies and
+    /// it fails over to c, which makes it automatic again. Returns the time of that move.
+    fn on_c_by_failover_with_a_drained(d: &mut Decider, c: &mut Clock) -> Instant {
+        let t = c.advance(HOLD * 2);
+        assert_eq!(
+            moved(&d.drain("a", t).unwrap()),
+            vec![("cam1", "a", Some("b"), Reason::Drain)]
+        );
+        let t = c.advance(Duration::from_secs(1));
+        let ds = d.set_health("b", false, t);
+        assert_eq!(moved(&ds)[0], ("cam1", "b", Some("c"), Reason::EncoderDown));
+        t
+    }
+
+    #[test]
+    fn failback_never_chooses_a_drained_encoder() {
+        let (mut d, mut c) = setup(Failback::Auto);
+        on_c_by_failover_with_a_drained(&mut d, &mut c);
+        // a is healthy, stable, first in priority and the last move is a hold-down old: only
+        // its drain keeps cam1 off it.
+        for _ in 0..6 {
+            assert!(
+                d.tick(c.advance(HOLD / 2)).is_empty(),
+                "failback to a drained encoder"
+            );
+        }
+        assert_eq!(d.active("cam1"), Some("c"));
+        assert!(d.undrain("a"));
+        assert_eq!(
+            moved(&d.tick(c.advance(Duration::from_millis(1)))),
+            vec![("cam1", "c", Some("a"), Reason::Failback)]
+        );
+    }
+
+    #[test]
+    fn failback_waits_a_hold_down_after_the_last_move() {
+        let (mut d, mut c) = setup(Failback::Auto);
+        let moved_at = on_c_by_failover_with_a_drained(&mut d, &mut c);
+        // a has been healthy for more than a hold-down; only the move to c is recent.
+        assert!(d.undrain("a"));
+        let t = c.advance(HOLD - Duration::from_millis(1));
+        assert_eq!(t, moved_at + HOLD - Duration::from_millis(1));
+        assert!(
+            d.tick(t).is_empty(),
+            "failback sooner than a hold-down after the last move"
+        );
+        assert_eq!(
+            moved(&d.tick(c.advance(Duration::from_millis(1)))),
+            vec![("cam1", "c", Some("a"), Reason::Failback)]
+        );
     }
 
     #[test]

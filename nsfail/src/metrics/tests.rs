@@ -329,19 +329,32 @@ fn removed_names_lose_their_event_series() {
     let metrics = observed();
     metrics.record_failover("cam2", None);
     metrics.record_probe("enc-a", None);
+    let series = |s: &[Sample], label: &str, value: &str, prefix: &str| {
+        s.iter()
+            .filter(|x| {
+                x.name.starts_with(prefix) && x.labels.get(label).map(String::as_str) == Some(value)
+            })
+            .count()
+    };
+    let s = samples(&metrics.encode());
+    assert!(
+        series(&s, "channel", "cam2", "nsfail_") > 0,
+        "cam2's series exist"
+    );
+    assert!(
+        series(&s, "encoder", "enc-a", "nsfail_probe_") > 0,
+        "enc-a's probe series exist"
+    );
     let mut next = status();
     next.channels.retain(|c| c.name != "cam2");
     next.encoders.retain(|e| e.name != "enc-a");
     metrics.observe(&next, &[], &[], &[]);
     let s = samples(&metrics.encode());
+    assert_eq!(series(&s, "channel", "cam2", "nsfail_"), 0);
+    assert_eq!(series(&s, "encoder", "enc-a", "nsfail_probe_"), 0);
     assert!(
-        s.iter()
-            .all(|x| x.labels.get("channel").map(String::as_str) != Some("cam2"))
-    );
-    assert!(
-        s.iter()
-            .filter(|x| x.name.starts_with("nsfail_probe_"))
-            .all(|x| x.labels.get("encoder").map(String::as_str) != Some("enc-a"))
+        series(&s, "channel", "cam1", "nsfail_") > 0,
+        "cam1's series stay"
     );
 }
 

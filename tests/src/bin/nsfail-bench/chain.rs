@@ -8,6 +8,10 @@
 //! complete hit on every run (full rewrite, checksums, counters, redirect), and walks through
 //! `repeat` different channels spread over the map. With `n = 1` the channel forwards to its
 //! own endpoint.
+//!
+//! Only the first `active` channels form the chain; the others (idle: configured, never sent
+//! to) forward to their own endpoints. Data planes of different sizes built with the same
+//! `active` therefore carry the same traffic to the same keys, and differ only in map size.
 
 use std::{
     collections::BTreeMap,
@@ -58,7 +62,7 @@ pub fn miss_frame(payload: usize) -> Vec<u8> {
 }
 
 /// Registers the chain's encoders (all behind the host-side veth `enc_if`, whose peer has
-/// MAC `enc_mac`) and `n` chained channels. Channel 0 goes through `Dataplane::set_channel`;
+/// MAC `enc_mac`) and `n` channels, the first `active` of them chained. Channel 0 goes through `Dataplane::set_channel`;
 /// the others are written straight into CHANNELS and REPLIES with the same values
 /// `set_channel` writes, because `set_channel` scans every channel and reply entry on each
 /// call, which makes filling 100,000 channels through it quadratic in syscalls.
@@ -68,9 +72,10 @@ pub fn build(
     enc_if: &str,
     enc_mac: [u8; 6],
     n: usize,
+    active: usize,
 ) -> Result<()> {
-    if n == 0 || n > nsfail_common::MAX_CHANNELS as usize - 8 {
-        bail!("chain of {n} channels");
+    if n == 0 || n > nsfail_common::MAX_CHANNELS as usize - 8 || active == 0 || active > n {
+        bail!("chain of {active} of {n} channels");
     }
     for e in 0..ENCODERS {
         dp.upsert_encoder(&EncoderSpec {
@@ -84,7 +89,7 @@ pub fn build(
         .with_context(|| format!("encoder {}", encoder_name(e)))?;
     }
     let ids: BTreeMap<String, u32> = dp.encoders()?.into_iter().map(|e| (e.name, e.id)).collect();
-    let next = |i: usize| (i + 1) % n;
+    let next = |i: usize| if i < active { (i + 1) % active } else { i };
     let first_next = next(0);
     let first_enc = encoder_name(first_next % ENCODERS);
     dp.set_channel(

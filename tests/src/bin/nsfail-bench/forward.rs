@@ -243,6 +243,9 @@ fn which_nft() -> Option<()> {
 struct Sample {
     generated: Generated,
     delivered: u64,
+    /// From the sink reading before the run to the one after it: the time `delivered` was
+    /// counted over.
+    counted: Duration,
     redirected: u64,
     /// CPU1 as a whole (/proc/stat): includes whatever else ran there.
     cpu: CpuTime,
@@ -253,6 +256,7 @@ struct Sample {
 fn sample(lab: &mut Lab, generator: &mut BenchObject, payload: usize) -> Result<Sample> {
     let frame = lab.frame(payload);
     generator.set_templates(&[object::template(&frame)])?;
+    let counting = Instant::now();
     let sink_before = lab.sink.sink_count()?.0;
     let redirected_before = lab.redirected()?;
     let cpu_before = CpuTime::read(sys::ROUTER_CPU)?;
@@ -269,9 +273,12 @@ fn sample(lab: &mut Lab, generator: &mut BenchObject, payload: usize) -> Result<
     thread::sleep(SETTLE);
     let cpu = CpuTime::read(sys::ROUTER_CPU)?.since(cpu_before);
     let router_ns = lab.router_runtime_ns()? - router_before;
+    let delivered = lab.sink.sink_count()?.0 - sink_before;
+    let counted = counting.elapsed();
     Ok(Sample {
         generated,
-        delivered: lab.sink.sink_count()?.0 - sink_before,
+        delivered,
+        counted,
         redirected: lab.redirected()? - redirected_before,
         cpu,
         router_ns,
@@ -304,7 +311,8 @@ pub fn run(reps: usize) -> Result<Report> {
         format!(
             "each sample: the live-frames generator (XDP_TX, CPU0) runs {} ms; delivered = \
              packets counted by the XDP sink in the encoder namespace over the run and {} ms \
-             after; offered = the generator's own rate",
+             after, divided by that whole window (sink reading to sink reading); offered = the \
+             generator's own rate over its run",
             RUN_TIME.as_millis(),
             SETTLE.as_millis()
         ),
@@ -363,7 +371,7 @@ pub fn run(reps: usize) -> Result<Report> {
                 let s = sample(lab, &mut generator, payload)?;
                 let delivered = s.delivered.max(1) as f64;
                 let values = [
-                    s.delivered as f64 / s.generated.elapsed.as_secs_f64() / 1e6,
+                    s.delivered as f64 / s.counted.as_secs_f64() / 1e6,
                     s.router_ns as f64 / delivered,
                     s.cpu.busy_ns as f64 / delivered,
                     s.generated.mpps(),

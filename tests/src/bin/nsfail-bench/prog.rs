@@ -46,7 +46,7 @@ pub fn run(reps: usize) -> Result<Report> {
     let mut dp = Dataplane::open(pins.pins.clone()).context("opening a data plane")?;
     dp.attach_ingest("ing", XdpMode::Native)?;
     // Two channels forwarding to each other: every run is a complete hit.
-    chain::build(&mut dp, &pins.pins, "enc", encp.mac, 2)?;
+    chain::build(&mut dp, &pins.pins, "enc", encp.mac, 2, 2)?;
     let mut obj = BenchObject::load()?;
     obj.attach(object::PASS, link("pas")?.ifindex)?;
     obj.attach(object::REDIRECT, link("rdr")?.ifindex)?;
