@@ -4,12 +4,10 @@
 use super::*;
 
 impl Dataplane {
-    /// Whether encoder `name`'s TC link is attached to the interface `ifname` names now.
+    /// Whether the TC link pinned for `ifname` is attached to the interface that has that
+    /// name now. Changes nothing.
     pub fn egress_attached(&self, ifname: &str) -> Result<bool> {
-        match netns::link(ifname) {
-            Ok(link) => live_link(&self.pins.tc_link(ifname), link.ifindex),
-            Err(_) => Ok(false),
-        }
+        pinned_to(&self.pins.tc_link(ifname), ifname)
     }
 
     /// Adds an encoder, or replaces its address, MAC or link. Channels pointing at it are

@@ -63,6 +63,14 @@ pub(super) fn live_link(pin: &Path, ifindex: u32) -> Result<bool> {
     }
 }
 
+/// Whether the link pinned at `pin` is attached to the interface named `ifname` now.
+pub(super) fn pinned_to(pin: &Path, ifname: &str) -> Result<bool> {
+    match crate::net::netns::link(ifname) {
+        Ok(link) => Ok(link_ifindex(pin)? == Some(link.ifindex)),
+        Err(_) => Ok(false),
+    }
+}
+
 /// The interface index an XDP or TCX link pinned at `pin` is attached to (0 once its
 /// interface is gone), or `None` when nothing is pinned there.
 pub(super) fn link_ifindex(pin: &Path) -> Result<Option<u32>> {

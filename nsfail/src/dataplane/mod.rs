@@ -42,7 +42,8 @@ use nsfail_common::{
 pub use self::policy::{AllowProto, AllowRule, EgressPolicy, HealthAnswers};
 use self::{
     links::{
-        TRACEPOINTS, attach_tracepoints, detach_pinned_link, live_link, pin_link, trace_config_for,
+        TRACEPOINTS, attach_tracepoints, detach_pinned_link, live_link, pin_link, pinned_to,
+        trace_config_for,
     },
     policy::policy_value,
 };
@@ -482,12 +483,9 @@ impl Dataplane {
     }
 
     /// Whether the XDP link pinned for `ifname` is attached to the interface that has that
-    /// name now (false when the interface is gone, or was re-created).
+    /// name now (false when the interface is gone, or was re-created). Changes nothing.
     pub fn ingest_attached(&self, ifname: &str) -> Result<bool> {
-        match netns::link(ifname) {
-            Ok(link) => live_link(&self.pins.xdp_link(ifname), link.ifindex),
-            Err(_) => Ok(false),
-        }
+        pinned_to(&self.pins.xdp_link(ifname), ifname)
     }
 
     /// XDP outcomes by reason (`xdp_reason::NAMES`), summed over CPUs.

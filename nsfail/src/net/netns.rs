@@ -53,12 +53,35 @@ pub fn in_netns<T: Send + 'static>(
 ) -> io::Result<T> {
     let handle = File::open(paths::netns(ns))
         .map_err(|e| io::Error::new(e.kind(), format!("network namespace {ns}: {e}")))?;
+    in_netns_at(handle, f)
+}
+
+/// As [`in_netns`], inside the namespace `handle` is a handle of (a named one's
+/// `/run/netns/NAME`, or a process's `/proc/PID/ns/net` for a namespace with no name).
+pub fn in_netns_at<T: Send + 'static>(
+    handle: File,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
     thread::spawn(move || -> io::Result<T> {
         setns(handle.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
         Ok(f())
     })
     .join()
     .map_err(|_| io::Error::other("namespace thread panicked"))?
+}
+
+/// The link named `name` as rtnetlink shows it, or `None` when there is no such interface.
+pub async fn link_message(
+    handle: &Handle,
+    name: &str,
+) -> io::Result<Option<netlink_packet_route::link::LinkMessage>> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match futures_util::TryStreamExt::try_next(&mut links).await {
+        Ok(msg) => Ok(msg),
+        // ENODEV: no such link.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(io::Error::other(e.to_string())),
+    }
 }
 
 /// Runs `f` with a netlink handle inside namespace `ns` (or this one), on a thread of its own

@@ -12,7 +12,6 @@ use std::{
     path::Path,
 };
 
-use futures_util::TryStreamExt;
 use log::{info, warn};
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
@@ -64,14 +63,9 @@ fn nl(e: rtnetlink::Error) -> io::Error {
 }
 
 async fn index_of(handle: &Handle, name: &str) -> io::Result<Option<u32>> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    match links.try_next().await {
-        Ok(Some(msg)) => Ok(Some(msg.header.index)),
-        Ok(None) => Ok(None),
-        // ENODEV: no such link.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl(e)),
-    }
+    Ok(crate::net::netns::link_message(handle, name)
+        .await?
+        .map(|msg| msg.header.index))
 }
 
 /// Creates the named namespace `ns` (as `ip netns add` does: a bind mount of a new network

@@ -15,15 +15,12 @@ use std::{
     collections::HashSet,
     fs::{self, File},
     io,
-    os::{
-        fd::{AsFd, AsRawFd},
-        unix::fs::MetadataExt,
-    },
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::PathBuf,
     sync::OnceLock,
 };
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use netlink_packet_core::{
     DecodeError, DefaultNla, Emitable, NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
     Nla, NlasIterator, Parseable, ParseableParametrized,
@@ -37,7 +34,6 @@ use netlink_packet_route::{
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo},
     nsid::{NsidAttribute, NsidMessage},
 };
-use nix::sched::{CloneFlags, setns};
 
 use crate::{net::netns, paths};
 
@@ -213,13 +209,7 @@ impl Peer {
 
     /// Runs `f` on a thread inside the peer's namespace.
     fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
-        let ns = self.ns.try_clone()?;
-        std::thread::spawn(move || -> io::Result<T> {
-            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| io::Error::other("namespace thread panicked"))?
+        netns::in_netns_at(self.ns.try_clone()?, f)
     }
 
     /// Turns GRO on at the peer; returns the peer's name.
@@ -291,14 +281,8 @@ fn host_link(ifname: &str) -> io::Result<Option<HostLink>> {
     let name = ifname.to_owned();
     netns::netlink(None, move |h| {
         Box::pin(async move {
-            let mut links = h.link().get().match_name(name).execute();
-            let msg = match links.try_next().await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => return Ok(None),
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
-                    return Ok(None);
-                }
-                Err(e) => return Err(io::Error::other(e.to_string())),
+            let Some(msg) = netns::link_message(&h, &name).await? else {
+                return Ok(None);
             };
             let mut link = HostLink {
                 ifindex: msg.header.index,
