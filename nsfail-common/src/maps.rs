@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -20,8 +20,13 @@ pub const MAX_ENCODERS: u32 = 4096;
 /// How many (channel, source) pairs the return path remembers (LRU): two per channel, so that
 /// a full channel table does not evict on every packet.
 pub const MAX_SOURCES: u32 = 2 * MAX_CHANNELS;
-/// How many SRT callers are remembered (LRU).
-pub const MAX_SRT_PEERS: u32 = 65_536;
+/// How many SRT callers one channel remembers at most ([`SrtPeers::slots`]); a channel's own
+/// limit (`srt_peer_limit` in the config) is at most this.
+pub const MAX_SRT_PEERS_PER_CHANNEL: usize = 16;
+/// The per-channel SRT caller limit when the config does not give one.
+pub const DEFAULT_SRT_PEER_LIMIT: u32 = 8;
+/// How many source prefixes (`sources` of all channels together) the data plane holds.
+pub const MAX_SOURCE_NETS: u32 = 65_536;
 
 /// What the XDP program does with a matched packet after rewriting it.
 pub const ACTION_REDIRECT: u8 = 1;
@@ -85,13 +90,44 @@ pub struct ChannelTarget {
     pub port: u16,
     /// [`ACTION_REDIRECT`] or [`ACTION_TX`].
     pub action: u8,
-    pub _pad: u8,
+    /// [`CHANNEL_SOURCES`], or 0.
+    pub flags: u8,
     /// Index into `CHANNEL_STATS`.
     pub channel_id: u32,
     /// Index into `ENCODER_STATS` and `TX_PORTS` (the DEVMAP).
     pub encoder_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<ChannelTarget>() == 40);
+
+/// [`ChannelTarget::flags`]: the channel takes packets only from the prefixes of its
+/// `sources`, held in `SOURCE_NETS`; others pass to the host untouched
+/// (`xdp_reason::PASS_NOT_SOURCE`).
+pub const CHANNEL_SOURCES: u8 = 1;
+
+/// The data of a `SOURCE_NETS` (LPM trie) key: a channel id, big-endian so that it is the
+/// first 32 bits of every prefix, then the source address as in [`Endpoint::addr`]. A
+/// prefix of a channel's `sources` is the key with prefix length `32 + prefix`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceNet {
+    pub channel: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SourceNet>() == 20);
+
+impl SourceNet {
+    pub const fn new(channel_id: u32, addr: [u8; 16]) -> Self {
+        Self {
+            channel: channel_id.to_be_bytes(),
+            addr,
+        }
+    }
+
+    /// The LPM prefix length of an address prefix of `bits` bits.
+    pub const fn prefix_len(bits: u8) -> u32 {
+        32 + bits as u32
+    }
+}
 
 /// Value of `REPLIES` (key: an encoder's [`Endpoint`] for one channel: its address and the
 /// channel's encoder-side port). Tells the return path which ingest address to restore.
@@ -112,17 +148,146 @@ const _: () = assert!(core::mem::size_of::<ReplyTarget>() == 36);
 /// [`ReplyTarget::flags`]: an SRT channel.
 pub const REPLY_SRT: u32 = 1;
 
-/// Value of `SRT_PEERS` (key: [`SourceKey`], the caller and the channel): the caller's SRT
-/// socket ID, learnt from the Destination Socket ID of listener→caller packets.
+/// One SRT caller of a channel, in [`SrtPeers::slots`]: its endpoint and its SRT socket ID.
+/// An empty slot has `last_seen_ns == 0`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SrtPeer {
+pub struct SrtSlot {
+    pub peer: Endpoint,
     pub socket_id: u32,
-    pub _pad: u32,
     /// `bpf_ktime_get_ns` when last refreshed (at most once a second unless the ID changes).
     pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<SrtPeer>() == 16);
+const _: () = assert!(core::mem::size_of::<SrtSlot>() == 32);
+
+/// Value of `SRT_PEERS` (key: channel id; SRT channels only): the channel's SRT callers, at
+/// most `limit` of them. A caller is added only when the listener answers its conclusion
+/// handshake (a caller that never completed a handshake, a spoofed one included, is never
+/// added); when all `limit` slots are taken, the least recently seen caller gives way.
+/// Userspace creates the entry with the channel and sends each caller a SHUTDOWN when it
+/// repoints the channel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SrtPeers {
+    /// Slots in use at most (`1..=MAX_SRT_PEERS_PER_CHANNEL`).
+    pub limit: u32,
+    pub _pad: u32,
+    pub slots: [SrtSlot; MAX_SRT_PEERS_PER_CHANNEL],
+}
+const _: () = assert!(core::mem::size_of::<SrtPeers>() == 8 + 32 * MAX_SRT_PEERS_PER_CHANNEL);
+
+impl SrtPeers {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            _pad: 0,
+            slots: [SrtSlot::default(); MAX_SRT_PEERS_PER_CHANNEL],
+        }
+    }
+}
+
+/// What [`SrtPeers::learn`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SrtLearn {
+    /// Nothing to write (a known caller seen less than a second ago, or an unknown one that
+    /// is not being answered a conclusion).
+    None,
+    /// Slot `i` was written.
+    Wrote(usize),
+}
+
+impl SrtPeers {
+    /// Records a listener→caller packet to `peer` addressed to `socket_id`, at `now`;
+    /// `conclusion`: the packet is the listener's answer to the caller's conclusion handshake.
+    /// A known caller (same endpoint) is refreshed once a second, or at once when a conclusion
+    /// gives it a new socket ID; an unknown one is added only on a conclusion, into an empty
+    /// slot or over the least recently seen one. Bounded: at most `MAX_SRT_PEERS_PER_CHANNEL`
+    /// slots are looked at.
+    #[inline(always)]
+    pub fn learn(
+        &mut self,
+        peer: &Endpoint,
+        socket_id: u32,
+        conclusion: bool,
+        now: u64,
+    ) -> SrtLearn {
+        // Three short passes rather than one that tracks the oldest slot's index: an index
+        // that differs path by path would make the verifier walk every combination.
+        let limit = self.limit as usize;
+        let mut i = 0;
+        while i < MAX_SRT_PEERS_PER_CHANNEL {
+            if i >= limit {
+                break;
+            }
+            let Some(slot) = self.slots.get_mut(i) else {
+                break;
+            };
+            if slot.last_seen_ns != 0 && same_endpoint(&slot.peer, peer) {
+                let stale = now.saturating_sub(slot.last_seen_ns) >= SOURCE_REFRESH_NS;
+                if slot.socket_id == socket_id {
+                    if stale {
+                        slot.last_seen_ns = now;
+                        return SrtLearn::Wrote(i);
+                    }
+                    return SrtLearn::None;
+                }
+                if conclusion {
+                    slot.socket_id = socket_id;
+                    slot.last_seen_ns = now;
+                    return SrtLearn::Wrote(i);
+                }
+                return SrtLearn::None;
+            }
+            i += 1;
+        }
+        if !conclusion {
+            return SrtLearn::None;
+        }
+        // The least recently seen time (0: an empty slot)...
+        let mut oldest_ns = u64::MAX;
+        i = 0;
+        while i < MAX_SRT_PEERS_PER_CHANNEL {
+            if i >= limit {
+                break;
+            }
+            if let Some(slot) = self.slots.get(i) {
+                oldest_ns = oldest_ns.min(slot.last_seen_ns);
+            }
+            i += 1;
+        }
+        // ... and the first slot that has it gives way.
+        i = 0;
+        while i < MAX_SRT_PEERS_PER_CHANNEL {
+            if i >= limit {
+                break;
+            }
+            // (No panicking index in a BPF program: `get_mut`.)
+            if let Some(slot) = self.slots.get_mut(i)
+                && slot.last_seen_ns == oldest_ns
+            {
+                *slot = SrtSlot {
+                    peer: *peer,
+                    socket_id,
+                    last_seen_ns: now.max(1),
+                };
+                return SrtLearn::Wrote(i);
+            }
+            i += 1;
+        }
+        SrtLearn::None
+    }
+}
+
+/// Field by field, in 4-byte words (no `memcmp` in a BPF program).
+#[inline(always)]
+pub fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
+    word(&a.addr, 0) == word(&b.addr, 0)
+        && word(&a.addr, 4) == word(&b.addr, 4)
+        && word(&a.addr, 8) == word(&b.addr, 8)
+        && word(&a.addr, 12) == word(&b.addr, 12)
+        && a.port == b.port
+        && a.family == b.family
+}
 
 /// Key of `SOURCES`: a contribution source seen sending to a channel.
 #[repr(C)]
@@ -397,7 +562,10 @@ pub mod xdp_reason {
     /// Counted after the fact by the redirect tracepoints: redirected frames the target device
     /// refused (a subset of `REDIRECTED`, also counted per encoder).
     pub const REDIRECT_FAILED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// A packet to a channel with `sources` from an address outside them: passed to the host
+    /// untouched, never forwarded.
+    pub const PASS_NOT_SOURCE: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "tx",
@@ -409,6 +577,7 @@ pub mod xdp_reason {
         "pass_ttl",
         "pass_no_device",
         "redirect_failed",
+        "pass_not_source",
     ];
 }
 
@@ -467,7 +636,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for SourceInfo {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for SrtPeer {}
+    unsafe impl aya::Pod for SrtPeers {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceNet {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EncoderInfo {}
     // SAFETY: as above.
@@ -603,3 +774,62 @@ pub struct TraceConfig {
     pub off_net_cookie: u32,
 }
 const _: () = assert!(core::mem::size_of::<TraceConfig>() == 24);
+
+#[cfg(test)]
+mod srt_peer_tests {
+    use super::*;
+
+    fn peer(i: u8) -> Endpoint {
+        Endpoint::v4([198, 18, 0, i], 40_000)
+    }
+
+    #[test]
+    fn peers_are_added_only_on_a_conclusion_and_capped() {
+        let mut p = SrtPeers::new(3);
+        let s = SOURCE_REFRESH_NS;
+        assert_eq!(
+            p.learn(&peer(1), 11, false, s),
+            SrtLearn::None,
+            "induction answer"
+        );
+        assert!(p.slots.iter().all(|x| x.last_seen_ns == 0));
+        assert_eq!(p.learn(&peer(1), 11, true, s), SrtLearn::Wrote(0));
+        assert_eq!(p.learn(&peer(1), 11, false, s + 1), SrtLearn::None, "fresh");
+        assert_eq!(
+            p.learn(&peer(1), 12, false, s + 1),
+            SrtLearn::None,
+            "not a conclusion"
+        );
+        assert_eq!(
+            p.learn(&peer(1), 11, false, 2 * s),
+            SrtLearn::Wrote(0),
+            "refresh"
+        );
+        assert_eq!(p.learn(&peer(2), 21, true, 2 * s + 1), SrtLearn::Wrote(1));
+        assert_eq!(p.learn(&peer(3), 31, true, 2 * s + 2), SrtLearn::Wrote(2));
+        // Full: the least recently seen (peer 1, at 2 s) gives way.
+        assert_eq!(p.learn(&peer(4), 41, true, 2 * s + 3), SrtLearn::Wrote(0));
+        assert_eq!(p.slots[0].peer, peer(4));
+        assert!(
+            p.slots[3..].iter().all(|x| x.last_seen_ns == 0),
+            "limit kept"
+        );
+        assert_eq!(
+            p.learn(&peer(2), 22, true, 2 * s + 4),
+            SrtLearn::Wrote(1),
+            "new ID"
+        );
+        assert_eq!(p.slots[1].socket_id, 22);
+        let mut none = SrtPeers::new(0);
+        assert_eq!(none.learn(&peer(1), 1, true, s), SrtLearn::None);
+        let mut over = SrtPeers::new(u32::MAX);
+        for i in 0..40u8 {
+            over.learn(&peer(i), u32::from(i), true, s + u64::from(i));
+        }
+        assert_eq!(
+            over.slots[0].peer,
+            peer(32),
+            "at most MAX_SRT_PEERS_PER_CHANNEL slots"
+        );
+    }
+}

@@ -4,6 +4,10 @@
 //! - `bench_pass`: `XDP_PASS` and nothing else (what any XDP program costs at least).
 //! - `bench_redirect`: a DEVMAP redirect to slot 0 without parsing (the floor for a redirector).
 //! - `bench_mac_redirect`: the same, plus a MAC rewrite: it touches the headers as a rewriter does.
+//! - `bench_minimal`: the job nsfail's hit path does and nothing else: parse Ethernet, IPv4
+//!   and UDP, one hash lookup of (daddr, dport), rewrite both MACs, the destination address
+//!   and port, the TTL, the IPv4 and UDP checksums incrementally, DEVMAP redirect. No
+//!   counters, no learning, no VLAN, no IPv6: the practical ceiling for nsfail's hit path.
 //! - `bench_generator`: a live-frames traffic generator (`BPF_F_TEST_XDP_LIVE_FRAMES`).
 //! - `bench_sink`: counts and drops what arrives (the destination of forwarding benchmarks).
 //!
@@ -14,11 +18,15 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::bpf_ktime_get_ns,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
+    },
     macros::{map, xdp},
-    maps::{Array, DevMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, PerCpuArray},
     programs::XdpContext,
 };
+use nsfail_common::rewrite;
 
 /// Bytes of header the generator writes from its template: Ethernet, IPv4, UDP.
 const TEMPLATE_LEN: usize = 42;
@@ -33,6 +41,35 @@ static BENCH_PORTS: DevMap = DevMap::with_max_entries(1, 0);
 /// Slot 0: the destination MAC `bench_mac_redirect` writes. Writer: userspace.
 #[map]
 static BENCH_MAC: Array<[u8; 6]> = Array::with_max_entries(1, 0);
+
+/// Key of `MIN_CHANNELS`: an IPv4 destination address and UDP port (network byte order),
+/// padded to 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MinKey {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Value of `MIN_CHANNELS`: everything the rewrite needs, in 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MinTarget {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    /// Counter slot of the budget programs (`minimal` with `B_COUNTERS` or `B_LEARN`).
+    pub _pad: u16,
+    /// `BENCH_PORTS` slot.
+    pub slot: u32,
+}
+
+/// (daddr, dport) → rewrite target, for `bench_minimal`. Writer: userspace.
+#[map]
+static MIN_CHANNELS: HashMap<MinKey, MinTarget> = HashMap::with_max_entries(131_072, 0);
 
 /// Index: template number. Value: the first `TEMPLATE_LEN` bytes of a generated frame, with
 /// both checksums valid for the payload userspace gave the test run. Writer: userspace.
@@ -98,6 +135,181 @@ pub fn bench_mac_redirect(ctx: XdpContext) -> u32 {
     }
     BENCH_PORTS
         .redirect(0, XDP_PASS as u64)
+        .unwrap_or_else(|action| action)
+}
+
+/// The minimal rewrite: see the module comment. Anything else passes untouched.
+#[xdp(frags)]
+pub fn bench_minimal(ctx: XdpContext) -> u32 {
+    minimal::<0>(&ctx)
+}
+
+// The per-packet budget: the minimal rewrite with one of nsfail's extra parts added (or one of
+// its own parts taken away), each its own program, so that `bench prog` measures each part's
+// cost as a difference within one run.
+
+/// Parse only (Ethernet, IPv4, UDP), then `XDP_PASS`: no lookup.
+const B_PARSE_ONLY: u32 = 1;
+/// No checksum updates (the packet goes out with wrong checksums: a measurement only).
+const B_NO_CSUM: u32 = 2;
+/// One `bpf_ktime_get_coarse_ns` per packet (nsfail's last-seen times).
+const B_CLOCK: u32 = 4;
+/// Per-CPU counters as nsfail keeps them: the channel's (packets, bytes, last seen), the
+/// encoder's, and the outcome's, three per-CPU array slots.
+const B_COUNTERS: u32 = 8;
+/// The per-CPU last-source comparison (source learning's steady state: no map write).
+const B_LEARN: u32 = 16;
+/// A DEVMAP lookup before the rewrite (nsfail's device check before this change).
+const B_DEVCHECK: u32 = 32;
+/// `bpf_xdp_get_buff_len` per packet (nsfail's length check before this change).
+const B_BUFLEN: u32 = 64;
+
+/// Per-CPU slots of the budget programs' counters, laid out as nsfail's `ChannelStats`
+/// (56 bytes) and `EncoderStats` (120 bytes).
+#[map]
+static BUDGET_CHANNEL: PerCpuArray<[u64; 7]> = PerCpuArray::with_max_entries(131_072, 0);
+#[map]
+static BUDGET_ENCODER: PerCpuArray<[u64; 15]> = PerCpuArray::with_max_entries(4096, 0);
+#[map]
+static BUDGET_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
+
+#[xdp(frags)]
+pub fn bench_parse(ctx: XdpContext) -> u32 {
+    minimal::<B_PARSE_ONLY>(&ctx)
+}
+
+#[xdp(frags)]
+pub fn bench_min_no_csum(ctx: XdpContext) -> u32 {
+    minimal::<B_NO_CSUM>(&ctx)
+}
+
+#[xdp(frags)]
+pub fn bench_min_clock(ctx: XdpContext) -> u32 {
+    minimal::<B_CLOCK>(&ctx)
+}
+
+#[xdp(frags)]
+pub fn bench_min_counters(ctx: XdpContext) -> u32 {
+    minimal::<{ B_CLOCK | B_COUNTERS }>(&ctx)
+}
+
+#[xdp(frags)]
+pub fn bench_min_learn(ctx: XdpContext) -> u32 {
+    minimal::<B_LEARN>(&ctx)
+}
+
+#[xdp(frags)]
+pub fn bench_min_devcheck(ctx: XdpContext) -> u32 {
+    minimal::<B_DEVCHECK>(&ctx)
+}
+
+#[xdp(frags)]
+pub fn bench_min_buflen(ctx: XdpContext) -> u32 {
+    minimal::<B_BUFLEN>(&ctx)
+}
+
+#[inline(always)]
+fn minimal<const F: u32>(ctx: &XdpContext) -> u32 {
+    const ETH: usize = 14;
+    const L4: usize = ETH + rewrite::IPV4_LEN;
+    let start = ctx.data();
+    if start + L4 + rewrite::UDP_LEN > ctx.data_end() {
+        return XDP_PASS;
+    }
+    // SAFETY: the frame holds Ethernet, a 20-byte IPv4 header and UDP (checked above); all
+    // are byte arrays.
+    let (eth, ip, udp) = unsafe {
+        (
+            &mut *(start as *mut [u8; ETH]),
+            &mut *((start + ETH) as *mut [u8; rewrite::IPV4_LEN]),
+            &mut *((start + L4) as *mut [u8; rewrite::UDP_LEN]),
+        )
+    };
+    // IPv4 without options, UDP, not a fragment, TTL above 1.
+    if eth[12] != 0x08
+        || eth[13] != 0x00
+        || ip[0] != 0x45
+        || ip[9] != 17
+        || (ip[6] & 0x3f) != 0
+        || ip[7] != 0
+        || ip[8] <= 1
+    {
+        return XDP_PASS;
+    }
+    if F & B_BUFLEN != 0 {
+        let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        // SAFETY: ctx is the live XDP context.
+        if ETH + tot_len > unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize {
+            return XDP_PASS;
+        }
+    }
+    if F & B_PARSE_ONLY != 0 {
+        return XDP_PASS;
+    }
+    let key = MinKey {
+        addr: [ip[16], ip[17], ip[18], ip[19]],
+        port: [udp[2], udp[3]],
+        _pad: [0; 2],
+    };
+    // SAFETY: a HASH lookup, copied out at once.
+    let Some(t) = (unsafe { MIN_CHANNELS.get(&key) }).copied() else {
+        return XDP_PASS;
+    };
+    if F & B_DEVCHECK != 0 && BENCH_PORTS.get(t.slot).is_none() {
+        return XDP_PASS;
+    }
+    let now = if F & B_CLOCK != 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        0
+    };
+    let ip_len = u16::from_be_bytes([ip[2], ip[3]]) as u64;
+    if F & B_COUNTERS != 0 {
+        let id = u32::from(t._pad);
+        if let Some(c) = BUDGET_CHANNEL.get_ptr_mut(id) {
+            // SAFETY: a per-CPU slot, written only from this CPU.
+            unsafe {
+                (*c)[0] += 1;
+                (*c)[1] += ip_len;
+                (*c)[2] = now;
+            }
+        }
+        if let Some(e) = BUDGET_ENCODER.get_ptr_mut(t.slot) {
+            // SAFETY: as above.
+            unsafe {
+                (*e)[0] += 1;
+                (*e)[1] += ip_len;
+                (*e)[2] = now;
+            }
+        }
+        if let Some(r) = BUDGET_REASON.get_ptr_mut(0) {
+            // SAFETY: as above.
+            unsafe { *r += 1 };
+        }
+    }
+    if F & B_LEARN != 0
+        && let Some(c) = BUDGET_CHANNEL.get_ptr_mut(u32::from(t._pad))
+    {
+        let src = u64::from_ne_bytes([ip[12], ip[13], ip[14], ip[15], udp[0], udp[1], 0, 0]);
+        // SAFETY: as above.
+        unsafe {
+            if (*c)[3] != src {
+                (*c)[3] = src;
+            }
+        }
+    }
+    if F & B_NO_CSUM != 0 {
+        ip[16..20].copy_from_slice(&t.addr);
+        ip[8] -= 1;
+        udp[2..4].copy_from_slice(&t.port.to_be_bytes());
+    } else {
+        rewrite::ipv4(ip, udp, t.addr, t.port);
+    }
+    eth[..6].copy_from_slice(&t.dmac);
+    eth[6..12].copy_from_slice(&t.smac);
+    BENCH_PORTS
+        .redirect(t.slot, XDP_PASS as u64)
         .unwrap_or_else(|action| action)
 }
 

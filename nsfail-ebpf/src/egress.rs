@@ -17,13 +17,12 @@ use network_types::{
 };
 use nsfail_common::{
     EncoderPolicy, Endpoint, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    REPLY_SRT, ReplyTarget, SOURCE_REFRESH_NS, SourceKey, SrtPeer, drop_reason as d, srt,
-    tc_reason as r,
+    REPLY_SRT, ReplyTarget, SourceKey, drop_reason as d, tc_reason as r,
 };
 
 use crate::maps::{
-    ENCODER_IFINDEX, ENCODER_STATS, POLICIES, REPLIES, SOURCES, SRT_PEERS, TC_STATS, add_flow,
-    count, count_drop,
+    ENCODER_IFINDEX, ENCODER_STATS, POLICIES, REPLIES, SOURCES, TC_STATS, add_flow, count,
+    count_drop,
 };
 
 const ETH_P_ARP: u16 = 0x0806;
@@ -432,29 +431,12 @@ fn reply(ctx: &TcContext, pkt: &Packet, encoder: Option<u32>) -> Reply {
 }
 
 /// Remembers the caller's SRT socket ID (the Destination Socket ID of what the listener sends
-/// it), so that userspace can tell the caller to reconnect when the channel is repointed.
-/// Written when the ID changes or at most once a second.
+/// it), so that userspace can tell the caller to reconnect when the channel is repointed:
+/// added only when the listener accepts the caller's conclusion handshake, at most the
+/// channel's limit of callers (`crate::srt`).
 #[inline(always)]
 fn learn_srt_peer(ctx: &TcContext, pkt: &Packet, key: &SourceKey, now: u64) {
-    let Ok(id) = ctx.load::<[u8; 4]>(pkt.l4 + UdpHdr::LEN + srt::DEST_SOCKET_ID_OFFSET) else {
-        return;
-    };
-    let socket_id = u32::from_be_bytes(id);
-    let fresh = match SRT_PEERS.get_ptr(key) {
-        // SAFETY: a map value pointer, read once.
-        Some(p) => unsafe {
-            (*p).socket_id == socket_id && now.saturating_sub((*p).last_seen_ns) < SOURCE_REFRESH_NS
-        },
-        None => false,
-    };
-    if !fresh {
-        let peer = SrtPeer {
-            socket_id,
-            _pad: 0,
-            last_seen_ns: now,
-        };
-        let _ = SRT_PEERS.insert(key, peer, 0);
-    }
+    crate::srt::learn(ctx, pkt.l4 + UdpHdr::LEN, key, now);
 }
 
 /// Source address and port to the ingest endpoint. The kernel's csum helpers keep the checksums

@@ -3,12 +3,13 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     helpers::{
         bpf_xdp_adjust_head,
         generated::{bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
     },
     macros::xdp,
+    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use network_types::{
@@ -17,12 +18,13 @@ use network_types::{
     udp::UdpHdr,
 };
 use nsfail_common::{
-    ACTION_REDIRECT, ChannelTarget, Endpoint, SOURCE_REFRESH_NS, SourceInfo, SourceKey, rewrite,
-    xdp_reason as r,
+    ACTION_REDIRECT, CHANNEL_SOURCES, ChannelTarget, Endpoint, SOURCE_REFRESH_NS, SourceInfo,
+    SourceKey, SourceNet, rewrite, same_endpoint, xdp_reason as r,
 };
 
 use crate::maps::{
-    CHANNEL_STATS, CHANNELS, ENCODER_STATS, SOURCES, TX_PORTS, XDP_STATS, add_flow, count,
+    CHANNEL_STATS, CHANNELS, ENCODER_STATS, SOURCE_NETS, SOURCES, TX_PORTS, XDP_STATS, add_flow,
+    count,
 };
 
 const ETH_P_IPV4: u16 = 0x0800;
@@ -42,11 +44,12 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, u32> {
     Ok((start + offset) as *mut T)
 }
 
-/// The whole frame's length, fragments of a multi-buffer frame included.
+/// Whether the frame holds `len` bytes: in its linear part (a bounds comparison), or else
+/// with the fragments of a multi-buffer frame (a helper call, paid only by such frames).
 #[inline(always)]
-fn frame_len(ctx: &XdpContext) -> usize {
+fn holds(ctx: &XdpContext, len: usize) -> bool {
     // SAFETY: ctx is the live XDP context.
-    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+    ctx.data() + len <= ctx.data_end() || len <= unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
 /// What the parser found: a UDP packet to `key`, with the offsets needed to rewrite it.
@@ -118,7 +121,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     if tot_len < ihl + UdpHdr::LEN
         || udp_len < UdpHdr::LEN
         || udp_len > tot_len - ihl
-        || l3 + tot_len > frame_len(ctx)
+        || !holds(ctx, l3 + tot_len)
     {
         return Err(r::PASS_MALFORMED);
     }
@@ -130,6 +133,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     };
     // SAFETY: a HASH lookup; the value is copied out before any await point (there are none).
     let target = *unsafe { CHANNELS.get(parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
+    check_source(&target, &parsed.src)?;
     if hdr.ttl <= 1 {
         return Err(r::PASS_TTL);
     }
@@ -179,7 +183,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     if udp_len < UdpHdr::LEN
         || udp_len > payload_len
         || udp_hdr.check == [0, 0]
-        || l3 + Ipv6Hdr::LEN + payload_len > frame_len(ctx)
+        || !holds(ctx, l3 + Ipv6Hdr::LEN + payload_len)
     {
         return Err(r::PASS_MALFORMED);
     }
@@ -191,6 +195,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     };
     // SAFETY: a HASH lookup, copied out at once.
     let target = *unsafe { CHANNELS.get(parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
+    check_source(&target, &parsed.src)?;
     if hdr.hop_limit <= 1 {
         return Err(r::PASS_TTL);
     }
@@ -212,11 +217,34 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     forward(ctx, &parsed, &target)
 }
 
+/// A channel with `sources` takes packets only from addresses inside them: anything else
+/// passes to the host untouched (one LPM lookup, only for such channels).
+#[inline(always)]
+fn check_source(target: &ChannelTarget, src: &Endpoint) -> Result<(), u32> {
+    if target.flags & CHANNEL_SOURCES != 0 {
+        let key = Key::new(
+            SourceNet::prefix_len(128),
+            SourceNet::new(target.channel_id, src.addr),
+        );
+        if SOURCE_NETS.get(&key).is_none() {
+            return Err(r::PASS_NOT_SOURCE);
+        }
+    }
+    Ok(())
+}
+
 /// A local encoder is reached through the DEVMAP: without an entry there the packet is not
-/// rewritten at all (the encoder's veth is gone or not attached yet).
+/// rewritten at all (the encoder's veth is gone or not attached yet). The redirect is asked
+/// for here, before the rewrite: `bpf_redirect_map` only records the target (the kernel
+/// acts on it once the program returns `XDP_REDIRECT`) and says whether the slot is there,
+/// so one helper call both checks the device and redirects, with no separate DEVMAP lookup.
 #[inline(always)]
 fn check_device(target: &ChannelTarget) -> Result<(), u32> {
-    if target.action == ACTION_REDIRECT && TX_PORTS.get(target.encoder_id).is_none() {
+    if target.action == ACTION_REDIRECT
+        && TX_PORTS
+            .redirect(target.encoder_id, XDP_PASS as u64)
+            .is_err()
+    {
         return Err(r::PASS_NO_DEVICE);
     }
     Ok(())
@@ -270,28 +298,13 @@ fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, 
         }
     }
     if redirect {
+        // The redirect was recorded by check_device.
         count(&XDP_STATS, r::REDIRECTED);
-        Ok(TX_PORTS
-            .redirect(target.encoder_id, XDP_PASS as u64)
-            .unwrap_or_else(|action| action))
+        Ok(XDP_REDIRECT)
     } else {
         count(&XDP_STATS, r::TX);
         Ok(XDP_TX)
     }
-}
-
-/// Field by field, in 4-byte words: no `memcmp` in a BPF program.
-#[inline(always)]
-fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
-    let w = |e: &Endpoint, i: usize| {
-        u32::from_ne_bytes([e.addr[i], e.addr[i + 1], e.addr[i + 2], e.addr[i + 3]])
-    };
-    w(a, 0) == w(b, 0)
-        && w(a, 4) == w(b, 4)
-        && w(a, 8) == w(b, 8)
-        && w(a, 12) == w(b, 12)
-        && a.port == b.port
-        && a.family == b.family
 }
 
 /// Remembers who sends to the channel, so that the return path only answers real sources.

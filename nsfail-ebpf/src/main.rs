@@ -8,6 +8,7 @@
 mod egress;
 mod ingress;
 mod maps;
+mod srt;
 mod trace;
 
 #[cfg(not(test))]

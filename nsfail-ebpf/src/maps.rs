@@ -3,13 +3,17 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nsfail_common::{
     ChannelStats, ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FlowStats,
-    MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCES, MAX_SRT_PEERS, ReplyTarget, SourceInfo, SourceKey,
-    SrtPeer, TraceConfig, tc_reason, xdp_reason,
+    MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCE_NETS, MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey,
+    SourceNet, SrtPeers, TraceConfig, tc_reason, xdp_reason,
 };
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated when userspace creates them, so that only SRT
+/// channels cost `SRT_PEERS` memory. (An LPM trie always has it.)
+const NO_PREALLOC: u32 = 1;
 
 /// Key: a channel's ingest endpoint. Value: where its packets go now.
 /// Writer: userspace (one update per failover). Reader: XDP ingress.
@@ -26,11 +30,17 @@ pub static REPLIES: HashMap<Endpoint, ReplyTarget> = HashMap::pinned(2 * MAX_CHA
 #[map]
 pub static SOURCES: LruHashMap<SourceKey, SourceInfo> = LruHashMap::pinned(MAX_SOURCES, 0);
 
-/// Key: (channel, caller endpoint). Value: the caller's SRT socket ID, learnt from
-/// listener→caller packets. Writer: TC egress (SRT channels only). Reader: userspace, which
-/// sends the caller a SHUTDOWN when it repoints the channel.
+/// Key: channel id (SRT channels only). Value: the channel's SRT callers, at most its limit,
+/// each added when its listener accepts the caller's conclusion handshake. Writers: userspace
+/// creates and removes the entry with the channel; TC egress fills its slots in place.
+/// Reader: userspace, which sends each caller a SHUTDOWN when it repoints the channel.
 #[map]
-pub static SRT_PEERS: LruHashMap<SourceKey, SrtPeer> = LruHashMap::pinned(MAX_SRT_PEERS, 0);
+pub static SRT_PEERS: HashMap<u32, SrtPeers> = HashMap::pinned(MAX_CHANNELS, NO_PREALLOC);
+
+/// Key: (channel id, source prefix), LPM. Value: unused (1). The `sources` of channels whose
+/// target has `CHANNEL_SOURCES`. Writer: userspace. Reader: XDP ingress.
+#[map]
+pub static SOURCE_NETS: LpmTrie<SourceNet, u8> = LpmTrie::pinned(MAX_SOURCE_NETS, 0);
 
 /// Key: encoder id. Value: the encoder's registration. Writer and reader: userspace only (it is
 /// how a restarted controller learns the ids of a pinned data plane).

@@ -95,6 +95,9 @@ pub struct Policy<'a> {
     pub hold_down_ms: u64,
     /// cam1's protocol: `srt` or `udp`.
     pub cam1_protocol: &'a str,
+    /// More TOML lines for cam1's and cam2's tables (`sources = [...]`, ...), or "".
+    pub cam1_extra: &'a str,
+    pub cam2_extra: &'a str,
 }
 
 /// The design setting of a `udp` check: an echo every 100 ms, 100 ms timeout, fall 3.
@@ -110,6 +113,8 @@ impl Default for Policy<'_> {
             failback: "manual",
             hold_down_ms: 10_000,
             cam1_protocol: "srt",
+            cam1_extra: "",
+            cam2_extra: "",
         }
     }
 }
@@ -151,16 +156,27 @@ pub fn lab_config_with(lab: &Lab, policy: &Policy) -> String {
     }
     s += &format!(
         "[[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\n\
-         encoders = [\"enc-a\", \"enc-b\"]\nport = 7000\nprotocol = \"{}\"\n\n\
+         encoders = [\"enc-a\", \"enc-b\"]\nport = 7000\nprotocol = \"{}\"\n{}\n\
          [[channel]]\nname = \"cam2\"\nlisten = \"10.77.0.1:5002\"\n\
-         encoders = [\"enc-a\", \"enc-b\"]\nport = 7002\n",
-        policy.cam1_protocol
+         encoders = [\"enc-a\", \"enc-b\"]\nport = 7002\n{}",
+        policy.cam1_protocol,
+        extra_lines(policy.cam1_extra),
+        extra_lines(policy.cam2_extra)
     );
     s += &format!(
         "failback = \"{}\"\nhold_down_ms = {}\n",
         policy.failback, policy.hold_down_ms
     );
     s
+}
+
+/// `extra` as whole TOML lines (a newline after it unless empty).
+fn extra_lines(extra: &str) -> String {
+    if extra.is_empty() {
+        String::new()
+    } else {
+        format!("{}\n", extra.trim_end())
+    }
 }
 
 /// A running daemon, stopped with SIGTERM (then SIGKILL) on drop. Its data plane stays pinned

@@ -190,3 +190,58 @@ pub fn verify_udp(frame: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Sends `frames` as they are (Ethernet header included) out of interface `ifname` of
+/// namespace `ns` through an AF_PACKET socket: crafted traffic, spoofed sources included,
+/// onto a veth. Returns how many the kernel took; bounded by `frames`.
+pub fn inject(
+    ns: &nsfail::lab::Netns,
+    ifname: &str,
+    frames: impl Iterator<Item = Vec<u8>>,
+) -> std::io::Result<usize> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let ifname = ifname.to_owned();
+    let (fd, ifindex) = nsfail::net::netns::in_netns(&ns.name, move || {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ifindex = nsfail::net::netns::link(&ifname)?.ifindex;
+        Ok((fd, ifindex))
+    })??;
+    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    let mut sent = 0;
+    for frame in frames {
+        // Retried a few times when the veth's queue is full (ENOBUFS): bounded.
+        for _ in 0..100 {
+            // SAFETY: frame and addr outlive the call; lengths are theirs.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if n >= 0 {
+                sent += 1;
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOBUFS) {
+                return Err(e);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+    Ok(sent)
+}

@@ -1,6 +1,6 @@
 //! Faults injected into a running daemon, each with a stream running and an exact outcome: a
 //! second daemon started by mistake, a read-only config directory during a failover, a
-//! corrupt state file, an unprivileged client.
+//! corrupt state file, an unprivileged client, a flood of spoofed SRT handshakes.
 
 use std::{
     fs,
@@ -18,6 +18,7 @@ use nsfail_tests::{
         Bed, Daemon, HEALTH_DESIGN, HEALTH_TOLERANT, Policy, TempDir, active, cli, events,
         lab_config_with, nsfail_bin, status,
     },
+    frames::{Frame, inject},
     lab, run,
     traffic::{Echo, Receiver, send_burst, spawn_burst},
     wait_for,
@@ -301,4 +302,211 @@ fn an_unprivileged_user_cannot_use_the_socket() {
             & 0o777;
         assert_eq!(mode, 0o600, "{file} mode {mode:o}");
     }
+}
+
+/// An SRT handshake's first 64 bytes: the control header addressed to `dest_id`, then the
+/// CIF with `version`, Handshake Type `kind` (1 induction, -1 conclusion), socket ID `id` and
+/// SYN cookie `cookie`.
+fn srt_handshake(version: u32, kind: u32, dest_id: u32, id: u32, cookie: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 64];
+    p[0] = 0x80;
+    p[12..16].copy_from_slice(&dest_id.to_be_bytes());
+    p[16..20].copy_from_slice(&version.to_be_bytes());
+    p[28..32].copy_from_slice(&1500u32.to_be_bytes());
+    p[32..36].copy_from_slice(&8192u32.to_be_bytes());
+    p[36..40].copy_from_slice(&kind.to_be_bytes());
+    p[40..44].copy_from_slice(&id.to_be_bytes());
+    p[44..48].copy_from_slice(&cookie.to_be_bytes());
+    p
+}
+
+/// cam1's learnt SRT callers, from `status --json`.
+fn srt_callers(socket: &Path) -> Vec<(String, u64)> {
+    status(socket)["channels"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "cam1"))
+        .and_then(|c| c["srt_peers"].as_array())
+        .map(|peers| {
+            peers
+                .iter()
+                .map(|p| {
+                    let caller = p["caller"].as_str().unwrap_or_default().to_owned();
+                    (caller, p["socket_id"].as_u64().unwrap_or_default())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A sample of the metrics endpoint (in the lab's ingest namespace).
+fn metric(bed: &Bed, line_start: &str) -> Option<f64> {
+    let out = bed
+        .lab
+        .rt
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// 8. 100,000 SRT handshakes from 10,000 spoofed sources (crafted frames into the ingest
+///    veth, half inductions and half conclusions with a made-up cookie) while the encoder
+///    answers every one of them as a listener answers an induction (crafted frames out of
+///    the encoder's veth): the caller table never holds more than the channel's limit and
+///    ends holding the real caller alone, who still gets its SHUTDOWN on failover. Packets
+///    to cam2 from outside its `sources` are never forwarded: they reach the ingest host
+///    untouched and are counted.
+#[test]
+fn spoofed_srt_handshakes_do_not_fill_the_caller_table() {
+    const LIMIT: usize = 4;
+    const SOURCES: u32 = 10_000;
+    const ROUNDS: u32 = 10;
+    let cam1_extra =
+        format!("sources = [\"10.77.0.0/24\", \"198.18.0.0/15\"]\nsrt_peer_limit = {LIMIT}");
+    let mut bed = Bed::new(&Policy {
+        cam1_extra: &cam1_extra,
+        cam2_extra: "sources = [\"192.0.2.0/24\"]",
+        ..Policy::tolerant()
+    });
+    let sock = bed.socket();
+    let mut session = nsfail_tests::srt::Session::start(&bed, None);
+    assert!(
+        session.growth(0, 50_000, Duration::from_secs(15)).is_some(),
+        "enc-a receives the SRT stream"
+    );
+    let caller = session.caller_on_wire();
+    let real = vec![(caller.0.to_string(), u64::from(caller.1))];
+    assert_eq!(srt_callers(&sock), real, "the real caller is learnt");
+
+    let (ing, enc_inner) = {
+        let rt = bed.lab.rt.name.clone();
+        let ns = bed.lab.encoders[0].ns.name.clone();
+        let inner = bed.lab.encoders[0].inner_if.clone();
+        (
+            nsfail::net::netns::in_netns(&rt, || nsfail::net::netns::link("ing"))
+                .unwrap()
+                .unwrap(),
+            nsfail::net::netns::in_netns(&ns, move || nsfail::net::netns::link(&inner))
+                .unwrap()
+                .unwrap(),
+        )
+    };
+    let host_side = bed.lab.encoders[0].host_if.clone();
+    let host_mac = nsfail::net::netns::in_netns(&bed.lab.rt.name, move || {
+        nsfail::net::netns::link(&host_side)
+    })
+    .unwrap()
+    .unwrap()
+    .mac;
+    let spoofed = |i: u32| -> SocketAddr {
+        SocketAddr::new(
+            std::net::Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8).into(),
+            40_000,
+        )
+    };
+    let ingest = sa(INGEST4, 5000);
+    let encoder = sa(&bed.lab.encoders[0].addr4, 7000);
+    let mut injected = (0usize, 0usize);
+    let mut most = 0usize;
+    for round in 0..ROUNDS {
+        let to_ingest = (0..SOURCES).map(|i| {
+            let id = round * SOURCES + i + 1;
+            let hs = if i % 2 == 0 {
+                srt_handshake(4, 1, 0, id, 0)
+            } else {
+                srt_handshake(5, u32::MAX, 0, id, 0x5eed_0000 ^ id)
+            };
+            let mut f = Frame::udp(spoofed(i), ingest, &hs);
+            f.dmac = ing.mac;
+            f.bytes()
+        });
+        injected.0 += inject(&bed.lab.src, "s0", to_ingest).expect("inject into the ingest");
+        // The encoder answers each as a listener answers an induction (its cookie), which a
+        // spoofed caller never sees: nothing of this may add a caller.
+        let answers = (0..SOURCES).map(|i| {
+            let id = round * SOURCES + i + 1;
+            let mut f = Frame::udp(encoder, spoofed(i), &srt_handshake(5, 1, id, 77, 0xc00c));
+            f.smac = enc_inner.mac;
+            f.dmac = host_mac;
+            f.bytes()
+        });
+        injected.1 += inject(
+            &bed.lab.encoders[0].ns,
+            &bed.lab.encoders[0].inner_if,
+            answers,
+        )
+        .expect("inject from the encoder");
+        let held = srt_callers(&sock);
+        most = most.max(held.len());
+        assert!(
+            held.len() <= LIMIT,
+            "round {round}: {} callers: {held:?}",
+            held.len()
+        );
+    }
+    assert_eq!(
+        injected,
+        ((SOURCES * ROUNDS) as usize, (SOURCES * ROUNDS) as usize),
+        "every crafted frame was sent"
+    );
+    assert_eq!(
+        srt_callers(&sock),
+        real,
+        "the real caller alone (at most {most} held)"
+    );
+
+    // cam2 accepts 192.0.2.0/24 only: the lab's sender is outside.
+    let mut rx = Receiver::start(
+        &bed.lab.encoders[0].ns,
+        sa(&bed.lab.encoders[0].addr4, 7002),
+    );
+    let on_host =
+        nsfail_tests::srt::Capture::start(&bed.lab.rt, "10.77.0.2:40002".parse().unwrap());
+    let before =
+        metric(&bed, "nsfail_xdp_packets_total{reason=\"pass_not_source\"}").unwrap_or(0.0);
+    send_burst(
+        &bed.lab.src,
+        sa(SRC4, 40002),
+        sa(INGEST4, 5002),
+        0..200,
+        GAP,
+        LINGER,
+    );
+    let host = wait_for(Duration::from_secs(5), || {
+        let d = on_host.datagrams();
+        (d.len() >= 200).then_some(d)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{} of 200 reached the ingest host",
+            on_host.datagrams().len()
+        )
+    });
+    assert!(
+        host.iter()
+            .all(|d| d.to.to_string() == format!("{INGEST4}:5002")),
+        "untouched: still addressed to the ingest address"
+    );
+    assert!(
+        rx.settled().is_empty(),
+        "nothing from outside cam2's sources reached enc-a"
+    );
+    rx.kill();
+    let counted = wait_for(Duration::from_secs(5), || {
+        let now = metric(&bed, "nsfail_xdp_packets_total{reason=\"pass_not_source\"}")?;
+        (now - before >= 200.0).then_some(now - before)
+    });
+    assert!(counted.is_some(), "pass_not_source counted the 200 packets");
+
+    // The real caller is told on failover.
+    session.kill(0);
+    bed.echoes[0].stop();
+    let killed = std::time::Instant::now();
+    wait_for(Duration::from_secs(5), || {
+        (active(&sock, "cam1") == "enc-b").then_some(())
+    })
+    .unwrap_or_else(|| panic!("cam1 did not fail over: {:?}", events(&sock)));
+    session.assert_told_to_reconnect(caller, killed);
 }

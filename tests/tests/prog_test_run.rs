@@ -16,10 +16,13 @@ use aya::programs::{
 use nsfail::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec, XdpMode,
     config::{AllowProto, AllowRule},
-    dataplane::{EgressPolicy, HealthAnswers},
+    dataplane::{ChannelOptions, EgressPolicy, HealthAnswers, SourcePrefix},
     net::netns,
 };
-use nsfail_common::{csum, rewrite};
+use nsfail_common::{
+    csum, rewrite,
+    srt::{HANDSHAKE_TYPE_OFFSET, HS_CONCLUSION},
+};
 use nsfail_tests::{
     Entered, Netns, PinDir,
     frames::{Frame, arp, verify_udp},
@@ -688,8 +691,20 @@ fn tc_egress_table() {
         fx.test_run(false, &r4.bytes()[..20]).is_err(),
         "20-byte IPv4 skb"
     );
-    // The SRT channel (CH4) learnt its caller's socket ID from the listener's replies: the
-    // Destination Socket ID, bytes 12..16 of the UDP payload; the plain channel (CH6) did not.
+    // Replies that are not the listener's answer to a conclusion handshake add no SRT caller
+    // (issue 13: a spoofed caller never gets that far).
+    assert_eq!(
+        fx.dp.srt_peers().unwrap(),
+        vec![],
+        "no caller from data replies"
+    );
+    // The SRT channel (CH4) learns its caller's socket ID from the listener's conclusion: the
+    // Destination Socket ID, bytes 12..16 of the UDP payload; the plain channel (CH6) does not.
+    for (from, to, mac) in [(enc4_ep, SRC4, ve4p.mac), (enc6_ep, SRC6, ve6p.mac)] {
+        let mut f = Frame::udp(from, sa(to), &srt_handshake(HS_CONCLUSION, 0x0c0d_0e0f));
+        f.smac = mac;
+        assert_eq!(fx.test_run(false, &f.bytes()).unwrap().0, TC_ACT_REDIRECT);
+    }
     let peers = fx.dp.srt_peers().unwrap();
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(
@@ -697,7 +712,7 @@ fn tc_egress_table() {
         (sa(CH4), sa(SRC4), u32::from_be_bytes([12, 13, 14, 15]))
     );
     let tx = fx.dp.encoder_stats("enc4").unwrap().tx;
-    assert_eq!(tx.packets, 2, "enc4 replies counted");
+    assert_eq!(tx.packets, 3, "enc4 replies counted");
 }
 
 /// One row of an egress policy table: a frame leaving an encoder's veth.
@@ -1501,4 +1516,228 @@ fn icmpv6_port_unreachable_answers_a_udp_health_check() {
         verdict_on(&fx, ve6, &unreach(ENC6_HEALTH + 1)),
         (TC_ACT_SHOT, "enc6/denied".to_owned())
     );
+}
+
+/// An SRT handshake control packet's first bytes (header and the CIF up to and including the
+/// Handshake Type), addressed to socket `dest_id`: `kind` 1 is an induction, `HS_CONCLUSION`
+/// a conclusion.
+fn srt_handshake(kind: u32, dest_id: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 64];
+    p[0] = 0x80;
+    p[12..16].copy_from_slice(&dest_id.to_be_bytes());
+    p[16..20].copy_from_slice(&5u32.to_be_bytes());
+    p[HANDSHAKE_TYPE_OFFSET..HANDSHAKE_TYPE_OFFSET + 4].copy_from_slice(&kind.to_be_bytes());
+    p
+}
+
+/// Channels with `sources` (issue 13): packets from inside them are forwarded as any channel
+/// packet; from anywhere else they pass to the host untouched, counted `pass_not_source`,
+/// and their sender is not learnt. Without `sources` again, everyone is forwarded.
+#[test]
+fn xdp_sources_table() {
+    let mut fx = Fixture::new();
+    let (ve4, ve4p) = fx.enc4;
+    let (ve6, ve6p) = fx.enc6;
+    let (ch4, ch6) = ("10.77.0.1:5100", "[fd77::1]:5100");
+    let restricted = |nets: &[&str]| ChannelOptions {
+        sources: nets
+            .iter()
+            .map(|n| n.parse::<SourcePrefix>().unwrap())
+            .collect(),
+        ..ChannelOptions::default()
+    };
+    let v4_nets = ["10.77.0.0/30", "192.0.2.7"];
+    let v6_nets = ["fd77::/126"];
+    fx.dp
+        .set_channel_with(sa(ch4), 7100, "enc4", &["enc4"], &restricted(&v4_nets))
+        .unwrap();
+    fx.dp
+        .set_channel_with(sa(ch6), 7100, "enc6", &["enc6"], &restricted(&v6_nets))
+        .unwrap();
+    assert_eq!(
+        fx.dp.channel_sources(sa(ch4)).unwrap(),
+        vec![
+            "10.77.0.0/30".parse().unwrap(),
+            "192.0.2.7/32".parse().unwrap()
+        ]
+    );
+    let to = |f: &Frame, enc: &str, dmac: [u8; 6], smac: [u8; 6]| {
+        let mut g = f.clone();
+        g.dst = SocketAddr::new(enc.parse().unwrap(), 7100);
+        g.ttl -= 1;
+        g.dmac = dmac;
+        g.smac = smac;
+        g.bytes()
+    };
+    let payload = [0x47u8; 188];
+    let mut rows = Vec::new();
+    for src in ["10.77.0.2:40000", "10.77.0.3:1", "192.0.2.7:9"] {
+        let f = Frame::udp(sa(src), sa(ch4), &payload);
+        rows.push(Row {
+            name: format!("IPv4 from {src}, inside the sources"),
+            input: f.bytes(),
+            verdict: XDP_REDIRECT,
+            output: Some(to(&f, ENC4, ve4p.mac, ve4.mac)),
+            reason: "redirected",
+        });
+    }
+    let f6 = Frame::udp(sa("[fd77::3]:40000"), sa(ch6), &payload);
+    rows.push(Row {
+        name: "IPv6 from inside the sources".into(),
+        input: f6.bytes(),
+        verdict: XDP_REDIRECT,
+        output: Some(to(&f6, ENC6, ve6p.mac, ve6.mac)),
+        reason: "redirected",
+    });
+    for src in ["10.77.0.4:40000", "192.0.2.6:9", "203.0.113.9:5"] {
+        rows.push(Row::pass(
+            format!("IPv4 from {src}, outside the sources"),
+            Frame::udp(sa(src), sa(ch4), &payload).bytes(),
+            "pass_not_source",
+        ));
+    }
+    let mut tagged = Frame::udp(sa("10.77.0.9:1"), sa(ch4), &payload);
+    tagged.vlans = vec![100];
+    rows.push(Row::pass(
+        "IPv4 with a VLAN tag, outside the sources",
+        tagged.bytes(),
+        "pass_not_source",
+    ));
+    rows.push(Row::pass(
+        "IPv6 from outside the sources",
+        Frame::udp(sa("[fd77::4]:40000"), sa(ch6), &payload).bytes(),
+        "pass_not_source",
+    ));
+    run_rows(&fx, true, &rows);
+    let learnt: Vec<SocketAddr> = fx
+        .dp
+        .sources()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.peer)
+        .collect();
+    for outside in ["10.77.0.4:40000", "203.0.113.9:5", "[fd77::4]:40000"] {
+        assert!(
+            !learnt.contains(&sa(outside)),
+            "{outside} learnt: {learnt:?}"
+        );
+    }
+    assert!(learnt.contains(&sa("10.77.0.2:40000")), "{learnt:?}");
+
+    // A failover keeps the restriction.
+    fx.dp.activate(sa(ch4), "enc4").unwrap();
+    let outside = Frame::udp(sa("203.0.113.9:5"), sa(ch4), &payload).bytes();
+    run_rows(
+        &fx,
+        true,
+        &[Row::pass(
+            "outside, after activate",
+            outside.clone(),
+            "pass_not_source",
+        )],
+    );
+    // Without sources, everyone is forwarded and no prefix is left behind.
+    fx.dp
+        .set_channel_with(sa(ch4), 7100, "enc4", &["enc4"], &ChannelOptions::default())
+        .unwrap();
+    assert_eq!(fx.dp.channel_sources(sa(ch4)).unwrap(), vec![]);
+    assert_eq!(fx.test_run(true, &outside).unwrap().0, XDP_REDIRECT);
+    // Bad options are refused and change nothing.
+    let v6_on_v4 = restricted(&["fd77::/64"]);
+    assert!(
+        fx.dp
+            .set_channel_with(sa(ch4), 7100, "enc4", &["enc4"], &v6_on_v4)
+            .is_err()
+    );
+    assert_eq!(fx.test_run(true, &outside).unwrap().0, XDP_REDIRECT);
+    // Removing the channel removes its prefixes.
+    fx.dp.remove_channel(sa(ch6)).unwrap();
+    fx.dp
+        .set_channel(sa(ch6), 7100, "enc6", &["enc6"], false)
+        .unwrap();
+    assert_eq!(fx.dp.channel_sources(sa(ch6)).unwrap(), vec![]);
+}
+
+/// SRT callers (issue 13): the return path adds a caller only when its listener answers the
+/// caller's conclusion handshake (inductions, their answers and data add none), refreshes
+/// known ones, and a channel holds at most its limit, the least recently seen giving way.
+#[test]
+fn tc_egress_srt_callers_only_on_conclusion_and_capped() {
+    let mut fx = Fixture::new();
+    let (_, ve4p) = fx.enc4;
+    let opts = ChannelOptions {
+        srt: true,
+        srt_peer_limit: 4,
+        ..ChannelOptions::default()
+    };
+    fx.dp
+        .set_channel_with(sa(CH4), ENC_PORT, "enc4", &["enc4"], &opts)
+        .unwrap();
+    let enc4_ep = SocketAddr::new(ENC4.parse().unwrap(), ENC_PORT);
+    let caller = |i: u32| sa(&format!("10.77.0.2:{}", 41_000 + i));
+    let answer = |fx: &Fixture, to: SocketAddr, payload: &[u8]| {
+        let mut f = Frame::udp(enc4_ep, to, payload);
+        f.smac = ve4p.mac;
+        let (verdict, _) = fx.test_run(false, &f.bytes()).unwrap();
+        assert_eq!(verdict, TC_ACT_REDIRECT, "a reply to a known source");
+    };
+    let peers = |fx: &Fixture| -> Vec<(SocketAddr, u32)> {
+        let mut p: Vec<_> = fx
+            .dp
+            .srt_peers()
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.peer, p.socket_id))
+            .collect();
+        p.sort();
+        p
+    };
+    for i in 0..10 {
+        let hello = Frame::udp(caller(i), sa(CH4), &srt_handshake(1, 0)).bytes();
+        assert_eq!(fx.test_run(true, &hello).unwrap().0, XDP_REDIRECT);
+        answer(&fx, caller(i), &srt_handshake(1, 100 + i));
+        answer(&fx, caller(i), &[0x11; 64]);
+    }
+    assert_eq!(peers(&fx), vec![], "inductions, data: no caller");
+    answer(&fx, caller(0), &srt_handshake(HS_CONCLUSION, 100));
+    assert_eq!(peers(&fx), vec![(caller(0), 100)]);
+    answer(&fx, caller(0), &srt_handshake(1003, 999));
+    answer(&fx, caller(0), &srt_handshake(1, 999));
+    assert_eq!(
+        peers(&fx),
+        vec![(caller(0), 100)],
+        "a rejection or induction changes nothing"
+    );
+    answer(&fx, caller(0), &srt_handshake(HS_CONCLUSION, 101));
+    assert_eq!(
+        peers(&fx),
+        vec![(caller(0), 101)],
+        "a new session's conclusion"
+    );
+    for i in 1..10 {
+        answer(&fx, caller(i), &srt_handshake(HS_CONCLUSION, 100 + i));
+        assert!(peers(&fx).len() <= 4, "capped: {:?}", peers(&fx));
+    }
+    let held = peers(&fx);
+    assert_eq!(held.len(), 4, "{held:?}");
+    assert!(
+        held.contains(&(caller(9), 109)),
+        "the latest caller holds a slot: {held:?}"
+    );
+    // Reconfigured with a limit of 2: two of the callers stay.
+    let opts2 = ChannelOptions {
+        srt_peer_limit: 2,
+        ..opts.clone()
+    };
+    fx.dp
+        .set_channel_with(sa(CH4), ENC_PORT, "enc4", &["enc4"], &opts2)
+        .unwrap();
+    assert_eq!(peers(&fx).len(), 2);
+    // Not SRT any more: no caller is kept, none is learnt.
+    let udp = ChannelOptions { srt: false, ..opts };
+    fx.dp
+        .set_channel_with(sa(CH4), ENC_PORT, "enc4", &["enc4"], &udp)
+        .unwrap();
+    answer(&fx, caller(3), &srt_handshake(HS_CONCLUSION, 7));
+    assert_eq!(peers(&fx), vec![]);
 }

@@ -34,7 +34,7 @@ use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
 use toml::de::{DeTable, DeValue};
 
 pub use crate::dataplane::{
-    XdpMode,
+    SRT_PEER_LIMIT_DEFAULT, SRT_PEER_LIMIT_MAX, SourcePrefix, XdpMode,
     policy::{AllowProto, AllowRule, AllowRuleError},
 };
 
@@ -224,6 +224,15 @@ pub struct Channel {
     pub hold_down_ms: u64,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Only packets from these prefixes (`"203.0.113.0/24"`, `"2001:db8::/32"`, or one
+    /// address) are forwarded; others pass to the host untouched and are counted
+    /// (`pass_not_source`). Empty (the default): from anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourcePrefix>,
+    /// SRT channels: how many callers the data plane remembers (and tells to reconnect on a
+    /// failover), 1 to 16; see [`Channel::srt_peer_limit`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srt_peer_limit: Option<u32>,
 }
 
 /// `channel.failback`: what happens once a channel's primary is healthy again.
@@ -338,6 +347,11 @@ impl Channel {
     /// The UDP port the channel's encoders receive on: `port`, or the listen port.
     pub fn encoder_port(&self) -> u16 {
         self.port.unwrap_or(self.listen.port())
+    }
+
+    /// SRT callers remembered: `srt_peer_limit`, or [`SRT_PEER_LIMIT_DEFAULT`].
+    pub fn srt_peer_limit(&self) -> u32 {
+        self.srt_peer_limit.unwrap_or(SRT_PEER_LIMIT_DEFAULT)
     }
 }
 

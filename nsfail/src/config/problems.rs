@@ -459,6 +459,29 @@ impl Config {
             } else {
                 listens.insert(listen, i);
             }
+            for (j, net) in channel.sources.iter().enumerate() {
+                if net.addr.is_ipv4() != listen.is_ipv4() {
+                    out.push(Problem::new(
+                        at!["channel", i, "sources", j],
+                        format!(
+                            "channel {name:?} listens on {} {listen} but source {net} is {}",
+                            family(listen.ip()),
+                            family(net.addr)
+                        ),
+                    ));
+                }
+            }
+            if let Some(limit) = channel.srt_peer_limit
+                && !(1..=SRT_PEER_LIMIT_MAX as u32).contains(&limit)
+            {
+                out.push(Problem::new(
+                    at!["channel", i, "srt_peer_limit"],
+                    format!(
+                        "channel {name:?}: srt_peer_limit {limit} must be 1 to \
+                         {SRT_PEER_LIMIT_MAX}"
+                    ),
+                ));
+            }
             if channel.port == Some(0) {
                 out.push(Problem::new(
                     at!["channel", i, "port"],

@@ -48,6 +48,7 @@ use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
     api::{ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
     config::{self, Config, ConfigError},
+    dataplane::ChannelOptions,
     net::{
         netns, provision,
         receive::{self, Verdict},
@@ -266,13 +267,13 @@ impl Controller {
             let active = self.choose_initial(ch, current.get(&ch.listen).map(|c| &c.encoder));
             let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
             let before = current.get(&ch.listen).map(|c| c.encoder.clone());
-            self.dp.set_channel(
-                ch.listen,
-                ch.encoder_port(),
-                &active,
-                &members,
-                ch.protocol == config::Protocol::Srt,
-            )?;
+            let opts = ChannelOptions {
+                srt: ch.protocol == config::Protocol::Srt,
+                sources: ch.sources.clone(),
+                srt_peer_limit: ch.srt_peer_limit(),
+            };
+            self.dp
+                .set_channel_with(ch.listen, ch.encoder_port(), &active, &members, &opts)?;
             self.decider.set_channel(&ch.name, policy(ch), &active);
             if before.as_deref() != Some(active.as_str()) {
                 self.event(Some(&ch.name), before, Some(active.clone()), "configured");

@@ -17,8 +17,28 @@ impl Dataplane {
         members: &[&str],
         srt: bool,
     ) -> Result<u32> {
+        let opts = ChannelOptions {
+            srt,
+            ..ChannelOptions::default()
+        };
+        self.set_channel_with(listen, port, active, members, &opts)
+    }
+
+    /// [`Dataplane::set_channel`] with the channel's `sources` and SRT caller limit. The
+    /// prefixes of a newly restricted channel are in place before its CHANNELS write; those
+    /// of a channel no longer restricted go after it.
+    pub fn set_channel_with(
+        &mut self,
+        listen: SocketAddr,
+        port: u16,
+        active: &str,
+        members: &[&str],
+        opts: &ChannelOptions,
+    ) -> Result<u32> {
+        let srt = opts.srt;
         let ingest = self.ingest.clone().ok_or(DataplaneError::NoIngest)?;
         validate_endpoint(listen)?;
+        validate_options(listen, opts)?;
         if port == 0 {
             return Err(DataplaneError::Invalid {
                 what: format!("channel {listen}"),
@@ -83,11 +103,80 @@ impl Dataplane {
                 .insert(reply_key(info, port), rt, 0)
                 .map_err(map_err("REPLIES"))?;
         }
-        let target = target_for(&active_info, active_id, channel_id, port);
+        self.set_srt_peers(channel_id, opts)?;
+        let old_nets = self.source_nets_of(channel_id, key.family)?;
+        for net in &opts.sources {
+            self.source_nets
+                .insert(&source_net_key(channel_id, net), 1, 0)
+                .map_err(map_err("SOURCE_NETS"))?;
+        }
+        let mut target = target_for(&active_info, active_id, channel_id, port);
+        if !opts.sources.is_empty() {
+            target.flags |= CHANNEL_SOURCES;
+        }
         self.channels
             .insert(key, target, 0)
             .map_err(map_err("CHANNELS"))?;
+        let wanted: HashSet<SourcePrefix> = opts.sources.iter().copied().collect();
+        for net in old_nets.iter().filter(|n| !wanted.contains(n)) {
+            self.source_nets
+                .remove(&source_net_key(channel_id, net))
+                .map_err(map_err("SOURCE_NETS"))?;
+        }
         Ok(channel_id)
+    }
+
+    /// Creates, resizes or removes the channel's SRT_PEERS entry (its learnt callers stay
+    /// across a reconfiguration, up to the new limit).
+    fn set_srt_peers(&mut self, channel_id: u32, opts: &ChannelOptions) -> Result<()> {
+        let current = self.srt_peers.get(&channel_id, 0).ok();
+        if !opts.srt {
+            if current.is_some() {
+                self.srt_peers
+                    .remove(&channel_id)
+                    .map_err(map_err("SRT_PEERS"))?;
+            }
+            return Ok(());
+        }
+        if current.is_some_and(|c| c.limit == opts.srt_peer_limit) {
+            return Ok(());
+        }
+        let mut peers = SrtPeers::new(opts.srt_peer_limit);
+        if let Some(c) = current {
+            let keep = (opts.srt_peer_limit as usize).min(MAX_SRT_PEERS_PER_CHANNEL);
+            peers.slots[..keep].copy_from_slice(&c.slots[..keep]);
+        }
+        self.srt_peers
+            .insert(channel_id, peers, 0)
+            .map_err(map_err("SRT_PEERS"))
+    }
+
+    /// The `sources` prefixes the data plane holds for a channel of `family`.
+    fn source_nets_of(&self, channel_id: u32, family: u8) -> Result<Vec<SourcePrefix>> {
+        let mut out = Vec::new();
+        for key in self.source_nets.keys() {
+            let key = key.map_err(map_err("SOURCE_NETS"))?;
+            let data = key.data();
+            if u32::from_be_bytes(data.channel) != channel_id {
+                continue;
+            }
+            let bits = key.prefix_len().saturating_sub(32) as u8;
+            if let Some(net) = SourcePrefix::new(ip_addr(family, &data.addr), bits) {
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A channel's `sources` as the data plane holds them (empty: from anywhere).
+    pub fn channel_sources(&self, listen: SocketAddr) -> Result<Vec<SourcePrefix>> {
+        let t = self
+            .channels
+            .get(&endpoint(listen), 0)
+            .map_err(|_| DataplaneError::UnknownChannel(listen))?;
+        let mut nets = self.source_nets_of(t.channel_id, endpoint(listen).family)?;
+        nets.sort();
+        Ok(nets)
     }
 
     /// Points an existing channel at another encoder: the failover. One HASH map update.
@@ -98,7 +187,7 @@ impl Dataplane {
             .get(&key, 0)
             .map_err(|_| DataplaneError::UnknownChannel(listen))?;
         let (id, info) = self.encoder_checked(encoder, listen)?;
-        let target = target_for(&info, id, current.channel_id, current.port);
+        let target = retarget(&info, id, &current);
         self.channels
             .insert(key, target, 0)
             .map_err(map_err("CHANNELS"))
@@ -125,7 +214,12 @@ impl Dataplane {
             .collect();
         for k in stale {
             let _ = self.sources.remove(&k);
-            let _ = self.srt_peers.remove(&k);
+        }
+        let _ = self.srt_peers.remove(&current.channel_id);
+        for net in self.source_nets_of(current.channel_id, key.family)? {
+            let _ = self
+                .source_nets
+                .remove(&source_net_key(current.channel_id, &net));
         }
         Ok(())
     }
@@ -144,13 +238,17 @@ impl Dataplane {
         let by_id = self.listen_by_id()?;
         let mut out = Vec::new();
         for item in self.srt_peers.iter() {
-            let (k, v) = item.map_err(map_err("SRT_PEERS"))?;
-            if let Some(channel) = by_id.get(&k.channel_id) {
+            let (id, v) = item.map_err(map_err("SRT_PEERS"))?;
+            let Some(channel) = by_id.get(&id) else {
+                continue;
+            };
+            let limit = (v.limit as usize).min(MAX_SRT_PEERS_PER_CHANNEL);
+            for slot in v.slots[..limit].iter().filter(|s| s.last_seen_ns != 0) {
                 out.push(SrtPeerEntry {
                     channel: *channel,
-                    peer: socket_addr(&k.peer),
-                    socket_id: v.socket_id,
-                    last_seen_ns: v.last_seen_ns,
+                    peer: socket_addr(&slot.peer),
+                    socket_id: slot.socket_id,
+                    last_seen_ns: slot.last_seen_ns,
                 });
             }
         }
@@ -223,4 +321,35 @@ impl Dataplane {
             .map(|r| r.map_err(map_err("REPLIES")))
             .collect()
     }
+}
+
+/// `sources` of the channel's family, within the map's capacity; an SRT caller limit of 1 to
+/// `MAX_SRT_PEERS_PER_CHANNEL`.
+fn validate_options(listen: SocketAddr, opts: &ChannelOptions) -> Result<()> {
+    let invalid = |why: String| DataplaneError::Invalid {
+        what: format!("channel {listen}"),
+        why,
+    };
+    if let Some(net) = opts
+        .sources
+        .iter()
+        .find(|n| n.addr.is_ipv4() != listen.is_ipv4())
+    {
+        return Err(invalid(format!(
+            "source {net} is not of the ingest address's family"
+        )));
+    }
+    if opts.sources.len() > MAX_SOURCE_NETS as usize {
+        return Err(invalid(format!(
+            "{} sources, at most {MAX_SOURCE_NETS}",
+            opts.sources.len()
+        )));
+    }
+    if opts.srt_peer_limit == 0 || opts.srt_peer_limit as usize > MAX_SRT_PEERS_PER_CHANNEL {
+        return Err(invalid(format!(
+            "SRT caller limit {}, must be 1 to {MAX_SRT_PEERS_PER_CHANNEL}",
+            opts.srt_peer_limit
+        )));
+    }
+    Ok(())
 }

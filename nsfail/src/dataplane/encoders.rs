@@ -85,7 +85,7 @@ impl Dataplane {
         // Repoint channels whose target is this encoder (its MAC or address may have changed).
         for (key, target) in self.channel_targets()? {
             if target.encoder_id == id {
-                let t = target_for(&info, id, target.channel_id, target.port);
+                let t = retarget(&info, id, &target);
                 self.channels
                     .insert(key, t, 0)
                     .map_err(map_err("CHANNELS"))?;

@@ -19,10 +19,32 @@ pub(super) fn target_for(
         } else {
             ACTION_TX
         },
-        _pad: 0,
+        flags: 0,
         channel_id,
         encoder_id,
     }
+}
+
+/// The CHANNELS value of a channel (`current`) pointed at another encoder: its counters,
+/// port and flags stay.
+pub(super) fn retarget(
+    info: &EncoderInfo,
+    encoder_id: u32,
+    current: &ChannelTarget,
+) -> ChannelTarget {
+    ChannelTarget {
+        flags: current.flags,
+        ..target_for(info, encoder_id, current.channel_id, current.port)
+    }
+}
+
+/// The `SOURCE_NETS` key of one prefix of a channel's `sources`.
+pub(super) fn source_net_key(channel_id: u32, net: &SourcePrefix) -> Key<SourceNet> {
+    let (_, addr) = ip_bytes(net.addr);
+    Key::new(
+        SourceNet::prefix_len(net.len),
+        SourceNet::new(channel_id, addr),
+    )
 }
 
 pub(super) fn reply_key(info: &EncoderInfo, port: u16) -> Endpoint {

@@ -23,7 +23,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, DevMap, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AttachMode,
         links::{FdLink, LinkError},
@@ -33,10 +36,11 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use log::{info, warn};
 use nsfail_common::{
-    ABI_VERSION, ACTION_REDIRECT, ACTION_TX, ChannelStats, ChannelTarget, ENCODER_LOCAL,
-    ENCODER_REMOTE, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6,
-    FlowStats, MAX_CHANNELS, MAX_ENCODERS, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SrtPeer,
-    TraceConfig, drop_reason, tc_reason, xdp_reason,
+    ABI_VERSION, ACTION_REDIRECT, ACTION_TX, CHANNEL_SOURCES, ChannelStats, ChannelTarget,
+    DEFAULT_SRT_PEER_LIMIT, ENCODER_LOCAL, ENCODER_REMOTE, EncoderInfo, EncoderPolicy,
+    EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats, MAX_CHANNELS, MAX_ENCODERS,
+    MAX_SOURCE_NETS, MAX_SRT_PEERS_PER_CHANNEL, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey,
+    SourceNet, SrtPeers, TraceConfig, drop_reason, tc_reason, xdp_reason,
 };
 
 pub use self::policy::{AllowProto, AllowRule, EgressPolicy, HealthAnswers};
@@ -56,6 +60,11 @@ mod links;
 mod maps;
 pub mod policy;
 mod sys;
+
+pub use nsfail_common::{
+    DEFAULT_SRT_PEER_LIMIT as SRT_PEER_LIMIT_DEFAULT,
+    MAX_SRT_PEERS_PER_CHANNEL as SRT_PEER_LIMIT_MAX,
+};
 
 use self::maps::*;
 pub use self::maps::{endpoint, socket_addr};
@@ -243,6 +252,107 @@ pub struct SrtPeerEntry {
     pub last_seen_ns: u64,
 }
 
+/// An address prefix of a channel's `sources` (host bits zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourcePrefix {
+    pub addr: IpAddr,
+    /// Prefix length in bits (at most 32 or 128 by family).
+    pub len: u8,
+}
+
+impl SourcePrefix {
+    /// The prefix of `addr` of `len` bits, host bits cleared; `None` when `len` is too long
+    /// for the family.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        let addr = match addr {
+            IpAddr::V4(a) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+            _ => return None,
+        };
+        Some(Self { addr, len })
+    }
+}
+
+impl std::str::FromStr for SourcePrefix {
+    type Err = String;
+
+    /// `ADDR` (a single host) or `ADDR/LEN`; the address must be the network's (host bits
+    /// zero), so that a typo cannot silently widen or narrow the range.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?}: not an IP address or prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?,
+            None => max,
+        };
+        let net = Self::new(addr, len).expect("length checked");
+        if net.addr != addr {
+            return Err(format!(
+                "{s:?}: host bits set (the network is {}/{len})",
+                net.addr
+            ));
+        }
+        Ok(net)
+    }
+}
+
+impl serde::Serialize for SourcePrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SourcePrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for SourcePrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A channel's options beyond where it forwards ([`Dataplane::set_channel_with`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// The channel carries SRT: learn its callers (see [`Dataplane::srt_peers`]).
+    pub srt: bool,
+    /// Forward only packets from these prefixes (of the channel's family); empty: from
+    /// anywhere. Others pass to the host untouched, counted as `pass_not_source`.
+    pub sources: Vec<SourcePrefix>,
+    /// How many SRT callers the channel remembers (1 to [`MAX_SRT_PEERS_PER_CHANNEL`]).
+    pub srt_peer_limit: u32,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        Self {
+            srt: false,
+            sources: Vec::new(),
+            srt_peer_limit: DEFAULT_SRT_PEER_LIMIT,
+        }
+    }
+}
+
 /// The ingest NIC as attached.
 #[derive(Clone, Debug)]
 struct Ingest {
@@ -259,7 +369,8 @@ pub struct Dataplane {
     channels: HashMap<MapData, Endpoint, ChannelTarget>,
     replies: HashMap<MapData, Endpoint, ReplyTarget>,
     sources: HashMap<MapData, SourceKey, SourceInfo>,
-    srt_peers: HashMap<MapData, SourceKey, SrtPeer>,
+    srt_peers: HashMap<MapData, u32, SrtPeers>,
+    source_nets: LpmTrie<MapData, SourceNet, u8>,
     encoders: HashMap<MapData, u32, EncoderInfo>,
     encoder_ifindex: HashMap<MapData, u32, u32>,
     policies: HashMap<MapData, u32, EncoderPolicy>,
@@ -392,6 +503,7 @@ impl Dataplane {
             replies: typed!("REPLIES"),
             sources: typed!("SOURCES"),
             srt_peers: typed!("SRT_PEERS"),
+            source_nets: typed!("SOURCE_NETS"),
             encoders,
             encoder_ifindex: typed!("ENCODER_IFINDEX"),
             policies: typed!("POLICIES"),

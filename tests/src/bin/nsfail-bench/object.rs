@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{Array, DevMap, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 
@@ -20,6 +20,15 @@ use crate::sys;
 pub const PASS: &str = "bench_pass";
 pub const REDIRECT: &str = "bench_redirect";
 pub const MAC_REDIRECT: &str = "bench_mac_redirect";
+pub const MINIMAL: &str = "bench_minimal";
+/// The per-packet budget programs: the minimal rewrite with one part added or removed.
+pub const PARSE: &str = "bench_parse";
+pub const MIN_NO_CSUM: &str = "bench_min_no_csum";
+pub const MIN_CLOCK: &str = "bench_min_clock";
+pub const MIN_COUNTERS: &str = "bench_min_counters";
+pub const MIN_LEARN: &str = "bench_min_learn";
+pub const MIN_DEVCHECK: &str = "bench_min_devcheck";
+pub const MIN_BUFLEN: &str = "bench_min_buflen";
 pub const GENERATOR: &str = "bench_generator";
 pub const SINK: &str = "bench_sink";
 
@@ -77,6 +86,34 @@ impl BenchObject {
     pub fn set_redirect_mac(&mut self, mac: [u8; 6]) -> Result<()> {
         let mut map: Array<&mut MapData, [u8; 6]> = self.map_mut("BENCH_MAC")?;
         map.set(0, mac, 0)?;
+        Ok(())
+    }
+
+    /// `bench_minimal`'s table: packets to `listen` are rewritten towards `to` with these
+    /// MACs and redirected to the `set_redirect_port` device.
+    pub fn set_minimal(
+        &mut self,
+        entries: &[(std::net::SocketAddrV4, std::net::SocketAddrV4)],
+        dmac: [u8; 6],
+        smac: [u8; 6],
+    ) -> Result<()> {
+        let mut map: HashMap<&mut MapData, MinKey, MinTarget> = self.map_mut("MIN_CHANNELS")?;
+        for (i, (listen, to)) in entries.iter().enumerate() {
+            let key = MinKey {
+                addr: listen.ip().octets(),
+                port: listen.port().to_be_bytes(),
+                _pad: [0; 2],
+            };
+            let target = MinTarget {
+                dmac,
+                smac,
+                addr: to.ip().octets(),
+                port: to.port(),
+                _pad: i as u16,
+                slot: 0,
+            };
+            map.insert(key, target, 0)?;
+        }
         Ok(())
     }
 
@@ -140,6 +177,33 @@ impl BenchObject {
         T::try_from(map).map_err(|e| anyhow!("map {name}: {e}"))
     }
 }
+
+/// `MinKey` of the bench object.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MinKey {
+    addr: [u8; 4],
+    port: [u8; 2],
+    _pad: [u8; 2],
+}
+
+/// `MinTarget` of the bench object.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MinTarget {
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    addr: [u8; 4],
+    port: u16,
+    _pad: u16,
+    slot: u32,
+}
+
+// SAFETY: repr(C), integers and byte arrays only, no implicit padding (8 and 24 bytes).
+unsafe impl aya::Pod for MinKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for MinTarget {}
+const _: () = assert!(std::mem::size_of::<MinKey>() == 8 && std::mem::size_of::<MinTarget>() == 24);
 
 /// A template: the first `TEMPLATE_LEN` bytes of `frame`.
 pub fn template(frame: &[u8]) -> [u8; TEMPLATE_LEN] {

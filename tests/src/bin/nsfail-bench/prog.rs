@@ -23,6 +23,45 @@ pub const MISS: &str = "nsfail miss";
 pub const PASS: &str = "XDP_PASS";
 pub const BARE: &str = "bare redirect";
 pub const MAC: &str = "redirect + MAC rewrite";
+pub const MIN: &str = "minimal rewrite";
+pub const MIN_MISS: &str = "minimal rewrite, miss";
+
+/// The per-packet budget: (variant, program, what it adds to or takes from the minimal
+/// rewrite). Each is measured on the hit frames; its difference from the minimal rewrite in
+/// the same repetition is that part's cost.
+const BUDGET: [(&str, &str, &str); 7] = [
+    ("parse only", object::PARSE, "parse, no lookup, XDP_PASS"),
+    (
+        "minimal, no checksums",
+        object::MIN_NO_CSUM,
+        "minus the checksum updates",
+    ),
+    (
+        "minimal + clock",
+        object::MIN_CLOCK,
+        "plus bpf_ktime_get_coarse_ns",
+    ),
+    (
+        "minimal + clock + counters",
+        object::MIN_COUNTERS,
+        "plus clock and 3 per-CPU counters",
+    ),
+    (
+        "minimal + source check",
+        object::MIN_LEARN,
+        "plus the per-CPU last-source compare",
+    ),
+    (
+        "minimal + DEVMAP lookup",
+        object::MIN_DEVCHECK,
+        "plus a DEVMAP lookup",
+    ),
+    (
+        "minimal + get_buff_len",
+        object::MIN_BUFLEN,
+        "plus bpf_xdp_get_buff_len",
+    ),
+];
 
 /// (group, frame length): a 64-byte frame, and a frame with a 1316-byte UDP payload (seven
 /// MPEG-TS packets, the usual payload of a contribution stream).
@@ -36,8 +75,12 @@ pub fn run(reps: usize) -> Result<Report> {
         ("pas", "pasp"),
         ("rdr", "rdrp"),
         ("mac", "macp"),
+        ("min", "minp"),
     ] {
         sys::veth(&ns, a, b, None)?;
+    }
+    for i in 0..BUDGET.len() {
+        sys::veth(&ns, &format!("bud{i}"), &format!("budp{i}"), None)?;
     }
     let link = |name: &str| sys::link(&ns, name);
     let (enc, encp) = (link("enc")?, link("encp")?);
@@ -51,8 +94,24 @@ pub fn run(reps: usize) -> Result<Report> {
     obj.attach(object::PASS, link("pas")?.ifindex)?;
     obj.attach(object::REDIRECT, link("rdr")?.ifindex)?;
     obj.attach(object::MAC_REDIRECT, link("mac")?.ifindex)?;
+    obj.attach(object::MINIMAL, link("min")?.ifindex)?;
+    for (i, (_, prog, _)) in BUDGET.iter().enumerate() {
+        obj.attach(prog, link(&format!("bud{i}"))?.ifindex)?;
+    }
     obj.set_redirect_port(enc.ifindex)?;
     obj.set_redirect_mac(encp.mac)?;
+    let v4 = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(a) => a,
+        std::net::SocketAddr::V6(_) => unreachable!("the chain is IPv4"),
+    };
+    obj.set_minimal(
+        &[
+            (v4(chain::listen(0)), v4(chain::listen(1))),
+            (v4(chain::listen(1)), v4(chain::listen(0))),
+        ],
+        encp.mac,
+        enc.mac,
+    )?;
 
     let mut report = Report::new(
         "prog",
@@ -67,13 +126,17 @@ pub fn run(reps: usize) -> Result<Report> {
         "hit: two channels forwarding to each other's ingest address, so the frame stays a \
          complete hit (parse, lookup, rewrite, checksums, counters, redirect) on every run; \
          miss: UDP to a port that is no channel; bare redirect: DEVMAP redirect, no parsing; \
-         redirect + MAC rewrite: the same plus writes to both ends of the headers"
+         redirect + MAC rewrite: the same plus writes to both ends of the headers; minimal \
+         rewrite: parse, one hash lookup of (daddr, dport), MACs, address, port, TTL, \
+         incremental checksums, DEVMAP redirect, nothing else (its miss: the same parse and \
+         lookup, then XDP_PASS)"
             .into(),
         "variants interleaved within each repetition, order rotated".into(),
     ];
-    let variants = [HIT, MISS, PASS, BARE, MAC];
+    let mut variants = vec![HIT, MISS, PASS, BARE, MAC, MIN, MIN_MISS];
+    variants.extend(BUDGET.iter().map(|(v, _, _)| *v));
     for (group, _) in SIZES {
-        for v in variants {
+        for v in &variants {
             report.figures.push(Figure::new(group, v, "ns/packet"));
         }
     }
@@ -89,6 +152,11 @@ pub fn run(reps: usize) -> Result<Report> {
     let pass = obj.program(object::PASS)?;
     let bare = obj.program(object::REDIRECT)?;
     let mac = obj.program(object::MAC_REDIRECT)?;
+    let min = obj.program(object::MINIMAL)?;
+    let budget: Vec<&Xdp> = BUDGET
+        .iter()
+        .map(|(_, prog, _)| obj.program(prog))
+        .collect::<Result<_>>()?;
     for rep in 0..reps {
         for (s, (group, _)) in SIZES.iter().enumerate() {
             let (hits, misses) = &frames[s];
@@ -100,7 +168,21 @@ pub fn run(reps: usize) -> Result<Report> {
                     MISS => sample(ingress, misses, object::XDP_PASS)?,
                     PASS => sample(pass, hits, object::XDP_PASS)?,
                     BARE => sample(bare, hits, object::XDP_REDIRECT)?,
-                    _ => sample(mac, hits, object::XDP_REDIRECT)?,
+                    MIN => sample(min, hits, object::XDP_REDIRECT)?,
+                    MIN_MISS => sample(min, misses, object::XDP_PASS)?,
+                    MAC => sample(mac, hits, object::XDP_REDIRECT)?,
+                    v => {
+                        let i = BUDGET
+                            .iter()
+                            .position(|(b, _, _)| *b == v)
+                            .expect("variant");
+                        let expect = if BUDGET[i].1 == object::PARSE {
+                            object::XDP_PASS
+                        } else {
+                            object::XDP_REDIRECT
+                        };
+                        sample(budget[i], hits, expect)?
+                    }
                 };
                 let after = dp.xdp_stats()?;
                 check_counts(variant, &before, &after)?;
@@ -135,16 +217,69 @@ pub fn run(reps: usize) -> Result<Report> {
                 &fig(MAC),
                 None,
             ),
+            Ratio::of(
+                &format!("hit / minimal rewrite, {group}"),
+                &fig(HIT),
+                &fig(MIN),
+                Some(Goal::AtMost(1.1)),
+            ),
+            Ratio::of(
+                &format!("miss / minimal rewrite's miss (XDP_PASS + parse), {group}"),
+                &fig(MISS),
+                &fig(MIN_MISS),
+                Some(Goal::AtMost(1.5)),
+            ),
+            Ratio::of(
+                &format!("minimal rewrite / bare redirect, {group}"),
+                &fig(MIN),
+                &fig(BARE),
+                None,
+            ),
         ];
         report.ratios.extend(ratios);
     }
     for (group, _) in SIZES {
         let fig = |v: &str| report.figure(group, v).expect("figure").summary().median;
         report.notes.push(format!(
-            "{group}: hit costs {:.1} ns more than the bare redirect, miss {:.1} ns more \
-             than XDP_PASS (medians)",
+            "{group}: hit costs {:.1} ns more than the bare redirect and {:.1} ns more than \
+             the minimal rewrite, miss {:.1} ns more than XDP_PASS (medians)",
             fig(HIT) - fig(BARE),
+            fig(HIT) - fig(MIN),
             fig(MISS) - fig(PASS)
+        ));
+    }
+    for (group, _) in SIZES {
+        let fig = |v: &str| report.figure(group, v).expect("figure").clone();
+        let min = fig(MIN);
+        let diff = |v: &str| {
+            let f = fig(v);
+            let d: Vec<f64> = f
+                .samples
+                .iter()
+                .zip(&min.samples)
+                .map(|(a, b)| a - b)
+                .collect();
+            crate::report::summarize(&d).median
+        };
+        let mut parts = vec![
+            format!("XDP_PASS {:.1}", fig(PASS).summary().median),
+            format!(
+                "parse {:+.1}",
+                fig("parse only").summary().median - fig(PASS).summary().median
+            ),
+            format!(
+                "lookup (miss) {:+.1}",
+                fig(MIN_MISS).summary().median - fig("parse only").summary().median
+            ),
+        ];
+        for (v, _, what) in BUDGET.iter().skip(1) {
+            parts.push(format!("{what}: {:+.1}", diff(v)));
+        }
+        parts.push(format!("nsfail hit over minimal: {:+.1}", diff(HIT)));
+        report.notes.push(format!(
+            "budget, {group} (ns, medians of per-repetition differences from the minimal \
+             rewrite): {}",
+            parts.join("; ")
         ));
     }
     drop(obj);
