@@ -219,8 +219,8 @@ pub fn inject(
     addr.sll_halen = 6;
     let mut sent = 0;
     for frame in frames {
-        // Retried a few times when the veth's queue is full (ENOBUFS): bounded.
-        for _ in 0..100 {
+        // Retried while the veth's queue is full (ENOBUFS): at most about 100 ms a frame.
+        for _ in 0..10_000 {
             // SAFETY: frame and addr outlive the call; lengths are theirs.
             let n = unsafe {
                 libc::sendto(
@@ -240,7 +240,7 @@ pub fn inject(
             if e.raw_os_error() != Some(libc::ENOBUFS) {
                 return Err(e);
             }
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            std::thread::sleep(std::time::Duration::from_micros(10));
         }
     }
     Ok(sent)

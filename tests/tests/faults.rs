@@ -377,6 +377,7 @@ fn spoofed_srt_handshakes_do_not_fill_the_caller_table() {
         "enc-a receives the SRT stream"
     );
     let caller = session.caller_on_wire();
+    println!("the real caller: {caller:?}");
     let real = vec![(caller.0.to_string(), u64::from(caller.1))];
     assert_eq!(srt_callers(&sock), real, "the real caller is learnt");
 
@@ -422,7 +423,9 @@ fn spoofed_srt_handshakes_do_not_fill_the_caller_table() {
             f.dmac = ing.mac;
             f.bytes()
         });
+        let t0 = std::time::Instant::now();
         injected.0 += inject(&bed.lab.src, "s0", to_ingest).expect("inject into the ingest");
+        let t1 = t0.elapsed();
         // The encoder answers each as a listener answers an induction (its cookie), which a
         // spoofed caller never sees: nothing of this may add a caller.
         let answers = (0..SOURCES).map(|i| {
@@ -438,7 +441,14 @@ fn spoofed_srt_handshakes_do_not_fill_the_caller_table() {
             answers,
         )
         .expect("inject from the encoder");
+        let t2 = t0.elapsed();
         let held = srt_callers(&sock);
+        println!(
+            "round {round}: {injected:?} frames injected ({t1:?}, {t2:?}, status at {:?}), {} \
+             callers held",
+            t0.elapsed(),
+            held.len()
+        );
         most = most.max(held.len());
         assert!(
             held.len() <= LIMIT,
