@@ -411,7 +411,7 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
         .collect();
     println!(
         "\nThe lab is up: a live test stream (ffmpeg testsrc, MPEG-TS over SRT) is sent from \
-         namespace {} to 10.77.0.1:5000, channel cam1, on encoder enc-a.\n\
+         namespace {} to {}:5000, channel cam1, on encoder enc-a.\n\
          In another terminal, as root:\n  \
          target/debug/nsfail status          # cam1's counters move; enc-a receives\n  \
          target/debug/nsfail remap cam1 enc-b\n  \
@@ -420,6 +420,7 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
          ls -l {}   # each encoder's received stream\n\
          Ctrl-C here stops the daemon and removes the lab.\n",
         info.namespaces.get(1).map_or("nsf-src", String::as_str),
+        crate::lab::INGEST4,
         info.dir.join("*.ts").display(),
     );
     println!("stream outputs: {}\n", outputs.join(", "));
@@ -441,7 +442,7 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
         let ea = ea.clone();
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_secs(3));
-            let gateway = labctl::lab_gateway("10.77.1.2");
+            let gateway = crate::lab::v4(1, 1);
             for port in [labctl::SERVICE_PORT, labctl::SERVICE_PORT + 1] {
                 let target: std::net::SocketAddr =
                     format!("{gateway}:{port}").parse().expect("address");

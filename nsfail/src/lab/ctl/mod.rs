@@ -243,8 +243,6 @@ pub struct LabInfo {
 /// recorded already. On failure, undoes what it did before returning the error.
 pub fn up(opts: &LabOptions) -> Result<LabInfo> {
     check_options(opts)?;
-    require("ip", "iproute2")?;
-    require("ethtool", "ethtool")?;
     require("socat", "socat")?;
     require("ffmpeg", "ffmpeg")?;
     if opts.protocol == LabProtocol::Srt {
@@ -425,8 +423,7 @@ fn delete_netns(name: &str) -> Result<()> {
     if !paths::netns(name).exists() {
         return Ok(());
     }
-    lab::cmd("ip", &["netns", "del", name])?;
-    Ok(())
+    crate::net::provision::delete_netns(name).map_err(io_err(format!("delete namespace {name}")))
 }
 
 fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
@@ -483,10 +480,13 @@ fn log_tail(path: &Path) -> String {
 /// The TCP port of the lab's host service.
 pub const SERVICE_PORT: u16 = 8080;
 
-/// An encoder's gateway in the lab: the host side of its veth, `10.77.N.1` for `10.77.N.2`.
+/// An encoder's gateway in the lab: the ingest host's side of the encoder's link in the
+/// address plan (`lab::v4`); an address outside the plan is returned as it is.
 pub fn lab_gateway(addr4: &str) -> String {
-    match addr4.rsplit_once('.') {
-        Some((net, _)) => format!("{net}.1"),
-        None => addr4.to_owned(),
+    match addr4.parse::<std::net::Ipv4Addr>() {
+        Ok(a) if lab::v4(a.octets()[2], a.octets()[3]) == a => {
+            lab::v4(a.octets()[2], 1).to_string()
+        }
+        _ => addr4.to_owned(),
     }
 }
