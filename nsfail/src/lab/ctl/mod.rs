@@ -10,12 +10,11 @@
 //! pidfd, so a PID that the system has since reused is never signalled.
 
 use std::{
-    env,
     fs::{self, File, OpenOptions},
     io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::{fs::PermissionsExt, process::CommandExt},
+        unix::process::CommandExt,
     },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -321,15 +320,9 @@ fn check_options(opts: &LabOptions) -> Result<()> {
 }
 
 fn require(tool: &'static str, package: &'static str) -> Result<()> {
-    let found = env::var_os("PATH").is_some_and(|path| {
-        env::split_paths(&path).any(|d| {
-            fs::metadata(d.join(tool))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    });
-    found
-        .then_some(())
-        .ok_or(LabCtlError::MissingTool { tool, package })
+    which::which(tool)
+        .map(drop)
+        .map_err(|_| LabCtlError::MissingTool { tool, package })
 }
 
 /// Claims `dir` for a new lab: the record is created exclusively, so of two `up`s one wins.
