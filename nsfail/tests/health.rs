@@ -42,6 +42,7 @@ fn encoder(health: Health, netns: Option<&str>) -> Encoder {
         health,
         spawn: None,
         restart: Default::default(),
+        env: Default::default(),
         prefix: None,
     }
 }
