@@ -251,3 +251,51 @@ pub(super) async fn handle(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nsfail-sock-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn the_stale_socket_path_removes_only_a_socket() {
+        let dir = scratch("stale");
+        // A regular file where the socket should be: refused, left as it is.
+        let file = dir.join("file.sock");
+        fs::write(&file, "keep me").unwrap();
+        let err = bind(&file, None).await.unwrap_err().to_string();
+        assert!(err.contains("is not a socket; not removing it"), "{err}");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "keep me");
+        // A directory: the same.
+        let sub = dir.join("dir.sock");
+        fs::create_dir(&sub).unwrap();
+        assert!(bind(&sub, None).await.is_err());
+        assert!(sub.is_dir());
+        // A socket nobody answers on: replaced, 0600.
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let listener = bind(&stale, None).await.unwrap();
+        let mode = fs::metadata(&stale).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // One that answers: refused, kept.
+        let err = bind(&stale, None).await.unwrap_err().to_string();
+        assert!(err.contains("another nsfail daemon"), "{err}");
+        drop(listener);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_status_and_events_are_read_only() {
+        assert!(read_only(&Command::Status));
+        assert!(read_only(&Command::Events));
+        assert!(!read_only(&Command::Drain {
+            encoder: "e".into()
+        }));
+        assert!(!read_only(&Command::RemoveEncoder { name: "e".into() }));
+    }
+}
