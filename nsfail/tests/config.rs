@@ -289,6 +289,7 @@ fn a_config_built_in_code_is_validated_without_a_location() {
         },
         spawn: None,
         restart: Default::default(),
+        env: Default::default(),
         prefix: None,
     });
     assert_eq!(

@@ -302,3 +302,406 @@ fn an_unprivileged_user_cannot_use_the_socket() {
         assert_eq!(mode, 0o600, "{file} mode {mode:o}");
     }
 }
+
+/// Cases 4, 5 and 7 of issue 13: managed encoders across a daemon restart, a child's
+/// unruly output, the socket's peers, the events file's rotation.
+mod children {
+    use std::collections::BTreeSet;
+
+    use nsfail::{child::Identity, lab::Lab};
+    use nsfail_tests::{
+        traffic::{check_seqs, payload},
+        unique,
+    };
+
+    use super::*;
+
+    /// Stops whatever managed encoders the test's daemons recorded (as `nsfail teardown`
+    /// does), on every path out of the test. Declared before the daemons, so dropped after.
+    struct ManagedCleanup<'a>(&'a PinDir);
+
+    impl Drop for ManagedCleanup<'_> {
+        fn drop(&mut self) {
+            nsfail::daemon::teardown_managed(&self.0.pins);
+        }
+    }
+
+    /// A daemon config for `lab` with one managed encoder, `mgd` (address 10.78.7.2 in
+    /// namespace `ns`, host side `host_if`), running `sh -c SCRIPT`, and channel `cam`
+    /// (10.77.0.1:5002, UDP, encoder port 7002) on it.
+    fn managed_config(lab: &Lab, ns: &str, host_if: &str, script: &str, extra: &str) -> String {
+        assert!(
+            !script.contains('\''),
+            "the script goes in a TOML literal string"
+        );
+        format!(
+            "[ingest]\ninterface = \"ing\"\nnetns = \"{rt}\"\nmetrics = \"127.0.0.1:9464\"\n\n\
+             [[encoder]]\nname = \"mgd\"\naddress = \"10.78.7.2\"\ninterface = \"{host_if}\"\n\
+             netns = \"{ns}\"\nspawn = {{ command = \"sh\", args = [\"-c\", '{script}'] }}\n\
+             health = {{ kind = \"exec\", command = [\"true\"], interval_ms = 500, \
+             timeout_ms = 400, fall = 10 }}\n\n\
+             [[channel]]\nname = \"cam\"\nlisten = \"10.77.0.1:5002\"\nencoders = [\"mgd\"]\n\
+             port = 7002\n{extra}",
+            rt = lab.rt.name,
+        )
+    }
+
+    /// The process the daemon recorded for `mgd`.
+    fn recorded(pins: &PinDir) -> Option<Identity> {
+        let text = fs::read_to_string(pins.pins.children_record()).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        serde_json::from_value(v["running"]["mgd"]["process"].clone()).ok()
+    }
+
+    /// The intact test packets a `socat -u UDP-RECV ... OPEN:FILE` wrote into `file`.
+    fn seqs_in(file: &Path) -> BTreeSet<u32> {
+        let len = payload(0).len();
+        fs::read(file)
+            .unwrap_or_default()
+            .chunks_exact(len)
+            .filter_map(|c| {
+                let seq = u32::from_be_bytes(c[..4].try_into().unwrap());
+                (c == payload(seq).as_slice()).then_some(seq)
+            })
+            .collect()
+    }
+
+    fn alive(p: Identity) -> bool {
+        Identity::of(p.pid).is_ok_and(|now| now == p)
+    }
+
+    fn count(socket: &Path, needle: &str) -> usize {
+        reasons(socket)
+            .iter()
+            .filter(|r| r.contains(needle))
+            .count()
+    }
+
+    /// 5. A managed encoder that prints 1 MiB of random bytes (invalid UTF-8) without a
+    ///    newline, three times, while a stream runs into it: it keeps running (same process,
+    ///    never restarted), the stream loses nothing, the line after each burst is logged
+    ///    intact, each long line is cut and the drop reported once.
+    #[test]
+    fn a_child_printing_a_mebibyte_of_junk_without_a_newline_keeps_running() {
+        let lab = lab(1);
+        let dir = TempDir::new();
+        let out = dir.path.join("mgd.udp");
+        let (ns, host_if) = (unique("mg"), unique("mh"));
+        let script = format!(
+            "socat -u UDP-RECV:7002 OPEN:{},creat,append & for i in 1 2 3; do sleep 1; \
+             head -c 1048576 /dev/urandom | tr -d \"\\n\"; printf \"\\nMARKER-AFTER-JUNK\\n\"; \
+             done; wait",
+            out.display()
+        );
+        let config = dir.path.join("nsfail.toml");
+        fs::write(&config, managed_config(&lab, &ns, &host_if, &script, "")).unwrap();
+        let pins = PinDir::new();
+        let _cleanup = ManagedCleanup(&pins);
+        let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
+        let leader = wait_for(Duration::from_secs(5), || recorded(&pins)).expect("recorded");
+
+        let burst = spawn_burst(
+            &lab.src.name,
+            sa(SRC4, 41300),
+            sa(INGEST4, 5002),
+            0..4000,
+            GAP,
+            Duration::from_millis(300),
+        );
+        burst.join().unwrap();
+        let log = config.with_extension("log");
+        let text = wait_for(Duration::from_secs(15), || {
+            let text = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
+            (text.matches("] MARKER-AFTER-JUNK").count() == 3).then_some(text)
+        })
+        .unwrap_or_else(|| panic!("three markers logged: {:?}", reasons(&daemon.socket)));
+        assert_eq!(
+            text.matches("[cut at 4096 bytes]").count(),
+            3,
+            "each mebibyte line is cut"
+        );
+        let got = wait_for(Duration::from_secs(5), || {
+            let s = seqs_in(&out);
+            (s.len() == 4000).then_some(s)
+        });
+        assert_eq!(
+            got.unwrap_or_else(|| seqs_in(&out)),
+            (0..4000).collect(),
+            "every packet of the stream reached the encoder's process"
+        );
+        assert!(alive(leader), "the same process still runs");
+        assert_eq!(recorded(&pins), Some(leader));
+        assert_eq!(
+            count(&daemon.socket, "is dropped (counted"),
+            1,
+            "reported once"
+        );
+        assert_eq!(
+            count(&daemon.socket, "process exited"),
+            0,
+            "never restarted"
+        );
+    }
+
+    /// 4. A managed encoder survives `kill -9` of the daemon, and a clean stop too: the next
+    ///    daemon adopts it and its stream (1000 packets/s into the encoder's own process)
+    ///    loses nothing across the restart. When the adopted process dies it is restarted
+    ///    (event), and `remove` stops an adopted process and removes its namespace.
+    #[test]
+    fn a_managed_encoder_outlives_its_daemon_and_is_adopted() {
+        let lab = lab(1);
+        let dir = TempDir::new();
+        let out = dir.path.join("mgd.udp");
+        let (ns, host_if) = (unique("mg"), unique("mh"));
+        let script = format!(
+            "exec socat -u UDP-RECV:7002 OPEN:{},creat,append",
+            out.display()
+        );
+        let config = dir.path.join("nsfail.toml");
+        fs::write(&config, managed_config(&lab, &ns, &host_if, &script, "")).unwrap();
+        let socket = dir.path.join("nsfail.sock");
+        let pins = PinDir::new();
+        let _cleanup = ManagedCleanup(&pins);
+        let mut first = Daemon::start(&config, &socket, &pins);
+        let p = wait_for(Duration::from_secs(5), || recorded(&pins)).expect("recorded");
+
+        let burst = spawn_burst(
+            &lab.src.name,
+            sa(SRC4, 41400),
+            sa(INGEST4, 5002),
+            0..6000,
+            GAP,
+            Duration::from_millis(300),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        first.child.child.kill().unwrap();
+        first.child.child.wait().unwrap();
+        let killed = std::time::Instant::now();
+        let at_kill = seqs_in(&out).len();
+        assert!(alive(p), "kill -9 of the daemon leaves the encoder running");
+        let second = Daemon::start(&config, &socket, &pins);
+        let at_up = seqs_in(&out).len();
+        eprintln!(
+            "no daemon answered for {} ms; meanwhile the encoder received {} packets",
+            killed.elapsed().as_millis(),
+            at_up - at_kill
+        );
+        assert!(
+            at_up > at_kill,
+            "the stream flowed into the encoder while no daemon ran"
+        );
+        burst.join().unwrap();
+        let got = wait_for(Duration::from_secs(5), || {
+            let s = seqs_in(&out);
+            (s.len() == 6000).then_some(s)
+        });
+        let got = got.unwrap_or_else(|| seqs_in(&out));
+        assert_eq!(
+            check_seqs(&got, 0..6000),
+            Ok(()),
+            "the stream never stopped across the restart"
+        );
+        assert!(alive(p), "the same process");
+        assert_eq!(recorded(&pins), Some(p));
+        assert_eq!(
+            count(
+                &second.socket,
+                &format!("adopted its running process (pid {})", p.pid)
+            ),
+            1,
+            "{:?}",
+            reasons(&second.socket)
+        );
+
+        // The adopted process dies: detected, restarted, said.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let q = wait_for(Duration::from_secs(10), || {
+            recorded(&pins).filter(|q| *q != p && alive(*q))
+        })
+        .unwrap_or_else(|| panic!("restarted: {:?}", reasons(&second.socket)));
+        assert_eq!(count(&second.socket, "process exited"), 1);
+        assert_eq!(count(&second.socket, "restarting in"), 1);
+
+        // A clean stop leaves it running too; the third daemon adopts it, and `remove`
+        // stops it.
+        drop(second);
+        assert!(alive(q), "SIGTERM of the daemon leaves the encoder running");
+        let third = Daemon::start(&config, &socket, &pins);
+        assert_eq!(
+            count(
+                &third.socket,
+                &format!("adopted its running process (pid {})", q.pid)
+            ),
+            1,
+            "{:?}",
+            reasons(&third.socket)
+        );
+        let rx = spawn_burst(
+            &lab.src.name,
+            sa(SRC4, 41401),
+            sa(INGEST4, 5002),
+            10_000..10_200,
+            GAP,
+            Duration::from_millis(300),
+        );
+        rx.join().unwrap();
+        let after = wait_for(Duration::from_secs(5), || {
+            let s = seqs_in(&out);
+            (10_000..10_200).all(|x| s.contains(&x)).then_some(())
+        });
+        assert!(after.is_some(), "the adopted process receives the stream");
+        assert_eq!(cli(&third.socket, &["remove", "channel", "cam"]).code, 0);
+        let removed = cli(&third.socket, &["remove", "encoder", "mgd"]);
+        assert_eq!(removed.code, 0, "{}", removed.stderr);
+        let stopped = wait_for(Duration::from_secs(10), || {
+            (!alive(q) && !nsfail::paths::netns(&ns).exists()).then_some(())
+        });
+        assert!(stopped.is_some(), "remove stops the adopted process");
+        assert_eq!(recorded(&pins), None);
+    }
+
+    /// `nsfail ARGS...` on `socket` as uid 65534 through `setpriv` with `privs` (group and
+    /// capability options).
+    fn as_nobody(socket: &Path, privs: &[&str], args: &[&str]) -> (i32, String, String) {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534"])
+            .args(privs)
+            .arg("--")
+            .arg(nsfail_bin())
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// 7. With `daemon.socket_group`, the socket is 0660 with that group; a member may read
+    ///    (status, events) but not change anything; a user outside it cannot connect, and
+    ///    one who gets past the file's mode (CAP_DAC_OVERRIDE) is refused by the daemon's
+    ///    peer check. The stream keeps every packet. The events file rotates before a line
+    ///    would take it past `events_max_bytes`, keeping `events_keep` old files.
+    #[test]
+    fn socket_peers_are_checked_and_events_rotate_at_the_size_limit() {
+        const GID: u32 = 64_999;
+        const MAX: u64 = 1024;
+        let lab = lab(2);
+        let _echoes: Vec<Echo> = lab
+            .encoders
+            .iter()
+            .map(|e| Echo::start(&e.ns, sa(&e.addr4, 9000)))
+            .collect();
+        let dir = TempDir::new();
+        let config = dir.path.join("nsfail.toml");
+        let text = lab_config_with(&lab, &Policy::tolerant())
+            + &format!(
+                "\n[daemon]\nsocket_group = \"{GID}\"\nevents_max_bytes = {MAX}\n\
+                 events_keep = 2\n"
+            );
+        fs::write(&config, text).unwrap();
+        let pins = PinDir::new();
+        let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
+        let socket = daemon.socket.clone();
+        let meta = fs::metadata(&socket).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(meta.mode() & 0o777, 0o660, "socket mode {:o}", meta.mode());
+        assert_eq!(meta.gid(), GID);
+
+        let enc = &lab.encoders[0];
+        let rx = Receiver::start(&enc.ns, sa(&enc.addr4, 7002));
+        let before = placement(&socket);
+        let burst = spawn_burst(
+            &lab.src.name,
+            sa(SRC4, 41500),
+            sa(INGEST4, 5002),
+            0..2000,
+            GAP,
+            LINGER,
+        );
+        let member = ["--groups=64999"];
+        let (code, out, err) = as_nobody(&socket, &member, &["status", "--json"]);
+        assert_eq!(code, 0, "a member may read the status: {err}");
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(st["channels"].as_array().unwrap().len(), 2);
+        let (code, _, err) = as_nobody(&socket, &member, &["events", "--json"]);
+        assert_eq!(code, 0, "a member may read the events: {err}");
+        let (code, _, err) = as_nobody(&socket, &member, &["remap", "cam2", "enc-b"]);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("permission denied: uid 65534 may only run status and events"),
+            "{err}"
+        );
+        let (code, _, err) = as_nobody(&socket, &["--clear-groups"], &["status"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("ermission denied"), "the file's mode: {err}");
+        let past_mode = [
+            "--clear-groups",
+            "--inh-caps=+dac_override",
+            "--ambient-caps=+dac_override",
+        ];
+        let (code, _, err) = as_nobody(&socket, &past_mode, &["status"]);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("permission denied: uid 65534 is neither root nor in group 64999"),
+            "the daemon's peer check: {err}"
+        );
+        let log = fs::read_to_string(config.with_extension("log")).unwrap();
+        assert!(log.contains("(2 refused since start)"), "counted: {log}");
+
+        let replies = burst.join().unwrap();
+        assert_eq!(rx.settled(), (0..2000).collect(), "every packet arrived");
+        assert_eq!(replies.seqs(), (0..2000).collect());
+        assert_eq!(placement(&socket), before, "nothing was changed");
+
+        // Events: enough remaps to rotate a few times.
+        for i in 0..24 {
+            let to = if i % 2 == 0 { "enc-b" } else { "enc-a" };
+            let out = cli(&socket, &["remap", "cam1", to]);
+            assert_eq!(out.code, 0, "{}", out.stderr);
+        }
+        let file = dir.path.join("nsfail.events.jsonl");
+        let rotated = |n: u32| nsfail::control::rotated(&file, n);
+        assert!(!rotated(3).exists(), "only events_keep = 2 old files");
+        let mut kept = Vec::new();
+        let mut sizes = Vec::new();
+        for path in [rotated(2), rotated(1), file.clone()] {
+            let text = fs::read_to_string(&path).unwrap();
+            let mode = fs::metadata(&path).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{} mode {mode:o}", path.display());
+            assert!(
+                text.len() as u64 <= MAX,
+                "{} is {} bytes",
+                path.display(),
+                text.len()
+            );
+            sizes.push(text.len() as u64);
+            kept.push(
+                text.lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        // A file was rotated only when the next line would not fit.
+        for w in 0..2 {
+            let next = serde_json::to_string(&kept[w + 1][0]).unwrap().len() as u64 + 1;
+            assert!(sizes[w] + next > MAX, "rotated at the limit: {sizes:?}");
+        }
+        let ring = events(&socket);
+        let on_disk: Vec<_> = kept.into_iter().flatten().collect();
+        assert!(on_disk.len() < ring.len(), "the oldest were rotated out");
+        assert_eq!(
+            on_disk,
+            ring[ring.len() - on_disk.len()..],
+            "the files hold the newest events, in order"
+        );
+    }
+}

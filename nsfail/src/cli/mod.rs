@@ -374,8 +374,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Teardown { pins } => {
-            Dataplane::teardown(&Pins::new(pins))?;
-            done("data plane detached and unpinned".into());
+            let pins = Pins::new(pins);
+            let managed = crate::daemon::teardown_managed(&pins);
+            Dataplane::teardown(&pins)?;
+            done(format!(
+                "data plane detached and unpinned; {managed} managed encoder(s) stopped"
+            ));
             Ok(())
         }
         Cmd::Lab(LabCmd::Up) => {

@@ -44,6 +44,21 @@ pub(super) fn encoder_problems(i: usize, encoder: &Encoder, out: &mut Vec<Proble
             format!("encoder {name:?}: `prefix` is only for managed encoders (with `spawn`)"),
         ));
     }
+    for (key, value) in &encoder.env {
+        let why = if key.is_empty() || key.contains(['=', '\0']) {
+            Some(format!("{key:?} is not an environment variable name"))
+        } else if value.contains('\0') {
+            Some(format!("env {key} holds a NUL byte"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            out.push(Problem::new(
+                at!["encoder", i, "env"],
+                format!("encoder {name:?}: {why}"),
+            ));
+        }
+    }
     if let Some(netns) = &encoder.netns
         && !netns_name_ok(netns)
     {
@@ -358,6 +373,7 @@ impl Config {
                 format!("ingest.netns {netns:?} is not a network namespace name"),
             ));
         }
+        daemon_problems(&self.daemon, &mut out);
         let mut encoder_names = HashMap::new();
         for (i, encoder) in self.encoders.iter().enumerate() {
             if let Some(&first) = encoder_names.get(encoder.name.as_str()) {
@@ -538,5 +554,34 @@ impl Config {
             }
         }
         out
+    }
+}
+
+fn daemon_problems(d: &DaemonSettings, out: &mut Vec<Problem>) {
+    if d.events_max_bytes < MIN_EVENTS_MAX_BYTES {
+        out.push(Problem::new(
+            at!["daemon", "events_max_bytes"],
+            format!(
+                "daemon.events_max_bytes {} is below the minimum {MIN_EVENTS_MAX_BYTES}",
+                d.events_max_bytes
+            ),
+        ));
+    }
+    if d.events_keep > MAX_EVENTS_KEEP {
+        out.push(Problem::new(
+            at!["daemon", "events_keep"],
+            format!(
+                "daemon.events_keep {} is above the maximum {MAX_EVENTS_KEEP}",
+                d.events_keep
+            ),
+        ));
+    }
+    if let Some(group) = &d.socket_group
+        && (group.is_empty() || group.contains(['\0', ':']))
+    {
+        out.push(Problem::new(
+            at!["daemon", "socket_group"],
+            format!("daemon.socket_group {group:?} is not a group name or ID"),
+        ));
     }
 }

@@ -40,7 +40,7 @@ use self::{
     switchover::PendingSwitch,
 };
 pub use self::{
-    events::{monotonic_ns, rfc3339},
+    events::{monotonic_ns, rfc3339, rotated},
     links::encoder_spec,
     state::{Delta, events_path, state_path},
 };

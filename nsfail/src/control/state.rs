@@ -133,10 +133,3 @@ pub(super) fn private_file(path: &Path, append: bool) -> std::io::Result<fs::Fil
         .mode(0o600)
         .open(path)
 }
-
-pub(super) fn append_line<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let mut f = private_file(path, true)?;
-    let mut line = serde_json::to_vec(value)?;
-    line.push(b'\n');
-    f.write_all(&line)
-}

@@ -46,9 +46,12 @@ mod actor;
 mod children;
 mod links;
 mod lock;
+mod output;
 mod probes;
+mod records;
 mod socket;
 
+pub use self::records::teardown as teardown_managed;
 use self::{
     actor::{Actor, Msg},
     children::Managed,
@@ -71,6 +74,15 @@ pub fn run(opts: Options) -> Result<()> {
     // Before anything is loaded, adopted or changed: a second daemon on the same data plane
     // would reconcile it to its own config, under the first one's feet.
     let _lock = lock_pins(&opts.pins, &opts.socket)?;
+    records::make_dir(&opts.pins)
+        .with_context(|| format!("creating {}", opts.pins.children_dir().display()))?;
+    let leftovers = records::load(&opts.pins);
+    let group = cfg
+        .daemon
+        .socket_group
+        .as_deref()
+        .map(socket::resolve_group)
+        .transpose()?;
     if let Some(ns) = &cfg.ingest.netns {
         let f = fs::File::open(paths::netns(ns))
             .with_context(|| format!("ingest network namespace {ns}"))?;
@@ -95,11 +107,17 @@ pub fn run(opts: Options) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(ctl, &opts.socket))
+        .block_on(serve(ctl, &opts.socket, &opts.pins, leftovers, group))
 }
 
-async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
-    let listener = bind(socket).await?;
+async fn serve(
+    ctl: Controller,
+    socket: &Path,
+    pins: &Pins,
+    leftovers: BTreeMap<String, records::Record>,
+    group: Option<nix::unistd::Gid>,
+) -> Result<()> {
+    let listener = bind(socket, group).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     let metrics_addr = ctl.config().ingest.metrics;
@@ -135,7 +153,7 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
 
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let mut probes = Probes::default();
-    let mut managed = Managed::new(ctl.clone());
+    let mut managed = Managed::new(ctl.clone(), pins, leftovers);
     {
         let cfg = config.borrow_and_update().clone();
         probes.sync(&cfg, &health_tx, &stop_rx);
@@ -150,7 +168,7 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
                 Ok((stream, _)) => {
                     let ctl = ctl.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(stream, ctl).await {
+                        if let Err(e) = handle(stream, ctl, group).await {
                             warn!("client: {e}");
                         }
                     });
@@ -174,7 +192,8 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
     let _ = stop_tx.send(true);
     // It ends at the stop signal; a panic in it was logged by the runtime already.
     let _ = link_watch.await;
-    managed.stop_all().await;
+    // Managed encoders keep running: the next daemon adopts them.
+    managed.detach_all().await;
     let _ = metrics_task.await;
     actor.stop();
     let _ = fs::remove_file(socket);
