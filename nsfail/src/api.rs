@@ -22,14 +22,31 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     Status,
-    Remap { channel: String, encoder: String },
-    Drain { encoder: String },
-    Undrain { encoder: String },
-    AddChannel { channel: config::Channel },
-    AddEncoder { encoder: config::Encoder },
-    RemoveChannel { name: String },
-    RemoveEncoder { name: String },
+    Remap {
+        channel: String,
+        encoder: String,
+    },
+    Drain {
+        encoder: String,
+    },
+    Undrain {
+        encoder: String,
+    },
+    AddChannel {
+        channel: config::Channel,
+    },
+    AddEncoder {
+        encoder: config::Encoder,
+    },
+    RemoveChannel {
+        name: String,
+    },
+    RemoveEncoder {
+        name: String,
+    },
     Events,
+    /// Re-read the config file the daemon was started with and apply the difference.
+    Reload,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,6 +146,22 @@ pub struct EncoderStatus {
     pub drops: u64,
     /// Channels for which it is active.
     pub active_for: Vec<String>,
+    /// Its health check's kind and period, as configured now (a reload changes them).
+    #[serde(default)]
+    pub health_kind: String,
+    #[serde(default)]
+    pub health_interval_ms: u64,
+}
+
+/// What a reload did (`nsfail reload`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// One entry per object changed, in the order applied: `channel cam3 added`.
+    pub changes: Vec<String>,
+    /// Settings changed in the file that take effect at the next start only (they keep their
+    /// running values): `ingest.interface`.
+    #[serde(default)]
+    pub at_restart: Vec<String>,
 }
 
 /// A decision or observation: `from`/`to` are encoder names.

@@ -30,6 +30,7 @@ use tokio::{
     task::JoinHandle,
     time::MissedTickBehavior,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     Dataplane,
@@ -46,14 +47,16 @@ mod actor;
 mod children;
 mod links;
 mod lock;
+mod notify;
 mod probes;
 mod socket;
 
 use self::{
-    actor::{Actor, Msg},
+    actor::{Actor, ControlHandle, Msg},
     children::Managed,
     links::watch_links,
     lock::lock_pins,
+    notify::Notifier,
     probes::Probes,
     socket::{bind, handle},
 };
@@ -67,7 +70,10 @@ pub struct Options {
 /// Runs the daemon in the foreground. Must be called before any other thread exists: when the
 /// config names an ingest namespace, the whole process moves into it first.
 pub fn run(opts: Options) -> Result<()> {
+    // SAFETY: no other thread exists yet (see above).
+    let (notifier, watchdog) = unsafe { Notifier::from_env() };
     let cfg = Config::load_for_host(&opts.config)?;
+    crate::logging::set_level(cfg.ingest.log_level);
     // Before anything is loaded, adopted or changed: a second daemon on the same data plane
     // would reconcile it to its own config, under the first one's feet.
     let _lock = lock_pins(&opts.pins, &opts.socket)?;
@@ -95,15 +101,26 @@ pub fn run(opts: Options) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(ctl, &opts.socket))
+        .block_on(serve(ctl, &opts.socket, notifier, watchdog))
 }
 
-async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
+async fn serve(
+    ctl: Controller,
+    socket: &Path,
+    notifier: Notifier,
+    watchdog: Option<Duration>,
+) -> Result<()> {
+    // Before anything can take a while: from here on SIGHUP reloads, and never kills.
+    let hangup = signal(SignalKind::hangup())?;
     let listener = bind(socket).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let metrics_addr = ctl.config().ingest.metrics;
-    let actor = Actor::spawn(ctl, metrics.clone())?;
+    let actor = Actor::spawn(
+        ctl,
+        metrics.clone(),
+        watchdog.map(|w| (notifier.clone(), w)),
+    )?;
     let ctl = actor.handle.clone();
     let mut config = actor.config.clone();
     let refresh = {
@@ -113,12 +130,22 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
             let _ = ctl.ask_blocking(Msg::Observe);
         }
     };
+    // The metrics endpoint takes its stop as a watch.
+    let (metrics_stop_tx, metrics_stop) = watch::channel(false);
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            // Err: the endpoint is gone already.
+            let _ = metrics_stop_tx.send(true);
+        }
+    });
     let served = metrics::serve(
         metrics_addr,
         metrics::Limits::default(),
         metrics.clone(),
         refresh,
-        stop_rx.clone(),
+        metrics_stop,
     )
     .await;
     let (bound, metrics_task) = match served {
@@ -138,12 +165,21 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
     let mut managed = Managed::new(ctl.clone());
     {
         let cfg = config.borrow_and_update().clone();
-        probes.sync(&cfg, &health_tx, &stop_rx);
+        probes.sync(&cfg, &health_tx, &stop);
         managed.sync(&cfg);
     }
-    let link_watch = tokio::spawn(watch_links(ctl.clone(), stop_rx.clone()));
+    let link_watch = tokio::spawn(watch_links(ctl.clone(), stop.clone()));
+    let reloads = tokio::spawn(reload_on_hangup(
+        hangup,
+        ctl.clone(),
+        notifier.clone(),
+        stop.clone(),
+    ));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // The data plane is attached (the controller started on it), the socket and the metrics
+    // endpoint serve.
+    notifier.send("READY=1");
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -164,20 +200,52 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
             // Probes and managed encoders follow the configuration.
             Ok(()) = config.changed() => {
                 let cfg = config.borrow_and_update().clone();
-                probes.sync(&cfg, &health_tx, &stop_rx);
+                crate::logging::set_level(cfg.ingest.log_level);
+                probes.sync(&cfg, &health_tx, &stop);
                 managed.sync(&cfg);
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    let _ = stop_tx.send(true);
-    // It ends at the stop signal; a panic in it was logged by the runtime already.
+    notifier.send("STOPPING=1");
+    stop.cancel();
+    // They end at the stop; a panic in one was logged by the runtime already.
     let _ = link_watch.await;
+    let _ = reloads.await;
     managed.stop_all().await;
     let _ = metrics_task.await;
     actor.stop();
     let _ = fs::remove_file(socket);
     info!("stopped; the data plane keeps forwarding (nsfail teardown removes it)");
     Ok(())
+}
+
+/// Reloads the config on every SIGHUP, one reload at a time: signals that arrive while a
+/// reload runs are one more reload after it (the kernel and tokio coalesce a pending
+/// signal), and a reload waits behind whatever the controller is doing (a failover) since it
+/// is one more message in its queue.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    ctl: ControlHandle,
+    notifier: Notifier,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            got = hangup.recv() => if got.is_none() { return },
+        }
+        info!("SIGHUP: reloading the config");
+        notifier.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::control::monotonic_ns() / 1000
+        ));
+        // The controller logs the outcome and raises its event.
+        let response = ctl.request(api::Command::Reload).await;
+        notifier.send("READY=1");
+        if let Some(e) = response.error {
+            warn!("reload: {e}");
+        }
+    }
 }
