@@ -292,3 +292,201 @@ fn a_broken_config_is_refused_with_its_line_and_changes_nothing() {
         "the good file again: as before"
     );
 }
+
+/// `nsfail doctor --json` with these arguments: exit code and one object per check.
+fn doctor(socket: &Path, args: &[&str]) -> (i32, Vec<serde_json::Value>) {
+    let mut full = vec!["doctor", "--json"];
+    full.extend_from_slice(args);
+    let out = cli(socket, &full);
+    let checks = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    (out.code, checks)
+}
+
+/// The check named `name`: its status and fix.
+fn check<'a>(checks: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    checks
+        .iter()
+        .find(|c| c["check"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {checks:?}"))
+}
+
+fn failed(checks: &[serde_json::Value]) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .map(|c| c["check"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn doctor_passes_on_a_good_host_and_names_each_fault_with_its_fix() {
+    let lab = nsfail_tests::lab(2);
+    let _echoes: Vec<Echo> = lab
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let dir = TempDir::new();
+    let config = dir.path.join("nsfail.toml");
+    fs::write(&config, lab_config_with(&lab, &Policy::tolerant())).unwrap();
+    let socket = dir.path.join("nsfail.sock");
+    let pins = nsfail_tests::PinDir::new();
+    let pin_root = pins.pins.root().to_str().unwrap().to_owned();
+    let args = ["--config", config.to_str().unwrap(), "--pins", &pin_root];
+
+    let (code, checks) = doctor(&socket, &args);
+    assert_eq!(failed(&checks), Vec::<String>::new(), "{checks:?}");
+    assert_eq!(code, 0);
+    for name in [
+        "kernel",
+        "btf",
+        "bpffs",
+        "tcx",
+        "pins",
+        "socket",
+        "ingest ing",
+        "encoder enc-a",
+        "encoder enc-b",
+        "icmp enc-a",
+    ] {
+        assert_eq!(check(&checks, name)["status"], "ok", "{name}: {checks:?}");
+    }
+
+    // GRO off at enc-a's peer: it cannot receive, and the fix names the peer.
+    let ea = &lab.encoders[0];
+    nsfail_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ea.ns.name,
+            "ethtool",
+            "-K",
+            &ea.inner_if,
+            "gro",
+            "off",
+        ],
+    );
+    let (code, checks) = doctor(&socket, &args);
+    assert_eq!(
+        (code, failed(&checks)),
+        (1, vec!["encoder enc-a".to_owned()])
+    );
+    let fix = check(&checks, "encoder enc-a")["fix"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        fix.contains(&format!(
+            "ip netns exec {} ethtool -K {} gro on",
+            ea.ns.name, ea.inner_if
+        )),
+        "{fix}"
+    );
+    nsfail_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ea.ns.name,
+            "ethtool",
+            "-K",
+            &ea.inner_if,
+            "gro",
+            "on",
+        ],
+    );
+
+    // The kernel's default ICMP rate limit in enc-b's namespace defeats fast refusal.
+    let eb = &lab.encoders[1];
+    let sysctl = |v: &str| {
+        nsfail_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &eb.ns.name,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.icmp_ratelimit={v}"),
+            ],
+        )
+    };
+    sysctl("1000");
+    let (code, checks) = doctor(&socket, &args);
+    assert_eq!((code, failed(&checks)), (1, vec!["icmp enc-b".to_owned()]));
+    assert!(
+        check(&checks, "icmp enc-b")["fix"]
+            .as_str()
+            .unwrap()
+            .contains("sysctl -w net.ipv4.icmp_ratelimit="),
+        "{checks:?}"
+    );
+    sysctl("10");
+
+    // A data plane pinned with no daemon serving it.
+    drop(pins.open());
+    let (code, checks) = doctor(&socket, &args);
+    assert_eq!((code, failed(&checks)), (1, vec!["pins".to_owned()]));
+    assert!(
+        check(&checks, "pins")["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("nsfail teardown --pins {pin_root}")),
+        "{checks:?}"
+    );
+    // A daemon adopts it: pins and its 0600 socket pass.
+    let daemon = Daemon::start(&config, &socket, &pins);
+    let (code, checks) = doctor(&socket, &args);
+    assert_eq!(
+        (code, failed(&checks)),
+        (0, Vec::<String>::new()),
+        "{checks:?}"
+    );
+    assert!(
+        check(&checks, "pins")["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pid {}", daemon.child.pid())),
+        "{checks:?}"
+    );
+    assert!(
+        check(&checks, "socket")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("0600")
+    );
+    drop(daemon);
+
+    // bpffs unmounted, in a mount namespace of this check's own.
+    let script = format!(
+        "while umount -l {bpffs} 2>/dev/null; do :; done; exec {bin} --socket {sock} doctor --json",
+        bpffs = nsfail::paths::BPFFS,
+        bin = nsfail_tests::daemon::nsfail_bin().display(),
+        sock = socket.display(),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let checks: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.status.code(), Some(1), "{checks:?}");
+    assert_eq!(failed(&checks), vec!["bpffs".to_owned()], "{checks:?}");
+    assert!(
+        check(&checks, "bpffs")["fix"]
+            .as_str()
+            .unwrap()
+            .contains("mount -t bpf bpf /sys/fs/bpf")
+    );
+    // Outside it, bpffs is as it was; the stopped daemon left its data plane forwarding.
+    let (_, checks) = doctor(&socket, &args);
+    assert_eq!(check(&checks, "bpffs")["status"], "ok");
+    assert_eq!(failed(&checks), vec!["pins".to_owned()], "{checks:?}");
+}

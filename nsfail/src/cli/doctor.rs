@@ -328,16 +328,29 @@ fn encoder_receives(e: &Encoder) -> Check {
     if e.spawn.is_some() && netns::link(&ifname).is_err() {
         return Check::skip(name, format!("managed: `nsfail run` creates {ifname}"));
     }
+    if netns::link(&ifname).is_err() {
+        return Check::fail(
+            name,
+            format!("interface {ifname} does not exist in the ingest namespace"),
+            format!("create the encoder's veth, or correct its `interface` ({ifname})"),
+        );
+    }
     let verdict = receive::check(&ifname, ns.as_deref());
     if verdict.can_receive {
         return Check::ok(name, verdict.reason);
     }
-    let fix = match &ns {
-        Some(ns) => format!(
-            "nsfail run turns GRO on at the peer itself; by hand: ip netns exec {ns} ethtool -K \
-             <peer of {ifname}> gro on, and bring both ends up"
-        ),
-        None => format!("turn GRO on at {ifname}'s peer and bring both ends up"),
+    let fix = match receive::peer_name(&ifname, ns.as_deref()) {
+        Ok((peer, desc)) => match desc.strip_prefix("namespace ") {
+            Some(ns) => format!(
+                "ip netns exec {ns} ethtool -K {peer} gro on, and bring both ends up \
+                 (`nsfail run` turns GRO on itself)"
+            ),
+            None => format!(
+                "turn GRO on at {peer} in {desc}, and bring both ends up (`nsfail run` does it \
+                 itself)"
+            ),
+        },
+        Err(_) => format!("bring {ifname} and its peer up, with GRO on at the peer"),
     };
     Check::fail(name, verdict.reason, fix)
 }

@@ -173,6 +173,21 @@ fn check_and_repair(ifname: &str, hint: Option<&str>, repair: bool) -> io::Resul
     })
 }
 
+/// The name of `ifname`'s veth peer and the path of a handle of its namespace (for
+/// messages that tell an operator what to fix).
+pub fn peer_name(ifname: &str, hint: Option<&str>) -> io::Result<(String, String)> {
+    let link = host_link(ifname)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("interface {ifname} does not exist"),
+        )
+    })?;
+    let peer = Peer::find(&link, hint)?;
+    let index = peer.ifindex;
+    let name = peer.run(move || netns::ifname_of(index))??;
+    Ok((name, peer.desc))
+}
+
 /// The MAC address of `ifname`'s veth peer, read inside the peer's namespace (how a local
 /// encoder's MAC is found when its namespace has no name).
 pub fn peer_mac(ifname: &str, hint: Option<&str>) -> io::Result<[u8; 6]> {
