@@ -23,13 +23,14 @@ pub fn init() {
         }
     }
     if under_journal() {
+        // One journal entry per record: a multi-line message (a debug dump) is one line.
         builder.format(|buf, record| {
+            let message = record.args().to_string().replace('\n', " ");
             writeln!(
                 buf,
-                "<{}>{}: {}",
+                "<{}>{}: {message}",
                 priority(record.level()),
                 record.target(),
-                record.args()
             )
         });
     }

@@ -204,6 +204,10 @@ fn sighup_applies_the_difference_while_an_unchanged_channel_streams() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "reloaded: no changes");
     assert!(s.alive());
+    // Not under the journal: log lines carry their time.
+    let log = fs::read_to_string(s.config.with_extension("log")).unwrap();
+    let first = log.lines().next().unwrap_or_default();
+    assert!(first.starts_with("[20"), "a timestamp: {first}");
 }
 
 #[test]
@@ -489,4 +493,191 @@ fn doctor_passes_on_a_good_host_and_names_each_fault_with_its_fix() {
     let (_, checks) = doctor(&socket, &args);
     assert_eq!(check(&checks, "bpffs")["status"], "ok");
     assert_eq!(failed(&checks), vec!["pins".to_owned()], "{checks:?}");
+}
+
+/// The unit's `CapabilityBoundingSet`, as setpriv spells it: `-all,+bpf,+perfmon,...`.
+fn unit_capabilities() -> String {
+    let unit = fs::read_to_string(unit_path()).unwrap();
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds its capabilities")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    format!("-all,{}", caps.join(","))
+}
+
+fn unit_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/nsfail.service")
+}
+
+#[test]
+fn systemd_hears_ready_after_the_data_plane_then_the_watchdog() {
+    use std::os::unix::{fs::MetadataExt as _, net::UnixDatagram};
+
+    let lab = nsfail_tests::lab(2);
+    let _echoes: Vec<Echo> = lab
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let dir = TempDir::new();
+    let config = dir.path.join("nsfail.toml");
+    let text = lab_config_with(&lab, &Policy::tolerant()).replacen(
+        "[ingest]\n",
+        "[ingest]\nlog_level = \"debug\"\n",
+        1,
+    );
+    fs::write(&config, text).unwrap();
+    let socket = dir.path.join("nsfail.sock");
+    let pins = nsfail_tests::PinDir::new();
+    let notify_path = dir.path.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log_path = dir.path.join("daemon.log");
+    let log = fs::File::create(&log_path).unwrap();
+    let journal = format!(
+        "{}:{}",
+        log.metadata().unwrap().dev(),
+        log.metadata().unwrap().ino()
+    );
+    // Under the unit's capabilities only, as systemd would run it.
+    let child = std::process::Command::new("setpriv")
+        .args([
+            "--inh-caps=-all",
+            &format!("--bounding-set={}", unit_capabilities()),
+            "--",
+        ])
+        .arg(nsfail_tests::daemon::nsfail_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--pins")
+        .arg(pins.pins.root())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env("JOURNAL_STREAM", &journal)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut daemon = nsfail_tests::ChildGuard { child };
+    let pid = Pid::from_raw(daemon.pid());
+    let recv = || -> Option<String> {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+
+    // READY=1, and at that moment the XDP link is pinned and the socket answers.
+    let start = Instant::now();
+    let mut before_ready = Vec::new();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no READY=1: {before_ready:?}; log: {}",
+            fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        assert!(
+            matches!(daemon.child.try_wait(), Ok(None)),
+            "the daemon exited"
+        );
+        match recv() {
+            Some(m) if m == "READY=1" => break,
+            Some(m) => before_ready.push(m),
+            None => {}
+        }
+    }
+    assert!(
+        pins.pins.xdp_link("ing").exists(),
+        "READY=1 before the XDP link is pinned"
+    );
+    assert_eq!(
+        cli(&socket, &["status", "--json"]).code,
+        0,
+        "READY=1 before the socket serves"
+    );
+    assert!(
+        before_ready.iter().all(|m| m == "WATCHDOG=1"),
+        "before READY: {before_ready:?}"
+    );
+
+    // WATCHDOG=1 every WATCHDOG_USEC / 2 = 100 ms: about 20 in 2 s.
+    let window = Instant::now();
+    let mut pings = 0;
+    while window.elapsed() < Duration::from_secs(2) {
+        if recv().as_deref() == Some("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    eprintln!("WATCHDOG=1: {pings} in 2 s (every 100 ms asked)");
+    assert!((10..=30).contains(&pings), "{pings} watchdog pings in 2 s");
+
+    // A reload is bracketed by RELOADING=1 and READY=1; a stop says STOPPING=1.
+    nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !seen.iter().any(|m: &String| m == "READY=1") {
+        if let Some(m) = recv().filter(|m| m != "WATCHDOG=1") {
+            seen.push(m);
+        }
+    }
+    assert!(
+        seen.len() == 2 && seen[0].starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{seen:?}"
+    );
+    nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+    let stopping = wait_for(Duration::from_secs(10), || {
+        recv().filter(|m| m == "STOPPING=1")
+    });
+    assert!(stopping.is_some(), "STOPPING=1");
+    let status = wait_for(Duration::from_secs(10), || {
+        daemon.child.try_wait().ok().flatten()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "a clean stop");
+
+    // The journal's lines: a priority, no timestamp; debug lines at log_level = "debug".
+    let log = fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        !lines.is_empty()
+            && lines
+                .iter()
+                .all(|l| l.starts_with('<') && !l.contains("Z ")),
+        "{log}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("<6>")), "{log}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("<7>")),
+        "debug lines: {log}"
+    );
+}
+
+#[test]
+fn the_unit_file_verifies() {
+    // The unit as shipped, with ExecStart pointing at this build (verify wants it to exist).
+    let dir = TempDir::new();
+    let unit = fs::read_to_string(unit_path()).unwrap().replace(
+        "/usr/bin/nsfail",
+        nsfail_tests::daemon::nsfail_bin().to_str().unwrap(),
+    );
+    let path = dir.path.join("nsfail.service");
+    fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd; cargo xtask setup installs it)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -34,7 +34,7 @@ const BPF_LINKER_INSTALL: &[&str] = &[
 ];
 const BPFFS: &str = "/sys/fs/bpf";
 /// Tools the integration tests, the demo lab and the benchmarks run (nftables: the DNAT
-/// variant of `bench forward`).
+/// variant of `bench forward`; systemd: `systemd-analyze verify` of the unit file).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -45,6 +45,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "nftables",
+    "systemd",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.
 const USERSPACE: &[&str] = &["--workspace", "--exclude", "nsfail-ebpf"];
