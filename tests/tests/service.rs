@@ -681,3 +681,211 @@ fn the_unit_file_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs a command to completion: (exit code, stdout, stderr).
+fn sh(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(program.as_ref())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.as_ref().to_string_lossy()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every file and symlink under `root`, relative to it, except dpkg's own database.
+fn files_under(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == "var/lib/dpkg" {
+                continue;
+            }
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(path);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_debian_package_installs_upgrades_and_removes_cleanly() {
+    let dir = TempDir::new();
+    let bin = nsfail_tests::daemon::nsfail_bin();
+    let xtask = bin.with_file_name("xtask");
+    assert!(
+        xtask.is_file(),
+        "{} is missing: `cargo xtask test` builds it (or `cargo build -p xtask`)",
+        xtask.display()
+    );
+    // The debug build already made, packaged twice (an upgrade needs a newer version).
+    let deb = |version: &str| {
+        let out = dir.path.join(format!("nsfail_{version}.deb"));
+        let (code, _, err) = sh(
+            &xtask,
+            &[
+                "package",
+                "--no-build",
+                "--profile",
+                "dev",
+                "--deb-version",
+                version,
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, 0, "cargo xtask package: {err}");
+        out
+    };
+    let (v1, v2) = (deb("0.1.0-1"), deb("0.1.1-1"));
+
+    // Its files, extracted; the help, completions and man page come from the packaged binary.
+    let x = dir.path.join("x");
+    let (code, _, err) = sh(
+        "dpkg-deb",
+        &["-x", v1.to_str().unwrap(), x.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    let files = files_under(&x);
+    for want in [
+        "usr/bin/nsfail",
+        "lib/systemd/system/nsfail.service",
+        "etc/nsfail/nsfail.toml.example",
+        "usr/share/bash-completion/completions/nsfail",
+        "usr/share/zsh/vendor-completions/_nsfail",
+        "usr/share/fish/vendor_completions.d/nsfail.fish",
+        "usr/share/man/man1/nsfail.1.gz",
+    ] {
+        assert!(files.contains(&want.to_owned()), "{want} not in {files:?}");
+    }
+    assert_eq!(
+        fs::read_to_string(x.join("lib/systemd/system/nsfail.service")).unwrap(),
+        fs::read_to_string(unit_path()).unwrap()
+    );
+    let installed = x.join("usr/bin/nsfail");
+    let (code, help, _) = sh(&installed, &["--help"]);
+    assert!(code == 0 && help.contains("Keeps live-video"), "{help}");
+    for sub in ["reload", "doctor", "run"] {
+        assert!(help.contains(sub), "--help lists {sub}: {help}");
+    }
+    let (_, bash, _) = sh(&installed, &["completions", "bash"]);
+    assert_eq!(
+        fs::read_to_string(x.join("usr/share/bash-completion/completions/nsfail")).unwrap(),
+        bash
+    );
+    assert!(bash.contains("reload") && bash.contains("doctor"));
+    let (_, man, _) = sh(&installed, &["man"]);
+    let (code, page, _) = sh(
+        "gzip",
+        &[
+            "-dc",
+            x.join("usr/share/man/man1/nsfail.1.gz").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        code == 0 && page == man && page.contains(".TH nsfail"),
+        "{page}"
+    );
+    let example = x.join("etc/nsfail/nsfail.toml.example");
+    let (code, _, err) = sh(
+        &installed,
+        &["check", "--portable", "--config", example.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "the example config: {err}");
+
+    // Installed into a scratch root with dpkg: twice, upgraded, removed, purged.
+    let root = dir.path.join("root");
+    for d in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    fs::write(root.join("var/lib/dpkg/available"), "").unwrap();
+    let root_arg = format!("--root={}", root.display());
+    let dpkg = |args: &[&str]| {
+        let mut full = vec![
+            root_arg.as_str(),
+            "--force-not-root",
+            "--force-depends",
+            "--force-script-chrootless",
+            "--log=/dev/null",
+        ];
+        full.extend_from_slice(args);
+        let (code, out, err) = sh("dpkg", &full);
+        assert_eq!(code, 0, "dpkg {args:?}: {out}{err}");
+        err
+    };
+    let version = || {
+        let (_, out, _) = sh(
+            "dpkg-query",
+            &[&root_arg, "-W", "-f", "${Version} ${Status}", "nsfail"],
+        );
+        out
+    };
+    dpkg(&["-i", v1.to_str().unwrap()]);
+    let after_one = files_under(&root);
+    dpkg(&["-i", v1.to_str().unwrap()]);
+    assert_eq!(
+        files_under(&root),
+        after_one,
+        "installing twice changes nothing"
+    );
+    dpkg(&["-i", v2.to_str().unwrap()]);
+    assert_eq!(version(), "0.1.1-1 install ok installed");
+    assert_eq!(
+        files_under(&root),
+        after_one,
+        "the upgrade leaves the same files"
+    );
+
+    // What a running host adds: the operator's enablement, the daemon's state, its pins.
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(
+        "/lib/systemd/system/nsfail.service",
+        wants.join("nsfail.service"),
+    )
+    .unwrap();
+    fs::write(root.join("etc/nsfail/nsfail.state.json"), "{}").unwrap();
+    fs::write(root.join("etc/nsfail/nsfail.events.jsonl"), "").unwrap();
+    let pin = root.join("sys/fs/bpf/nsfail/maps/CHANNELS");
+    fs::create_dir_all(pin.parent().unwrap()).unwrap();
+    fs::write(&pin, "").unwrap();
+
+    let said = dpkg(&["--remove", "nsfail"]);
+    assert!(
+        said.contains("keeps forwarding") && said.contains("rm -r /sys/fs/bpf/nsfail"),
+        "removal says the data plane stays: {said}"
+    );
+    assert!(pin.exists(), "removal never tears down the data plane");
+    assert!(
+        !wants.join("nsfail.service").exists(),
+        "the enablement link went"
+    );
+    dpkg(&["--purge", "nsfail"]);
+    assert_eq!(
+        files_under(&root),
+        vec!["sys/fs/bpf/nsfail/maps/CHANNELS".to_owned()],
+        "after the purge only the (left alone) data plane remains"
+    );
+    assert!(
+        !root.join("etc/nsfail").exists(),
+        "purge removes /etc/nsfail"
+    );
+}
