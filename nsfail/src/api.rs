@@ -10,8 +10,6 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::config;
-
 pub const VERSION: u32 = 1;
 /// Requests longer than this are refused (and the connection closed).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -33,10 +31,10 @@ pub enum Command {
         encoder: String,
     },
     AddChannel {
-        channel: config::Channel,
+        channel: NewChannel,
     },
     AddEncoder {
-        encoder: config::Encoder,
+        encoder: NewEncoder,
     },
     RemoveChannel {
         name: String,
@@ -47,6 +45,65 @@ pub enum Command {
     Events,
     /// Re-read the config file the daemon was started with and apply the difference.
     Reload,
+}
+
+/// `add channel`: a channel as the client states it. The daemon turns it into a config
+/// channel with the config's own parser (`config::Channel::try_from`), so the rules (and the
+/// defaults) are the config file's; the field names are its keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewChannel {
+    pub name: String,
+    /// `IP:PORT`.
+    pub listen: String,
+    pub encoders: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `manual` | `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_down_ms: Option<u64>,
+    /// `udp` | `srt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// `add encoder` and `encoder spawn`: an encoder as the client states it (see
+/// [`NewChannel`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEncoder {
+    pub name: String,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// The health check as the config's `health` table (its keys and values); absent: the
+    /// config's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<NewSpawn>,
+    /// `always` | `never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
+}
+
+/// A managed encoder's command.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSpawn {
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -47,6 +47,7 @@ macro_rules! at {
 
 mod error;
 mod problems;
+mod request;
 mod url;
 
 use self::{error::*, problems::*};

@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use super::notify::Notifier;
 use crate::{
     api::{Command, Response},
-    config::Config,
+    config::{self, Config},
     control::{ControlError, Controller},
     health::{HealthUpdate, flow::FlowChecks},
     metrics::Metrics,
@@ -241,8 +241,14 @@ fn execute(c: &mut Controller, command: Command) -> Response {
         Command::Remap { channel, encoder } => done(c.remap(&channel, &encoder)),
         Command::Drain { encoder } => done(c.drain(&encoder)),
         Command::Undrain { encoder } => done(c.undrain(&encoder)),
-        Command::AddChannel { channel } => done(c.add_channel(channel)),
-        Command::AddEncoder { encoder } => done(c.add_encoder(encoder)),
+        Command::AddChannel { channel } => match config::Channel::try_from(channel) {
+            Ok(channel) => done(c.add_channel(channel)),
+            Err(e) => Response::error(e.to_string()),
+        },
+        Command::AddEncoder { encoder } => match config::Encoder::try_from(encoder) {
+            Ok(encoder) => done(c.add_encoder(encoder)),
+            Err(e) => Response::error(e.to_string()),
+        },
         Command::RemoveChannel { name } => done(c.remove_channel(&name)),
         Command::RemoveEncoder { name } => done(c.remove_encoder(&name)),
         Command::Reload => match c.reload() {

@@ -1,6 +1,7 @@
 //! `nsfail run`: loads the config, opens (or adopts) the data plane, starts the controller and
-//! serves the control socket until SIGTERM or SIGINT. Stopping leaves the pinned data plane
-//! forwarding.
+//! serves the control socket until SIGTERM or SIGINT; SIGHUP reloads the config file. Under
+//! systemd it says READY=1, RELOADING=1, WATCHDOG=1 and STOPPING=1 (see `notify`). Stopping
+//! leaves the pinned data plane forwarding.
 //!
 //! Owns: the serve loop, the control socket, the pin-directory lock, the probe tasks, the
 //! link watch and managed encoders' processes. Must not: decide failovers (the controller
