@@ -23,7 +23,7 @@ fn sa(s: &str) -> SocketAddr {
 /// A lab of three encoders (enc-c used by no channel), the config for it and the daemon.
 struct Reloadable {
     daemon: Daemon,
-    _echoes: Vec<Echo>,
+    echoes: Vec<Echo>,
     config: std::path::PathBuf,
     _pins: nsfail_tests::PinDir,
     _dir: TempDir,
@@ -54,7 +54,7 @@ impl Reloadable {
         let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
         Self {
             daemon,
-            _echoes: echoes,
+            echoes,
             config,
             _pins: pins,
             _dir: dir,
@@ -888,4 +888,59 @@ fn the_debian_package_installs_upgrades_and_removes_cleanly() {
         !root.join("etc/nsfail").exists(),
         "purge removes /etc/nsfail"
     );
+}
+
+#[test]
+fn a_reload_during_a_failover_waits_for_it_and_undoes_nothing() {
+    let mut s = Reloadable::new();
+    let sock = s.daemon.socket.clone();
+    assert_eq!(nsfail_tests::daemon::active(&sock, "cam2"), "enc-a");
+    // enc-a's health responder dies: its channels fail over to enc-b within about a second,
+    // while reloads of a file that changes cam2's failback keep arriving.
+    let policy = Policy {
+        failback: "auto",
+        ..Policy::tolerant()
+    };
+    fs::write(&s.config, lab_config_with(&s.lab, &policy) + &enc_c(&s.lab)).unwrap();
+    s.echoes[0].stop();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        s.hangup();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let moved = wait_for(Duration::from_secs(10), || {
+        let st = status(&sock);
+        let on_b = |ch: &str| {
+            st["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == ch && c["active"] == "enc-b")
+        };
+        (on_b("cam1") && on_b("cam2")).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("no failover: {:?}", events(&sock)));
+    let cam2 = moved["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "cam2")
+        .unwrap()
+        .clone();
+    assert_eq!(cam2["failback"], "auto", "the reload applied: {cam2}");
+    // Later reloads (the same file) leave the failover alone.
+    let out = cli(&sock, &["reload"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(nsfail_tests::daemon::active(&sock, "cam2"), "enc-b");
+    assert_eq!(nsfail_tests::daemon::active(&sock, "cam1"), "enc-b");
+    let reasons: Vec<String> = events(&sock)
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "channel cam2 changed (reload)"),
+        "{reasons:?}"
+    );
+    assert!(s.alive());
 }
