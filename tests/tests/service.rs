@@ -407,18 +407,12 @@ fn doctor_passes_on_a_good_host_and_names_each_fault_with_its_fix() {
 
     // The kernel's default ICMP rate limit in enc-b's namespace defeats fast refusal.
     let eb = &lab.encoders[1];
-    let sysctl = |v: &str| {
-        nsfail_tests::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &eb.ns.name,
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.icmp_ratelimit={v}"),
-            ],
-        )
+    let sysctl = |v: &'static str| {
+        nsfail::net::netns::in_netns(&eb.ns.name, move || {
+            fs::write("/proc/sys/net/ipv4/icmp_ratelimit", v)
+        })
+        .unwrap()
+        .unwrap()
     };
     sysctl("1000");
     let (code, checks) = doctor(&socket, &args);
