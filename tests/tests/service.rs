@@ -203,6 +203,19 @@ fn sighup_applies_the_difference_while_an_unchanged_channel_streams() {
     let out = cli(&sock, &["reload"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "reloaded: no changes");
+    // A setting that needs a restart keeps its running value, and the reload says so.
+    let text = fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("127.0.0.1:9464", "127.0.0.1:9465");
+    fs::write(&s.config, text).unwrap();
+    let out = cli(&sock, &["reload"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("changed in the file, applied at the next start: ingest.metrics"),
+        "{}",
+        out.stdout
+    );
     assert!(s.alive());
     // Not under the journal: log lines carry their time.
     let log = fs::read_to_string(s.config.with_extension("log")).unwrap();
