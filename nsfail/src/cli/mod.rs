@@ -17,6 +17,7 @@ use crate::{
     paths::{self, Pins},
 };
 
+mod doctor;
 mod render;
 
 use self::render::{render_event, render_status};
@@ -76,6 +77,8 @@ enum Cmd {
     /// Managed encoders.
     #[command(subcommand)]
     Encoder(EncoderCmd),
+    /// Re-read the daemon's config file and apply the difference (as SIGHUP does).
+    Reload,
     /// Decisions and observations, oldest first.
     Events {
         /// Keep printing new events as they happen.
@@ -87,9 +90,24 @@ enum Cmd {
         #[arg(long, default_value = paths::PIN_DIR)]
         pins: PathBuf,
     },
+    /// Check this host (kernel, BTF, bpffs, TCX, pins, socket) and, with --config, the ingest
+    /// interface and every local encoder; one line per check, exit 1 when one fails.
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The pin directory of the data plane.
+        #[arg(long, default_value = paths::PIN_DIR)]
+        pins: PathBuf,
+    },
     /// The demo lab.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -194,7 +212,7 @@ enum LabCmd {
 }
 
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    crate::logging::init();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -350,6 +368,26 @@ fn dispatch(cli: Cli) -> Result<()> {
             done(format!("encoder {name} removed"));
             Ok(())
         }
+        Cmd::Reload => {
+            let data = request(Command::Reload)?;
+            if json {
+                println!("{data}");
+            } else {
+                let report: api::ReloadReport = serde_json::from_value(data)?;
+                if report.changes.is_empty() {
+                    println!("reloaded: no changes");
+                } else {
+                    println!("reloaded: {}", report.changes.join(", "));
+                }
+                if !report.at_restart.is_empty() {
+                    println!(
+                        "changed in the file, applied at the next start: {}",
+                        report.at_restart.join(", ")
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Events { follow } => {
             let mut last: Option<Event> = None;
             loop {
@@ -372,6 +410,31 @@ fn dispatch(cli: Cli) -> Result<()> {
                 }
                 std::thread::sleep(Duration::from_millis(250));
             }
+        }
+        Cmd::Doctor { config, pins } => {
+            let checks = doctor::run(config.as_deref(), &Pins::new(pins), &socket);
+            for c in &checks {
+                if json {
+                    println!("{}", serde_json::to_string(c)?);
+                } else {
+                    println!("{}", c.line());
+                }
+            }
+            let failed = checks.iter().filter(|c| c.failed()).count();
+            if failed > 0 {
+                return Err(anyhow!("{failed} of {} checks failed", checks.len()));
+            }
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "nsfail", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
         }
         Cmd::Teardown { pins } => {
             let pins = Pins::new(pins);

@@ -47,6 +47,7 @@ macro_rules! at {
 
 mod error;
 mod problems;
+mod request;
 mod url;
 
 use self::{error::*, problems::*};
@@ -137,6 +138,32 @@ pub struct Ingest {
     /// lab's ingest host): the daemon moves into it before anything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// The daemon's log level; `RUST_LOG`, when set, wins. Changes on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<LogLevel>,
+}
+
+/// `ingest.log_level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => Self::Error,
+            LogLevel::Warn => Self::Warn,
+            LogLevel::Info => Self::Info,
+            LogLevel::Debug => Self::Debug,
+            LogLevel::Trace => Self::Trace,
+        }
+    }
 }
 
 /// `[[encoder]]`: a receiver of channels.

@@ -10,25 +10,8 @@ impl Controller {
         let saved = self.delta.clone();
         edit(&mut self.delta);
         let candidate = self.delta.apply(&self.base);
-        if let Err(e) = candidate.validate() {
+        if let Err(e) = self.switch_to(candidate) {
             self.delta = saved;
-            return Err(e.into());
-        }
-        let previous = std::mem::replace(&mut self.effective, candidate);
-        if let Err(e) = self.reconcile() {
-            // Managed encoders this change provisioned are taken away again.
-            for enc in &self.effective.encoders {
-                if previous.encoder(&enc.name).is_none()
-                    && let Some(plan) = enc.provision_plan()
-                {
-                    provision::deprovision_or_warn(&plan);
-                }
-            }
-            self.delta = saved;
-            self.effective = previous;
-            if let Err(again) = self.reconcile() {
-                warn!("restoring the data plane after a failed change: {again}");
-            }
             return Err(e);
         }
         self.generation += 1;
@@ -36,6 +19,35 @@ impl Controller {
         // not presented as a refusal of what is already in the data plane.
         self.persist_or_report();
         Ok(())
+    }
+
+    /// Makes `candidate` the effective configuration and the data plane match it, atomically:
+    /// validated first; on a failure the previous one is restored (managed encoders it
+    /// provisioned taken away again) and the data plane reconciled back.
+    pub(super) fn switch_to(&mut self, candidate: Config) -> Result<()> {
+        candidate.validate()?;
+        let previous = std::mem::replace(&mut self.effective, candidate);
+        if let Err(e) = self.reconcile() {
+            self.restore(previous);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Goes back to `previous` after a failed change: managed encoders provisioned since are
+    /// taken away, and the data plane reconciled back.
+    pub(super) fn restore(&mut self, previous: Config) {
+        for enc in &self.effective.encoders {
+            if previous.encoder(&enc.name).is_none()
+                && let Some(plan) = enc.provision_plan()
+            {
+                provision::deprovision_or_warn(&plan);
+            }
+        }
+        self.effective = previous;
+        if let Err(again) = self.reconcile() {
+            warn!("restoring the data plane after a failed change: {again}");
+        }
     }
 
     pub fn add_channel(&mut self, ch: config::Channel) -> Result<()> {

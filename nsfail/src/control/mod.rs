@@ -28,6 +28,7 @@ pub mod decision;
 mod events;
 mod input;
 mod links;
+mod reload;
 mod srt;
 mod state;
 mod status;
@@ -89,6 +90,8 @@ pub struct Controller {
     base: Config,
     delta: Delta,
     effective: Config,
+    /// The config file, re-read by [`Controller::reload`].
+    config_path: PathBuf,
     state_path: PathBuf,
     events_path: PathBuf,
     dp: Dataplane,
@@ -194,6 +197,7 @@ impl Controller {
             effective,
             state_path,
             events_path: events_path(config_path),
+            config_path: config_path.to_owned(),
             dp,
             decider: Decider::new(),
             input: BTreeMap::new(),

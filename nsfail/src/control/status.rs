@@ -63,6 +63,8 @@ impl Controller {
                     .filter(|c| c.active.as_deref() == Some(e.name.as_str()))
                     .map(|c| c.name.clone())
                     .collect(),
+                health_kind: e.health.kind.as_str().to_owned(),
+                health_interval_ms: e.health.interval_ms,
             });
         }
         Ok(Status { channels, encoders })

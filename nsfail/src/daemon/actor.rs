@@ -21,9 +21,10 @@ use std::{
 use log::{info, warn};
 use tokio::sync::{oneshot, watch};
 
+use super::notify::Notifier;
 use crate::{
     api::{Command, Response},
-    config::Config,
+    config::{self, Config},
     control::{ControlError, Controller},
     health::{HealthUpdate, flow::FlowChecks},
     metrics::Metrics,
@@ -104,13 +105,18 @@ pub(super) struct Actor {
 }
 
 impl Actor {
-    /// Starts the actor's thread with `ctl`.
-    pub(super) fn spawn(ctl: Controller, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    /// Starts the actor's thread with `ctl`; with `watchdog`, it sends WATCHDOG=1 that often
+    /// from its periodic work, so that systemd restarts a controller that stopped working.
+    pub(super) fn spawn(
+        ctl: Controller,
+        metrics: Arc<Metrics>,
+        watchdog: Option<(Notifier, Duration)>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let (config_tx, config) = watch::channel(Arc::new(ctl.config().clone()));
         let thread = thread::Builder::new()
             .name("nsfail-control".into())
-            .spawn(move || run(ctl, rx, metrics, config_tx))?;
+            .spawn(move || run(ctl, rx, metrics, config_tx, watchdog))?;
         Ok(Self {
             handle: ControlHandle { tx },
             config,
@@ -132,11 +138,13 @@ fn run(
     rx: mpsc::Receiver<Msg>,
     metrics: Arc<Metrics>,
     config_tx: watch::Sender<Arc<Config>>,
+    watchdog: Option<(Notifier, Duration)>,
 ) {
     let mut flows = FlowChecks::default();
     flows.sync(c.config());
     let mut seen = c.generation();
     let mut next_tick = Instant::now();
+    let mut next_watchdog = Instant::now();
     loop {
         match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -157,6 +165,13 @@ fn run(
                     }
                 }
                 Err(e) => warn!("periodic work: {e}"),
+            }
+            // Only a controller whose periodic work runs tells systemd it is alive.
+            if let Some((notifier, every)) = &watchdog
+                && now >= next_watchdog
+            {
+                next_watchdog = now + *every;
+                notifier.send("WATCHDOG=1");
             }
         }
         if c.generation() != seen {
@@ -226,10 +241,20 @@ fn execute(c: &mut Controller, command: Command) -> Response {
         Command::Remap { channel, encoder } => done(c.remap(&channel, &encoder)),
         Command::Drain { encoder } => done(c.drain(&encoder)),
         Command::Undrain { encoder } => done(c.undrain(&encoder)),
-        Command::AddChannel { channel } => done(c.add_channel(channel)),
-        Command::AddEncoder { encoder } => done(c.add_encoder(encoder)),
+        Command::AddChannel { channel } => match config::Channel::try_from(channel) {
+            Ok(channel) => done(c.add_channel(channel)),
+            Err(e) => Response::error(e.to_string()),
+        },
+        Command::AddEncoder { encoder } => match config::Encoder::try_from(encoder) {
+            Ok(encoder) => done(c.add_encoder(encoder)),
+            Err(e) => Response::error(e.to_string()),
+        },
         Command::RemoveChannel { name } => done(c.remove_channel(&name)),
         Command::RemoveEncoder { name } => done(c.remove_encoder(&name)),
+        Command::Reload => match c.reload() {
+            Ok(report) => Response::ok(report),
+            Err(e) => Response::error(e.to_string()),
+        },
     }
 }
 
