@@ -46,12 +46,14 @@ macro_rules! at {
 }
 
 mod error;
+mod lookup;
 mod problems;
 mod url;
 
 use self::{error::*, problems::*};
 pub use self::{
     error::{ConfigError, Location},
+    lookup::Lookup,
     url::HttpUrl,
 };
 use crate::net::provision::{Plan, managed_link};

@@ -14,7 +14,7 @@
 //!   leaves a manually placed channel alone until the next automatic failover.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::{Duration, Instant},
 };
 
@@ -83,11 +83,35 @@ struct EncoderState {
     since: Instant,
 }
 
+/// Channel names by encoder, in name order (the order decisions come in).
+type ByEncoder = HashMap<String, BTreeSet<String>>;
+
 #[derive(Clone, Debug, Default)]
 pub struct Decider {
     channels: BTreeMap<String, ChannelState>,
     encoders: BTreeMap<String, EncoderState>,
     drained: BTreeSet<String>,
+    /// Indexes, so that nothing walks every channel: the channels each encoder is active for,
+    /// the channels that list each encoder, and the channels automatic failback may move
+    /// (`auto`, not placed by hand, not on their first encoder).
+    on: ByEncoder,
+    members: ByEncoder,
+    displaced: BTreeSet<String>,
+}
+
+fn index(map: &mut ByEncoder, encoder: &str, channel: &str) {
+    map.entry(encoder.to_owned())
+        .or_default()
+        .insert(channel.to_owned());
+}
+
+fn unindex(map: &mut ByEncoder, encoder: &str, channel: &str) {
+    if let Some(set) = map.get_mut(encoder) {
+        set.remove(channel);
+        if set.is_empty() {
+            map.remove(encoder);
+        }
+    }
 }
 
 impl Decider {
@@ -97,7 +121,11 @@ impl Decider {
 
     /// Adds or replaces a channel, currently on `active`.
     pub fn set_channel(&mut self, name: &str, policy: ChannelPolicy, active: &str) {
-        let prev = self.channels.remove(name);
+        let prev = self.take_channel(name);
+        for e in &policy.encoders {
+            index(&mut self.members, e, name);
+        }
+        index(&mut self.on, active, name);
         self.channels.insert(
             name.to_owned(),
             ChannelState {
@@ -110,6 +138,32 @@ impl Decider {
                 stranded: false,
             },
         );
+        self.refresh_displaced(name);
+    }
+
+    /// Removes a channel from the map and the indexes.
+    fn take_channel(&mut self, name: &str) -> Option<ChannelState> {
+        let st = self.channels.remove(name)?;
+        for e in &st.policy.encoders {
+            unindex(&mut self.members, e, name);
+        }
+        unindex(&mut self.on, &st.active, name);
+        self.displaced.remove(name);
+        Some(st)
+    }
+
+    /// Keeps the failback candidates in step with a channel's state.
+    fn refresh_displaced(&mut self, name: &str) {
+        let candidate = self.channels.get(name).is_some_and(|st| {
+            st.policy.failback == Failback::Auto
+                && !st.manual
+                && st.policy.encoders.first() != Some(&st.active)
+        });
+        if candidate {
+            self.displaced.insert(name.to_owned());
+        } else {
+            self.displaced.remove(name);
+        }
     }
 
     pub fn channel_names(&self) -> Vec<String> {
@@ -117,7 +171,7 @@ impl Decider {
     }
 
     pub fn remove_channel(&mut self, name: &str) {
-        self.channels.remove(name);
+        self.take_channel(name);
     }
 
     /// Adds an encoder (healthy until told otherwise) if unknown.
@@ -166,6 +220,9 @@ impl Decider {
         st.last_move = Some(now);
         st.manual = matches!(reason, Reason::Manual | Reason::Drain);
         st.stranded = false;
+        unindex(&mut self.on, &from, channel);
+        index(&mut self.on, to, channel);
+        self.refresh_displaced(channel);
         Decision {
             channel: channel.to_owned(),
             from,
@@ -187,7 +244,12 @@ impl Decider {
             since: now,
         };
         let mut out = Vec::new();
-        let names: Vec<String> = self.channels.keys().cloned().collect();
+        // Down: the channels on it; up: the channels that list it (stuck ones among them).
+        let index = if healthy { &self.members } else { &self.on };
+        let names: Vec<String> = index
+            .get(encoder)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
         for name in names {
             let st = &self.channels[&name];
             if !healthy && st.active == encoder {
@@ -222,7 +284,11 @@ impl Decider {
     /// Time passes: automatic failback where its conditions hold.
     pub fn tick(&mut self, now: Instant) -> Vec<Decision> {
         let mut out = Vec::new();
-        let names: Vec<String> = self.channels.keys().cloned().collect();
+        // Only channels off their first encoder can move up.
+        if self.displaced.is_empty() {
+            return out;
+        }
+        let names: Vec<String> = self.displaced.iter().cloned().collect();
         for name in names {
             let st = &self.channels[&name];
             if st.policy.failback != Failback::Auto || st.manual {
@@ -257,12 +323,11 @@ impl Decider {
     /// changes until [`Decider::drain`].
     pub fn plan_drain(&self, encoder: &str) -> Result<Vec<(String, String)>, String> {
         let mut moves = Vec::new();
-        for (name, st) in &self.channels {
-            if st.active == encoder {
-                match self.best(&st.policy, Some(encoder)) {
-                    Some(to) => moves.push((name.clone(), to)),
-                    None => return Err(name.clone()),
-                }
+        for name in self.on.get(encoder).into_iter().flatten() {
+            let st = &self.channels[name];
+            match self.best(&st.policy, Some(encoder)) {
+                Some(to) => moves.push((name.clone(), to)),
+                None => return Err(name.clone()),
             }
         }
         Ok(moves)
@@ -286,13 +351,25 @@ impl Decider {
         self.drained.insert(encoder.to_owned());
     }
 
-    /// Channels whose active encoder is `encoder`.
+    /// Channels whose active encoder is `encoder`, in name order.
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
-        self.channels
-            .iter()
-            .filter(|(_, st)| st.active == encoder)
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.on
+            .get(encoder)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many channels automatic failback may move (what [`Decider::tick`] looks at).
+    pub fn displaced(&self) -> usize {
+        self.displaced.len()
+    }
+
+    /// The first channel (by name) that lists `encoder`, if any.
+    pub fn listed_by(&self, encoder: &str) -> Option<&str> {
+        self.members
+            .get(encoder)
+            .and_then(|set| set.first())
+            .map(String::as_str)
     }
 }
 

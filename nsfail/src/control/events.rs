@@ -1,5 +1,5 @@
 //! Events: every decision and observation, logged, kept in a ring and appended to the
-//! events file; the clocks they are stamped with.
+//! events file (by the writer thread); the clocks they are stamped with.
 
 use super::*;
 
@@ -35,9 +35,8 @@ impl Controller {
             ev.to.as_deref().unwrap_or("-"),
             ev.reason
         );
-        if let Err(e) = append_line(&self.events_path, &ev) {
-            warn!("events file {}: {e}", self.events_path.display());
-        }
+        // Appended by the writer thread, with whatever else is pending.
+        self.writer.event(ev.clone());
         if self.events.len() == EVENT_RING {
             self.events.pop_front();
         }

@@ -30,6 +30,7 @@
 //! | `nsfail_tc_packets_total` | counter | reason |
 
 use std::{
+    collections::HashSet,
     io,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
@@ -160,15 +161,17 @@ impl Metrics {
         tc: &[(&'static str, u64)],
     ) {
         let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        let channels: HashSet<&str> = status.channels.iter().map(|c| c.name.as_str()).collect();
         for old in &snapshot.status.channels {
-            if !status.channels.iter().any(|c| c.name == old.name) {
+            if !channels.contains(old.name.as_str()) {
                 self.failovers.remove(&ChannelLabels {
                     channel: old.name.clone(),
                 });
             }
         }
+        let encoders: HashSet<&str> = status.encoders.iter().map(|e| e.name.as_str()).collect();
         for old in &snapshot.status.encoders {
-            if !status.encoders.iter().any(|e| e.name == old.name) {
+            if !encoders.contains(old.name.as_str()) {
                 let labels = EncoderLabels {
                     encoder: old.name.clone(),
                 };

@@ -6,7 +6,10 @@
 //! - `forward`: packets per second through a veth lab with one router core, and that core's
 //!   CPU time per packet: nsfail, bare redirect, nftables DNAT, a userspace relay, plain
 //!   kernel forwarding.
-//! - `controller`: the daemon's CPU and memory with 100 encoders probed every 100 ms.
+//! - `controller`: the daemon's CPU and memory with 100 encoders probed every 100 ms, and its
+//!   start-up series: 1,000 to 100,000 channels from `nsfail run` to the first packet
+//!   forwarded on the last channel, with memory, status, scrape, remap and add-channel times
+//!   (`controller-startup` runs that series alone).
 //! - `failover`: kill-and-failover trials through the daemon (udp probes, flow check, SRT).
 //!
 //! ```text
@@ -30,6 +33,7 @@ mod object;
 mod prog;
 mod report;
 mod scale;
+mod startup;
 mod sys;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -64,6 +68,7 @@ fn parse_args() -> Result<Args> {
             }
             "--out" => out = args.next().context("--out needs a directory")?.into(),
             "all" => benches.extend(BENCHES),
+            "controller-startup" => benches.push("controller-startup"),
             name => match BENCHES.iter().find(|b| **b == name) {
                 Some(b) => benches.push(*b),
                 None => bail!(
@@ -105,6 +110,7 @@ fn try_main() -> Result<()> {
             "scale" => scale::run(args.reps),
             "forward" => forward::run(args.reps),
             "controller" => controller::run(args.reps.min(5)),
+            "controller-startup" => controller::startup_only(),
             // The issue asks for 20 kill-and-failover trials per detector.
             _ => failover::run(20, 5),
         };
