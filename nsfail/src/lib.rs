@@ -14,7 +14,8 @@
 //! - `net`: namespaces, veths, provisioning and receive readiness, through netlink.
 //! - `dataplane`: the one owner of every BPF map and link, its policy vocabulary, the raw
 //!   syscalls aya lacks.
-//! - `api` (the socket protocol) and `paths` (every path) are leaves anyone may use.
+//! - `api` (the socket protocol), `paths` (every path) and `heap` (giving memory back) are
+//!   leaves anyone may use.
 //! - `lab`: the lab, the demo and bench helpers, outside the product's paths.
 
 pub mod api;
@@ -24,6 +25,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod heap;
 pub mod lab;
 pub mod metrics;
 pub mod net;

@@ -186,8 +186,12 @@ fn followed(c: &Controller) -> Config {
 fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
     match msg {
         Msg::Request(command, reply) => {
+            let whole = matches!(*command, Command::Status);
             // Err: the client hung up; the request was carried out all the same.
             let _ = reply.send(execute(c, *command));
+            if whole {
+                crate::heap::trim();
+            }
         }
         Msg::Health(update) => {
             if update.ok {
@@ -221,6 +225,7 @@ fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
             observe(c, metrics);
             // Err: the scrape was abandoned.
             let _ = reply.send(());
+            crate::heap::trim();
         }
         Msg::Stop => unreachable!("handled by the loop"),
     }

@@ -67,6 +67,7 @@ pub struct Options {
 /// Runs the daemon in the foreground. Must be called before any other thread exists: when the
 /// config names an ingest namespace, the whole process moves into it first.
 pub fn run(opts: Options) -> Result<()> {
+    crate::heap::one_arena();
     let cfg = Config::load_for_host(&opts.config)?;
     // Before anything is loaded, adopted or changed: a second daemon on the same data plane
     // would reconcile it to its own config, under the first one's feet.
@@ -82,6 +83,7 @@ pub fn run(opts: Options) -> Result<()> {
     dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
     let adopted = dp.adopted();
     let ctl = Controller::start(cfg, &opts.config, dp)?;
+    crate::heap::trim();
     info!(
         "{} the data plane; {} channels, {} encoders",
         if adopted { "adopted" } else { "loaded" },

@@ -81,6 +81,9 @@ fn config(lab: &nsfail::lab::Lab, channels: usize) -> String {
 /// One size's figures.
 struct Point {
     first_packet_s: f64,
+    /// At the first packet.
+    rss_first_mib: f64,
+    /// After the status, scrape, remap and add calls.
     rss_mib: f64,
     peak_rss_mib: f64,
     status_ms: f64,
@@ -216,22 +219,34 @@ fn one(channels: usize) -> Result<Point> {
     stop.store(true, Ordering::Relaxed);
     let _ = send.join();
     let pid = daemon.pid();
+    let rss_first = kib(pid, "VmRSS:")?;
     // The control socket answers once the serve loop runs (right after programming).
     let up = Instant::now();
-    while cli_ms(&socket, &["status"]).is_err() {
+    while cli_ms(&socket, &["events"]).is_err() {
         if up.elapsed() > Duration::from_secs(60) {
             bail!("{channels} channels: forwarding, but the socket does not answer");
         }
         thread::sleep(Duration::from_millis(50));
     }
-    let rss_mib = kib(pid, "VmRSS:")?;
+    // NSFAIL_BENCH_RSS_TRACE=1: resident memory after each step, on stderr.
+    let trace = |what: &str| {
+        if std::env::var_os("NSFAIL_BENCH_RSS_TRACE").is_some() {
+            eprintln!(
+                "    {what}: {:.0} MiB",
+                kib(pid, "VmRSS:").unwrap_or(f64::NAN)
+            );
+        }
+    };
+    trace("socket up");
     let mut status = Vec::new();
     let mut scrape = Vec::new();
     let mut remap = Vec::new();
     let mut add = Vec::new();
     for k in 0..CALLS {
         status.push(cli_ms(&socket, &["status", "--json"])?);
+        trace("status");
         scrape.push(scrape_ms(&lab.rt.name)?.0);
+        trace("scrape");
         let to = if k % 2 == 0 { backup } else { primary };
         remap.push(cli_ms(
             &socket,
@@ -256,7 +271,8 @@ fn one(channels: usize) -> Result<Point> {
     }
     let point = Point {
         first_packet_s: first.as_secs_f64(),
-        rss_mib,
+        rss_first_mib: rss_first,
+        rss_mib: kib(pid, "VmRSS:")?,
         peak_rss_mib: kib(pid, "VmHWM:")?,
         status_ms: median(status),
         scrape_ms: median(scrape),
@@ -282,17 +298,18 @@ pub fn run(report: &mut Report) -> Result<()> {
         eprintln!("  start-up with {n} channels...");
         let p = one(n)?;
         eprintln!(
-            "  {n} channels: first packet on the last channel after {:.2} s, {:.0} MiB",
-            p.first_packet_s, p.rss_mib
+            "  {n} channels: first packet on the last channel after {:.2} s, {:.0} MiB \
+             ({:.0} MiB after the calls, peak {:.0} MiB); status {:.0} ms, scrape {:.0} ms",
+            p.first_packet_s, p.rss_first_mib, p.rss_mib, p.peak_rss_mib, p.status_ms, p.scrape_ms
         );
         points.push((n, p));
     }
     report.method.push(format!(
         "start-up series: {} channels (one [[channel]] each, 4 local encoders probed every \
          100 ms); `nsfail run` to the first packet forwarded on the last channel (a packet \
-         sent every ms), then VmRSS, and the median of {CALLS} calls each of `nsfail status \
+         sent every ms) and VmRSS then, and the median of {CALLS} calls each of `nsfail status \
          --json`, a metrics scrape, `nsfail remap` and `nsfail add channel` (CLI wall time, \
-         process start included); one start per size; no baseline run (the old controller \
+         process start included), then VmRSS and VmHWM; one start per size; no baseline run (the old controller \
          takes hours at 100,000)",
         sizes
             .iter()
