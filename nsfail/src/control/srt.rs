@@ -37,6 +37,9 @@ impl Controller {
     }
 }
 
+/// An SRT channel's SHUTDOWNs: its name, its ingest address, its callers and their IDs.
+type Shutdowns = (String, SocketAddr, Vec<(SocketAddr, u32)>);
+
 /// What the decisions of one batch share: the SRT callers (read once), the SHUTDOWNs to send
 /// (on one thread, after every map write of the batch), the encoders' counters at the
 /// switch.
@@ -44,8 +47,7 @@ impl Controller {
 pub(super) struct Batch {
     /// Fresh SRT callers by channel, read at the batch's first SRT repoint.
     peers: Option<HashMap<SocketAddr, Vec<(SocketAddr, u32)>>>,
-    /// (channel, ingest address, callers).
-    shutdowns: Vec<(String, SocketAddr, Vec<(SocketAddr, u32)>)>,
+    shutdowns: Vec<Shutdowns>,
     /// Switchover baselines by (from, to) encoder.
     pub(super) baselines: HashMap<(String, String), Option<(u64, u64)>>,
 }

@@ -81,7 +81,7 @@ impl Delta {
     pub fn apply(&self, base: &Config) -> Config {
         // An added entry replaces any of the same name; of several, the last one counts, in
         // its place. Linear: no list is searched per entry.
-        fn last_of<'a, T>(added: &'a [T], name: impl Fn(&T) -> &str) -> Vec<&'a T> {
+        fn last_of<T>(added: &[T], name: impl Fn(&T) -> &str) -> Vec<&T> {
             let mut last = std::collections::HashMap::new();
             for (i, x) in added.iter().enumerate() {
                 last.insert(name(x), i);

@@ -1,4 +1,4 @@
-//! Prometheus metrics: a `prometheus-client` registry and a minimal HTTP/1.1 endpoint serving it.
+//! Prometheus metrics: a `prometheus-client` registry and an HTTP/1.1 endpoint (hyper) serving it.
 //!
 //! Two kinds of metric live here. Events the controller sees happen (failovers, probe results)
 //! are counted and observed as they happen, in ordinary registered families. Cumulative
@@ -51,7 +51,6 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::{JoinHandle, JoinSet},

@@ -47,7 +47,7 @@ fn port(i: usize) -> u16 {
 
 /// Encoder indexes (0..4) of channel `i`: primary, backup.
 fn pair(i: usize) -> (usize, usize) {
-    if i % 2 == 0 { (0, 1) } else { (2, 3) }
+    if i.is_multiple_of(2) { (0, 1) } else { (2, 3) }
 }
 
 const NAMES: [&str; 4] = ["enc-a", "enc-b", "enc-c", "enc-d"];
