@@ -209,6 +209,9 @@ impl Controller {
                 });
             }
         };
+        // A copy, even without runtime changes, on purpose: the parsed config is scattered
+        // among the parse's garbage, the copy is packed, and once the parsed one is dropped
+        // that garbage can go back to the system (about 60 MiB at 100,000 channels).
         let effective = delta.apply(&base);
         drop(base);
         let mut c = Self {
