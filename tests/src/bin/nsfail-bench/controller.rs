@@ -34,7 +34,7 @@ const CHANNELS: usize = 50;
 const WINDOW: Duration = Duration::from_secs(12);
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: i32) -> Result<u64> {
+pub fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').context("stat format")?.1;

@@ -35,6 +35,8 @@ const START_LIMIT: Duration = Duration::from_secs(300);
 const METRICS_PORT: u16 = 9464;
 /// Timed calls per operation (their median is reported).
 const CALLS: usize = 5;
+/// How long the daemon's idle CPU is measured, after the calls.
+const IDLE_WINDOW: Duration = Duration::from_secs(5);
 
 fn listen(i: usize) -> SocketAddr {
     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 80, 0, 0)) + i as u32 + 1);
@@ -81,6 +83,8 @@ fn config(lab: &nsfail::lab::Lab, channels: usize) -> String {
 /// One size's figures.
 struct Point {
     first_packet_s: f64,
+    /// % of one core over [`IDLE_WINDOW`] after the calls.
+    idle_cpu: f64,
     /// At the first packet.
     rss_first_mib: f64,
     /// After the status, scrape, remap and add calls.
@@ -277,8 +281,15 @@ fn one(channels: usize) -> Result<Point> {
             ],
         )?);
     }
+    // The daemon's own cost while nothing happens (probes, ticks, the input watch).
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("CLK_TCK")? as f64;
+    let t0 = crate::controller::cpu_ticks(pid)?;
+    thread::sleep(IDLE_WINDOW);
+    let idle_cpu =
+        (crate::controller::cpu_ticks(pid)? - t0) as f64 / tick / IDLE_WINDOW.as_secs_f64() * 100.0;
     let point = Point {
         first_packet_s: first.as_secs_f64(),
+        idle_cpu,
         rss_first_mib: rss_first,
         rss_mib: kib(pid, "VmRSS:")?,
         peak_rss_mib: kib(pid, "VmHWM:")?,
@@ -310,14 +321,16 @@ pub fn run(report: &mut Report) -> Result<()> {
              ({:.0} MiB after the calls, peak {:.0} MiB); status {:.0} ms, scrape {:.0} ms",
             p.first_packet_s, p.rss_first_mib, p.rss_mib, p.peak_rss_mib, p.status_ms, p.scrape_ms
         );
+        eprintln!("  idle CPU {:.1} % of one core", p.idle_cpu);
         points.push((n, p));
     }
+    let idle = IDLE_WINDOW.as_secs();
     report.method.push(format!(
         "start-up series: {} channels (one [[channel]] each, 4 local encoders probed every \
          100 ms); `nsfail run` to the first packet forwarded on the last channel (a packet \
          sent every ms) and VmRSS then, and the median of {CALLS} calls each of `nsfail status \
          --json`, a metrics scrape, `nsfail remap` and `nsfail add channel` (CLI wall time, \
-         process start included), then VmRSS and VmHWM; one start per size; no baseline run (the old controller \
+         process start included), then VmRSS and VmHWM, then the daemon's CPU over {idle} s of idling; one start per size; no baseline run (the old controller \
          takes hours at 100,000)",
         sizes
             .iter()
@@ -326,15 +339,32 @@ pub fn run(report: &mut Report) -> Result<()> {
             .join(", ")
     ));
     type Get = fn(&Point) -> f64;
-    let series: [(&str, &str, Get); 8] = [
-        ("start-up: run to first packet on the last channel", "s", |p| p.first_packet_s),
-        ("start-up: resident memory at the first packet", "MiB", |p| p.rss_first_mib),
-        ("start-up: resident memory after the calls", "MiB", |p| p.rss_mib),
-        ("start-up: peak resident memory (VmHWM)", "MiB", |p| p.peak_rss_mib),
+    let series: [(&str, &str, Get); 9] = [
+        (
+            "start-up: run to first packet on the last channel",
+            "s",
+            |p| p.first_packet_s,
+        ),
+        (
+            "start-up: resident memory at the first packet",
+            "MiB",
+            |p| p.rss_first_mib,
+        ),
+        ("start-up: resident memory after the calls", "MiB", |p| {
+            p.rss_mib
+        }),
+        ("start-up: peak resident memory (VmHWM)", "MiB", |p| {
+            p.peak_rss_mib
+        }),
         ("start-up: status --json", "ms", |p| p.status_ms),
         ("start-up: metrics scrape", "ms", |p| p.scrape_ms),
         ("start-up: remap", "ms", |p| p.remap_ms),
         ("start-up: add channel", "ms", |p| p.add_ms),
+        (
+            "start-up: idle CPU after the calls, % of one core",
+            "%",
+            |p| p.idle_cpu,
+        ),
     ];
     let mut figures = Vec::new();
     for (group, unit, get) in series {
