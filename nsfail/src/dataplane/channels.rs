@@ -191,6 +191,14 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Reads CHANNELS and REPLIES again into the in-memory mirror this type keeps of them: for
+    /// a caller that wrote them directly (a benchmark's synthetic channels). Nothing in nsfail
+    /// itself needs it: this type is the maps' only writer.
+    pub fn reload_channels(&mut self) -> Result<()> {
+        self.mirror = Mirror::load(&self.channels, &self.replies)?;
+        Ok(())
+    }
+
     /// The name of the encoder a channel is forwarded to now, without reading any map.
     pub fn active_encoder(&self, listen: SocketAddr) -> Option<&str> {
         let t = self.mirror.channels.get(&endpoint(listen))?;
