@@ -113,13 +113,15 @@ pub struct Request {
     pub command: Command,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The answer, as JSON text: serialized once by the daemon and parsed once by the client
+    /// (a `status` of 100,000 channels is tens of MB; no tree of values is built on the way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
+    pub data: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl Response {
@@ -127,7 +129,7 @@ impl Response {
         Self {
             ok: true,
             error: None,
-            data: serde_json::to_value(data).ok(),
+            data: serde_json::value::to_raw_value(&data).ok(),
         }
     }
 

@@ -705,3 +705,357 @@ mod children {
         );
     }
 }
+
+/// 3. A failover of 300 channels while 100 encoders are probed every 100 ms: no probe is late
+///    by more than one interval (the gaps between one encoder's probes, as the kernel
+///    timestamped their arrival, stay within two intervals), a `status` asked all along is
+///    answered within 50 ms, every channel moves, and the stream on one of them reaches the
+///    backup.
+mod failover_under_probes {
+    use std::{
+        collections::BTreeMap,
+        fs,
+        io::{BufRead as _, BufReader, Write as _},
+        net::{SocketAddr, UdpSocket},
+        os::unix::net::UnixStream,
+        path::{Path, PathBuf},
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, Ordering},
+        },
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use nix::sys::{
+        socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt},
+        time::TimeSpec,
+    };
+    use nsfail::lab::{INGEST4, SRC4};
+    use nsfail_tests::{
+        PinDir,
+        daemon::{Daemon, TempDir, status},
+        lab,
+        traffic::{Receiver, spawn_burst},
+        unique, wait_for,
+    };
+
+    const ENCODERS: usize = 100;
+    const CHANNELS: u16 = 300;
+    const INTERVAL: Duration = Duration::from_millis(100);
+
+    /// Answers every encoder's probes from one thread, recording when each probe arrived (the
+    /// kernel's receive timestamp); an encoder marked dead records but does not answer.
+    struct Recorder {
+        stop: Arc<AtomicBool>,
+        dead: Arc<Mutex<Vec<bool>>>,
+        arrivals: Arc<Mutex<Vec<Vec<Duration>>>>,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    impl Recorder {
+        fn start(sockets: Vec<UdpSocket>) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let dead = Arc::new(Mutex::new(vec![false; sockets.len()]));
+            let arrivals = Arc::new(Mutex::new(vec![Vec::new(); sockets.len()]));
+            for s in &sockets {
+                s.set_nonblocking(true).unwrap();
+                setsockopt(s, sockopt::ReceiveTimestampns, &true).unwrap();
+            }
+            let thread = {
+                let (stop, dead, arrivals) = (stop.clone(), dead.clone(), arrivals.clone());
+                thread::spawn(move || serve(&sockets, &stop, &dead, &arrivals))
+            };
+            Self {
+                stop,
+                dead,
+                arrivals,
+                thread: Some(thread),
+            }
+        }
+
+        fn kill(&self, encoder: usize) {
+            self.dead.lock().unwrap()[encoder] = true;
+        }
+
+        /// Each encoder's probe arrivals (CLOCK_REALTIME since the epoch).
+        fn arrivals(&self) -> Vec<Vec<Duration>> {
+            self.arrivals.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for Recorder {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn serve(
+        sockets: &[UdpSocket],
+        stop: &AtomicBool,
+        dead: &Mutex<Vec<bool>>,
+        arrivals: &Mutex<Vec<Vec<Duration>>>,
+    ) {
+        // Bounded: at most 10 minutes, normally stopped by the test.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            // The arrival times are the kernel's: this loop's own latency only delays the
+            // answers, by a millisecond at most.
+            thread::sleep(Duration::from_millis(1));
+            for (i, sock) in sockets.iter().enumerate() {
+                loop {
+                    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                    let mut cmsg = nix::cmsg_space!(TimeSpec);
+                    let Ok(msg) = recvmsg::<SockaddrStorage>(
+                        std::os::fd::AsRawFd::as_raw_fd(sock),
+                        &mut iov,
+                        Some(&mut cmsg),
+                        MsgFlags::MSG_DONTWAIT,
+                    ) else {
+                        break;
+                    };
+                    let at = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::ScmTimestampns(t) => {
+                                Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+                            }
+                            _ => None,
+                        })
+                    });
+                    let (n, from) = (msg.bytes, msg.address);
+                    if let Some(at) = at {
+                        arrivals.lock().unwrap()[i].push(at);
+                    }
+                    let from = from.and_then(|a| {
+                        a.as_sockaddr_in()
+                            .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                    });
+                    if !dead.lock().unwrap()[i]
+                        && let Some(from) = from
+                    {
+                        let _ = sock.send_to(&buf[..n], from);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A `status` request on the socket, as the CLI sends it: its round trip.
+    fn status_time(socket: &Path) -> Duration {
+        let t = Instant::now();
+        let mut s = UnixStream::connect(socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        let took = t.elapsed();
+        assert!(line.starts_with("{\"ok\":true"), "status: {line}");
+        took
+    }
+
+    fn remote_addr(i: usize) -> String {
+        format!("10.79.{}.{}", i / 200, 2 + i % 200)
+    }
+
+    fn placement(socket: &Path) -> BTreeMap<String, String> {
+        status(socket)["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().to_owned(),
+                    c["active"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_300_channel_failover_keeps_every_probe_on_time() {
+        let lab = lab(2);
+        // enc-a and enc-b are the lab's encoders; 98 more are addresses in one namespace
+        // behind a veth of the ingest host, reached through the ingest namespace's routes.
+        let echo_ns = nsfail_tests::Netns::new("ech");
+        let (host, peer) = (unique("ec"), unique("ep"));
+        lab.rt
+            .ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])
+            .unwrap();
+        lab.rt
+            .ip(&["link", "set", &peer, "netns", &echo_ns.name])
+            .unwrap();
+        lab.rt
+            .ip(&["addr", "add", "10.79.0.1/16", "dev", &host])
+            .unwrap();
+        lab.rt.ip(&["link", "set", &host, "up"]).unwrap();
+        echo_ns.ip(&["link", "set", &peer, "up"]).unwrap();
+        let mut sockets = Vec::new();
+        for e in &lab.encoders {
+            let bind: SocketAddr = format!("{}:9000", e.addr4).parse().unwrap();
+            sockets.push(
+                nsfail::net::netns::in_netns(&e.ns.name, move || UdpSocket::bind(bind))
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        for i in 2..ENCODERS {
+            echo_ns
+                .ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/16", remote_addr(i)),
+                    "dev",
+                    &peer,
+                ])
+                .unwrap();
+            let bind: SocketAddr = format!("{}:9000", remote_addr(i)).parse().unwrap();
+            sockets.push(
+                nsfail::net::netns::in_netns(&echo_ns.name, move || UdpSocket::bind(bind))
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        let recorder = Recorder::start(sockets);
+
+        let health =
+            "health = { kind = \"udp\", port = 9000, interval_ms = 100, timeout_ms = 100 }";
+        let mut config = format!(
+            "[ingest]\ninterface = \"ing\"\nnetns = \"{}\"\nmetrics = \"127.0.0.1:0\"\n\n",
+            lab.rt.name
+        );
+        for (k, e) in lab.encoders.iter().enumerate() {
+            config += &format!(
+                "[[encoder]]\nname = \"enc-{}\"\naddress = \"{}\"\ninterface = \"{}\"\n\
+                 netns = \"{}\"\n{health}\n\n",
+                ["a", "b"][k],
+                e.addr4,
+                e.host_if,
+                e.ns.name
+            );
+        }
+        for i in 2..ENCODERS {
+            config += &format!(
+                "[[encoder]]\nname = \"e{i:03}\"\naddress = \"{}\"\nmac = \"02:00:00:00:00:01\"\n\
+                 {health}\n\n",
+                remote_addr(i)
+            );
+        }
+        for c in 0..CHANNELS {
+            config += &format!(
+                "[[channel]]\nname = \"cam{c}\"\nlisten = \"{INGEST4}:{}\"\n\
+                 encoders = [\"enc-a\", \"enc-b\"]\nport = {}\n\n",
+                5000 + c,
+                7000 + c
+            );
+        }
+        let dir = TempDir::new();
+        let path: PathBuf = dir.path.join("nsfail.toml");
+        fs::write(&path, config).unwrap();
+        let pins = PinDir::new();
+        let daemon = Daemon::start(&path, &dir.path.join("nsfail.sock"), &pins);
+        let socket = daemon.socket.clone();
+        let healthy = wait_for(Duration::from_secs(10), || {
+            let s = status(&socket);
+            let n = s["encoders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["healthy"] == true)
+                .count();
+            (n == ENCODERS).then_some(())
+        });
+        assert!(
+            healthy.is_some(),
+            "every encoder healthy: {}",
+            status(&socket)
+        );
+        assert!(placement(&socket).values().all(|a| a == "enc-a"));
+
+        // A stream on the last channel, running across the failover.
+        let eb = &lab.encoders[1];
+        let last = CHANNELS - 1;
+        let rx = Receiver::start(
+            &eb.ns,
+            format!("{}:{}", eb.addr4, 7000 + last).parse().unwrap(),
+        );
+        let burst = spawn_burst(
+            &lab.src.name,
+            format!("{SRC4}:41300").parse().unwrap(),
+            format!("{INGEST4}:{}", 5000 + last).parse().unwrap(),
+            0..3000,
+            Duration::from_millis(1),
+            Duration::from_secs(2),
+        );
+        thread::sleep(Duration::from_millis(500));
+
+        // enc-a stops answering; status is asked every 10 ms until every channel has moved
+        // and a second more has passed.
+        let killed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        recorder.kill(0);
+        let start = Instant::now();
+        let mut slowest = Duration::ZERO;
+        let mut moved_at = None;
+        while start.elapsed() < Duration::from_secs(10) {
+            slowest = slowest.max(status_time(&socket));
+            if moved_at.is_none() && placement(&socket).values().all(|a| a == "enc-b") {
+                moved_at = Some(start.elapsed());
+            }
+            if moved_at.is_some_and(|t| start.elapsed() > t + Duration::from_secs(1)) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let moved_at = moved_at.unwrap_or_else(|| {
+            panic!("not every channel moved to enc-b: {:?}", placement(&socket))
+        });
+        let _ = burst.join().expect("sender");
+        let arrivals = recorder.arrivals();
+        drop(recorder);
+
+        // Every encoder's probes, from half a second before the kill to the end.
+        let from = killed.saturating_sub(Duration::from_millis(500));
+        let mut worst = (Duration::ZERO, 0);
+        for (i, times) in arrivals.iter().enumerate() {
+            let times: Vec<Duration> = times.iter().copied().filter(|t| *t >= from).collect();
+            assert!(
+                times.len() >= 10,
+                "encoder {i}: only {} probes",
+                times.len()
+            );
+            for w in times.windows(2) {
+                let gap = w[1].saturating_sub(w[0]);
+                if gap > worst.0 {
+                    worst = (gap, i);
+                }
+            }
+        }
+        eprintln!(
+            "300 channels moved after {moved_at:?}; slowest status {slowest:?}; longest gap \
+             between two probes of one encoder {:?} (encoder {})",
+            worst.0, worst.1
+        );
+        assert!(
+            worst.0 <= 2 * INTERVAL,
+            "encoder {}'s probes were {:?} apart: one was late by more than an interval",
+            worst.1,
+            worst.0
+        );
+        assert!(
+            slowest < Duration::from_millis(50),
+            "a status request took {slowest:?} during the failover"
+        );
+        // The stream reached enc-b once its channel moved: its last second all arrived.
+        let seen = rx.settled();
+        let tail: Vec<u32> = (2000..3000).filter(|s| !seen.contains(s)).collect();
+        assert!(
+            tail.is_empty(),
+            "packets missing at enc-b after the failover: {tail:?}"
+        );
+    }
+}

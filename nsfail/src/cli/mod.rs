@@ -230,13 +230,16 @@ fn one_line(s: &str) -> String {
 fn dispatch(cli: Cli) -> Result<()> {
     let json = cli.json;
     let socket = cli.socket.clone();
-    let request = |command: Command| -> Result<serde_json::Value> {
+    // The answer's JSON text ("null" when there is none).
+    let request = |command: Command| -> Result<String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let resp: Response = rt.block_on(api::call(&socket, command))?;
         match resp {
-            Response { ok: true, data, .. } => Ok(data.unwrap_or(serde_json::Value::Null)),
+            Response { ok: true, data, .. } => {
+                Ok(data.map_or_else(|| "null".to_owned(), |d| d.get().to_owned()))
+            }
             Response { error, .. } => Err(anyhow!(error.unwrap_or_else(|| "refused".into()))),
         }
     };
@@ -273,7 +276,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             if json {
                 println!("{data}");
             } else {
-                let status: Status = serde_json::from_value(data)?;
+                let status: Status = serde_json::from_str(&data)?;
                 print!("{}", render_status(&status, list));
             }
             Ok(())
@@ -373,7 +376,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             if json {
                 println!("{data}");
             } else {
-                let report: api::ReloadReport = serde_json::from_value(data)?;
+                let report: api::ReloadReport = serde_json::from_str(&data)?;
                 if report.changes.is_empty() {
                     println!("reloaded: no changes");
                 } else {
@@ -391,7 +394,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Events { follow } => {
             let mut last: Option<Event> = None;
             loop {
-                let events: Vec<Event> = serde_json::from_value(request(Command::Events)?)?;
+                let events: Vec<Event> = serde_json::from_str(&request(Command::Events)?)?;
                 // The ring may have rotated: continue after the last event printed.
                 let start = match &last {
                     Some(l) => events.iter().position(|e| e == l).map_or(0, |i| i + 1),

@@ -46,6 +46,7 @@ macro_rules! at {
 }
 
 mod error;
+mod lookup;
 mod problems;
 mod request;
 mod url;
@@ -53,6 +54,7 @@ mod url;
 use self::{error::*, problems::*};
 pub use self::{
     error::{ConfigError, Location},
+    lookup::Lookup,
     url::HttpUrl,
 };
 use crate::net::provision::{Plan, managed_link};

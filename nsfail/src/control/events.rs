@@ -1,5 +1,5 @@
 //! Events: every decision and observation, logged, kept in a ring and appended to the
-//! events file; the clocks they are stamped with.
+//! events file (by the writer thread); the clocks they are stamped with.
 
 use super::*;
 
@@ -35,15 +35,11 @@ impl Controller {
             ev.to.as_deref().unwrap_or("-"),
             ev.reason
         );
+        // Appended by the writer thread (rotated at the size limit), with whatever else is
+        // pending.
         let limits = &self.effective.daemon;
-        if let Err(e) = append_event(
-            &self.events_path,
-            &ev,
-            limits.events_max_bytes,
-            limits.events_keep,
-        ) {
-            warn!("events file {}: {e}", self.events_path.display());
-        }
+        self.writer
+            .event(ev.clone(), limits.events_max_bytes, limits.events_keep);
         if self.events.len() == EVENT_RING {
             self.events.pop_front();
         }

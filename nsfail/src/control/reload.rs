@@ -148,6 +148,7 @@ impl Controller {
         self.base = new;
         // The same objects; the file's order, for status.
         self.effective = target;
+        self.lookup = self.effective.lookup();
         if !steps.is_empty() {
             self.generation += 1;
         }

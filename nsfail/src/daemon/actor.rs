@@ -7,7 +7,9 @@
 //!
 //! Between messages the actor runs the periodic work every [`TICK`] (automatic failback,
 //! input loss, switchover timing, flow checks) and publishes the effective configuration
-//! whenever it changes, for the probes and managed encoders to follow.
+//! whenever it changes, for the probes and managed encoders to follow: its ingest and
+//! encoders, without the channels (nothing that follows it needs them, and with 100,000
+//! channels a copy per change would cost more than the change).
 
 use std::{
     sync::{
@@ -99,7 +101,8 @@ impl ControlHandle {
 /// The running actor.
 pub(super) struct Actor {
     pub(super) handle: ControlHandle,
-    /// The effective configuration, republished whenever it changes.
+    /// The effective configuration's ingest and encoders (no channels), republished
+    /// whenever it changes.
     pub(super) config: watch::Receiver<Arc<Config>>,
     thread: thread::JoinHandle<()>,
 }
@@ -113,7 +116,7 @@ impl Actor {
         watchdog: Option<(Notifier, Duration)>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let (config_tx, config) = watch::channel(Arc::new(ctl.config().clone()));
+        let (config_tx, config) = watch::channel(Arc::new(followed(&ctl)));
         let thread = thread::Builder::new()
             .name("nsfail-control".into())
             .spawn(move || run(ctl, rx, metrics, config_tx, watchdog))?;
@@ -178,17 +181,33 @@ fn run(
             seen = c.generation();
             flows.sync(c.config());
             // Err: the daemon's loop is gone, which only happens while stopping.
-            let _ = config_tx.send(Arc::new(c.config().clone()));
+            let _ = config_tx.send(Arc::new(followed(&c)));
         }
     }
     info!("controller stopped");
 }
 
+/// What the probes and managed encoders follow: the effective configuration without its
+/// channels.
+fn followed(c: &Controller) -> Config {
+    let cfg = c.config();
+    Config {
+        ingest: cfg.ingest.clone(),
+        encoders: cfg.encoders.clone(),
+        channels: Vec::new(),
+        daemon: cfg.daemon.clone(),
+    }
+}
+
 fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
     match msg {
         Msg::Request(command, reply) => {
+            let whole = matches!(*command, Command::Status);
             // Err: the client hung up; the request was carried out all the same.
             let _ = reply.send(execute(c, *command));
+            if whole {
+                crate::heap::trim();
+            }
         }
         Msg::Health(update) => {
             if update.ok {
@@ -222,6 +241,7 @@ fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
             observe(c, metrics);
             // Err: the scrape was abandoned.
             let _ = reply.send(());
+            crate::heap::trim();
         }
         Msg::Stop => unreachable!("handled by the loop"),
     }
@@ -232,30 +252,39 @@ fn execute(c: &mut Controller, command: Command) -> Response {
         Ok(()) => Response::ok(()),
         Err(e) => Response::error(e.to_string()),
     };
-    match command {
-        Command::Status => match c.status() {
-            Ok(s) => Response::ok(s),
-            Err(e) => Response::error(e.to_string()),
-        },
-        Command::Events => Response::ok(c.events()),
-        Command::Remap { channel, encoder } => done(c.remap(&channel, &encoder)),
-        Command::Drain { encoder } => done(c.drain(&encoder)),
-        Command::Undrain { encoder } => done(c.undrain(&encoder)),
+    let result = match command {
+        Command::Status => {
+            return match c.status() {
+                Ok(s) => Response::ok(s),
+                Err(e) => Response::error(e.to_string()),
+            };
+        }
+        Command::Events => return Response::ok(c.events()),
+        Command::Remap { channel, encoder } => c.remap(&channel, &encoder),
+        Command::Drain { encoder } => c.drain(&encoder),
+        Command::Undrain { encoder } => c.undrain(&encoder),
         Command::AddChannel { channel } => match config::Channel::try_from(channel) {
-            Ok(channel) => done(c.add_channel(channel)),
-            Err(e) => Response::error(e.to_string()),
+            Ok(channel) => c.add_channel(channel),
+            Err(e) => return Response::error(e.to_string()),
         },
         Command::AddEncoder { encoder } => match config::Encoder::try_from(encoder) {
-            Ok(encoder) => done(c.add_encoder(encoder)),
-            Err(e) => Response::error(e.to_string()),
+            Ok(encoder) => c.add_encoder(encoder),
+            Err(e) => return Response::error(e.to_string()),
         },
-        Command::RemoveChannel { name } => done(c.remove_channel(&name)),
-        Command::RemoveEncoder { name } => done(c.remove_encoder(&name)),
-        Command::Reload => match c.reload() {
-            Ok(report) => Response::ok(report),
-            Err(e) => Response::error(e.to_string()),
-        },
-    }
+        Command::RemoveChannel { name } => c.remove_channel(&name),
+        Command::RemoveEncoder { name } => c.remove_encoder(&name),
+        Command::Reload => {
+            let outcome = c.reload();
+            c.flush();
+            return match outcome {
+                Ok(report) => Response::ok(report),
+                Err(e) => Response::error(e.to_string()),
+            };
+        }
+    };
+    // A change is answered once it is on disk (or its failure to get there is reported).
+    c.flush();
+    done(result)
 }
 
 fn observe(c: &Controller, metrics: &Metrics) {

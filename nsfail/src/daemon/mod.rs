@@ -48,8 +48,8 @@ mod actor;
 mod children;
 mod links;
 mod lock;
-mod output;
 mod notify;
+mod output;
 mod probes;
 mod records;
 mod socket;
@@ -74,6 +74,7 @@ pub struct Options {
 /// Runs the daemon in the foreground. Must be called before any other thread exists: when the
 /// config names an ingest namespace, the whole process moves into it first.
 pub fn run(opts: Options) -> Result<()> {
+    crate::heap::one_arena();
     // SAFETY: no other thread exists yet (see above).
     let (notifier, watchdog) = unsafe { Notifier::from_env() };
     let cfg = Config::load_for_host(&opts.config)?;
@@ -101,6 +102,7 @@ pub fn run(opts: Options) -> Result<()> {
     dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
     let adopted = dp.adopted();
     let ctl = Controller::start(cfg, &opts.config, dp)?;
+    crate::heap::trim();
     info!(
         "{} the data plane; {} channels, {} encoders",
         if adopted { "adopted" } else { "loaded" },
@@ -114,7 +116,15 @@ pub fn run(opts: Options) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(ctl, &opts.socket, &opts.pins, leftovers, group, notifier, watchdog))
+        .block_on(serve(
+            ctl,
+            &opts.socket,
+            &opts.pins,
+            leftovers,
+            group,
+            notifier,
+            watchdog,
+        ))
 }
 
 async fn serve(

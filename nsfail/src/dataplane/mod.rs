@@ -18,6 +18,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
     path::Path,
 };
 
@@ -54,11 +55,12 @@ mod channels;
 mod encoders;
 mod links;
 mod maps;
+mod mirror;
 pub mod policy;
 mod sys;
 
-use self::maps::*;
 pub use self::maps::{endpoint, socket_addr};
+use self::{maps::*, mirror::Mirror};
 
 /// The eBPF object built by build.rs from nsfail-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nsfail"));
@@ -271,6 +273,10 @@ pub struct Dataplane {
     /// ENCODERS by name, kept in step with the map by this type (the only writer): a failover
     /// (`activate`) is then one map read and one map write, whatever the number of encoders.
     by_name: BTreeMap<String, (u32, EncoderInfo)>,
+    /// CHANNELS and REPLIES as written, for reads and checks without a map walk.
+    mirror: Mirror,
+    /// CHANNEL_STATS, for batched reads (aya has no batch operations).
+    channel_stats_fd: OwnedFd,
 }
 
 impl Dataplane {
@@ -382,14 +388,25 @@ impl Dataplane {
             let (id, info) = item.map_err(map_err("ENCODERS"))?;
             by_name.insert(decode_name(&info.name), (id, info));
         }
+        let channels = typed!("CHANNELS");
+        let replies = typed!("REPLIES");
+        let mirror = Mirror::load(&channels, &replies)?;
+        let stats_pin = pins.map("CHANNEL_STATS");
+        let channel_stats_fd =
+            sys::bpf_obj_get(&stats_pin).map_err(|source| DataplaneError::Pin {
+                path: stats_pin.display().to_string(),
+                source,
+            })?;
         Ok(Self {
             by_name,
+            mirror,
+            channel_stats_fd,
             adopted: true,
             ingest: None,
             xdp,
             tc,
-            channels: typed!("CHANNELS"),
-            replies: typed!("REPLIES"),
+            channels,
+            replies,
             sources: typed!("SOURCES"),
             srt_peers: typed!("SRT_PEERS"),
             encoders,

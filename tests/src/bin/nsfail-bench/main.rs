@@ -6,7 +6,10 @@
 //! - `forward`: packets per second through a veth lab with one router core, and that core's
 //!   CPU time per packet: nsfail, bare redirect, nftables DNAT, a userspace relay, plain
 //!   kernel forwarding.
-//! - `controller`: the daemon's CPU and memory with 100 encoders probed every 100 ms.
+//! - `controller`: the daemon's CPU and memory with 100 encoders probed every 100 ms, and its
+//!   start-up series: 1,000 to 100,000 channels from `nsfail run` to the first packet
+//!   forwarded on the last channel, with memory, status, scrape, remap and add-channel times
+//!   (`controller-startup` runs that series alone).
 //! - `failover`: kill-and-failover trials through the daemon (udp probes, flow check, SRT).
 //!
 //! ```text
@@ -30,6 +33,7 @@ mod object;
 mod prog;
 mod report;
 mod scale;
+mod startup;
 mod sys;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -46,7 +50,9 @@ enum Bench {
     Forward,
     Controller,
     Failover,
-    /// Every benchmark, in the order above.
+    /// The controller's start-up series alone (1,000 to 100,000 channels).
+    ControllerStartup,
+    /// Every benchmark above, in that order (the start-up series runs within `controller`).
     All,
 }
 
@@ -87,6 +93,7 @@ impl Args {
         }
         every
             .into_iter()
+            .chain([Bench::ControllerStartup])
             .filter(|b| self.benches.contains(b))
             .collect()
     }
@@ -112,13 +119,16 @@ fn try_main() -> Result<()> {
     }
     let mut failed = Vec::new();
     for bench in args.selected() {
-        let name = format!("{bench:?}").to_lowercase();
+        let name = bench
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned());
         eprintln!("running benchmark {name} ({} repetitions)...", args.reps);
         let result = match bench {
             Bench::Prog => prog::run(args.reps),
             Bench::Scale => scale::run(args.reps),
             Bench::Forward => forward::run(args.reps),
             Bench::Controller => controller::run(args.reps.min(5)),
+            Bench::ControllerStartup => controller::startup_only(),
             // The issue asks for 20 kill-and-failover trials per detector.
             Bench::Failover | Bench::All => failover::run(20, 5),
         };
