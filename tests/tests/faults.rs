@@ -745,4 +745,52 @@ mod children {
             "the files hold the newest events, in order"
         );
     }
+
+    /// A managed encoder left running by a stopped daemon is replaced when the next daemon's
+    /// config runs another command for it, and stopped (namespace removed) when its encoder
+    /// is gone from the config.
+    #[test]
+    fn a_left_running_encoder_is_replaced_or_stopped_by_the_next_config() {
+        let lab = lab(1);
+        let dir = TempDir::new();
+        let (ns, host_if) = (unique("mg"), unique("mh"));
+        let config = dir.path.join("nsfail.toml");
+        let socket = dir.path.join("nsfail.sock");
+        let pins = PinDir::new();
+        let _cleanup = ManagedCleanup(&pins);
+        fs::write(
+            &config,
+            managed_config(&lab, &ns, &host_if, "exec sleep 600", ""),
+        )
+        .unwrap();
+        let mut daemon = Daemon::start(&config, &socket, &pins);
+        let p = wait_for(Duration::from_secs(5), || recorded(&pins)).expect("recorded");
+        assert_eq!(daemon.stop(), Some(0));
+        assert!(alive(p));
+
+        fs::write(
+            &config,
+            managed_config(&lab, &ns, &host_if, "exec sleep 601", ""),
+        )
+        .unwrap();
+        let mut daemon = Daemon::start(&config, &socket, &pins);
+        let q = wait_for(Duration::from_secs(10), || {
+            recorded(&pins).filter(|q| *q != p)
+        })
+        .expect("a new process recorded");
+        assert!(!alive(p), "the old command's process was stopped");
+        assert!(alive(q));
+        assert_eq!(count(&daemon.socket, "replacing it"), 1);
+        assert_eq!(daemon.stop(), Some(0));
+
+        let text = fs::read_to_string(&config).unwrap();
+        let without = &text[..text.find("[[encoder]]").unwrap()];
+        fs::write(&config, without).unwrap();
+        let _daemon = Daemon::start(&config, &socket, &pins);
+        let stopped = wait_for(Duration::from_secs(10), || {
+            (!alive(q) && !nsfail::paths::netns(&ns).exists() && recorded(&pins).is_none())
+                .then_some(())
+        });
+        assert!(stopped.is_some(), "stopped with its encoder gone");
+    }
 }
