@@ -575,3 +575,40 @@ async fn exec_abandoned_ignoring_sigterm_is_killed_after_the_grace() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[test]
+fn an_exec_probe_dies_with_the_daemon_thread_that_started_it() {
+    let pids = scratch("pdeath");
+    // It ignores SIGTERM: only the parent-death SIGKILL can end it before 30 s.
+    let script = format!("trap \"\" TERM; echo $$ > {}; sleep 30", pids.display());
+    let written = pids.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let probe = local_probe(exec(&["sh", "-c", &script]));
+            let mut attempt = probe.probe();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !written.exists() && Instant::now() < deadline {
+                let _ = timeout(Duration::from_millis(50), &mut attempt).await;
+            }
+            // Neither cancelled nor dropped: nothing but the parent-death signal stops it.
+            std::mem::forget(attempt);
+            std::mem::forget(probe);
+        });
+    })
+    .join()
+    .unwrap();
+    let pid: u32 = fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+    let _ = fs::remove_file(&pids);
+    let gone = Instant::now();
+    while running(pid) {
+        assert!(
+            gone.elapsed() < PATIENCE,
+            "still running after its parent thread exited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -366,6 +366,30 @@ mod children {
             .collect()
     }
 
+    /// Waits until the encoder's receiver is up: warm-up packets (sequence numbers from
+    /// 50,000) sent until one lands in `file`.
+    fn warm_up(lab: &Lab, file: &Path) {
+        let mut next = 50_000;
+        let up = wait_for(Duration::from_secs(10), || {
+            send_burst(
+                &lab.src,
+                sa(SRC4, 41299),
+                sa(INGEST4, 5002),
+                next..next + 5,
+                GAP,
+                Duration::from_millis(50),
+            );
+            next += 5;
+            seqs_in(file).iter().any(|s| *s >= 50_000).then_some(())
+        });
+        assert!(up.is_some(), "the managed encoder's receiver came up");
+    }
+
+    /// The measured stream's packets in `file` (those below 50,000).
+    fn measured(file: &Path) -> BTreeSet<u32> {
+        seqs_in(file).into_iter().filter(|s| *s < 50_000).collect()
+    }
+
     fn alive(p: Identity) -> bool {
         Identity::of(p.pid).is_ok_and(|now| now == p)
     }
@@ -399,6 +423,7 @@ mod children {
         let _cleanup = ManagedCleanup(&pins);
         let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
         let leader = wait_for(Duration::from_secs(5), || recorded(&pins)).expect("recorded");
+        warm_up(&lab, &out);
 
         let burst = spawn_burst(
             &lab.src.name,
@@ -415,17 +440,32 @@ mod children {
             (text.matches("] MARKER-AFTER-JUNK").count() == 3).then_some(text)
         })
         .unwrap_or_else(|| panic!("three markers logged: {:?}", reasons(&daemon.socket)));
+        let mgd: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("[mgd]"))
+            .map(|l| {
+                let tail: String = l
+                    .chars()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!("{} chars, ends {tail:?}", l.chars().count())
+            })
+            .collect();
         assert_eq!(
             text.matches("[cut at 4096 bytes]").count(),
             3,
-            "each mebibyte line is cut"
+            "each mebibyte line is cut: {mgd:#?}"
         );
         let got = wait_for(Duration::from_secs(5), || {
-            let s = seqs_in(&out);
+            let s = measured(&out);
             (s.len() == 4000).then_some(s)
         });
         assert_eq!(
-            got.unwrap_or_else(|| seqs_in(&out)),
+            got.unwrap_or_else(|| measured(&out)),
             (0..4000).collect(),
             "every packet of the stream reached the encoder's process"
         );
@@ -464,6 +504,7 @@ mod children {
         let _cleanup = ManagedCleanup(&pins);
         let mut first = Daemon::start(&config, &socket, &pins);
         let p = wait_for(Duration::from_secs(5), || recorded(&pins)).expect("recorded");
+        warm_up(&lab, &out);
 
         let burst = spawn_burst(
             &lab.src.name,
@@ -477,10 +518,10 @@ mod children {
         first.child.child.kill().unwrap();
         first.child.child.wait().unwrap();
         let killed = std::time::Instant::now();
-        let at_kill = seqs_in(&out).len();
+        let at_kill = measured(&out).len();
         assert!(alive(p), "kill -9 of the daemon leaves the encoder running");
         let second = Daemon::start(&config, &socket, &pins);
-        let at_up = seqs_in(&out).len();
+        let at_up = measured(&out).len();
         eprintln!(
             "no daemon answered for {} ms; meanwhile the encoder received {} packets",
             killed.elapsed().as_millis(),
@@ -492,10 +533,10 @@ mod children {
         );
         burst.join().unwrap();
         let got = wait_for(Duration::from_secs(5), || {
-            let s = seqs_in(&out);
+            let s = measured(&out);
             (s.len() == 6000).then_some(s)
         });
-        let got = got.unwrap_or_else(|| seqs_in(&out));
+        let got = got.unwrap_or_else(|| measured(&out));
         assert_eq!(
             check_seqs(&got, 0..6000),
             Ok(()),
@@ -703,6 +744,54 @@ mod children {
             ring[ring.len() - on_disk.len()..],
             "the files hold the newest events, in order"
         );
+    }
+
+    /// A managed encoder left running by a stopped daemon is replaced when the next daemon's
+    /// config runs another command for it, and stopped (namespace removed) when its encoder
+    /// is gone from the config.
+    #[test]
+    fn a_left_running_encoder_is_replaced_or_stopped_by_the_next_config() {
+        let lab = lab(1);
+        let dir = TempDir::new();
+        let (ns, host_if) = (unique("mg"), unique("mh"));
+        let config = dir.path.join("nsfail.toml");
+        let socket = dir.path.join("nsfail.sock");
+        let pins = PinDir::new();
+        let _cleanup = ManagedCleanup(&pins);
+        fs::write(
+            &config,
+            managed_config(&lab, &ns, &host_if, "exec sleep 600", ""),
+        )
+        .unwrap();
+        let mut daemon = Daemon::start(&config, &socket, &pins);
+        let p = wait_for(Duration::from_secs(5), || recorded(&pins)).expect("recorded");
+        assert_eq!(daemon.stop(), Some(0));
+        assert!(alive(p));
+
+        fs::write(
+            &config,
+            managed_config(&lab, &ns, &host_if, "exec sleep 601", ""),
+        )
+        .unwrap();
+        let mut daemon = Daemon::start(&config, &socket, &pins);
+        let q = wait_for(Duration::from_secs(10), || {
+            recorded(&pins).filter(|q| *q != p)
+        })
+        .expect("a new process recorded");
+        assert!(!alive(p), "the old command's process was stopped");
+        assert!(alive(q));
+        assert_eq!(count(&daemon.socket, "replacing it"), 1);
+        assert_eq!(daemon.stop(), Some(0));
+
+        let text = fs::read_to_string(&config).unwrap();
+        let without = &text[..text.find("[[encoder]]").unwrap()];
+        fs::write(&config, without).unwrap();
+        let _daemon = Daemon::start(&config, &socket, &pins);
+        let stopped = wait_for(Duration::from_secs(10), || {
+            (!alive(q) && !nsfail::paths::netns(&ns).exists() && recorded(&pins).is_none())
+                .then_some(())
+        });
+        assert!(stopped.is_some(), "stopped with its encoder gone");
     }
 }
 

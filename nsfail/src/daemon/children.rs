@@ -188,6 +188,14 @@ impl Managed {
         if let Some(task) = self.recorder_task.take() {
             let _ = task.await;
         }
+        // Nothing left running: nothing for the next daemon to find either.
+        let pins = self.pins.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if records::load(&pins).is_empty() {
+                records::forget(&pins);
+            }
+        })
+        .await;
     }
 }
 

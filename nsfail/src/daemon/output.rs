@@ -78,13 +78,31 @@ impl Lines {
         }
         if self.in_window < MAX_LINES_PER_SEC {
             self.in_window += 1;
-            emit(&String::from_utf8_lossy(&self.line), self.truncated);
+            emit(&printable(&self.line), self.truncated);
         } else {
             self.dropped.lines += 1;
         }
         self.line.clear();
         self.truncated = false;
     }
+}
+
+/// `line` as text for the log: invalid UTF-8 as U+FFFD, control characters (an escape
+/// sequence that would restyle a terminal or be stripped by the logger) escaped as `\u{1b}`.
+fn printable(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text.into_owned();
+    }
+    let mut shown = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            shown.extend(c.escape_debug());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
 }
 
 /// Logs `stream` line by line as `[who] line` until it ends or fails; `first_drop` is called
@@ -179,6 +197,12 @@ mod tests {
         let (out, dropped) = run(&[&flood]);
         assert_eq!(out.len(), MAX_LINES_PER_SEC as usize);
         assert_eq!(dropped.lines, 50);
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let (out, _) = run(&[b"red \x1b[31mtext\r\tend\n"]);
+        assert_eq!(out[0].0, "red \\u{1b}[31mtext\\r\tend");
     }
 
     #[test]

@@ -165,11 +165,16 @@ pub fn teardown(pins: &Pins) -> usize {
             provision::deprovision_or_warn(&plan);
         }
     }
+    forget(pins);
+    running.len()
+}
+
+/// Removes the children directory (record and output FIFOs).
+pub(super) fn forget(pins: &Pins) {
     let dir = pins.children_dir();
     if let Err(e) = fs::remove_dir_all(&dir)
         && e.kind() != io::ErrorKind::NotFound
     {
         warn!("removing {}: {e}", dir.display());
     }
-    running.len()
 }
