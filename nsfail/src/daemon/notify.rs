@@ -20,6 +20,8 @@ use log::{debug, warn};
 #[derive(Clone, Debug, Default)]
 pub(super) struct Notifier {
     target: Option<Target>,
+    /// Whether the last send failed: a failure is logged once, not at every watchdog ping.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone, Debug)]
@@ -57,7 +59,11 @@ impl Notifier {
             unsafe { env::remove_var(var) };
         }
         let watchdog = watchdog.filter(|_| target.is_some());
-        (Self { target }, watchdog)
+        let notifier = Self {
+            target,
+            failing: Default::default(),
+        };
+        (notifier, watchdog)
     }
 
     /// Sends `state` (`READY=1`, ...); a failure is logged, never fatal: the daemon works
@@ -66,10 +72,18 @@ impl Notifier {
         let Some(target) = &self.target else {
             return;
         };
-        if let Err(e) = send_to(target, state) {
-            warn!("telling systemd {state:?}: {e}");
-        } else {
-            debug!("told systemd {state:?}");
+        use std::sync::atomic::Ordering::Relaxed;
+        match send_to(target, state) {
+            Err(e) if !self.failing.swap(true, Relaxed) => {
+                warn!("telling systemd {state:?}: {e} (said once until it works again)")
+            }
+            Err(e) => debug!("telling systemd {state:?}: {e}"),
+            Ok(()) => {
+                if self.failing.swap(false, Relaxed) {
+                    warn!("telling systemd works again");
+                }
+                debug!("told systemd {state:?}");
+            }
         }
     }
 }
