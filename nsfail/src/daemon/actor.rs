@@ -36,6 +36,10 @@ use crate::{
 /// measurement, flow checks).
 const TICK: Duration = Duration::from_millis(10);
 
+/// Events logged, kept and written per turn of the actor's loop while a failover's are
+/// pending: requests are answered in between.
+const EVENTS_PER_TURN: usize = 32;
+
 /// A local encoder whose readiness the link watch checks: (name, host interface, the
 /// namespace to look for its peer in first).
 pub(super) type ReceiveTarget = (String, String, Option<String>);
@@ -141,7 +145,13 @@ fn run(
     let mut seen = c.generation();
     let mut next_tick = Instant::now();
     loop {
-        match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+        // Pending events are drained a few per turn: come back at once while some are left.
+        let wait = if c.events_pending() > 0 {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
+        match rx.recv_timeout(wait) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Ok(msg) => handle(&mut c, msg, &metrics),
             Err(RecvTimeoutError::Timeout) => {}
@@ -162,6 +172,7 @@ fn run(
                 Err(e) => warn!("periodic work: {e}"),
             }
         }
+        c.drain_events(EVENTS_PER_TURN);
         if c.generation() != seen {
             seen = c.generation();
             flows.sync(c.config());
@@ -169,6 +180,7 @@ fn run(
             let _ = config_tx.send(Arc::new(followed(&c)));
         }
     }
+    c.flush();
     info!("controller stopped");
 }
 
@@ -243,7 +255,10 @@ fn execute(c: &mut Controller, command: Command) -> Response {
                 Err(e) => Response::error(e.to_string()),
             };
         }
-        Command::Events => return Response::ok(c.events()),
+        Command::Events => {
+            c.drain_events(usize::MAX);
+            return Response::ok(c.events());
+        }
         Command::Remap { channel, encoder } => c.remap(&channel, &encoder),
         Command::Drain { encoder } => c.drain(&encoder),
         Command::Undrain { encoder } => c.undrain(&encoder),
