@@ -249,6 +249,9 @@ impl Controller {
             c.decider.restore_drained(&name);
         }
         c.reconcile()?;
+        // Start-up's events (one per channel configured) are all written before the first
+        // request, which would otherwise wait for them.
+        c.drain_events(usize::MAX);
         Ok(c)
     }
 
