@@ -4,6 +4,7 @@
 use super::*;
 
 impl Controller {
+    /// The events in the ring (call [`Controller::drain_events`] first for the pending ones).
     pub fn events(&self) -> Vec<Event> {
         self.events.iter().cloned().collect()
     }
@@ -17,7 +18,7 @@ impl Controller {
         reason: &str,
     ) {
         self.record(Event {
-            time: rfc3339(SystemTime::now()),
+            time: String::new(),
             channel: channel.map(str::to_owned),
             from,
             to,
@@ -27,23 +28,45 @@ impl Controller {
         });
     }
 
+    /// Records an event: stamped now, then, by [`Controller::drain_events`], logged, kept in
+    /// the ring and appended to the events file. An event without a time gets this one.
     pub(super) fn record(&mut self, ev: Event) {
-        info!(
-            "event: channel={} from={} to={} reason={}",
-            ev.channel.as_deref().unwrap_or("-"),
-            ev.from.as_deref().unwrap_or("-"),
-            ev.to.as_deref().unwrap_or("-"),
-            ev.reason
-        );
-        // Appended by the writer thread (rotated at the size limit), with whatever else is
-        // pending.
-        let limits = &self.effective.daemon;
-        self.writer
-            .event(ev.clone(), limits.events_max_bytes, limits.events_keep);
-        if self.events.len() == EVENT_RING {
-            self.events.pop_front();
+        self.pending_events.push_back((SystemTime::now(), ev));
+    }
+
+    /// Events not yet logged, kept and written.
+    pub fn events_pending(&self) -> usize {
+        self.pending_events.len()
+    }
+
+    /// Logs, keeps and writes up to `max` pending events, oldest first. A failover of many
+    /// channels records an event per channel: the actor drains them a few at a time between
+    /// requests, so that a `status` is not kept waiting for the bookkeeping of a failover
+    /// whose map writes are done.
+    pub fn drain_events(&mut self, max: usize) {
+        for _ in 0..max {
+            let Some((at, mut ev)) = self.pending_events.pop_front() else {
+                return;
+            };
+            if ev.time.is_empty() {
+                ev.time = rfc3339(at);
+            }
+            info!(
+                "event: channel={} from={} to={} reason={}",
+                ev.channel.as_deref().unwrap_or("-"),
+                ev.from.as_deref().unwrap_or("-"),
+                ev.to.as_deref().unwrap_or("-"),
+                ev.reason
+            );
+            // Appended by the writer thread, with whatever else is pending.
+            let limits = &self.effective.daemon;
+            self.writer
+                .event(ev.clone(), limits.events_max_bytes, limits.events_keep);
+            if self.events.len() == EVENT_RING {
+                self.events.pop_front();
+            }
+            self.events.push_back(ev);
         }
-        self.events.push_back(ev);
     }
 
     /// Something about an encoder worth an event (its supervised process exiting, ...).

@@ -126,6 +126,9 @@ pub struct Controller {
     /// When the input-loss watch last ran.
     input_watched: Option<Instant>,
     events: VecDeque<Event>,
+    /// Events recorded and not yet logged, kept and written (see
+    /// [`Controller::drain_events`]), with the time they happened.
+    pending_events: VecDeque<(SystemTime, Event)>,
     /// Per local encoder: whether its interface takes XDP-redirected frames, as last checked.
     receive: BTreeMap<String, Verdict>,
     /// Per encoder: what its probe (or flow check) last said; healthy until told otherwise.
@@ -236,6 +239,7 @@ impl Controller {
             generation: 1,
             input_watched: None,
             events: VecDeque::new(),
+            pending_events: VecDeque::new(),
             receive: BTreeMap::new(),
             probed: BTreeMap::new(),
             ingest_lost: None,
@@ -253,6 +257,9 @@ impl Controller {
             c.decider.restore_drained(&name);
         }
         c.reconcile()?;
+        // Start-up's events (one per channel configured) are all written before the first
+        // request, which would otherwise wait for them.
+        c.drain_events(usize::MAX);
         Ok(c)
     }
 
@@ -485,7 +492,7 @@ impl Controller {
             .then(|| self.srt_reconnect(&ch, batch));
         self.delta.active.insert(d.channel.clone(), to.clone());
         self.record(Event {
-            time: rfc3339(SystemTime::now()),
+            time: String::new(),
             channel: Some(d.channel.clone()),
             from: Some(d.from),
             to: Some(to),

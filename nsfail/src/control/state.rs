@@ -51,6 +51,7 @@ impl Controller {
     /// state's outcome: an operator's change is answered only once it is persisted (or
     /// reported as not).
     pub fn flush(&mut self) {
+        self.drain_events(usize::MAX);
         self.writer.flush();
         self.check_persisted(Instant::now());
     }

@@ -67,7 +67,7 @@ impl Controller {
             if new.rx.packets > p.new_packets {
                 let gap = Duration::from_nanos(new.rx.last_seen_ns.saturating_sub(p.last_old_ns));
                 let ev = Event {
-                    time: rfc3339(SystemTime::now()),
+                    time: String::new(),
                     channel: Some(p.channel.clone()),
                     from: Some(p.from.clone()),
                     to: Some(p.to.clone()),

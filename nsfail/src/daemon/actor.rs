@@ -37,6 +37,10 @@ use crate::{
 /// measurement, flow checks).
 const TICK: Duration = Duration::from_millis(10);
 
+/// Events logged, kept and written per turn of the actor's loop while a failover's are
+/// pending: requests are answered in between.
+const EVENTS_PER_TURN: usize = 32;
+
 /// A local encoder whose readiness the link watch checks: (name, host interface, the
 /// namespace to look for its peer in first).
 pub(super) type ReceiveTarget = (String, String, Option<String>);
@@ -149,7 +153,13 @@ fn run(
     let mut next_tick = Instant::now();
     let mut next_watchdog = Instant::now();
     loop {
-        match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+        // Pending events are drained a few per turn: come back at once while some are left.
+        let wait = if c.events_pending() > 0 {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
+        match rx.recv_timeout(wait) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Ok(msg) => handle(&mut c, msg, &metrics),
             Err(RecvTimeoutError::Timeout) => {}
@@ -177,6 +187,7 @@ fn run(
                 notifier.send("WATCHDOG=1");
             }
         }
+        c.drain_events(EVENTS_PER_TURN);
         if c.generation() != seen {
             seen = c.generation();
             flows.sync(c.config());
@@ -184,6 +195,7 @@ fn run(
             let _ = config_tx.send(Arc::new(followed(&c)));
         }
     }
+    c.flush();
     info!("controller stopped");
 }
 
@@ -259,7 +271,10 @@ fn execute(c: &mut Controller, command: Command) -> Response {
                 Err(e) => Response::error(e.to_string()),
             };
         }
-        Command::Events => return Response::ok(c.events()),
+        Command::Events => {
+            c.drain_events(usize::MAX);
+            return Response::ok(c.events());
+        }
         Command::Remap { channel, encoder } => c.remap(&channel, &encoder),
         Command::Drain { encoder } => c.drain(&encoder),
         Command::Undrain { encoder } => c.undrain(&encoder),
