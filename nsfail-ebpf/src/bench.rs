@@ -252,7 +252,7 @@ fn minimal<const F: u32>(ctx: &XdpContext) -> u32 {
         _pad: [0; 2],
     };
     // SAFETY: a HASH lookup, copied out at once.
-    let Some(t) = (unsafe { MIN_CHANNELS.get(&key) }).copied() else {
+    let Some(t) = (unsafe { MIN_CHANNELS.get(key) }).copied() else {
         return XDP_PASS;
     };
     if F & B_DEVCHECK != 0 && BENCH_PORTS.get(t.slot).is_none() {

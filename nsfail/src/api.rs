@@ -10,8 +10,6 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::config;
-
 pub const VERSION: u32 = 1;
 /// Requests longer than this are refused (and the connection closed).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -22,14 +20,90 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     Status,
-    Remap { channel: String, encoder: String },
-    Drain { encoder: String },
-    Undrain { encoder: String },
-    AddChannel { channel: config::Channel },
-    AddEncoder { encoder: config::Encoder },
-    RemoveChannel { name: String },
-    RemoveEncoder { name: String },
+    Remap {
+        channel: String,
+        encoder: String,
+    },
+    Drain {
+        encoder: String,
+    },
+    Undrain {
+        encoder: String,
+    },
+    AddChannel {
+        channel: NewChannel,
+    },
+    AddEncoder {
+        encoder: NewEncoder,
+    },
+    RemoveChannel {
+        name: String,
+    },
+    RemoveEncoder {
+        name: String,
+    },
     Events,
+    /// Re-read the config file the daemon was started with and apply the difference.
+    Reload,
+}
+
+/// `add channel`: a channel as the client states it. The daemon turns it into a config
+/// channel with the config's own parser (`config::Channel::try_from`), so the rules (and the
+/// defaults) are the config file's; the field names are its keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewChannel {
+    pub name: String,
+    /// `IP:PORT`.
+    pub listen: String,
+    pub encoders: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `manual` | `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_down_ms: Option<u64>,
+    /// `udp` | `srt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// `add encoder` and `encoder spawn`: an encoder as the client states it (see
+/// [`NewChannel`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEncoder {
+    pub name: String,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// The health check as the config's `health` table (its keys and values); absent: the
+    /// config's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<NewSpawn>,
+    /// `always` | `never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
+}
+
+/// A managed encoder's command.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSpawn {
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,13 +113,15 @@ pub struct Request {
     pub command: Command,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The answer, as JSON text: serialized once by the daemon and parsed once by the client
+    /// (a `status` of 100,000 channels is tens of MB; no tree of values is built on the way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
+    pub data: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl Response {
@@ -53,7 +129,7 @@ impl Response {
         Self {
             ok: true,
             error: None,
-            data: serde_json::to_value(data).ok(),
+            data: serde_json::value::to_raw_value(&data).ok(),
         }
     }
 
@@ -129,6 +205,22 @@ pub struct EncoderStatus {
     pub drops: u64,
     /// Channels for which it is active.
     pub active_for: Vec<String>,
+    /// Its health check's kind and period, as configured now (a reload changes them).
+    #[serde(default)]
+    pub health_kind: String,
+    #[serde(default)]
+    pub health_interval_ms: u64,
+}
+
+/// What a reload did (`nsfail reload`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// One entry per object changed, in the order applied: `channel cam3 added`.
+    pub changes: Vec<String>,
+    /// Settings changed in the file that take effect at the next start only (they keep their
+    /// running values): `ingest.interface`.
+    #[serde(default)]
+    pub at_restart: Vec<String>,
 }
 
 /// A decision or observation: `from`/`to` are encoder names.

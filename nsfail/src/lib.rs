@@ -14,17 +14,22 @@
 //! - `net`: namespaces, veths, provisioning and receive readiness, through netlink.
 //! - `dataplane`: the one owner of every BPF map and link, its policy vocabulary, the raw
 //!   syscalls aya lacks.
-//! - `api` (the socket protocol) and `paths` (every path) are leaves anyone may use.
+//! - `api` (the socket protocol), `paths` (every path), `logging`, `heap` (giving memory
+//!   back) and `child` (how nsfail's child processes are started, stopped and recognised)
+//!   are leaves anyone may use.
 //! - `lab`: the lab, the demo and bench helpers, outside the product's paths.
 
 pub mod api;
+pub mod child;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod heap;
 pub mod lab;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod paths;

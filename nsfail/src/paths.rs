@@ -17,6 +17,9 @@ pub const LAB_DIR: &str = "/run/nsfail/lab";
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Where a daemon's lock on its pin directory is kept (bpffs holds no regular files).
 pub const LOCK_DIR: &str = "/run/nsfail/locks";
+/// Where the daemon keeps what its managed encoders' processes need across its restarts
+/// (their identities and output FIFOs), one directory per pin directory.
+pub const CHILDREN_DIR: &str = "/run/nsfail/children";
 /// Where the kernel shows processes.
 pub const PROC: &str = "/proc";
 
@@ -64,14 +67,34 @@ impl Pins {
     /// The file a daemon holds an exclusive lock on while it serves this pin directory, with
     /// its PID and socket inside: `/run/nsfail/locks/<pin dir, '/' as '_'>.lock`.
     pub fn lock_file(&self) -> PathBuf {
-        let tail = self
-            .root
+        Path::new(LOCK_DIR).join(format!("{}.lock", self.tail()))
+    }
+
+    /// The pin directory as one file name: its path under bpffs, '/' as '_'.
+    fn tail(&self) -> String {
+        self.root
             .strip_prefix(BPFFS)
             .unwrap_or(&self.root)
             .to_string_lossy()
             .trim_matches('/')
-            .replace('/', "_");
-        Path::new(LOCK_DIR).join(format!("{tail}.lock"))
+            .replace('/', "_")
+    }
+
+    /// The managed encoders of the daemon serving this pin directory:
+    /// `/run/nsfail/children/<pin dir, '/' as '_'>/`, holding [`Pins::children_record`] and
+    /// one output FIFO per encoder.
+    pub fn children_dir(&self) -> PathBuf {
+        Path::new(CHILDREN_DIR).join(self.tail())
+    }
+
+    /// The running managed encoders' identities, for the next daemon to adopt them.
+    pub fn children_record(&self) -> PathBuf {
+        self.children_dir().join("running.json")
+    }
+
+    /// A managed encoder's output FIFO (stdout and stderr both).
+    pub fn child_output(&self, encoder: &str) -> PathBuf {
+        self.children_dir().join(format!("{encoder}.out"))
     }
 
     /// The link of one of the redirect tracepoints (`xdp_devmap_xmit`, `xdp_redirect_err`).

@@ -266,6 +266,8 @@ fn a_config_built_in_code_is_validated_without_a_location() {
         failback: Failback::Auto,
         hold_down_ms: 5000,
         protocol: Protocol::Srt,
+        sources: Vec::new(),
+        srt_peer_limit: None,
     });
     let err = config.validate().unwrap_err();
     assert_eq!(err.location(), None);
@@ -289,6 +291,7 @@ fn a_config_built_in_code_is_validated_without_a_location() {
         },
         spawn: None,
         restart: Default::default(),
+        env: Default::default(),
         prefix: None,
     });
     assert_eq!(
@@ -1213,5 +1216,58 @@ fn interface_names_are_unique() {
         error(&text).contains("is already the ingest interface"),
         "{}",
         error(&text)
+    );
+}
+
+#[test]
+fn daemon_settings_and_env_are_read_and_checked() {
+    let c = Config::parse(
+        &base_with(
+            "\n[daemon]\nsocket_group = \"nsfail\"\nevents_max_bytes = 4096\nevents_keep = 3\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.daemon.socket_group.as_deref(), Some("nsfail"));
+    assert_eq!((c.daemon.events_max_bytes, c.daemon.events_keep), (4096, 3));
+    let d = Config::parse(BASE, "t.toml").unwrap().daemon;
+    assert_eq!(d.socket_group, None);
+    assert_eq!(
+        (d.events_max_bytes, d.events_keep),
+        (
+            nsfail::config::DEFAULT_EVENTS_MAX_BYTES,
+            nsfail::config::DEFAULT_EVENTS_KEEP
+        )
+    );
+    assert_refused(
+        &base_with("\n[daemon]\nevents_max_bytes = 10\n"),
+        "t.toml:15:",
+        "below the minimum 1024",
+    );
+    assert_refused(
+        &base_with("\n[daemon]\nevents_keep = 1000\n"),
+        "t.toml:15:",
+        "above the maximum 100",
+    );
+    assert_refused(
+        &base_with("\n[daemon]\nsocket_group = \"a:b\"\n"),
+        "t.toml:15:",
+        "not a group name or ID",
+    );
+
+    let c = Config::parse(
+        &with_encoder(
+            "address = \"10.200.3.2\"\nhealth = { kind = \"flow\" }\nenv = { FOO = \"bar\" }\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.encoder("enc-c").unwrap().env["FOO"], "bar");
+    assert_refused(
+        &with_encoder(
+            "address = \"10.200.3.2\"\nhealth = { kind = \"flow\" }\nenv = { \"A=B\" = \"x\" }\n",
+        ),
+        "t.toml:18:",
+        "is not an environment variable name",
     );
 }

@@ -42,6 +42,7 @@ fn encoder(health: Health, netns: Option<&str>) -> Encoder {
         health,
         spawn: None,
         restart: Default::default(),
+        env: Default::default(),
         prefix: None,
     }
 }
@@ -539,4 +540,75 @@ async fn runner_stops_promptly_mid_probe() {
         rx.recv().await.is_none(),
         "no update from a cancelled probe"
     );
+}
+
+#[tokio::test]
+async fn exec_gets_a_cleared_environment_plus_the_encoders_env() {
+    // SAFETY: set before any probe forks; only this test reads it (through the child).
+    unsafe { std::env::set_var("NSFAIL_TEST_LEAK", "from-the-daemon") };
+    let script = "test \"$FOO\" = bar && test -z \"$NSFAIL_TEST_LEAK\" && test -n \"$PATH\"";
+    let mut e = encoder(exec(&["sh", "-c", script]), None);
+    e.env.insert("FOO".into(), "bar".into());
+    let probe = health::probe_for(&e).expect("a probe");
+    probe_once(probe.as_ref(), PATIENCE).await.unwrap();
+    // Without the configured variable the same check fails: nothing else provides it.
+    let bare = local_probe(exec(&["sh", "-c", script]));
+    let result = probe_once(bare.as_ref(), PATIENCE).await;
+    assert!(matches!(result, Err(ProbeError::Exit(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn exec_abandoned_ignoring_sigterm_is_killed_after_the_grace() {
+    let pids = scratch("term");
+    let script = format!("trap \"\" TERM; echo $$ > {}; sleep 30", pids.display());
+    let probe = local_probe(exec(&["sh", "-c", &script]));
+    let result = probe_once(probe.as_ref(), Duration::from_millis(300)).await;
+    assert!(matches!(result, Err(ProbeError::Timeout(_))), "{result:?}");
+    let pid: u32 = fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+    let _ = fs::remove_file(&pids);
+    let abandoned = Instant::now();
+    while running(pid) {
+        assert!(
+            abandoned.elapsed() < nsfail::child::PROBE_GRACE + PATIENCE,
+            "still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn an_exec_probe_dies_with_the_daemon_thread_that_started_it() {
+    let pids = scratch("pdeath");
+    // It ignores SIGTERM: only the parent-death SIGKILL can end it before 30 s.
+    let script = format!("trap \"\" TERM; echo $$ > {}; sleep 30", pids.display());
+    let written = pids.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let probe = local_probe(exec(&["sh", "-c", &script]));
+            let mut attempt = probe.probe();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !written.exists() && Instant::now() < deadline {
+                let _ = timeout(Duration::from_millis(50), &mut attempt).await;
+            }
+            // Neither cancelled nor dropped: nothing but the parent-death signal stops it.
+            std::mem::forget(attempt);
+            std::mem::forget(probe);
+        });
+    })
+    .join()
+    .unwrap();
+    let pid: u32 = fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+    let _ = fs::remove_file(&pids);
+    let gone = Instant::now();
+    while running(pid) {
+        assert!(
+            gone.elapsed() < PATIENCE,
+            "still running after its parent thread exited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -61,6 +61,8 @@ fn status(packets: u64) -> Status {
                 replies: 0,
                 drops: 0,
                 active_for: Vec::new(),
+                health_kind: "udp".into(),
+                health_interval_ms: 100,
             })
             .collect(),
     }

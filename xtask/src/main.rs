@@ -33,8 +33,10 @@ const BPF_LINKER_INSTALL: &[&str] = &[
     "rust-llvm-22",
 ];
 const BPFFS: &str = "/sys/fs/bpf";
+/// cargo-deb builds the Debian package (`cargo xtask package`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Tools the integration tests, the demo lab and the benchmarks run (nftables: the DNAT
-/// variant of `bench forward`).
+/// variant of `bench forward`; systemd: `systemd-analyze verify` of the unit file).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -45,6 +47,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "nftables",
+    "systemd",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.
 const USERSPACE: &[&str] = &["--workspace", "--exclude", "nsfail-ebpf"];
@@ -80,6 +83,23 @@ enum Cmd {
     },
     /// Check formatting and run clippy on the userspace crates and on the eBPF crate.
     Lint,
+    /// Set up, build (release) and make the Debian package with cargo-deb: the binary, the
+    /// systemd unit, an example config, shell completions and the man page; written to
+    /// target/debian/ unless --output says otherwise.
+    Package {
+        /// The cargo profile to package (`dev`: the debug build, for tests).
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Package the binary already built with that profile; build nothing.
+        #[arg(long)]
+        no_build: bool,
+        /// The package's version, with its revision (default: the crate's, revision 1).
+        #[arg(long)]
+        deb_version: Option<String>,
+        /// Where to write the .deb (a file or a directory).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Set up, then run the benchmarks (needs root) in a release build; prints a table and
     /// writes NAME.json and NAME.svg under target/bench/.
     Bench {
@@ -115,6 +135,17 @@ fn try_main(cli: Cli) -> Result<ExitCode> {
             xtask.lint()?;
         }
         Cmd::Bench { name, reps } => return xtask.bench(name.as_deref(), reps),
+        Cmd::Package {
+            profile,
+            no_build,
+            deb_version,
+            output,
+        } => xtask.package(
+            &profile,
+            no_build,
+            deb_version.as_deref(),
+            output.as_deref(),
+        )?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -167,7 +198,82 @@ impl Xtask {
         self.bpffs().context("mounting bpffs")?;
         self.debian_packages()
             .context("installing Debian packages")?;
+        self.cargo_deb().context("setting up cargo-deb")?;
         Ok(())
+    }
+
+    /// cargo-deb, for `cargo xtask package` and the package test.
+    fn cargo_deb(&self) -> Result<()> {
+        let what = format!("cargo-deb {CARGO_DEB_VERSION}");
+        if let Some(version) = probe(self.cmd("cargo-deb").arg("--version")) {
+            report(&what, &format!("present ({})", version.trim()));
+            return Ok(());
+        }
+        report(&what, "missing, installing (takes a few minutes)");
+        run(&mut self.cargo([
+            "install",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--locked",
+        ]))
+    }
+
+    /// The Debian package: builds (unless `no_build`), generates the completions and the man
+    /// page with the built binary itself (so they are what it accepts), then runs cargo-deb,
+    /// whose asset paths under target/release/ stand for the profile's directory.
+    fn package(
+        &self,
+        profile: &str,
+        no_build: bool,
+        deb_version: Option<&str>,
+        output: Option<&Path>,
+    ) -> Result<()> {
+        if no_build {
+            self.cargo_deb()?;
+        } else {
+            self.setup()?;
+            run(&mut self.cargo([
+                "build",
+                "--profile",
+                profile,
+                "-p",
+                "nsfail",
+                "--bin",
+                "nsfail",
+            ]))?;
+        }
+        let dir = self
+            .target_dir()?
+            .join(if profile == "dev" { "debug" } else { profile });
+        let binary = dir.join("nsfail");
+        let generated = dir.join("package");
+        fs::create_dir_all(&generated)
+            .with_context(|| format!("creating {}", generated.display()))?;
+        for (shell, file) in [
+            ("bash", "nsfail.bash"),
+            ("zsh", "_nsfail"),
+            ("fish", "nsfail.fish"),
+        ] {
+            let script = capture(self.cmd(&binary).args(["completions", shell]))?;
+            fs::write(generated.join(file), script)?;
+        }
+        let man = generated.join("nsfail.1");
+        fs::write(&man, capture_bytes(self.cmd(&binary).arg("man"))?)?;
+        // -n: no name or time stamp inside, so the same page compresses the same.
+        run(self.cmd("gzip").args(["-9nf"]).arg(&man))?;
+        let mut cmd = self.cargo(["deb", "-p", "nsfail", "--no-build", "--profile", profile]);
+        if profile == "dev" {
+            // A test's package: quick to compress.
+            cmd.arg("--fast");
+        }
+        if let Some(v) = deb_version {
+            cmd.args(["--deb-version", v]);
+        }
+        if let Some(out) = output {
+            cmd.arg("--output").arg(out);
+        }
+        run(&mut cmd)
     }
 
     /// The eBPF crate is built with nightly's `-Z build-std=core`, which needs rust-src.
@@ -496,6 +602,18 @@ fn capture(cmd: &mut Command) -> Result<String> {
         bail!("`{}` failed ({})", show(cmd), output.status);
     }
     String::from_utf8(output.stdout).with_context(|| format!("output of `{}`", show(cmd)))
+}
+
+/// The stdout, as bytes, of a command that must succeed.
+fn capture_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
+    let output = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("failed to start `{}`", show(cmd)))?;
+    if !output.status.success() {
+        bail!("`{}` failed ({})", show(cmd), output.status);
+    }
+    Ok(output.stdout)
 }
 
 /// The stdout of a probe, or None when it cannot start or fails (the thing probed is absent).

@@ -17,6 +17,7 @@ use crate::{
     paths::{self, Pins},
 };
 
+mod doctor;
 mod render;
 
 use self::render::{render_event, render_status};
@@ -76,6 +77,8 @@ enum Cmd {
     /// Managed encoders.
     #[command(subcommand)]
     Encoder(EncoderCmd),
+    /// Re-read the daemon's config file and apply the difference (as SIGHUP does).
+    Reload,
     /// Decisions and observations, oldest first.
     Events {
         /// Keep printing new events as they happen.
@@ -87,9 +90,24 @@ enum Cmd {
         #[arg(long, default_value = paths::PIN_DIR)]
         pins: PathBuf,
     },
+    /// Check this host (kernel, BTF, bpffs, TCX, pins, socket) and, with --config, the ingest
+    /// interface and every local encoder; one line per check, exit 1 when one fails.
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The pin directory of the data plane.
+        #[arg(long, default_value = paths::PIN_DIR)]
+        pins: PathBuf,
+    },
     /// The demo lab.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -194,7 +212,7 @@ enum LabCmd {
 }
 
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    crate::logging::init();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -212,13 +230,16 @@ fn one_line(s: &str) -> String {
 fn dispatch(cli: Cli) -> Result<()> {
     let json = cli.json;
     let socket = cli.socket.clone();
-    let request = |command: Command| -> Result<serde_json::Value> {
+    // The answer's JSON text ("null" when there is none).
+    let request = |command: Command| -> Result<String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let resp: Response = rt.block_on(api::call(&socket, command))?;
         match resp {
-            Response { ok: true, data, .. } => Ok(data.unwrap_or(serde_json::Value::Null)),
+            Response { ok: true, data, .. } => {
+                Ok(data.map_or_else(|| "null".to_owned(), |d| d.get().to_owned()))
+            }
             Response { error, .. } => Err(anyhow!(error.unwrap_or_else(|| "refused".into()))),
         }
     };
@@ -255,7 +276,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             if json {
                 println!("{data}");
             } else {
-                let status: Status = serde_json::from_value(data)?;
+                let status: Status = serde_json::from_str(&data)?;
                 print!("{}", render_status(&status, list));
             }
             Ok(())
@@ -350,10 +371,30 @@ fn dispatch(cli: Cli) -> Result<()> {
             done(format!("encoder {name} removed"));
             Ok(())
         }
+        Cmd::Reload => {
+            let data = request(Command::Reload)?;
+            if json {
+                println!("{data}");
+            } else {
+                let report: api::ReloadReport = serde_json::from_str(&data)?;
+                if report.changes.is_empty() {
+                    println!("reloaded: no changes");
+                } else {
+                    println!("reloaded: {}", report.changes.join(", "));
+                }
+                if !report.at_restart.is_empty() {
+                    println!(
+                        "changed in the file, applied at the next start: {}",
+                        report.at_restart.join(", ")
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Events { follow } => {
             let mut last: Option<Event> = None;
             loop {
-                let events: Vec<Event> = serde_json::from_value(request(Command::Events)?)?;
+                let events: Vec<Event> = serde_json::from_str(&request(Command::Events)?)?;
                 // The ring may have rotated: continue after the last event printed.
                 let start = match &last {
                     Some(l) => events.iter().position(|e| e == l).map_or(0, |i| i + 1),
@@ -373,9 +414,38 @@ fn dispatch(cli: Cli) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
+        Cmd::Doctor { config, pins } => {
+            let checks = doctor::run(config.as_deref(), &Pins::new(pins), &socket);
+            for c in &checks {
+                if json {
+                    println!("{}", serde_json::to_string(c)?);
+                } else {
+                    println!("{}", c.line());
+                }
+            }
+            let failed = checks.iter().filter(|c| c.failed()).count();
+            if failed > 0 {
+                return Err(anyhow!("{failed} of {} checks failed", checks.len()));
+            }
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "nsfail", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Cmd::Teardown { pins } => {
-            Dataplane::teardown(&Pins::new(pins))?;
-            done("data plane detached and unpinned".into());
+            let pins = Pins::new(pins);
+            let managed = crate::daemon::teardown_managed(&pins);
+            Dataplane::teardown(&pins)?;
+            done(format!(
+                "data plane detached and unpinned; {managed} managed encoder(s) stopped"
+            ));
             Ok(())
         }
         Cmd::Lab(LabCmd::Up) => {
@@ -411,7 +481,7 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
         .collect();
     println!(
         "\nThe lab is up: a live test stream (ffmpeg testsrc, MPEG-TS over SRT) is sent from \
-         namespace {} to 10.77.0.1:5000, channel cam1, on encoder enc-a.\n\
+         namespace {} to {}:5000, channel cam1, on encoder enc-a.\n\
          In another terminal, as root:\n  \
          target/debug/nsfail status          # cam1's counters move; enc-a receives\n  \
          target/debug/nsfail remap cam1 enc-b\n  \
@@ -420,6 +490,7 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
          ls -l {}   # each encoder's received stream\n\
          Ctrl-C here stops the daemon and removes the lab.\n",
         info.namespaces.get(1).map_or("nsf-src", String::as_str),
+        crate::lab::INGEST4,
         info.dir.join("*.ts").display(),
     );
     println!("stream outputs: {}\n", outputs.join(", "));
@@ -441,7 +512,7 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
         let ea = ea.clone();
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_secs(3));
-            let gateway = labctl::lab_gateway("10.77.1.2");
+            let gateway = crate::lab::v4(1, 1);
             for port in [labctl::SERVICE_PORT, labctl::SERVICE_PORT + 1] {
                 let target: std::net::SocketAddr =
                     format!("{gateway}:{port}").parse().expect("address");

@@ -23,7 +23,7 @@
 //! ```
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt, fs, io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::Range,
@@ -46,12 +46,15 @@ macro_rules! at {
 }
 
 mod error;
+mod lookup;
 mod problems;
+mod request;
 mod url;
 
 use self::{error::*, problems::*};
 pub use self::{
     error::{ConfigError, Location},
+    lookup::Lookup,
     url::HttpUrl,
 };
 use crate::net::provision::{Plan, managed_link};
@@ -78,6 +81,48 @@ pub struct Config {
     pub encoders: Vec<Encoder>,
     #[serde(rename = "channel", default, skip_serializing_if = "Vec::is_empty")]
     pub channels: Vec<Channel>,
+    #[serde(default, skip_serializing_if = "DaemonSettings::is_default")]
+    pub daemon: DaemonSettings,
+}
+
+/// Where the events file is rotated unless `daemon.events_max_bytes` says otherwise.
+pub const DEFAULT_EVENTS_MAX_BYTES: u64 = 10 << 20;
+/// How many rotated events files are kept unless `daemon.events_keep` says otherwise.
+pub const DEFAULT_EVENTS_KEEP: u32 = 5;
+/// The smallest `daemon.events_max_bytes`: room for a few events.
+pub const MIN_EVENTS_MAX_BYTES: u64 = 1024;
+/// The most rotated events files `daemon.events_keep` may ask for.
+pub const MAX_EVENTS_KEEP: u32 = 100;
+
+/// `[daemon]`: the daemon's own files and its control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSettings {
+    /// A group (name or numeric ID) whose members may run the read-only socket commands
+    /// (`status`, `events`); the socket is then mode 0660 with this group. Everything else is
+    /// root's alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    /// The events file is rotated (`.1`, `.2`, ...) before a line would take it past this.
+    pub events_max_bytes: u64,
+    /// How many rotated events files are kept.
+    pub events_keep: u32,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            socket_group: None,
+            events_max_bytes: DEFAULT_EVENTS_MAX_BYTES,
+            events_keep: DEFAULT_EVENTS_KEEP,
+        }
+    }
+}
+
+impl DaemonSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[ingest]`: the NIC that receives contribution streams.
@@ -95,6 +140,32 @@ pub struct Ingest {
     /// lab's ingest host): the daemon moves into it before anything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// The daemon's log level; `RUST_LOG`, when set, wins. Changes on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<LogLevel>,
+}
+
+/// `ingest.log_level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => Self::Error,
+            LogLevel::Warn => Self::Warn,
+            LogLevel::Info => Self::Info,
+            LogLevel::Debug => Self::Debug,
+            LogLevel::Trace => Self::Trace,
+        }
+    }
 }
 
 /// `[[encoder]]`: a receiver of channels.
@@ -126,6 +197,11 @@ pub struct Encoder {
     /// Managed encoders: what to do when the command exits.
     #[serde(default)]
     pub restart: Restart,
+    /// The environment of the commands nsfail runs for this encoder (its `spawn` command, its
+    /// `exec` probe): nothing is inherited from the daemon; `PATH` defaults to the system's
+    /// usual directories.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
     /// Managed encoders: the prefix length of the veth link (default 30 for IPv4, 126 for
     /// IPv6); the host side takes the link's first address, the encoder `address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -44,6 +44,21 @@ pub(super) fn encoder_problems(i: usize, encoder: &Encoder, out: &mut Vec<Proble
             format!("encoder {name:?}: `prefix` is only for managed encoders (with `spawn`)"),
         ));
     }
+    for (key, value) in &encoder.env {
+        let why = if key.is_empty() || key.contains(['=', '\0']) {
+            Some(format!("{key:?} is not an environment variable name"))
+        } else if value.contains('\0') {
+            Some(format!("env {key} holds a NUL byte"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            out.push(Problem::new(
+                at!["encoder", i, "env"],
+                format!("encoder {name:?}: {why}"),
+            ));
+        }
+    }
     if let Some(netns) = &encoder.netns
         && !netns_name_ok(netns)
     {
@@ -358,6 +373,7 @@ impl Config {
                 format!("ingest.netns {netns:?} is not a network namespace name"),
             ));
         }
+        daemon_problems(&self.daemon, &mut out);
         let mut encoder_names = HashMap::new();
         for (i, encoder) in self.encoders.iter().enumerate() {
             if let Some(&first) = encoder_names.get(encoder.name.as_str()) {
@@ -407,159 +423,212 @@ impl Config {
                 }
             }
         }
-        let mut channel_names = HashMap::new();
-        let mut listens = HashMap::new();
-        // (encoder address, encoder-side port) -> (channel index, encoder): the key the return
-        // path tells replies apart by.
-        let mut reply_keys: HashMap<(IpAddr, u16), (usize, &str)> = HashMap::new();
+        let mut lookup = Lookup::of_encoders(&self.encoders);
         for (i, channel) in self.channels.iter().enumerate() {
-            let name = &channel.name;
-            if let Some(why) = name_problem(name) {
-                out.push(Problem::new(
-                    at!["channel", i, "name"],
-                    format!("channel name {name:?} {why}"),
-                ));
-            }
-            if let Some(&first) = channel_names.get(name.as_str()) {
-                out.push(
-                    Problem::new(
-                        at!["channel", i, "name"],
-                        format!("duplicate channel name {name:?}"),
-                    )
-                    .first(at!["channel", first, "name"]),
-                );
-            } else {
-                channel_names.insert(name.as_str(), i);
-            }
-            let listen = channel.listen;
-            if listen.port() == 0 {
-                out.push(Problem::new(
-                    at!["channel", i, "listen"],
-                    format!("channel {name:?}: port 0 is not a valid listen port"),
-                ));
-            }
-            if !is_unicast(listen.ip()) {
-                out.push(Problem::new(
-                    at!["channel", i, "listen"],
-                    format!(
-                        "channel {name:?}: listen address {} is not a unicast address",
-                        listen.ip()
-                    ),
-                ));
-            }
-            if let Some(&first) = listens.get(&listen) {
-                let first: &Channel = &self.channels[first];
-                out.push(Problem::new(
-                    at!["channel", i, "listen"],
-                    format!(
-                        "ingest address {listen} is used by channels {:?} and {name:?}",
-                        first.name
-                    ),
-                ));
-            } else {
-                listens.insert(listen, i);
-            }
-            for (j, net) in channel.sources.iter().enumerate() {
-                if net.addr.is_ipv4() != listen.is_ipv4() {
-                    out.push(Problem::new(
-                        at!["channel", i, "sources", j],
-                        format!(
-                            "channel {name:?} listens on {} {listen} but source {net} is {}",
-                            family(listen.ip()),
-                            family(net.addr)
-                        ),
-                    ));
-                }
-            }
-            if let Some(limit) = channel.srt_peer_limit
-                && !(1..=SRT_PEER_LIMIT_MAX as u32).contains(&limit)
-            {
-                out.push(Problem::new(
-                    at!["channel", i, "srt_peer_limit"],
-                    format!(
-                        "channel {name:?}: srt_peer_limit {limit} must be 1 to \
-                         {SRT_PEER_LIMIT_MAX}"
-                    ),
-                ));
-            }
-            if channel.port == Some(0) {
-                out.push(Problem::new(
-                    at!["channel", i, "port"],
-                    format!("channel {name:?}: port 0 is not a valid encoder-side port"),
-                ));
-            }
-            if channel.encoders.is_empty() {
-                out.push(Problem::new(
-                    at!["channel", i, "encoders"],
-                    format!("channel {name:?} has no encoders"),
-                ));
-            }
-            let port = channel.encoder_port();
-            // A clash is blamed on the value that set the encoder-side port.
-            let port_at = if channel.port.is_some() {
-                at!["channel", i, "port"]
-            } else {
-                at!["channel", i, "listen"]
-            };
-            for (j, encoder_name) in channel.encoders.iter().enumerate() {
-                let entry = at!["channel", i, "encoders", j];
-                if channel.encoders[..j].contains(encoder_name) {
-                    out.push(Problem::new(
-                        entry,
-                        format!("channel {name:?} lists encoder {encoder_name:?} twice"),
-                    ));
-                    continue;
-                }
-                let Some(encoder) = self.encoder(encoder_name) else {
-                    out.push(Problem::new(
-                        entry,
-                        format!("channel {name:?} names unknown encoder {encoder_name:?}"),
-                    ));
-                    continue;
-                };
-                if encoder.address.is_ipv4() != listen.is_ipv4() {
-                    out.push(Problem::new(
-                        entry,
-                        format!(
-                            "channel {name:?} listens on {} {listen} but encoder \
-                             {encoder_name:?} has {} address {}",
-                            family(listen.ip()),
-                            family(encoder.address),
-                            encoder.address
-                        ),
-                    ));
-                    continue;
-                }
-                if port == 0 {
-                    continue;
-                }
-                match reply_keys.get(&(encoder.address, port)) {
-                    Some(&(other, other_encoder)) if other != i => {
-                        let other = &self.channels[other].name;
-                        let message = if other_encoder == encoder_name {
-                            format!(
-                                "encoder {encoder_name:?} would receive channels {other:?} and \
-                                 {name:?} on the same port {port}, so their replies could not \
-                                 be told apart: give one of them another `port`"
-                            )
-                        } else {
-                            format!(
-                                "encoders {other_encoder:?} (channel {other:?}) and \
-                                 {encoder_name:?} (channel {name:?}) share address {} and \
-                                 port {port}, so their replies could not be told apart: give \
-                                 one channel another `port`",
-                                encoder.address
-                            )
-                        };
-                        out.push(Problem::new(port_at.clone(), message));
-                    }
-                    Some(_) => {}
-                    None => {
-                        reply_keys.insert((encoder.address, port), (i, encoder_name));
-                    }
-                }
-            }
+            self.channel_problems(i, channel, &lookup, &mut out);
+            lookup.insert_channel(&self.encoders, i, channel);
         }
         out
+    }
+}
+
+/// The problems of a channel's `sources` (each of the listen address's family) and
+/// `srt_peer_limit` (1 to [`SRT_PEER_LIMIT_MAX`]).
+fn source_problems(i: usize, channel: &Channel, out: &mut Vec<Problem>) {
+    let name = &channel.name;
+    let listen = channel.listen;
+    for (j, net) in channel.sources.iter().enumerate() {
+        if net.addr.is_ipv4() != listen.is_ipv4() {
+            out.push(Problem::new(
+                at!["channel", i, "sources", j],
+                format!(
+                    "channel {name:?} listens on {} {listen} but source {net} is {}",
+                    family(listen.ip()),
+                    family(net.addr)
+                ),
+            ));
+        }
+    }
+    if let Some(limit) = channel.srt_peer_limit
+        && !(1..=SRT_PEER_LIMIT_MAX as u32).contains(&limit)
+    {
+        out.push(Problem::new(
+            at!["channel", i, "srt_peer_limit"],
+            format!("channel {name:?}: srt_peer_limit {limit} must be 1 to {SRT_PEER_LIMIT_MAX}"),
+        ));
+    }
+}
+
+fn daemon_problems(d: &DaemonSettings, out: &mut Vec<Problem>) {
+    if d.events_max_bytes < MIN_EVENTS_MAX_BYTES {
+        out.push(Problem::new(
+            at!["daemon", "events_max_bytes"],
+            format!(
+                "daemon.events_max_bytes {} is below the minimum {MIN_EVENTS_MAX_BYTES}",
+                d.events_max_bytes
+            ),
+        ));
+    }
+    if d.events_keep > MAX_EVENTS_KEEP {
+        out.push(Problem::new(
+            at!["daemon", "events_keep"],
+            format!(
+                "daemon.events_keep {} is above the maximum {MAX_EVENTS_KEEP}",
+                d.events_keep
+            ),
+        ));
+    }
+    if let Some(group) = &d.socket_group
+        && (group.is_empty() || group.contains(['\0', ':']))
+    {
+        out.push(Problem::new(
+            at!["daemon", "socket_group"],
+            format!("daemon.socket_group {group:?} is not a group name or ID"),
+        ));
+    }
+}
+
+impl Config {
+    /// The problems of channel `channel` as the `i`th of this config, checked against the
+    /// channels before it (as `lookup` has them): each check looks names and addresses up, so
+    /// checking every channel of a config is linear in their number.
+    pub(super) fn channel_problems(
+        &self,
+        i: usize,
+        channel: &Channel,
+        lookup: &Lookup,
+        out: &mut Vec<Problem>,
+    ) {
+        let name = &channel.name;
+        if let Some(why) = name_problem(name) {
+            out.push(Problem::new(
+                at!["channel", i, "name"],
+                format!("channel name {name:?} {why}"),
+            ));
+        }
+        if let Some(first) = lookup.channel(name) {
+            out.push(
+                Problem::new(
+                    at!["channel", i, "name"],
+                    format!("duplicate channel name {name:?}"),
+                )
+                .first(at!["channel", first, "name"]),
+            );
+        }
+        let listen = channel.listen;
+        if listen.port() == 0 {
+            out.push(Problem::new(
+                at!["channel", i, "listen"],
+                format!("channel {name:?}: port 0 is not a valid listen port"),
+            ));
+        }
+        if !is_unicast(listen.ip()) {
+            out.push(Problem::new(
+                at!["channel", i, "listen"],
+                format!(
+                    "channel {name:?}: listen address {} is not a unicast address",
+                    listen.ip()
+                ),
+            ));
+        }
+        if let Some(first) = lookup.listens.get(&listen) {
+            let first: &Channel = &self.channels[*first];
+            out.push(Problem::new(
+                at!["channel", i, "listen"],
+                format!(
+                    "ingest address {listen} is used by channels {:?} and {name:?}",
+                    first.name
+                ),
+            ));
+        }
+        source_problems(i, channel, out);
+        if channel.port == Some(0) {
+            out.push(Problem::new(
+                at!["channel", i, "port"],
+                format!("channel {name:?}: port 0 is not a valid encoder-side port"),
+            ));
+        }
+        if channel.encoders.is_empty() {
+            out.push(Problem::new(
+                at!["channel", i, "encoders"],
+                format!("channel {name:?} has no encoders"),
+            ));
+        }
+        self.member_problems(i, channel, lookup, out);
+    }
+
+    /// The problems of a channel's encoder list: unknown, listed twice, of the other address
+    /// family, or receiving another channel on the same port.
+    fn member_problems(
+        &self,
+        i: usize,
+        channel: &Channel,
+        lookup: &Lookup,
+        out: &mut Vec<Problem>,
+    ) {
+        let name = &channel.name;
+        let listen = channel.listen;
+        let port = channel.encoder_port();
+        // A clash is blamed on the value that set the encoder-side port.
+        let port_at = if channel.port.is_some() {
+            at!["channel", i, "port"]
+        } else {
+            at!["channel", i, "listen"]
+        };
+        for (j, encoder_name) in channel.encoders.iter().enumerate() {
+            let entry = at!["channel", i, "encoders", j];
+            if channel.encoders[..j].contains(encoder_name) {
+                out.push(Problem::new(
+                    entry,
+                    format!("channel {name:?} lists encoder {encoder_name:?} twice"),
+                ));
+                continue;
+            }
+            let Some(encoder) = lookup.encoder(encoder_name).map(|e| &self.encoders[e]) else {
+                out.push(Problem::new(
+                    entry,
+                    format!("channel {name:?} names unknown encoder {encoder_name:?}"),
+                ));
+                continue;
+            };
+            if encoder.address.is_ipv4() != listen.is_ipv4() {
+                out.push(Problem::new(
+                    entry,
+                    format!(
+                        "channel {name:?} listens on {} {listen} but encoder \
+                         {encoder_name:?} has {} address {}",
+                        family(listen.ip()),
+                        family(encoder.address),
+                        encoder.address
+                    ),
+                ));
+                continue;
+            }
+            if port == 0 {
+                continue;
+            }
+            if let Some(&(other, other_encoder)) = lookup.reply_keys.get(&(encoder.address, port))
+                && other != i
+            {
+                let other = &self.channels[other].name;
+                let other_encoder = &self.encoders[other_encoder].name;
+                let message = if other_encoder == encoder_name {
+                    format!(
+                        "encoder {encoder_name:?} would receive channels {other:?} and \
+                         {name:?} on the same port {port}, so their replies could not \
+                         be told apart: give one of them another `port`"
+                    )
+                } else {
+                    format!(
+                        "encoders {other_encoder:?} (channel {other:?}) and \
+                         {encoder_name:?} (channel {name:?}) share address {} and \
+                         port {port}, so their replies could not be told apart: give \
+                         one channel another `port`",
+                        encoder.address
+                    )
+                };
+                out.push(Problem::new(port_at.clone(), message));
+            }
+        }
     }
 }

@@ -1,113 +1,163 @@
-//! Runtime changes (add and remove channels and encoders): validated as a whole, applied to
-//! the data plane, undone on any failure, persisted.
+//! Runtime changes (add and remove channels and encoders): each checked as the whole
+//! effective configuration would be, applied to the data plane, undone on failure, persisted.
+//! Each touches only what it changes: adding a channel checks it against the indexes and
+//! writes its own map entries, whatever the number of channels already there.
 
 use super::*;
 
 impl Controller {
-    /// Applies a candidate effective configuration: validated first; on any failure the
-    /// previous delta is restored and the data plane reconciled back.
-    pub(super) fn change(&mut self, edit: impl FnOnce(&mut Delta)) -> Result<()> {
-        let saved = self.delta.clone();
-        edit(&mut self.delta);
-        let candidate = self.delta.apply(&self.base);
-        if let Err(e) = candidate.validate() {
-            self.delta = saved;
-            return Err(e.into());
-        }
+    /// After a change of the effective configuration: followers re-read it, the state file
+    /// is written. A state file that cannot be written is reported (and retried), not
+    /// presented as a refusal of what is already in the data plane.
+    fn changed(&mut self) {
+        self.generation += 1;
+        self.persist_or_report();
+    }
+
+    /// Makes `candidate` the effective configuration and the data plane match it, atomically:
+    /// validated first; on a failure the previous one is restored (managed encoders it
+    /// provisioned taken away again) and the data plane reconciled back.
+    pub(super) fn switch_to(&mut self, candidate: Config) -> Result<()> {
+        candidate.validate()?;
         let previous = std::mem::replace(&mut self.effective, candidate);
+        self.lookup = self.effective.lookup();
         if let Err(e) = self.reconcile() {
-            // Managed encoders this change provisioned are taken away again.
-            for enc in &self.effective.encoders {
-                if previous.encoder(&enc.name).is_none()
-                    && let Some(plan) = enc.provision_plan()
-                {
-                    provision::deprovision_or_warn(&plan);
-                }
-            }
-            self.delta = saved;
-            self.effective = previous;
-            if let Err(again) = self.reconcile() {
-                warn!("restoring the data plane after a failed change: {again}");
-            }
+            self.restore(previous);
             return Err(e);
         }
-        self.generation += 1;
-        // The change is made: a state file that cannot be written is reported (and retried),
-        // not presented as a refusal of what is already in the data plane.
-        self.persist_or_report();
         Ok(())
     }
 
+    /// Goes back to `previous` after a failed change: managed encoders provisioned since are
+    /// taken away, and the data plane reconciled back.
+    pub(super) fn restore(&mut self, previous: Config) {
+        for enc in &self.effective.encoders {
+            if previous.encoder(&enc.name).is_none()
+                && let Some(plan) = enc.provision_plan()
+            {
+                provision::deprovision_or_warn(&plan);
+            }
+        }
+        self.effective = previous;
+        self.lookup = self.effective.lookup();
+        if let Err(again) = self.reconcile() {
+            warn!("restoring the data plane after a failed change: {again}");
+        }
+    }
+
     pub fn add_channel(&mut self, ch: config::Channel) -> Result<()> {
-        if self.effective.channel(&ch.name).is_some() {
+        if self.lookup.channel(&ch.name).is_some() {
             return Err(ControlError::Refused(format!(
                 "channel {:?} already exists",
                 ch.name
             )));
         }
+        self.effective.check_new_channel(&self.lookup, &ch)?;
+        let active = self.choose_initial(&ch, None);
+        let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
+        self.dp.set_channel(
+            ch.listen,
+            ch.encoder_port(),
+            &active,
+            &members,
+            ch.protocol == config::Protocol::Srt,
+        )?;
+        self.decider.set_channel(&ch.name, policy(&ch), &active);
         let name = ch.name.clone();
-        self.change(|d| {
-            d.removed_channels.remove(&ch.name);
-            d.added_channels.push(ch);
-        })?;
-        let active = self.active_of(&self.channel(&name)?)?;
-        self.event(Some(&name), None, active, "channel added");
+        self.delta.removed_channels.remove(&name);
+        self.delta.added_channels.push(ch.clone());
+        self.effective.push_channel(&mut self.lookup, ch);
+        self.changed();
+        self.event(Some(&name), None, Some(active), "channel added");
         Ok(())
     }
 
     pub fn add_encoder(&mut self, e: config::Encoder) -> Result<()> {
-        if self.effective.encoder(&e.name).is_some() {
+        if self.has_encoder(&e.name) {
             return Err(ControlError::Refused(format!(
                 "encoder {:?} already exists",
                 e.name
             )));
         }
+        // Checked as the effective configuration with it would be: no channel names it yet,
+        // so the encoders alone are what is checked.
+        Config {
+            ingest: self.effective.ingest.clone(),
+            encoders: self
+                .effective
+                .encoders
+                .iter()
+                .cloned()
+                .chain([e.clone()])
+                .collect(),
+            channels: Vec::new(),
+            daemon: self.effective.daemon.clone(),
+        }
+        .validate()?;
         // Resolve before changing anything, for a clear error (a managed encoder's namespace
-        // does not exist yet: it is made by the change itself).
+        // does not exist yet: it is made below).
         if e.spawn.is_none() {
             encoder_spec(&e)?;
         }
         let name = e.name.clone();
-        self.change(|d| {
-            d.removed_encoders.remove(&e.name);
-            d.added_encoders.push(e);
-        })?;
+        self.delta.removed_encoders.remove(&name);
+        self.delta.added_encoders.push(e.clone());
+        self.effective.push_encoder(&mut self.lookup, e.clone());
+        if let Err(err) = self.reconcile_encoder(&e, Instant::now()) {
+            // Taken away again: whatever of it reached the data plane, its namespace and
+            // veth if this change made them.
+            if self.dp.encoders()?.iter().any(|x| x.name == name) {
+                let _ = self.dp.remove_encoder(&name);
+            }
+            if let Some(plan) = e.provision_plan() {
+                provision::deprovision_or_warn(&plan);
+            }
+            self.decider.remove_encoder(&name);
+            self.receive.remove(&name);
+            self.probed.remove(&name);
+            self.delta.added_encoders.retain(|x| x.name != name);
+            self.effective.encoders.retain(|x| x.name != name);
+            self.lookup = self.effective.lookup();
+            return Err(err);
+        }
+        self.changed();
         self.event(None, None, Some(name), "encoder added");
         Ok(())
     }
 
     pub fn remove_channel(&mut self, name: &str) -> Result<()> {
         let ch = self.channel(name)?;
-        let active = self.active_of(&ch)?;
-        self.change(|d| {
-            d.added_channels.retain(|c| c.name != ch.name);
-            d.active.remove(&ch.name);
-            d.removed_channels.insert(ch.name.clone());
-        })?;
+        let active = self.active_of(&ch);
+        self.dp.remove_channel(ch.listen)?;
+        self.decider.remove_channel(name);
+        self.input.remove(&ch.listen);
+        self.effective.channels.retain(|c| c.name != name);
+        self.lookup = self.effective.lookup();
+        self.delta.added_channels.retain(|c| c.name != name);
+        self.delta.active.remove(name);
+        self.delta.removed_channels.insert(name.to_owned());
+        self.changed();
         self.event(Some(name), active, None, "channel removed");
         Ok(())
     }
 
     pub fn remove_encoder(&mut self, name: &str) -> Result<()> {
-        if self.effective.encoder(name).is_none() {
+        if !self.has_encoder(name) {
             return Err(ControlError::UnknownEncoder(name.to_owned()));
         }
-        if let Some(ch) = self
-            .effective
-            .channels
-            .iter()
-            .find(|c| c.encoders.iter().any(|e| e == name))
-        {
+        if let Some(ch) = self.decider.listed_by(name) {
             return Err(ControlError::Refused(format!(
-                "encoder {name:?} is still used by channel {:?} (remove it there first)",
-                ch.name
+                "encoder {name:?} is still used by channel {ch:?} (remove it there first)"
             )));
         }
-        self.change(|d| {
-            d.added_encoders.retain(|e| e.name != name);
-            d.drained.remove(name);
-            d.removed_encoders.insert(name.to_owned());
-        })?;
+        self.dp.remove_encoder(name)?;
+        self.decider.remove_encoder(name);
+        self.effective.encoders.retain(|e| e.name != name);
+        self.lookup = self.effective.lookup();
+        self.delta.added_encoders.retain(|e| e.name != name);
+        self.delta.drained.remove(name);
+        self.delta.removed_encoders.insert(name.to_owned());
+        self.changed();
         self.event(None, Some(name.to_owned()), None, "encoder removed");
         Ok(())
     }

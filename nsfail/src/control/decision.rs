@@ -14,7 +14,8 @@
 //!   leaves a manually placed channel alone until the next automatic failover.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -65,10 +66,17 @@ pub struct ChannelPolicy {
     pub hold_down: Duration,
 }
 
+/// A name held once and shared by the maps and indexes that need it (a channel's name is in
+/// up to four of them; an encoder's in every channel that lists it).
+type Name = Arc<str>;
+
 #[derive(Clone, Debug)]
 struct ChannelState {
-    policy: ChannelPolicy,
-    active: String,
+    /// Priority order; channels with the same list share it.
+    encoders: Arc<[Name]>,
+    failback: Failback,
+    hold_down: Duration,
+    active: Name,
     last_move: Option<Instant>,
     /// Placed by an operator: automatic failback leaves it alone.
     manual: bool,
@@ -83,11 +91,38 @@ struct EncoderState {
     since: Instant,
 }
 
+/// Channel names by encoder, in name order (the order decisions come in).
+type ByEncoder = HashMap<Name, BTreeSet<Name>>;
+
 #[derive(Clone, Debug, Default)]
 pub struct Decider {
-    channels: BTreeMap<String, ChannelState>,
+    channels: BTreeMap<Name, ChannelState>,
     encoders: BTreeMap<String, EncoderState>,
     drained: BTreeSet<String>,
+    /// Indexes, so that nothing walks every channel: the channels each encoder is active for,
+    /// the channels that list each encoder, and the channels automatic failback may move
+    /// (`auto`, not placed by hand, not on their first encoder).
+    on: ByEncoder,
+    members: ByEncoder,
+    displaced: BTreeSet<Name>,
+    /// Encoder names and encoder lists, each held once.
+    names: HashSet<Name>,
+    lists: HashSet<Arc<[Name]>>,
+}
+
+fn index(map: &mut ByEncoder, encoder: &Name, channel: &Name) {
+    map.entry(encoder.clone())
+        .or_default()
+        .insert(channel.clone());
+}
+
+fn unindex(map: &mut ByEncoder, encoder: &str, channel: &str) {
+    if let Some(set) = map.get_mut(encoder) {
+        set.remove(channel);
+        if set.is_empty() {
+            map.remove(encoder);
+        }
+    }
 }
 
 impl Decider {
@@ -95,29 +130,82 @@ impl Decider {
         Self::default()
     }
 
+    fn intern(&mut self, name: &str) -> Name {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Name = Arc::from(name);
+        self.names.insert(n.clone());
+        n
+    }
+
+    fn intern_list(&mut self, encoders: &[String]) -> Arc<[Name]> {
+        let list: Vec<Name> = encoders.iter().map(|e| self.intern(e)).collect();
+        if let Some(l) = self.lists.get(list.as_slice()) {
+            return l.clone();
+        }
+        let l: Arc<[Name]> = Arc::from(list);
+        self.lists.insert(l.clone());
+        l
+    }
+
     /// Adds or replaces a channel, currently on `active`.
     pub fn set_channel(&mut self, name: &str, policy: ChannelPolicy, active: &str) {
-        let prev = self.channels.remove(name);
+        let prev = self.take_channel(name);
+        let name: Name = Arc::from(name);
+        let encoders = self.intern_list(&policy.encoders);
+        let active = self.intern(active);
+        for e in encoders.iter() {
+            index(&mut self.members, e, &name);
+        }
+        index(&mut self.on, &active, &name);
+        let manual = prev
+            .as_ref()
+            .is_some_and(|p| p.manual && p.active == active);
         self.channels.insert(
-            name.to_owned(),
+            name.clone(),
             ChannelState {
-                policy,
-                active: active.to_owned(),
+                encoders,
+                failback: policy.failback,
+                hold_down: policy.hold_down,
+                active,
                 last_move: prev.as_ref().and_then(|p| p.last_move),
-                manual: prev
-                    .as_ref()
-                    .is_some_and(|p| p.manual && p.active == active),
+                manual,
                 stranded: false,
             },
         );
+        self.refresh_displaced(&name);
+    }
+
+    /// Removes a channel from the map and the indexes.
+    fn take_channel(&mut self, name: &str) -> Option<ChannelState> {
+        let st = self.channels.remove(name)?;
+        for e in st.encoders.iter() {
+            unindex(&mut self.members, e, name);
+        }
+        unindex(&mut self.on, &st.active, name);
+        self.displaced.remove(name);
+        Some(st)
+    }
+
+    /// Keeps the failback candidates in step with a channel's state.
+    fn refresh_displaced(&mut self, name: &Name) {
+        let candidate = self.channels.get(name).is_some_and(|st| {
+            st.failback == Failback::Auto && !st.manual && st.encoders.first() != Some(&st.active)
+        });
+        if candidate {
+            self.displaced.insert(name.clone());
+        } else {
+            self.displaced.remove(name);
+        }
     }
 
     pub fn channel_names(&self) -> Vec<String> {
-        self.channels.keys().cloned().collect()
+        self.channels.keys().map(|n| n.to_string()).collect()
     }
 
     pub fn remove_channel(&mut self, name: &str) {
-        self.channels.remove(name);
+        self.take_channel(name);
     }
 
     /// Adds an encoder (healthy until told otherwise) if unknown.
@@ -140,7 +228,7 @@ impl Decider {
     }
 
     pub fn active(&self, channel: &str) -> Option<&str> {
-        self.channels.get(channel).map(|c| c.active.as_str())
+        self.channels.get(channel).map(|c| &*c.active)
     }
 
     pub fn drained(&self, encoder: &str) -> bool {
@@ -152,24 +240,27 @@ impl Decider {
     }
 
     /// The highest-priority usable encoder of a channel, other than `except`.
-    fn best(&self, policy: &ChannelPolicy, except: Option<&str>) -> Option<String> {
-        policy
-            .encoders
+    fn best(&self, encoders: &[Name], except: Option<&str>) -> Option<Name> {
+        encoders
             .iter()
-            .find(|e| Some(e.as_str()) != except && self.usable(e))
+            .find(|e| Some(&***e) != except && self.usable(e))
             .cloned()
     }
 
-    fn apply(&mut self, channel: &str, to: &str, reason: Reason, now: Instant) -> Decision {
+    fn apply(&mut self, channel: &Name, to: &str, reason: Reason, now: Instant) -> Decision {
+        let to = self.intern(to);
         let st = self.channels.get_mut(channel).expect("known channel");
-        let from = std::mem::replace(&mut st.active, to.to_owned());
+        let from = std::mem::replace(&mut st.active, to.clone());
         st.last_move = Some(now);
         st.manual = matches!(reason, Reason::Manual | Reason::Drain);
         st.stranded = false;
+        unindex(&mut self.on, &from, channel);
+        index(&mut self.on, &to, channel);
+        self.refresh_displaced(channel);
         Decision {
-            channel: channel.to_owned(),
-            from,
-            to: Some(to.to_owned()),
+            channel: channel.to_string(),
+            from: from.to_string(),
+            to: Some(to.to_string()),
             reason,
         }
     }
@@ -187,19 +278,24 @@ impl Decider {
             since: now,
         };
         let mut out = Vec::new();
-        let names: Vec<String> = self.channels.keys().cloned().collect();
+        // Down: the channels on it; up: the channels that list it (stuck ones among them).
+        let index = if healthy { &self.members } else { &self.on };
+        let names: Vec<Name> = index
+            .get(encoder)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
         for name in names {
             let st = &self.channels[&name];
-            if !healthy && st.active == encoder {
-                match self.best(&st.policy, Some(encoder)) {
+            if !healthy && &*st.active == encoder {
+                match self.best(&st.encoders, Some(encoder)) {
                     Some(to) => out.push(self.apply(&name, &to, Reason::EncoderDown, now)),
                     None => {
                         let st = self.channels.get_mut(&name).expect("known channel");
                         if !st.stranded {
                             st.stranded = true;
                             out.push(Decision {
-                                channel: name.clone(),
-                                from: st.active.clone(),
+                                channel: name.to_string(),
+                                from: st.active.to_string(),
                                 to: None,
                                 reason: Reason::NoBackup,
                             });
@@ -208,10 +304,10 @@ impl Decider {
                 }
             } else if healthy
                 && !self.healthy(&st.active)
-                && st.policy.encoders.iter().any(|x| x == encoder)
+                && st.encoders.iter().any(|x| &**x == encoder)
             {
                 // A channel stuck on a dead encoder takes the first one that comes back.
-                if let Some(to) = self.best(&st.policy, None) {
+                if let Some(to) = self.best(&st.encoders, None) {
                     out.push(self.apply(&name, &to, Reason::Recovered, now));
                 }
             }
@@ -222,23 +318,27 @@ impl Decider {
     /// Time passes: automatic failback where its conditions hold.
     pub fn tick(&mut self, now: Instant) -> Vec<Decision> {
         let mut out = Vec::new();
-        let names: Vec<String> = self.channels.keys().cloned().collect();
+        // Only channels off their first encoder can move up.
+        if self.displaced.is_empty() {
+            return out;
+        }
+        let names: Vec<Name> = self.displaced.iter().cloned().collect();
         for name in names {
             let st = &self.channels[&name];
-            if st.policy.failback != Failback::Auto || st.manual {
+            if st.failback != Failback::Auto || st.manual {
                 continue;
             }
-            let Some(best) = self.best(&st.policy, None) else {
+            let Some(best) = self.best(&st.encoders, None) else {
                 continue;
             };
             if best == st.active {
                 continue;
             }
-            let hold = st.policy.hold_down;
-            let stable = self.encoders[&best].since + hold <= now;
+            let hold = st.hold_down;
+            let stable = self.encoders[&*best].since + hold <= now;
             let rested = st.last_move.is_none_or(|t| t + hold <= now);
             // Failback only moves up the priority list, never sideways.
-            let rank = |e: &str| st.policy.encoders.iter().position(|x| x == e);
+            let rank = |e: &str| st.encoders.iter().position(|x| &**x == e);
             if stable && rested && rank(&best) < rank(&st.active) {
                 out.push(self.apply(&name, &best, Reason::Failback, now));
             }
@@ -249,27 +349,38 @@ impl Decider {
     /// `nsfail remap`: always applied (the caller has checked the encoder belongs to the
     /// channel and is not drained).
     pub fn remap(&mut self, channel: &str, encoder: &str, now: Instant) -> Option<Decision> {
-        self.channels.get(channel)?;
-        Some(self.apply(channel, encoder, Reason::Manual, now))
+        let (name, _) = self.channels.get_key_value(channel)?;
+        let name = name.clone();
+        Some(self.apply(&name, encoder, Reason::Manual, now))
     }
 
     /// The moves a drain of `encoder` needs, or the first channel it would strand. Nothing
     /// changes until [`Decider::drain`].
     pub fn plan_drain(&self, encoder: &str) -> Result<Vec<(String, String)>, String> {
+        self.plan(encoder)
+            .map(|moves| {
+                moves
+                    .into_iter()
+                    .map(|(c, e)| (c.to_string(), e.to_string()))
+                    .collect()
+            })
+            .map_err(|c| c.to_string())
+    }
+
+    fn plan(&self, encoder: &str) -> Result<Vec<(Name, Name)>, Name> {
         let mut moves = Vec::new();
-        for (name, st) in &self.channels {
-            if st.active == encoder {
-                match self.best(&st.policy, Some(encoder)) {
-                    Some(to) => moves.push((name.clone(), to)),
-                    None => return Err(name.clone()),
-                }
+        for name in self.on.get(encoder).into_iter().flatten() {
+            let st = &self.channels[name];
+            match self.best(&st.encoders, Some(encoder)) {
+                Some(to) => moves.push((name.clone(), to)),
+                None => return Err(name.clone()),
             }
         }
         Ok(moves)
     }
 
     pub fn drain(&mut self, encoder: &str, now: Instant) -> Result<Vec<Decision>, String> {
-        let moves = self.plan_drain(encoder)?;
+        let moves = self.plan(encoder).map_err(|c| c.to_string())?;
         self.drained.insert(encoder.to_owned());
         Ok(moves
             .into_iter()
@@ -286,13 +397,25 @@ impl Decider {
         self.drained.insert(encoder.to_owned());
     }
 
-    /// Channels whose active encoder is `encoder`.
+    /// Channels whose active encoder is `encoder`, in name order.
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
-        self.channels
-            .iter()
-            .filter(|(_, st)| st.active == encoder)
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.on
+            .get(encoder)
+            .map(|set| set.iter().map(|n| n.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// How many channels automatic failback may move (what [`Decider::tick`] looks at).
+    pub fn displaced(&self) -> usize {
+        self.displaced.len()
+    }
+
+    /// The first channel (by name) that lists `encoder`, if any.
+    pub fn listed_by(&self, encoder: &str) -> Option<&str> {
+        self.members
+            .get(encoder)
+            .and_then(|set| set.first())
+            .map(|n| &**n)
     }
 }
 

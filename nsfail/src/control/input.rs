@@ -12,14 +12,13 @@ pub(super) struct InputWatch {
 
 impl Controller {
     /// Input loss is the sender's problem, not the encoder's: reported, never failed over.
+    /// Every channel's counter comes from one batched read.
     pub(super) fn watch_input(&mut self, now: Instant) -> Result<()> {
-        for ch in self.effective.channels.clone() {
-            let packets = self
-                .dp
-                .channel_stats(ch.listen)
-                .map(|s| s.packets)
-                .unwrap_or(0);
-            let w = self.input.entry(ch.name.clone()).or_insert(InputWatch {
+        let stats = self.dp.all_channel_stats()?;
+        let mut events = Vec::new();
+        for ch in &self.effective.channels {
+            let packets = stats.get(&ch.listen).map_or(0, |s| s.packets);
+            let w = self.input.entry(ch.listen).or_insert(InputWatch {
                 packets,
                 since: now,
                 lost: false,
@@ -32,12 +31,19 @@ impl Controller {
                     lost: false,
                 };
                 if restored {
-                    self.event(Some(&ch.name), None, None, "input restored");
+                    events.push((ch.name.clone(), false));
                 }
             } else if packets > 0 && !w.lost && now.duration_since(w.since) >= INPUT_LOSS_AFTER {
                 w.lost = true;
-                let active = self.decider.active(&ch.name).map(str::to_owned);
-                self.event(Some(&ch.name), active, None, "input loss (no failover)");
+                events.push((ch.name.clone(), true));
+            }
+        }
+        for (name, lost) in events {
+            if lost {
+                let active = self.decider.active(&name).map(str::to_owned);
+                self.event(Some(&name), active, None, "input loss (no failover)");
+            } else {
+                self.event(Some(&name), None, None, "input restored");
             }
         }
         Ok(())
@@ -46,7 +52,11 @@ impl Controller {
     /// Whether a channel's input moved within `window` (for the flow check), from the data
     /// plane's last-seen time.
     pub fn input_moving(&self, channel: &str, window: Duration) -> bool {
-        let Some(ch) = self.effective.channel(channel) else {
+        let Some(ch) = self
+            .lookup
+            .channel(channel)
+            .map(|i| &self.effective.channels[i])
+        else {
             return false;
         };
         self.dp.channel_stats(ch.listen).is_ok_and(|s| {

@@ -6,11 +6,17 @@
 //! atomically after every change, so a restart keeps them and an edited config file still
 //! takes effect for everything the operator did not change at run time.
 //!
+//! Scale: nothing here walks every channel per change, decision or request where an index
+//! will do ([`config::Lookup`] for names and addresses, the decider's per-encoder indexes, the
+//! data plane's in-memory mirror of its maps). A runtime change touches only what it changes;
+//! start-up and `status` are linear in the number of channels; file writes run on the
+//! writer thread ([`writer`]), once per batch of decisions.
+//!
 //! Must not: touch BPF maps other than through [`Dataplane`], or do network I/O of its own
 //! beyond the SRT SHUTDOWNs of a repoint.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     fs,
     io::Write,
     net::SocketAddr,
@@ -28,19 +34,23 @@ pub mod decision;
 mod events;
 mod input;
 mod links;
+mod reload;
 mod srt;
 mod state;
 mod status;
 mod switchover;
+mod writer;
 
 use self::{
     decision::{ChannelPolicy, Decider, Decision, Reason},
     input::InputWatch,
+    srt::Batch,
     state::*,
     switchover::PendingSwitch,
+    writer::Writer,
 };
 pub use self::{
-    events::{monotonic_ns, rfc3339},
+    events::{monotonic_ns, rfc3339, rotated},
     links::encoder_spec,
     state::{Delta, events_path, state_path},
 };
@@ -87,16 +97,24 @@ pub enum ControlError {
 type Result<T, E = ControlError> = std::result::Result<T, E>;
 
 pub struct Controller {
+    /// The config file as last read (at start-up or by a reload): what a reload compares the
+    /// new file with, to tell which runtime changes it overrides.
     base: Config,
+    /// Runtime changes over the config file.
     delta: Delta,
     effective: Config,
-    state_path: PathBuf,
-    events_path: PathBuf,
+    /// The config file, re-read by [`Controller::reload`].
+    config_path: PathBuf,
+    /// `effective`'s indexes, changed with it.
+    lookup: config::Lookup,
+    /// Writes events and the state file off this thread.
+    writer: Writer,
     dp: Dataplane,
     /// Health, placement and the failover rules.
     decider: Decider,
-    /// Per channel: input packets last seen and since when they have not moved.
-    input: BTreeMap<String, InputWatch>,
+    /// Per channel (by ingest address): input packets last seen and since when they have not
+    /// moved.
+    input: HashMap<SocketAddr, InputWatch>,
     /// Failovers whose switchover time is still being measured.
     pending: Vec<PendingSwitch>,
     /// Channels moved since the last tick (for the failover counters).
@@ -109,6 +127,9 @@ pub struct Controller {
     /// When the input-loss watch last ran.
     input_watched: Option<Instant>,
     events: VecDeque<Event>,
+    /// Events recorded and not yet logged, kept and written (see
+    /// [`Controller::drain_events`]), with the time they happened.
+    pending_events: VecDeque<(SystemTime, Event)>,
     /// Per local encoder: whether its interface takes XDP-redirected frames, as last checked.
     receive: BTreeMap<String, Verdict>,
     /// Per encoder: what its probe (or flow check) last said; healthy until told otherwise.
@@ -117,19 +138,27 @@ pub struct Controller {
     ingest_lost: Option<String>,
     /// Per local encoder: why re-attaching to its re-created interface failed, while it fails.
     relink_failed: BTreeMap<String, String>,
-    /// Decisions whose map write failed, retried every tick.
-    unapplied: Vec<Decision>,
+    /// Decisions whose map write failed (the newest per channel), retried every tick.
+    unapplied: BTreeMap<String, Decision>,
     /// Why the state file could not be written, while it cannot.
     persist_failed: Option<String>,
-    /// When persisting was last retried.
+    /// When persisting was last tried.
     persist_tried: Option<Instant>,
+    /// When automatic failback was last checked.
+    failback_checked: Option<Instant>,
 }
 
 /// How often a state file that could not be written is tried again.
 const PERSIST_RETRY: Duration = Duration::from_secs(1);
 
-/// How often the input-loss watch reads the channels' counters.
+/// How often the input-loss watch reads the channels' counters (for every 10,000 channels,
+/// up to a second: the read is one batched syscall, but its size grows with the channels).
 const INPUT_WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// Automatic failback is checked at every tick while few channels could fail back, and at
+/// most this often while many could (each check looks at each of them).
+const FAILBACK_CHECK_EVERY: Duration = Duration::from_millis(100);
+const FAILBACK_CHECK_MANY: usize = 1000;
 
 /// How long a channel's input may stand still before it is reported as lost.
 pub const INPUT_LOSS_AFTER: Duration = Duration::from_secs(1);
@@ -158,6 +187,7 @@ impl Controller {
     /// encoder they are on (if still valid), so a restart moves nothing.
     pub fn start(base: Config, config_path: &Path, dp: Dataplane) -> Result<Self> {
         let state_path = state_path(config_path);
+        let writer = Writer::start(state_path.clone(), events_path(config_path));
         // A state file that cannot be read back, or whose changes no longer fit the config
         // file, is moved aside: the daemon starts from the config, and says so.
         let mut set_aside = None;
@@ -188,29 +218,37 @@ impl Controller {
                 });
             }
         };
+        // A copy, even without runtime changes, on purpose: the parsed config is scattered
+        // among the parse's garbage, the copy is packed, and once the parsed one is dropped
+        // that garbage can go back to the system (about 60 MiB at 100,000 channels).
         let effective = delta.apply(&base);
+        // Packed as well, for the same reason (a reload needs it).
+        let base = base.clone();
         let mut c = Self {
             base,
             delta,
+            lookup: effective.lookup(),
             effective,
-            state_path,
-            events_path: events_path(config_path),
+            config_path: config_path.to_owned(),
+            writer,
             dp,
             decider: Decider::new(),
-            input: BTreeMap::new(),
+            input: HashMap::new(),
             pending: Vec::new(),
             moved: Vec::new(),
             alive_ns: BTreeMap::new(),
             generation: 1,
             input_watched: None,
             events: VecDeque::new(),
+            pending_events: VecDeque::new(),
             receive: BTreeMap::new(),
             probed: BTreeMap::new(),
             ingest_lost: None,
             relink_failed: BTreeMap::new(),
-            unapplied: Vec::new(),
+            unapplied: BTreeMap::new(),
             persist_failed: None,
             persist_tried: None,
+            failback_checked: None,
         };
         if let Some(reason) = set_aside {
             warn!("{reason}");
@@ -220,6 +258,9 @@ impl Controller {
             c.decider.restore_drained(&name);
         }
         c.reconcile()?;
+        // Start-up's events (one per channel configured) are all written before the first
+        // request, which would otherwise wait for them.
+        c.drain_events(usize::MAX);
         Ok(c)
     }
 
@@ -237,36 +278,25 @@ impl Controller {
     }
 
     /// Makes the data plane match `effective`: encoders, then channels, then removal of
-    /// whatever the data plane has that the config does not.
+    /// whatever the data plane has that the config does not. Linear in the channels (at
+    /// start-up, and after the ingest interface was re-created).
     fn reconcile(&mut self) -> Result<()> {
-        let cfg = self.effective.clone();
         let now = Instant::now();
-        for e in &cfg.encoders {
-            if let Some(plan) = e.provision_plan() {
-                provision::provision(&plan).map_err(|x| ControlError::Encoder {
-                    name: e.name.clone(),
-                    why: x.to_string(),
-                })?;
-            }
-            let spec = encoder_spec(e)?;
-            self.dp.upsert_encoder(&spec)?;
-            self.dp.set_policy(&e.name, &policy_from_config(e)?)?;
-            self.decider.add_encoder(&e.name, now);
-            if let Some(ifname) = e.host_interface() {
-                let verdict = receive::ensure(&ifname, e.namespace().as_deref());
-                self.set_receive(&e.name, verdict)?;
-            }
+        for i in 0..self.effective.encoders.len() {
+            let e = self.effective.encoders[i].clone();
+            self.reconcile_encoder(&e, now)?;
         }
-        let current: BTreeMap<_, _> = self
+        let current: HashMap<_, _> = self
             .dp
             .channels()?
             .into_iter()
             .map(|c| (c.listen, c))
             .collect();
-        for ch in &cfg.channels {
-            let active = self.choose_initial(ch, current.get(&ch.listen).map(|c| &c.encoder));
+        let mut configured = Vec::new();
+        for ch in &self.effective.channels {
+            let before = current.get(&ch.listen).map(|c| &c.encoder);
+            let active = self.choose_initial(ch, before);
             let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
-            let before = current.get(&ch.listen).map(|c| c.encoder.clone());
             let opts = ChannelOptions {
                 srt: ch.protocol == config::Protocol::Srt,
                 sources: ch.sources.clone(),
@@ -275,35 +305,48 @@ impl Controller {
             self.dp
                 .set_channel_with(ch.listen, ch.encoder_port(), &active, &members, &opts)?;
             self.decider.set_channel(&ch.name, policy(ch), &active);
-            if before.as_deref() != Some(active.as_str()) {
-                self.event(Some(&ch.name), before, Some(active.clone()), "configured");
+            if before != Some(&active) {
+                configured.push((ch.name.clone(), before.cloned(), active));
             }
         }
-        let listens: BTreeSet<_> = cfg.channels.iter().map(|c| c.listen).collect();
-        for (listen, _) in current.iter().filter(|(l, _)| !listens.contains(l)) {
+        for (name, before, active) in configured {
+            self.event(Some(&name), before, Some(active), "configured");
+        }
+        let listens: BTreeSet<_> = self.effective.channels.iter().map(|c| c.listen).collect();
+        for listen in current.keys().filter(|l| !listens.contains(l)) {
             self.dp.remove_channel(*listen)?;
         }
-        let channel_names: BTreeSet<_> = cfg.channels.iter().map(|c| c.name.clone()).collect();
-        for gone in self
-            .input
-            .keys()
-            .filter(|n| !channel_names.contains(*n))
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            self.input.remove(&gone);
-        }
+        self.input.retain(|listen, _| listens.contains(listen));
         for name in self.decider.channel_names() {
-            if !channel_names.contains(&name) {
+            if self.lookup.channel(&name).is_none() {
                 self.decider.remove_channel(&name);
             }
         }
-        let names: BTreeSet<_> = cfg.encoders.iter().map(|e| e.name.as_str()).collect();
         for e in self.dp.encoders()? {
-            if !names.contains(e.name.as_str()) {
+            if self.lookup.encoder(&e.name).is_none() {
                 self.dp.remove_encoder(&e.name)?;
                 self.decider.remove_encoder(&e.name);
             }
+        }
+        Ok(())
+    }
+
+    /// Brings one configured encoder into the data plane and the decider: its namespace and
+    /// veth when managed, its registration and egress policy, its receive readiness.
+    fn reconcile_encoder(&mut self, e: &config::Encoder, now: Instant) -> Result<()> {
+        if let Some(plan) = e.provision_plan() {
+            provision::provision(&plan).map_err(|x| ControlError::Encoder {
+                name: e.name.clone(),
+                why: x.to_string(),
+            })?;
+        }
+        let spec = encoder_spec(e)?;
+        self.dp.upsert_encoder(&spec)?;
+        self.dp.set_policy(&e.name, &policy_from_config(e)?)?;
+        self.decider.add_encoder(&e.name, now);
+        if let Some(ifname) = e.host_interface() {
+            let verdict = receive::ensure(&ifname, e.namespace().as_deref());
+            self.set_receive(&e.name, verdict)?;
         }
         Ok(())
     }
@@ -333,26 +376,26 @@ impl Controller {
     }
 
     fn channel(&self, name: &str) -> Result<config::Channel> {
-        self.effective
+        self.lookup
             .channel(name)
-            .cloned()
+            .map(|i| self.effective.channels[i].clone())
             .ok_or_else(|| ControlError::UnknownChannel(name.to_owned()))
     }
 
-    fn active_of(&self, ch: &config::Channel) -> Result<Option<String>> {
-        Ok(self
-            .dp
-            .channels()?
-            .into_iter()
-            .find(|c| c.listen == ch.listen)
-            .map(|c| c.encoder))
+    fn has_encoder(&self, name: &str) -> bool {
+        self.lookup.encoder(name).is_some()
+    }
+
+    /// The encoder the data plane forwards a channel to now.
+    fn active_of(&self, ch: &config::Channel) -> Option<String> {
+        self.dp.active_encoder(ch.listen).map(str::to_owned)
     }
 
     /// Manual failover: `channel` to `encoder`, which must be one of its encoders and not
     /// drained.
     pub fn remap(&mut self, channel: &str, encoder: &str) -> Result<()> {
         let ch = self.channel(channel)?;
-        if self.effective.encoder(encoder).is_none() {
+        if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
         }
         if !ch.encoders.iter().any(|e| e == encoder) {
@@ -382,8 +425,9 @@ impl Controller {
         if decisions.is_empty() {
             return;
         }
+        let mut batch = Batch::default();
         for d in decisions {
-            if let Err(e) = self.apply(d.clone()) {
+            if let Err(e) = self.apply(d.clone(), &mut batch) {
                 let reason = format!("repointing failed (critical), retrying: {e}");
                 warn!("channel {}: {reason}", d.channel);
                 self.event(
@@ -392,23 +436,28 @@ impl Controller {
                     d.to.clone(),
                     &reason,
                 );
-                self.unapplied.retain(|u| u.channel != d.channel);
-                self.unapplied.push(d);
+                self.unapplied.insert(d.channel.clone(), d);
             }
         }
+        batch.finish();
         self.persist_or_report();
     }
 
     /// Retries the decisions whose map write failed (the newest for each channel).
     fn retry_unapplied(&mut self) {
-        for d in std::mem::take(&mut self.unapplied) {
+        if self.unapplied.is_empty() {
+            return;
+        }
+        let mut batch = Batch::default();
+        let mut done = false;
+        for (_, d) in std::mem::take(&mut self.unapplied) {
             // A channel removed since, or moved by a later decision, needs nothing.
             if self.decider.active(&d.channel) != d.to.as_deref() {
                 continue;
             }
-            if let Err(e) = self.apply(d.clone()) {
+            if let Err(e) = self.apply(d.clone(), &mut batch) {
                 debug!("channel {}: repointing still fails: {e}", d.channel);
-                self.unapplied.push(d);
+                self.unapplied.insert(d.channel.clone(), d);
             } else {
                 self.event(
                     Some(&d.channel),
@@ -416,29 +465,35 @@ impl Controller {
                     d.to.clone(),
                     "repointed after a retry",
                 );
-                self.persist_or_report();
+                done = true;
             }
+        }
+        batch.finish();
+        if done {
+            self.persist_or_report();
         }
     }
 
     /// Carries one decision out: the map write, the event. A decision without a target (no
-    /// healthy backup) is only recorded. The caller persists.
-    fn apply(&mut self, d: Decision) -> Result<()> {
+    /// healthy backup) is only recorded. What a batch of decisions shares (encoder counters,
+    /// SRT callers, the SHUTDOWNs to send) is read and sent once per batch. The caller
+    /// persists.
+    fn apply(&mut self, d: Decision, batch: &mut Batch) -> Result<()> {
         let Some(to) = d.to.clone() else {
             self.event(Some(&d.channel), Some(d.from), None, d.reason.as_str());
             return Ok(());
         };
         let ch = self.channel(&d.channel)?;
         let measure = matches!(d.reason, Reason::EncoderDown | Reason::Recovered)
-            .then(|| self.switch_baseline(&d.channel, &d.from, &to))
+            .then(|| self.switch_baseline(&d.channel, &d.from, &to, batch))
             .flatten();
         self.dp.activate(ch.listen, &to)?;
         // Repoint first, then tell SRT callers: their reconnect must reach the new encoder.
-        let reconnects =
-            (ch.protocol == config::Protocol::Srt && d.from != to).then(|| self.srt_reconnect(&ch));
+        let reconnects = (ch.protocol == config::Protocol::Srt && d.from != to)
+            .then(|| self.srt_reconnect(&ch, batch));
         self.delta.active.insert(d.channel.clone(), to.clone());
         self.record(Event {
-            time: rfc3339(SystemTime::now()),
+            time: String::new(),
             channel: Some(d.channel.clone()),
             from: Some(d.from),
             to: Some(to),
@@ -454,7 +509,7 @@ impl Controller {
     /// Moves every channel off `encoder` and keeps them off until undrained. Refused, with
     /// nothing moved, when some channel would be left without a healthy encoder.
     pub fn drain(&mut self, encoder: &str) -> Result<()> {
-        if self.effective.encoder(encoder).is_none() {
+        if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
         }
         let decisions = self
@@ -476,7 +531,7 @@ impl Controller {
     }
 
     pub fn undrain(&mut self, encoder: &str) -> Result<()> {
-        if self.effective.encoder(encoder).is_none() {
+        if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
         }
         if self.decider.undrain(encoder) {
@@ -490,7 +545,7 @@ impl Controller {
     /// A health transition of an encoder (from its probe's rise/fall counter, or the flow
     /// check): logged as an event, and failovers carried out.
     pub fn on_health(&mut self, encoder: &str, healthy: bool) -> Result<()> {
-        if self.effective.encoder(encoder).is_none() {
+        if !self.has_encoder(encoder) {
             return Ok(());
         }
         let before = self.probed.insert(encoder.to_owned(), healthy);
@@ -522,22 +577,24 @@ impl Controller {
     /// the channels moved and the switchovers measured since the last call.
     pub fn tick(&mut self) -> Result<TickReport> {
         let now = Instant::now();
-        let decisions = self.decider.tick(now);
-        self.apply_all(decisions);
-        self.retry_unapplied();
-        if self.persist_failed.is_some()
-            && self
-                .persist_tried
-                .is_none_or(|t| now.duration_since(t) >= PERSIST_RETRY)
+        if self.decider.displaced() <= FAILBACK_CHECK_MANY
+            || self
+                .failback_checked
+                .is_none_or(|t| now.duration_since(t) >= FAILBACK_CHECK_EVERY)
         {
-            self.persist_tried = Some(now);
-            self.persist_or_report();
+            self.failback_checked = Some(now);
+            let decisions = self.decider.tick(now);
+            self.apply_all(decisions);
         }
+        self.retry_unapplied();
+        self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
-        // map read per channel on every tick.
+        // map read on every tick.
+        let every = (INPUT_WATCH_EVERY * (self.effective.channels.len() / 10_000).max(1) as u32)
+            .min(Duration::from_secs(1));
         if self
             .input_watched
-            .is_none_or(|t| now.duration_since(t) >= INPUT_WATCH_EVERY)
+            .is_none_or(|t| now.duration_since(t) >= every)
         {
             self.input_watched = Some(now);
             self.watch_input(now)?;

@@ -4,43 +4,67 @@
 use super::*;
 
 impl Controller {
-    /// The start of a switchover: the failed encoder's last sign of life. The data plane
-    /// forwards to a dead encoder until the switch, so its forwarded-packet time says nothing
-    /// about when it died; its last reply through the return path (SRT ACKs, any answer) or
-    /// its last successful probe, whichever is later, does. With neither, the last packet
-    /// forwarded to it is used.
     /// Sends each live SRT caller of `ch` a SHUTDOWN from the channel's ingest address, three
     /// times a few ms apart (loss-safe; a caller ignores a wrong or stale ID). The caller drops
     /// its session at once and its new handshake lands on the encoder the channel now points
-    /// to, instead of waiting out libsrt's ~5 s peer-idle timeout. Returns the callers told.
-    pub(super) fn srt_reconnect(&self, ch: &config::Channel) -> u32 {
-        let now = monotonic_ns();
-        let callers: Vec<(SocketAddr, u32)> = match self.dp.srt_peers() {
-            Ok(peers) => peers
-                .into_iter()
-                .filter(|p| {
-                    p.channel == ch.listen
-                        && now.saturating_sub(p.last_seen_ns) < SRT_PEER_FRESH.as_nanos() as u64
-                })
-                .map(|p| (p.peer, p.socket_id))
-                .collect(),
-            Err(e) => {
-                warn!("channel {}: reading SRT peers: {e}", ch.name);
-                return 0;
+    /// to, instead of waiting out libsrt's ~5 s peer-idle timeout. They are sent when the
+    /// batch is finished ([`Batch::finish`]). Returns the callers told.
+    pub(super) fn srt_reconnect(&self, ch: &config::Channel, batch: &mut Batch) -> u32 {
+        let peers = batch.peers.get_or_insert_with(|| {
+            let now = monotonic_ns();
+            let mut by_channel: HashMap<SocketAddr, Vec<(SocketAddr, u32)>> = HashMap::new();
+            match self.dp.srt_peers() {
+                Ok(peers) => {
+                    for p in peers {
+                        if now.saturating_sub(p.last_seen_ns) < SRT_PEER_FRESH.as_nanos() as u64 {
+                            by_channel
+                                .entry(p.channel)
+                                .or_default()
+                                .push((p.peer, p.socket_id));
+                        }
+                    }
+                }
+                Err(e) => warn!("reading SRT peers: {e}"),
             }
-        };
-        if callers.is_empty() {
+            by_channel
+        });
+        let Some(callers) = peers.remove(&ch.listen) else {
             return 0;
-        }
-        let listen = ch.listen;
-        let name = ch.name.clone();
+        };
         let count = callers.len() as u32;
+        batch.shutdowns.push((ch.name.clone(), ch.listen, callers));
+        count
+    }
+}
+
+/// An SRT channel's SHUTDOWNs: its name, its ingest address, its callers and their IDs.
+type Shutdowns = (String, SocketAddr, Vec<(SocketAddr, u32)>);
+
+/// What the decisions of one batch share: the SRT callers (read once), the SHUTDOWNs to send
+/// (on one thread, after every map write of the batch), the encoders' counters at the
+/// switch.
+#[derive(Default)]
+pub(super) struct Batch {
+    /// Fresh SRT callers by channel, read at the batch's first SRT repoint.
+    peers: Option<HashMap<SocketAddr, Vec<(SocketAddr, u32)>>>,
+    shutdowns: Vec<Shutdowns>,
+    /// Switchover baselines by (from, to) encoder.
+    pub(super) baselines: HashMap<(String, String), Option<(u64, u64)>>,
+}
+
+impl Batch {
+    /// Sends the batch's SHUTDOWNs, off the controller's thread.
+    pub(super) fn finish(self) {
+        if self.shutdowns.is_empty() {
+            return;
+        }
         std::thread::spawn(move || {
-            if let Err(e) = send_srt_shutdowns(listen, &callers) {
-                warn!("channel {name}: SRT shutdown to callers: {e}");
+            for (name, listen, callers) in self.shutdowns {
+                if let Err(e) = send_srt_shutdowns(listen, &callers) {
+                    warn!("channel {name}: SRT shutdown to callers: {e}");
+                }
             }
         });
-        count
     }
 }
 

@@ -5,42 +5,55 @@
 use super::*;
 
 impl Controller {
-    /// Writes the delta atomically (temporary file, then rename).
-    pub(super) fn persist(&self) -> Result<()> {
-        let err = |e: std::io::Error| ControlError::State {
-            path: self.state_path.display().to_string(),
-            why: e.to_string(),
-        };
-        let tmp = self.state_path.with_extension("json.tmp");
+    /// Queues the delta to be written atomically (temporary file, then rename) on the writer
+    /// thread: once per batch of decisions, however many channels moved. Its outcome is
+    /// picked up by [`Controller::check_persisted`].
+    pub(super) fn persist_or_report(&mut self) {
         let text = serde_json::to_string_pretty(&self.delta).expect("delta serializes");
-        let mut f = private_file(&tmp, false).map_err(err)?;
-        f.write_all(text.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        fs::rename(&tmp, &self.state_path).map_err(err)
+        self.persist_tried = Some(Instant::now());
+        self.writer.state(text);
     }
 
-    /// Persists the state; a failure (a read-only or full disk) is a critical event, once per
-    /// cause, and is retried by [`Controller::tick`] until it works.
-    pub(super) fn persist_or_report(&mut self) {
-        match self.persist() {
-            Ok(()) => {
-                if self.persist_failed.take().is_some() {
-                    self.event(None, None, None, "runtime state persisted again");
+    /// Reports what the writer thread made of the state file: a failure (a read-only or full
+    /// disk) is a critical event, once per cause, and is retried every [`PERSIST_RETRY`]
+    /// until it works.
+    pub(super) fn check_persisted(&mut self, now: Instant) {
+        for outcome in self.writer.outcomes() {
+            match outcome {
+                Ok(()) => {
+                    if self.persist_failed.take().is_some() {
+                        self.event(None, None, None, "runtime state persisted again");
+                    }
                 }
-            }
-            Err(e) => {
-                let why = e.to_string();
-                if self.persist_failed.as_ref() != Some(&why) {
-                    let reason = format!(
-                        "persisting runtime state failed (critical), retrying; a restart now \
-                         would lose the last changes: {why}"
-                    );
-                    warn!("{reason}");
-                    self.event(None, None, None, &reason);
-                    self.persist_failed = Some(why);
+                Err(why) => {
+                    if self.persist_failed.as_ref() != Some(&why) {
+                        let reason = format!(
+                            "persisting runtime state failed (critical), retrying; a restart \
+                             now would lose the last changes: {why}"
+                        );
+                        warn!("{reason}");
+                        self.event(None, None, None, &reason);
+                        self.persist_failed = Some(why);
+                    }
                 }
             }
         }
+        if self.persist_failed.is_some()
+            && self
+                .persist_tried
+                .is_none_or(|t| now.duration_since(t) >= PERSIST_RETRY)
+        {
+            self.persist_or_report();
+        }
+    }
+
+    /// Waits until every event and state write queued so far is on disk, and reports the
+    /// state's outcome: an operator's change is answered only once it is persisted (or
+    /// reported as not).
+    pub fn flush(&mut self) {
+        self.drain_events(usize::MAX);
+        self.writer.flush();
+        self.check_persisted(Instant::now());
     }
 }
 
@@ -67,19 +80,49 @@ pub struct Delta {
 impl Delta {
     /// The effective configuration: the file's, with the runtime changes applied.
     pub fn apply(&self, base: &Config) -> Config {
-        let mut cfg = base.clone();
-        cfg.encoders
-            .retain(|e| !self.removed_encoders.contains(&e.name));
-        cfg.channels
-            .retain(|c| !self.removed_channels.contains(&c.name));
-        for e in &self.added_encoders {
-            cfg.encoders.retain(|x| x.name != e.name);
-            cfg.encoders.push(e.clone());
+        // An added entry replaces any of the same name; of several, the last one counts, in
+        // its place. Linear: no list is searched per entry.
+        fn last_of<T>(added: &[T], name: impl Fn(&T) -> &str) -> Vec<&T> {
+            let mut last = std::collections::HashMap::new();
+            for (i, x) in added.iter().enumerate() {
+                last.insert(name(x), i);
+            }
+            added
+                .iter()
+                .enumerate()
+                .filter(|(i, x)| last[name(x)] == *i)
+                .map(|(_, x)| x)
+                .collect()
         }
-        for c in &self.added_channels {
-            cfg.channels.retain(|x| x.name != c.name);
-            cfg.channels.push(c.clone());
-        }
+        let encoders = last_of(&self.added_encoders, |e| &e.name);
+        let channels = last_of(&self.added_channels, |c| &c.name);
+        let added_e: BTreeSet<&str> = encoders.iter().map(|e| e.name.as_str()).collect();
+        let added_c: BTreeSet<&str> = channels.iter().map(|c| c.name.as_str()).collect();
+        let mut cfg = Config {
+            ingest: base.ingest.clone(),
+            encoders: Vec::new(),
+            channels: Vec::new(),
+            daemon: base.daemon.clone(),
+        };
+        cfg.encoders.extend(
+            base.encoders
+                .iter()
+                .filter(|e| {
+                    !self.removed_encoders.contains(&e.name) && !added_e.contains(e.name.as_str())
+                })
+                .cloned(),
+        );
+        cfg.encoders.extend(encoders.into_iter().cloned());
+        cfg.channels.reserve(base.channels.len() + channels.len());
+        cfg.channels.extend(
+            base.channels
+                .iter()
+                .filter(|c| {
+                    !self.removed_channels.contains(&c.name) && !added_c.contains(c.name.as_str())
+                })
+                .cloned(),
+        );
+        cfg.channels.extend(channels.into_iter().cloned());
         cfg
     }
 }
@@ -132,11 +175,4 @@ pub(super) fn private_file(path: &Path, append: bool) -> std::io::Result<fs::Fil
         .truncate(!append)
         .mode(0o600)
         .open(path)
-}
-
-pub(super) fn append_line<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let mut f = private_file(path, true)?;
-    let mut line = serde_json::to_vec(value)?;
-    line.push(b'\n');
-    f.write_all(&line)
 }

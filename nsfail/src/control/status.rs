@@ -1,24 +1,38 @@
-//! `nsfail status`: channels and encoders as the data plane and the decider have them.
+//! `nsfail status`: channels and encoders as the data plane and the decider have them. Linear
+//! in the channels: the input counters come in one batched read, the active encoders from
+//! the data plane's mirror of its maps, SRT callers and `active_for` grouped in one pass.
 
 use super::*;
 
 impl Controller {
     pub fn status(&self) -> Result<Status> {
         let now = monotonic_ns();
-        let active: BTreeMap<_, _> = self
-            .dp
-            .channels()?
-            .into_iter()
-            .map(|c| (c.listen, c.encoder))
-            .collect();
-        let peers = self.dp.srt_peers().unwrap_or_default();
-        let mut channels = Vec::new();
+        let stats = self.dp.all_channel_stats()?;
+        let mut peers: HashMap<SocketAddr, Vec<SrtPeerStatus>> = HashMap::new();
+        for p in self.dp.srt_peers().unwrap_or_default() {
+            peers.entry(p.channel).or_default().push(SrtPeerStatus {
+                caller: p.peer,
+                socket_id: p.socket_id,
+                idle_ms: now.saturating_sub(p.last_seen_ns) / 1_000_000,
+            });
+        }
+        let mut active_for: HashMap<String, Vec<String>> = HashMap::new();
+        let mut channels = Vec::with_capacity(self.effective.channels.len());
         for ch in &self.effective.channels {
-            let stats = self.dp.channel_stats(ch.listen).unwrap_or_default();
+            let stats = stats.get(&ch.listen).copied().unwrap_or_default();
+            let active = self.active_of(ch);
+            if let Some(a) = &active {
+                match active_for.get_mut(a) {
+                    Some(names) => names.push(ch.name.clone()),
+                    None => {
+                        active_for.insert(a.clone(), vec![ch.name.clone()]);
+                    }
+                }
+            }
             channels.push(ChannelStatus {
                 name: ch.name.clone(),
                 listen: ch.listen,
-                active: active.get(&ch.listen).cloned(),
+                active,
                 encoders: ch.encoders.clone(),
                 port: ch.encoder_port(),
                 protocol: ch.protocol.as_str().to_owned(),
@@ -27,15 +41,7 @@ impl Controller {
                 bytes: stats.bytes,
                 idle_ms: (stats.packets > 0)
                     .then(|| now.saturating_sub(stats.last_seen_ns) / 1_000_000),
-                srt_peers: peers
-                    .iter()
-                    .filter(|p| p.channel == ch.listen)
-                    .map(|p| SrtPeerStatus {
-                        caller: p.peer,
-                        socket_id: p.socket_id,
-                        idle_ms: now.saturating_sub(p.last_seen_ns) / 1_000_000,
-                    })
-                    .collect(),
+                srt_peers: peers.remove(&ch.listen).unwrap_or_default(),
             });
         }
         let mut encoders = Vec::new();
@@ -58,11 +64,9 @@ impl Controller {
                 bytes: stats.rx.bytes,
                 replies: stats.tx.packets,
                 drops: stats.drops.iter().sum(),
-                active_for: channels
-                    .iter()
-                    .filter(|c| c.active.as_deref() == Some(e.name.as_str()))
-                    .map(|c| c.name.clone())
-                    .collect(),
+                active_for: active_for.remove(&e.name).unwrap_or_default(),
+                health_kind: e.health.kind.as_str().to_owned(),
+                health_interval_ms: e.health.interval_ms,
             });
         }
         Ok(Status { channels, encoders })

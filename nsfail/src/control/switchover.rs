@@ -4,28 +4,43 @@
 use super::*;
 
 impl Controller {
+    /// The start of a switchover: the failed encoder's last sign of life. The data plane
+    /// forwards to a dead encoder until the switch, so its forwarded-packet time says nothing
+    /// about when it died; its last reply through the return path (SRT ACKs, any answer) or
+    /// its last successful probe, whichever is later, does. With neither, the last packet
+    /// forwarded to it is used. Read once per (from, to) pair of a batch: a failover of many
+    /// channels reads two encoders' counters, not two per channel.
     pub(super) fn switch_baseline(
         &self,
         channel: &str,
         from: &str,
         to: &str,
+        batch: &mut Batch,
     ) -> Option<PendingSwitch> {
-        let old = self.dp.encoder_stats(from).ok()?;
-        let new = self.dp.encoder_stats(to).ok()?;
-        let alive = old
-            .tx
-            .last_seen_ns
-            .max(self.alive_ns.get(from).copied().unwrap_or(0));
+        let (last_old_ns, new_packets) = *batch
+            .baselines
+            .entry((from.to_owned(), to.to_owned()))
+            .or_insert_with(|| {
+                let old = self.dp.encoder_stats(from).ok()?;
+                let new = self.dp.encoder_stats(to).ok()?;
+                let alive = old
+                    .tx
+                    .last_seen_ns
+                    .max(self.alive_ns.get(from).copied().unwrap_or(0));
+                let last_old = if alive > 0 {
+                    alive
+                } else {
+                    old.rx.last_seen_ns
+                };
+                Some((last_old, new.rx.packets))
+            })
+            .as_ref()?;
         Some(PendingSwitch {
             channel: channel.to_owned(),
             from: from.to_owned(),
             to: to.to_owned(),
-            last_old_ns: if alive > 0 {
-                alive
-            } else {
-                old.rx.last_seen_ns
-            },
-            new_packets: new.rx.packets,
+            last_old_ns,
+            new_packets,
             started: Instant::now(),
         })
     }
@@ -37,14 +52,22 @@ impl Controller {
     pub(super) fn measure_switchovers(&mut self, now: Instant) -> Vec<Switchover> {
         let mut done = Vec::new();
         let mut keep = Vec::new();
+        if self.pending.is_empty() {
+            return done;
+        }
+        // One read per encoder, however many channels moved to it.
+        let mut stats: HashMap<String, Option<nsfail_common::EncoderStats>> = HashMap::new();
         for p in std::mem::take(&mut self.pending) {
-            let Ok(new) = self.dp.encoder_stats(&p.to) else {
+            let new = *stats
+                .entry(p.to.clone())
+                .or_insert_with(|| self.dp.encoder_stats(&p.to).ok());
+            let Some(new) = new else {
                 continue;
             };
             if new.rx.packets > p.new_packets {
                 let gap = Duration::from_nanos(new.rx.last_seen_ns.saturating_sub(p.last_old_ns));
                 let ev = Event {
-                    time: rfc3339(SystemTime::now()),
+                    time: String::new(),
                     channel: Some(p.channel.clone()),
                     from: Some(p.from.clone()),
                     to: Some(p.to.clone()),

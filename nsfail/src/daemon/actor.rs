@@ -7,7 +7,9 @@
 //!
 //! Between messages the actor runs the periodic work every [`TICK`] (automatic failback,
 //! input loss, switchover timing, flow checks) and publishes the effective configuration
-//! whenever it changes, for the probes and managed encoders to follow.
+//! whenever it changes, for the probes and managed encoders to follow: its ingest and
+//! encoders, without the channels (nothing that follows it needs them, and with 100,000
+//! channels a copy per change would cost more than the change).
 
 use std::{
     sync::{
@@ -21,9 +23,10 @@ use std::{
 use log::{info, warn};
 use tokio::sync::{oneshot, watch};
 
+use super::notify::Notifier;
 use crate::{
     api::{Command, Response},
-    config::Config,
+    config::{self, Config},
     control::{ControlError, Controller},
     health::{HealthUpdate, flow::FlowChecks},
     metrics::Metrics,
@@ -33,6 +36,10 @@ use crate::{
 /// How often the controller's periodic work runs (failback, input loss, switchover
 /// measurement, flow checks).
 const TICK: Duration = Duration::from_millis(10);
+
+/// Events logged, kept and written per turn of the actor's loop while a failover's are
+/// pending: requests are answered in between.
+const EVENTS_PER_TURN: usize = 32;
 
 /// A local encoder whose readiness the link watch checks: (name, host interface, the
 /// namespace to look for its peer in first).
@@ -98,19 +105,25 @@ impl ControlHandle {
 /// The running actor.
 pub(super) struct Actor {
     pub(super) handle: ControlHandle,
-    /// The effective configuration, republished whenever it changes.
+    /// The effective configuration's ingest and encoders (no channels), republished
+    /// whenever it changes.
     pub(super) config: watch::Receiver<Arc<Config>>,
     thread: thread::JoinHandle<()>,
 }
 
 impl Actor {
-    /// Starts the actor's thread with `ctl`.
-    pub(super) fn spawn(ctl: Controller, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    /// Starts the actor's thread with `ctl`; with `watchdog`, it sends WATCHDOG=1 that often
+    /// from its periodic work, so that systemd restarts a controller that stopped working.
+    pub(super) fn spawn(
+        ctl: Controller,
+        metrics: Arc<Metrics>,
+        watchdog: Option<(Notifier, Duration)>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let (config_tx, config) = watch::channel(Arc::new(ctl.config().clone()));
+        let (config_tx, config) = watch::channel(Arc::new(followed(&ctl)));
         let thread = thread::Builder::new()
             .name("nsfail-control".into())
-            .spawn(move || run(ctl, rx, metrics, config_tx))?;
+            .spawn(move || run(ctl, rx, metrics, config_tx, watchdog))?;
         Ok(Self {
             handle: ControlHandle { tx },
             config,
@@ -132,13 +145,21 @@ fn run(
     rx: mpsc::Receiver<Msg>,
     metrics: Arc<Metrics>,
     config_tx: watch::Sender<Arc<Config>>,
+    watchdog: Option<(Notifier, Duration)>,
 ) {
     let mut flows = FlowChecks::default();
     flows.sync(c.config());
     let mut seen = c.generation();
     let mut next_tick = Instant::now();
+    let mut next_watchdog = Instant::now();
     loop {
-        match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+        // Pending events are drained a few per turn: come back at once while some are left.
+        let wait = if c.events_pending() > 0 {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
+        match rx.recv_timeout(wait) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Ok(msg) => handle(&mut c, msg, &metrics),
             Err(RecvTimeoutError::Timeout) => {}
@@ -158,22 +179,47 @@ fn run(
                 }
                 Err(e) => warn!("periodic work: {e}"),
             }
+            // Only a controller whose periodic work runs tells systemd it is alive.
+            if let Some((notifier, every)) = &watchdog
+                && now >= next_watchdog
+            {
+                next_watchdog = now + *every;
+                notifier.send("WATCHDOG=1");
+            }
         }
+        c.drain_events(EVENTS_PER_TURN);
         if c.generation() != seen {
             seen = c.generation();
             flows.sync(c.config());
             // Err: the daemon's loop is gone, which only happens while stopping.
-            let _ = config_tx.send(Arc::new(c.config().clone()));
+            let _ = config_tx.send(Arc::new(followed(&c)));
         }
     }
+    c.flush();
     info!("controller stopped");
+}
+
+/// What the probes and managed encoders follow: the effective configuration without its
+/// channels.
+fn followed(c: &Controller) -> Config {
+    let cfg = c.config();
+    Config {
+        ingest: cfg.ingest.clone(),
+        encoders: cfg.encoders.clone(),
+        channels: Vec::new(),
+        daemon: cfg.daemon.clone(),
+    }
 }
 
 fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
     match msg {
         Msg::Request(command, reply) => {
+            let whole = matches!(*command, Command::Status);
             // Err: the client hung up; the request was carried out all the same.
             let _ = reply.send(execute(c, *command));
+            if whole {
+                crate::heap::trim();
+            }
         }
         Msg::Health(update) => {
             if update.ok {
@@ -207,6 +253,7 @@ fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
             observe(c, metrics);
             // Err: the scrape was abandoned.
             let _ = reply.send(());
+            crate::heap::trim();
         }
         Msg::Stop => unreachable!("handled by the loop"),
     }
@@ -217,20 +264,42 @@ fn execute(c: &mut Controller, command: Command) -> Response {
         Ok(()) => Response::ok(()),
         Err(e) => Response::error(e.to_string()),
     };
-    match command {
-        Command::Status => match c.status() {
-            Ok(s) => Response::ok(s),
-            Err(e) => Response::error(e.to_string()),
+    let result = match command {
+        Command::Status => {
+            return match c.status() {
+                Ok(s) => Response::ok(s),
+                Err(e) => Response::error(e.to_string()),
+            };
+        }
+        Command::Events => {
+            c.drain_events(usize::MAX);
+            return Response::ok(c.events());
+        }
+        Command::Remap { channel, encoder } => c.remap(&channel, &encoder),
+        Command::Drain { encoder } => c.drain(&encoder),
+        Command::Undrain { encoder } => c.undrain(&encoder),
+        Command::AddChannel { channel } => match config::Channel::try_from(channel) {
+            Ok(channel) => c.add_channel(channel),
+            Err(e) => return Response::error(e.to_string()),
         },
-        Command::Events => Response::ok(c.events()),
-        Command::Remap { channel, encoder } => done(c.remap(&channel, &encoder)),
-        Command::Drain { encoder } => done(c.drain(&encoder)),
-        Command::Undrain { encoder } => done(c.undrain(&encoder)),
-        Command::AddChannel { channel } => done(c.add_channel(channel)),
-        Command::AddEncoder { encoder } => done(c.add_encoder(encoder)),
-        Command::RemoveChannel { name } => done(c.remove_channel(&name)),
-        Command::RemoveEncoder { name } => done(c.remove_encoder(&name)),
-    }
+        Command::AddEncoder { encoder } => match config::Encoder::try_from(encoder) {
+            Ok(encoder) => c.add_encoder(encoder),
+            Err(e) => return Response::error(e.to_string()),
+        },
+        Command::RemoveChannel { name } => c.remove_channel(&name),
+        Command::RemoveEncoder { name } => c.remove_encoder(&name),
+        Command::Reload => {
+            let outcome = c.reload();
+            c.flush();
+            return match outcome {
+                Ok(report) => Response::ok(report),
+                Err(e) => Response::error(e.to_string()),
+            };
+        }
+    };
+    // A change is answered once it is on disk (or its failure to get there is reported).
+    c.flush();
+    done(result)
 }
 
 fn observe(c: &Controller, metrics: &Metrics) {

@@ -15,7 +15,7 @@ pub(super) const LINK_SWEEP: Duration = Duration::from_millis(500);
 /// up or down) and every [`LINK_SWEEP`] (a peer's GRO turned off in another namespace makes
 /// no event here). The checks run on the blocking pool, one round at a time; the controller
 /// applies what they found.
-pub(super) async fn watch_links(ctl: ControlHandle, mut stop: watch::Receiver<bool>) {
+pub(super) async fn watch_links(ctl: ControlHandle, stop: CancellationToken) {
     let mut events = match rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link]) {
         Ok((conn, _handle, events)) => {
             tokio::spawn(conn);
@@ -43,10 +43,7 @@ pub(super) async fn watch_links(ctl: ControlHandle, mut stop: watch::Receiver<bo
                     while let Some(Some(_)) = ev.next().now_or_never() {}
                 }
             },
-            _ = async {
-                // Err: the daemon is gone, which is a stop too.
-                let _ = stop.wait_for(|s| *s).await;
-            } => return,
+            () = stop.cancelled() => return,
         }
         let Some(targets) = ctl.ask(Msg::ReceiveTargets).await else {
             return;

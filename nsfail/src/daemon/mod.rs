@@ -1,6 +1,7 @@
 //! `nsfail run`: loads the config, opens (or adopts) the data plane, starts the controller and
-//! serves the control socket until SIGTERM or SIGINT. Stopping leaves the pinned data plane
-//! forwarding.
+//! serves the control socket until SIGTERM or SIGINT; SIGHUP reloads the config file. Under
+//! systemd it says READY=1, RELOADING=1, WATCHDOG=1 and STOPPING=1 (see `notify`). Stopping
+//! leaves the pinned data plane forwarding.
 //!
 //! Owns: the serve loop, the control socket, the pin-directory lock, the probe tasks, the
 //! link watch and managed encoders' processes. Must not: decide failovers (the controller
@@ -30,6 +31,7 @@ use tokio::{
     task::JoinHandle,
     time::MissedTickBehavior,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     Dataplane,
@@ -46,14 +48,19 @@ mod actor;
 mod children;
 mod links;
 mod lock;
+mod notify;
+mod output;
 mod probes;
+mod records;
 mod socket;
 
+pub use self::records::teardown as teardown_managed;
 use self::{
-    actor::{Actor, Msg},
+    actor::{Actor, ControlHandle, Msg},
     children::Managed,
     links::watch_links,
     lock::lock_pins,
+    notify::Notifier,
     probes::Probes,
     socket::{bind, handle},
 };
@@ -67,10 +74,23 @@ pub struct Options {
 /// Runs the daemon in the foreground. Must be called before any other thread exists: when the
 /// config names an ingest namespace, the whole process moves into it first.
 pub fn run(opts: Options) -> Result<()> {
+    crate::heap::one_arena();
+    // SAFETY: no other thread exists yet (see above).
+    let (notifier, watchdog) = unsafe { Notifier::from_env() };
     let cfg = Config::load_for_host(&opts.config)?;
+    crate::logging::set_level(cfg.ingest.log_level);
     // Before anything is loaded, adopted or changed: a second daemon on the same data plane
     // would reconcile it to its own config, under the first one's feet.
     let _lock = lock_pins(&opts.pins, &opts.socket)?;
+    records::make_dir(&opts.pins)
+        .with_context(|| format!("creating {}", opts.pins.children_dir().display()))?;
+    let leftovers = records::load(&opts.pins);
+    let group = cfg
+        .daemon
+        .socket_group
+        .as_deref()
+        .map(socket::resolve_group)
+        .transpose()?;
     if let Some(ns) = &cfg.ingest.netns {
         let f = fs::File::open(paths::netns(ns))
             .with_context(|| format!("ingest network namespace {ns}"))?;
@@ -82,6 +102,7 @@ pub fn run(opts: Options) -> Result<()> {
     dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
     let adopted = dp.adopted();
     let ctl = Controller::start(cfg, &opts.config, dp)?;
+    crate::heap::trim();
     info!(
         "{} the data plane; {} channels, {} encoders",
         if adopted { "adopted" } else { "loaded" },
@@ -95,15 +116,37 @@ pub fn run(opts: Options) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(ctl, &opts.socket))
+        .block_on(serve(
+            ctl,
+            &opts.socket,
+            &opts.pins,
+            leftovers,
+            group,
+            notifier,
+            watchdog,
+        ))
 }
 
-async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
-    let listener = bind(socket).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+async fn serve(
+    ctl: Controller,
+    socket: &Path,
+    pins: &Pins,
+    leftovers: BTreeMap<String, records::Record>,
+    group: Option<nix::unistd::Gid>,
+    notifier: Notifier,
+    watchdog: Option<Duration>,
+) -> Result<()> {
+    // Before anything can take a while: from here on SIGHUP reloads, and never kills.
+    let hangup = signal(SignalKind::hangup())?;
+    let listener = bind(socket, group).await?;
+    let stop = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let metrics_addr = ctl.config().ingest.metrics;
-    let actor = Actor::spawn(ctl, metrics.clone())?;
+    let actor = Actor::spawn(
+        ctl,
+        metrics.clone(),
+        watchdog.map(|w| (notifier.clone(), w)),
+    )?;
     let ctl = actor.handle.clone();
     let mut config = actor.config.clone();
     let refresh = {
@@ -113,12 +156,22 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
             let _ = ctl.ask_blocking(Msg::Observe);
         }
     };
+    // The metrics endpoint takes its stop as a watch.
+    let (metrics_stop_tx, metrics_stop) = watch::channel(false);
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            // Err: the endpoint is gone already.
+            let _ = metrics_stop_tx.send(true);
+        }
+    });
     let served = metrics::serve(
         metrics_addr,
         metrics::Limits::default(),
         metrics.clone(),
         refresh,
-        stop_rx.clone(),
+        metrics_stop,
     )
     .await;
     let (bound, metrics_task) = match served {
@@ -135,22 +188,31 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
 
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let mut probes = Probes::default();
-    let mut managed = Managed::new(ctl.clone());
+    let mut managed = Managed::new(ctl.clone(), pins, leftovers);
     {
         let cfg = config.borrow_and_update().clone();
-        probes.sync(&cfg, &health_tx, &stop_rx);
+        probes.sync(&cfg, &health_tx, &stop);
         managed.sync(&cfg);
     }
-    let link_watch = tokio::spawn(watch_links(ctl.clone(), stop_rx.clone()));
+    let link_watch = tokio::spawn(watch_links(ctl.clone(), stop.clone()));
+    let reloads = tokio::spawn(reload_on_hangup(
+        hangup,
+        ctl.clone(),
+        notifier.clone(),
+        stop.clone(),
+    ));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // The data plane is attached (the controller started on it), the socket and the metrics
+    // endpoint serve.
+    notifier.send("READY=1");
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let ctl = ctl.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(stream, ctl).await {
+                        if let Err(e) = handle(stream, ctl, group).await {
                             warn!("client: {e}");
                         }
                     });
@@ -164,20 +226,53 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
             // Probes and managed encoders follow the configuration.
             Ok(()) = config.changed() => {
                 let cfg = config.borrow_and_update().clone();
-                probes.sync(&cfg, &health_tx, &stop_rx);
+                crate::logging::set_level(cfg.ingest.log_level);
+                probes.sync(&cfg, &health_tx, &stop);
                 managed.sync(&cfg);
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    let _ = stop_tx.send(true);
-    // It ends at the stop signal; a panic in it was logged by the runtime already.
+    notifier.send("STOPPING=1");
+    stop.cancel();
+    // They end at the stop; a panic in one was logged by the runtime already.
     let _ = link_watch.await;
-    managed.stop_all().await;
+    let _ = reloads.await;
+    // Managed encoders keep running: the next daemon adopts them.
+    managed.detach_all().await;
     let _ = metrics_task.await;
     actor.stop();
     let _ = fs::remove_file(socket);
     info!("stopped; the data plane keeps forwarding (nsfail teardown removes it)");
     Ok(())
+}
+
+/// Reloads the config on every SIGHUP, one reload at a time: signals that arrive while a
+/// reload runs are one more reload after it (the kernel and tokio coalesce a pending
+/// signal), and a reload waits behind whatever the controller is doing (a failover) since it
+/// is one more message in its queue.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    ctl: ControlHandle,
+    notifier: Notifier,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            got = hangup.recv() => if got.is_none() { return },
+        }
+        info!("SIGHUP: reloading the config");
+        notifier.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::control::monotonic_ns() / 1000
+        ));
+        // The controller logs the outcome and raises its event.
+        let response = ctl.request(api::Command::Reload).await;
+        notifier.send("READY=1");
+        if let Some(e) = response.error {
+            warn!("reload: {e}");
+        }
+    }
 }

@@ -33,7 +33,7 @@ impl Probes {
         &mut self,
         cfg: &Config,
         tx: &mpsc::Sender<HealthUpdate>,
-        stop: &watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) {
         let wanted: BTreeMap<&str, &config::Encoder> = cfg
             .encoders
@@ -59,11 +59,17 @@ impl Probes {
             };
             let (cancel_tx, cancel_rx) = watch::channel(false);
             // The daemon's own stop also stops every probe.
-            let mut stop = stop.clone();
+            let stop = stop.clone();
             let cancel_on_stop = cancel_tx.clone();
             tokio::spawn(async move {
-                let _ = stop.wait_for(|s| *s).await;
-                let _ = cancel_on_stop.send(true);
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        // Err: the probe has ended already.
+                        let _ = cancel_on_stop.send(true);
+                    }
+                    // Cancelled on its own (its encoder changed or went): nothing to wait for.
+                    () = cancel_on_stop.closed() => {}
+                }
             });
             health::spawn(name.to_owned(), probe, &e.health, tx.clone(), cancel_rx);
             self.running
@@ -74,7 +80,8 @@ impl Probes {
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::{mpsc, watch};
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
 
     use super::Probes;
     use crate::config::Config;
@@ -91,7 +98,7 @@ mod tests {
     #[tokio::test]
     async fn a_probe_follows_its_encoders_address() {
         let (tx, _rx) = mpsc::channel(8);
-        let (_stop_tx, stop) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut probes = Probes::default();
         probes.sync(&config("127.0.0.2"), &tx, &stop);
         let first = probes.running["enc-a"].1.subscribe();

@@ -58,7 +58,7 @@ impl Dataplane {
         // Check every reply key before writing any.
         for (name, _, info) in &ids {
             let rkey = reply_key(info, port);
-            if let Ok(other) = self.replies.get(&rkey, 0)
+            if let Some(other) = self.mirror.replies.get(&rkey)
                 && other.ingest != key
             {
                 return Err(DataplaneError::PortConflict {
@@ -68,113 +68,176 @@ impl Dataplane {
                 });
             }
         }
-        let previous = self.channels.get(&key, 0).ok();
+        let previous = self.mirror.channels.get(&key).copied();
         let channel_id = match previous {
             Some(t) => t.channel_id,
             None => {
-                let used: HashSet<u32> = self
-                    .channel_targets()?
-                    .iter()
-                    .map(|(_, t)| t.channel_id)
-                    .collect();
-                let id = (0..MAX_CHANNELS)
-                    .find(|i| !used.contains(i))
-                    .ok_or(DataplaneError::Full("channel"))?;
-                zero_slot(&mut self.channel_stats, id, "CHANNEL_STATS")?;
+                let id = self.mirror.take_id()?;
+                if let Err(e) = zero_slot(&mut self.channel_stats, id, "CHANNEL_STATS") {
+                    self.mirror.free_id(id);
+                    return Err(e);
+                }
                 id
             }
         };
-        // Replies of encoders no longer listed (or on another port) stop being rewritten.
-        let wanted: HashSet<Endpoint> = ids.iter().map(|(_, _, i)| reply_key(i, port)).collect();
-        for (rkey, rt) in self.reply_entries()? {
-            if rt.ingest == key && !wanted.contains(&rkey) {
-                self.replies.remove(&rkey).map_err(map_err("REPLIES"))?;
-            }
-        }
-        for (_, id, info) in &ids {
-            let rt = ReplyTarget {
-                ingest: key,
-                channel_id,
-                encoder_id: *id,
-                ifindex: ingest.ifindex,
-                flags: if srt { REPLY_SRT } else { 0 },
-            };
-            self.replies
-                .insert(reply_key(info, port), rt, 0)
-                .map_err(map_err("REPLIES"))?;
-        }
-        self.set_srt_peers(channel_id, opts)?;
-        let old_nets = self.source_nets_of(channel_id, key.family)?;
-        for net in &opts.sources {
-            self.source_nets
-                .insert(&source_net_key(channel_id, net), 1, 0)
-                .map_err(map_err("SOURCE_NETS"))?;
-        }
+        let written = self
+            .write_channel(key, channel_id, port, srt, &ids, ingest.ifindex)
+            .and_then(|()| self.set_srt_peers(channel_id, opts))
+            .and_then(|()| self.add_source_nets(channel_id, &opts.sources));
         let mut target = target_for(&active_info, active_id, channel_id, port);
         if !opts.sources.is_empty() {
             target.flags |= CHANNEL_SOURCES;
         }
-        self.channels
-            .insert(key, target, 0)
-            .map_err(map_err("CHANNELS"))?;
-        let wanted: HashSet<SourcePrefix> = opts.sources.iter().copied().collect();
-        for net in old_nets.iter().filter(|n| !wanted.contains(n)) {
-            self.source_nets
-                .remove(&source_net_key(channel_id, net))
-                .map_err(map_err("SOURCE_NETS"))?;
+        match written.and_then(|()| {
+            self.channels
+                .insert(key, target, 0)
+                .map_err(map_err("CHANNELS"))
+        }) {
+            Ok(()) => {
+                self.mirror.channels.insert(key, target);
+                self.drop_source_nets(channel_id, &opts.sources)?;
+                Ok(channel_id)
+            }
+            Err(e) => {
+                if previous.is_none() {
+                    self.mirror.free_id(channel_id);
+                }
+                Err(e)
+            }
         }
-        Ok(channel_id)
+    }
+
+    /// The return path of a channel: its members' reply keys written, those of encoders no
+    /// longer listed (or on another port) removed.
+    fn write_channel(
+        &mut self,
+        key: Endpoint,
+        channel_id: u32,
+        port: u16,
+        srt: bool,
+        ids: &[(String, u32, EncoderInfo)],
+        ifindex: u32,
+    ) -> Result<()> {
+        let wanted: HashSet<Endpoint> = ids.iter().map(|(_, _, i)| reply_key(i, port)).collect();
+        for rkey in self.mirror.replies_of(&key) {
+            if !wanted.contains(&rkey) {
+                self.replies.remove(&rkey).map_err(map_err("REPLIES"))?;
+                self.mirror.remove_reply(&rkey);
+            }
+        }
+        for (_, id, info) in ids {
+            let rt = ReplyTarget {
+                ingest: key,
+                channel_id,
+                encoder_id: *id,
+                ifindex,
+                flags: if srt { REPLY_SRT } else { 0 },
+            };
+            let rkey = reply_key(info, port);
+            if self.mirror.replies.get(&rkey) == Some(&rt) {
+                continue;
+            }
+            self.replies
+                .insert(rkey, rt, 0)
+                .map_err(map_err("REPLIES"))?;
+            self.mirror.add_reply(rkey, rt);
+        }
+        Ok(())
     }
 
     /// Creates, resizes or removes the channel's SRT_PEERS entry (its learnt callers stay
-    /// across a reconfiguration, up to the new limit).
+    /// across a reconfiguration, up to the new limit). No map access when the limit is as
+    /// written.
     fn set_srt_peers(&mut self, channel_id: u32, opts: &ChannelOptions) -> Result<()> {
-        let current = self.srt_peers.get(&channel_id, 0).ok();
+        let written = self.mirror.srt_limits.get(&channel_id).copied();
         if !opts.srt {
-            if current.is_some() {
+            if written.is_some() {
                 self.srt_peers
                     .remove(&channel_id)
                     .map_err(map_err("SRT_PEERS"))?;
+                self.mirror.srt_limits.remove(&channel_id);
             }
             return Ok(());
         }
-        if current.is_some_and(|c| c.limit == opts.srt_peer_limit) {
+        if written == Some(opts.srt_peer_limit) {
             return Ok(());
         }
         let mut peers = SrtPeers::new(opts.srt_peer_limit);
-        if let Some(c) = current {
+        if let Ok(c) = self.srt_peers.get(&channel_id, 0) {
             let keep = (opts.srt_peer_limit as usize).min(MAX_SRT_PEERS_PER_CHANNEL);
             peers.slots[..keep].copy_from_slice(&c.slots[..keep]);
         }
         self.srt_peers
             .insert(channel_id, peers, 0)
-            .map_err(map_err("SRT_PEERS"))
+            .map_err(map_err("SRT_PEERS"))?;
+        self.mirror
+            .srt_limits
+            .insert(channel_id, opts.srt_peer_limit);
+        Ok(())
     }
 
-    /// The `sources` prefixes the data plane holds for a channel of `family`.
-    fn source_nets_of(&self, channel_id: u32, family: u8) -> Result<Vec<SourcePrefix>> {
-        let mut out = Vec::new();
-        for key in self.source_nets.keys() {
-            let key = key.map_err(map_err("SOURCE_NETS"))?;
-            let data = key.data();
-            if u32::from_be_bytes(data.channel) != channel_id {
+    /// Writes the prefixes of `sources` the channel does not have yet (before its CHANNELS
+    /// write, so a newly restricted channel never forwards from outside them).
+    fn add_source_nets(&mut self, channel_id: u32, sources: &[SourcePrefix]) -> Result<()> {
+        for net in sources {
+            let have = self.mirror.source_nets.entry(channel_id).or_default();
+            if have.contains(net) {
                 continue;
             }
-            let bits = key.prefix_len().saturating_sub(32) as u8;
-            if let Some(net) = SourcePrefix::new(ip_addr(family, &data.addr), bits) {
-                out.push(net);
+            self.source_nets
+                .insert(&source_net_key(channel_id, net), 1, 0)
+                .map_err(map_err("SOURCE_NETS"))?;
+            have.push(*net);
+        }
+        if self
+            .mirror
+            .source_nets
+            .get(&channel_id)
+            .is_some_and(Vec::is_empty)
+        {
+            self.mirror.source_nets.remove(&channel_id);
+        }
+        Ok(())
+    }
+
+    /// Removes the channel's prefixes not in `keep` (after its CHANNELS write).
+    fn drop_source_nets(&mut self, channel_id: u32, keep: &[SourcePrefix]) -> Result<()> {
+        let Some(have) = self.mirror.source_nets.get(&channel_id) else {
+            return Ok(());
+        };
+        let stale: Vec<SourcePrefix> = have.iter().filter(|n| !keep.contains(n)).copied().collect();
+        for net in stale {
+            self.source_nets
+                .remove(&source_net_key(channel_id, &net))
+                .map_err(map_err("SOURCE_NETS"))?;
+            if let Some(have) = self.mirror.source_nets.get_mut(&channel_id) {
+                have.retain(|n| *n != net);
             }
         }
-        Ok(out)
+        if self
+            .mirror
+            .source_nets
+            .get(&channel_id)
+            .is_some_and(Vec::is_empty)
+        {
+            self.mirror.source_nets.remove(&channel_id);
+        }
+        Ok(())
     }
 
     /// A channel's `sources` as the data plane holds them (empty: from anywhere).
     pub fn channel_sources(&self, listen: SocketAddr) -> Result<Vec<SourcePrefix>> {
         let t = self
+            .mirror
             .channels
-            .get(&endpoint(listen), 0)
-            .map_err(|_| DataplaneError::UnknownChannel(listen))?;
-        let mut nets = self.source_nets_of(t.channel_id, endpoint(listen).family)?;
+            .get(&endpoint(listen))
+            .ok_or(DataplaneError::UnknownChannel(listen))?;
+        let mut nets = self
+            .mirror
+            .source_nets
+            .get(&t.channel_id)
+            .cloned()
+            .unwrap_or_default();
         nets.sort();
         Ok(nets)
     }
@@ -182,30 +245,35 @@ impl Dataplane {
     /// Points an existing channel at another encoder: the failover. One HASH map update.
     pub fn activate(&mut self, listen: SocketAddr, encoder: &str) -> Result<()> {
         let key = endpoint(listen);
-        let current = self
+        let current = *self
+            .mirror
             .channels
-            .get(&key, 0)
-            .map_err(|_| DataplaneError::UnknownChannel(listen))?;
+            .get(&key)
+            .ok_or(DataplaneError::UnknownChannel(listen))?;
         let (id, info) = self.encoder_checked(encoder, listen)?;
         let target = retarget(&info, id, &current);
         self.channels
             .insert(key, target, 0)
-            .map_err(map_err("CHANNELS"))
+            .map_err(map_err("CHANNELS"))?;
+        self.mirror.channels.insert(key, target);
+        Ok(())
     }
 
     /// Removes a channel: forwarding stops first, then its return path.
     pub fn remove_channel(&mut self, listen: SocketAddr) -> Result<()> {
         let key = endpoint(listen);
-        let current = self
+        let current = *self
+            .mirror
             .channels
-            .get(&key, 0)
-            .map_err(|_| DataplaneError::UnknownChannel(listen))?;
+            .get(&key)
+            .ok_or(DataplaneError::UnknownChannel(listen))?;
         self.channels.remove(&key).map_err(map_err("CHANNELS"))?;
-        for (rkey, rt) in self.reply_entries()? {
-            if rt.ingest == key {
-                self.replies.remove(&rkey).map_err(map_err("REPLIES"))?;
-            }
+        self.mirror.channels.remove(&key);
+        for rkey in self.mirror.replies_of(&key) {
+            self.replies.remove(&rkey).map_err(map_err("REPLIES"))?;
+            self.mirror.remove_reply(&rkey);
         }
+        self.mirror.free_id(current.channel_id);
         let stale: Vec<SourceKey> = self
             .sources
             .keys()
@@ -215,8 +283,15 @@ impl Dataplane {
         for k in stale {
             let _ = self.sources.remove(&k);
         }
-        let _ = self.srt_peers.remove(&current.channel_id);
-        for net in self.source_nets_of(current.channel_id, key.family)? {
+        if self.mirror.srt_limits.remove(&current.channel_id).is_some() {
+            let _ = self.srt_peers.remove(&current.channel_id);
+        }
+        for net in self
+            .mirror
+            .source_nets
+            .remove(&current.channel_id)
+            .unwrap_or_default()
+        {
             let _ = self
                 .source_nets
                 .remove(&source_net_key(current.channel_id, &net));
@@ -254,6 +329,25 @@ impl Dataplane {
         }
         out.sort_by_key(|p| (p.channel, p.peer));
         Ok(out)
+    }
+
+    /// Reads CHANNELS and REPLIES again into the in-memory mirror this type keeps of them: for
+    /// a caller that wrote them directly (a benchmark's synthetic channels). Nothing in nsfail
+    /// itself needs it: this type is the maps' only writer.
+    pub fn reload_channels(&mut self) -> Result<()> {
+        self.mirror = Mirror::load(&self.channels, &self.replies)?;
+        self.mirror
+            .load_options(&self.source_nets, &self.srt_peers)?;
+        Ok(())
+    }
+
+    /// The name of the encoder a channel is forwarded to now, without reading any map.
+    pub fn active_encoder(&self, listen: SocketAddr) -> Option<&str> {
+        let t = self.mirror.channels.get(&endpoint(listen))?;
+        self.by_name
+            .iter()
+            .find(|(_, (id, _))| *id == t.encoder_id)
+            .map(|(name, _)| name.as_str())
     }
 
     pub fn channels(&self) -> Result<Vec<ChannelEntry>> {
@@ -296,9 +390,10 @@ impl Dataplane {
     /// A channel's input counters, summed over CPUs.
     pub fn channel_stats(&self, listen: SocketAddr) -> Result<FlowStats> {
         let t = self
+            .mirror
             .channels
-            .get(&endpoint(listen), 0)
-            .map_err(|_| DataplaneError::UnknownChannel(listen))?;
+            .get(&endpoint(listen))
+            .ok_or(DataplaneError::UnknownChannel(listen))?;
         let per_cpu = self
             .channel_stats
             .get(&t.channel_id, 0)
@@ -308,18 +403,52 @@ impl Dataplane {
         Ok(sum)
     }
 
-    pub(super) fn channel_targets(&self) -> Result<Vec<(Endpoint, ChannelTarget)>> {
-        self.channels
+    /// Every channel's input counters, summed over CPUs, read in a few batched syscalls
+    /// rather than one per channel.
+    pub fn all_channel_stats(&self) -> Result<std::collections::HashMap<SocketAddr, FlowStats>> {
+        const CHUNK: u32 = 4096;
+        let cpus = nr_cpus().map_err(|(_, e)| DataplaneError::Invalid {
+            what: "possible CPUs".into(),
+            why: e.to_string(),
+        })?;
+        let slot = size_of::<ChannelStats>().next_multiple_of(8);
+        let size = slot * cpus;
+        let bound = self.mirror.id_bound();
+        let mut by_id = vec![FlowStats::default(); bound as usize];
+        let mut buf = vec![0u8; CHUNK as usize * size];
+        let mut start = 0;
+        while start < bound {
+            let count = CHUNK.min(bound - start);
+            let read =
+                sys::bpf_array_lookup_batch(&self.channel_stats_fd, start, count, &mut buf, size)
+                    .map_err(|e| DataplaneError::Invalid {
+                    what: "CHANNEL_STATS batch read".into(),
+                    why: e.to_string(),
+                })?;
+            if read == 0 {
+                break;
+            }
+            for (k, value) in buf.chunks_exact(size).take(read as usize).enumerate() {
+                let sum = &mut by_id[start as usize + k];
+                for cpu in value.chunks_exact(slot) {
+                    // SAFETY: the kernel wrote a whole `ChannelStats` (plain integers, any
+                    // bit pattern valid) at the start of each CPU's slot.
+                    let s: ChannelStats = unsafe { std::ptr::read_unaligned(cpu.as_ptr().cast()) };
+                    sum.merge(&s.flow);
+                }
+            }
+            start += read;
+        }
+        Ok(self
+            .mirror
+            .channels
             .iter()
-            .map(|r| r.map_err(map_err("CHANNELS")))
-            .collect()
+            .filter_map(|(k, t)| Some((socket_addr(k), *by_id.get(t.channel_id as usize)?)))
+            .collect())
     }
 
-    pub(super) fn reply_entries(&self) -> Result<Vec<(Endpoint, ReplyTarget)>> {
-        self.replies
-            .iter()
-            .map(|r| r.map_err(map_err("REPLIES")))
-            .collect()
+    pub(super) fn channel_targets(&self) -> Result<Vec<(Endpoint, ChannelTarget)>> {
+        Ok(self.mirror.channels.iter().map(|(k, t)| (*k, *t)).collect())
     }
 }
 

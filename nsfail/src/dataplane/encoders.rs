@@ -83,13 +83,22 @@ impl Dataplane {
         self.by_name.insert(spec.name.clone(), (id, info));
         self.index_encoder(id, old_info.as_ref(), &info)?;
         // Repoint channels whose target is this encoder (its MAC or address may have changed).
-        for (key, target) in self.channel_targets()? {
-            if target.encoder_id == id {
-                let t = retarget(&info, id, &target);
-                self.channels
-                    .insert(key, t, 0)
-                    .map_err(map_err("CHANNELS"))?;
+        let using: Vec<(Endpoint, ChannelTarget)> = self
+            .mirror
+            .channels
+            .iter()
+            .filter(|(_, t)| t.encoder_id == id)
+            .map(|(k, t)| (*k, *t))
+            .collect();
+        for (key, target) in using {
+            let t = retarget(&info, id, &target);
+            if t == target {
+                continue;
             }
+            self.channels
+                .insert(key, t, 0)
+                .map_err(map_err("CHANNELS"))?;
+            self.mirror.channels.insert(key, t);
         }
         Ok(id)
     }
@@ -295,16 +304,18 @@ impl Dataplane {
     /// Channels forwarded to encoder `id` or expecting its replies.
     pub(super) fn channels_using(&self, id: u32) -> Result<Vec<SocketAddr>> {
         let mut out: Vec<SocketAddr> = self
-            .channel_targets()?
+            .mirror
+            .channels
             .iter()
             .filter(|(_, t)| t.encoder_id == id)
             .map(|(k, _)| socket_addr(k))
             .collect();
         out.extend(
-            self.reply_entries()?
-                .iter()
-                .filter(|(_, r)| r.encoder_id == id)
-                .map(|(_, r)| socket_addr(&r.ingest)),
+            self.mirror
+                .replies
+                .values()
+                .filter(|r| r.encoder_id == id)
+                .map(|r| socket_addr(&r.ingest)),
         );
         out.sort();
         out.dedup();

@@ -1,5 +1,10 @@
 //! Links: pinning them, detaching them whoever holds them, telling a live link from one left
 //! behind by a deleted interface, and the redirect tracepoints' links and configuration.
+//!
+//! aya (0.14) pins links (`FdLink::pin`) and we use it for that; it cannot do the other two:
+//! `PinnedLink::from_pin` gives an `FdLink` whose `detach` only closes our descriptor (a
+//! link held by anyone else stays attached), and its `LinkInfo` carries no interface index.
+//! Those two go through `sys` (`BPF_LINK_DETACH`, `BPF_OBJ_GET_INFO_BY_FD`).
 
 use std::{fs, io, path::Path};
 

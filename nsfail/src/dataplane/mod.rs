@@ -18,6 +18,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
     path::Path,
 };
 
@@ -58,6 +59,7 @@ mod channels;
 mod encoders;
 mod links;
 mod maps;
+mod mirror;
 pub mod policy;
 mod sys;
 
@@ -66,8 +68,8 @@ pub use nsfail_common::{
     MAX_SRT_PEERS_PER_CHANNEL as SRT_PEER_LIMIT_MAX,
 };
 
-use self::maps::*;
 pub use self::maps::{endpoint, socket_addr};
+use self::{maps::*, mirror::Mirror};
 
 /// The eBPF object built by build.rs from nsfail-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nsfail"));
@@ -382,6 +384,11 @@ pub struct Dataplane {
     /// ENCODERS by name, kept in step with the map by this type (the only writer): a failover
     /// (`activate`) is then one map read and one map write, whatever the number of encoders.
     by_name: BTreeMap<String, (u32, EncoderInfo)>,
+    /// CHANNELS, REPLIES, SOURCE_NETS and the SRT caller limits as written, for reads and
+    /// checks without a map walk.
+    mirror: Mirror,
+    /// CHANNEL_STATS, for batched reads (aya has no batch operations).
+    channel_stats_fd: OwnedFd,
 }
 
 impl Dataplane {
@@ -493,17 +500,31 @@ impl Dataplane {
             let (id, info) = item.map_err(map_err("ENCODERS"))?;
             by_name.insert(decode_name(&info.name), (id, info));
         }
+        let channels = typed!("CHANNELS");
+        let replies = typed!("REPLIES");
+        let srt_peers = typed!("SRT_PEERS");
+        let source_nets = typed!("SOURCE_NETS");
+        let mut mirror = Mirror::load(&channels, &replies)?;
+        mirror.load_options(&source_nets, &srt_peers)?;
+        let stats_pin = pins.map("CHANNEL_STATS");
+        let channel_stats_fd =
+            sys::bpf_obj_get(&stats_pin).map_err(|source| DataplaneError::Pin {
+                path: stats_pin.display().to_string(),
+                source,
+            })?;
         Ok(Self {
             by_name,
+            mirror,
+            channel_stats_fd,
             adopted: true,
             ingest: None,
             xdp,
             tc,
-            channels: typed!("CHANNELS"),
-            replies: typed!("REPLIES"),
+            channels,
+            replies,
             sources: typed!("SOURCES"),
-            srt_peers: typed!("SRT_PEERS"),
-            source_nets: typed!("SOURCE_NETS"),
+            srt_peers,
+            source_nets,
             encoders,
             encoder_ifindex: typed!("ENCODER_IFINDEX"),
             policies: typed!("POLICIES"),

@@ -1,5 +1,5 @@
 //! The bpf(2) and socket calls aya does not wrap: a pinned object's descriptor, a link's
-//! detach and info, and the network namespace's cookie. Each is one syscall with its
+//! detach and info, a batched map read, and the network namespace's cookie. Each is one syscall with its
 //! `bpf_attr` member spelled out; nothing here knows what nsfail pins.
 
 use std::{io, os::fd::OwnedFd, path::Path};
@@ -88,6 +88,73 @@ pub(super) fn bpf_link_info(link: &OwnedFd) -> io::Result<[u8; 32]> {
         return Err(io::Error::last_os_error());
     }
     Ok(info)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` on an array map (Linux 5.6): the values of up to `count` entries
+/// from index `start` on, into `values` (`count` values of the map's value size, per CPU for a
+/// per-CPU map). Returns how many were read; fewer than asked at the end of the array.
+pub(super) fn bpf_array_lookup_batch(
+    map: &OwnedFd,
+    start: u32,
+    count: u32,
+    values: &mut [u8],
+    value_size: usize,
+) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    if values.len() < count as usize * value_size {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // The batch position is the last index read: the read goes on after it; none (NULL) is
+    // "from the first".
+    let in_batch = start.wrapping_sub(1);
+    let mut out_batch = 0u32;
+    let mut keys = vec![0u32; count as usize];
+    let mut attr = Batch {
+        in_batch: if start == 0 {
+            0
+        } else {
+            &in_batch as *const u32 as u64
+        },
+        out_batch: &mut out_batch as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is the `batch` member of `bpf_attr`; the kernel writes at most `count`
+    // keys and `count * value_size` value bytes into buffers that hold that much, the batch
+    // position into `out_batch`, and `count` back into `attr`; all outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut Batch,
+            size_of::<Batch>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        // ENOENT: the end of the array was reached; `count` says how many were read.
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(attr.count);
+        }
+        return Err(e);
+    }
+    Ok(attr.count)
 }
 
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14).

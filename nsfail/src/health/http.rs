@@ -1,35 +1,30 @@
-//! HTTP status: `GET` a `http://` URL with a minimal HTTP/1.1 request; a 2xx status line is
-//! healthy. Only the status line is read.
+//! HTTP status: `GET` a `http://` URL over HTTP/1.1 (hyper's client); a 2xx status is
+//! healthy. Only the status is read, never the body.
 
 use std::time::Duration;
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{
+    Request,
+    header::{ACCEPT, CONNECTION, HOST, USER_AGENT},
 };
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpStream, time::Instant};
 
 use super::{Probe, ProbeError, ProbeFuture};
 use crate::config::HttpUrl;
 
-/// The longest status line accepted; a real one is a few dozen bytes.
-const MAX_STATUS_LINE: usize = 1024;
-
 /// Status probe of one URL.
 pub struct HttpProbe {
     url: HttpUrl,
-    request: String,
 }
 
 impl HttpProbe {
     pub fn new(url: &str) -> Result<Self, String> {
-        let url = HttpUrl::parse(url)?;
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nsfail\r\nAccept: */*\r\nConnection: \
-             close\r\n\r\n",
-            url.target, url.authority
-        );
-        Ok(Self { url, request })
+        Ok(Self {
+            url: HttpUrl::parse(url)?,
+        })
     }
 
     pub fn url(&self) -> &HttpUrl {
@@ -39,38 +34,27 @@ impl HttpProbe {
     async fn attempt(&self) -> Result<Duration, ProbeError> {
         let start = Instant::now();
         let io = |op| move |source| ProbeError::Io { op, source };
-        let mut stream = TcpStream::connect((self.url.host.as_str(), self.url.port))
+        let stream = TcpStream::connect((self.url.host.as_str(), self.url.port))
             .await
             .map_err(io("connect"))?;
-        stream
-            .write_all(self.request.as_bytes())
+        let bad = |e: hyper::Error| ProbeError::BadResponse(e.to_string());
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(io("send"))?;
-        let mut buf = [0u8; MAX_STATUS_LINE];
-        let mut filled = 0;
-        let line = loop {
-            if let Some(end) = buf[..filled].windows(2).position(|w| w == b"\r\n") {
-                break &buf[..end];
-            }
-            if filled == buf.len() {
-                return Err(ProbeError::BadResponse(format!(
-                    "no status line in the first {MAX_STATUS_LINE} bytes"
-                )));
-            }
-            let n = stream
-                .read(&mut buf[filled..])
-                .await
-                .map_err(io("receive"))?;
-            if n == 0 {
-                return Err(ProbeError::BadResponse(if filled == 0 {
-                    "connection closed without an answer".into()
-                } else {
-                    "connection closed inside the status line".into()
-                }));
-            }
-            filled += n;
-        };
-        match status_code(line)? {
+            .map_err(bad)?;
+        let request = Request::get(self.url.target.as_str())
+            .header(HOST, self.url.authority.as_str())
+            .header(USER_AGENT, "nsfail")
+            .header(ACCEPT, "*/*")
+            .header(CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| ProbeError::Config(e.to_string()))?;
+        // The connection is driven on its own task, which ends when the answer (its body
+        // unread) and the sender are dropped; its failures reach the request as errors.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let response = sender.send_request(request).await.map_err(bad)?;
+        match response.status().as_u16() {
             200..=299 => Ok(start.elapsed()),
             code => Err(ProbeError::HttpStatus(code)),
         }
@@ -87,35 +71,9 @@ impl Probe for HttpProbe {
     }
 }
 
-/// The code of a status line `HTTP/1.x NNN [reason]` (without its CRLF).
-fn status_code(line: &[u8]) -> Result<u16, ProbeError> {
-    let bad = || {
-        let shown: String = String::from_utf8_lossy(line).chars().take(60).collect();
-        ProbeError::BadResponse(format!("status line {shown:?}"))
-    };
-    let rest = line.strip_prefix(b"HTTP/1.").ok_or_else(bad)?;
-    let code = match rest {
-        [minor, b' ', code @ ..] if minor.is_ascii_digit() => code,
-        _ => return Err(bad()),
-    };
-    match code {
-        [a, b, c] | [a, b, c, b' ', ..] if [a, b, c].iter().all(|d| d.is_ascii_digit()) => {
-            let code = [a, b, c]
-                .iter()
-                .fold(0u16, |n, d| n * 10 + u16::from(**d - b'0'));
-            if (100..=599).contains(&code) {
-                Ok(code)
-            } else {
-                Err(bad())
-            }
-        }
-        _ => Err(bad()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{HttpUrl, status_code};
+    use super::{Duration, HttpProbe, HttpUrl, ProbeError};
 
     fn url(host: &str, port: u16, authority: &str, target: &str) -> HttpUrl {
         HttpUrl {
@@ -171,8 +129,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reads_status_lines() {
+    /// The status line a server sends, and what the probe makes of it.
+    async fn verdict(line: &'static [u8]) -> Result<Duration, ProbeError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            if !line.is_empty() {
+                let _ = s.write_all(line).await;
+                let _ = s.write_all(b"\r\n\r\n").await;
+            }
+        });
+        let probe = HttpProbe::new(&format!("http://127.0.0.1:{port}/health")).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(5), probe.attempt())
+            .await
+            .expect("the probe ends");
+        let _ = server.await;
+        result
+    }
+
+    #[tokio::test]
+    async fn reads_status_lines() {
         let ok = [
             (&b"HTTP/1.1 200 OK"[..], 200),
             (b"HTTP/1.0 204", 204),
@@ -180,7 +167,12 @@ mod tests {
             (b"HTTP/1.1 301 ", 301),
         ];
         for (line, code) in ok {
-            assert_eq!(status_code(line).ok(), Some(code), "{line:?}");
+            let got = match verdict(line).await {
+                Ok(_) => (200..300).contains(&code).then_some(code),
+                Err(ProbeError::HttpStatus(c)) => Some(c),
+                Err(_) => None,
+            };
+            assert_eq!(got, Some(code), "{line:?}");
         }
         for line in [
             &b""[..],
@@ -193,7 +185,11 @@ mod tests {
             b"HTTP/1.1  200 OK",
             b"http/1.1 200 OK",
         ] {
-            assert!(status_code(line).is_err(), "{line:?}");
+            let got = verdict(line).await;
+            assert!(
+                matches!(got, Err(ProbeError::BadResponse(_))),
+                "{line:?}: {got:?}"
+            );
         }
     }
 }

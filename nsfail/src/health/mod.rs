@@ -109,6 +109,7 @@ pub fn probe_for(encoder: &Encoder) -> Option<Box<dyn Probe>> {
                 program.clone(),
                 args.to_vec(),
                 encoder.netns.clone(),
+                encoder.env.clone(),
             )),
             _ => unusable("health kind \"exec\" needs a non-empty command".into()),
         },

@@ -1,7 +1,8 @@
 //! The lab: namespaces, veths and addresses for the demo and the end-to-end tests (the same
-//! machinery for both). It shells out to `ip` and `ethtool`, which is acceptable for the lab
-//! only; the product's own interface handling lives in `net`. Nothing in the product's paths
-//! (daemon, control, dataplane) uses this module.
+//! machinery for both). It is built with the product's own netlink plumbing (`net::plumb`,
+//! as managed encoders are), from one address plan ([`v4`], [`v6`]). [`Netns::ip`] and
+//! [`Netns::exec`] remain for tests that poke at a namespace the way an operator would. Nothing
+//! in the product's paths (daemon, control, dataplane) uses this module.
 //!
 //! ```text
 //!  {p}src: s0 10.77.0.2/24 fd77::2/64 ──veth── ing 10.77.0.1/24 fd77::1/64 ({p}rt, XDP here)
@@ -16,16 +17,45 @@
 use std::{
     io,
     mem::{self, ManuallyDrop},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::{Command, Output},
 };
 
-use crate::net::netns;
+use crate::net::{netns, plumb, provision};
 
 pub mod bench_object;
 pub mod ctl;
 pub mod demo;
 
+/// The lab's address plan, named here once. Link 0 joins the sender to the ingest host, link
+/// `i + 1` joins encoder `i` to it; on every link the ingest host's side is host 1 and the far
+/// side host 2: `10.77.LINK.HOST/24` and `fd77:LINK::HOST/64`.
+pub const fn v4(link: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, link, host)
+}
+
+/// The IPv6 half of the plan (see [`v4`]).
+pub const fn v6(link: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd77, link as u16, 0, 0, 0, 0, 0, host as u16)
+}
+
+const PREFIX4: u8 = 24;
+const PREFIX6: u8 = 64;
+/// On every link, the ingest host's side and the far side.
+const NEAR: u8 = 1;
+const FAR: u8 = 2;
+
+/// Both addresses of one side of link `link`, with their prefixes.
+fn side(link: u8, host: u8) -> [(IpAddr, u8); 2] {
+    [
+        (IpAddr::V4(v4(link, host)), PREFIX4),
+        (IpAddr::V6(v6(link, host)), PREFIX6),
+    ]
+}
+
 pub const INGEST_IF: &str = "ing";
+// The plan's sender link as strings, for tests that format and parse them (checked against
+// the plan by a unit test below).
 pub const INGEST4: &str = "10.77.0.1";
 pub const INGEST6: &str = "fd77::1";
 pub const SRC4: &str = "10.77.0.2";
@@ -67,11 +97,17 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Result<Self> {
-        cmd("ip", &["netns", "add", name])?;
+        if crate::paths::netns(name).exists() {
+            return Err(LabError {
+                cmd: format!("create namespace {name}"),
+                detail: "it exists already".to_owned(),
+            });
+        }
+        provision::create_netns(name).map_err(step(format!("create namespace {name}")))?;
         let ns = Self {
             name: name.to_owned(),
         };
-        ns.ip(&["link", "set", "lo", "up"])?;
+        plumb::up(Some(name), "lo").map_err(step(format!("lo up in {name}")))?;
         Ok(ns)
     }
 
@@ -104,10 +140,15 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = provision::delete_netns(&self.name);
+    }
+}
+
+/// Turns an I/O error of one build step into a [`LabError`] naming the step.
+fn step(what: String) -> impl FnOnce(io::Error) -> LabError {
+    move |e| LabError {
+        cmd: what,
+        detail: e.to_string(),
     }
 }
 
@@ -147,60 +188,33 @@ impl Lab {
             detail: e.to_string(),
         })?;
         let src = Netns::new(&format!("{prefix}src"))?;
-        // Veths are created inside rt, then one end moves to the other namespace.
-        rt.ip(&[
-            "link", "add", INGEST_IF, "type", "veth", "peer", "name", "s0",
-        ])?;
-        rt.ip(&["link", "set", "s0", "netns", &src.name])?;
-        setup_end(&rt, INGEST_IF, "10.77.0.1/24", "fd77::1/64")?;
-        setup_end(&src, "s0", "10.77.0.2/24", "fd77::2/64")?;
+        link(&rt, INGEST_IF, &src, "s0", 0)?;
         // A sender on a veth leaves UDP checksums to offload; a real wire delivers them done.
-        src.exec("ethtool", &["-K", "s0", "tx", "off"])?;
+        plumb::tx_checksum_off(&src.name, "s0")
+            .map_err(step(format!("tx offload off in {}", src.name)))?;
 
         let mut encoders = Vec::new();
         for i in 0..n.min(8) {
             let letter = (b'a' + i as u8) as char;
             let ns = Netns::new(&format!("{prefix}e{letter}"))?;
-            netns::quicken_icmp_errors(&ns.name).map_err(|e| LabError {
-                cmd: format!("ICMP error rate limit in {}", ns.name),
-                detail: e.to_string(),
-            })?;
+            netns::quicken_icmp_errors(&ns.name)
+                .map_err(step(format!("ICMP error rate limit in {}", ns.name)))?;
             let host_if = format!("ve{letter}");
             let inner_if = format!("e{letter}0");
-            let net = i + 1;
-            rt.ip(&[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &inner_if,
-            ])?;
-            rt.ip(&["link", "set", &inner_if, "netns", &ns.name])?;
-            setup_end(
-                &rt,
-                &host_if,
-                &format!("10.77.{net}.1/24"),
-                &format!("fd77:{net}::1/64"),
-            )?;
-            setup_end(
-                &ns,
-                &inner_if,
-                &format!("10.77.{net}.2/24"),
-                &format!("fd77:{net}::2/64"),
-            )?;
-            ns.ip(&["route", "add", "default", "via", &format!("10.77.{net}.1")])?;
-            ns.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd77:{net}::1"),
-            ])?;
+            let net = i as u8 + 1;
+            link(&rt, &host_if, &ns, &inner_if, net)?;
+            for gateway in [IpAddr::V4(v4(net, NEAR)), IpAddr::V6(v6(net, NEAR))] {
+                plumb::default_route(Some(&ns.name), &inner_if, gateway)
+                    .map_err(step(format!("default route via {gateway} in {}", ns.name)))?;
+            }
             // XDP_REDIRECT into a veth delivers only when the receiving peer has GRO on.
-            ns.exec("ethtool", &["-K", &inner_if, "gro", "on"])?;
+            plumb::gro_on(&ns.name, &inner_if).map_err(step(format!("GRO on in {}", ns.name)))?;
             encoders.push(EncoderNs {
                 ns,
                 host_if,
                 inner_if,
-                addr4: format!("10.77.{net}.2"),
-                addr6: format!("fd77:{net}::2"),
+                addr4: v4(net, FAR).to_string(),
+                addr6: v6(net, FAR).to_string(),
             });
         }
         Ok(Self { rt, src, encoders })
@@ -222,8 +236,28 @@ impl Lab {
     }
 }
 
-fn setup_end(ns: &Netns, ifname: &str, v4: &str, v6: &str) -> Result<()> {
-    ns.ip(&["addr", "add", v4, "dev", ifname])?;
-    ns.ip(&["addr", "add", v6, "dev", ifname, "nodad"])?;
-    ns.ip(&["link", "set", ifname, "up"])
+/// Link `net` of the plan: a veth `near_if` in `near` (the ingest host) to `far_if` in `far`,
+/// both addressed and up.
+fn link(near: &Netns, near_if: &str, far: &Netns, far_if: &str, net: u8) -> Result<()> {
+    let what = format!(
+        "link {net}: {}/{near_if} <-> {}/{far_if}",
+        near.name, far.name
+    );
+    plumb::veth(Some(&near.name), near_if, &far.name, far_if).map_err(step(what.clone()))?;
+    plumb::address_up(Some(&near.name), near_if, &side(net, NEAR)).map_err(step(what.clone()))?;
+    plumb::address_up(Some(&far.name), far_if, &side(net, FAR)).map_err(step(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_addresses_follow_the_plan() {
+        assert_eq!(INGEST4, v4(0, NEAR).to_string());
+        assert_eq!(SRC4, v4(0, FAR).to_string());
+        assert_eq!(INGEST6, v6(0, NEAR).to_string());
+        assert_eq!(SRC6, v6(0, FAR).to_string());
+        assert_eq!(v6(2, FAR).to_string(), "fd77:2::2");
+    }
 }

@@ -1,15 +1,27 @@
-//! The metrics endpoint: a small HTTP/1.1 server for `GET /metrics`, bounded in
-//! connections, request size and time, that refreshes the registry before each scrape.
+//! The metrics endpoint: `GET /metrics` over HTTP/1.1, served by hyper, bounded in
+//! connections, request size and time, refreshing the registry before each scrape.
+
+use std::{convert::Infallible, pin::pin};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    header::{ALLOW, CONTENT_TYPE as CONTENT_TYPE_HEADER, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::*;
 
 /// Bounds on what one client of the endpoint may cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Longest request head (request line and headers) accepted; longer ones get 431.
+    /// Longest request head (request line and headers) accepted; longer ones get 431. hyper
+    /// takes no less than 8 KiB.
     pub max_request: usize,
-    /// How long a client may take to send its request head (then it gets 408), and again to
-    /// take the response.
+    /// How long a client may take to send its request head, and again to take the response.
     pub timeout: Duration,
     /// Connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
@@ -24,6 +36,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// hyper's smallest read buffer.
+const MIN_BUF: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -93,176 +108,152 @@ pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// How long a client gets to close its end after the response before it is closed anyway.
-pub(super) const LINGER: Duration = Duration::from_secs(1);
-
-/// An HTTP response: status line, content type and body.
-pub(super) struct Reply {
-    status: &'static str,
-    content_type: &'static str,
-    allow: bool,
-    body: Vec<u8>,
-    head_only: bool,
-}
-
-impl Reply {
-    fn error(status: &'static str) -> Self {
-        Self {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            allow: false,
-            body: format!("{status}\n").into_bytes(),
-            head_only: false,
-        }
-    }
-}
-
+/// Serves one connection: one request, then the connection closes. A client that does not
+/// send its head within the timeout is dropped (hyper answers 408 where it can); a head
+/// longer than the limit gets 431; the whole exchange is bounded by twice the timeout.
 pub(super) async fn handle(
-    mut stream: TcpStream,
+    stream: TcpStream,
     limits: Limits,
     metrics: Arc<Metrics>,
     refresh: Arc<dyn Fn() + Send + Sync>,
 ) -> io::Result<()> {
-    let reply = match timeout(limits.timeout, read_head(&mut stream, limits.max_request)).await {
-        Err(_) => Reply::error("408 Request Timeout"),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(Head::Closed)) => return Ok(()),
-        Ok(Ok(Head::TooLarge)) => Reply::error("431 Request Header Fields Too Large"),
-        Ok(Ok(Head::Complete(head))) => respond(&head, metrics, refresh).await,
-    };
-    let mut out = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        reply.status,
-        reply.content_type,
-        reply.body.len()
+    let service = service_fn(move |req| {
+        let (metrics, refresh) = (metrics.clone(), refresh.clone());
+        async move { Ok::<_, Infallible>(respond(req, metrics, refresh).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.timeout)
+        .max_buf_size(limits.max_request.max(MIN_BUF))
+        .keep_alive(false);
+    let conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
+    let served = timeout(2 * limits.timeout, conn).await;
+    // The exposition (tens of MB with 100,000 channels) is freed now: give it back.
+    tokio::task::spawn_blocking(crate::heap::trim);
+    match served {
+        Ok(served) => served.map_err(io::Error::other),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client did not take the response",
+        )),
+    }
+}
+
+fn reply(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{status}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE_HEADER,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if reply.allow {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
-    out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    if !reply.head_only {
-        out.extend_from_slice(&reply.body);
-    }
-    timeout(limits.timeout, async {
-        stream.write_all(&out).await?;
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client did not take the response"))??;
-    // Closing with unread input makes the kernel send a reset, which can destroy the response
-    // before the client reads it: read until the client closes, for a moment at most.
-    let mut sink = [0u8; 4096];
-    let _ = timeout(LINGER, async {
-        while stream.read(&mut sink).await? > 0 {}
-        Ok::<_, io::Error>(())
-    })
-    .await;
-    Ok(())
-}
-
-pub(super) enum Head {
-    /// The request line and headers, without the blank line.
-    Complete(String),
-    TooLarge,
-    /// The client closed before finishing its request.
-    Closed,
-}
-
-pub(super) async fn read_head(stream: &mut TcpStream, max: usize) -> io::Result<Head> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Head::Closed);
-        }
-        // The terminator may straddle two reads.
-        let from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = head_end(&buf[from..]) {
-            let end = from + end;
-            if end > max {
-                return Ok(Head::TooLarge);
-            }
-            return Ok(Head::Complete(
-                String::from_utf8_lossy(&buf[..end]).into_owned(),
-            ));
-        }
-        if buf.len() > max {
-            return Ok(Head::TooLarge);
-        }
-    }
-}
-
-/// Where the blank line ending a request head starts: CRLF CRLF, or bare LF LF from lenient
-/// clients.
-pub(super) fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = buf.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    r
 }
 
 pub(super) async fn respond(
-    head: &str,
+    req: Request<hyper::body::Incoming>,
     metrics: Arc<Metrics>,
     refresh: Arc<dyn Fn() + Send + Sync>,
-) -> Reply {
-    let request_line = head.lines().next().unwrap_or_default();
-    let mut parts = request_line.split_whitespace();
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Reply::error("400 Bad Request");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Reply::error("505 HTTP Version Not Supported");
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND);
     }
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    if path != "/metrics" {
-        return Reply::error("404 Not Found");
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED);
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
     }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => {
-            return Reply {
-                allow: true,
-                ..Reply::error("405 Method Not Allowed")
-            };
-        }
-    };
+    // hyper leaves out the body of an answer to HEAD, keeping its length.
     match tokio::task::spawn_blocking(move || {
         refresh();
         metrics.encode()
     })
     .await
     {
-        Ok(body) => Reply {
-            status: "200 OK",
-            content_type: CONTENT_TYPE,
-            allow: false,
-            body: body.into_bytes(),
-            head_only,
-        },
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut()
+                .insert(CONTENT_TYPE_HEADER, HeaderValue::from_static(CONTENT_TYPE));
+            r
+        }
         Err(e) => {
             warn!("metrics endpoint: refreshing or encoding the metrics failed: {e}");
-            Reply::error("500 Internal Server Error")
+            reply(StatusCode::INTERNAL_SERVER_ERROR)
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
-    #[test]
-    fn head_end_finds_the_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(23));
-        assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(14));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    /// Sends `request` to the endpoint and reads until it closes the connection.
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn answers_scrapes_and_refuses_the_rest() {
+        let limits = Limits {
+            timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let refreshed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = refreshed.clone();
+        let refresh = move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let (addr, _task) = serve(addr, limits, Arc::new(Metrics::new()), refresh, shutdown)
+            .await
+            .unwrap();
+
+        let get = exchange(addr, b"GET /metrics?x=1 HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert!(get.starts_with("HTTP/1.1 200 OK\r\n"), "{get}");
+        assert!(get.contains(CONTENT_TYPE), "{get}");
+        assert!(get.ends_with("# EOF\n"), "{get}");
+        let head = exchange(addr, b"HEAD /metrics HTTP/1.0\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+        assert_eq!(refreshed.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+        let missing = exchange(addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let post = exchange(addr, b"POST /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(
+            post.to_ascii_lowercase().contains("allow: get, head"),
+            "{post}"
+        );
+        let long = format!(
+            "GET /metrics HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
+            "a".repeat(2 * MIN_BUF)
+        );
+        let big = exchange(addr, long.as_bytes()).await;
+        assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+        assert_eq!(refreshed.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+        // A client that never finishes its head is let go after the timeout.
+        let t = Instant::now();
+        let slow = exchange(addr, b"GET /metrics HTTP/1.1\r\n").await;
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "held {:?}",
+            t.elapsed()
+        );
+        assert!(
+            slow.is_empty() || slow.starts_with("HTTP/1.1 408"),
+            "{slow}"
+        );
     }
 }

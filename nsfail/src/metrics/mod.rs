@@ -1,4 +1,4 @@
-//! Prometheus metrics: a `prometheus-client` registry and a minimal HTTP/1.1 endpoint serving it.
+//! Prometheus metrics: a `prometheus-client` registry and an HTTP/1.1 endpoint (hyper) serving it.
 //!
 //! Two kinds of metric live here. Events the controller sees happen (failovers, probe results)
 //! are counted and observed as they happen, in ordinary registered families. Cumulative
@@ -30,6 +30,7 @@
 //! | `nsfail_tc_packets_total` | counter | reason |
 
 use std::{
+    collections::HashSet,
     io,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
@@ -50,7 +51,6 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::{JoinHandle, JoinSet},
@@ -160,15 +160,17 @@ impl Metrics {
         tc: &[(&'static str, u64)],
     ) {
         let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        for old in &snapshot.status.channels {
-            if !status.channels.iter().any(|c| c.name == old.name) {
+        let channels: HashSet<&str> = status.channels.iter().map(|c| c.name.as_str()).collect();
+        for old in &snapshot.channels {
+            if !channels.contains(&*old.name) {
                 self.failovers.remove(&ChannelLabels {
-                    channel: old.name.clone(),
+                    channel: old.name.to_string(),
                 });
             }
         }
-        for old in &snapshot.status.encoders {
-            if !status.encoders.iter().any(|e| e.name == old.name) {
+        let encoders: HashSet<&str> = status.encoders.iter().map(|e| e.name.as_str()).collect();
+        for old in &snapshot.encoders {
+            if !encoders.contains(old.name.as_str()) {
                 let labels = EncoderLabels {
                     encoder: old.name.clone(),
                 };
@@ -176,12 +178,7 @@ impl Metrics {
                 self.probe_failures.remove(&labels);
             }
         }
-        *snapshot = Snapshot {
-            status: status.clone(),
-            drops: drops.to_vec(),
-            xdp: xdp.to_vec(),
-            tc: tc.to_vec(),
-        };
+        *snapshot = Snapshot::of(status, drops, xdp, tc);
     }
 
     /// Counts a failover of `channel`; `switchover` is how long it took from detection to the
@@ -229,13 +226,90 @@ impl Metrics {
     }
 }
 
-/// The last data-plane snapshot given to [`Metrics::observe`].
+/// The last data-plane snapshot given to [`Metrics::observe`], compact: it is kept between
+/// scrapes, and a status of 100,000 channels is mostly names that repeat (encoders, their
+/// lists, protocol and failback), held here once.
 #[derive(Debug, Default)]
 struct Snapshot {
-    status: Status,
+    channels: Vec<ChannelSample>,
+    encoders: Vec<crate::api::EncoderStatus>,
+    /// Encoder names the channels refer to by index.
+    names: Vec<String>,
+    /// Encoder lists (priority order) the channels refer to by index.
+    lists: Vec<Vec<u32>>,
     drops: Vec<(String, Vec<(&'static str, u64)>)>,
     xdp: Vec<(&'static str, u64)>,
     tc: Vec<(&'static str, u64)>,
+}
+
+/// One channel of a [`Snapshot`].
+#[derive(Debug)]
+struct ChannelSample {
+    name: Box<str>,
+    packets: u64,
+    bytes: u64,
+    idle_ms: Option<u64>,
+    /// Index into [`Snapshot::names`].
+    active: Option<u32>,
+    /// Index into [`Snapshot::lists`].
+    encoders: u32,
+    srt_peers: Box<[crate::api::SrtPeerStatus]>,
+}
+
+impl Snapshot {
+    fn of(
+        status: &Status,
+        drops: &[(String, Vec<(&'static str, u64)>)],
+        xdp: &[(&'static str, u64)],
+        tc: &[(&'static str, u64)],
+    ) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let mut name_ids: std::collections::HashMap<String, u32> = Default::default();
+        let mut lists: Vec<Vec<u32>> = Vec::new();
+        let mut list_ids: std::collections::HashMap<Vec<u32>, u32> = Default::default();
+        let mut id = |name: &str, names: &mut Vec<String>| -> u32 {
+            if let Some(&i) = name_ids.get(name) {
+                return i;
+            }
+            names.push(name.to_owned());
+            let i = names.len() as u32 - 1;
+            name_ids.insert(name.to_owned(), i);
+            i
+        };
+        let channels = status
+            .channels
+            .iter()
+            .map(|c| {
+                let list: Vec<u32> = c.encoders.iter().map(|e| id(e, &mut names)).collect();
+                let encoders = match list_ids.get(&list) {
+                    Some(&l) => l,
+                    None => {
+                        lists.push(list.clone());
+                        list_ids.insert(list, lists.len() as u32 - 1);
+                        lists.len() as u32 - 1
+                    }
+                };
+                ChannelSample {
+                    name: c.name.as_str().into(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    idle_ms: c.idle_ms,
+                    active: c.active.as_deref().map(|a| id(a, &mut names)),
+                    encoders,
+                    srt_peers: c.srt_peers.clone().into_boxed_slice(),
+                }
+            })
+            .collect();
+        Self {
+            channels,
+            encoders: status.encoders.clone(),
+            names,
+            lists,
+            drops: drops.to_vec(),
+            xdp: xdp.to_vec(),
+            tc: tc.to_vec(),
+        }
+    }
 }
 
 /// Encodes the [`Snapshot`] at scrape time (names get the registry's `nsfail_` prefix).
@@ -245,7 +319,7 @@ struct SnapshotCollector(Arc<Mutex<Snapshot>>);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let status = &snapshot.status;
+        let channels = &snapshot.channels;
         let channel = |name: &str| [("channel", name.to_owned())];
         let encoder_label = |name: &str| [("encoder", name.to_owned())];
         let flag = |on: bool| ConstGauge::new(i64::from(on));
@@ -255,8 +329,7 @@ impl Collector for SnapshotCollector {
             "channel_packets",
             "Input packets received for the channel.",
             None,
-            status
-                .channels
+            channels
                 .iter()
                 .map(|c| (channel(&c.name), ConstCounter::new(c.packets))),
         )?;
@@ -266,8 +339,7 @@ impl Collector for SnapshotCollector {
             "channel",
             "Input bytes (IP packet lengths) received for the channel.",
             Some(&Unit::Bytes),
-            status
-                .channels
+            channels
                 .iter()
                 .map(|c| (channel(&c.name), ConstCounter::new(c.bytes))),
         )?;
@@ -276,7 +348,7 @@ impl Collector for SnapshotCollector {
             "channel_idle",
             "Time since the channel's last input packet.",
             Some(&Unit::Seconds),
-            status.channels.iter().filter_map(|c| {
+            channels.iter().filter_map(|c| {
                 let idle = Duration::from_millis(c.idle_ms?).as_secs_f64();
                 Some((channel(&c.name), ConstGauge::new(idle)))
             }),
@@ -287,11 +359,11 @@ impl Collector for SnapshotCollector {
             "SRT callers of a channel, by address and socket ID: time since the return path \
              last saw their session.",
             Some(&Unit::Seconds),
-            status.channels.iter().flat_map(|c| {
+            channels.iter().flat_map(|c| {
                 c.srt_peers.iter().map(move |p| {
                     (
                         [
-                            ("channel", c.name.clone()),
+                            ("channel", c.name.to_string()),
                             ("caller", p.caller.to_string()),
                             ("socket_id", p.socket_id.to_string()),
                         ],
@@ -300,25 +372,30 @@ impl Collector for SnapshotCollector {
                 })
             }),
         )?;
+        let name = |i: u32| snapshot.names[i as usize].as_str();
         family(
             &mut encoder,
             "channel_active_encoder",
             "1 for the encoder the channel is forwarded to now, 0 for its backups.",
             None,
-            status.channels.iter().flat_map(|c| {
-                let active = c.active.as_deref();
-                let mut encoders: Vec<&str> = c.encoders.iter().map(String::as_str).collect();
+            channels.iter().flat_map(|c| {
+                let active = c.active;
+                let mut encoders = snapshot.lists[c.encoders as usize].clone();
                 if let Some(a) = active.filter(|a| !encoders.contains(a)) {
                     encoders.push(a);
                 }
                 encoders.into_iter().map(move |e| {
                     (
-                        [("channel", c.name.clone()), ("encoder", e.to_owned())],
+                        [
+                            ("channel", c.name.to_string()),
+                            ("encoder", name(e).to_owned()),
+                        ],
                         flag(Some(e) == active),
                     )
                 })
             }),
         )?;
+        let status = &snapshot;
         family(
             &mut encoder,
             "encoder_healthy",

@@ -96,6 +96,8 @@ fn encoder(name: &str, healthy: bool, drained: bool, packets: u64) -> EncoderSta
         replies: 7,
         drops: 3,
         active_for: Vec::new(),
+        health_kind: "udp".into(),
+        health_interval_ms: 100,
     }
 }
 

@@ -129,6 +129,13 @@ pub fn set_gro(ifname: &str, on: bool) -> io::Result<()> {
     ethtool_value(ifname, ETHTOOL_SGRO, u32::from(on)).map(drop)
 }
 
+/// Turns transmit checksum offload on or off (the ETHTOOL_STXCSUM ioctl; features that need
+/// it, such as segmentation offload, follow it off).
+pub fn set_tx_checksum(ifname: &str, on: bool) -> io::Result<()> {
+    const ETHTOOL_STXCSUM: u32 = 0x0000_0017;
+    ethtool_value(ifname, ETHTOOL_STXCSUM, u32::from(on)).map(drop)
+}
+
 /// One `struct ethtool_value` command (`cmd`, `data`) on `ifname`; returns `data` as the
 /// kernel left it.
 fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> io::Result<u32> {

@@ -8,7 +8,6 @@ use std::{
     fs::{self, File},
     io,
     net::IpAddr,
-    os::fd::AsRawFd,
     path::Path,
 };
 
@@ -17,12 +16,8 @@ use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
     sched::{CloneFlags, unshare},
 };
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::{
-    net::netns::{netlink, set_gro},
-    paths,
-};
+use crate::{net::plumb, paths};
 
 /// Inside its namespace a managed encoder's interface is always this.
 pub const INNER_IF: &str = "eth0";
@@ -56,16 +51,6 @@ impl Plan {
             source,
         }
     }
-}
-
-fn nl(e: rtnetlink::Error) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
-async fn index_of(handle: &Handle, name: &str) -> io::Result<Option<u32>> {
-    Ok(crate::net::netns::link_message(handle, name)
-        .await?
-        .map(|msg| msg.header.index))
 }
 
 /// Creates the named namespace `ns` (as `ip netns add` does: a bind mount of a new network
@@ -113,93 +98,21 @@ pub fn provision(plan: &Plan) -> Result<(), ManagedError> {
     create_netns(&plan.netns).map_err(plan.err("creating its namespace"))?;
     crate::net::netns::quicken_icmp_errors(&plan.netns)
         .map_err(plan.err("quickening its ICMP errors"))?;
-    let p = plan.clone();
+    let inner = |what: &'static str| plan.err(what);
     let peer = format!("{}p", plan.host_if);
-    let ns_file =
-        File::open(paths::netns(&plan.netns)).map_err(plan.err("opening its namespace"))?;
-    netlink(None, move |h| {
-        Box::pin(async move {
-            if index_of(&h, &p.host_if).await?.is_none() {
-                h.link()
-                    .add(LinkVeth::new(&p.host_if, &peer).build())
-                    .execute()
-                    .await
-                    .map_err(nl)?;
-                let peer_index = index_of(&h, &peer)
-                    .await?
-                    .ok_or_else(|| io::Error::other("veth peer vanished"))?;
-                h.link()
-                    .set(
-                        LinkUnspec::new_with_index(peer_index)
-                            .setns_by_fd(ns_file.as_raw_fd())
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .map_err(nl)?;
-            }
-            let host = index_of(&h, &p.host_if)
-                .await?
-                .ok_or_else(|| io::Error::other("host side veth missing"))?;
-            add_address(&h, host, p.gateway, p.prefix).await?;
-            h.link()
-                .set(LinkUnspec::new_with_index(host).up().build())
-                .execute()
-                .await
-                .map_err(nl)
-        })
-    })
-    .map_err(plan.err("making its veth"))?;
-
-    let p = plan.clone();
-    let peer = format!("{}p", plan.host_if);
-    netlink(Some(&plan.netns), move |h| {
-        Box::pin(async move {
-            if let Some(lo) = index_of(&h, "lo").await? {
-                h.link()
-                    .set(LinkUnspec::new_with_index(lo).up().build())
-                    .execute()
-                    .await
-                    .map_err(nl)?;
-            }
-            if let Some(i) = index_of(&h, &peer).await? {
-                h.link()
-                    .set(
-                        LinkUnspec::new_with_index(i)
-                            .name(INNER_IF.to_owned())
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .map_err(nl)?;
-            }
-            let inner = index_of(&h, INNER_IF)
-                .await?
-                .ok_or_else(|| io::Error::other("inner veth missing"))?;
-            add_address(&h, inner, p.addr, p.prefix).await?;
-            h.link()
-                .set(LinkUnspec::new_with_index(inner).up().build())
-                .execute()
-                .await
-                .map_err(nl)?;
-            let route = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(unspecified(p.addr), 0)
-                .and_then(|r| r.gateway(p.gateway))
-                .map_err(io::Error::other)?
-                .output_interface(inner)
-                .build();
-            match h.route().add(route).execute().await {
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
-                other => other.map_err(nl),
-            }
-        })
-    })
-    .map_err(plan.err("addressing it inside its namespace"))?;
-
-    let ns = plan.netns.clone();
-    crate::net::netns::in_netns(&ns, || set_gro(INNER_IF, true))
-        .and_then(|r| r)
-        .map_err(plan.err("turning GRO on inside (needed for XDP redirect into a veth)"))?;
+    let ns = Some(plan.netns.as_str());
+    plumb::veth(None, &plan.host_if, &plan.netns, &peer).map_err(inner("making its veth"))?;
+    plumb::address_up(None, &plan.host_if, &[(plan.gateway, plan.prefix)])
+        .map_err(inner("addressing its host side"))?;
+    plumb::up(ns, "lo").map_err(inner("bringing its loopback up"))?;
+    plumb::rename(ns, &peer, INNER_IF).map_err(inner("naming its inner veth"))?;
+    plumb::address_up(ns, INNER_IF, &[(plan.addr, plan.prefix)])
+        .map_err(inner("addressing it inside its namespace"))?;
+    plumb::default_route(ns, INNER_IF, plan.gateway)
+        .map_err(inner("routing it inside its namespace"))?;
+    plumb::gro_on(&plan.netns, INNER_IF).map_err(inner(
+        "turning GRO on inside (needed for XDP redirect into a veth)",
+    ))?;
     info!(
         "managed encoder {}: namespace {}, veth {} <-> {INNER_IF} {}/{} via {}",
         plan.encoder, plan.netns, plan.host_if, plan.addr, plan.prefix, plan.gateway
@@ -207,33 +120,9 @@ pub fn provision(plan: &Plan) -> Result<(), ManagedError> {
     Ok(())
 }
 
-fn unspecified(addr: IpAddr) -> IpAddr {
-    if addr.is_ipv4() {
-        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-    }
-}
-
-async fn add_address(h: &Handle, index: u32, addr: IpAddr, prefix: u8) -> io::Result<()> {
-    match h.address().add(index, addr, prefix).execute().await {
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
-        other => other.map_err(nl),
-    }
-}
-
 /// Removes a managed encoder's veth and namespace.
 pub fn deprovision(plan: &Plan) -> Result<(), ManagedError> {
-    let host_if = plan.host_if.clone();
-    netlink(None, move |h| {
-        Box::pin(async move {
-            if let Some(i) = index_of(&h, &host_if).await? {
-                h.link().del(i).execute().await.map_err(nl)?;
-            }
-            Ok(())
-        })
-    })
-    .map_err(plan.err("removing its veth"))?;
+    plumb::delete_link(None, &plan.host_if).map_err(plan.err("removing its veth"))?;
     delete_netns(&plan.netns).map_err(plan.err("removing its namespace"))?;
     info!(
         "managed encoder {}: namespace and veth removed",

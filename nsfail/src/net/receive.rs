@@ -77,13 +77,35 @@ struct HostLink {
 /// peer cannot, turns GRO on at the peer. `hint` is the encoder's configured namespace, tried
 /// first when looking for the peer.
 pub fn ensure(ifname: &str, hint: Option<&str>) -> Verdict {
-    match check_and_repair(ifname, hint) {
+    match check_and_repair(ifname, hint, true) {
         Ok(v) => v,
         Err(e) => Verdict::no(format!("{ifname}: {e}")),
     }
 }
 
-fn check_and_repair(ifname: &str, hint: Option<&str>) -> io::Result<Verdict> {
+/// As [`ensure`], changing nothing (`nsfail doctor`): a veth whose peer cannot receive is
+/// reported with the peer's name and namespace.
+pub fn check(ifname: &str, hint: Option<&str>) -> Verdict {
+    match check_and_repair(ifname, hint, false) {
+        Ok(v) => v,
+        Err(e) => Verdict::no(format!("{ifname}: {e}")),
+    }
+}
+
+/// Whether `ifname` (in this namespace) runs XDP programs in its driver (native mode):
+/// `NETDEV_XDP_ACT_BASIC` in its `xdp-features`.
+pub fn native_xdp(ifname: &str) -> io::Result<bool> {
+    const XDP_ACT_BASIC: u64 = 1 << 0;
+    let link = host_link(ifname)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("interface {ifname} does not exist"),
+        )
+    })?;
+    Ok(xdp_features(link.ifindex)? & XDP_ACT_BASIC != 0)
+}
+
+fn check_and_repair(ifname: &str, hint: Option<&str>, repair: bool) -> io::Result<Verdict> {
     let Some(link) = host_link(ifname)? else {
         return Ok(Verdict::no(format!("interface {ifname} does not exist")));
     };
@@ -103,6 +125,15 @@ fn check_and_repair(ifname: &str, hint: Option<&str>) -> io::Result<Verdict> {
             )));
         }
         let peer = Peer::find(&link, hint)?;
+        if !repair {
+            let index = peer.ifindex;
+            let name = peer.run(move || netns::ifname_of(index))??;
+            return Ok(Verdict::no(format!(
+                "{ifname}'s peer {name} in {} takes no XDP-redirected frames (GRO off and no \
+                 XDP program)",
+                peer.desc
+            )));
+        }
         let name = peer.set_gro()?;
         repaired = Some(format!(
             "turned GRO on at {ifname}'s peer {name} in {}",
@@ -140,6 +171,21 @@ fn check_and_repair(ifname: &str, hint: Option<&str>) -> io::Result<Verdict> {
         },
         repaired,
     })
+}
+
+/// The name of `ifname`'s veth peer and the path of a handle of its namespace (for
+/// messages that tell an operator what to fix).
+pub fn peer_name(ifname: &str, hint: Option<&str>) -> io::Result<(String, String)> {
+    let link = host_link(ifname)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("interface {ifname} does not exist"),
+        )
+    })?;
+    let peer = Peer::find(&link, hint)?;
+    let index = peer.ifindex;
+    let name = peer.run(move || netns::ifname_of(index))??;
+    Ok((name, peer.desc))
 }
 
 /// The MAC address of `ifname`'s veth peer, read inside the peer's namespace (how a local

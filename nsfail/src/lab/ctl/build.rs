@@ -239,17 +239,25 @@ impl Builder {
                 .try_clone()
                 .map_err(io_err(format!("open {}", log_path.display())))?,
         };
-        let mut command = Command::new("ip");
+        let ns = File::open(paths::netns(netns))
+            .map_err(io_err(format!("open network namespace {netns}")))?;
+        let mut command = Command::new(&cmdline[0]);
         command
-            .args(["netns", "exec", netns])
-            .args(&cmdline)
+            .args(&cmdline[1..])
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(log);
-        // SAFETY: setsid(2) is async-signal-safe, and the closure allocates nothing.
+        let ns_fd = ns.as_raw_fd();
+        // SAFETY: setns(2) and setsid(2) are async-signal-safe, and the closure allocates
+        // nothing; `ns` outlives the spawn below.
         unsafe {
-            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+            command.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                nix::unistd::setsid().map(drop).map_err(io::Error::from)
+            });
         }
         let child = command
             .spawn()
@@ -258,7 +266,7 @@ impl Builder {
         self.children.push((name.to_owned(), child));
         let child = &mut self.children.last_mut().expect("just pushed").1;
 
-        // `ip netns exec` execs the program in place: wait until the PID shows it.
+        // Wait until the PID runs the program itself (past the fork and exec).
         let start = Instant::now();
         while proc_cmdline(pid).as_ref() != Some(&cmdline) {
             if let Some(status) = child

@@ -10,12 +10,11 @@
 //! pidfd, so a PID that the system has since reused is never signalled.
 
 use std::{
-    env,
     fs::{self, File, OpenOptions},
     io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::{fs::PermissionsExt, process::CommandExt},
+        unix::process::CommandExt,
     },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -243,8 +242,6 @@ pub struct LabInfo {
 /// recorded already. On failure, undoes what it did before returning the error.
 pub fn up(opts: &LabOptions) -> Result<LabInfo> {
     check_options(opts)?;
-    require("ip", "iproute2")?;
-    require("ethtool", "ethtool")?;
     require("socat", "socat")?;
     require("ffmpeg", "ffmpeg")?;
     if opts.protocol == LabProtocol::Srt {
@@ -323,15 +320,9 @@ fn check_options(opts: &LabOptions) -> Result<()> {
 }
 
 fn require(tool: &'static str, package: &'static str) -> Result<()> {
-    let found = env::var_os("PATH").is_some_and(|path| {
-        env::split_paths(&path).any(|d| {
-            fs::metadata(d.join(tool))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    });
-    found
-        .then_some(())
-        .ok_or(LabCtlError::MissingTool { tool, package })
+    which::which(tool)
+        .map(drop)
+        .map_err(|_| LabCtlError::MissingTool { tool, package })
 }
 
 /// Claims `dir` for a new lab: the record is created exclusively, so of two `up`s one wins.
@@ -425,8 +416,7 @@ fn delete_netns(name: &str) -> Result<()> {
     if !paths::netns(name).exists() {
         return Ok(());
     }
-    lab::cmd("ip", &["netns", "del", name])?;
-    Ok(())
+    crate::net::provision::delete_netns(name).map_err(io_err(format!("delete namespace {name}")))
 }
 
 fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
@@ -483,10 +473,13 @@ fn log_tail(path: &Path) -> String {
 /// The TCP port of the lab's host service.
 pub const SERVICE_PORT: u16 = 8080;
 
-/// An encoder's gateway in the lab: the host side of its veth, `10.77.N.1` for `10.77.N.2`.
+/// An encoder's gateway in the lab: the ingest host's side of the encoder's link in the
+/// address plan (`lab::v4`); an address outside the plan is returned as it is.
 pub fn lab_gateway(addr4: &str) -> String {
-    match addr4.rsplit_once('.') {
-        Some((net, _)) => format!("{net}.1"),
-        None => addr4.to_owned(),
+    match addr4.parse::<std::net::Ipv4Addr>() {
+        Ok(a) if lab::v4(a.octets()[2], a.octets()[3]) == a => {
+            lab::v4(a.octets()[2], 1).to_string()
+        }
+        _ => addr4.to_owned(),
     }
 }

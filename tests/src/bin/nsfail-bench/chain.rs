@@ -63,9 +63,9 @@ pub fn miss_frame(payload: usize) -> Vec<u8> {
 
 /// Registers the chain's encoders (all behind the host-side veth `enc_if`, whose peer has
 /// MAC `enc_mac`) and `n` channels, the first `active` of them chained. Channel 0 goes through `Dataplane::set_channel`;
-/// the others are written straight into CHANNELS and REPLIES with the same values
-/// `set_channel` writes, because `set_channel` scans every channel and reply entry on each
-/// call, which makes filling 100,000 channels through it quadratic in syscalls.
+/// the others are written straight into CHANNELS and REPLIES with the values `set_channel`
+/// writes but for the target address, which is the next channel's ingest address (the chain),
+/// not an encoder's; the data plane then re-reads them (`Dataplane::reload_channels`).
 pub fn build(
     dp: &mut Dataplane,
     pins: &Pins,
@@ -132,6 +132,7 @@ pub fn build(
         };
         replies.insert(key, reply, 0)?;
     }
+    dp.reload_channels()?;
     let count = dp.channels()?.len();
     if count != n {
         bail!("the data plane has {count} channels, the chain {n}");

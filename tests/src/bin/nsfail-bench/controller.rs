@@ -3,6 +3,8 @@
 //! as a share of one core, and resident memory. Five 12-second windows after a warm-up; the
 //! figures are their median, min and max.
 //!
+//! Then the start-up series ([`crate::startup`]): 1,000, 10,000 and 100,000 channels.
+//!
 //! With `NSFAIL_BENCH_BASELINE=/path/to/nsfail` (another build, e.g. the previous commit's),
 //! a second daemon from that binary runs at the same time on a lab of its own, both are
 //! measured in the same windows, and their CPU ratio is taken window by window: the machine's
@@ -32,7 +34,7 @@ const CHANNELS: usize = 50;
 const WINDOW: Duration = Duration::from_secs(12);
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: i32) -> Result<u64> {
+pub fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').context("stat format")?.1;
@@ -210,5 +212,17 @@ pub fn run(reps: usize) -> Result<Report> {
     report.figures.extend(cpu);
     report.figures.extend(rss);
     drop(beds);
+    crate::startup::run(&mut report)?;
+    Ok(report)
+}
+
+/// The start-up series alone (`nsfail-bench controller-startup`).
+pub fn startup_only() -> Result<Report> {
+    let mut report = Report::new(
+        "controller-startup",
+        "Controller: start-up with 1,000 to 100,000 channels",
+        1,
+    );
+    crate::startup::run(&mut report)?;
     Ok(report)
 }

@@ -6,7 +6,10 @@
 //! - `forward`: packets per second through a veth lab with one router core, and that core's
 //!   CPU time per packet: nsfail, bare redirect, nftables DNAT, a userspace relay, plain
 //!   kernel forwarding.
-//! - `controller`: the daemon's CPU and memory with 100 encoders probed every 100 ms.
+//! - `controller`: the daemon's CPU and memory with 100 encoders probed every 100 ms, and its
+//!   start-up series: 1,000 to 100,000 channels from `nsfail run` to the first packet
+//!   forwarded on the last channel, with memory, status, scrape, remap and add-channel times
+//!   (`controller-startup` runs that series alone).
 //! - `failover`: kill-and-failover trials through the daemon (udp probes, flow check, SRT).
 //!
 //! ```text
@@ -30,53 +33,70 @@ mod object;
 mod prog;
 mod report;
 mod scale;
+mod startup;
 mod sys;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
+use clap::{Parser, ValueEnum};
 
-const BENCHES: [&str; 5] = ["prog", "scale", "forward", "controller", "failover"];
 const MIN_REPS: usize = 5;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    Prog,
+    Scale,
+    Forward,
+    Controller,
+    Failover,
+    /// The controller's start-up series alone (1,000 to 100,000 channels).
+    ControllerStartup,
+    /// Every benchmark above, in that order (the start-up series runs within `controller`).
+    All,
+}
+
+/// nsfail's benchmarks: each prints a table and writes NAME.json and NAME.svg to --out.
+#[derive(Debug, Parser)]
+#[command(name = "nsfail-bench")]
 struct Args {
-    benches: Vec<&'static str>,
+    /// Which benchmarks to run (default: all).
+    benches: Vec<Bench>,
+    /// Repetitions per benchmark (medians of these, at least 5).
+    #[arg(long, default_value_t = 7, value_parser = reps)]
     reps: usize,
+    /// Where the JSON and SVG results go.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"))]
     out: PathBuf,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut benches = Vec::new();
-    let mut reps = 7;
-    let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--reps" => {
-                reps = args
-                    .next()
-                    .context("--reps needs a number")?
-                    .parse()
-                    .context("--reps")?;
-                if reps < MIN_REPS {
-                    bail!("--reps must be at least {MIN_REPS}");
-                }
-            }
-            "--out" => out = args.next().context("--out needs a directory")?.into(),
-            "all" => benches.extend(BENCHES),
-            name => match BENCHES.iter().find(|b| **b == name) {
-                Some(b) => benches.push(*b),
-                None => bail!(
-                    "unknown benchmark {name:?} (known: {}, all)",
-                    BENCHES.join(", ")
-                ),
-            },
+fn reps(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= MIN_REPS => Ok(n),
+        Ok(_) => Err(format!("must be at least {MIN_REPS}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Args {
+    /// The benchmarks to run, in order, each once.
+    fn selected(&self) -> Vec<Bench> {
+        let every = [
+            Bench::Prog,
+            Bench::Scale,
+            Bench::Forward,
+            Bench::Controller,
+            Bench::Failover,
+        ];
+        if self.benches.is_empty() || self.benches.contains(&Bench::All) {
+            return every.to_vec();
         }
+        every
+            .into_iter()
+            .chain([Bench::ControllerStartup])
+            .filter(|b| self.benches.contains(b))
+            .collect()
     }
-    if benches.is_empty() {
-        benches.extend(BENCHES);
-    }
-    Ok(Args { benches, reps, out })
 }
 
 fn main() -> ExitCode {
@@ -90,7 +110,7 @@ fn main() -> ExitCode {
 }
 
 fn try_main() -> Result<()> {
-    let args = parse_args()?;
+    let args = Args::parse();
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks load BPF programs and create namespaces: run them as root");
     }
@@ -98,15 +118,19 @@ fn try_main() -> Result<()> {
         bail!("the benchmarks need two CPUs (a generator core and a router core)");
     }
     let mut failed = Vec::new();
-    for name in &args.benches {
+    for bench in args.selected() {
+        let name = bench
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned());
         eprintln!("running benchmark {name} ({} repetitions)...", args.reps);
-        let result = match *name {
-            "prog" => prog::run(args.reps),
-            "scale" => scale::run(args.reps),
-            "forward" => forward::run(args.reps),
-            "controller" => controller::run(args.reps.min(5)),
+        let result = match bench {
+            Bench::Prog => prog::run(args.reps),
+            Bench::Scale => scale::run(args.reps),
+            Bench::Forward => forward::run(args.reps),
+            Bench::Controller => controller::run(args.reps.min(5)),
+            Bench::ControllerStartup => controller::startup_only(),
             // The issue asks for 20 kill-and-failover trials per detector.
-            _ => failover::run(20, 5),
+            Bench::Failover | Bench::All => failover::run(20, 5),
         };
         match result.and_then(|r| {
             print!("{}", r.table());
@@ -115,7 +139,7 @@ fn try_main() -> Result<()> {
             Ok(()) => {}
             Err(e) => {
                 eprintln!("benchmark {name} failed: {e:#}");
-                failed.push(*name);
+                failed.push(name);
             }
         }
     }

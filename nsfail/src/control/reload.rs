@@ -1,0 +1,366 @@
+//! Reloading the config file (`SIGHUP`, `nsfail reload`): the difference between the running
+//! configuration and the file is applied one object at a time, each step exactly as a runtime
+//! change is (validated, reconciled, undone on failure), so a channel the file did not change
+//! is never touched in a way its stream could notice.
+//!
+//! Who wins: the file wins for every object whose definition the file's edit touched (added,
+//! changed or removed in the file since it was last loaded); runtime changes made with the CLI
+//! to objects the edit did not touch stay (a channel added with `nsfail add` and not in the
+//! file, an encoder removed with `nsfail remove` and unchanged in the file, drains, remaps).
+//! Ingest settings that need a restart (interface, namespace, XDP mode, metrics address) keep
+//! their running values and are reported.
+
+use super::*;
+use crate::api::ReloadReport;
+
+/// One object's change.
+#[derive(Clone, Debug)]
+enum Step {
+    RemoveChannel(String),
+    PutEncoder { encoder: config::Encoder, new: bool },
+    PutChannel { channel: config::Channel, new: bool },
+    RemoveEncoder(String),
+    Ingest(config::Ingest),
+}
+
+impl Step {
+    fn describe(&self) -> String {
+        let verb = |new: bool| if new { "added" } else { "changed" };
+        match self {
+            Self::RemoveChannel(name) => format!("channel {name} removed"),
+            Self::PutEncoder { encoder, new } => format!("encoder {} {}", encoder.name, verb(*new)),
+            Self::PutChannel { channel, new } => format!("channel {} {}", channel.name, verb(*new)),
+            Self::RemoveEncoder(name) => format!("encoder {name} removed"),
+            Self::Ingest(_) => "ingest settings changed".into(),
+        }
+    }
+
+    /// `cfg` with this one change made.
+    fn make(&self, cfg: &mut Config) {
+        match self {
+            Self::RemoveChannel(name) => cfg.channels.retain(|c| &c.name != name),
+            Self::RemoveEncoder(name) => cfg.encoders.retain(|e| &e.name != name),
+            Self::PutEncoder { encoder, .. } => {
+                match cfg.encoders.iter_mut().find(|e| e.name == encoder.name) {
+                    Some(e) => *e = encoder.clone(),
+                    None => cfg.encoders.push(encoder.clone()),
+                }
+            }
+            Self::PutChannel { channel, .. } => {
+                match cfg.channels.iter_mut().find(|c| c.name == channel.name) {
+                    Some(c) => *c = channel.clone(),
+                    None => cfg.channels.push(channel.clone()),
+                }
+            }
+            Self::Ingest(ingest) => cfg.ingest = ingest.clone(),
+        }
+    }
+}
+
+impl Controller {
+    /// Re-reads the config file the daemon was started with and applies the difference. A
+    /// file that cannot be used (syntax, unknown key, a semantic or host problem) is refused
+    /// with its error, naming the line, and an event; nothing changes then.
+    pub fn reload(&mut self) -> Result<ReloadReport> {
+        let result = Config::load_for_host(&self.config_path)
+            .map_err(ControlError::from)
+            .and_then(|new| self.reload_with(new));
+        match &result {
+            Ok(report) => {
+                let reason = match report.changes.len() {
+                    0 => "config reloaded: no changes".to_owned(),
+                    n => format!(
+                        "config reloaded: {n} changes ({})",
+                        report.changes.join(", ")
+                    ),
+                };
+                info!("{reason}");
+                self.event(None, None, None, &reason);
+                if !report.at_restart.is_empty() {
+                    let reason = format!(
+                        "config reloaded: {} changed in the file, kept as running until the next \
+                         start",
+                        report.at_restart.join(", ")
+                    );
+                    warn!("{reason}");
+                    self.event(None, None, None, &reason);
+                }
+            }
+            Err(e) => {
+                let reason = format!("config reload refused, nothing changed: {e}");
+                warn!("{reason}");
+                self.event(None, None, None, &reason);
+            }
+        }
+        result
+    }
+
+    /// Applies `new` (the file's contents, parsed and validated) as a reload: see the module
+    /// comment for what wins. All or nothing: a step that fails undoes the steps made.
+    pub fn reload_with(&mut self, mut new: Config) -> Result<ReloadReport> {
+        let mut report = ReloadReport::default();
+        let running = self.effective.ingest.clone();
+        let restart_only = [
+            (
+                "ingest.interface",
+                running.interface != new.ingest.interface,
+            ),
+            ("ingest.netns", running.netns != new.ingest.netns),
+            ("ingest.xdp_mode", running.xdp_mode != new.ingest.xdp_mode),
+            ("ingest.metrics", running.metrics != new.ingest.metrics),
+        ];
+        report.at_restart = restart_only
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| (*key).to_owned())
+            .collect();
+        new.ingest.interface = running.interface.clone();
+        new.ingest.netns = running.netns.clone();
+        new.ingest.xdp_mode = running.xdp_mode;
+        new.ingest.metrics = running.metrics;
+
+        let delta = kept_delta(&self.base, &self.delta, &new);
+        let target = delta.apply(&new);
+        target.validate().map_err(|e| {
+            ControlError::Refused(format!(
+                "the new config with the runtime changes kept is not valid: {e}"
+            ))
+        })?;
+        let steps = steps(&self.effective, &target);
+        let (saved_delta, saved) = (self.delta.clone(), self.effective.clone());
+        self.delta = delta;
+        for step in &steps {
+            let mut next = self.effective.clone();
+            step.make(&mut next);
+            if let Err(e) = self.switch_to(next) {
+                self.delta = saved_delta;
+                self.restore(saved);
+                self.generation += 1;
+                return Err(ControlError::Refused(format!(
+                    "{}: {e}; the reload was undone",
+                    step.describe()
+                )));
+            }
+            self.generation += 1;
+            self.step_event(step);
+            report.changes.push(step.describe());
+        }
+        self.base = new;
+        // The same objects; the file's order, for status.
+        self.effective = target;
+        self.lookup = self.effective.lookup();
+        if !steps.is_empty() {
+            self.generation += 1;
+        }
+        self.persist_or_report();
+        Ok(report)
+    }
+
+    fn step_event(&mut self, step: &Step) {
+        let reason = format!("{} (reload)", step.describe());
+        match step {
+            Step::RemoveChannel(name) => self.event(Some(name), None, None, &reason),
+            Step::PutChannel { channel, .. } => {
+                let active = self.decider.active(&channel.name).map(str::to_owned);
+                self.event(Some(&channel.name), None, active, &reason);
+            }
+            Step::PutEncoder { encoder, .. } => {
+                self.event(None, None, Some(encoder.name.clone()), &reason)
+            }
+            Step::RemoveEncoder(name) => self.event(None, Some(name.clone()), None, &reason),
+            Step::Ingest(_) => self.event(None, None, None, &reason),
+        }
+    }
+}
+
+/// The runtime delta kept over `new` (the file as it is now; `old`: as last loaded): entries for objects the file's edit touched go (the
+/// file wins there), and so do remaps and drains of objects that are gone.
+fn kept_delta(old: &Config, delta: &Delta, new: &Config) -> Delta {
+    let mut delta = delta.clone();
+    let channels: BTreeSet<&str> = old
+        .channels
+        .iter()
+        .chain(&new.channels)
+        .map(|c| c.name.as_str())
+        .filter(|n| old.channel(n) != new.channel(n))
+        .collect();
+    let encoders: BTreeSet<&str> = old
+        .encoders
+        .iter()
+        .chain(&new.encoders)
+        .map(|e| e.name.as_str())
+        .filter(|n| old.encoder(n) != new.encoder(n))
+        .collect();
+    delta
+        .added_channels
+        .retain(|c| !channels.contains(c.name.as_str()));
+    delta
+        .removed_channels
+        .retain(|n| !channels.contains(n.as_str()));
+    delta
+        .added_encoders
+        .retain(|e| !encoders.contains(e.name.as_str()));
+    delta
+        .removed_encoders
+        .retain(|n| !encoders.contains(n.as_str()));
+    let target = delta.apply(new);
+    delta
+        .active
+        .retain(|ch, enc| target.channel(ch).is_some_and(|c| c.encoders.contains(enc)));
+    delta.drained.retain(|e| target.encoder(e).is_some());
+    delta
+}
+
+/// The changes from `cur` to `target`, one object each, in an order in which every
+/// intermediate configuration is valid whenever both ends are (short of two channels
+/// trading addresses): channels that go, encoders that come or change, channels that change,
+/// channels that come, encoders that go.
+fn steps(cur: &Config, target: &Config) -> Vec<Step> {
+    let mut steps: Vec<Step> = cur
+        .channels
+        .iter()
+        .filter(|c| target.channel(&c.name).is_none())
+        .map(|c| Step::RemoveChannel(c.name.clone()))
+        .collect();
+    for e in &target.encoders {
+        match cur.encoder(&e.name) {
+            Some(x) if x == e => {}
+            found => steps.push(Step::PutEncoder {
+                encoder: e.clone(),
+                new: found.is_none(),
+            }),
+        }
+    }
+    for new in [false, true] {
+        for c in &target.channels {
+            match cur.channel(&c.name) {
+                Some(x) if x == c => {}
+                found if found.is_none() == new => steps.push(Step::PutChannel {
+                    channel: c.clone(),
+                    new,
+                }),
+                _ => {}
+            }
+        }
+    }
+    steps.extend(
+        cur.encoders
+            .iter()
+            .filter(|e| target.encoder(&e.name).is_none())
+            .map(|e| Step::RemoveEncoder(e.name.clone())),
+    );
+    if cur.ingest != target.ingest {
+        steps.push(Step::Ingest(target.ingest.clone()));
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Config {
+        let text = format!(
+            "[ingest]\ninterface = \"eth0\"\n\n\
+             [[encoder]]\nname = \"a\"\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:00:01\"\nhealth = {{ kind = \"flow\" }}\n\n\
+             [[encoder]]\nname = \"b\"\naddress = \"10.0.0.3\"\nmac = \"02:00:00:00:00:02\"\nhealth = {{ kind = \"flow\" }}\n\n\
+             [[channel]]\nname = \"cam1\"\nlisten = \"10.0.0.1:5000\"\nencoders = [\"a\", \"b\"]\n\n\
+             {extra}"
+        );
+        Config::parse(&text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn steps_remove_channels_first_and_encoders_last() {
+        let cur = cfg(
+            "[[encoder]]\nname = \"c\"\naddress = \"10.0.0.4\"\nmac = \"02:00:00:00:00:03\"\nhealth = { kind = \"flow\" }\n\n\
+             [[channel]]\nname = \"old\"\nlisten = \"10.0.0.1:5002\"\nencoders = [\"c\"]\n",
+        );
+        let target = cfg(
+            "[[encoder]]\nname = \"d\"\naddress = \"10.0.0.5\"\nmac = \"02:00:00:00:00:04\"\nhealth = { kind = \"flow\" }\n\n\
+             [[channel]]\nname = \"new\"\nlisten = \"10.0.0.1:5002\"\nencoders = [\"d\"]\n",
+        );
+        let described: Vec<String> = steps(&cur, &target).iter().map(Step::describe).collect();
+        assert_eq!(
+            described,
+            [
+                "channel old removed",
+                "encoder d added",
+                "channel new added",
+                "encoder c removed"
+            ]
+        );
+        assert!(
+            steps(&cur, &cur).is_empty(),
+            "nothing to do for the same config"
+        );
+    }
+
+    #[test]
+    fn the_file_wins_only_where_its_edit_touched() {
+        let old = cfg("");
+        let extra = |name: &str, port: u16| -> config::Channel {
+            let mut c = old.channels[0].clone();
+            c.name = name.into();
+            c.listen = format!("10.0.0.1:{port}").parse().unwrap();
+            c
+        };
+        let delta = Delta {
+            v: 1,
+            added_channels: vec![extra("cli", 5010), extra("both", 5012)],
+            removed_channels: ["cam1".to_owned()].into(),
+            drained: ["b".to_owned()].into(),
+            active: [("cli".to_owned(), "b".to_owned())].into(),
+            ..Default::default()
+        };
+        // The file gains `both` (on another port) and changes nothing else.
+        let mut new = old.clone();
+        new.channels.push(extra("both", 5014));
+        let kept = kept_delta(&old, &delta, &new);
+        let names: Vec<&str> = kept
+            .added_channels
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["cli"],
+            "the runtime-only channel stays; the file's `both` wins"
+        );
+        assert!(
+            kept.removed_channels.contains("cam1"),
+            "an untouched removal stays"
+        );
+        assert!(kept.drained.contains("b") && kept.active["cli"] == "b");
+        assert_eq!(
+            kept.apply(&new).channel("both").unwrap().listen.port(),
+            5014
+        );
+
+        // The file drops encoder b: its drain goes with it, and the remap onto it.
+        let mut new = old.clone();
+        new.encoders.retain(|e| e.name != "b");
+        new.channels[0].encoders = vec!["a".into()];
+        let mut delta = delta.clone();
+        delta.added_channels.clear();
+        delta.active = [("cam1".to_owned(), "b".to_owned())].into();
+        let kept = kept_delta(&old, &delta, &new);
+        assert!(
+            kept.drained.is_empty() && kept.active.is_empty(),
+            "{kept:?}"
+        );
+        assert!(
+            kept.removed_channels.is_empty(),
+            "the file's edit of cam1 wins"
+        );
+    }
+
+    #[test]
+    fn a_changed_health_interval_is_one_encoder_step() {
+        let cur = cfg("");
+        let mut target = cur.clone();
+        target.encoders[0].health.interval_ms = 50;
+        let described: Vec<String> = steps(&cur, &target).iter().map(Step::describe).collect();
+        assert_eq!(described, ["encoder a changed"]);
+    }
+}
