@@ -67,6 +67,12 @@ pub struct NewChannel {
     /// `udp` | `srt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// Prefixes (`203.0.113.0/24`) or addresses the channel forwards from; empty: anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
+    /// SRT callers remembered, 1 to 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srt_peer_limit: Option<u32>,
 }
 
 /// `add encoder` and `encoder spawn`: an encoder as the client states it (see

@@ -134,6 +134,12 @@ struct AddChannel {
     /// udp | srt
     #[arg(long)]
     protocol: Option<String>,
+    /// Forward only from these prefixes or addresses, comma separated (default: anywhere).
+    #[arg(long, value_delimiter = ',')]
+    sources: Vec<String>,
+    /// SRT callers remembered (and told to reconnect on a failover), 1 to 16 (default 8).
+    #[arg(long)]
+    srt_peer_limit: Option<u32>,
 }
 
 #[derive(Args)]
@@ -309,6 +315,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 ("port", a.port.map(|p| json!(p))),
                 ("failback", a.failback.map(|f| json!(f))),
                 ("protocol", a.protocol.map(|p| json!(p))),
+                ("srt_peer_limit", a.srt_peer_limit.map(|l| json!(l))),
+                ("sources", (!a.sources.is_empty()).then(|| json!(a.sources))),
             ] {
                 if let Some(val) = val {
                     v[k] = val;

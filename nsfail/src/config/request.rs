@@ -82,4 +82,84 @@ mod tests {
         .to_string();
         assert!(bad.contains("invalid IP address"), "{bad}");
     }
+
+    fn cam(sources: &[&str], srt_peer_limit: Option<u32>) -> NewChannel {
+        NewChannel {
+            name: "cam3".into(),
+            listen: "10.0.0.1:5004".into(),
+            encoders: vec!["a".into()],
+            protocol: Some("srt".into()),
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            srt_peer_limit,
+            ..Default::default()
+        }
+    }
+
+    /// `sources` and `srt_peer_limit` of an `add channel` request: parsed as the file's keys
+    /// are, and checked as a new channel of the running config is.
+    #[test]
+    fn channel_requests_take_sources_and_the_srt_peer_limit() {
+        let cfg = Config::parse(
+            "[ingest]\ninterface = \"eth0\"\n\n\
+             [[encoder]]\nname = \"a\"\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:00:01\"\n\
+             health = { kind = \"udp\", port = 9 }\n",
+            "t.toml",
+        )
+        .unwrap();
+        let lookup = cfg.lookup();
+        let ch = Channel::try_from(cam(&["203.0.113.0/24", "198.51.100.7"], Some(4))).unwrap();
+        assert_eq!(
+            ch.sources,
+            [
+                "203.0.113.0/24".parse::<SourcePrefix>().unwrap(),
+                "198.51.100.7/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(ch.srt_peer_limit(), 4);
+        cfg.check_new_channel(&lookup, &ch).unwrap();
+        let ch = Channel::try_from(cam(&[], None)).unwrap();
+        assert!(ch.sources.is_empty());
+        assert_eq!(ch.srt_peer_limit(), SRT_PEER_LIMIT_DEFAULT);
+
+        for (source, why) in [
+            (
+                "203.0.113.1/24",
+                "host bits set (the network is 203.0.113.0/24)",
+            ),
+            ("camera", "not an IP address or prefix"),
+            ("10.0.0.0/33", "prefix length must be 0 to 32"),
+        ] {
+            let err = Channel::try_from(cam(&[source], None))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("channel: ") && err.contains(why), "{err}");
+        }
+        for (sources, limit, want) in [
+            (
+                &["2001:db8::/32"][..],
+                None,
+                "channel \"cam3\" listens on IPv4 10.0.0.1:5004 but source 2001:db8::/32 is IPv6",
+            ),
+            (
+                &[],
+                Some(0),
+                "channel \"cam3\": srt_peer_limit 0 must be 1 to 16",
+            ),
+            (
+                &[],
+                Some(17),
+                "channel \"cam3\": srt_peer_limit 17 must be 1 to 16",
+            ),
+        ] {
+            let ch = Channel::try_from(cam(sources, limit)).unwrap();
+            let err = cfg.check_new_channel(&lookup, &ch).unwrap_err().to_string();
+            assert_eq!(err, want);
+        }
+        let err = serde_json::from_str::<NewChannel>(
+            r#"{"name":"c","listen":"10.0.0.1:5004","encoders":["a"],"srt_peer_limit":-1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("invalid value: integer `-1`"), "{err}");
+    }
 }

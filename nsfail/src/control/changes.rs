@@ -55,12 +55,12 @@ impl Controller {
         self.effective.check_new_channel(&self.lookup, &ch)?;
         let active = self.choose_initial(&ch, None);
         let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
-        self.dp.set_channel(
+        self.dp.set_channel_with(
             ch.listen,
             ch.encoder_port(),
             &active,
             &members,
-            ch.protocol == config::Protocol::Srt,
+            &channel_options(&ch),
         )?;
         self.decider.set_channel(&ch.name, policy(&ch), &active);
         let name = ch.name.clone();

@@ -73,6 +73,16 @@ fn policy(ch: &config::Channel) -> ChannelPolicy {
     }
 }
 
+/// What the data plane needs of a channel beyond where it forwards: SRT or not, its
+/// `sources`, its SRT caller limit.
+fn channel_options(ch: &config::Channel) -> ChannelOptions {
+    ChannelOptions {
+        srt: ch.protocol == config::Protocol::Srt,
+        sources: ch.sources.clone(),
+        srt_peer_limit: ch.srt_peer_limit(),
+    }
+}
+
 /// How many events the daemon keeps in memory.
 pub const EVENT_RING: usize = 1000;
 
@@ -297,13 +307,13 @@ impl Controller {
             let before = current.get(&ch.listen).map(|c| &c.encoder);
             let active = self.choose_initial(ch, before);
             let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
-            let opts = ChannelOptions {
-                srt: ch.protocol == config::Protocol::Srt,
-                sources: ch.sources.clone(),
-                srt_peer_limit: ch.srt_peer_limit(),
-            };
-            self.dp
-                .set_channel_with(ch.listen, ch.encoder_port(), &active, &members, &opts)?;
+            self.dp.set_channel_with(
+                ch.listen,
+                ch.encoder_port(),
+                &active,
+                &members,
+                &channel_options(ch),
+            )?;
             self.decider.set_channel(&ch.name, policy(ch), &active);
             if before != Some(&active) {
                 configured.push((ch.name.clone(), before.cloned(), active));
