@@ -90,7 +90,11 @@ impl Setup {
                 .iter()
                 .map(|r| r.parse::<AllowRule>().unwrap())
                 .collect(),
-            health: health.map(|(proto, port)| HealthAnswers { proto, port }),
+            health: health.map(|(proto, port)| HealthAnswers {
+                proto,
+                port,
+                prober: None,
+            }),
         };
         self.dp.set_policy(ENCODER, &policy).unwrap();
     }

@@ -46,12 +46,14 @@ macro_rules! at {
 }
 
 mod error;
+mod health;
 mod problems;
 mod url;
 
 use self::{error::*, problems::*};
 pub use self::{
     error::{ConfigError, Location},
+    health::{Check, HealthCheck, HealthProblem},
     url::HttpUrl,
 };
 use crate::net::provision::{Plan, managed_link};
@@ -156,7 +158,8 @@ pub enum Restart {
 #[serde(deny_unknown_fields, default)]
 pub struct Health {
     pub kind: HealthKind,
-    /// Probe port (udp, tcp).
+    /// Probe port (udp, tcp, srt; an `srt` check defaults to the SRT port of the one SRT
+    /// channel port the encoder serves).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// Probe URL (http); a 2xx status is healthy.
@@ -203,6 +206,8 @@ pub enum HealthKind {
     Exec,
     /// Data-plane liveness: the channel's input moves, so the encoder's output must too.
     Flow,
+    /// The SRT listener itself: an induction handshake while idle, its session while live.
+    Srt,
 }
 
 /// `[[channel]]`: one contribution stream.
@@ -273,6 +278,7 @@ toml_names!(HealthKind {
     Http => "http",
     Exec => "exec",
     Flow => "flow",
+    Srt => "srt",
 });
 toml_names!(Failback { Manual => "manual", Auto => "auto" });
 toml_names!(Protocol { Udp => "udp", Srt => "srt" });

@@ -248,8 +248,8 @@ impl Controller {
                 })?;
             }
             let spec = encoder_spec(e)?;
-            self.dp.upsert_encoder(&spec)?;
-            self.dp.set_policy(&e.name, &policy_from_config(e)?)?;
+            let policy = policy_from_config(&cfg, e)?;
+            self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
             self.decider.add_encoder(&e.name, now);
             if let Some(ifname) = e.host_interface() {
                 let verdict = receive::ensure(&ifname, e.namespace().as_deref());
@@ -555,31 +555,24 @@ impl Controller {
 
 /// The kernel egress policy of a configured encoder: its allow-list, and the protocol and port
 /// its health check is answered from (the daemon probes from the ingest host, so the answers
-/// pass whatever the allow-list says).
-pub fn policy_from_config(e: &config::Encoder) -> Result<crate::dataplane::EgressPolicy> {
-    use crate::{
-        config::{AllowProto, HealthKind},
-        dataplane::{EgressPolicy, HealthAnswers},
-    };
+/// pass to this host's address whatever the allow-list says).
+pub fn policy_from_config(
+    cfg: &Config,
+    e: &config::Encoder,
+) -> Result<crate::dataplane::EgressPolicy> {
     let err = |why: String| ControlError::Encoder {
         name: e.name.clone(),
         why,
     };
     let allow = e.allow_rules().map_err(|x| err(x.to_string()))?;
-    let answers = |proto, port| HealthAnswers { proto, port };
-    let health = match e.health.kind {
-        HealthKind::Udp => e.health.port.map(|p| answers(AllowProto::Udp, p)),
-        HealthKind::Tcp => e.health.port.map(|p| answers(AllowProto::Tcp, p)),
-        HealthKind::Http => match e.health.url.as_deref() {
-            Some(url) => {
-                let url = config::HttpUrl::parse(url).map_err(err)?;
-                Some(answers(AllowProto::Tcp, url.port))
-            }
-            None => None,
-        },
-        HealthKind::Exec | HealthKind::Flow => None,
-    };
-    Ok(EgressPolicy { allow, health })
+    let check = cfg.health_check(e).map_err(|problems| {
+        let why: Vec<String> = problems.into_iter().map(|p| p.message).collect();
+        err(why.join("; "))
+    })?;
+    Ok(crate::dataplane::EgressPolicy {
+        allow,
+        health: check.check.answers(),
+    })
 }
 
 #[cfg(test)]

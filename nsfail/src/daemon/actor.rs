@@ -25,7 +25,7 @@ use crate::{
     api::{Command, Response},
     config::Config,
     control::{ControlError, Controller},
-    health::{HealthUpdate, flow::FlowChecks},
+    health::{HealthUpdate, judge::Judge},
     metrics::Metrics,
     net::receive::Verdict,
 };
@@ -44,6 +44,9 @@ pub(super) enum Msg {
     Request(Box<Command>, oneshot::Sender<Response>),
     /// A probe's result.
     Health(HealthUpdate),
+    /// The kernel of encoder (id) refused this many channel packets (ICMP port unreachable),
+    /// as the egress program reported them.
+    Refused(u32, u32),
     /// Something a managed encoder's supervisor has to say (for the events).
     EncoderEvent(String, String),
     /// The local encoders the link watch is to check.
@@ -133,20 +136,20 @@ fn run(
     metrics: Arc<Metrics>,
     config_tx: watch::Sender<Arc<Config>>,
 ) {
-    let mut flows = FlowChecks::default();
-    flows.sync(c.config());
+    let mut judge = Judge::default();
+    judge.sync(c.config());
     let mut seen = c.generation();
     let mut next_tick = Instant::now();
     loop {
         match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(msg) => handle(&mut c, msg, &metrics),
+            Ok(msg) => handle(&mut c, &mut judge, msg, &metrics),
             Err(RecvTimeoutError::Timeout) => {}
         }
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + TICK;
-            flows.run(&mut c);
+            judge.run(&mut c);
             match c.tick() {
                 Ok(report) => {
                     for channel in &report.moved {
@@ -161,7 +164,7 @@ fn run(
         }
         if c.generation() != seen {
             seen = c.generation();
-            flows.sync(c.config());
+            judge.sync(c.config());
             // Err: the daemon's loop is gone, which only happens while stopping.
             let _ = config_tx.send(Arc::new(c.config().clone()));
         }
@@ -169,7 +172,7 @@ fn run(
     info!("controller stopped");
 }
 
-fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
+fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
     match msg {
         Msg::Request(command, reply) => {
             // Err: the client hung up; the request was carried out all the same.
@@ -179,12 +182,23 @@ fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
             if update.ok {
                 c.note_alive(&update.encoder);
             }
-            if let Some(healthy) = update.transition {
+            if let Some(healthy) = judge.on_probe(&update, c) {
                 if let Some(e) = &update.error {
                     info!("encoder {} probe: {e}", update.encoder);
                 }
                 if let Err(e) = c.on_health(&update.encoder, healthy) {
                     warn!("acting on {}'s health: {e}", update.encoder);
+                }
+            }
+        }
+        Msg::Refused(id, n) => {
+            let Some(name) = c.dataplane().encoder_name(id) else {
+                return;
+            };
+            if let Some(healthy) = judge.on_refusal(&name, n) {
+                info!("encoder {name}: its kernel refuses the stream (nothing listens)");
+                if let Err(e) = c.on_health(&name, healthy) {
+                    warn!("acting on {name}'s health: {e}");
                 }
             }
         }

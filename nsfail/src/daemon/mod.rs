@@ -19,11 +19,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, RingBuf};
 use futures_util::{FutureExt as _, StreamExt as _};
 use log::{info, warn};
 use nix::sched::{CloneFlags, setns};
+use nsfail_common::RefusalEvent;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, unix::AsyncFd},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -34,7 +36,7 @@ use tokio::{
 use crate::{
     Dataplane,
     api::{self, Request, Response},
-    config::{self, Config, Health, HealthKind},
+    config::{self, Config, HealthCheck},
     control::Controller,
     health::{self, HealthUpdate},
     metrics::{self, Metrics},
@@ -81,6 +83,8 @@ pub fn run(opts: Options) -> Result<()> {
     let mut dp = Dataplane::open(opts.pins.clone())?;
     dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
     let adopted = dp.adopted();
+    // Opened before the controller takes the data plane: read on the runtime thread.
+    let refusals = dp.refusals()?;
     let ctl = Controller::start(cfg, &opts.config, dp)?;
     info!(
         "{} the data plane; {} channels, {} encoders",
@@ -95,10 +99,10 @@ pub fn run(opts: Options) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(ctl, &opts.socket))
+        .block_on(serve(ctl, refusals, &opts.socket))
 }
 
-async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
+async fn serve(ctl: Controller, refusals: RingBuf<MapData>, socket: &Path) -> Result<()> {
     let listener = bind(socket).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
@@ -142,6 +146,7 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
         managed.sync(&cfg);
     }
     let link_watch = tokio::spawn(watch_links(ctl.clone(), stop_rx.clone()));
+    let refusal_watch = tokio::spawn(watch_refusals(refusals, ctl.clone(), stop_rx.clone()));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
@@ -174,10 +179,58 @@ async fn serve(ctl: Controller, socket: &Path) -> Result<()> {
     let _ = stop_tx.send(true);
     // It ends at the stop signal; a panic in it was logged by the runtime already.
     let _ = link_watch.await;
+    let _ = refusal_watch.await;
     managed.stop_all().await;
     let _ = metrics_task.await;
     actor.stop();
     let _ = fs::remove_file(socket);
     info!("stopped; the data plane keeps forwarding (nsfail teardown removes it)");
     Ok(())
+}
+
+/// Reads the egress program's refusal reports as the ring buffer wakes it, and tells the
+/// controller, one message per encoder per wake-up. Ends at the daemon's stop.
+async fn watch_refusals(
+    ring: RingBuf<MapData>,
+    ctl: actor::ControlHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    // SAFETY: the RingBuf owns its map's descriptor (and the consumer/producer mappings),
+    // which stays open and the same until the RingBuf is dropped with the AsyncFd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("refused streams cannot be watched (probes still judge encoders): {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            ready = ring.readable_mut() => match ready {
+                Ok(guard) => guard,
+                Err(e) => {
+                    warn!("watching refused streams: {e}");
+                    return;
+                }
+            },
+        };
+        let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
+        let inner = guard.get_inner_mut();
+        while let Some(item) = inner.next() {
+            if item.len() >= std::mem::size_of::<RefusalEvent>() {
+                // SAFETY: the program writes whole `RefusalEvent`s (plain integers); the length
+                // is checked and the read is unaligned.
+                let ev: RefusalEvent =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RefusalEvent>()) };
+                *seen.entry(ev.encoder_id).or_default() += 1;
+            }
+        }
+        guard.clear_ready();
+        for (id, n) in seen {
+            ctl.tell(Msg::Refused(id, n));
+        }
+    }
 }

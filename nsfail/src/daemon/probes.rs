@@ -11,22 +11,7 @@ pub(super) struct Probes {
 }
 
 /// Everything a probe task was made from: a change to any of it replaces the task.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct ProbeTarget {
-    health: Health,
-    address: std::net::IpAddr,
-    netns: Option<String>,
-}
-
-impl ProbeTarget {
-    pub(super) fn of(e: &config::Encoder) -> Self {
-        Self {
-            health: e.health.clone(),
-            address: e.address,
-            netns: e.netns.clone(),
-        }
-    }
-}
+pub(super) type ProbeTarget = HealthCheck;
 
 impl Probes {
     pub(super) fn sync(
@@ -35,26 +20,19 @@ impl Probes {
         tx: &mpsc::Sender<HealthUpdate>,
         stop: &watch::Receiver<bool>,
     ) {
-        let wanted: BTreeMap<&str, &config::Encoder> = cfg
-            .encoders
-            .iter()
-            .filter(|e| e.health.kind != HealthKind::Flow)
-            .map(|e| (e.name.as_str(), e))
-            .collect();
+        let wanted: BTreeMap<String, HealthCheck> = cfg.health_checks().into_iter().collect();
         self.running.retain(|name, (target, cancel)| {
-            let keep = wanted
-                .get(name.as_str())
-                .is_some_and(|e| ProbeTarget::of(e) == *target);
+            let keep = wanted.get(name).is_some_and(|w| w == target);
             if !keep {
                 let _ = cancel.send(true);
             }
             keep
         });
-        for (name, e) in wanted {
-            if self.running.contains_key(name) {
+        for (name, check) in wanted {
+            if self.running.contains_key(&name) {
                 continue;
             }
-            let Some(probe) = health::probe_for(e) else {
+            let Some(probe) = health::probe_for(&check) else {
                 continue;
             };
             let (cancel_tx, cancel_rx) = watch::channel(false);
@@ -65,9 +43,8 @@ impl Probes {
                 let _ = stop.wait_for(|s| *s).await;
                 let _ = cancel_on_stop.send(true);
             });
-            health::spawn(name.to_owned(), probe, &e.health, tx.clone(), cancel_rx);
-            self.running
-                .insert(name.to_owned(), (ProbeTarget::of(e), cancel_tx));
+            health::spawn(name.clone(), probe, &check, tx.clone(), cancel_rx);
+            self.running.insert(name, (check, cancel_tx));
         }
     }
 }
@@ -109,8 +86,8 @@ mod tests {
         );
         let (target, cancel) = &probes.running["enc-a"];
         assert_eq!(
-            target.address,
-            "127.0.0.3".parse::<std::net::IpAddr>().unwrap()
+            target.check,
+            crate::config::Check::Udp("127.0.0.3:9".parse().unwrap())
         );
         assert!(!*cancel.subscribe().borrow());
     }

@@ -23,13 +23,17 @@ pub struct HttpProbe {
 
 impl HttpProbe {
     pub fn new(url: &str) -> Result<Self, String> {
-        let url = HttpUrl::parse(url)?;
+        Ok(Self::from_url(HttpUrl::parse(url)?))
+    }
+
+    /// The probe of a URL the config has parsed already.
+    pub fn from_url(url: HttpUrl) -> Self {
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nsfail\r\nAccept: */*\r\nConnection: \
              close\r\n\r\n",
             url.target, url.authority
         );
-        Ok(Self { url, request })
+        Self { url, request }
     }
 
     pub fn url(&self) -> &HttpUrl {
