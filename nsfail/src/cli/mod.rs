@@ -186,6 +186,9 @@ enum LabCmd {
     /// `lab up`, then the daemon on the lab in the foreground; on Ctrl-C the daemon stops and
     /// the lab and the data plane are removed.
     Run,
+    /// Kill -9 an encoder's stream receiver (`nsfail lab kill enc-a`), as if it crashed: its
+    /// channel fails over.
+    Kill { encoder: String },
     /// A self-contained data-plane demo: stream, remap half-way, clean up.
     Demo {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600))]
@@ -395,6 +398,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Lab(LabCmd::Demo { seconds }) => crate::lab::demo::run(seconds),
+        Cmd::Lab(LabCmd::Kill { encoder }) => {
+            let p = labctl::kill(&encoder)?;
+            done(format!(
+                "killed {} (pid {}, kill -9); its namespace stays",
+                p.name, p.pid
+            ));
+            Ok(())
+        }
     }
 }
 
@@ -416,7 +427,9 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
          target/debug/nsfail status          # cam1's counters move; enc-a receives\n  \
          target/debug/nsfail remap cam1 enc-b\n  \
          target/debug/nsfail status          # now enc-b receives\n  \
-         target/debug/nsfail events\n  \
+         target/debug/nsfail remap cam1 enc-a\n  \
+         target/debug/nsfail lab kill enc-a  # kill -9 of enc-a's SRT listener: cam1 fails over\n  \
+         target/debug/nsfail events          # the failover and its switchover time\n  \
          ls -l {}   # each encoder's received stream\n\
          Ctrl-C here stops the daemon and removes the lab.\n",
         info.namespaces.get(1).map_or("nsf-src", String::as_str),

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::warn;
+use log::{info, warn};
 
 use super::{Counter, HealthUpdate};
 use crate::{
@@ -154,6 +154,14 @@ impl Judge {
                 j.refusals.0 = 0;
             }
             if let Some(healthy) = j.counter.record(ok) {
+                if !healthy {
+                    info!(
+                        "encoder {name}: no reply for {} ms while its channel's input moves \
+                         (timeout {} ms)",
+                        idle.as_millis().min(u128::from(u32::MAX)),
+                        window.as_millis()
+                    );
+                }
                 transitions.push((name.clone(), healthy));
             }
         }
