@@ -24,7 +24,7 @@ use nsfail::lab::{
 };
 use nsfail_tests::{
     ChildGuard, PinDir,
-    daemon::{Bed, Daemon, Policy, TempDir, active, count_events, events, status},
+    daemon::{Bed, Daemon, Policy, TempDir, active, count_events, events, lab_config_with, status},
     spawn_in, srt, unique, wait_for,
 };
 
@@ -182,12 +182,31 @@ fn until_down(sock: &Path, name: &str, since: Instant) -> Duration {
 }
 
 fn srt_bed(health: [&str; 2], failback: &str, hold_down_ms: u64) -> Bed {
-    Bed::new(&Policy {
+    let policy = Policy {
         health,
         failback,
         hold_down_ms,
         ..Policy::default()
-    })
+    };
+    // The lab config gives cam2 the failback settings; cam1, the SRT channel, gets them too.
+    let lab = nsfail_tests::lab(2);
+    let dir = TempDir::new();
+    let config = dir.path.join("nsfail.toml");
+    let text = lab_config_with(&lab, &policy).replace(
+        "protocol = \"srt\"\n",
+        &format!("protocol = \"srt\"\nfailback = \"{failback}\"\nhold_down_ms = {hold_down_ms}\n"),
+    );
+    fs::write(&config, text).expect("write config");
+    let pins = PinDir::new();
+    let daemon = Daemon::start(&config, &dir.path.join("nsfail.sock"), &pins);
+    Bed {
+        daemon,
+        echoes: Vec::new(),
+        config,
+        pins,
+        dir,
+        lab,
+    }
 }
 
 /// Idle listeners of every kind: healthy on induction alone, with no connection in their
@@ -397,7 +416,7 @@ fn a_live_session_whose_traffic_is_dropped_fails_by_timeout() {
 #[test]
 fn a_flow_failed_encoder_is_healthy_again_and_gets_its_channel_back() {
     const FLOW: &str =
-        "{ kind = \"flow\", interval_ms = 100, timeout_ms = 200, rise = 2, fall = 2 }";
+        "{ kind = \"flow\", interval_ms = 100, timeout_ms = 100, rise = 2, fall = 3 }";
     let bed = srt_bed([FLOW, SRT_CHECK], "auto", 2000);
     let sock = bed.socket();
     let dir = TempDir::new();
@@ -445,11 +464,18 @@ fn a_flow_failed_encoder_is_healthy_again_and_gets_its_channel_back() {
     let back = wait_for(Duration::from_secs(15), || {
         (active(&sock, "cam1") == "enc-a").then(|| restarted.elapsed())
     })
-    .expect("cam1 back on enc-a after the hold-down");
+    .unwrap_or_else(|| {
+        panic!(
+            "cam1 back on enc-a after the hold-down:\n{}",
+            daemon_log(&bed)
+        )
+    });
     println!("flow: cam1 back on enc-a {back:?} after the restart (hold-down 2 s)");
+    // The hold-down runs from enc-a's healthy transition, at most the listener's 300 ms
+    // settling before `restarted`: without it the failback would follow at once.
     assert!(
-        back >= Duration::from_millis(2000),
-        "failback only after the hold-down: {back:?}"
+        back >= Duration::from_millis(1500),
+        "failback only after the 2 s hold-down: {back:?} after the restart"
     );
     assert!(
         wait_for(Duration::from_secs(10), || (a2.size() > 0).then_some(())).is_some(),

@@ -199,6 +199,8 @@ impl HealthCheck {
                 },
             },
             HealthKind::Flow => match srt_ports(channels, &encoder.name)[..] {
+                // Judged only while active: nothing probes it in standby (an encoder of
+                // plain UDP channels has nothing to answer a probe with).
                 [] => Some(Check::Flow { standby: None }),
                 [first, ..] => Some(Check::Flow {
                     standby: Some(at(first)),
@@ -356,9 +358,18 @@ mod tests {
                 standby: Some("10.0.0.2:7000".parse().unwrap())
             }
         );
+        let alone = config("{ kind = \"flow\" }", &[]).unwrap();
+        assert_eq!(check(&alone), Check::Flow { standby: None });
+        assert_eq!(check(&alone).answers(), None);
         let udp = config("{ kind = \"flow\" }", &[("cam1", 7000, "udp")]).unwrap();
         assert_eq!(check(&udp), Check::Flow { standby: None });
-        assert_eq!(check(&udp).answers(), None);
+        // Beside an SRT channel, a UDP one is judged while active like any other.
+        let both = config(
+            "{ kind = \"flow\" }",
+            &[("cam1", 7000, "srt"), ("cam2", 7002, "udp")],
+        )
+        .unwrap();
+        assert!(matches!(check(&both), Check::Flow { standby: Some(_) }));
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //!   once, whatever its check.
 //!
 //! Switching between probe and session never fails by itself: a session counts as live for
-//! [`SESSION_HOLD`] after the encoder's last reply (longer than SRT's 1 s keepalive), and
-//! the first induction failures after it ended are set aside for the same time, while the
-//! listener reopens.
+//! [`SESSION_HOLD`] after the encoder's last reply (longer than SRT's 1 s keepalive), the
+//! first induction failures after it ended are set aside for the same time, while the
+//! listener reopens, and an encoder just made active is not judged by silence from before
+//! (for up to [`SESSION_HOLD`], while its caller reconnects).
 
 use std::{
     collections::BTreeMap,
@@ -45,6 +46,8 @@ struct Judged {
     refusals: (u32, Instant),
     /// When the session was last seen live (SRT checks).
     session_seen: Option<Instant>,
+    /// Since when it has been active for a channel (it was not at the last judgement).
+    active_since: Option<Instant>,
 }
 
 /// Every encoder's health state.
@@ -71,6 +74,7 @@ impl Judge {
                 evaluated: now,
                 refusals: (0, now),
                 session_seen: None,
+                active_since: None,
             });
         }
     }
@@ -134,14 +138,22 @@ impl Judge {
             }
             j.evaluated = now;
             let window = j.check.timeout;
-            let fed = c
-                .channels_on(name)
-                .iter()
-                .any(|ch| c.input_moving(ch, window));
+            let channels = c.channels_on(name);
+            if channels.is_empty() {
+                j.active_since = None;
+                continue;
+            }
+            let since = *j.active_since.get_or_insert(now);
+            let fed = channels.iter().any(|ch| c.input_moving(ch, window));
             if !fed {
                 continue;
             }
             let idle = reply_idle(c, name);
+            // Just made active (a failover or failback to it): its caller is still being told
+            // to reconnect, so silence since before then says nothing about it yet.
+            if now.duration_since(since) < SESSION_HOLD && idle >= now.duration_since(since) {
+                continue;
+            }
             if matches!(j.check.check, Check::Srt(_)) {
                 if idle >= SESSION_HOLD {
                     // No session: the induction probe judges it.
