@@ -251,6 +251,11 @@ impl Controller {
             let policy = policy_from_config(&cfg, e)?;
             self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
             self.decider.add_encoder(&e.name, now);
+            if e.spawn.is_none()
+                && let Some(ns) = &e.netns
+            {
+                report_icmp_ratelimit(&e.name, ns);
+            }
             if let Some(ifname) = e.host_interface() {
                 let verdict = receive::ensure(&ifname, e.namespace().as_deref());
                 self.set_receive(&e.name, verdict)?;
@@ -550,6 +555,22 @@ impl Controller {
     /// Channels an encoder is active for.
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.decider.channels_on(encoder)
+    }
+}
+
+/// Warns when an encoder namespace nsfail does not manage limits ICMP errors so that a dead
+/// receiver's refusals of the stream come too rarely to fail it at once (the kernel default:
+/// one a second per destination after a burst of six). Managed namespaces get 10 ms.
+fn report_icmp_ratelimit(encoder: &str, ns: &str) {
+    match netns::icmp_ratelimit_ms(ns) {
+        Ok(ms) if ms > 100 => warn!(
+            "encoder {encoder}: namespace {ns} has net.ipv4.icmp_ratelimit = {ms} ms: after a \
+             burst of six, its kernel refuses a dead receiver's stream once per {ms} ms per \
+             source; `ip netns exec {ns} sysctl -w net.ipv4.icmp_ratelimit=10 \
+             net.ipv6.icmp.ratelimit=10` lets every refusal through"
+        ),
+        Ok(_) => {}
+        Err(e) => debug!("encoder {encoder}: reading icmp_ratelimit in {ns}: {e}"),
     }
 }
 
