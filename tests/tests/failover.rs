@@ -405,10 +405,12 @@ fn srt_failover(protocol: &str, passphrase: Option<&str>) -> SrtFailover {
             "the daemon learned the caller on the wire"
         );
     }
-    // Encoder A dies: its SRT listener and its health responder.
+    // Encoder A dies: its SRT listener and its health responder. The clock starts before the
+    // kill: its kernel's refusals of the stream can fail it over (and tell the caller) before
+    // the responder has stopped.
+    let killed = Instant::now();
     session.kill(0);
     s.echoes[0].stop();
-    let killed = Instant::now();
     let repointed = wait_for(Duration::from_secs(5), || {
         (active(&sock, "cam1") == "enc-b").then(Instant::now)
     })
