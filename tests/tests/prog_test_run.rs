@@ -1212,6 +1212,24 @@ fn tc_egress_policy_table() {
         "tc/pass_health",
     );
     row(
+        "IPv6 health answer: TCP from 9100 to another address than the prober's",
+        ve6,
+        packet(tcp, "[fd77:1::2]:9100", "[fd77:9::1]:51515").bytes(),
+        "enc6/denied",
+    );
+    row(
+        "ICMPv6 port unreachable quoting a channel packet (nothing receives the stream)",
+        ve6,
+        icmp_error(
+            1,
+            4,
+            "fd77:1::2",
+            "fd77::50",
+            &packet(udp, "[fd77::50]:40000", "[fd77:1::2]:7000"),
+        ),
+        "enc6/refused",
+    );
+    row(
         "ICMPv6 port unreachable for UDP to 9100 (the check is TCP)",
         ve6,
         icmp_error(
