@@ -5,9 +5,14 @@ use super::*;
 
 /// One probe task per encoder with a network health check, restarted when its check changes
 /// and stopped when the encoder goes away.
+///
+/// `udp` and SRT induction probes are not tasks of their own: one batch prober
+/// ([`health::batch`]) sends them all from one socket per address family, on one timer.
 #[derive(Default)]
 pub(super) struct Probes {
     running: BTreeMap<String, (ProbeTarget, watch::Sender<bool>)>,
+    /// What the batch prober probes, once it runs.
+    batch: Option<watch::Sender<BTreeMap<String, health::batch::Target>>>,
 }
 
 /// Everything a probe task was made from: a change to any of it replaces the task.
@@ -20,7 +25,29 @@ impl Probes {
         tx: &mpsc::Sender<HealthUpdate>,
         stop: &watch::Receiver<bool>,
     ) {
-        let wanted: BTreeMap<String, HealthCheck> = cfg.health_checks().into_iter().collect();
+        let (batched, wanted): (BTreeMap<String, HealthCheck>, BTreeMap<String, HealthCheck>) = cfg
+            .health_checks()
+            .into_iter()
+            .partition(|(_, c)| health::batch::Target::of(c).is_some());
+        let batched: BTreeMap<String, health::batch::Target> = batched
+            .iter()
+            .filter_map(|(n, c)| Some((n.clone(), health::batch::Target::of(c)?)))
+            .collect();
+        match &self.batch {
+            Some(targets) => {
+                targets.send_if_modified(|t| {
+                    let changed = *t != batched;
+                    *t = batched.clone();
+                    changed
+                });
+            }
+            None if batched.is_empty() => {}
+            None => {
+                let (targets, rx) = watch::channel(batched);
+                health::batch::spawn(rx, tx.clone(), stop.clone());
+                self.batch = Some(targets);
+            }
+        }
         self.running.retain(|name, (target, cancel)| {
             let keep = wanted.get(name).is_some_and(|w| w == target);
             if !keep {
@@ -56,13 +83,35 @@ mod tests {
     use super::Probes;
     use crate::config::Config;
 
-    fn config(address: &str) -> Config {
+    fn config_of(kind: &str, address: &str) -> Config {
         let text = format!(
             "[ingest]\ninterface = \"eth0\"\n\n[[encoder]]\nname = \"enc-a\"\n\
-             address = \"{address}\"\nhealth = {{ kind = \"udp\", port = 9, interval_ms = 60000, \
+             address = \"{address}\"\nhealth = {{ kind = \"{kind}\", port = 9, interval_ms = 60000, \
              timeout_ms = 100 }}\n"
         );
         Config::parse(&text, "t.toml").unwrap()
+    }
+
+    /// A check that runs as a task of its own (`tcp`).
+    fn config(address: &str) -> Config {
+        config_of("tcp", address)
+    }
+
+    #[tokio::test]
+    async fn udp_probes_go_to_the_one_batch_prober() {
+        let (tx, _rx) = mpsc::channel(8);
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut probes = Probes::default();
+        probes.sync(&config_of("udp", "127.0.0.2"), &tx, &stop);
+        assert!(probes.running.is_empty(), "no task of its own");
+        let targets = probes
+            .batch
+            .as_ref()
+            .expect("the batch prober runs")
+            .subscribe();
+        assert_eq!(targets.borrow()["enc-a"].at, "127.0.0.2:9".parse().unwrap());
+        probes.sync(&config_of("udp", "127.0.0.3"), &tx, &stop);
+        assert_eq!(targets.borrow()["enc-a"].at, "127.0.0.3:9".parse().unwrap());
     }
 
     #[tokio::test]
@@ -87,7 +136,7 @@ mod tests {
         let (target, cancel) = &probes.running["enc-a"];
         assert_eq!(
             target.check,
-            crate::config::Check::Udp("127.0.0.3:9".parse().unwrap())
+            crate::config::Check::Tcp("127.0.0.3:9".parse().unwrap())
         );
         assert!(!*cancel.subscribe().borrow());
     }

@@ -10,6 +10,7 @@
 //!
 //! Must not: act on what it finds (the controller decides).
 
+pub mod batch;
 mod exec;
 mod http;
 pub mod judge;
