@@ -160,7 +160,8 @@ struct SpawnEncoder {
     /// always | never
     #[arg(long)]
     restart: Option<String>,
-    /// A udp health check on this port (default: the flow check).
+    /// A udp health check on this port (default: `srt` health on the port of an SRT listener
+    /// the command runs, `srt://:PORT?mode=listener`; otherwise the flow check).
     #[arg(long)]
     health_port: Option<u16>,
     /// What it may reach besides replying to sources (repeatable).
@@ -327,9 +328,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                 "address": a.address,
                 "allow": a.allow,
                 "spawn": { "command": command, "args": args },
-                "health": match a.health_port {
-                    Some(port) => json!({ "kind": "udp", "port": port }),
-                    None => json!({ "kind": "flow" }),
+                "health": match (a.health_port, srt_listener_port(&a.command)) {
+                    (Some(port), _) => json!({ "kind": "udp", "port": port }),
+                    // An SRT listener answers its own health check.
+                    (None, Some(port)) => json!({ "kind": "srt", "port": port }),
+                    (None, None) => json!({ "kind": "flow" }),
                 },
             });
             if let Some(p) = a.prefix {
@@ -409,6 +412,20 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// The port of the first SRT listener URI (`srt://[HOST]:PORT?...mode=listener...`) among a
+/// command's arguments (inside a shell line too).
+fn srt_listener_port(command: &[String]) -> Option<u16> {
+    command
+        .iter()
+        .flat_map(|arg| arg.split(['\'', '"', ' ']))
+        .filter_map(|word| word.strip_prefix("srt://"))
+        .filter(|rest| rest.contains("mode=listener"))
+        .find_map(|rest| {
+            let authority = rest.split(['?', '/']).next()?;
+            authority.rsplit_once(':')?.1.parse().ok()
+        })
+}
+
 /// The demo: lab up, daemon in the foreground (a child process, since the daemon moves into
 /// the lab's ingest namespace), then everything removed.
 fn lab_run(socket: &std::path::Path) -> Result<()> {
@@ -486,4 +503,36 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
         return Err(anyhow!("the daemon exited with {status}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::srt_listener_port;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_srt_listener_command_names_its_port() {
+        let slt = args(&[
+            "srt-live-transmit",
+            "srt://:7000?mode=listener",
+            "file://con",
+        ]);
+        assert_eq!(srt_listener_port(&slt), Some(7000));
+        let shell = args(&[
+            "sh",
+            "-c",
+            "exec ffmpeg -i 'srt://0.0.0.0:7100?mode=listener&passphrase=x' -f mpegts out.ts",
+        ]);
+        assert_eq!(srt_listener_port(&shell), Some(7100));
+        let caller = args(&[
+            "srt-live-transmit",
+            "udp://:9000",
+            "srt://10.0.0.1:7000?mode=caller",
+        ]);
+        assert_eq!(srt_listener_port(&caller), None);
+        assert_eq!(srt_listener_port(&args(&["sleep", "600"])), None);
+    }
 }
