@@ -287,6 +287,11 @@ impl Decider {
     }
 
     /// Channels whose active encoder is `encoder`.
+    /// Whether `encoder` is active for any channel.
+    pub fn is_active(&self, encoder: &str) -> bool {
+        self.channels.values().any(|st| st.active == encoder)
+    }
+
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.channels
             .iter()

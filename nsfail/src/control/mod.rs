@@ -556,6 +556,11 @@ impl Controller {
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.decider.channels_on(encoder)
     }
+
+    /// Whether an encoder is active for any channel.
+    pub fn is_active(&self, encoder: &str) -> bool {
+        self.decider.is_active(encoder)
+    }
 }
 
 /// Warns when an encoder namespace nsfail does not manage limits ICMP errors so that a dead

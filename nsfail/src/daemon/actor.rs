@@ -42,8 +42,8 @@ pub(super) type ReceiveTarget = (String, String, Option<String>);
 pub(super) enum Msg {
     /// A control-socket request.
     Request(Box<Command>, oneshot::Sender<Response>),
-    /// A probe's result.
-    Health(HealthUpdate),
+    /// Probe results, in the order they came.
+    Health(Vec<HealthUpdate>),
     /// The kernel of encoder (id) refused this many channel packets (ICMP port unreachable),
     /// as the egress program reported them.
     Refused(u32, u32),
@@ -178,17 +178,9 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
             // Err: the client hung up; the request was carried out all the same.
             let _ = reply.send(execute(c, *command));
         }
-        Msg::Health(update) => {
-            if update.ok {
-                c.note_alive(&update.encoder);
-            }
-            if let Some(healthy) = judge.on_probe(&update, c) {
-                if let Some(e) = &update.error {
-                    info!("encoder {} probe: {e}", update.encoder);
-                }
-                if let Err(e) = c.on_health(&update.encoder, healthy) {
-                    warn!("acting on {}'s health: {e}", update.encoder);
-                }
+        Msg::Health(updates) => {
+            for update in updates {
+                on_probe(c, judge, update);
             }
         }
         Msg::Refused(id, n) => {
@@ -223,6 +215,20 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
             let _ = reply.send(());
         }
         Msg::Stop => unreachable!("handled by the loop"),
+    }
+}
+
+fn on_probe(c: &mut Controller, judge: &mut Judge, update: HealthUpdate) {
+    if update.ok {
+        c.note_alive(&update.encoder);
+    }
+    if let Some(healthy) = judge.on_probe(&update, c) {
+        if let Some(e) = &update.error {
+            info!("encoder {} probe: {e}", update.encoder);
+        }
+        if let Err(e) = c.on_health(&update.encoder, healthy) {
+            warn!("acting on {}'s health: {e}", update.encoder);
+        }
     }
 }
 

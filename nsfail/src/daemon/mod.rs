@@ -138,6 +138,7 @@ async fn serve(ctl: Controller, refusals: RingBuf<MapData>, socket: &Path) -> Re
     );
 
     let (health_tx, mut health_rx) = mpsc::channel(1024);
+    let mut health_batch = Vec::new();
     let mut probes = Probes::default();
     let mut managed = Managed::new(ctl.clone());
     {
@@ -162,9 +163,15 @@ async fn serve(ctl: Controller, refusals: RingBuf<MapData>, socket: &Path) -> Re
                 }
                 Err(e) => warn!("accept: {e}"),
             },
-            Some(update) = health_rx.recv() => {
-                metrics.record_probe(&update.encoder, update.latency);
-                ctl.tell(Msg::Health(update));
+            // Every result waiting, in one message: one wake-up of the controller's thread
+            // for a batch of probes.
+            n = health_rx.recv_many(&mut health_batch, 1024) => {
+                if n > 0 {
+                    for update in &health_batch {
+                        metrics.record_probe(&update.encoder, update.latency);
+                    }
+                    ctl.tell(Msg::Health(std::mem::take(&mut health_batch)));
+                }
             },
             // Probes and managed encoders follow the configuration.
             Ok(()) = config.changed() => {

@@ -89,7 +89,13 @@ impl Judge {
         let set_aside = match &j.check.check {
             Check::Flow { .. } => !c.channels_on(&update.encoder).is_empty(),
             Check::Srt(_) => {
-                let live = session_live(c, &update.encoder);
+                // Only an encoder that is active, or was live lately, can have a session: the
+                // others are not read from the data plane (one map read per probe saved).
+                let lately = j
+                    .session_seen
+                    .is_some_and(|t| now.duration_since(t) < SESSION_HOLD);
+                let live =
+                    (lately || c.is_active(&update.encoder)) && session_live(c, &update.encoder);
                 if live {
                     j.session_seen = Some(now);
                 }
