@@ -90,6 +90,8 @@ pub fn spawn(
         let mut v6: Option<UdpSocket> = None;
         let mut buf = vec![0u8; 2048];
         follow(&mut probes, &targets.borrow_and_update());
+        // Probe by target address, rebuilt only when the targets change.
+        let mut index = indexed(&probes);
         loop {
             let wake = probes
                 .iter()
@@ -118,11 +120,12 @@ pub fn spawn(
                         return;
                     }
                     follow(&mut probes, &targets.borrow_and_update());
+                    index = indexed(&probes);
                 }
                 (family, ready) = readable => {
                     let sock = if family == 4 { &v4 } else { &v6 };
                     if let (Some(sock), Ok(_)) = (sock, ready) {
-                        receive(sock, &mut probes, &mut buf, &mut updates);
+                        receive(sock, &mut probes, &index, &mut buf, &mut updates);
                     }
                 }
                 () = tokio::time::sleep_until(wake) => {
@@ -138,6 +141,14 @@ pub fn spawn(
             }
         }
     })
+}
+
+fn indexed(probes: &[Probed]) -> HashMap<SocketAddr, usize> {
+    probes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.target.at, i))
+        .collect()
 }
 
 /// Keeps the probes of targets that stay, adds new ones (due now), drops the others.
@@ -379,14 +390,14 @@ fn send_batch(fd: RawFd, batch: &[(SocketAddr, Vec<u8>)]) -> usize {
 }
 
 /// Reads every answer and every queued refusal, and settles the probes they answer.
-fn receive(sock: &UdpSocket, probes: &mut [Probed], buf: &mut [u8], out: &mut Vec<HealthUpdate>) {
+fn receive(
+    sock: &UdpSocket,
+    probes: &mut [Probed],
+    index: &HashMap<SocketAddr, usize>,
+    buf: &mut [u8],
+    out: &mut Vec<HealthUpdate>,
+) {
     let now = Instant::now();
-    let index: HashMap<SocketAddr, usize> = probes
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.pending.is_some())
-        .map(|(i, p)| (p.target.at, i))
-        .collect();
     // Bounded: a flood cannot keep the task here.
     for _ in 0..1024 {
         let Ok((n, from)) = sock.try_recv_from(buf) else {
