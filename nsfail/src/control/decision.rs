@@ -397,6 +397,11 @@ impl Decider {
         self.drained.insert(encoder.to_owned());
     }
 
+    /// Whether `encoder` is active for any channel.
+    pub fn is_active(&self, encoder: &str) -> bool {
+        self.on.get(encoder).is_some_and(|set| !set.is_empty())
+    }
+
     /// Channels whose active encoder is `encoder`, in name order.
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.on

@@ -340,9 +340,14 @@ impl Controller {
             })?;
         }
         let spec = encoder_spec(e)?;
-        self.dp.upsert_encoder(&spec)?;
-        self.dp.set_policy(&e.name, &policy_from_config(e)?)?;
+        let policy = policy_from_config(&self.effective, e)?;
+        self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
         self.decider.add_encoder(&e.name, now);
+        if e.spawn.is_none()
+            && let Some(ns) = &e.netns
+        {
+            report_icmp_ratelimit(&e.name, ns);
+        }
         if let Some(ifname) = e.host_interface() {
             let verdict = receive::ensure(&ifname, e.namespace().as_deref());
             self.set_receive(&e.name, verdict)?;
@@ -608,35 +613,49 @@ impl Controller {
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.decider.channels_on(encoder)
     }
+
+    /// Whether an encoder is active for any channel.
+    pub fn is_active(&self, encoder: &str) -> bool {
+        self.decider.is_active(encoder)
+    }
+}
+
+/// Warns when an encoder namespace nsfail does not manage limits ICMP errors so that a dead
+/// receiver's refusals of the stream come too rarely to fail it at once (the kernel default:
+/// one a second per destination after a burst of six). Managed namespaces get 10 ms.
+fn report_icmp_ratelimit(encoder: &str, ns: &str) {
+    match netns::icmp_ratelimit_ms(ns) {
+        Ok(ms) if ms > 100 => warn!(
+            "encoder {encoder}: namespace {ns} has net.ipv4.icmp_ratelimit = {ms} ms: after a \
+             burst of six, its kernel refuses a dead receiver's stream once per {ms} ms per \
+             source; `ip netns exec {ns} sysctl -w net.ipv4.icmp_ratelimit=10 \
+             net.ipv6.icmp.ratelimit=10` lets every refusal through"
+        ),
+        Ok(_) => {}
+        Err(e) => debug!("encoder {encoder}: reading icmp_ratelimit in {ns}: {e}"),
+    }
 }
 
 /// The kernel egress policy of a configured encoder: its allow-list, and the protocol and port
 /// its health check is answered from (the daemon probes from the ingest host, so the answers
-/// pass whatever the allow-list says).
-pub fn policy_from_config(e: &config::Encoder) -> Result<crate::dataplane::EgressPolicy> {
-    use crate::{
-        config::{AllowProto, HealthKind},
-        dataplane::{EgressPolicy, HealthAnswers},
-    };
+/// pass to this host's address whatever the allow-list says).
+pub fn policy_from_config(
+    cfg: &Config,
+    e: &config::Encoder,
+) -> Result<crate::dataplane::EgressPolicy> {
     let err = |why: String| ControlError::Encoder {
         name: e.name.clone(),
         why,
     };
     let allow = e.allow_rules().map_err(|x| err(x.to_string()))?;
-    let answers = |proto, port| HealthAnswers { proto, port };
-    let health = match e.health.kind {
-        HealthKind::Udp => e.health.port.map(|p| answers(AllowProto::Udp, p)),
-        HealthKind::Tcp => e.health.port.map(|p| answers(AllowProto::Tcp, p)),
-        HealthKind::Http => match e.health.url.as_deref() {
-            Some(url) => {
-                let url = config::HttpUrl::parse(url).map_err(err)?;
-                Some(answers(AllowProto::Tcp, url.port))
-            }
-            None => None,
-        },
-        HealthKind::Exec | HealthKind::Flow => None,
-    };
-    Ok(EgressPolicy { allow, health })
+    let check = cfg.health_check(e).map_err(|problems| {
+        let why: Vec<String> = problems.into_iter().map(|p| p.message).collect();
+        err(why.join("; "))
+    })?;
+    Ok(crate::dataplane::EgressPolicy {
+        allow,
+        health: check.check.answers(),
+    })
 }
 
 #[cfg(test)]

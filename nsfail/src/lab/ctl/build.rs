@@ -54,6 +54,17 @@ pub(super) fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProt
         quoted(rt),
         quoted(METRICS),
     );
+    // SRT listeners answer their own health check (the srt kind, on the channel's port); a
+    // UDP receiver cannot, so a sidecar echo answers for its namespace, and the stream itself
+    // (the kernel's refusals once the receiver is gone) tells that the receiver died.
+    let health = match protocol {
+        LabProtocol::Srt => {
+            "{ kind = \"srt\", interval_ms = 100, timeout_ms = 100, rise = 3, fall = 2 }".to_owned()
+        }
+        LabProtocol::Udp => format!(
+            "{{ kind = \"udp\", port = {ECHO_PORT}, interval_ms = 100, timeout_ms = 100, rise = 3, fall = 3 }}"
+        ),
+    };
     for e in encoders {
         text += &format!(
             "\n[[encoder]]\n\
@@ -62,7 +73,7 @@ pub(super) fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProt
              interface = {}\n\
              netns = {}\n\
              allow = [{}]\n\
-             health = {{ kind = \"udp\", port = {ECHO_PORT}, interval_ms = 100, timeout_ms = 100, rise = 3, fall = 3 }}\n",
+             health = {health}\n",
             quoted(&e.name),
             quoted(&e.addr4),
             quoted(&e.host_if),
@@ -154,14 +165,16 @@ impl Builder {
                 receiver,
                 Some(&output),
             )?;
-            // One datagram in, the same datagram back to its sender, from the echo port.
-            let echo = vec![
-                "socat".to_owned(),
-                "-T1".to_owned(),
-                format!("UDP-RECVFROM:{ECHO_PORT},fork"),
-                "PIPE".to_owned(),
-            ];
-            self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
+            if opts.protocol == LabProtocol::Udp {
+                // One datagram in, the same datagram back to its sender, from the echo port.
+                let echo = vec![
+                    "socat".to_owned(),
+                    "-T1".to_owned(),
+                    format!("UDP-RECVFROM:{ECHO_PORT},fork"),
+                    "PIPE".to_owned(),
+                ];
+                self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
+            }
         }
         // A service on the ingest host that the encoders may use (their allow-lists name it):
         // reachable on SERVICE_PORT, and nothing else is.
