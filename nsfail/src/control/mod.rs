@@ -29,6 +29,7 @@ use log::{debug, info, warn};
 use nsfail_common::drop_reason;
 use serde::{Deserialize, Serialize};
 
+mod audit;
 mod changes;
 pub mod decision;
 mod events;
@@ -145,6 +146,8 @@ pub struct Controller {
     persist_tried: Option<Instant>,
     /// When automatic failback was last checked.
     failback_checked: Option<Instant>,
+    /// Where the audit of the maps against the decisions is.
+    audit: audit::AuditCursor,
 }
 
 /// How often a state file that could not be written is tried again.
@@ -248,6 +251,7 @@ impl Controller {
             persist_failed: None,
             persist_tried: None,
             failback_checked: None,
+            audit: Default::default(),
         };
         if let Some(reason) = set_aside {
             warn!("{reason}");
@@ -591,6 +595,7 @@ impl Controller {
             self.apply_all(decisions);
         }
         self.retry_unapplied();
+        self.audit(now);
         self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
         // map read on every tick.

@@ -50,6 +50,7 @@ use self::{
 };
 use crate::{net::netns, paths::Pins};
 
+mod audit;
 pub mod btf;
 mod channels;
 mod encoders;
@@ -59,7 +60,10 @@ mod mirror;
 pub mod policy;
 mod sys;
 
-pub use self::maps::{endpoint, socket_addr};
+pub use self::{
+    audit::Repairs,
+    maps::{endpoint, socket_addr},
+};
 use self::{maps::*, mirror::Mirror};
 
 /// The eBPF object built by build.rs from nsfail-ebpf.
