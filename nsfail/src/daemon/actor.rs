@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, watch};
 use super::notify::Notifier;
 use crate::{
     api::{Command, Response},
-    config::{self, Config},
+    config::{self, Config, HealthCheck},
     control::{ControlError, Controller},
     health::{HealthUpdate, judge::Judge},
     metrics::Metrics,
@@ -110,7 +110,7 @@ pub(super) struct Actor {
     pub(super) handle: ControlHandle,
     /// The effective configuration's ingest and encoders (no channels), republished
     /// whenever it changes.
-    pub(super) config: watch::Receiver<Arc<Config>>,
+    pub(super) config: watch::Receiver<Arc<Followed>>,
     thread: thread::JoinHandle<()>,
 }
 
@@ -123,7 +123,7 @@ impl Actor {
         watchdog: Option<(Notifier, Duration)>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let (config_tx, config) = watch::channel(Arc::new(followed(&ctl)));
+        let (config_tx, config) = watch::channel(Arc::new(Followed::of(&ctl)));
         let thread = thread::Builder::new()
             .name("nsfail-control".into())
             .spawn(move || run(ctl, rx, metrics, config_tx, watchdog))?;
@@ -147,11 +147,11 @@ fn run(
     mut c: Controller,
     rx: mpsc::Receiver<Msg>,
     metrics: Arc<Metrics>,
-    config_tx: watch::Sender<Arc<Config>>,
+    config_tx: watch::Sender<Arc<Followed>>,
     watchdog: Option<(Notifier, Duration)>,
 ) {
     let mut judge = Judge::default();
-    judge.sync(c.config());
+    judge.sync(&config_tx.borrow().checks);
     let mut seen = c.generation();
     let mut next_tick = Instant::now();
     let mut next_watchdog = Instant::now();
@@ -193,9 +193,10 @@ fn run(
         c.drain_events(EVENTS_PER_TURN);
         if c.generation() != seen {
             seen = c.generation();
-            judge.sync(c.config());
+            let followed = Followed::of(&c);
+            judge.sync(&followed.checks);
             // Err: the daemon's loop is gone, which only happens while stopping.
-            let _ = config_tx.send(Arc::new(followed(&c)));
+            let _ = config_tx.send(Arc::new(followed));
         }
     }
     c.flush();
@@ -203,14 +204,25 @@ fn run(
 }
 
 /// What the probes and managed encoders follow: the effective configuration without its
-/// channels.
-fn followed(c: &Controller) -> Config {
-    let cfg = c.config();
-    Config {
-        ingest: cfg.ingest.clone(),
-        encoders: cfg.encoders.clone(),
-        channels: Vec::new(),
-        daemon: cfg.daemon.clone(),
+/// channels (a copy of 100,000 channels at every change would cost more than all the rest),
+/// and every encoder's health check, which an `srt` or `flow` check derives from the channels.
+pub(super) struct Followed {
+    pub(super) config: Config,
+    pub(super) checks: Vec<(String, HealthCheck)>,
+}
+
+impl Followed {
+    fn of(c: &Controller) -> Self {
+        let cfg = c.config();
+        Self {
+            config: Config {
+                ingest: cfg.ingest.clone(),
+                encoders: cfg.encoders.clone(),
+                channels: Vec::new(),
+                daemon: cfg.daemon.clone(),
+            },
+            checks: cfg.health_checks(),
+        }
     }
 }
 

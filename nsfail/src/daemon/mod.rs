@@ -213,9 +213,9 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
     let mut probes = Probes::default();
     let mut managed = Managed::new(ctl.clone(), pins, leftovers);
     {
-        let cfg = config.borrow_and_update().clone();
-        probes.sync(&cfg, &health_tx, &stop);
-        managed.sync(&cfg);
+        let followed = config.borrow_and_update().clone();
+        probes.sync(&followed.checks, &health_tx, &stop);
+        managed.sync(&followed.config);
     }
     let link_watch = tokio::spawn(watch_links(ctl.clone(), stop.clone()));
     let reloads = tokio::spawn(reload_on_hangup(
@@ -255,10 +255,10 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
             },
             // Probes and managed encoders follow the configuration.
             Ok(()) = config.changed() => {
-                let cfg = config.borrow_and_update().clone();
-                crate::logging::set_level(cfg.ingest.log_level);
-                probes.sync(&cfg, &health_tx, &stop);
-                managed.sync(&cfg);
+                let followed = config.borrow_and_update().clone();
+                crate::logging::set_level(followed.config.ingest.log_level);
+                probes.sync(&followed.checks, &health_tx, &stop);
+                managed.sync(&followed.config);
             },
             _ = term.recv() => break,
             _ = int.recv() => break,

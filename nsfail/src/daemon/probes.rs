@@ -21,14 +21,15 @@ pub(super) type ProbeTarget = HealthCheck;
 impl Probes {
     pub(super) fn sync(
         &mut self,
-        cfg: &Config,
+        checks: &[(String, HealthCheck)],
         tx: &mpsc::Sender<HealthUpdate>,
         stop: &CancellationToken,
     ) {
-        let (batched, wanted): (BTreeMap<String, HealthCheck>, BTreeMap<String, HealthCheck>) = cfg
-            .health_checks()
-            .into_iter()
-            .partition(|(_, c)| health::batch::Target::of(c).is_some());
+        let (batched, wanted): (BTreeMap<String, HealthCheck>, BTreeMap<String, HealthCheck>) =
+            checks
+                .iter()
+                .cloned()
+                .partition(|(_, c)| health::batch::Target::of(c).is_some());
         let batched: BTreeMap<String, health::batch::Target> = batched
             .iter()
             .filter_map(|(n, c)| Some((n.clone(), health::batch::Target::of(c)?)))
@@ -109,7 +110,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
         let mut probes = Probes::default();
-        probes.sync(&config_of("udp", "127.0.0.2"), &tx, &stop);
+        probes.sync(&config_of("udp", "127.0.0.2").health_checks(), &tx, &stop);
         assert!(probes.running.is_empty(), "no task of its own");
         let targets = probes
             .batch
@@ -117,7 +118,7 @@ mod tests {
             .expect("the batch prober runs")
             .subscribe();
         assert_eq!(targets.borrow()["enc-a"].at, "127.0.0.2:9".parse().unwrap());
-        probes.sync(&config_of("udp", "127.0.0.3"), &tx, &stop);
+        probes.sync(&config_of("udp", "127.0.0.3").health_checks(), &tx, &stop);
         assert_eq!(targets.borrow()["enc-a"].at, "127.0.0.3:9".parse().unwrap());
     }
 
@@ -126,16 +127,16 @@ mod tests {
         let (tx, _rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
         let mut probes = Probes::default();
-        probes.sync(&config("127.0.0.2"), &tx, &stop);
+        probes.sync(&config("127.0.0.2").health_checks(), &tx, &stop);
         let first = probes.running["enc-a"].1.subscribe();
         assert!(!*first.borrow());
 
         // Same settings: the running probe is kept.
-        probes.sync(&config("127.0.0.2"), &tx, &stop);
+        probes.sync(&config("127.0.0.2").health_checks(), &tx, &stop);
         assert!(!*first.borrow());
 
         // A new address: the old probe is cancelled and one for the new address runs.
-        probes.sync(&config("127.0.0.3"), &tx, &stop);
+        probes.sync(&config("127.0.0.3").health_checks(), &tx, &stop);
         assert!(
             *first.borrow(),
             "the probe of the old address was cancelled"

@@ -26,7 +26,7 @@ use log::{info, warn};
 
 use super::{Counter, HealthUpdate};
 use crate::{
-    config::{Check, Config, HealthCheck},
+    config::{Check, HealthCheck},
     control::{self, Controller},
 };
 
@@ -62,9 +62,9 @@ pub type Transition = Option<bool>;
 impl Judge {
     /// Follows the configuration: encoders added, changed (their counter restarts healthy)
     /// or gone.
-    pub fn sync(&mut self, cfg: &Config) {
+    pub fn sync(&mut self, checks: &[(String, HealthCheck)]) {
         let now = Instant::now();
-        let wanted: BTreeMap<String, HealthCheck> = cfg.health_checks().into_iter().collect();
+        let wanted: BTreeMap<String, HealthCheck> = checks.iter().cloned().collect();
         self.encoders
             .retain(|n, j| wanted.get(n).is_some_and(|w| *w == j.check));
         for (name, check) in wanted {
