@@ -1,7 +1,13 @@
 //! Building the persistent lab step by step (namespaces, then each process), recording each
 //! step before the next, and the daemon config written for it.
 
+use std::net::SocketAddr;
+
 use super::*;
+use crate::{
+    config::{Channel, Config, Encoder, Failback, Health, HealthKind, Ingest, Protocol, Restart},
+    dataplane::XdpMode,
+};
 
 /// ffmpeg's video encoder arguments: H.264 when this ffmpeg has libx264, else MPEG-2.
 pub(super) fn video_codec() -> Vec<&'static str> {
@@ -35,66 +41,71 @@ pub(super) struct LabEncoder {
     pub(super) addr4: String,
 }
 
-/// A TOML basic string.
-pub(super) fn quoted(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
-
-/// The daemon's config for the lab (the keys of DESIGN.md's contract, plus `ingest.netns`).
+/// The daemon's config for the lab (the keys of DESIGN.md's contract, plus `ingest.netns`),
+/// built as a [`Config`] and written with [`Config::to_toml`]: what `nsfail run` reads back is
+/// what was built, and a field the config gains cannot be spelled wrong here.
 pub(super) fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProtocol) -> String {
-    let mut text = format!(
-        "# The demo lab's daemon config, written by `nsfail lab up`; `nsfail lab down` removes it.\n\
-         \n\
-         [ingest]\n\
-         interface = {}\n\
-         netns = {}\n\
-         xdp_mode = \"native\"\n\
-         metrics = {}\n",
-        quoted(INGEST_IF),
-        quoted(rt),
-        quoted(METRICS),
-    );
     // SRT listeners answer their own health check (the srt kind, on the channel's port); a
     // UDP receiver cannot, so a sidecar echo answers for its namespace, and the stream itself
     // (the kernel's refusals once the receiver is gone) tells that the receiver died.
     let health = match protocol {
-        LabProtocol::Srt => {
-            "{ kind = \"srt\", interval_ms = 100, timeout_ms = 100, rise = 3, fall = 2 }".to_owned()
-        }
-        LabProtocol::Udp => format!(
-            "{{ kind = \"udp\", port = {ECHO_PORT}, interval_ms = 100, timeout_ms = 100, rise = 3, fall = 3 }}"
-        ),
+        LabProtocol::Srt => Health {
+            kind: HealthKind::Srt,
+            rise: 3,
+            fall: 2,
+            ..Health::default()
+        },
+        LabProtocol::Udp => Health {
+            kind: HealthKind::Udp,
+            port: Some(ECHO_PORT),
+            rise: 3,
+            fall: 3,
+            ..Health::default()
+        },
     };
-    for e in encoders {
-        text += &format!(
-            "\n[[encoder]]\n\
-             name = {}\n\
-             address = {}\n\
-             interface = {}\n\
-             netns = {}\n\
-             allow = [{}]\n\
-             health = {health}\n",
-            quoted(&e.name),
-            quoted(&e.addr4),
-            quoted(&e.host_if),
-            quoted(&e.netns),
-            quoted(&format!("{}:{SERVICE_PORT}/tcp", lab_gateway(&e.addr4))),
-        );
-    }
-    let names: Vec<String> = encoders.iter().map(|e| quoted(&e.name)).collect();
-    text += &format!(
-        "\n[[channel]]\n\
-         name = \"cam1\"\n\
-         listen = {}\n\
-         encoders = [{}]\n\
-         port = {STREAM_PORT}\n\
-         failback = \"manual\"\n\
-         protocol = {}\n",
-        quoted(&format!("{INGEST4}:{STREAM_PORT}")),
-        names.join(", "),
-        quoted(protocol.as_str()),
-    );
-    text
+    let config = Config {
+        ingest: Ingest {
+            interface: INGEST_IF.to_owned(),
+            xdp_mode: XdpMode::Native,
+            metrics: METRICS.parse().expect("a socket address"),
+            netns: Some(rt.to_owned()),
+            log_level: None,
+        },
+        encoders: encoders
+            .iter()
+            .map(|e| Encoder {
+                name: e.name.clone(),
+                address: e.addr4.parse().expect("the plan's addresses parse"),
+                interface: Some(e.host_if.clone()),
+                netns: Some(e.netns.clone()),
+                mac: None,
+                allow: vec![format!("{}:{SERVICE_PORT}/tcp", lab_gateway(&e.addr4))],
+                health: health.clone(),
+                spawn: None,
+                restart: Restart::default(),
+                env: Default::default(),
+                prefix: None,
+            })
+            .collect(),
+        channels: vec![Channel {
+            name: "cam1".into(),
+            listen: SocketAddr::new(INGEST4.parse().expect("an address"), STREAM_PORT),
+            encoders: encoders.iter().map(|e| e.name.clone()).collect(),
+            port: Some(STREAM_PORT),
+            failback: Failback::Manual,
+            hold_down_ms: crate::config::DEFAULT_HOLD_DOWN_MS,
+            protocol: match protocol {
+                LabProtocol::Srt => Protocol::Srt,
+                LabProtocol::Udp => Protocol::Udp,
+            },
+        }],
+        daemon: Default::default(),
+    };
+    format!(
+        "# The demo lab's daemon config, written by `nsfail lab up`; `nsfail lab down` removes \
+         it.\n\n{}",
+        config.to_toml()
+    )
 }
 
 /// A lab being built: the record so far, and the processes started, still held as children so
@@ -346,4 +357,38 @@ impl Builder {
 /// The letter of encoder `i`: a, b, ... (as in [`Lab`]'s namespace and interface names).
 pub(super) fn letter(i: usize) -> char {
     (b'a' + i as u8) as char
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lab_config_reads_back_as_built() {
+        let encoders: Vec<LabEncoder> = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LabEncoder {
+                name: format!("enc-{l}"),
+                netns: format!("nsfail-e{l}"),
+                host_if: format!("nsf-e{l}"),
+                addr4: lab::v4(i as u8 + 1, 2).to_string(),
+            })
+            .collect();
+        for protocol in [LabProtocol::Udp, LabProtocol::Srt] {
+            let text = daemon_config("nsfail-rt", &encoders, protocol);
+            assert!(text.starts_with("# The demo lab's daemon config"), "{text}");
+            let cfg = Config::parse(&text, "lab").expect("the lab's config parses");
+            assert_eq!(cfg.encoders.len(), 2);
+            assert_eq!(cfg.channels[0].encoders, ["enc-a", "enc-b"]);
+            assert_eq!(cfg.ingest.netns.as_deref(), Some("nsfail-rt"));
+            let kind = cfg.encoders[0].health.kind;
+            match protocol {
+                LabProtocol::Srt => assert_eq!(kind, HealthKind::Srt),
+                LabProtocol::Udp => assert_eq!(cfg.encoders[1].health.port, Some(ECHO_PORT)),
+            }
+            // Health checks build (an srt check takes its port from the channel).
+            assert!(cfg.health_check(&cfg.encoders[0]).is_ok());
+        }
+    }
 }
