@@ -150,11 +150,32 @@ impl Builder {
         fs::write(&self.info.config, config)
             .map_err(io_err(format!("write {}", self.info.config.display())))?;
 
-        for e in &encoders {
+        self.start_encoders(&encoders, opts.protocol)?;
+        self.start_host_and_source(&rt, &src, opts.protocol)?;
+
+        // A process that cannot bind, connect or find its codec exits at once.
+        thread::sleep(SETTLE);
+        for (name, child) in &mut self.children {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err(format!("wait for {name}")))?
+            {
+                return Err(LabCtlError::Start {
+                    name: name.clone(),
+                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Each encoder's receiver (its output file), and for UDP its health echo.
+    fn start_encoders(&mut self, encoders: &[LabEncoder], protocol: LabProtocol) -> Result<()> {
+        for e in encoders {
             let output = self.dir.output(&e.name);
             File::create(&output).map_err(io_err(format!("create {}", output.display())))?;
             self.info.outputs.push((e.name.clone(), output.clone()));
-            let receiver = match opts.protocol {
+            let receiver = match protocol {
                 LabProtocol::Srt => vec![
                     "srt-live-transmit".to_owned(),
                     "-a".to_owned(),
@@ -176,7 +197,7 @@ impl Builder {
                 receiver,
                 Some(&output),
             )?;
-            if opts.protocol == LabProtocol::Udp {
+            if protocol == LabProtocol::Udp {
                 // One datagram in, the same datagram back to its sender, from the echo port.
                 let echo = vec![
                     "socat".to_owned(),
@@ -187,6 +208,12 @@ impl Builder {
                 self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
             }
         }
+        Ok(())
+    }
+
+    /// The ingest host's service, and the source: ffmpeg's test stream, through an SRT relay
+    /// for an SRT lab.
+    fn start_host_and_source(&mut self, rt: &str, src: &str, protocol: LabProtocol) -> Result<()> {
         // A service on the ingest host that the encoders may use (their allow-lists name it):
         // reachable on SERVICE_PORT, and nothing else is.
         let service = vec![
@@ -194,9 +221,9 @@ impl Builder {
             format!("TCP-LISTEN:{SERVICE_PORT},fork,reuseaddr"),
             "SYSTEM:echo nsfail lab host service".to_owned(),
         ];
-        self.spawn("rt-service", &rt, service, None)?;
+        self.spawn("rt-service", rt, service, None)?;
 
-        let target = match opts.protocol {
+        let target = match protocol {
             LabProtocol::Srt => {
                 let relay = vec![
                     "srt-live-transmit".to_owned(),
@@ -206,7 +233,7 @@ impl Builder {
                     RELAY.to_owned(),
                     format!("srt://{INGEST4}:{STREAM_PORT}?mode=caller"),
                 ];
-                self.spawn("src-relay", &src, relay, None)?;
+                self.spawn("src-relay", src, relay, None)?;
                 format!("{RELAY}?pkt_size=1316")
             }
             LabProtocol::Udp => format!("udp://{INGEST4}:{STREAM_PORT}?pkt_size=1316"),
@@ -228,21 +255,8 @@ impl Builder {
         .map(str::to_owned)
         .collect();
         ffmpeg.push(target);
-        self.spawn("src-ffmpeg", &src, ffmpeg, None)?;
+        self.spawn("src-ffmpeg", src, ffmpeg, None)?;
 
-        // A process that cannot bind, connect or find its codec exits at once.
-        thread::sleep(SETTLE);
-        for (name, child) in &mut self.children {
-            if let Some(status) = child
-                .try_wait()
-                .map_err(io_err(format!("wait for {name}")))?
-            {
-                return Err(LabCtlError::Start {
-                    name: name.clone(),
-                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
-                });
-            }
-        }
         Ok(())
     }
 
