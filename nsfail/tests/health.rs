@@ -22,9 +22,10 @@ use nsfail::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, UdpSocket},
-    sync::{mpsc, watch},
+    sync::mpsc,
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -490,13 +491,13 @@ async fn runner_reports_fall_and_rise() {
         ..udp(addr.port())
     };
     let (tx, mut rx) = mpsc::channel(16);
-    let (cancel, cancelled) = watch::channel(false);
+    let cancel = CancellationToken::new();
     let task = health::spawn(
         "enc-t".into(),
         local_probe(health.clone()),
         &check(health.clone(), None),
         tx,
-        cancelled,
+        cancel.clone(),
     );
 
     let steps = async {
@@ -521,7 +522,7 @@ async fn runner_reports_fall_and_rise() {
         .await
         .expect("transitions within 20 s");
 
-    cancel.send(true).unwrap();
+    cancel.cancel();
     timeout(PATIENCE, task)
         .await
         .expect("stops when cancelled")
@@ -538,16 +539,16 @@ async fn runner_stops_promptly_mid_probe() {
         ..udp(silent.local_addr().unwrap().port())
     };
     let (tx, mut rx) = mpsc::channel(16);
-    let (cancel, cancelled) = watch::channel(false);
+    let cancel = CancellationToken::new();
     let task = health::spawn(
         "enc-t".into(),
         local_probe(health.clone()),
         &check(health.clone(), None),
         tx,
-        cancelled,
+        cancel.clone(),
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
-    cancel.send(true).unwrap();
+    cancel.cancel();
     timeout(PATIENCE, task)
         .await
         .expect("stops when cancelled")

@@ -18,10 +18,10 @@ use nsfail::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::watch,
     task::JoinHandle,
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 
 /// Bounds every wait on the server, so a regression fails the test instead of hanging it.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -71,7 +71,7 @@ fn status(packets: u64) -> Status {
 struct Server {
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -95,8 +95,8 @@ async fn start(limits: Limits) -> Server {
             );
         }
     };
-    let (stop, shutdown) = watch::channel(false);
-    let (addr, task) = serve(loopback(), limits, metrics.clone(), refresh, shutdown)
+    let stop = CancellationToken::new();
+    let (addr, task) = serve(loopback(), limits, metrics.clone(), refresh, stop.clone())
         .await
         .expect("binding a loopback port");
     Server {
@@ -475,7 +475,7 @@ async fn an_oversized_request_is_refused() {
 #[tokio::test]
 async fn a_taken_port_is_an_error_at_bind_time() {
     let server = start(Limits::default()).await;
-    let (_stop, shutdown) = watch::channel(false);
+    let shutdown = CancellationToken::new();
     let taken = serve(
         server.addr,
         Limits::default(),
@@ -497,7 +497,7 @@ async fn a_taken_port_is_an_error_at_bind_time() {
 async fn shutdown_stops_the_server() {
     let server = start(Limits::default()).await;
     assert_eq!(get(server.addr, "/metrics").await.status, 200);
-    server.stop.send(true).unwrap();
+    server.stop.cancel();
     timeout(PATIENCE, server.task)
         .await
         .expect("the server stops")

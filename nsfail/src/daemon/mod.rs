@@ -178,22 +178,12 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
             let _ = ctl.ask_blocking(Msg::Observe);
         }
     };
-    // The metrics endpoint takes its stop as a watch.
-    let (metrics_stop_tx, metrics_stop) = watch::channel(false);
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            stop.cancelled().await;
-            // Err: the endpoint is gone already.
-            let _ = metrics_stop_tx.send(true);
-        }
-    });
     let served = metrics::serve(
         metrics_addr,
         metrics::Limits::default(),
         metrics.clone(),
         refresh,
-        metrics_stop,
+        stop.clone(),
     )
     .await;
     let (bound, metrics_task) = match served {

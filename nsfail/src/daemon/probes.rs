@@ -10,7 +10,7 @@ use super::*;
 /// ([`health::batch`]) sends them all from one socket per address family, on one timer.
 #[derive(Default)]
 pub(super) struct Probes {
-    running: BTreeMap<String, (ProbeTarget, watch::Sender<bool>)>,
+    running: BTreeMap<String, (ProbeTarget, CancellationToken)>,
     /// What the batch prober probes, once it runs.
     batch: Option<watch::Sender<BTreeMap<String, health::batch::Target>>>,
 }
@@ -52,7 +52,7 @@ impl Probes {
         self.running.retain(|name, (target, cancel)| {
             let keep = wanted.get(name).is_some_and(|w| w == target);
             if !keep {
-                let _ = cancel.send(true);
+                cancel.cancel();
             }
             keep
         });
@@ -63,22 +63,18 @@ impl Probes {
             let Some(probe) = health::probe_for(&check) else {
                 continue;
             };
-            let (cancel_tx, cancel_rx) = watch::channel(false);
             // The daemon's own stop also stops every probe.
-            let stop = stop.clone();
-            let cancel_on_stop = cancel_tx.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = stop.cancelled() => {
-                        // Err: the probe has ended already.
-                        let _ = cancel_on_stop.send(true);
-                    }
-                    // Cancelled on its own (its encoder changed or went): nothing to wait for.
-                    () = cancel_on_stop.closed() => {}
-                }
-            });
-            health::spawn(name.clone(), probe, &check, tx.clone(), cancel_rx);
-            self.running.insert(name, (check, cancel_tx));
+            let cancel = stop.child_token();
+            health::spawn(name.clone(), probe, &check, tx.clone(), cancel.clone());
+            self.running.insert(name, (check, cancel));
+        }
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        for (_, cancel) in self.running.values() {
+            cancel.cancel();
         }
     }
 }
@@ -128,17 +124,17 @@ mod tests {
         let stop = CancellationToken::new();
         let mut probes = Probes::default();
         probes.sync(&config("127.0.0.2").health_checks(), &tx, &stop);
-        let first = probes.running["enc-a"].1.subscribe();
-        assert!(!*first.borrow());
+        let first = probes.running["enc-a"].1.clone();
+        assert!(!first.is_cancelled());
 
         // Same settings: the running probe is kept.
         probes.sync(&config("127.0.0.2").health_checks(), &tx, &stop);
-        assert!(!*first.borrow());
+        assert!(!first.is_cancelled());
 
         // A new address: the old probe is cancelled and one for the new address runs.
         probes.sync(&config("127.0.0.3").health_checks(), &tx, &stop);
         assert!(
-            *first.borrow(),
+            first.is_cancelled(),
             "the probe of the old address was cancelled"
         );
         let (target, cancel) = &probes.running["enc-a"];
@@ -146,6 +142,10 @@ mod tests {
             target.check,
             crate::config::Check::Tcp("127.0.0.3:9".parse().unwrap())
         );
-        assert!(!*cancel.subscribe().borrow());
+        assert!(!cancel.is_cancelled());
+        // The daemon's stop stops it too.
+        let cancel = cancel.clone();
+        stop.cancel();
+        assert!(cancel.is_cancelled());
     }
 }

@@ -20,11 +20,8 @@ mod udp;
 
 use std::{future::Future, io, net::SocketAddr, pin::Pin, process::ExitStatus, time::Duration};
 
-use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
-    time::MissedTickBehavior,
-};
+use tokio::{sync::mpsc, task::JoinHandle, time::MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 pub use self::{exec::ExecProbe, http::HttpProbe, srt::SrtProbe, tcp::TcpProbe, udp::UdpProbe};
 use crate::config::{Check, HealthCheck};
@@ -189,14 +186,14 @@ pub struct HealthUpdate {
 /// Starts the task that probes encoder `name`: one attempt every `check.interval`, each
 /// bounded by `check.timeout`, and one [`HealthUpdate`] on `tx` per attempt.
 ///
-/// Ticks missed behind a slow probe are delayed, never bunched. The task ends when `cancel`
-/// becomes `true` or its sender is dropped (promptly, even mid-probe), or when `tx` is closed.
+/// Ticks missed behind a slow probe are delayed, never bunched. The task ends when `cancel` is
+/// cancelled (promptly, even mid-probe), or when `tx` is closed.
 pub fn spawn(
     name: String,
     probe: Box<dyn Probe>,
     check: &HealthCheck,
     tx: mpsc::Sender<HealthUpdate>,
-    mut cancel: watch::Receiver<bool>,
+    cancel: CancellationToken,
 ) -> JoinHandle<()> {
     let period = check.interval.max(Duration::from_millis(1));
     let timeout = check.timeout;
@@ -206,12 +203,12 @@ pub fn spawn(
         loop {
             tokio::select! {
                 biased;
-                () = cancelled(&mut cancel) => return,
+                () = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
             }
             let result = tokio::select! {
                 biased;
-                () = cancelled(&mut cancel) => return,
+                () = cancel.cancelled() => return,
                 result = probe_once(probe.as_ref(), timeout) => result,
             };
             let update = HealthUpdate {
@@ -223,17 +220,11 @@ pub fn spawn(
             };
             tokio::select! {
                 biased;
-                () = cancelled(&mut cancel) => return,
+                () = cancel.cancelled() => return,
                 sent = tx.send(update) => if sent.is_err() { return },
             }
         }
     })
-}
-
-/// Resolves once cancellation is requested or can no longer be (the sender is gone).
-async fn cancelled(cancel: &mut watch::Receiver<bool>) {
-    // Either outcome means stop: `true` was sent, or nobody is left to send it.
-    let _ = cancel.wait_for(|stop| *stop).await;
 }
 
 #[cfg(test)]

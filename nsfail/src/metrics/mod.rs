@@ -52,10 +52,10 @@ use prometheus_client::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::watch,
     task::{JoinHandle, JoinSet},
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::api::Status;
 
