@@ -10,7 +10,8 @@
 //! will do ([`config::Lookup`] for names and addresses, the decider's per-encoder indexes, the
 //! data plane's in-memory mirror of its maps). A runtime change touches only what it changes;
 //! start-up and `status` are linear in the number of channels; file writes run on the
-//! writer thread ([`writer`]), once per batch of decisions.
+//! writer thread (`writer`), once per batch of decisions. An audit (`audit`) re-syncs,
+//! a slice of channels at a time, the maps with the decisions when something else wrote them.
 //!
 //! Must not: touch BPF maps other than through [`Dataplane`], or do network I/O of its own
 //! beyond the SRT SHUTDOWNs of a repoint.

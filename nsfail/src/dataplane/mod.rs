@@ -13,6 +13,10 @@
 //! the XDP program sees either the old or the new value, never a mix. An encoder's egress
 //! policy is likewise one `POLICIES` value, replaced whole by [`Dataplane::set_policy`] while
 //! the TC program stays attached.
+//!
+//! This type is the only writer of CHANNELS and REPLIES and keeps a mirror of what it wrote
+//! (reads need no map walk); [`Dataplane::audit_channel`] and [`Dataplane::remove_foreign`]
+//! put back what another writer changed.
 
 use std::{
     collections::{BTreeMap, HashSet},
