@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -367,7 +367,7 @@ const _: () = assert!(core::mem::size_of::<ChannelStats>() == 56);
 
 /// Drop reasons per encoder (`EncoderStats::drops`, indexed by [`drop_reason`]), written by
 /// the egress policy, and by the redirect tracepoints for frames the encoder's device refused.
-pub const DROP_REASONS: usize = 9;
+pub const DROP_REASONS: usize = 11;
 
 /// Value of `ENCODER_STATS` (per CPU, index: encoder id).
 #[repr(C)]
@@ -382,7 +382,7 @@ pub struct EncoderStats {
     /// (`REDIRECT_FAILED`).
     pub drops: [u64; DROP_REASONS],
 }
-const _: () = assert!(core::mem::size_of::<EncoderStats>() == 120);
+const _: () = assert!(core::mem::size_of::<EncoderStats>() == 136);
 
 impl EncoderStats {
     pub fn merge(&mut self, other: &EncoderStats) {
@@ -420,6 +420,12 @@ pub mod drop_reason {
     /// A channel packet XDP redirected to the encoder's device that the kernel refused (a veth
     /// whose peer can take no XDP frames, a device down or gone, a frame over its MTU).
     pub const REDIRECT_FAILED: usize = 8;
+    /// An ICMP/ICMPv6 port unreachable quoting a channel packet: the encoder's kernel refusing
+    /// the stream (its receiving process is gone). Dropped, and the controller told at once.
+    pub const REFUSED: usize = 9;
+    /// ICMPv6 link traffic an encoder must not send: a router advertisement or redirect, or
+    /// neighbour discovery / MLD with a hop limit its RFC forbids (a forged off-link packet).
+    pub const ROUTER: usize = 10;
     pub const NAMES: [&str; DROP_REASONS] = [
         "forged_source",
         "denied",
@@ -430,6 +436,8 @@ pub mod drop_reason {
         "malformed",
         "error",
         "redirect_failed",
+        "refused",
+        "router",
     ];
 }
 
@@ -489,6 +497,20 @@ const fn word(a: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
 }
 
+/// What the egress program reports on the `REFUSALS` ring buffer: encoder `encoder_id`'s
+/// kernel answered a packet of channel `channel_id` with a port unreachable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalEvent {
+    pub encoder_id: u32,
+    pub channel_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<RefusalEvent>() == 8);
+
+/// Size of the `REFUSALS` ring buffer in bytes (a power of two, a multiple of the page size):
+/// room for thousands of events between two reads.
+pub const REFUSAL_RING_BYTES: u32 = 64 * 1024;
+
 /// Value of `POLICIES` (key: encoder id): what may leave the encoder's namespace besides
 /// ARP, neighbour discovery and replies to its channels' sources. Replaced whole by one HASH
 /// map update, so the program sees the old or the new policy, never a mix.
@@ -500,15 +522,18 @@ pub struct EncoderPolicy {
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
     /// Protocol of the health check ([`PROTO_UDP`] or [`PROTO_TCP`]), 0 for none: packets of
-    /// this protocol from `health_port` are probe answers and pass to any destination.
+    /// this protocol from `health_port` to `prober` are probe answers and pass.
     pub health_proto: u8,
     /// Health-check port, host byte order.
     pub health_port: u16,
     /// How many of `rules` are in use.
     pub n_rules: u32,
+    /// The address the daemon probes from (as in [`Endpoint::addr`]): health answers pass to
+    /// it and nowhere else.
+    pub prober: [u8; 16],
     pub rules: [PolicyRule; MAX_ALLOW_RULES],
 }
-const _: () = assert!(core::mem::size_of::<EncoderPolicy>() == 24 + 40 * MAX_ALLOW_RULES);
+const _: () = assert!(core::mem::size_of::<EncoderPolicy>() == 40 + 40 * MAX_ALLOW_RULES);
 
 impl EncoderPolicy {
     /// Whether `src` is the encoder's own address.
@@ -517,10 +542,14 @@ impl EncoderPolicy {
         self.family == family && self.addr == *src
     }
 
-    /// Whether a packet with this protocol and source port answers the encoder's health check.
+    /// Whether a packet with this protocol and source port, to `dst` (as in
+    /// [`Endpoint::addr`]), answers the encoder's health check: it goes to the prober.
     #[inline(always)]
-    pub fn health_answer(&self, proto: u8, src_port: u16) -> bool {
-        self.health_proto != 0 && self.health_proto == proto && self.health_port == src_port
+    pub fn health_answer(&self, proto: u8, src_port: u16, dst: &[u8; 16]) -> bool {
+        self.health_proto != 0
+            && self.health_proto == proto
+            && self.health_port == src_port
+            && self.prober == *dst
     }
 
     /// Whether the allow-list lets a packet of `family` and `proto` to `dst`:`port` through.
@@ -652,6 +681,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for EncoderPolicy {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for RefusalEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for TraceConfig {}
 }
 
@@ -722,8 +753,10 @@ mod tests {
             family: FAMILY_V4,
             health_proto: PROTO_UDP,
             health_port: 9000,
+            prober: v4([10, 77, 0, 1]),
             ..Default::default()
         };
+        let prober = v4([10, 77, 0, 1]);
         let dst = v4([10, 77, 9, 1]);
         p.rules[3] = rule(FAMILY_V4, dst, 32, PROTO_TCP, (443, 443));
         p.n_rules = 3;
@@ -743,13 +776,17 @@ mod tests {
         assert!(p.own_source(FAMILY_V4, &v4([10, 77, 1, 2])));
         assert!(!p.own_source(FAMILY_V4, &v4([10, 77, 1, 3])));
         assert!(!p.own_source(FAMILY_V6, &v4([10, 77, 1, 2])));
-        assert!(p.health_answer(PROTO_UDP, 9000));
-        assert!(!p.health_answer(PROTO_TCP, 9000));
-        assert!(!p.health_answer(PROTO_UDP, 9001));
+        assert!(p.health_answer(PROTO_UDP, 9000, &prober));
+        assert!(
+            !p.health_answer(PROTO_UDP, 9000, &dst),
+            "answers go to the prober only"
+        );
+        assert!(!p.health_answer(PROTO_TCP, 9000, &prober));
+        assert!(!p.health_answer(PROTO_UDP, 9001, &prober));
         p.health_proto = 0;
         p.health_port = 0;
         assert!(
-            !p.health_answer(0, 0),
+            !p.health_answer(0, 0, &prober),
             "no health check, nothing passes as an answer"
         );
     }

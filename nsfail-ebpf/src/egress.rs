@@ -17,12 +17,12 @@ use network_types::{
 };
 use nsfail_common::{
     EncoderPolicy, Endpoint, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    REPLY_SRT, ReplyTarget, SourceKey, drop_reason as d, tc_reason as r,
+    REPLY_SRT, RefusalEvent, ReplyTarget, SourceKey, drop_reason as d, tc_reason as r,
 };
 
 use crate::maps::{
-    ENCODER_IFINDEX, ENCODER_STATS, POLICIES, REPLIES, SOURCES, TC_STATS, add_flow, count,
-    count_drop,
+    ENCODER_IFINDEX, ENCODER_STATS, POLICIES, REFUSALS, REPLIES, SOURCES, TC_STATS, add_flow,
+    count, count_drop,
 };
 
 const ETH_P_ARP: u16 = 0x0806;
@@ -47,15 +47,53 @@ const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DEST_OPTS: u8 = 60;
 const MAX_EXT_HEADERS: usize = 4;
-/// ICMPv6 neighbour discovery: router solicitation/advertisement, neighbour
-/// solicitation/advertisement, redirect.
-const ND_FIRST: u8 = 133;
-const ND_LAST: u8 = 137;
-/// Multicast listener discovery (queries, reports, done; MLDv2 reports): a new IPv6 interface
-/// sends these from `::` or its link-local address; they are link housekeeping like ND.
+/// ICMPv6 link traffic an encoder may send: router solicitation, neighbour solicitation and
+/// advertisement (RFC 4861: hop limit 255), and multicast listener discovery (queries,
+/// reports, done, MLDv2 reports; RFC 2710/3810: hop limit 1). A new IPv6 interface sends
+/// these from `::` or its link-local address. Router advertisements (134) and redirects (137)
+/// are a router's to send, never an encoder's: dropped (`router`).
+const ND_ROUTER_SOLICIT: u8 = 133;
+const ND_NEIGHBOUR_SOLICIT: u8 = 135;
+const ND_NEIGHBOUR_ADVERT: u8 = 136;
+const ND_ROUTER_ADVERT: u8 = 134;
+const ND_REDIRECT: u8 = 137;
+const ND_HOP_LIMIT: u8 = 255;
 const MLD_FIRST: u8 = 130;
 const MLD_LAST: u8 = 132;
 const MLD2_REPORT: u8 = 143;
+const MLD_HOP_LIMIT: u8 = 1;
+
+/// What ICMPv6 link traffic is.
+enum Link {
+    /// Neighbour discovery or MLD as its RFC has it: passes.
+    Pass,
+    /// A router advertisement or redirect, or ND/MLD with the wrong hop limit: dropped.
+    Forbidden,
+    /// Not link traffic.
+    No,
+}
+
+#[inline(always)]
+fn icmpv6_link(pkt: &Packet) -> Link {
+    if pkt.family != FAMILY_V6 || pkt.proto != PROTO_ICMPV6 || !pkt.has_l4 {
+        return Link::No;
+    }
+    let t = pkt.icmp_type;
+    let want = if t == ND_ROUTER_SOLICIT || t == ND_NEIGHBOUR_SOLICIT || t == ND_NEIGHBOUR_ADVERT {
+        ND_HOP_LIMIT
+    } else if (MLD_FIRST..=MLD_LAST).contains(&t) || t == MLD2_REPORT {
+        MLD_HOP_LIMIT
+    } else if t == ND_ROUTER_ADVERT || t == ND_REDIRECT {
+        return Link::Forbidden;
+    } else {
+        return Link::No;
+    };
+    if pkt.hop_limit == want {
+        Link::Pass
+    } else {
+        Link::Forbidden
+    }
+}
 
 /// Finds the encoder a packet leaves by the veth it arrived on (the skb's ingress ifindex),
 /// then:
@@ -95,14 +133,10 @@ fn enforce(ctx: &TcContext, id: u32, policy: &EncoderPolicy) -> i32 {
         Err(Unparsed::NotIp) => return shot(id, d::NOT_IP),
         Err(Unparsed::Malformed) => return shot(id, d::MALFORMED),
     }
-    if pkt.family == FAMILY_V6
-        && pkt.proto == PROTO_ICMPV6
-        && pkt.has_l4
-        && ((ND_FIRST..=ND_LAST).contains(&pkt.icmp_type)
-            || (MLD_FIRST..=MLD_LAST).contains(&pkt.icmp_type)
-            || pkt.icmp_type == MLD2_REPORT)
-    {
-        return pass(r::PASS_NEIGHBOUR);
+    match icmpv6_link(&pkt) {
+        Link::Pass => return pass(r::PASS_NEIGHBOUR),
+        Link::Forbidden => return shot(id, d::ROUTER),
+        Link::No => {}
     }
     if !policy.own_source(pkt.family, &pkt.src) {
         return shot(id, d::FORGED_SOURCE);
@@ -122,8 +156,16 @@ fn enforce(ctx: &TcContext, id: u32, policy: &EncoderPolicy) -> i32 {
             Reply::Failed { .. } => return shot(id, d::ERROR),
         }
     }
-    if policy.health_answer(pkt.proto, pkt.src_port) || refuses_health_probe(ctx, &pkt, policy) {
+    if policy.health_answer(pkt.proto, pkt.src_port, &pkt.dst)
+        || refuses_health_probe(ctx, &pkt, policy)
+    {
         return pass(r::PASS_HEALTH);
+    }
+    if let Some(refusal) = refused_channel_packet(ctx, &pkt)
+        && refusal.encoder_id == id
+    {
+        report_refusal(&refusal);
+        return shot(id, d::REFUSED);
     }
     if policy.allows(pkt.family, pkt.proto, &pkt.dst, pkt.dst_port) {
         return pass(r::PASS_ALLOWED);
@@ -148,27 +190,8 @@ fn refuses_health_probe(ctx: &TcContext, pkt: &Packet, policy: &EncoderPolicy) -
     {
         return false;
     }
-    let quote = pkt.l4 + ICMP_QUOTE_OFF;
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    let (proto, udp) = if pkt.family == FAMILY_V4 {
-        let Ok(ip) = ctx.load::<Ipv4Hdr>(quote) else {
-            return false;
-        };
-        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-        if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-            return false;
-        }
-        src[..4].copy_from_slice(&ip.src_addr);
-        dst[..4].copy_from_slice(&ip.dst_addr);
-        (ip.proto, quote + ihl)
-    } else {
-        let Ok(ip) = ctx.load::<Ipv6Hdr>(quote) else {
-            return false;
-        };
-        src = ip.src_addr;
-        dst = ip.dst_addr;
-        (ip.next_hdr, quote + Ipv6Hdr::LEN)
+    let Some((src, dst, proto, udp)) = quoted(ctx, pkt) else {
+        return false;
     };
     let Ok(ports) = ctx.load::<[u8; 4]>(udp) else {
         return false;
@@ -176,7 +199,68 @@ fn refuses_health_probe(ctx: &TcContext, pkt: &Packet, policy: &EncoderPolicy) -
     proto == PROTO_UDP
         && src == pkt.dst
         && policy.own_source(pkt.family, &dst)
-        && policy.health_answer(PROTO_UDP, u16::from_be_bytes([ports[2], ports[3]]))
+        && policy.health_answer(PROTO_UDP, u16::from_be_bytes([ports[2], ports[3]]), &src)
+}
+
+/// The quoted packet of an ICMP error: (source, destination, protocol, L4 offset).
+#[inline(always)]
+fn quoted(ctx: &TcContext, pkt: &Packet) -> Option<([u8; 16], [u8; 16], u8, usize)> {
+    let quote = pkt.l4 + ICMP_QUOTE_OFF;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    if pkt.family == FAMILY_V4 {
+        let ip = ctx.load::<Ipv4Hdr>(quote).ok()?;
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+            return None;
+        }
+        src[..4].copy_from_slice(&ip.src_addr);
+        dst[..4].copy_from_slice(&ip.dst_addr);
+        Some((src, dst, ip.proto, quote + ihl))
+    } else {
+        let ip = ctx.load::<Ipv6Hdr>(quote).ok()?;
+        Some((ip.src_addr, ip.dst_addr, ip.next_hdr, quote + Ipv6Hdr::LEN))
+    }
+}
+
+/// Whether the packet is a port unreachable quoting a UDP packet of a channel (to an
+/// encoder's endpoint of a channel, from the address the error goes back to): the encoder's
+/// kernel refusing the stream because nothing receives it any more. The encoder and channel.
+#[inline(always)]
+fn refused_channel_packet(ctx: &TcContext, pkt: &Packet) -> Option<RefusalEvent> {
+    let (icmp, unreach) = if pkt.family == FAMILY_V4 {
+        (PROTO_ICMP, ICMP_PORT_UNREACH)
+    } else {
+        (PROTO_ICMPV6, ICMPV6_PORT_UNREACH)
+    };
+    if pkt.proto != icmp || !pkt.has_l4 || (pkt.icmp_type, pkt.icmp_code) != unreach {
+        return None;
+    }
+    let (src, dst, proto, udp) = quoted(ctx, pkt)?;
+    if proto != PROTO_UDP || src != pkt.dst {
+        return None;
+    }
+    let ports = ctx.load::<[u8; 4]>(udp).ok()?;
+    let to = Endpoint {
+        addr: dst,
+        port: u16::from_be_bytes([ports[2], ports[3]]),
+        family: pkt.family,
+        _pad: 0,
+    };
+    let target = REPLIES.get_ptr(to)?;
+    // SAFETY: a HASH value pointer, read once.
+    let target = unsafe { &*target };
+    Some(RefusalEvent {
+        encoder_id: target.encoder_id,
+        channel_id: target.channel_id,
+    })
+}
+
+/// Tells the daemon (which the ring buffer wakes). A full ring loses the event, never the
+/// count (`refused` in the encoder's drops).
+#[inline(always)]
+fn report_refusal(refusal: &RefusalEvent) {
+    let _ = REFUSALS.output::<RefusalEvent>(refusal, 0);
 }
 
 /// The path of a veth without a policy: replies are rewritten, the rest passes.
@@ -186,7 +270,14 @@ fn fail_open(ctx: &TcContext) -> i32 {
     let reason = match parse(ctx, &mut pkt) {
         Err(Unparsed::Arp | Unparsed::NotIp) => r::PASS_OTHER,
         Err(Unparsed::Malformed) => r::PASS_MALFORMED,
-        Ok(()) if pkt.proto != PROTO_UDP => r::PASS_OTHER,
+        Ok(()) if pkt.proto != PROTO_UDP => match refused_channel_packet(ctx, &pkt) {
+            Some(refusal) => {
+                report_refusal(&refusal);
+                count_drop(refusal.encoder_id, d::REFUSED);
+                return TC_ACT_SHOT;
+            }
+            None => r::PASS_OTHER,
+        },
         Ok(()) if pkt.fragment => r::PASS_MALFORMED,
         Ok(()) => match reply(ctx, &pkt, None) {
             Reply::Sent => return TC_ACT_REDIRECT,
@@ -236,6 +327,8 @@ struct Packet {
     dst_port: u16,
     icmp_type: u8,
     icmp_code: u8,
+    /// IPv6 hop limit (0 for IPv4).
+    hop_limit: u8,
     /// Any fragment, first or later.
     fragment: bool,
     /// A fragment other than the first: no L4 header.
@@ -350,6 +443,7 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Unparsed> {
     // A chain longer than the walk leaves `next` on an extension header, which `parse` then
     // treats as an unknown protocol.
     pkt.family = FAMILY_V6;
+    pkt.hop_limit = ip.hop_limit;
     pkt.proto = next;
     pkt.src = ip.src_addr;
     pkt.dst = ip.dst_addr;

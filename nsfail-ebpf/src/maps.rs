@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use nsfail_common::{
     ChannelStats, ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FlowStats,
-    MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCE_NETS, MAX_SOURCES, ReplyTarget, SourceInfo, SourceKey,
-    SourceNet, SrtPeers, TraceConfig, tc_reason, xdp_reason,
+    MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCE_NETS, MAX_SOURCES, REFUSAL_RING_BYTES, ReplyTarget,
+    SourceInfo, SourceKey, SourceNet, SrtPeers, TraceConfig, tc_reason, xdp_reason,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when userspace creates them, so that only SRT
@@ -87,6 +87,12 @@ pub static TC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(tc_reason::COUNT, 0)
 /// Writer: userspace, before the tracepoints attach. Reader: the tracepoint programs.
 #[map]
 pub static TRACE_CONFIG: Array<TraceConfig> = Array::pinned(1, 0);
+
+/// `RefusalEvent`s: an encoder's kernel answered a channel packet with a port unreachable.
+/// Writer: TC egress (each refusal, which it also counts and drops). Reader: the daemon, woken
+/// by the ring buffer, which fails the encoder after a few in a row.
+#[map]
+pub static REFUSALS: RingBuf = RingBuf::pinned(REFUSAL_RING_BYTES, 0);
 
 /// Index 0: `ABI_VERSION` of the maps' layout. Writer: userspace on first load. Reader:
 /// userspace before adopting pinned maps.

@@ -15,16 +15,17 @@ use std::{
 };
 
 use nsfail::{
-    config::{Encoder, Health, HealthKind},
-    health::{self, HealthUpdate, Probe, ProbeError, probe_once},
+    config::{Encoder, Health, HealthCheck, HealthKind},
+    health::{self, Counter, HealthUpdate, Probe, ProbeError, probe_once},
     paths,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, UdpSocket},
-    sync::{mpsc, watch},
+    sync::mpsc,
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -47,8 +48,17 @@ fn encoder(health: Health, netns: Option<&str>) -> Encoder {
     }
 }
 
+/// The check the config builds for `health` (no channels).
+fn check(health: Health, netns: Option<&str>) -> HealthCheck {
+    HealthCheck::build(&encoder(health, netns), &[]).expect("a valid health check")
+}
+
+fn probe(health: Health, netns: Option<&str>) -> Option<Box<dyn Probe>> {
+    health::probe_for(&check(health, netns))
+}
+
 fn local_probe(health: Health) -> Box<dyn Probe> {
-    health::probe_for(&encoder(health, None)).expect("a network probe")
+    probe(health, None).expect("a network probe")
 }
 
 fn udp(port: u16) -> Health {
@@ -251,11 +261,16 @@ async fn http_2xx_is_healthy() {
     let request = requests.recv().await.unwrap();
     let lines: Vec<&str> = request.split("\r\n").collect();
     assert_eq!(lines[0], "GET /health?full=1 HTTP/1.1");
+    // Header names are case-insensitive (hyper writes them in lower case).
+    let headers: Vec<String> = lines[1..].iter().map(|l| l.to_ascii_lowercase()).collect();
     assert!(
-        lines.contains(&format!("Host: 127.0.0.1:{port}").as_str()),
+        headers.contains(&format!("host: 127.0.0.1:{port}")),
         "{request:?}"
     );
-    assert!(lines.contains(&"Connection: close"), "{request:?}");
+    assert!(
+        headers.contains(&"connection: close".to_owned()),
+        "{request:?}"
+    );
 
     let (port, _requests) = http_server(b"HTTP/1.0 204 No Content\r\n\r\n").await;
     probe_once(local_probe(http(port, "")).as_ref(), PATIENCE)
@@ -400,7 +415,7 @@ async fn exec_runs_inside_the_encoders_namespace() {
     let ns = Netns::new();
     let inode = fs::metadata(paths::netns(&ns.0)).unwrap().ino();
     let script = format!("test \"$(readlink /proc/self/ns/net)\" = 'net:[{inode}]'");
-    let inside = health::probe_for(&encoder(exec(&["sh", "-c", &script]), Some(&ns.0))).unwrap();
+    let inside = probe(exec(&["sh", "-c", &script]), Some(&ns.0)).unwrap();
     probe_once(inside.as_ref(), PATIENCE).await.unwrap();
 
     // The same check from the daemon's namespace fails: it really tells them apart.
@@ -410,13 +425,13 @@ async fn exec_runs_inside_the_encoders_namespace() {
 
     // A fresh namespace has a loopback interface and nothing else.
     let only_lo = "[ \"$(ip -o link show | cut -d: -f2 | tr -d ' ')\" = lo ]";
-    let links = health::probe_for(&encoder(exec(&["sh", "-c", only_lo]), Some(&ns.0))).unwrap();
+    let links = probe(exec(&["sh", "-c", only_lo]), Some(&ns.0)).unwrap();
     probe_once(links.as_ref(), PATIENCE).await.unwrap();
 }
 
 #[tokio::test]
 async fn exec_in_a_missing_namespace_fails() {
-    let probe = health::probe_for(&encoder(exec(&["true"]), Some("nsf-health-missing"))).unwrap();
+    let probe = probe(exec(&["true"]), Some("nsf-health-missing")).unwrap();
     let result = probe_once(probe.as_ref(), PATIENCE).await;
     assert!(
         matches!(&result, Err(ProbeError::Netns { name, .. }) if name == "nsf-health-missing"),
@@ -430,21 +445,22 @@ fn flow_has_no_probe_and_an_incomplete_check_always_fails() {
         kind: HealthKind::Flow,
         ..Health::default()
     };
-    assert!(health::probe_for(&encoder(flow, None)).is_none());
+    assert!(probe(flow, None).is_none());
 
-    let no_port = health::probe_for(&encoder(Health::default(), None)).unwrap();
-    assert_eq!(no_port.kind(), "udp");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = runtime.block_on(probe_once(no_port.as_ref(), PATIENCE));
-    assert!(matches!(result, Err(ProbeError::Config(_))), "{result:?}");
+    // Parse, don't re-validate: a check missing what its kind needs is never built, so no
+    // probe can run unchecked.
+    let problems = HealthCheck::build(&encoder(Health::default(), None), &[]).unwrap_err();
+    assert_eq!(problems[0].key, "kind");
+    assert!(problems[0].message.contains("needs a port"), "{problems:?}");
 }
 
-/// Reads updates until one carries a transition; returns it and how many results in a row
+/// Reads updates until one makes a transition of `counter` (the rise/fall count the
+/// controller's judge keeps); returns it, the transition, and how many results in a row
 /// before it (itself included) agreed with it.
-async fn until_transition(rx: &mut mpsc::Receiver<HealthUpdate>) -> (HealthUpdate, u32) {
+async fn until_transition(
+    rx: &mut mpsc::Receiver<HealthUpdate>,
+    counter: &mut Counter,
+) -> (HealthUpdate, bool, u32) {
     let mut streak = (false, 0);
     loop {
         let update = rx.recv().await.expect("the runner is running");
@@ -456,9 +472,9 @@ async fn until_transition(rx: &mut mpsc::Receiver<HealthUpdate>) -> (HealthUpdat
         } else {
             (update.ok, 1)
         };
-        if let Some(state) = update.transition {
+        if let Some(state) = counter.record(update.ok) {
             assert_eq!(state, update.ok, "{update:?}");
-            return (update, streak.1);
+            return (update, state, streak.1);
         }
     }
 }
@@ -475,37 +491,38 @@ async fn runner_reports_fall_and_rise() {
         ..udp(addr.port())
     };
     let (tx, mut rx) = mpsc::channel(16);
-    let (cancel, cancelled) = watch::channel(false);
+    let cancel = CancellationToken::new();
     let task = health::spawn(
         "enc-t".into(),
         local_probe(health.clone()),
-        &health,
+        &check(health.clone(), None),
         tx,
-        cancelled,
+        cancel.clone(),
     );
 
     let steps = async {
         // Starts healthy: an answered probe is reported, without a transition.
+        let mut counter = Counter::new(health.rise, health.fall, true);
         let first = rx.recv().await.unwrap();
         assert!(first.ok, "{first:?}");
-        assert_eq!(first.transition, None);
+        assert_eq!(counter.record(first.ok), None);
 
         answering.store(false, Ordering::SeqCst);
-        let (down, failures) = until_transition(&mut rx).await;
-        assert_eq!(down.transition, Some(false));
+        let (down, state, failures) = until_transition(&mut rx, &mut counter).await;
+        assert!(!state);
         assert_eq!(failures, health.fall);
         assert!(down.error.unwrap().contains("no answer"));
 
         answering.store(true, Ordering::SeqCst);
-        let (up, successes) = until_transition(&mut rx).await;
-        assert_eq!(up.transition, Some(true));
+        let (_, state, successes) = until_transition(&mut rx, &mut counter).await;
+        assert!(state);
         assert_eq!(successes, health.rise);
     };
     timeout(Duration::from_secs(20), steps)
         .await
         .expect("transitions within 20 s");
 
-    cancel.send(true).unwrap();
+    cancel.cancel();
     timeout(PATIENCE, task)
         .await
         .expect("stops when cancelled")
@@ -522,16 +539,16 @@ async fn runner_stops_promptly_mid_probe() {
         ..udp(silent.local_addr().unwrap().port())
     };
     let (tx, mut rx) = mpsc::channel(16);
-    let (cancel, cancelled) = watch::channel(false);
+    let cancel = CancellationToken::new();
     let task = health::spawn(
         "enc-t".into(),
         local_probe(health.clone()),
-        &health,
+        &check(health.clone(), None),
         tx,
-        cancelled,
+        cancel.clone(),
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
-    cancel.send(true).unwrap();
+    cancel.cancel();
     timeout(PATIENCE, task)
         .await
         .expect("stops when cancelled")
@@ -549,7 +566,8 @@ async fn exec_gets_a_cleared_environment_plus_the_encoders_env() {
     let script = "test \"$FOO\" = bar && test -z \"$NSFAIL_TEST_LEAK\" && test -n \"$PATH\"";
     let mut e = encoder(exec(&["sh", "-c", script]), None);
     e.env.insert("FOO".into(), "bar".into());
-    let probe = health::probe_for(&e).expect("a probe");
+    let checked = HealthCheck::build(&e, &[]).expect("a valid health check");
+    let probe = health::probe_for(&checked).expect("a probe");
     probe_once(probe.as_ref(), PATIENCE).await.unwrap();
     // Without the configured variable the same check fails: nothing else provides it.
     let bare = local_probe(exec(&["sh", "-c", script]));

@@ -8,7 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nsfail::{
@@ -18,10 +18,10 @@ use nsfail::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::watch,
     task::JoinHandle,
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 
 /// Bounds every wait on the server, so a regression fails the test instead of hanging it.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -71,7 +71,7 @@ fn status(packets: u64) -> Status {
 struct Server {
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -95,8 +95,8 @@ async fn start(limits: Limits) -> Server {
             );
         }
     };
-    let (stop, shutdown) = watch::channel(false);
-    let (addr, task) = serve(loopback(), limits, metrics.clone(), refresh, shutdown)
+    let stop = CancellationToken::new();
+    let (addr, task) = serve(loopback(), limits, metrics.clone(), refresh, stop.clone())
         .await
         .expect("binding a loopback port");
     Server {
@@ -387,7 +387,11 @@ async fn head_gets_the_headers_only() {
     assert!(body.is_empty());
     let length: usize = head
         .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.trim())
+        })
         .unwrap()
         .parse()
         .unwrap();
@@ -419,38 +423,48 @@ async fn an_unfinished_request_is_closed_after_the_timeout() {
         ..Limits::default()
     };
     let server = start(limits).await;
-    // A request line and a header, but never the blank line.
-    let answer = exchange(server.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
-    assert_eq!(parse_response(&answer).status, 408);
-    // Nothing at all.
-    let answer = exchange(server.addr, b"").await;
-    assert_eq!(parse_response(&answer).status, 408);
+    // A request line and a header, but never the blank line; then nothing at all. Each is let
+    // go once the timeout has passed: closed, with a 408 where hyper can still send one.
+    for request in [&b"GET /metrics HTTP/1.1\r\nHost: x\r\n"[..], b""] {
+        let asked = Instant::now();
+        let answer = exchange(server.addr, request).await;
+        let held = asked.elapsed();
+        assert!(
+            held >= Duration::from_millis(250) && held < Duration::from_secs(3),
+            "held {held:?}"
+        );
+        assert!(
+            answer.is_empty() || parse_response(&answer).status == 408,
+            "{answer:?}"
+        );
+    }
     // The server still serves others.
     assert_eq!(get(server.addr, "/metrics").await.status, 200);
 }
 
 #[tokio::test]
 async fn an_oversized_request_is_refused() {
+    // hyper reads at least 8 KiB: the smallest limit that holds.
     let limits = Limits {
-        max_request: 1024,
+        max_request: 8192,
         ..Limits::default()
     };
     let server = start(limits).await;
     // Never-ending headers.
-    let endless = format!("GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n", "a".repeat(4096));
+    let endless = format!("GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n", "a".repeat(16384));
     let answer = exchange(server.addr, endless.as_bytes()).await;
     assert_eq!(parse_response(&answer).status, 431);
     // Complete, but longer than allowed.
     let long = format!(
         "GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
-        "a".repeat(2048)
+        "a".repeat(10240)
     );
     let answer = exchange(server.addr, long.as_bytes()).await;
     assert_eq!(parse_response(&answer).status, 431);
     // Just under the limit is fine.
     let fits = format!(
         "GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
-        "a".repeat(900)
+        "a".repeat(7000)
     );
     assert_eq!(
         parse_response(&exchange(server.addr, fits.as_bytes()).await).status,
@@ -461,7 +475,7 @@ async fn an_oversized_request_is_refused() {
 #[tokio::test]
 async fn a_taken_port_is_an_error_at_bind_time() {
     let server = start(Limits::default()).await;
-    let (_stop, shutdown) = watch::channel(false);
+    let shutdown = CancellationToken::new();
     let taken = serve(
         server.addr,
         Limits::default(),
@@ -483,7 +497,7 @@ async fn a_taken_port_is_an_error_at_bind_time() {
 async fn shutdown_stops_the_server() {
     let server = start(Limits::default()).await;
     assert_eq!(get(server.addr, "/metrics").await.status, 200);
-    server.stop.send(true).unwrap();
+    server.stop.cancel();
     timeout(PATIENCE, server.task)
         .await
         .expect("the server stops")

@@ -90,7 +90,11 @@ impl Setup {
                 .iter()
                 .map(|r| r.parse::<AllowRule>().unwrap())
                 .collect(),
-            health: health.map(|(proto, port)| HealthAnswers { proto, port }),
+            health: health.map(|(proto, port)| HealthAnswers {
+                proto,
+                port,
+                prober: None,
+            }),
         };
         self.dp.set_policy(ENCODER, &policy).unwrap();
     }
@@ -363,4 +367,182 @@ fn replies_and_health_answers_pass_with_an_empty_allow_list() {
 fn udp_probe(to: SocketAddr) -> bool {
     let bind = sa(&format!("{HOST}:0"));
     ask(bind, to, b"probe", 5, Duration::from_millis(300)).is_some_and(|a| a == b"probe")
+}
+
+/// Sends ICMPv6 messages of `icmp_type` from inside the calling thread's namespace to `to`
+/// (a raw socket: the kernel fills in the source and the checksum); returns how many went.
+fn send_icmp6(to: &str, icmp_type: u8, n: usize) -> usize {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn6, sendto, socket,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::IcmpV6,
+    )
+    .expect("raw ICMPv6 socket");
+    let to: std::net::SocketAddrV6 = format!("[{to}]:0").parse().unwrap();
+    // Type, code, checksum, then a router advertisement's hop limit, flags, lifetime,
+    // reachable time and retrans timer.
+    let mut msg = vec![0u8; 16];
+    msg[0] = icmp_type;
+    msg[5] = 0x00;
+    msg[6..8].copy_from_slice(&1800u16.to_be_bytes());
+    (0..n)
+        .filter(|_| {
+            sendto(
+                fd.as_raw_fd(),
+                &msg,
+                &SockaddrIn6::from(to),
+                MsgFlags::empty(),
+            )
+            .is_ok()
+        })
+        .count()
+}
+
+/// Issue 13, fault case 9: a packet from the health port to another address than the
+/// prober's, a forged router advertisement, and traffic sent while the encoder is being added
+/// are all dropped and counted; the TC program is attached only once the encoder's policy is
+/// in its map, so nothing passes fail-open.
+#[test]
+fn health_port_to_others_forged_ra_and_traffic_during_the_add_are_dropped() {
+    let lab = lab(1);
+    let entered = Entered::new(&lab.rt);
+    let pins = PinDir::new();
+    let mut dp = pins.open();
+    dp.attach_ingest(INGEST_IF, XdpMode::Native).unwrap();
+    let a = &lab.encoders[0];
+
+    // A floods a host port it may not reach, from before it is added until after.
+    let sink = UdpSocket::bind(format!("{HOST}:9999")).unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = {
+        let on = flooding.clone();
+        a.ns.run(move || {
+            let s = UdpSocket::bind(format!("{ENC_ADDR}:0")).unwrap();
+            thread::spawn(move || {
+                let mut sent = 0u64;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while on.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if s.send_to(b"early", format!("{HOST}:9999")).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        })
+        .unwrap()
+    };
+    // The flood reaches the host while A is not an encoder of the data plane yet.
+    let mut buf = [0u8; 16];
+    sink.recv_from(&mut buf)
+        .expect("the flood reaches the host");
+    let tc_before = dp.tc_stats().unwrap();
+    let policy = EgressPolicy {
+        allow: Vec::new(),
+        health: Some(HealthAnswers {
+            proto: AllowProto::Udp,
+            port: HEALTH_PORT,
+            prober: None,
+        }),
+    };
+    dp.upsert_encoder_policed(
+        &EncoderSpec {
+            name: ENCODER.into(),
+            addr: a.addr4.parse().unwrap(),
+            mac: lab.encoder_mac(0).unwrap(),
+            link: EncoderLink::Local {
+                ifname: a.host_if.clone(),
+            },
+        },
+        Some(&policy),
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    flooding.store(false, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    // Whatever the program saw, it judged by the policy: nothing went the fail-open way.
+    let tc_after = dp.tc_stats().unwrap();
+    for ((name, before), (_, after)) in tc_before.iter().zip(&tc_after) {
+        if name.starts_with("pass_") && *name != "pass_neighbour" {
+            assert_eq!(after, before, "{name}: a packet passed during the add");
+        }
+    }
+    let drops = |reason: &str| {
+        dp.encoder_drops(ENCODER)
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| *n == reason)
+            .unwrap()
+            .1
+    };
+    let denied = drops("denied");
+    println!("flood: {sent} sent, {denied} dropped by the policy after the add");
+    assert!(
+        denied > 0,
+        "the flood after the add was dropped and counted"
+    );
+    // Drain what reached the host before the add; nothing more comes.
+    while sink.recv_from(&mut buf).is_ok() {}
+    let late =
+        a.ns.run(|| {
+            let s = UdpSocket::bind(format!("{ENC_ADDR}:0")).unwrap();
+            (0..100)
+                .filter(|_| s.send_to(b"late", format!("{HOST}:9999")).is_ok())
+                .count()
+        })
+        .unwrap();
+    assert_eq!(late, 100);
+    assert!(
+        sink.recv_from(&mut buf).is_err(),
+        "a denied packet reached the host"
+    );
+    assert_eq!(drops("denied"), denied + 100);
+
+    // Health answers pass to the prober (this host's address facing A) and to nobody else.
+    let other = UdpSocket::bind(format!("{INGEST4}:9998")).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let prober = UdpSocket::bind(format!("{HOST}:9998")).unwrap();
+    prober
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let denied = drops("denied");
+    a.ns.run(|| {
+        let s = UdpSocket::bind(format!("{ENC_ADDR}:{HEALTH_PORT}")).unwrap();
+        s.send_to(b"to another", format!("{INGEST4}:9998")).unwrap();
+        s.send_to(b"to the prober", format!("{HOST}:9998")).unwrap();
+    })
+    .unwrap();
+    let (n, _) = prober
+        .recv_from(&mut buf)
+        .expect("the answer to the prober passes");
+    assert_eq!(&buf[..n], b"to the prober");
+    assert!(
+        other.recv_from(&mut buf).is_err(),
+        "a packet from the health port reached another address"
+    );
+    assert_eq!(drops("denied"), denied + 1);
+
+    // A forged router advertisement (and a redirect) never leaves A.
+    let router = drops("router");
+    let sent =
+        a.ns.run(|| send_icmp6("fd77:1::1", 134, 3) + send_icmp6("fd77:1::1", 137, 2))
+            .unwrap();
+    assert_eq!(sent, 5);
+    assert!(
+        wait_for(Duration::from_secs(2), || (drops("router") == router + 5)
+            .then_some(()))
+        .is_some(),
+        "5 dropped as router traffic, counted {}",
+        drops("router") - router
+    );
+    drop(entered);
 }

@@ -1,6 +1,7 @@
 //! Faults injected into a running daemon, each with a stream running and an exact outcome: a
 //! second daemon started by mistake, a read-only config directory during a failover, a
-//! corrupt state file, an unprivileged client, a flood of spoofed SRT handshakes.
+//! corrupt state file, an unprivileged client, a flood of spoofed SRT handshakes, maps written by
+//! something else.
 
 use std::{
     fs,
@@ -1380,4 +1381,98 @@ mod failover_under_probes {
             "packets missing at enc-b after the failover: {tail:?}"
         );
     }
+}
+
+/// 10. Something else writes the channel map under a running daemon (a second writer, as
+///     `bpftool map update` or a stray process would be): one channel repointed, one
+///     channel's entries deleted, one entry nsfail never wrote added. The audit puts the
+///     decided entries back, removes the foreign one, and says so in critical events; the
+///     streams then reach the decided encoder again.
+#[test]
+fn the_audit_puts_back_what_something_else_wrote_to_the_maps() {
+    let bed = Bed::new(&Policy::tolerant());
+    let socket = bed.socket();
+    let (ea, eb) = (&bed.lab.encoders[0], &bed.lab.encoders[1]);
+    assert_eq!(active(&socket, "cam1"), "enc-a");
+    assert_eq!(active(&socket, "cam2"), "enc-a");
+    let channels_map = bed.pins.pins.map("CHANNELS");
+    let entries = |map: &Path| -> Vec<serde_json::Value> {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(map)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(entries(&channels_map).len(), 2, "cam1 and cam2");
+
+    // The intruder: a second writer of the same pinned maps.
+    let mut intruder = bed.pins.open();
+    intruder.activate(sa(INGEST4, 5000), "enc-b").unwrap();
+    intruder.remove_channel(sa(INGEST4, 5002)).unwrap();
+    let hex = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_str().unwrap().trim_start_matches("0x").to_owned())
+            .collect()
+    };
+    let first = entries(&channels_map).remove(0);
+    let mut key = hex(&first["key"]);
+    // Another address (its first byte changed): a channel nsfail never had.
+    key[0] = if key[0] == "c6" {
+        "c7".into()
+    } else {
+        "c6".into()
+    };
+    let value = hex(&first["value"]);
+    let mut update = Command::new("bpftool");
+    update
+        .args(["map", "update", "pinned"])
+        .arg(&channels_map)
+        .arg("key")
+        .arg("hex")
+        .args(&key)
+        .arg("value")
+        .arg("hex")
+        .args(&value);
+    let out = update.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(entries(&channels_map).len(), 2, "cam1 and the foreign one");
+
+    let repaired = wait_for(Duration::from_secs(10), || {
+        let r = reasons(&socket);
+        let rewritten = r
+            .iter()
+            .filter(|r| r.contains("differed from what nsfail wrote"))
+            .count();
+        let removed = r.iter().any(|r| r.contains("nsfail never wrote"));
+        (rewritten >= 2 && removed).then_some(r)
+    });
+    assert!(repaired.is_some(), "{:?}", reasons(&socket));
+    assert_eq!(entries(&channels_map).len(), 2, "cam1 and cam2 again");
+    drop(intruder);
+
+    // Both streams reach enc-a, as decided, and nothing reaches enc-b.
+    for (cam, port) in [(5000u16, 7000u16), (5002, 7002)] {
+        let on_a = Receiver::start(&ea.ns, sa(&ea.addr4, port));
+        let on_b = Receiver::start(&eb.ns, sa(&eb.addr4, port));
+        send_burst(
+            &bed.lab.src,
+            sa(SRC4, 41300),
+            sa(INGEST4, cam),
+            0..200,
+            GAP,
+            LINGER,
+        );
+        assert_eq!(
+            on_a.settled(),
+            (0..200).collect(),
+            "port {cam} reaches enc-a"
+        );
+        assert!(on_b.seen().is_empty(), "port {cam}: nothing at enc-b");
+    }
+    assert_eq!(active(&socket, "cam1"), "enc-a");
+    assert_eq!(active(&socket, "cam2"), "enc-a");
 }

@@ -76,7 +76,16 @@ fn policy(allow: &[&str], proto: AllowProto, port: u16) -> EgressPolicy {
             .iter()
             .map(|r| r.parse::<AllowRule>().unwrap())
             .collect(),
-        health: Some(HealthAnswers { proto, port }),
+        health: Some(HealthAnswers {
+            proto,
+            port,
+            // The ingest host's address facing each encoder: where probes come from.
+            prober: Some(if port == ENC4_HEALTH {
+                "10.77.0.1".parse().unwrap()
+            } else {
+                "fd77::1".parse().unwrap()
+            }),
+        }),
     }
 }
 
@@ -778,7 +787,20 @@ fn icmp_error(icmp_type: u8, code: u8, from: &str, to: &str, quoted: &Frame) -> 
 /// An ICMPv6 message of `icmp_type` (the frame's ICMP type byte rewritten; the programs do
 /// not check ICMP checksums).
 fn icmp6(icmp_type: u8, src: &str, dst: &str) -> Vec<u8> {
-    let mut b = packet(58, &format!("[{src}]:0"), &format!("[{dst}]:0")).bytes();
+    // The hop limit the RFCs require: 255 for neighbour discovery, 1 for MLD.
+    let hops = match icmp_type {
+        133..=137 => 255,
+        130..=132 | 143 => 1,
+        _ => 64,
+    };
+    icmp6_hops(icmp_type, src, dst, hops)
+}
+
+/// [`icmp6`] with this hop limit.
+fn icmp6_hops(icmp_type: u8, src: &str, dst: &str, hops: u8) -> Vec<u8> {
+    let mut f = packet(58, &format!("[{src}]:0"), &format!("[{dst}]:0"));
+    f.ttl = hops;
+    let mut b = f.bytes();
     b[14 + 40] = icmp_type;
     b
 }
@@ -949,10 +971,37 @@ fn tc_egress_policy_table() {
         "tc/pass_health",
     );
     row(
-        "health answer: UDP from 9000 to anywhere",
+        "health answer: UDP from 9000 to another address than the prober's",
         ve4,
         packet(udp, "10.77.1.2:9000", "192.0.2.1:51515").bytes(),
-        "tc/pass_health",
+        "enc4/denied",
+    );
+    // A dead receiver: its kernel's port unreachable for a channel packet is the stream
+    // refused, counted, dropped, and reported to the daemon.
+    let stream4 = packet(udp, "10.77.0.50:40000", "10.77.1.2:7000");
+    row(
+        "port unreachable quoting a channel packet (nothing receives the stream)",
+        ve4,
+        icmp_error(3, 3, "10.77.1.2", "10.77.0.50", &stream4),
+        "enc4/refused",
+    );
+    row(
+        "port unreachable quoting a packet to a port of no channel",
+        ve4,
+        icmp_error(
+            3,
+            3,
+            "10.77.1.2",
+            "10.77.0.50",
+            &packet(udp, "10.77.0.50:40000", "10.77.1.2:7001"),
+        ),
+        "enc4/denied",
+    );
+    row(
+        "host unreachable (code 1) quoting a channel packet",
+        ve4,
+        icmp_error(3, 1, "10.77.1.2", "10.77.0.50", &stream4),
+        "enc4/denied",
     );
     // A dead health responder: its kernel's port unreachable answers the probe.
     let probe4 = |to: &str, proto: u8| packet(proto, "10.77.0.1:51515", to);
@@ -1178,6 +1227,24 @@ fn tc_egress_policy_table() {
         "tc/pass_health",
     );
     row(
+        "IPv6 health answer: TCP from 9100 to another address than the prober's",
+        ve6,
+        packet(tcp, "[fd77:1::2]:9100", "[fd77:9::1]:51515").bytes(),
+        "enc6/denied",
+    );
+    row(
+        "ICMPv6 port unreachable quoting a channel packet (nothing receives the stream)",
+        ve6,
+        icmp_error(
+            1,
+            4,
+            "fd77:1::2",
+            "fd77::50",
+            &packet(udp, "[fd77::50]:40000", "[fd77:1::2]:7000"),
+        ),
+        "enc6/refused",
+    );
+    row(
         "ICMPv6 port unreachable for UDP to 9100 (the check is TCP)",
         ve6,
         icmp_error(
@@ -1211,7 +1278,25 @@ fn tc_egress_policy_table() {
         "ND: redirect (137)",
         ve6,
         icmp6(137, "fe80::2", "fe80::1"),
-        "tc/pass_neighbour",
+        "enc6/router",
+    );
+    row(
+        "ND: router advertisement (134), forged by the encoder",
+        ve6,
+        icmp6(134, "fe80::2", "ff02::1"),
+        "enc6/router",
+    );
+    row(
+        "ND: neighbour advertisement with hop limit 64 (off-link, forged)",
+        ve6,
+        icmp6_hops(136, "fd77:1::2", "fd77:1::1", 64),
+        "enc6/router",
+    );
+    row(
+        "MLD report with hop limit 255",
+        ve6,
+        icmp6_hops(131, "::", "ff02::16", 255),
+        "enc6/router",
     );
     for (kind, what) in [
         (130, "query"),
@@ -1740,4 +1825,40 @@ fn tc_egress_srt_callers_only_on_conclusion_and_capped() {
         .unwrap();
     answer(&fx, caller(3), &srt_handshake(HS_CONCLUSION, 7));
     assert_eq!(peers(&fx), vec![]);
+}
+
+#[test]
+fn a_refused_channel_packet_is_reported_on_the_ring_buffer() {
+    let fx = Fixture::new();
+    let mut ring = fx.dp.refusals().expect("REFUSALS ring buffer");
+    while ring.next().is_some() {}
+    let enc4 = fx
+        .dp
+        .encoders()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == "enc4")
+        .unwrap()
+        .id;
+    let stream = packet(17, "10.77.0.50:40000", "10.77.1.2:7000");
+    let refusal = icmp_error(3, 3, "10.77.1.2", "10.77.0.50", &stream);
+    for _ in 0..3 {
+        assert_eq!(
+            verdict_on_enc4(&fx, &refusal),
+            (TC_ACT_SHOT, "enc4/refused".to_owned())
+        );
+    }
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), 8, "one RefusalEvent");
+        let encoder = u32::from_ne_bytes(item[0..4].try_into().unwrap());
+        let channel = u32::from_ne_bytes(item[4..8].try_into().unwrap());
+        events.push((encoder, channel));
+    }
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events.iter().all(|(e, _)| *e == enc4), "{events:?}");
+    // A refusal of a packet of no channel is no report.
+    let other = packet(17, "10.77.0.50:40000", "10.77.1.2:7001");
+    verdict_on_enc4(&fx, &icmp_error(3, 3, "10.77.1.2", "10.77.0.50", &other));
+    assert!(ring.next().is_none());
 }

@@ -184,7 +184,8 @@ struct SpawnEncoder {
     /// always | never
     #[arg(long)]
     restart: Option<String>,
-    /// A udp health check on this port (default: the flow check).
+    /// A udp health check on this port (default: `srt` health on the port of an SRT listener
+    /// the command runs, `srt://:PORT?mode=listener`; otherwise the flow check).
     #[arg(long)]
     health_port: Option<u16>,
     /// What it may reach besides replying to sources (repeatable).
@@ -210,6 +211,9 @@ enum LabCmd {
     /// `lab up`, then the daemon on the lab in the foreground; on Ctrl-C the daemon stops and
     /// the lab and the data plane are removed.
     Run,
+    /// Kill -9 an encoder's stream receiver (`nsfail lab kill enc-a`), as if it crashed: its
+    /// channel fails over.
+    Kill { encoder: String },
     /// A self-contained data-plane demo: stream, remap half-way, clean up.
     Demo {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600))]
@@ -353,9 +357,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                 "address": a.address,
                 "allow": a.allow,
                 "spawn": { "command": command, "args": args },
-                "health": match a.health_port {
-                    Some(port) => json!({ "kind": "udp", "port": port }),
-                    None => json!({ "kind": "flow" }),
+                "health": match (a.health_port, srt_listener_port(&a.command)) {
+                    (Some(port), _) => json!({ "kind": "udp", "port": port }),
+                    // An SRT listener answers its own health check.
+                    (None, Some(port)) => json!({ "kind": "srt", "port": port }),
+                    (None, None) => json!({ "kind": "flow" }),
                 },
             });
             if let Some(p) = a.prefix {
@@ -473,7 +479,29 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Lab(LabCmd::Demo { seconds }) => crate::lab::demo::run(seconds),
+        Cmd::Lab(LabCmd::Kill { encoder }) => {
+            let p = labctl::kill(&encoder)?;
+            done(format!(
+                "killed {} (pid {}, kill -9); its namespace stays",
+                p.name, p.pid
+            ));
+            Ok(())
+        }
     }
+}
+
+/// The port of the first SRT listener URI (`srt://[HOST]:PORT?...mode=listener...`) among a
+/// command's arguments (inside a shell line too).
+fn srt_listener_port(command: &[String]) -> Option<u16> {
+    command
+        .iter()
+        .flat_map(|arg| arg.split(['\'', '"', ' ']))
+        .filter_map(|word| word.strip_prefix("srt://"))
+        .filter(|rest| rest.contains("mode=listener"))
+        .find_map(|rest| {
+            let authority = rest.split(['?', '/']).next()?;
+            authority.rsplit_once(':')?.1.parse().ok()
+        })
 }
 
 /// The demo: lab up, daemon in the foreground (a child process, since the daemon moves into
@@ -494,7 +522,9 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
          target/debug/nsfail status          # cam1's counters move; enc-a receives\n  \
          target/debug/nsfail remap cam1 enc-b\n  \
          target/debug/nsfail status          # now enc-b receives\n  \
-         target/debug/nsfail events\n  \
+         target/debug/nsfail remap cam1 enc-a\n  \
+         target/debug/nsfail lab kill enc-a  # kill -9 of enc-a's SRT listener: cam1 fails over\n  \
+         target/debug/nsfail events          # the failover and its switchover time\n  \
          ls -l {}   # each encoder's received stream\n\
          Ctrl-C here stops the daemon and removes the lab.\n",
         info.namespaces.get(1).map_or("nsf-src", String::as_str),
@@ -552,4 +582,36 @@ fn lab_run(socket: &std::path::Path) -> Result<()> {
         return Err(anyhow!("the daemon exited with {status}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::srt_listener_port;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_srt_listener_command_names_its_port() {
+        let slt = args(&[
+            "srt-live-transmit",
+            "srt://:7000?mode=listener",
+            "file://con",
+        ]);
+        assert_eq!(srt_listener_port(&slt), Some(7000));
+        let shell = args(&[
+            "sh",
+            "-c",
+            "exec ffmpeg -i 'srt://0.0.0.0:7100?mode=listener&passphrase=x' -f mpegts out.ts",
+        ]);
+        assert_eq!(srt_listener_port(&shell), Some(7100));
+        let caller = args(&[
+            "srt-live-transmit",
+            "udp://:9000",
+            "srt://10.0.0.1:7000?mode=caller",
+        ]);
+        assert_eq!(srt_listener_port(&caller), None);
+        assert_eq!(srt_listener_port(&args(&["sleep", "600"])), None);
+    }
 }

@@ -46,6 +46,7 @@ macro_rules! at {
 }
 
 mod error;
+mod health;
 mod lookup;
 mod problems;
 mod request;
@@ -54,6 +55,7 @@ mod url;
 use self::{error::*, problems::*};
 pub use self::{
     error::{ConfigError, Location},
+    health::{Check, HealthCheck, HealthProblem},
     lookup::Lookup,
     url::HttpUrl,
 };
@@ -232,7 +234,8 @@ pub enum Restart {
 #[serde(deny_unknown_fields, default)]
 pub struct Health {
     pub kind: HealthKind,
-    /// Probe port (udp, tcp).
+    /// Probe port (udp, tcp, srt; an `srt` check defaults to the SRT port of the one SRT
+    /// channel port the encoder serves).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// Probe URL (http); a 2xx status is healthy.
@@ -279,6 +282,8 @@ pub enum HealthKind {
     Exec,
     /// Data-plane liveness: the channel's input moves, so the encoder's output must too.
     Flow,
+    /// The SRT listener itself: an induction handshake while idle, its session while live.
+    Srt,
 }
 
 /// `[[channel]]`: one contribution stream.
@@ -358,6 +363,7 @@ toml_names!(HealthKind {
     Http => "http",
     Exec => "exec",
     Flow => "flow",
+    Srt => "srt",
 });
 toml_names!(Failback { Manual => "manual", Auto => "auto" });
 toml_names!(Protocol { Udp => "udp", Srt => "srt" });

@@ -108,98 +108,18 @@ pub(super) fn encoder_problems(i: usize, encoder: &Encoder, out: &mut Vec<Proble
             ),
         ));
     }
-    health_problems(i, encoder, out);
 }
 
-pub(super) fn health_problems(i: usize, encoder: &Encoder, out: &mut Vec<Problem>) {
-    let name = &encoder.name;
-    let health = &encoder.health;
-    let kind = health.kind;
-    let mut push = |key: &'static str, message: String| {
-        out.push(Problem::new(
-            at!["encoder", i, "health", key],
-            format!("encoder {name:?}: {message}"),
-        ));
-    };
-    match kind {
-        HealthKind::Udp | HealthKind::Tcp => match health.port {
-            None => push(
-                "kind",
-                format!(
-                    "health kind \"{kind}\" needs a port (health = {{ kind = \"{kind}\", port = N }})"
-                ),
-            ),
-            Some(0) => push("port", "port 0 is not a valid health-check port".into()),
-            Some(_) => {}
-        },
-        HealthKind::Http => match health.url.as_deref() {
-            None => push(
-                "kind",
-                "health kind \"http\" needs a url (url = \"http://HOST:PORT/PATH\")".into(),
-            ),
-            Some(url) if !url.starts_with("http://") || url.len() == "http://".len() => push(
-                "url",
-                format!("health url {url:?} must start with http:// and name a host"),
-            ),
-            Some(url) => {
-                if let Err(why) = HttpUrl::parse(url) {
-                    push("url", why);
-                }
-            }
-        },
-        HealthKind::Exec => {
-            if health
-                .command
-                .as_ref()
-                .is_none_or(|c| c.first().is_none_or(|program| program.is_empty()))
-            {
-                push(
-                    "command",
-                    "health kind \"exec\" needs a non-empty command (command = [\"PROGRAM\", \
-                     \"ARG\"])"
-                        .into(),
-                );
-            }
+/// The problems of `encoder`'s health settings, from the one place that builds the check.
+pub(super) fn health_problems(cfg: &Config, i: usize, encoder: &Encoder, out: &mut Vec<Problem>) {
+    if let Err(problems) = cfg.health_check(encoder) {
+        let name = &encoder.name;
+        for p in problems {
+            out.push(Problem::new(
+                at!["encoder", i, "health", p.key],
+                format!("encoder {name:?}: {}", p.message),
+            ));
         }
-        HealthKind::Flow => {}
-    }
-    let unused = [
-        (
-            "port",
-            health.port.is_some(),
-            matches!(kind, HealthKind::Udp | HealthKind::Tcp),
-        ),
-        ("url", health.url.is_some(), kind == HealthKind::Http),
-        (
-            "command",
-            health.command.is_some(),
-            kind == HealthKind::Exec,
-        ),
-    ];
-    for (key, set, used) in unused {
-        if set && !used {
-            push(key, format!("health kind \"{kind}\" does not use `{key}`"));
-        }
-    }
-    for (key, value) in [
-        ("interval_ms", health.interval_ms),
-        ("timeout_ms", health.timeout_ms),
-        ("rise", u64::from(health.rise)),
-        ("fall", u64::from(health.fall)),
-    ] {
-        if value == 0 {
-            push(key, format!("health {key} must be at least 1"));
-        }
-    }
-    // With a zero interval the problem is the interval, reported above.
-    if health.interval_ms > 0 && health.timeout_ms > health.interval_ms {
-        push(
-            "timeout_ms",
-            format!(
-                "health timeout_ms ({}) must not exceed interval_ms ({}): one probe at a time",
-                health.timeout_ms, health.interval_ms
-            ),
-        );
     }
 }
 
@@ -388,6 +308,7 @@ impl Config {
                 encoder_names.insert(encoder.name.as_str(), i);
             }
             encoder_problems(i, encoder, &mut out);
+            health_problems(self, i, encoder, &mut out);
         }
         // Every interface nsfail attaches to or makes is its own: two encoders on one veth
         // (or a managed encoder's generated name, `nf-` + 10 characters of its name, meeting

@@ -99,8 +99,8 @@ impl Controller {
                 continue;
             }
             let relinked = encoder_spec(&e).and_then(|spec| {
-                self.dp.upsert_encoder(&spec)?;
-                self.dp.set_policy(&e.name, &policy_from_config(&e)?)?;
+                let policy = policy_from_config(&self.effective, &e)?;
+                self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
                 Ok(())
             });
             match relinked {

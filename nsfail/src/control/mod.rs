@@ -10,7 +10,8 @@
 //! will do ([`config::Lookup`] for names and addresses, the decider's per-encoder indexes, the
 //! data plane's in-memory mirror of its maps). A runtime change touches only what it changes;
 //! start-up and `status` are linear in the number of channels; file writes run on the
-//! writer thread ([`writer`]), once per batch of decisions.
+//! writer thread (`writer`), once per batch of decisions. An audit (`audit`) re-syncs,
+//! a slice of channels at a time, the maps with the decisions when something else wrote them.
 //!
 //! Must not: touch BPF maps other than through [`Dataplane`], or do network I/O of its own
 //! beyond the SRT SHUTDOWNs of a repoint.
@@ -29,6 +30,7 @@ use log::{debug, info, warn};
 use nsfail_common::drop_reason;
 use serde::{Deserialize, Serialize};
 
+mod audit;
 mod changes;
 pub mod decision;
 mod events;
@@ -156,6 +158,8 @@ pub struct Controller {
     persist_tried: Option<Instant>,
     /// When automatic failback was last checked.
     failback_checked: Option<Instant>,
+    /// Where the audit of the maps against the decisions is.
+    audit: audit::AuditCursor,
 }
 
 /// How often a state file that could not be written is tried again.
@@ -259,6 +263,7 @@ impl Controller {
             persist_failed: None,
             persist_tried: None,
             failback_checked: None,
+            audit: Default::default(),
         };
         if let Some(reason) = set_aside {
             warn!("{reason}");
@@ -351,9 +356,14 @@ impl Controller {
             })?;
         }
         let spec = encoder_spec(e)?;
-        self.dp.upsert_encoder(&spec)?;
-        self.dp.set_policy(&e.name, &policy_from_config(e)?)?;
+        let policy = policy_from_config(&self.effective, e)?;
+        self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
         self.decider.add_encoder(&e.name, now);
+        if e.spawn.is_none()
+            && let Some(ns) = &e.netns
+        {
+            report_icmp_ratelimit(&e.name, ns);
+        }
         if let Some(ifname) = e.host_interface() {
             let verdict = receive::ensure(&ifname, e.namespace().as_deref());
             self.set_receive(&e.name, verdict)?;
@@ -597,6 +607,7 @@ impl Controller {
             self.apply_all(decisions);
         }
         self.retry_unapplied();
+        self.audit(now);
         self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
         // map read on every tick.
@@ -619,56 +630,47 @@ impl Controller {
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.decider.channels_on(encoder)
     }
+
+    /// Whether an encoder is active for any channel.
+    pub fn is_active(&self, encoder: &str) -> bool {
+        self.decider.is_active(encoder)
+    }
+}
+
+/// Warns when an encoder namespace nsfail does not manage limits ICMP errors so that a dead
+/// receiver's refusals of the stream come too rarely to fail it at once (the kernel default:
+/// one a second per destination after a burst of six). Managed namespaces get 10 ms.
+fn report_icmp_ratelimit(encoder: &str, ns: &str) {
+    match netns::icmp_ratelimit_ms(ns) {
+        Ok(ms) if ms > 100 => warn!(
+            "encoder {encoder}: namespace {ns} has net.ipv4.icmp_ratelimit = {ms} ms: after a \
+             burst of six, its kernel refuses a dead receiver's stream once per {ms} ms per \
+             source; `ip netns exec {ns} sysctl -w net.ipv4.icmp_ratelimit=10 \
+             net.ipv6.icmp.ratelimit=10` lets every refusal through"
+        ),
+        Ok(_) => {}
+        Err(e) => debug!("encoder {encoder}: reading icmp_ratelimit in {ns}: {e}"),
+    }
 }
 
 /// The kernel egress policy of a configured encoder: its allow-list, and the protocol and port
 /// its health check is answered from (the daemon probes from the ingest host, so the answers
-/// pass whatever the allow-list says).
-pub fn policy_from_config(e: &config::Encoder) -> Result<crate::dataplane::EgressPolicy> {
-    use crate::{
-        config::{AllowProto, HealthKind},
-        dataplane::{EgressPolicy, HealthAnswers},
-    };
+/// pass to this host's address whatever the allow-list says).
+pub fn policy_from_config(
+    cfg: &Config,
+    e: &config::Encoder,
+) -> Result<crate::dataplane::EgressPolicy> {
     let err = |why: String| ControlError::Encoder {
         name: e.name.clone(),
         why,
     };
     let allow = e.allow_rules().map_err(|x| err(x.to_string()))?;
-    let answers = |proto, port| HealthAnswers { proto, port };
-    let health = match e.health.kind {
-        HealthKind::Udp => e.health.port.map(|p| answers(AllowProto::Udp, p)),
-        HealthKind::Tcp => e.health.port.map(|p| answers(AllowProto::Tcp, p)),
-        HealthKind::Http => match e.health.url.as_deref() {
-            Some(url) => {
-                let url = config::HttpUrl::parse(url).map_err(err)?;
-                Some(answers(AllowProto::Tcp, url.port))
-            }
-            None => None,
-        },
-        HealthKind::Exec | HealthKind::Flow => None,
-    };
-    Ok(EgressPolicy { allow, health })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
-    use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_795_820_987_123);
-        assert_eq!(rfc3339(t), "2026-11-27T23:09:47.123Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
-    }
-
-    #[test]
-    fn state_files_sit_beside_the_config() {
-        let p = Path::new("/etc/nsfail/site.toml");
-        assert_eq!(state_path(p), Path::new("/etc/nsfail/site.state.json"));
-        assert_eq!(events_path(p), Path::new("/etc/nsfail/site.events.jsonl"));
-    }
+    let check = cfg.health_check(e).map_err(|problems| {
+        let why: Vec<String> = problems.into_iter().map(|p| p.message).collect();
+        err(why.join("; "))
+    })?;
+    Ok(crate::dataplane::EgressPolicy {
+        allow,
+        health: check.check.answers(),
+    })
 }

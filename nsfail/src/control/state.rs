@@ -176,3 +176,17 @@ pub(super) fn private_file(path: &Path, append: bool) -> std::io::Result<fs::Fil
         .mode(0o600)
         .open(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn state_files_sit_beside_the_config() {
+        let p = Path::new("/etc/nsfail/site.toml");
+        assert_eq!(state_path(p), Path::new("/etc/nsfail/site.state.json"));
+        assert_eq!(events_path(p), Path::new("/etc/nsfail/site.events.jsonl"));
+    }
+}

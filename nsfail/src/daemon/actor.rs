@@ -26,9 +26,9 @@ use tokio::sync::{oneshot, watch};
 use super::notify::Notifier;
 use crate::{
     api::{Command, Response},
-    config::{self, Config},
+    config::{self, Config, HealthCheck},
     control::{ControlError, Controller},
-    health::{HealthUpdate, flow::FlowChecks},
+    health::{HealthUpdate, judge::Judge},
     metrics::Metrics,
     net::receive::Verdict,
 };
@@ -49,8 +49,11 @@ pub(super) type ReceiveTarget = (String, String, Option<String>);
 pub(super) enum Msg {
     /// A control-socket request.
     Request(Box<Command>, oneshot::Sender<Response>),
-    /// A probe's result.
-    Health(HealthUpdate),
+    /// Probe results, in the order they came.
+    Health(Vec<HealthUpdate>),
+    /// The kernel of encoder (id) refused this many channel packets (ICMP port unreachable),
+    /// as the egress program reported them.
+    Refused(u32, u32),
     /// Something a managed encoder's supervisor has to say (for the events).
     EncoderEvent(String, String),
     /// The local encoders the link watch is to check.
@@ -107,7 +110,7 @@ pub(super) struct Actor {
     pub(super) handle: ControlHandle,
     /// The effective configuration's ingest and encoders (no channels), republished
     /// whenever it changes.
-    pub(super) config: watch::Receiver<Arc<Config>>,
+    pub(super) config: watch::Receiver<Arc<Followed>>,
     thread: thread::JoinHandle<()>,
 }
 
@@ -120,7 +123,7 @@ impl Actor {
         watchdog: Option<(Notifier, Duration)>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let (config_tx, config) = watch::channel(Arc::new(followed(&ctl)));
+        let (config_tx, config) = watch::channel(Arc::new(Followed::of(&ctl)));
         let thread = thread::Builder::new()
             .name("nsfail-control".into())
             .spawn(move || run(ctl, rx, metrics, config_tx, watchdog))?;
@@ -144,11 +147,11 @@ fn run(
     mut c: Controller,
     rx: mpsc::Receiver<Msg>,
     metrics: Arc<Metrics>,
-    config_tx: watch::Sender<Arc<Config>>,
+    config_tx: watch::Sender<Arc<Followed>>,
     watchdog: Option<(Notifier, Duration)>,
 ) {
-    let mut flows = FlowChecks::default();
-    flows.sync(c.config());
+    let mut judge = Judge::default();
+    judge.sync(&config_tx.borrow().checks);
     let mut seen = c.generation();
     let mut next_tick = Instant::now();
     let mut next_watchdog = Instant::now();
@@ -161,13 +164,13 @@ fn run(
         };
         match rx.recv_timeout(wait) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(msg) => handle(&mut c, msg, &metrics),
+            Ok(msg) => handle(&mut c, &mut judge, msg, &metrics),
             Err(RecvTimeoutError::Timeout) => {}
         }
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + TICK;
-            flows.run(&mut c);
+            judge.run(&mut c);
             match c.tick() {
                 Ok(report) => {
                     for channel in &report.moved {
@@ -190,9 +193,10 @@ fn run(
         c.drain_events(EVENTS_PER_TURN);
         if c.generation() != seen {
             seen = c.generation();
-            flows.sync(c.config());
+            let followed = Followed::of(&c);
+            judge.sync(&followed.checks);
             // Err: the daemon's loop is gone, which only happens while stopping.
-            let _ = config_tx.send(Arc::new(followed(&c)));
+            let _ = config_tx.send(Arc::new(followed));
         }
     }
     c.flush();
@@ -200,18 +204,29 @@ fn run(
 }
 
 /// What the probes and managed encoders follow: the effective configuration without its
-/// channels.
-fn followed(c: &Controller) -> Config {
-    let cfg = c.config();
-    Config {
-        ingest: cfg.ingest.clone(),
-        encoders: cfg.encoders.clone(),
-        channels: Vec::new(),
-        daemon: cfg.daemon.clone(),
+/// channels (a copy of 100,000 channels at every change would cost more than all the rest),
+/// and every encoder's health check, which an `srt` or `flow` check derives from the channels.
+pub(super) struct Followed {
+    pub(super) config: Config,
+    pub(super) checks: Vec<(String, HealthCheck)>,
+}
+
+impl Followed {
+    fn of(c: &Controller) -> Self {
+        let cfg = c.config();
+        Self {
+            config: Config {
+                ingest: cfg.ingest.clone(),
+                encoders: cfg.encoders.clone(),
+                channels: Vec::new(),
+                daemon: cfg.daemon.clone(),
+            },
+            checks: cfg.health_checks(),
+        }
     }
 }
 
-fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
+fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
     match msg {
         Msg::Request(command, reply) => {
             let whole = matches!(*command, Command::Status);
@@ -221,16 +236,19 @@ fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
                 crate::heap::trim();
             }
         }
-        Msg::Health(update) => {
-            if update.ok {
-                c.note_alive(&update.encoder);
+        Msg::Health(updates) => {
+            for update in updates {
+                on_probe(c, judge, update);
             }
-            if let Some(healthy) = update.transition {
-                if let Some(e) = &update.error {
-                    info!("encoder {} probe: {e}", update.encoder);
-                }
-                if let Err(e) = c.on_health(&update.encoder, healthy) {
-                    warn!("acting on {}'s health: {e}", update.encoder);
+        }
+        Msg::Refused(id, n) => {
+            let Some(name) = c.dataplane().encoder_name(id) else {
+                return;
+            };
+            if let Some(healthy) = judge.on_refusal(&name, n) {
+                info!("encoder {name}: its kernel refuses the stream (nothing listens)");
+                if let Err(e) = c.on_health(&name, healthy) {
+                    warn!("acting on {name}'s health: {e}");
                 }
             }
         }
@@ -256,6 +274,20 @@ fn handle(c: &mut Controller, msg: Msg, metrics: &Metrics) {
             crate::heap::trim();
         }
         Msg::Stop => unreachable!("handled by the loop"),
+    }
+}
+
+fn on_probe(c: &mut Controller, judge: &mut Judge, update: HealthUpdate) {
+    if update.ok {
+        c.note_alive(&update.encoder);
+    }
+    if let Some(healthy) = judge.on_probe(&update, c) {
+        if let Some(e) = &update.error {
+            info!("encoder {} probe: {e}", update.encoder);
+        }
+        if let Err(e) = c.on_health(&update.encoder, healthy) {
+            warn!("acting on {}'s health: {e}", update.encoder);
+        }
     }
 }
 

@@ -20,11 +20,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, RingBuf};
 use futures_util::{FutureExt as _, StreamExt as _};
 use log::{info, warn};
 use nix::sched::{CloneFlags, setns};
+use nsfail_common::RefusalEvent;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, unix::AsyncFd},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -36,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Dataplane,
     api::{self, Request, Response},
-    config::{self, Config, Health, HealthKind},
+    config::{Config, HealthCheck},
     control::Controller,
     health::{self, HealthUpdate},
     metrics::{self, Metrics},
@@ -101,6 +103,8 @@ pub fn run(opts: Options) -> Result<()> {
     let mut dp = Dataplane::open(opts.pins.clone())?;
     dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
     let adopted = dp.adopted();
+    // Opened before the controller takes the data plane: read on the runtime thread.
+    let refusals = dp.refusals()?;
     let ctl = Controller::start(cfg, &opts.config, dp)?;
     crate::heap::trim();
     info!(
@@ -116,26 +120,44 @@ pub fn run(opts: Options) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(
+        .block_on(serve(Serving {
             ctl,
-            &opts.socket,
-            &opts.pins,
+            refusals,
+            socket: &opts.socket,
+            pins: &opts.pins,
             leftovers,
             group,
             notifier,
             watchdog,
-        ))
+        }))
 }
 
-async fn serve(
+/// What the serve loop starts from: the started controller and what `run` prepared for it.
+struct Serving<'a> {
     ctl: Controller,
-    socket: &Path,
-    pins: &Pins,
+    /// The egress programs' refused-stream reports.
+    refusals: RingBuf<MapData>,
+    socket: &'a Path,
+    pins: &'a Pins,
+    /// Managed encoders a previous daemon left running, to adopt.
     leftovers: BTreeMap<String, records::Record>,
+    /// The group allowed to use the socket.
     group: Option<nix::unistd::Gid>,
     notifier: Notifier,
     watchdog: Option<Duration>,
-) -> Result<()> {
+}
+
+async fn serve(serving: Serving<'_>) -> Result<()> {
+    let Serving {
+        ctl,
+        refusals,
+        socket,
+        pins,
+        leftovers,
+        group,
+        notifier,
+        watchdog,
+    } = serving;
     // Before anything can take a while: from here on SIGHUP reloads, and never kills.
     let hangup = signal(SignalKind::hangup())?;
     let listener = bind(socket, group).await?;
@@ -156,22 +178,12 @@ async fn serve(
             let _ = ctl.ask_blocking(Msg::Observe);
         }
     };
-    // The metrics endpoint takes its stop as a watch.
-    let (metrics_stop_tx, metrics_stop) = watch::channel(false);
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            stop.cancelled().await;
-            // Err: the endpoint is gone already.
-            let _ = metrics_stop_tx.send(true);
-        }
-    });
     let served = metrics::serve(
         metrics_addr,
         metrics::Limits::default(),
         metrics.clone(),
         refresh,
-        metrics_stop,
+        stop.clone(),
     )
     .await;
     let (bound, metrics_task) = match served {
@@ -187,12 +199,13 @@ async fn serve(
     );
 
     let (health_tx, mut health_rx) = mpsc::channel(1024);
+    let mut health_batch = Vec::new();
     let mut probes = Probes::default();
     let mut managed = Managed::new(ctl.clone(), pins, leftovers);
     {
-        let cfg = config.borrow_and_update().clone();
-        probes.sync(&cfg, &health_tx, &stop);
-        managed.sync(&cfg);
+        let followed = config.borrow_and_update().clone();
+        probes.sync(&followed.checks, &health_tx, &stop);
+        managed.sync(&followed.config);
     }
     let link_watch = tokio::spawn(watch_links(ctl.clone(), stop.clone()));
     let reloads = tokio::spawn(reload_on_hangup(
@@ -201,6 +214,7 @@ async fn serve(
         notifier.clone(),
         stop.clone(),
     ));
+    let refusal_watch = tokio::spawn(watch_refusals(refusals, ctl.clone(), stop.clone()));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // The data plane is attached (the controller started on it), the socket and the metrics
@@ -219,16 +233,22 @@ async fn serve(
                 }
                 Err(e) => warn!("accept: {e}"),
             },
-            Some(update) = health_rx.recv() => {
-                metrics.record_probe(&update.encoder, update.latency);
-                ctl.tell(Msg::Health(update));
+            // Every result waiting, in one message: one wake-up of the controller's thread
+            // for a batch of probes.
+            n = health_rx.recv_many(&mut health_batch, 1024) => {
+                if n > 0 {
+                    for update in &health_batch {
+                        metrics.record_probe(&update.encoder, update.latency);
+                    }
+                    ctl.tell(Msg::Health(std::mem::take(&mut health_batch)));
+                }
             },
             // Probes and managed encoders follow the configuration.
             Ok(()) = config.changed() => {
-                let cfg = config.borrow_and_update().clone();
-                crate::logging::set_level(cfg.ingest.log_level);
-                probes.sync(&cfg, &health_tx, &stop);
-                managed.sync(&cfg);
+                let followed = config.borrow_and_update().clone();
+                crate::logging::set_level(followed.config.ingest.log_level);
+                probes.sync(&followed.checks, &health_tx, &stop);
+                managed.sync(&followed.config);
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -239,6 +259,7 @@ async fn serve(
     // They end at the stop; a panic in one was logged by the runtime already.
     let _ = link_watch.await;
     let _ = reloads.await;
+    let _ = refusal_watch.await;
     // Managed encoders keep running: the next daemon adopts them.
     managed.detach_all().await;
     let _ = metrics_task.await;
@@ -273,6 +294,49 @@ async fn reload_on_hangup(
         notifier.send("READY=1");
         if let Some(e) = response.error {
             warn!("reload: {e}");
+        }
+    }
+}
+
+/// Reads the egress program's refusal reports as the ring buffer wakes it, and tells the
+/// controller, one message per encoder per wake-up. Ends at the daemon's stop.
+async fn watch_refusals(ring: RingBuf<MapData>, ctl: ControlHandle, stop: CancellationToken) {
+    // SAFETY: the RingBuf owns its map's descriptor (and the consumer/producer mappings),
+    // which stays open and the same until the RingBuf is dropped with the AsyncFd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("refused streams cannot be watched (probes still judge encoders): {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            () = stop.cancelled() => return,
+            ready = ring.readable_mut() => match ready {
+                Ok(guard) => guard,
+                Err(e) => {
+                    warn!("watching refused streams: {e}");
+                    return;
+                }
+            },
+        };
+        let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
+        let inner = guard.get_inner_mut();
+        while let Some(item) = inner.next() {
+            if item.len() >= std::mem::size_of::<RefusalEvent>() {
+                // SAFETY: the program writes whole `RefusalEvent`s (plain integers); the length
+                // is checked and the read is unaligned.
+                let ev: RefusalEvent =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RefusalEvent>()) };
+                *seen.entry(ev.encoder_id).or_default() += 1;
+            }
+        }
+        guard.clear_ready();
+        for (id, n) in seen {
+            ctl.tell(Msg::Refused(id, n));
         }
     }
 }

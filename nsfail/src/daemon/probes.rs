@@ -5,75 +5,76 @@ use super::*;
 
 /// One probe task per encoder with a network health check, restarted when its check changes
 /// and stopped when the encoder goes away.
+///
+/// `udp` and SRT induction probes are not tasks of their own: one batch prober
+/// ([`health::batch`]) sends them all from one socket per address family, on one timer.
 #[derive(Default)]
 pub(super) struct Probes {
-    running: BTreeMap<String, (ProbeTarget, watch::Sender<bool>)>,
+    running: BTreeMap<String, (ProbeTarget, CancellationToken)>,
+    /// What the batch prober probes, once it runs.
+    batch: Option<watch::Sender<BTreeMap<String, health::batch::Target>>>,
 }
 
 /// Everything a probe task was made from: a change to any of it replaces the task.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct ProbeTarget {
-    health: Health,
-    address: std::net::IpAddr,
-    netns: Option<String>,
-}
-
-impl ProbeTarget {
-    pub(super) fn of(e: &config::Encoder) -> Self {
-        Self {
-            health: e.health.clone(),
-            address: e.address,
-            netns: e.netns.clone(),
-        }
-    }
-}
+pub(super) type ProbeTarget = HealthCheck;
 
 impl Probes {
     pub(super) fn sync(
         &mut self,
-        cfg: &Config,
+        checks: &[(String, HealthCheck)],
         tx: &mpsc::Sender<HealthUpdate>,
         stop: &CancellationToken,
     ) {
-        let wanted: BTreeMap<&str, &config::Encoder> = cfg
-            .encoders
+        let (batched, wanted): (BTreeMap<String, HealthCheck>, BTreeMap<String, HealthCheck>) =
+            checks
+                .iter()
+                .cloned()
+                .partition(|(_, c)| health::batch::Target::of(c).is_some());
+        let batched: BTreeMap<String, health::batch::Target> = batched
             .iter()
-            .filter(|e| e.health.kind != HealthKind::Flow)
-            .map(|e| (e.name.as_str(), e))
+            .filter_map(|(n, c)| Some((n.clone(), health::batch::Target::of(c)?)))
             .collect();
+        match &self.batch {
+            Some(targets) => {
+                targets.send_if_modified(|t| {
+                    let changed = *t != batched;
+                    *t = batched.clone();
+                    changed
+                });
+            }
+            None if batched.is_empty() => {}
+            None => {
+                let (targets, rx) = watch::channel(batched);
+                health::batch::spawn(rx, tx.clone(), stop.clone());
+                self.batch = Some(targets);
+            }
+        }
         self.running.retain(|name, (target, cancel)| {
-            let keep = wanted
-                .get(name.as_str())
-                .is_some_and(|e| ProbeTarget::of(e) == *target);
+            let keep = wanted.get(name).is_some_and(|w| w == target);
             if !keep {
-                let _ = cancel.send(true);
+                cancel.cancel();
             }
             keep
         });
-        for (name, e) in wanted {
-            if self.running.contains_key(name) {
+        for (name, check) in wanted {
+            if self.running.contains_key(&name) {
                 continue;
             }
-            let Some(probe) = health::probe_for(e) else {
+            let Some(probe) = health::probe_for(&check) else {
                 continue;
             };
-            let (cancel_tx, cancel_rx) = watch::channel(false);
             // The daemon's own stop also stops every probe.
-            let stop = stop.clone();
-            let cancel_on_stop = cancel_tx.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = stop.cancelled() => {
-                        // Err: the probe has ended already.
-                        let _ = cancel_on_stop.send(true);
-                    }
-                    // Cancelled on its own (its encoder changed or went): nothing to wait for.
-                    () = cancel_on_stop.closed() => {}
-                }
-            });
-            health::spawn(name.to_owned(), probe, &e.health, tx.clone(), cancel_rx);
-            self.running
-                .insert(name.to_owned(), (ProbeTarget::of(e), cancel_tx));
+            let cancel = stop.child_token();
+            health::spawn(name.clone(), probe, &check, tx.clone(), cancel.clone());
+            self.running.insert(name, (check, cancel));
+        }
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        for (_, cancel) in self.running.values() {
+            cancel.cancel();
         }
     }
 }
@@ -86,13 +87,35 @@ mod tests {
     use super::Probes;
     use crate::config::Config;
 
-    fn config(address: &str) -> Config {
+    fn config_of(kind: &str, address: &str) -> Config {
         let text = format!(
             "[ingest]\ninterface = \"eth0\"\n\n[[encoder]]\nname = \"enc-a\"\n\
-             address = \"{address}\"\nhealth = {{ kind = \"udp\", port = 9, interval_ms = 60000, \
+             address = \"{address}\"\nhealth = {{ kind = \"{kind}\", port = 9, interval_ms = 60000, \
              timeout_ms = 100 }}\n"
         );
         Config::parse(&text, "t.toml").unwrap()
+    }
+
+    /// A check that runs as a task of its own (`tcp`).
+    fn config(address: &str) -> Config {
+        config_of("tcp", address)
+    }
+
+    #[tokio::test]
+    async fn udp_probes_go_to_the_one_batch_prober() {
+        let (tx, _rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let mut probes = Probes::default();
+        probes.sync(&config_of("udp", "127.0.0.2").health_checks(), &tx, &stop);
+        assert!(probes.running.is_empty(), "no task of its own");
+        let targets = probes
+            .batch
+            .as_ref()
+            .expect("the batch prober runs")
+            .subscribe();
+        assert_eq!(targets.borrow()["enc-a"].at, "127.0.0.2:9".parse().unwrap());
+        probes.sync(&config_of("udp", "127.0.0.3").health_checks(), &tx, &stop);
+        assert_eq!(targets.borrow()["enc-a"].at, "127.0.0.3:9".parse().unwrap());
     }
 
     #[tokio::test]
@@ -100,25 +123,29 @@ mod tests {
         let (tx, _rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
         let mut probes = Probes::default();
-        probes.sync(&config("127.0.0.2"), &tx, &stop);
-        let first = probes.running["enc-a"].1.subscribe();
-        assert!(!*first.borrow());
+        probes.sync(&config("127.0.0.2").health_checks(), &tx, &stop);
+        let first = probes.running["enc-a"].1.clone();
+        assert!(!first.is_cancelled());
 
         // Same settings: the running probe is kept.
-        probes.sync(&config("127.0.0.2"), &tx, &stop);
-        assert!(!*first.borrow());
+        probes.sync(&config("127.0.0.2").health_checks(), &tx, &stop);
+        assert!(!first.is_cancelled());
 
         // A new address: the old probe is cancelled and one for the new address runs.
-        probes.sync(&config("127.0.0.3"), &tx, &stop);
+        probes.sync(&config("127.0.0.3").health_checks(), &tx, &stop);
         assert!(
-            *first.borrow(),
+            first.is_cancelled(),
             "the probe of the old address was cancelled"
         );
         let (target, cancel) = &probes.running["enc-a"];
         assert_eq!(
-            target.address,
-            "127.0.0.3".parse::<std::net::IpAddr>().unwrap()
+            target.check,
+            crate::config::Check::Tcp("127.0.0.3:9".parse().unwrap())
         );
-        assert!(!*cancel.subscribe().borrow());
+        assert!(!cancel.is_cancelled());
+        // The daemon's stop stops it too.
+        let cancel = cancel.clone();
+        stop.cancel();
+        assert!(cancel.is_cancelled());
     }
 }

@@ -13,6 +13,17 @@ impl Dataplane {
     /// Adds an encoder, or replaces its address, MAC or link. Channels pointing at it are
     /// repointed to the new values (one map write each). Returns its id.
     pub fn upsert_encoder(&mut self, spec: &EncoderSpec) -> Result<u32> {
+        self.upsert_encoder_policed(spec, None)
+    }
+
+    /// [`Dataplane::upsert_encoder`] with its egress policy, written before the TC program
+    /// is attached to a new veth: no packet leaves the encoder unpoliced (no fail-open
+    /// window).
+    pub fn upsert_encoder_policed(
+        &mut self,
+        spec: &EncoderSpec,
+        policy: Option<&EgressPolicy>,
+    ) -> Result<u32> {
         let name_bytes = encode_name(&spec.name)?;
         let ingest = self.ingest.clone();
         let (ifindex, smac, kind) = match &spec.link {
@@ -65,7 +76,24 @@ impl Dataplane {
                 id
             }
         };
+        // Checked before anything is written: a policy the kernel cannot hold leaves the
+        // encoder as it was.
+        let policy = policy
+            .map(|p| policy_value(&spec.name, &info, p))
+            .transpose()?;
+        self.encoders
+            .insert(id, info, 0)
+            .map_err(map_err("ENCODERS"))?;
+        self.by_name.insert(spec.name.clone(), (id, info));
+        self.index_encoder(id, old_info.as_ref(), &info)?;
+        if let Some(value) = policy {
+            self.policies
+                .insert(id, value, 0)
+                .map_err(map_err("POLICIES"))?;
+        }
         if let EncoderLink::Local { ifname } = &spec.link {
+            // Last: the program finds the encoder (ENCODER_IFINDEX) and its policy from the
+            // first packet on.
             self.attach_egress(ifname)?;
             self.tx_ports
                 .set(id, ifindex, None, 0)
@@ -77,11 +105,6 @@ impl Dataplane {
             // A remote encoder is reached by XDP_TX: no DEVMAP entry.
             let _ = self.tx_ports.set(id, 0, None, 0);
         }
-        self.encoders
-            .insert(id, info, 0)
-            .map_err(map_err("ENCODERS"))?;
-        self.by_name.insert(spec.name.clone(), (id, info));
-        self.index_encoder(id, old_info.as_ref(), &info)?;
         // Repoint channels whose target is this encoder (its MAC or address may have changed).
         let using: Vec<(Endpoint, ChannelTarget)> = self
             .mirror
@@ -270,6 +293,22 @@ impl Dataplane {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// The name of encoder `id`, if it is registered.
+    pub fn encoder_name(&self, id: u32) -> Option<String> {
+        self.by_name
+            .iter()
+            .find(|(_, (i, _))| *i == id)
+            .map(|(name, _)| name.clone())
+    }
+
+    /// The ring buffer on which the egress program reports refused channel packets
+    /// ([`nsfail_common::RefusalEvent`]), opened afresh for its reader.
+    pub fn refusals(&self) -> Result<aya::maps::RingBuf<MapData>> {
+        open_pinned_map(&self.pins, "REFUSALS")?
+            .try_into()
+            .map_err(map_err("REFUSALS"))
     }
 
     pub(super) fn encoder_id(&self, name: &str) -> Result<Option<u32>> {

@@ -13,6 +13,10 @@
 //! the XDP program sees either the old or the new value, never a mix. An encoder's egress
 //! policy is likewise one `POLICIES` value, replaced whole by [`Dataplane::set_policy`] while
 //! the TC program stays attached.
+//!
+//! This type is the only writer of CHANNELS and REPLIES and keeps a mirror of what it wrote
+//! (reads need no map walk); [`Dataplane::audit_channel`] and [`Dataplane::remove_foreign`]
+//! put back what another writer changed.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -54,6 +58,7 @@ use self::{
 };
 use crate::{net::netns, paths::Pins};
 
+mod audit;
 pub mod btf;
 mod channels;
 mod encoders;
@@ -68,7 +73,10 @@ pub use nsfail_common::{
     MAX_SRT_PEERS_PER_CHANNEL as SRT_PEER_LIMIT_MAX,
 };
 
-pub use self::maps::{endpoint, socket_addr};
+pub use self::{
+    audit::Repairs,
+    maps::{endpoint, socket_addr},
+};
 use self::{maps::*, mirror::Mirror};
 
 /// The eBPF object built by build.rs from nsfail-ebpf.

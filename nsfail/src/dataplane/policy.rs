@@ -3,17 +3,18 @@
 //! `POLICIES` value. The config parses rules with this module; nothing here knows the config.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     str::FromStr,
 };
 
+use log::warn;
 use nsfail_common::{
     EncoderInfo, EncoderPolicy, FAMILY_V4, MAX_ALLOW_RULES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
     PROTO_UDP, PolicyRule,
 };
 
-use super::{DataplaneError, Result, ip_bytes};
+use super::{DataplaneError, Result, ip_addr, ip_bytes};
 
 /// One entry of an encoder's allow-list: `NETWORK[/PREFIX][:PORT[-PORT]]/PROTO`.
 ///
@@ -174,17 +175,30 @@ pub struct EgressPolicy {
     /// Destinations it may reach; at most `MAX_ALLOW_RULES` (16), each of the encoder's
     /// address family.
     pub allow: Vec<AllowRule>,
-    /// Its network health check: answers from this port pass, to any destination (the
-    /// daemon probes from the ingest host).
+    /// Its network health check: answers from this port pass to the prober only.
     pub health: Option<HealthAnswers>,
 }
 
-/// The protocol and port an encoder answers health probes on.
+/// The protocol and port an encoder answers health probes on, and whom to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthAnswers {
     /// `Udp` or `Tcp` (an HTTP check is TCP).
     pub proto: AllowProto,
     pub port: u16,
+    /// The address the probes come from; `None`: the address this host sends from to reach
+    /// the encoder (looked up when the policy is written; the daemon probes from here).
+    pub prober: Option<IpAddr>,
+}
+
+/// The source address this host's routing picks to reach `addr` (no packet is sent).
+pub fn source_towards(addr: IpAddr) -> Option<IpAddr> {
+    let any: SocketAddr = match addr {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect((addr, 9)).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }
 
 /// The `POLICIES` value of an encoder: `policy` checked against the encoder's registration.
@@ -200,6 +214,15 @@ pub(super) fn policy_value(
             max: MAX_ALLOW_RULES,
         });
     }
+    let prober = policy.health.and_then(|h| {
+        let found = h
+            .prober
+            .or_else(|| source_towards(ip_addr(info.family, &info.addr)));
+        if found.is_none() {
+            warn!("encoder {name}: no route to it, so its health answers pass nowhere");
+        }
+        found
+    });
     let (health_proto, health_port) = match policy.health {
         None => (0, 0),
         Some(HealthAnswers { port: 0, .. }) => {
@@ -211,10 +234,12 @@ pub(super) fn policy_value(
         Some(HealthAnswers {
             proto: AllowProto::Udp,
             port,
+            ..
         }) => (PROTO_UDP, port),
         Some(HealthAnswers {
             proto: AllowProto::Tcp,
             port,
+            ..
         }) => (PROTO_TCP, port),
         Some(HealthAnswers {
             proto: AllowProto::Icmp,
@@ -232,6 +257,7 @@ pub(super) fn policy_value(
         health_proto,
         health_port,
         n_rules: policy.allow.len() as u32,
+        prober: prober.map_or([0; 16], |p| ip_bytes(p).1),
         ..Default::default()
     };
     for (slot, rule) in value.rules.iter_mut().zip(&policy.allow) {

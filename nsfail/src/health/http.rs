@@ -22,9 +22,12 @@ pub struct HttpProbe {
 
 impl HttpProbe {
     pub fn new(url: &str) -> Result<Self, String> {
-        Ok(Self {
-            url: HttpUrl::parse(url)?,
-        })
+        Ok(Self::from_url(HttpUrl::parse(url)?))
+    }
+
+    /// The probe of a URL the config has parsed already.
+    pub fn from_url(url: HttpUrl) -> Self {
+        Self { url }
     }
 
     pub fn url(&self) -> &HttpUrl {
@@ -47,7 +50,7 @@ impl HttpProbe {
             .header(ACCEPT, "*/*")
             .header(CONNECTION, "close")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| ProbeError::Config(e.to_string()))?;
+            .map_err(|e| ProbeError::Request(e.to_string()))?;
         // The connection is driven on its own task, which ends when the answer (its body
         // unread) and the sender are dropped; its failures reach the request as errors.
         tokio::spawn(async move {

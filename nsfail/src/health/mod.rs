@@ -1,29 +1,30 @@
 //! Health probes: one module per probe kind behind the [`Probe`] trait, the pure rise/fall
-//! [`Counter`], and the runner that probes one encoder on its own task ([`spawn`]).
+//! [`Counter`], the runner that probes one encoder on its own task ([`spawn`]), and the
+//! [`judge`] that turns probe results, data-plane counters and the kernel's refusals of a
+//! stream into health transitions.
 //!
 //! A probe attempt is cancelled by dropping its future, and every probe cleans up when dropped
 //! (an exec probe's processes are killed), so the runner's timeout is the only deadline a probe
-//! needs. `flow` health is not a network probe: [`flow`] judges it from data-plane counters,
-//! and [`probe_for`] has nothing to run for it.
+//! needs. `flow` health, and `srt` health while a session is live, are judged from data-plane
+//! counters by [`judge`].
 //!
 //! Must not: act on what it finds (the controller decides).
 
+pub mod batch;
 mod exec;
-pub mod flow;
 mod http;
+pub mod judge;
+mod srt;
 mod tcp;
 mod udp;
 
 use std::{future::Future, io, net::SocketAddr, pin::Pin, process::ExitStatus, time::Duration};
 
-use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
-    time::MissedTickBehavior,
-};
+use tokio::{sync::mpsc, task::JoinHandle, time::MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
-pub use self::{exec::ExecProbe, http::HttpProbe, tcp::TcpProbe, udp::UdpProbe};
-use crate::config::{Encoder, Health, HealthKind};
+pub use self::{exec::ExecProbe, http::HttpProbe, srt::SrtProbe, tcp::TcpProbe, udp::UdpProbe};
+use crate::config::{Check, HealthCheck};
 
 /// What a probe attempt resolves to: the latency of a healthy answer, or why there was none.
 pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<Duration, ProbeError>> + Send + 'a>>;
@@ -72,66 +73,37 @@ pub enum ProbeError {
         #[source]
         source: io::Error,
     },
-    /// The health check lacks what its kind needs (a config that skipped validation).
-    #[error("health check misconfigured: {0}")]
-    Config(String),
+    /// The probe's request could not be formed from its (validated) URL.
+    #[error("cannot form the request: {0}")]
+    Request(String),
+    /// A datagram on the SRT probe socket that is not the answer to its induction request.
+    #[error("not an SRT induction answer ({len} bytes; {count} such datagrams so far)")]
+    NotInduction { len: usize, count: u64 },
 }
 
-/// The probe that checks `encoder`'s health, or `None` for `flow`, which the controller
-/// judges from data-plane counters.
-///
-/// A health check missing what its kind needs (which [`crate::config::Config::validate`]
-/// rejects) still gets a probe: one that always fails and says why, so the encoder is never
-/// trusted unchecked.
-pub fn probe_for(encoder: &Encoder) -> Option<Box<dyn Probe>> {
-    let health = &encoder.health;
-    let kind = health.kind;
-    let unusable = |why: String| -> Box<dyn Probe> { Box::new(Misconfigured { kind, why }) };
-    let probe: Box<dyn Probe> = match kind {
-        HealthKind::Udp | HealthKind::Tcp => match health.port {
-            Some(port) => {
-                let target = SocketAddr::new(encoder.address, port);
-                if kind == HealthKind::Udp {
-                    Box::new(UdpProbe::new(target))
-                } else {
-                    Box::new(TcpProbe::new(target))
-                }
-            }
-            None => unusable(format!("health kind \"{kind}\" needs a port")),
-        },
-        HealthKind::Http => match health.url.as_deref().map(HttpProbe::new) {
-            Some(Ok(probe)) => Box::new(probe),
-            Some(Err(why)) => unusable(why),
-            None => unusable("health kind \"http\" needs a url".into()),
-        },
-        HealthKind::Exec => match health.command.as_deref() {
-            Some([program, args @ ..]) if !program.is_empty() => Box::new(ExecProbe::new(
-                program.clone(),
-                args.to_vec(),
-                encoder.netns.clone(),
-                encoder.env.clone(),
-            )),
-            _ => unusable("health kind \"exec\" needs a non-empty command".into()),
-        },
-        HealthKind::Flow => return None,
+/// The network probe of a health check, or `None` when nothing is probed over the network
+/// (`flow` without an SRT standby; the controller judges it from data-plane counters).
+pub fn probe_for(check: &HealthCheck) -> Option<Box<dyn Probe>> {
+    let probe: Box<dyn Probe> = match &check.check {
+        Check::Udp(at) => Box::new(UdpProbe::new(*at)),
+        Check::Tcp(at) => Box::new(TcpProbe::new(*at)),
+        Check::Http(url) => Box::new(HttpProbe::from_url(url.clone())),
+        Check::Exec {
+            program,
+            args,
+            netns,
+            env,
+        } => Box::new(ExecProbe::new(
+            program.clone(),
+            args.clone(),
+            netns.clone(),
+            env.clone(),
+        )),
+        Check::Srt(_) | Check::Flow { .. } => {
+            Box::new(SrtProbe::new(check.check.induction_target()?))
+        }
     };
     Some(probe)
-}
-
-/// A health check that cannot run; every attempt fails with the reason.
-struct Misconfigured {
-    kind: HealthKind,
-    why: String,
-}
-
-impl Probe for Misconfigured {
-    fn probe(&self) -> ProbeFuture<'_> {
-        Box::pin(async { Err(ProbeError::Config(self.why.clone())) })
-    }
-
-    fn kind(&self) -> &'static str {
-        self.kind.as_str()
-    }
 }
 
 /// One attempt of `probe`, failing with [`ProbeError::Timeout`] if it has not finished
@@ -186,9 +158,18 @@ impl Counter {
     pub fn healthy(&self) -> bool {
         self.healthy
     }
+
+    /// Makes the state unhealthy at once (the kernel refused the encoder's stream); `Some(false)`
+    /// when that is a change. Coming back takes `rise` successes as after any fall.
+    pub fn force_down(&mut self) -> Option<bool> {
+        self.streak = 0;
+        let was = std::mem::replace(&mut self.healthy, false);
+        was.then_some(false)
+    }
 }
 
-/// One probe result of one encoder, as the runner reports it.
+/// One probe result of one encoder, as the runner reports it. The controller's [`judge`]
+/// counts it (rise/fall), or sets it aside while the data plane judges the encoder.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HealthUpdate {
     pub encoder: String,
@@ -196,64 +177,54 @@ pub struct HealthUpdate {
     pub ok: bool,
     /// Round-trip time of a successful attempt.
     pub latency: Option<Duration>,
-    /// `Some(new state)` when this result changed the encoder's health (rise/fall reached).
-    pub transition: Option<bool>,
     /// Why the attempt failed.
     pub error: Option<String>,
+    /// The attempt was refused (ICMP port unreachable): nothing listens.
+    pub refused: bool,
 }
 
-/// Starts the task that probes encoder `name`: one attempt every `health.interval_ms`, each
-/// bounded by `health.timeout_ms`, counted with `health.rise`/`health.fall` from a healthy
-/// start (so a dead encoder is reported down after `fall` intervals), and one
-/// [`HealthUpdate`] on `tx` per attempt.
+/// Starts the task that probes encoder `name`: one attempt every `check.interval`, each
+/// bounded by `check.timeout`, and one [`HealthUpdate`] on `tx` per attempt.
 ///
-/// Ticks missed behind a slow probe are delayed, never bunched. The task ends when `cancel`
-/// becomes `true` or its sender is dropped (promptly, even mid-probe), or when `tx` is closed.
+/// Ticks missed behind a slow probe are delayed, never bunched. The task ends when `cancel` is
+/// cancelled (promptly, even mid-probe), or when `tx` is closed.
 pub fn spawn(
     name: String,
     probe: Box<dyn Probe>,
-    health: &Health,
+    check: &HealthCheck,
     tx: mpsc::Sender<HealthUpdate>,
-    mut cancel: watch::Receiver<bool>,
+    cancel: CancellationToken,
 ) -> JoinHandle<()> {
-    let period = Duration::from_millis(health.interval_ms.max(1));
-    let timeout = Duration::from_millis(health.timeout_ms);
-    let mut counter = Counter::new(health.rise, health.fall, true);
+    let period = check.interval.max(Duration::from_millis(1));
+    let timeout = check.timeout;
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
-                () = cancelled(&mut cancel) => return,
+                () = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
             }
             let result = tokio::select! {
                 biased;
-                () = cancelled(&mut cancel) => return,
+                () = cancel.cancelled() => return,
                 result = probe_once(probe.as_ref(), timeout) => result,
             };
-            let ok = result.is_ok();
             let update = HealthUpdate {
                 encoder: name.clone(),
-                ok,
-                transition: counter.record(ok),
+                ok: result.is_ok(),
                 latency: result.as_ref().ok().copied(),
+                refused: matches!(result, Err(ProbeError::Refused)),
                 error: result.err().map(|e| e.to_string()),
             };
             tokio::select! {
                 biased;
-                () = cancelled(&mut cancel) => return,
+                () = cancel.cancelled() => return,
                 sent = tx.send(update) => if sent.is_err() { return },
             }
         }
     })
-}
-
-/// Resolves once cancellation is requested or can no longer be (the sender is gone).
-async fn cancelled(cancel: &mut watch::Receiver<bool>) {
-    // Either outcome means stop: `true` was sent, or nobody is left to send it.
-    let _ = cancel.wait_for(|stop| *stop).await;
 }
 
 #[cfg(test)]

@@ -79,9 +79,9 @@ pub fn run(seconds: u64) -> Result<()> {
     result
 }
 
-fn demo(lab: &Lab, pins: &Pins, seconds: u64) -> Result<()> {
-    let channel: SocketAddr = format!("{INGEST4}:5000").parse()?;
-    let names = ["enc-a", "enc-b"];
+/// The demo's data plane: loaded, attached in the lab's ingest namespace, with enc-a and
+/// enc-b as encoders.
+fn demo_dataplane(lab: &Lab, pins: &Pins, names: [&str; 2]) -> Result<Dataplane> {
     let mut specs = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let e = &lab.encoders[i];
@@ -96,14 +96,45 @@ fn demo(lab: &Lab, pins: &Pins, seconds: u64) -> Result<()> {
     }
     // Attaching resolves interface names, so it runs inside the lab's ingest namespace.
     let pins2 = pins.clone();
-    let mut dp = netns::in_netns(&lab.rt.name, move || -> Result<Dataplane> {
+    netns::in_netns(&lab.rt.name, move || -> Result<Dataplane> {
         let mut dp = Dataplane::open(pins2)?;
         dp.attach_ingest(INGEST_IF, XdpMode::Native)?;
         for spec in &specs {
             dp.upsert_encoder(spec)?;
         }
         Ok(dp)
-    })??;
+    })?
+}
+
+/// A thin stream (200 packets a second) from the source namespace to `channel`, counting the
+/// encoders' answers that come back from it, until [`STOP`].
+fn sender(src_ns: String, channel: SocketAddr, answered: Arc<AtomicU64>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let _ = netns::in_netns(&src_ns, move || {
+            let Ok(sock) = UdpSocket::bind(SocketAddr::new(SRC4.parse().unwrap(), 40000)) else {
+                return;
+            };
+            let _ = sock.set_nonblocking(true);
+            let mut buf = [0u8; 64];
+            let mut seq = 0u64;
+            while !STOP.load(Ordering::Relaxed) {
+                let _ = sock.send_to(&seq.to_be_bytes(), channel);
+                seq += 1;
+                while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    if from == channel {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+    })
+}
+
+fn demo(lab: &Lab, pins: &Pins, seconds: u64) -> Result<()> {
+    let channel: SocketAddr = format!("{INGEST4}:5000").parse()?;
+    let names = ["enc-a", "enc-b"];
+    let mut dp = demo_dataplane(lab, pins, names)?;
     dp.set_channel(channel, PORT, names[0], &names, false)?;
     println!(
         "channel cam1: {channel} -> enc-a ({}:{PORT}), backup enc-b",
@@ -117,29 +148,7 @@ fn demo(lab: &Lab, pins: &Pins, seconds: u64) -> Result<()> {
         threads.push(receiver(&lab.encoders[i].ns, bind, count.clone())?);
     }
     let replies = Arc::new(AtomicU64::new(0));
-    let src_ns = lab.src.name.clone();
-    let answered = replies.clone();
-    threads.push(thread::spawn(move || {
-        let _ = netns::in_netns(&src_ns, move || {
-            let Ok(sock) = UdpSocket::bind(SocketAddr::new(SRC4.parse().unwrap(), 40000)) else {
-                return;
-            };
-            let _ = sock.set_nonblocking(true);
-            let mut buf = [0u8; 64];
-            let mut seq = 0u64;
-            // 200 packets a second, like a (very) thin stream.
-            while !STOP.load(Ordering::Relaxed) {
-                let _ = sock.send_to(&seq.to_be_bytes(), channel);
-                seq += 1;
-                while let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    if from == channel {
-                        answered.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-        });
-    }));
+    threads.push(sender(lab.src.name.clone(), channel, replies.clone()));
 
     println!("streaming for {seconds} s; enc-a's and enc-b's answers come back from {channel}");
     println!(

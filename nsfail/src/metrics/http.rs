@@ -47,8 +47,7 @@ pub enum MetricsError {
 }
 
 /// Binds the metrics endpoint on `addr` now, so that a taken port is an error before the daemon
-/// reports ready, and serves it on a spawned task until `shutdown` turns true (or its sender is
-/// dropped). Returns the bound address (useful with port 0) and that task.
+/// reports ready, and serves it on a spawned task until `shutdown` is cancelled. Returns the bound address (useful with port 0) and that task.
 ///
 /// `GET /metrics` (and `HEAD`) calls `refresh` (on a blocking thread, so it may lock and read
 /// maps) and answers with [`Metrics::encode`]. Other paths get 404, other methods 405. One
@@ -58,7 +57,7 @@ pub async fn serve(
     limits: Limits,
     metrics: Arc<Metrics>,
     refresh: impl Fn() + Send + Sync + 'static,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>), MetricsError> {
     let bind_err = |source| MetricsError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
@@ -73,13 +72,13 @@ pub(super) async fn accept_loop(
     limits: Limits,
     metrics: Arc<Metrics>,
     refresh: Arc<dyn Fn() + Send + Sync>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     // Dropping the set when the loop ends aborts the connections still in flight.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            () = stopped(&mut shutdown) => break,
+            () = shutdown.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept(), if connections.len() < limits.max_connections => {
                 match accepted {
@@ -100,12 +99,6 @@ pub(super) async fn accept_loop(
             }
         }
     }
-}
-
-/// Resolves when `shutdown` turns true or its sender is dropped (which also means stop).
-pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`: drop it here, not in the caller's select.
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Serves one connection: one request, then the connection closes. A client that does not
@@ -207,7 +200,7 @@ mod tests {
             timeout: Duration::from_millis(300),
             ..Limits::default()
         };
-        let (_stop, shutdown) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         let refreshed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = refreshed.clone();
         let refresh = move || {

@@ -52,10 +52,10 @@ use prometheus_client::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::watch,
     task::{JoinHandle, JoinSet},
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::api::Status;
 
@@ -319,158 +319,8 @@ struct SnapshotCollector(Arc<Mutex<Snapshot>>);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let channels = &snapshot.channels;
-        let channel = |name: &str| [("channel", name.to_owned())];
-        let encoder_label = |name: &str| [("encoder", name.to_owned())];
-        let flag = |on: bool| ConstGauge::new(i64::from(on));
-
-        family(
-            &mut encoder,
-            "channel_packets",
-            "Input packets received for the channel.",
-            None,
-            channels
-                .iter()
-                .map(|c| (channel(&c.name), ConstCounter::new(c.packets))),
-        )?;
-        // With a unit, the name is `channel` + `_bytes`, as OpenMetrics wants it.
-        family(
-            &mut encoder,
-            "channel",
-            "Input bytes (IP packet lengths) received for the channel.",
-            Some(&Unit::Bytes),
-            channels
-                .iter()
-                .map(|c| (channel(&c.name), ConstCounter::new(c.bytes))),
-        )?;
-        family(
-            &mut encoder,
-            "channel_idle",
-            "Time since the channel's last input packet.",
-            Some(&Unit::Seconds),
-            channels.iter().filter_map(|c| {
-                let idle = Duration::from_millis(c.idle_ms?).as_secs_f64();
-                Some((channel(&c.name), ConstGauge::new(idle)))
-            }),
-        )?;
-        family(
-            &mut encoder,
-            "srt_peer_idle",
-            "SRT callers of a channel, by address and socket ID: time since the return path \
-             last saw their session.",
-            Some(&Unit::Seconds),
-            channels.iter().flat_map(|c| {
-                c.srt_peers.iter().map(move |p| {
-                    (
-                        [
-                            ("channel", c.name.to_string()),
-                            ("caller", p.caller.to_string()),
-                            ("socket_id", p.socket_id.to_string()),
-                        ],
-                        ConstGauge::new(Duration::from_millis(p.idle_ms).as_secs_f64()),
-                    )
-                })
-            }),
-        )?;
-        let name = |i: u32| snapshot.names[i as usize].as_str();
-        family(
-            &mut encoder,
-            "channel_active_encoder",
-            "1 for the encoder the channel is forwarded to now, 0 for its backups.",
-            None,
-            channels.iter().flat_map(|c| {
-                let active = c.active;
-                let mut encoders = snapshot.lists[c.encoders as usize].clone();
-                if let Some(a) = active.filter(|a| !encoders.contains(a)) {
-                    encoders.push(a);
-                }
-                encoders.into_iter().map(move |e| {
-                    (
-                        [
-                            ("channel", c.name.to_string()),
-                            ("encoder", name(e).to_owned()),
-                        ],
-                        flag(Some(e) == active),
-                    )
-                })
-            }),
-        )?;
-        let status = &snapshot;
-        family(
-            &mut encoder,
-            "encoder_healthy",
-            "1 when the encoder passes its health checks.",
-            None,
-            status
-                .encoders
-                .iter()
-                .map(|e| (encoder_label(&e.name), flag(e.healthy))),
-        )?;
-        family(
-            &mut encoder,
-            "encoder_drained",
-            "1 when an operator drained the encoder.",
-            None,
-            status
-                .encoders
-                .iter()
-                .map(|e| (encoder_label(&e.name), flag(e.drained))),
-        )?;
-        family(
-            &mut encoder,
-            "encoder_can_receive",
-            "1 when the local encoder's interface takes XDP-redirected frames; 0 is a silent \
-             loss nsfail could not repair (the encoder is failed over).",
-            None,
-            status
-                .encoders
-                .iter()
-                .filter_map(|e| Some((encoder_label(&e.name), flag(e.can_receive?)))),
-        )?;
-        family(
-            &mut encoder,
-            "encoder_packets",
-            "Channel packets forwarded to the encoder.",
-            None,
-            status
-                .encoders
-                .iter()
-                .map(|e| (encoder_label(&e.name), ConstCounter::new(e.packets))),
-        )?;
-        family(
-            &mut encoder,
-            "encoder",
-            "Channel bytes forwarded to the encoder.",
-            Some(&Unit::Bytes),
-            status
-                .encoders
-                .iter()
-                .map(|e| (encoder_label(&e.name), ConstCounter::new(e.bytes))),
-        )?;
-        family(
-            &mut encoder,
-            "encoder_replies",
-            "Replies from the encoder returned to contribution sources.",
-            None,
-            status
-                .encoders
-                .iter()
-                .map(|e| (encoder_label(&e.name), ConstCounter::new(e.replies))),
-        )?;
-        family(
-            &mut encoder,
-            "encoder_drops",
-            "Packets leaving the encoder that its egress policy dropped, by reason.",
-            None,
-            snapshot.drops.iter().flat_map(|(name, reasons)| {
-                reasons.iter().map(move |(reason, n)| {
-                    (
-                        [("encoder", name.clone()), ("reason", (*reason).to_owned())],
-                        ConstCounter::new(*n),
-                    )
-                })
-            }),
-        )?;
+        channel_families(&snapshot, &mut encoder)?;
+        encoder_families(&snapshot, &mut encoder)?;
         family(
             &mut encoder,
             "xdp_packets",
@@ -486,6 +336,176 @@ impl Collector for SnapshotCollector {
             reasons(&snapshot.tc),
         )
     }
+}
+
+fn flag(on: bool) -> ConstGauge {
+    ConstGauge::new(i64::from(on))
+}
+
+/// The per-channel families: input, idle time, SRT callers, active encoder.
+fn channel_families(
+    snapshot: &Snapshot,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let channels = &snapshot.channels;
+    let channel = |name: &str| [("channel", name.to_owned())];
+    family(
+        encoder,
+        "channel_packets",
+        "Input packets received for the channel.",
+        None,
+        channels
+            .iter()
+            .map(|c| (channel(&c.name), ConstCounter::new(c.packets))),
+    )?;
+    // With a unit, the name is `channel` + `_bytes`, as OpenMetrics wants it.
+    family(
+        encoder,
+        "channel",
+        "Input bytes (IP packet lengths) received for the channel.",
+        Some(&Unit::Bytes),
+        channels
+            .iter()
+            .map(|c| (channel(&c.name), ConstCounter::new(c.bytes))),
+    )?;
+    family(
+        encoder,
+        "channel_idle",
+        "Time since the channel's last input packet.",
+        Some(&Unit::Seconds),
+        channels.iter().filter_map(|c| {
+            let idle = Duration::from_millis(c.idle_ms?).as_secs_f64();
+            Some((channel(&c.name), ConstGauge::new(idle)))
+        }),
+    )?;
+    family(
+        encoder,
+        "srt_peer_idle",
+        "SRT callers of a channel, by address and socket ID: time since the return path \
+             last saw their session.",
+        Some(&Unit::Seconds),
+        channels.iter().flat_map(|c| {
+            c.srt_peers.iter().map(move |p| {
+                (
+                    [
+                        ("channel", c.name.to_string()),
+                        ("caller", p.caller.to_string()),
+                        ("socket_id", p.socket_id.to_string()),
+                    ],
+                    ConstGauge::new(Duration::from_millis(p.idle_ms).as_secs_f64()),
+                )
+            })
+        }),
+    )?;
+    let name = |i: u32| snapshot.names[i as usize].as_str();
+    family(
+        encoder,
+        "channel_active_encoder",
+        "1 for the encoder the channel is forwarded to now, 0 for its backups.",
+        None,
+        channels.iter().flat_map(|c| {
+            let active = c.active;
+            let mut encoders = snapshot.lists[c.encoders as usize].clone();
+            if let Some(a) = active.filter(|a| !encoders.contains(a)) {
+                encoders.push(a);
+            }
+            encoders.into_iter().map(move |e| {
+                (
+                    [
+                        ("channel", c.name.to_string()),
+                        ("encoder", name(e).to_owned()),
+                    ],
+                    flag(Some(e) == active),
+                )
+            })
+        }),
+    )?;
+    Ok(())
+}
+
+/// The per-encoder families: health, drain, receive readiness, counters, egress drops.
+fn encoder_families(
+    snapshot: &Snapshot,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let encoder_label = |name: &str| [("encoder", name.to_owned())];
+    let status = snapshot;
+    family(
+        encoder,
+        "encoder_healthy",
+        "1 when the encoder passes its health checks.",
+        None,
+        status
+            .encoders
+            .iter()
+            .map(|e| (encoder_label(&e.name), flag(e.healthy))),
+    )?;
+    family(
+        encoder,
+        "encoder_drained",
+        "1 when an operator drained the encoder.",
+        None,
+        status
+            .encoders
+            .iter()
+            .map(|e| (encoder_label(&e.name), flag(e.drained))),
+    )?;
+    family(
+        encoder,
+        "encoder_can_receive",
+        "1 when the local encoder's interface takes XDP-redirected frames; 0 is a silent \
+             loss nsfail could not repair (the encoder is failed over).",
+        None,
+        status
+            .encoders
+            .iter()
+            .filter_map(|e| Some((encoder_label(&e.name), flag(e.can_receive?)))),
+    )?;
+    family(
+        encoder,
+        "encoder_packets",
+        "Channel packets forwarded to the encoder.",
+        None,
+        status
+            .encoders
+            .iter()
+            .map(|e| (encoder_label(&e.name), ConstCounter::new(e.packets))),
+    )?;
+    family(
+        encoder,
+        "encoder",
+        "Channel bytes forwarded to the encoder.",
+        Some(&Unit::Bytes),
+        status
+            .encoders
+            .iter()
+            .map(|e| (encoder_label(&e.name), ConstCounter::new(e.bytes))),
+    )?;
+    family(
+        encoder,
+        "encoder_replies",
+        "Replies from the encoder returned to contribution sources.",
+        None,
+        status
+            .encoders
+            .iter()
+            .map(|e| (encoder_label(&e.name), ConstCounter::new(e.replies))),
+    )?;
+    family(
+        encoder,
+        "encoder_drops",
+        "Packets leaving the encoder that its egress policy dropped, by reason.",
+        None,
+        snapshot.drops.iter().flat_map(|(name, reasons)| {
+            reasons.iter().map(move |(reason, n)| {
+                (
+                    [("encoder", name.clone()), ("reason", (*reason).to_owned())],
+                    ConstCounter::new(*n),
+                )
+            })
+        }),
+    )?;
+    Ok(())
 }
 
 fn reasons(

@@ -197,6 +197,16 @@ pub fn quicken_icmp_errors(ns: &str) -> io::Result<()> {
     })?
 }
 
+/// The per-destination ICMP error interval (`net.ipv4.icmp_ratelimit`, ms) in namespace `ns`.
+pub fn icmp_ratelimit_ms(ns: &str) -> io::Result<u64> {
+    in_netns(ns, || {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/icmp_ratelimit")?;
+        text.trim()
+            .parse::<u64>()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    })?
+}
+
 /// Writes a sysctl file that may not exist (an IPv6 one on a host without IPv6).
 pub fn write_if_present(path: &str, value: &str) -> io::Result<()> {
     match std::fs::write(path, value) {

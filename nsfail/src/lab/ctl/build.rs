@@ -1,7 +1,13 @@
 //! Building the persistent lab step by step (namespaces, then each process), recording each
 //! step before the next, and the daemon config written for it.
 
+use std::net::SocketAddr;
+
 use super::*;
+use crate::{
+    config::{Channel, Config, Encoder, Failback, Health, HealthKind, Ingest, Protocol, Restart},
+    dataplane::XdpMode,
+};
 
 /// ffmpeg's video encoder arguments: H.264 when this ffmpeg has libx264, else MPEG-2.
 pub(super) fn video_codec() -> Vec<&'static str> {
@@ -35,55 +41,73 @@ pub(super) struct LabEncoder {
     pub(super) addr4: String,
 }
 
-/// A TOML basic string.
-pub(super) fn quoted(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
-
-/// The daemon's config for the lab (the keys of DESIGN.md's contract, plus `ingest.netns`).
+/// The daemon's config for the lab (the keys of DESIGN.md's contract, plus `ingest.netns`),
+/// built as a [`Config`] and written with [`Config::to_toml`]: what `nsfail run` reads back is
+/// what was built, and a field the config gains cannot be spelled wrong here.
 pub(super) fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProtocol) -> String {
-    let mut text = format!(
-        "# The demo lab's daemon config, written by `nsfail lab up`; `nsfail lab down` removes it.\n\
-         \n\
-         [ingest]\n\
-         interface = {}\n\
-         netns = {}\n\
-         xdp_mode = \"native\"\n\
-         metrics = {}\n",
-        quoted(INGEST_IF),
-        quoted(rt),
-        quoted(METRICS),
-    );
-    for e in encoders {
-        text += &format!(
-            "\n[[encoder]]\n\
-             name = {}\n\
-             address = {}\n\
-             interface = {}\n\
-             netns = {}\n\
-             allow = [{}]\n\
-             health = {{ kind = \"udp\", port = {ECHO_PORT}, interval_ms = 100, timeout_ms = 100, rise = 3, fall = 3 }}\n",
-            quoted(&e.name),
-            quoted(&e.addr4),
-            quoted(&e.host_if),
-            quoted(&e.netns),
-            quoted(&format!("{}:{SERVICE_PORT}/tcp", lab_gateway(&e.addr4))),
-        );
-    }
-    let names: Vec<String> = encoders.iter().map(|e| quoted(&e.name)).collect();
-    text += &format!(
-        "\n[[channel]]\n\
-         name = \"cam1\"\n\
-         listen = {}\n\
-         encoders = [{}]\n\
-         port = {STREAM_PORT}\n\
-         failback = \"manual\"\n\
-         protocol = {}\n",
-        quoted(&format!("{INGEST4}:{STREAM_PORT}")),
-        names.join(", "),
-        quoted(protocol.as_str()),
-    );
-    text
+    // SRT listeners answer their own health check (the srt kind, on the channel's port); a
+    // UDP receiver cannot, so a sidecar echo answers for its namespace, and the stream itself
+    // (the kernel's refusals once the receiver is gone) tells that the receiver died.
+    let health = match protocol {
+        LabProtocol::Srt => Health {
+            kind: HealthKind::Srt,
+            rise: 3,
+            fall: 2,
+            ..Health::default()
+        },
+        LabProtocol::Udp => Health {
+            kind: HealthKind::Udp,
+            port: Some(ECHO_PORT),
+            rise: 3,
+            fall: 3,
+            ..Health::default()
+        },
+    };
+    let config = Config {
+        ingest: Ingest {
+            interface: INGEST_IF.to_owned(),
+            xdp_mode: XdpMode::Native,
+            metrics: METRICS.parse().expect("a socket address"),
+            netns: Some(rt.to_owned()),
+            log_level: None,
+        },
+        encoders: encoders
+            .iter()
+            .map(|e| Encoder {
+                name: e.name.clone(),
+                address: e.addr4.parse().expect("the plan's addresses parse"),
+                interface: Some(e.host_if.clone()),
+                netns: Some(e.netns.clone()),
+                mac: None,
+                allow: vec![format!("{}:{SERVICE_PORT}/tcp", lab_gateway(&e.addr4))],
+                health: health.clone(),
+                spawn: None,
+                restart: Restart::default(),
+                env: Default::default(),
+                prefix: None,
+            })
+            .collect(),
+        channels: vec![Channel {
+            name: "cam1".into(),
+            listen: SocketAddr::new(INGEST4.parse().expect("an address"), STREAM_PORT),
+            encoders: encoders.iter().map(|e| e.name.clone()).collect(),
+            port: Some(STREAM_PORT),
+            failback: Failback::Manual,
+            hold_down_ms: crate::config::DEFAULT_HOLD_DOWN_MS,
+            protocol: match protocol {
+                LabProtocol::Srt => Protocol::Srt,
+                LabProtocol::Udp => Protocol::Udp,
+            },
+            sources: Vec::new(),
+            srt_peer_limit: None,
+        }],
+        daemon: Default::default(),
+    };
+    format!(
+        "# The demo lab's daemon config, written by `nsfail lab up`; `nsfail lab down` removes \
+         it.\n\n{}",
+        config.to_toml()
+    )
 }
 
 /// A lab being built: the record so far, and the processes started, still held as children so
@@ -128,11 +152,32 @@ impl Builder {
         fs::write(&self.info.config, config)
             .map_err(io_err(format!("write {}", self.info.config.display())))?;
 
-        for e in &encoders {
+        self.start_encoders(&encoders, opts.protocol)?;
+        self.start_host_and_source(&rt, &src, opts.protocol)?;
+
+        // A process that cannot bind, connect or find its codec exits at once.
+        thread::sleep(SETTLE);
+        for (name, child) in &mut self.children {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err(format!("wait for {name}")))?
+            {
+                return Err(LabCtlError::Start {
+                    name: name.clone(),
+                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Each encoder's receiver (its output file), and for UDP its health echo.
+    fn start_encoders(&mut self, encoders: &[LabEncoder], protocol: LabProtocol) -> Result<()> {
+        for e in encoders {
             let output = self.dir.output(&e.name);
             File::create(&output).map_err(io_err(format!("create {}", output.display())))?;
             self.info.outputs.push((e.name.clone(), output.clone()));
-            let receiver = match opts.protocol {
+            let receiver = match protocol {
                 LabProtocol::Srt => vec![
                     "srt-live-transmit".to_owned(),
                     "-a".to_owned(),
@@ -154,15 +199,23 @@ impl Builder {
                 receiver,
                 Some(&output),
             )?;
-            // One datagram in, the same datagram back to its sender, from the echo port.
-            let echo = vec![
-                "socat".to_owned(),
-                "-T1".to_owned(),
-                format!("UDP-RECVFROM:{ECHO_PORT},fork"),
-                "PIPE".to_owned(),
-            ];
-            self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
+            if protocol == LabProtocol::Udp {
+                // One datagram in, the same datagram back to its sender, from the echo port.
+                let echo = vec![
+                    "socat".to_owned(),
+                    "-T1".to_owned(),
+                    format!("UDP-RECVFROM:{ECHO_PORT},fork"),
+                    "PIPE".to_owned(),
+                ];
+                self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
+            }
         }
+        Ok(())
+    }
+
+    /// The ingest host's service, and the source: ffmpeg's test stream, through an SRT relay
+    /// for an SRT lab.
+    fn start_host_and_source(&mut self, rt: &str, src: &str, protocol: LabProtocol) -> Result<()> {
         // A service on the ingest host that the encoders may use (their allow-lists name it):
         // reachable on SERVICE_PORT, and nothing else is.
         let service = vec![
@@ -170,9 +223,9 @@ impl Builder {
             format!("TCP-LISTEN:{SERVICE_PORT},fork,reuseaddr"),
             "SYSTEM:echo nsfail lab host service".to_owned(),
         ];
-        self.spawn("rt-service", &rt, service, None)?;
+        self.spawn("rt-service", rt, service, None)?;
 
-        let target = match opts.protocol {
+        let target = match protocol {
             LabProtocol::Srt => {
                 let relay = vec![
                     "srt-live-transmit".to_owned(),
@@ -182,7 +235,7 @@ impl Builder {
                     RELAY.to_owned(),
                     format!("srt://{INGEST4}:{STREAM_PORT}?mode=caller"),
                 ];
-                self.spawn("src-relay", &src, relay, None)?;
+                self.spawn("src-relay", src, relay, None)?;
                 format!("{RELAY}?pkt_size=1316")
             }
             LabProtocol::Udp => format!("udp://{INGEST4}:{STREAM_PORT}?pkt_size=1316"),
@@ -204,21 +257,8 @@ impl Builder {
         .map(str::to_owned)
         .collect();
         ffmpeg.push(target);
-        self.spawn("src-ffmpeg", &src, ffmpeg, None)?;
+        self.spawn("src-ffmpeg", src, ffmpeg, None)?;
 
-        // A process that cannot bind, connect or find its codec exits at once.
-        thread::sleep(SETTLE);
-        for (name, child) in &mut self.children {
-            if let Some(status) = child
-                .try_wait()
-                .map_err(io_err(format!("wait for {name}")))?
-            {
-                return Err(LabCtlError::Start {
-                    name: name.clone(),
-                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
-                });
-            }
-        }
         Ok(())
     }
 
@@ -333,4 +373,38 @@ impl Builder {
 /// The letter of encoder `i`: a, b, ... (as in [`Lab`]'s namespace and interface names).
 pub(super) fn letter(i: usize) -> char {
     (b'a' + i as u8) as char
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lab_config_reads_back_as_built() {
+        let encoders: Vec<LabEncoder> = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LabEncoder {
+                name: format!("enc-{l}"),
+                netns: format!("nsfail-e{l}"),
+                host_if: format!("nsf-e{l}"),
+                addr4: lab::v4(i as u8 + 1, 2).to_string(),
+            })
+            .collect();
+        for protocol in [LabProtocol::Udp, LabProtocol::Srt] {
+            let text = daemon_config("nsfail-rt", &encoders, protocol);
+            assert!(text.starts_with("# The demo lab's daemon config"), "{text}");
+            let cfg = Config::parse(&text, "lab").expect("the lab's config parses");
+            assert_eq!(cfg.encoders.len(), 2);
+            assert_eq!(cfg.channels[0].encoders, ["enc-a", "enc-b"]);
+            assert_eq!(cfg.ingest.netns.as_deref(), Some("nsfail-rt"));
+            let kind = cfg.encoders[0].health.kind;
+            match protocol {
+                LabProtocol::Srt => assert_eq!(kind, HealthKind::Srt),
+                LabProtocol::Udp => assert_eq!(cfg.encoders[1].health.port, Some(ECHO_PORT)),
+            }
+            // Health checks build (an srt check takes its port from the channel).
+            assert!(cfg.health_check(&cfg.encoders[0]).is_ok());
+        }
+    }
 }

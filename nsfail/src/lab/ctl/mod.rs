@@ -1,7 +1,7 @@
 //! `nsfail lab up` / `nsfail lab down`: the demo lab as something that stays up. `up` builds the
-//! namespaces of [`crate::lab`], starts real processes in them (per encoder a stream receiver
-//! and a UDP echo responder for health probes; in the source namespace a live MPEG-TS test
-//! stream), writes a daemon config for the lab and records all of it; `down` removes exactly
+//! namespaces of [`crate::lab`], starts real processes in them (per encoder a stream receiver,
+//! which answers the daemon's `srt` health check itself, or for a UDP lab a UDP echo responder
+//! beside it; in the source namespace a live MPEG-TS test stream), writes a daemon config for the lab and records all of it; `down` removes exactly
 //! what was recorded and nothing else (the daemon's pins are the daemon's).
 //!
 //! The record (`lab.json`) is claimed before anything is made and rewritten after each step, so
@@ -290,6 +290,32 @@ pub fn down_with(opts: &LabOptions) -> Result<()> {
         return Ok(());
     };
     teardown(&dir, &mut info)
+}
+
+/// Kills (SIGKILL) encoder `encoder`'s stream receiver in the lab recorded in `opts.dir`, as
+/// if it crashed: its namespace, veth and everything else stay. Returns the process killed.
+pub fn kill_with(opts: &LabOptions, encoder: &str) -> Result<LabProcess> {
+    let info = load(&LabDir::new(&opts.dir))?
+        .ok_or_else(|| LabCtlError::Options("no lab is up (nsfail lab up builds it)".to_owned()))?;
+    let role = format!("{encoder}-receiver");
+    let p = info
+        .processes
+        .iter()
+        .find(|p| p.name == role)
+        .ok_or_else(|| LabCtlError::Options(format!("the lab has no encoder {encoder:?}")))?;
+    if !p.is_running() {
+        return Err(LabCtlError::Options(format!(
+            "{role} (pid {}) is not running any more",
+            p.pid
+        )));
+    }
+    p.signal(Signal::SIGKILL);
+    Ok(p.clone())
+}
+
+/// [`kill_with`] on the lab recorded in [`paths::LAB_DIR`].
+pub fn kill(encoder: &str) -> Result<LabProcess> {
+    kill_with(&LabOptions::default(), encoder)
 }
 
 /// The lab recorded in [`paths::LAB_DIR`], if any.

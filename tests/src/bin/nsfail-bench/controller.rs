@@ -1,6 +1,7 @@
-//! `controller`: the daemon's own cost with 100 encoders probed every 100 ms (`udp` echo
-//! probes, each answered from the encoder's own address) and 50 channels, for 60 s: CPU time
-//! as a share of one core, and resident memory. Five 12-second windows after a warm-up; the
+//! `controller`: the daemon's own cost with 100 encoders probed every 100 ms (half `udp` echo
+//! probes, each answered from the encoder's own address, half `srt` induction probes answered
+//! by idle `srt-live-transmit` listeners) and 50 channels, for 60 s: CPU time as a share of
+//! one core, and resident memory. Five 12-second windows after a warm-up; the
 //! figures are their median, min and max.
 //!
 //! Then the start-up series ([`crate::startup`]): 1,000, 10,000 and 100,000 channels.
@@ -8,7 +9,7 @@
 //! With `NSFAIL_BENCH_BASELINE=/path/to/nsfail` (another build, e.g. the previous commit's),
 //! a second daemon from that binary runs at the same time on a lab of its own, both are
 //! measured in the same windows, and their CPU ratio is taken window by window: the machine's
-//! noise falls on both alike.
+//! noise falls on both alike. Both then probe only `udp` (a baseline may not know `srt`).
 
 use std::{
     fs,
@@ -59,13 +60,14 @@ fn rss_mib(pid: i32) -> Result<f64> {
 struct Bed {
     daemon: Daemon,
     _echoes: Vec<Echo>,
+    _listeners: Vec<nsfail_tests::ChildGuard>,
     _pins: PinDir,
     _dir: TempDir,
     _echo_ns: Netns,
     _lab: nsfail::lab::Lab,
 }
 
-fn bed(bin: &Path) -> Result<Bed> {
+fn bed(bin: &Path, srt_half: bool) -> Result<Bed> {
     let lab = lab(0);
     // One namespace answers for all 100 encoders, each address with its own echo socket.
     let echo_ns = Netns::new(&unique("ech"))?;
@@ -83,7 +85,17 @@ fn bed(bin: &Path) -> Result<Bed> {
     lab.rt
         .ip(&["addr", "add", "10.79.0.1/16", "dev", "ech"])
         .ok();
+    let srt = |i: usize| srt_half && i % 2 == 1;
+    let listeners: Vec<nsfail_tests::ChildGuard> = (0..ENCODERS)
+        .filter(|&i| srt(i))
+        .map(|i| {
+            let uri = format!("srt://{}:7100?mode=listener", addr(i));
+            let shell = format!("exec srt-live-transmit -q '{uri}' file://con > /dev/null");
+            nsfail_tests::spawn_in(&echo_ns, "sh", &["-c", &shell])
+        })
+        .collect();
     let echoes: Vec<Echo> = (0..ENCODERS)
+        .filter(|&i| !srt(i))
         .map(|i| {
             Echo::start(
                 &echo_ns,
@@ -100,9 +112,10 @@ fn bed(bin: &Path) -> Result<Bed> {
         lab.rt.name
     );
     for i in 0..ENCODERS {
+        let (kind, port) = if srt(i) { ("srt", 7100) } else { ("udp", 9000) };
         config += &format!(
             "[[encoder]]\nname = \"e{i:03}\"\naddress = \"{}\"\nmac = \"02:00:00:00:00:01\"\n\
-             health = {{ kind = \"udp\", port = 9000, interval_ms = 100, timeout_ms = 100 }}\n\n",
+             health = {{ kind = \"{kind}\", port = {port}, interval_ms = 100, timeout_ms = 100 }}\n\n",
             addr(i)
         );
     }
@@ -122,6 +135,7 @@ fn bed(bin: &Path) -> Result<Bed> {
     Ok(Bed {
         daemon,
         _echoes: echoes,
+        _listeners: listeners,
         _pins: pins,
         _dir: dir,
         _echo_ns: echo_ns,
@@ -131,9 +145,13 @@ fn bed(bin: &Path) -> Result<Bed> {
 
 pub fn run(reps: usize) -> Result<Report> {
     let baseline = std::env::var_os("NSFAIL_BENCH_BASELINE").map(PathBuf::from);
-    let mut beds = vec![("this build", bed(&nsfail_tests::daemon::nsfail_bin())?)];
+    let srt_half = baseline.is_none();
+    let mut beds = vec![(
+        "this build",
+        bed(&nsfail_tests::daemon::nsfail_bin(), srt_half)?,
+    )];
     if let Some(bin) = &baseline {
-        beds.push(("baseline", bed(bin)?));
+        beds.push(("baseline", bed(bin, false)?));
     }
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("CLK_TCK")? as f64;
 
@@ -174,8 +192,13 @@ pub fn run(reps: usize) -> Result<Report> {
         reps,
     );
     report.method.push(format!(
-        "{ENCODERS} udp-probed encoders (interval 100 ms, timeout 100 ms), {CHANNELS} channels; \
+        "{ENCODERS} encoders probed every 100 ms (timeout 100 ms), {}, {CHANNELS} channels; \
          daemon CPU (utime+stime from /proc) per {}-s window, VmRSS at each window's end",
+        if srt_half {
+            "half udp echo, half srt induction to idle srt-live-transmit listeners"
+        } else {
+            "all udp echo"
+        },
         WINDOW.as_secs()
     ));
     if let Some(bin) = &baseline {

@@ -1,13 +1,14 @@
 //! `failover`: kill-and-failover trials through the real daemon in a lab.
 //!
 //! - Sequenced UDP (1 packet/ms) to a channel on encoder A; A dies (its receiver and health
-//!   responder stop, or with the `flow` check its receiver hangs while the responder keeps
-//!   answering); the gap is the run of sequence numbers that reached neither encoder, in ms of
+//!   responder stop; or only its receiver is killed, namespace alive, and its kernel's
+//!   refusals of the stream fail it; or with the `flow` check its receiver hangs while the
+//!   responder keeps answering); the gap is the run of sequence numbers that reached neither encoder, in ms of
 //!   stream. 20 trials per detector by default.
 //! - SRT: a real `srt-live-transmit` caller and listeners; the time from A's death to the first
 //!   bytes at B's output, on an SRT channel (nsfail tells the caller to reconnect) and on the
-//!   same stream declared `udp` (the caller's own ~5 s timeout), and the output gap of a
-//!   `remap` with both encoders alive.
+//!   same stream declared `udp` (the caller's own ~5 s timeout), with `srt` health (the
+//!   listener answers its own check), and the output gap of a `remap` with both encoders alive.
 //!
 //! Not a pass/fail test: the figures and the targets, side by side.
 
@@ -36,8 +37,21 @@ fn bed(policy: &Policy) -> Result<Bed> {
     Ok(Bed::new(policy))
 }
 
+/// How encoder A dies in a UDP trial.
+#[derive(Clone, Copy, PartialEq)]
+enum Death {
+    /// Its receiver and its health responder stop.
+    Dead,
+    /// Only its receiver is killed; its namespace and health responder live (the kernel
+    /// refuses the stream).
+    ReceiverKilled,
+    /// Its receiver hangs while the responder keeps answering (the `flow` check's case).
+    Hung,
+}
+
 /// One UDP trial on cam2: returns the gap in ms.
-fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
+fn udp_trial(bed: &mut Bed, death: Death) -> Result<f64> {
+    let flow = death == Death::Hung;
     let (ea, eb) = (&bed.lab.encoders[0], &bed.lab.encoders[1]);
     let mut rx_a = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
     let rx_b = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
@@ -53,11 +67,13 @@ fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
         Duration::from_millis(300),
     );
     thread::sleep(Duration::from_millis(800));
-    if flow {
-        rx_a.pause(true);
-    } else {
-        rx_a.kill();
-        bed.echoes[0].stop();
+    match death {
+        Death::Hung => rx_a.pause(true),
+        Death::ReceiverKilled => rx_a.kill(),
+        Death::Dead => {
+            rx_a.kill();
+            bed.echoes[0].stop();
+        }
     }
     let took = sender
         .join()
@@ -71,7 +87,7 @@ fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
     drop(rx_a);
     drop(rx_b);
     // Bring A back and the channel with it, for the next trial.
-    if !flow {
+    if death == Death::Dead {
         let ea = &bed.lab.encoders[0];
         bed.echoes[0] = Echo::start(&ea.ns, sa(&format!("{}:9000", ea.addr4)));
     }
@@ -92,9 +108,10 @@ fn udp_trial(bed: &mut Bed, flow: bool) -> Result<f64> {
 
 /// An SRT caller through cam1 to the listeners in A and B; A dies (or, `remap`, the channel
 /// is moved with both alive). Returns ms until B's output grew by 10 datagrams.
-fn srt_trial(protocol: &str, remap: bool) -> Result<f64> {
+fn srt_trial(protocol: &str, remap: bool, health: Option<&str>) -> Result<f64> {
     let mut bed = bed(&Policy {
         cam1_protocol: protocol,
+        health: health.map_or(Policy::default().health, |h| [h, h]),
         ..Policy::default()
     })?;
     let mut session = srt::Session::start(&bed, None);
@@ -124,11 +141,11 @@ fn srt_trial(protocol: &str, remap: bool) -> Result<f64> {
 }
 
 /// `trials` kill-and-failover trials ([`udp_trial`]) on one lab and daemon run with `policy`.
-fn gap_trials(variant: &str, policy: &Policy, flow: bool, trials: usize) -> Result<Figure> {
+fn gap_trials(variant: &str, policy: &Policy, death: Death, trials: usize) -> Result<Figure> {
     let mut figure = Figure::new("gap", variant, "ms");
     let mut bed = bed(policy)?;
     for i in 0..trials {
-        let g = udp_trial(&mut bed, flow).with_context(|| format!("{variant} trial {i}"))?;
+        let g = udp_trial(&mut bed, death).with_context(|| format!("{variant} trial {i}"))?;
         eprintln!("  {variant} trial {i}: {g:.0} ms");
         figure.samples.push(g);
     }
@@ -149,7 +166,15 @@ pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
     let udp = gap_trials(
         "udp probes 100 ms, fall 3",
         &Policy::default(),
-        false,
+        Death::Dead,
+        trials,
+    )?;
+    // The stream as the probe: only the receiver dies, its namespace (and the health
+    // responder, which keeps the udp probe happy) live; its kernel refuses the stream.
+    let refused = gap_trials(
+        "receiver killed, namespace alive (refusals)",
+        &Policy::default(),
+        Death::ReceiverKilled,
         trials,
     )?;
     // The flow check at two settings: 50 ms windows, and 20 ms ones (judged every 20 ms, so
@@ -161,32 +186,45 @@ pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
     let flow = gap_trials(
         "flow 50 ms, fall 2",
         &flow_policy("{ kind = \"flow\", interval_ms = 50, timeout_ms = 50, rise = 2, fall = 2 }"),
-        true,
+        Death::Hung,
         trials,
     )?;
     let flow_fast = gap_trials(
         "flow 20 ms, fall 2",
         &flow_policy("{ kind = \"flow\", interval_ms = 20, timeout_ms = 20, rise = 2, fall = 2 }"),
-        true,
+        Death::Hung,
         trials,
     )?;
 
     let mut srt = Figure::new("srt", "srt channel: encoder dies", "ms");
     let mut srt_udp = Figure::new("srt", "same stream on a udp channel", "ms");
     let mut srt_remap = Figure::new("srt", "srt channel: remap, both alive", "ms");
+    let mut srt_health = Figure::new("srt", "srt health 100 ms: listener killed", "ms");
+    const SRT_HEALTH: &str =
+        "{ kind = \"srt\", interval_ms = 100, timeout_ms = 100, rise = 2, fall = 2 }";
     for i in 0..srt_trials {
-        for (fig, protocol, remap) in [
-            (&mut srt, "srt", false),
-            (&mut srt_udp, "udp", false),
-            (&mut srt_remap, "srt", true),
+        for (fig, protocol, remap, health) in [
+            (&mut srt, "srt", false, None),
+            (&mut srt_udp, "udp", false, None),
+            (&mut srt_remap, "srt", true, None),
+            (&mut srt_health, "srt", false, Some(SRT_HEALTH)),
         ] {
-            let t = srt_trial(protocol, remap)
+            let t = srt_trial(protocol, remap, health)
                 .with_context(|| format!("srt trial {i} ({})", fig.variant))?;
             eprintln!("  {} trial {i}: {t:.0} ms", fig.variant);
             fig.samples.push(t);
         }
     }
-    for f in [&udp, &flow, &flow_fast, &srt, &srt_udp, &srt_remap] {
+    for f in [
+        &udp,
+        &refused,
+        &flow,
+        &flow_fast,
+        &srt,
+        &srt_udp,
+        &srt_remap,
+        &srt_health,
+    ] {
         let mut sorted = f.samples.clone();
         sorted.sort_by(f64::total_cmp);
         report.notes.push(format!(
@@ -199,6 +237,18 @@ pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
     report.limits.push(Limit {
         name: "udp probes: median gap".into(),
         value: udp.summary().median,
+        unit: "ms".into(),
+        goal: Goal::AtMost(300.0),
+    });
+    report.limits.push(Limit {
+        name: "udp receiver killed, namespace alive: median gap".into(),
+        value: refused.summary().median,
+        unit: "ms".into(),
+        goal: Goal::AtMost(20.0),
+    });
+    report.limits.push(Limit {
+        name: "srt health 100 ms: data at the backup after kill -9 of the listener".into(),
+        value: srt_health.summary().median,
         unit: "ms".into(),
         goal: Goal::AtMost(300.0),
     });
@@ -222,8 +272,8 @@ pub fn run(trials: usize, srt_trials: usize) -> Result<Report> {
         unit: "ms".into(),
         goal: Goal::AtMost(300.0),
     });
-    report
-        .figures
-        .extend([udp, flow, flow_fast, srt, srt_udp, srt_remap]);
+    report.figures.extend([
+        udp, refused, flow, flow_fast, srt, srt_udp, srt_remap, srt_health,
+    ]);
     Ok(report)
 }

@@ -1,0 +1,612 @@
+//! Probing at scale: every `udp` echo and SRT induction probe of the daemon's namespace goes out
+//! of one socket per address family, on one timer. Probes that are due together leave in one
+//! `sendmmsg`; answers are read in batches as they arrive; a port unreachable comes back on the
+//! socket's error queue (`IP_RECVERR`), naming the probe it answers by its destination, so a
+//! dead responder still fails its probe at once although the socket is not connected.
+//!
+//! Each probe is matched to its answer by the encoder's address and port and by its contents
+//! (the echo of `nsfail-probe <seq>`, or an induction answer addressed to the probe's SRT socket
+//! ID); a datagram from a probed address that is neither fails that probe and is counted.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    mem::{size_of, zeroed},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd, RawFd},
+    time::Duration,
+};
+
+use tokio::{
+    io::Interest,
+    net::UdpSocket,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{HealthUpdate, srt};
+use crate::config::{Check, HealthCheck};
+
+/// What the batch prober asks an encoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// UDP echo of `nsfail-probe <seq>`.
+    Echo,
+    /// SRT HSv5 induction.
+    Induction,
+}
+
+/// One probed encoder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub ask: Ask,
+    pub at: SocketAddr,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Target {
+    /// The batch probe of a health check, if its kind is one (`udp`, and the induction of
+    /// `srt` and of `flow` with a standby).
+    pub fn of(check: &HealthCheck) -> Option<Self> {
+        let (ask, at) = match &check.check {
+            Check::Udp(at) => (Ask::Echo, *at),
+            Check::Srt(_) | Check::Flow { .. } => (Ask::Induction, check.check.induction_target()?),
+            _ => return None,
+        };
+        Some(Self {
+            ask,
+            at,
+            interval: check.interval.max(Duration::from_millis(1)),
+            timeout: check.timeout,
+        })
+    }
+}
+
+struct Probed {
+    name: String,
+    target: Target,
+    next: Instant,
+    /// The attempt in flight: its number (echo sequence or SRT socket ID), when it left, and
+    /// its deadline.
+    pending: Option<(u32, Instant, Instant)>,
+    seq: u32,
+}
+
+/// Datagrams that were not the answer to a probe, ever.
+pub static STRAYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Starts the one task that probes every target of `targets` (by encoder name, followed as it
+/// changes) and reports each attempt on `tx`. Ends when `cancel` is cancelled or `tx` closes.
+pub fn spawn(
+    mut targets: watch::Receiver<BTreeMap<String, Target>>,
+    tx: mpsc::Sender<HealthUpdate>,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut probes: Vec<Probed> = Vec::new();
+        let mut v4: Option<UdpSocket> = None;
+        let mut v6: Option<UdpSocket> = None;
+        let mut buf = vec![0u8; 2048];
+        follow(&mut probes, &targets.borrow_and_update());
+        // Probe by target address, rebuilt only when the targets change.
+        let mut index = indexed(&probes);
+        loop {
+            let wake = probes
+                .iter()
+                .map(|p| p.pending.map_or(p.next, |(_, _, d)| d.min(p.next)))
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let readable = async {
+                match (&v4, &v6) {
+                    (Some(a), Some(b)) => {
+                        tokio::select! {
+                            r = a.ready(Interest::READABLE | Interest::ERROR) => (4, r),
+                            r = b.ready(Interest::READABLE | Interest::ERROR) => (6, r),
+                        }
+                    }
+                    (Some(a), None) => (4, a.ready(Interest::READABLE | Interest::ERROR).await),
+                    (None, Some(b)) => (6, b.ready(Interest::READABLE | Interest::ERROR).await),
+                    (None, None) => std::future::pending().await,
+                }
+            };
+            let mut updates = Vec::new();
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                changed = targets.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    follow(&mut probes, &targets.borrow_and_update());
+                    index = indexed(&probes);
+                }
+                (family, ready) = readable => {
+                    let sock = if family == 4 { &v4 } else { &v6 };
+                    if let (Some(sock), Ok(_)) = (sock, ready) {
+                        receive(sock, &mut probes, &index, &mut buf, &mut updates);
+                    }
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    expire(&mut probes, now, &mut updates);
+                    send_due(&mut probes, now, &mut v4, &mut v6, &mut updates);
+                }
+            }
+            for u in updates {
+                if tx.send(u).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+fn indexed(probes: &[Probed]) -> HashMap<SocketAddr, usize> {
+    probes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.target.at, i))
+        .collect()
+}
+
+/// Keeps the probes of targets that stay, adds new ones (due now), drops the others.
+fn follow(probes: &mut Vec<Probed>, wanted: &BTreeMap<String, Target>) {
+    probes.retain(|p| wanted.get(&p.name) == Some(&p.target));
+    let now = Instant::now();
+    for (name, target) in wanted {
+        if !probes.iter().any(|p| &p.name == name) {
+            probes.push(Probed {
+                name: name.clone(),
+                target: target.clone(),
+                next: now,
+                pending: None,
+                seq: std::process::id().wrapping_mul(0x9E37) & 0x00ff_ffff,
+            });
+        }
+    }
+}
+
+fn update(p: &Probed, result: Result<Duration, String>, refused: bool) -> HealthUpdate {
+    HealthUpdate {
+        encoder: p.name.clone(),
+        ok: result.is_ok(),
+        latency: result.as_ref().ok().copied(),
+        error: result.err(),
+        refused,
+    }
+}
+
+fn expire(probes: &mut [Probed], now: Instant, out: &mut Vec<HealthUpdate>) {
+    for p in probes.iter_mut() {
+        if let Some((_, _, deadline)) = p.pending
+            && deadline <= now
+        {
+            p.pending = None;
+            out.push(update(
+                p,
+                Err(format!("no answer within {:?}", p.target.timeout)),
+                false,
+            ));
+        }
+    }
+}
+
+fn payload(ask: Ask, n: u32) -> Vec<u8> {
+    match ask {
+        Ask::Echo => format!("nsfail-probe {n}").into_bytes(),
+        Ask::Induction => srt::induction_request(n).to_vec(),
+    }
+}
+
+/// Sends every due probe, one `sendmmsg` per address family.
+fn send_due(
+    probes: &mut [Probed],
+    now: Instant,
+    v4: &mut Option<UdpSocket>,
+    v6: &mut Option<UdpSocket>,
+    out: &mut Vec<HealthUpdate>,
+) {
+    for family in [4, 6] {
+        let due: Vec<usize> = (0..probes.len())
+            .filter(|&i| {
+                let p = &probes[i];
+                p.next <= now && p.pending.is_none() && p.target.at.is_ipv4() == (family == 4)
+            })
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        let slot = if family == 4 { &mut *v4 } else { &mut *v6 };
+        if slot.is_none() {
+            match open(family) {
+                Ok(s) => *slot = Some(s),
+                Err(e) => {
+                    for &i in &due {
+                        probes[i].next = now + probes[i].target.interval;
+                        out.push(update(&probes[i], Err(format!("probe socket: {e}")), false));
+                    }
+                    continue;
+                }
+            }
+        }
+        let sock = slot.as_ref().expect("opened above");
+        let mut batch = Vec::with_capacity(due.len());
+        for &i in &due {
+            let p = &mut probes[i];
+            // SRT socket IDs are 31-bit and never 0; echo numbers just grow.
+            p.seq = (p.seq.wrapping_add(1) & 0x7fff_ffff).max(1);
+            batch.push((p.target.at, payload(p.target.ask, p.seq)));
+        }
+        let sent = send_batch(sock.as_raw_fd(), &batch);
+        for (k, &i) in due.iter().enumerate() {
+            let p = &mut probes[i];
+            p.next = now + p.target.interval;
+            if k < sent {
+                p.pending = Some((p.seq, now, now + p.target.timeout));
+            } else {
+                out.push(update(
+                    p,
+                    Err("send: the socket took no more".into()),
+                    false,
+                ));
+            }
+        }
+    }
+}
+
+fn open(family: u8) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if family == 4 {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.set_nonblocking(true)?;
+    let (level, opt) = if family == 4 {
+        (libc::IPPROTO_IP, libc::IP_RECVERR)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid descriptor and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            opt,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    UdpSocket::from_std(sock)
+}
+
+/// A socket address as the kernel takes it.
+fn raw_addr(at: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match at {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// The socket address in a `sockaddr_storage` the kernel filled in.
+fn from_raw(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says it is a sockaddr_in.
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says it is a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                0,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// One `sendmmsg` of every datagram; how many the kernel took.
+fn send_batch(fd: RawFd, batch: &[(SocketAddr, Vec<u8>)]) -> usize {
+    let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+        batch.iter().map(|(at, _)| raw_addr(*at)).collect();
+    let mut iovs: Vec<libc::iovec> = batch
+        .iter()
+        .map(|(_, p)| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..batch.len())
+        .map(|i| {
+            // SAFETY: msghdr is plain data; all-zero is valid, the fields set below point into
+            // `addrs` and `iovs`, which outlive the call.
+            let mut h: libc::msghdr = unsafe { zeroed() };
+            h.msg_name = (&mut addrs[i].0 as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = addrs[i].1;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+            libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            }
+        })
+        .collect();
+    let mut sent = 0;
+    while sent < msgs.len() {
+        let rest = &mut msgs[sent..];
+        // SAFETY: `rest` is a valid array of mmsghdr whose pointers are valid (above).
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                rest.as_mut_ptr(),
+                rest.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        sent += n as usize;
+    }
+    sent
+}
+
+/// Reads every answer and every queued refusal, and settles the probes they answer.
+fn receive(
+    sock: &UdpSocket,
+    probes: &mut [Probed],
+    index: &HashMap<SocketAddr, usize>,
+    buf: &mut [u8],
+    out: &mut Vec<HealthUpdate>,
+) {
+    let now = Instant::now();
+    // Bounded: a flood cannot keep the task here.
+    for _ in 0..1024 {
+        let Ok((n, from)) = sock.try_recv_from(buf) else {
+            break;
+        };
+        let Some(&i) = index.get(&unmapped(from)) else {
+            continue;
+        };
+        let p = &mut probes[i];
+        let Some((want, sent, _)) = p.pending else {
+            continue;
+        };
+        let data = &buf[..n];
+        let answered = match p.target.ask {
+            Ask::Echo => {
+                if data == payload(Ask::Echo, want) {
+                    Some(true)
+                } else if echo_number(data).is_some_and(|k| k < want) {
+                    None
+                } else {
+                    Some(false)
+                }
+            }
+            Ask::Induction => match srt::answer_to(data) {
+                Some(to) if to == want => Some(true),
+                Some(to) if to < want && want - to < 1024 => None,
+                _ => Some(false),
+            },
+        };
+        match answered {
+            None => {}
+            Some(true) => {
+                p.pending = None;
+                out.push(update(p, Ok(now.duration_since(sent)), false));
+            }
+            Some(false) => {
+                p.pending = None;
+                let count = STRAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let what = match p.target.ask {
+                    Ask::Echo => format!("echo from {from} does not match the probe ({n} bytes)"),
+                    Ask::Induction => format!(
+                        "not an SRT induction answer ({n} bytes; {count} such datagrams so far)"
+                    ),
+                };
+                out.push(update(p, Err(what), false));
+            }
+        }
+    }
+    for _ in 0..1024 {
+        let Some(dest) = refusal(sock) else {
+            break;
+        };
+        if let Some(&i) = index.get(&unmapped(dest))
+            && probes[i].pending.take().is_some()
+        {
+            out.push(update(
+                &probes[i],
+                Err("refused: nothing listens on the health port".into()),
+                true,
+            ));
+        }
+    }
+}
+
+fn unmapped(at: SocketAddr) -> SocketAddr {
+    match at {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+            None => SocketAddr::V6(SocketAddrV6::new(*a.ip(), a.port(), 0, 0)),
+        },
+        other => other,
+    }
+}
+
+fn echo_number(data: &[u8]) -> Option<u32> {
+    std::str::from_utf8(data.strip_prefix(b"nsfail-probe ")?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The destination of the next queued port unreachable, if any (other queued errors are
+/// read and dropped).
+fn refusal(sock: &UdpSocket) -> Option<SocketAddr> {
+    loop {
+        let got = sock.try_io(Interest::ERROR, || read_error(sock.as_raw_fd()));
+        match got {
+            Ok(Some(dest)) => return Some(dest),
+            Ok(None) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// One message of the error queue: `Some(destination)` for a port unreachable, `None` for
+/// another error; `WouldBlock` when the queue is empty.
+fn read_error(fd: RawFd) -> io::Result<Option<SocketAddr>> {
+    let mut data = [0u8; 64];
+    let mut control = [0u64; 64];
+    // SAFETY: plain data; all-zero is valid.
+    let mut name: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: plain data; the pointers set below stay valid for the call.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of::<[u64; 64]>();
+    // SAFETY: recvmsg with a valid descriptor and a msghdr whose buffers are valid.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut refused = false;
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled in, within
+    // msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if (level == libc::IPPROTO_IP && kind == libc::IP_RECVERR)
+                || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_RECVERR)
+            {
+                let e =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::sock_extended_err>());
+                refused |= (e.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                    && (e.ee_type, e.ee_code) == (3, 3))
+                    || (e.ee_origin == libc::SO_EE_ORIGIN_ICMP6
+                        && (e.ee_type, e.ee_code) == (1, 4));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(if refused { from_raw(&name) } else { None })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use tokio::sync::{mpsc, watch};
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Ask, Target, spawn};
+
+    fn target(ask: Ask, at: std::net::SocketAddr) -> Target {
+        Target {
+            ask,
+            at,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(40),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_socket_probes_many_echoes_and_hears_refusals() {
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 128];
+            for _ in 0..20 {
+                let Ok((n, from)) = echo.recv_from(&mut buf) else {
+                    return;
+                };
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        });
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dead_at = dead.local_addr().unwrap();
+        drop(dead);
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut wanted = BTreeMap::new();
+        wanted.insert("live".to_owned(), target(Ask::Echo, at));
+        wanted.insert("dead".to_owned(), target(Ask::Echo, dead_at));
+        wanted.insert(
+            "silent".to_owned(),
+            target(Ask::Induction, silent.local_addr().unwrap()),
+        );
+        let (_targets_tx, targets) = watch::channel(wanted);
+        let (tx, mut rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let task = spawn(targets, tx, cancel.clone());
+        let mut seen = BTreeMap::new();
+        while seen.len() < 3 {
+            let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            seen.entry(u.encoder.clone()).or_insert(u);
+        }
+        assert!(seen["live"].ok, "{:?}", seen["live"]);
+        assert!(
+            !seen["dead"].ok && seen["dead"].refused,
+            "{:?}",
+            seen["dead"]
+        );
+        assert!(
+            !seen["silent"].ok && !seen["silent"].refused,
+            "{:?}",
+            seen["silent"]
+        );
+        assert!(seen["silent"].error.as_ref().unwrap().contains("no answer"));
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}
