@@ -408,6 +408,16 @@ fn spoofed_srt_handshakes_do_not_fill_the_caller_table() {
             40_000,
         )
     };
+    // Answers to the spoofed sources leave towards the source's namespace (which drops them),
+    // as a real ingest host's answers leave by its gateway: with no route, the redirect would
+    // take each of 10,000 destinations as on-link and queue its answers behind an ARP request.
+    bed.lab
+        .rt
+        .exec(
+            "ip",
+            &["route", "add", "198.18.0.0/15", "via", SRC4, "dev", "ing"],
+        )
+        .expect("ip route");
     let ingest = sa(INGEST4, 5000);
     let encoder = sa(&bed.lab.encoders[0].addr4, 7000);
     let mut injected = (0usize, 0usize);
@@ -511,10 +521,46 @@ fn spoofed_srt_handshakes_do_not_fill_the_caller_table() {
     });
     assert!(counted.is_some(), "pass_not_source counted the 200 packets");
 
-    // The real caller is told on failover.
+    // A reload that admits the sender's network: the same sender now reaches enc-a.
+    let text = fs::read_to_string(&bed.config).unwrap().replace(
+        "sources = [\"192.0.2.0/24\"]",
+        "sources = [\"192.0.2.0/24\", \"10.77.0.0/24\"]",
+    );
+    fs::write(&bed.config, text).unwrap();
+    let out = cli(&sock, &["reload"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "reloaded: channel cam2 changed");
+    let rx = Receiver::start(
+        &bed.lab.encoders[0].ns,
+        sa(&bed.lab.encoders[0].addr4, 7002),
+    );
+    send_burst(
+        &bed.lab.src,
+        sa(SRC4, 40002),
+        sa(INGEST4, 5002),
+        1000..1200,
+        GAP,
+        LINGER,
+    );
+    assert_eq!(
+        rx.settled(),
+        (1000..1200).collect(),
+        "after the reload, all 200 from 10.77.0.2 reach enc-a"
+    );
+
+    // The flood moved nothing: cam1 is still on enc-a. Then the real caller is told on
+    // failover.
+    assert_eq!(
+        active(&sock, "cam1"),
+        "enc-a",
+        "the flood caused a failover: {:?}",
+        events(&sock)
+    );
+    // (The kill is the cause: a refused packet can fail enc-a over within milliseconds,
+    // before the health responder has even stopped.)
+    let killed = std::time::Instant::now();
     session.kill(0);
     bed.echoes[0].stop();
-    let killed = std::time::Instant::now();
     wait_for(Duration::from_secs(5), || {
         (active(&sock, "cam1") == "enc-b").then_some(())
     })
