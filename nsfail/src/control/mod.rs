@@ -626,6 +626,13 @@ impl Controller {
         })
     }
 
+    /// Whether the periodic work has something time-critical to do: switchovers to time (the
+    /// figure is as late as the tick that sees the new encoder's first packet) or decisions
+    /// to write again.
+    pub fn busy(&self) -> bool {
+        !self.pending.is_empty() || !self.unapplied.is_empty()
+    }
+
     /// Channels an encoder is active for.
     pub fn channels_on(&self, encoder: &str) -> Vec<String> {
         self.decider.channels_on(encoder)

@@ -5,8 +5,10 @@
 //! the actor's thread, so a probe never waits for it and nothing else ever locks the
 //! controller.
 //!
-//! Between messages the actor runs the periodic work every [`TICK`] (automatic failback,
-//! input loss, switchover timing, flow checks) and publishes the effective configuration
+//! Between messages the actor runs the periodic work (automatic failback, input loss,
+//! switchover timing, flow and SRT session checks): every [`TICK`] while a switchover is being
+//! timed or a decision waits to be written again, otherwise when the next reply-watching check
+//! is due and at least every [`IDLE_TICK`]. It publishes the effective configuration
 //! whenever it changes, for the probes and managed encoders to follow: its ingest and
 //! encoders, without the channels (nothing that follows it needs them, and with 100,000
 //! channels a copy per change would cost more than the change).
@@ -33,9 +35,12 @@ use crate::{
     net::receive::Verdict,
 };
 
-/// How often the controller's periodic work runs (failback, input loss, switchover
-/// measurement, flow checks).
+/// How often the controller's periodic work runs while it is busy (a switchover being timed,
+/// decisions to write again), and the shortest wait between two runs.
 const TICK: Duration = Duration::from_millis(10);
+/// The longest wait between two runs when nothing is due: failback after its hold-down, the
+/// input watch and the audit are late by this much at most.
+const IDLE_TICK: Duration = Duration::from_millis(50);
 
 /// Events logged, kept and written per turn of the actor's loop while a failover's are
 /// pending: requests are answered in between.
@@ -164,12 +169,17 @@ fn run(
         };
         match rx.recv_timeout(wait) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(msg) => handle(&mut c, &mut judge, msg, &metrics),
+            Ok(msg) => {
+                handle(&mut c, &mut judge, msg, &metrics);
+                // A failover started by the message is timed from the next tick on.
+                if c.busy() {
+                    next_tick = next_tick.min(Instant::now() + TICK);
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {}
         }
         let now = Instant::now();
         if now >= next_tick {
-            next_tick = now + TICK;
             judge.run(&mut c);
             match c.tick() {
                 Ok(report) => {
@@ -182,6 +192,7 @@ fn run(
                 }
                 Err(e) => warn!("periodic work: {e}"),
             }
+            next_tick = next_run(&c, &judge, Instant::now());
             // Only a controller whose periodic work runs tells systemd it is alive.
             if let Some((notifier, every)) = &watchdog
                 && now >= next_watchdog
@@ -201,6 +212,18 @@ fn run(
     }
     c.flush();
     info!("controller stopped");
+}
+
+/// When the periodic work runs next: after [`TICK`] while the controller is busy, otherwise
+/// when the judge next has a check to run, within [`TICK`]..=[`IDLE_TICK`].
+fn next_run(c: &Controller, judge: &Judge, now: Instant) -> Instant {
+    if c.busy() {
+        return now + TICK;
+    }
+    let due = judge
+        .next_due()
+        .map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
+    now + due.clamp(TICK, IDLE_TICK)
 }
 
 /// What the probes and managed encoders follow: the effective configuration without its

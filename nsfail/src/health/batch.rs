@@ -29,6 +29,10 @@ use tokio_util::sync::CancellationToken;
 use super::{HealthUpdate, srt};
 use crate::config::{Check, HealthCheck};
 
+/// How long reads wait after one: answers to a batch arrive within a millisecond or two of
+/// each other, and are read together (a probe's measured latency grows by as much at most).
+const GATHER: Duration = Duration::from_millis(1);
+
 /// What the batch prober asks an encoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ask {
@@ -93,6 +97,9 @@ pub fn spawn(
         follow(&mut probes, &targets.borrow_and_update());
         // Probe by target address, rebuilt only when the targets change.
         let mut index = indexed(&probes);
+        // After a read, the next waits until then: the answers to a batch are gathered in a
+        // few reads rather than one wake-up (and a controller message) each.
+        let mut gather: Option<Instant> = None;
         loop {
             let wake = probes
                 .iter()
@@ -100,6 +107,9 @@ pub fn spawn(
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let readable = async {
+                if let Some(until) = gather {
+                    tokio::time::sleep_until(until).await;
+                }
                 match (&v4, &v6) {
                     (Some(a), Some(b)) => {
                         tokio::select! {
@@ -128,8 +138,13 @@ pub fn spawn(
                     if let (Some(sock), Ok(_)) = (sock, ready) {
                         receive(sock, &mut probes, &index, &mut buf, &mut updates);
                     }
+                    gather = Some(Instant::now() + GATHER);
                 }
                 () = tokio::time::sleep_until(wake) => {
+                    // Answers that came while reads were held back count before any deadline.
+                    for sock in [&v4, &v6].into_iter().flatten() {
+                        receive(sock, &mut probes, &index, &mut buf, &mut updates);
+                    }
                     let now = Instant::now();
                     expire(&mut probes, now, &mut updates);
                     send_due(&mut probes, now, &mut v4, &mut v6, &mut updates);

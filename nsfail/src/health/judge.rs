@@ -131,6 +131,15 @@ impl Judge {
         j.counter.force_down()
     }
 
+    /// When [`Judge::run`] next has an encoder to judge (`None`: no `flow` or `srt` check).
+    pub fn next_due(&self) -> Option<Instant> {
+        self.encoders
+            .values()
+            .filter(|j| j.check.check.watches_replies())
+            .map(|j| j.evaluated + j.check.interval)
+            .min()
+    }
+
     /// The data plane's judgement of `flow` and `srt` checks, each every `interval`; acts on
     /// the transitions.
     pub fn run(&mut self, c: &mut Controller) {
