@@ -12,9 +12,13 @@ use super::Controller;
 
 /// How often a slice is audited, and how many channels it holds: 256 channels a second, a
 /// few hundred map lookups (about a millisecond); 100,000 channels take a round of under
-/// seven minutes, 1,000 channels four seconds.
+/// seven minutes, 1,000 channels four seconds, a few channels three ([`AUDIT_ROUND_MIN`]).
 const AUDIT_EVERY: Duration = Duration::from_secs(1);
 const AUDIT_SLICE: usize = 256;
+/// A new round starts no sooner than this after the last: with a few channels a round is one
+/// slice, and a walk of the maps every second would cost more than the rest of the idle
+/// controller's map reads together.
+const AUDIT_ROUND_MIN: Duration = Duration::from_secs(3);
 
 /// Where the audit is in its round over the channels.
 #[derive(Debug, Default)]
@@ -22,6 +26,8 @@ pub(super) struct AuditCursor {
     /// The index (in the effective config's channels) the next slice starts at.
     next: usize,
     last: Option<Instant>,
+    /// When the current round started.
+    round: Option<Instant>,
 }
 
 impl Controller {
@@ -35,12 +41,20 @@ impl Controller {
         {
             return;
         }
-        self.audit.last = Some(now);
         let n = self.effective.channels.len();
         if self.audit.next >= n {
+            if self
+                .audit
+                .round
+                .is_some_and(|t| now.duration_since(t) < AUDIT_ROUND_MIN)
+            {
+                return;
+            }
+            self.audit.round = Some(now);
             self.audit.next = 0;
             self.remove_foreign_entries();
         }
+        self.audit.last = Some(now);
         let end = (self.audit.next + AUDIT_SLICE).min(n);
         for i in self.audit.next..end {
             let (name, listen) = {

@@ -77,13 +77,6 @@ impl Controller {
             },
             Err(e) => warn!("checking the XDP link on {ingest}: {e}"),
         }
-        let registered: BTreeMap<String, u32> = match self.dp.encoders() {
-            Ok(list) => list.into_iter().map(|e| (e.name, e.ifindex)).collect(),
-            Err(e) => {
-                warn!("reading the encoders: {e}");
-                return;
-            }
-        };
         for e in self.effective.encoders.clone() {
             let Some(ifname) = e.host_interface() else {
                 continue;
@@ -92,7 +85,7 @@ impl Controller {
             let Ok(link) = netns::link(&ifname) else {
                 continue;
             };
-            let stale = registered.get(&e.name) != Some(&link.ifindex)
+            let stale = self.dp.registered_ifindex(&e.name) != Some(link.ifindex)
                 || !self.dp.egress_attached(&ifname).unwrap_or(false);
             if !stale {
                 self.relink_failed.remove(&e.name);

@@ -610,8 +610,9 @@ impl Controller {
         self.audit(now);
         self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
-        // map read on every tick.
-        let every = (INPUT_WATCH_EVERY * (self.effective.channels.len() / 10_000).max(1) as u32)
+        // map read on every tick; with many channels (a read of them all each time), a tenth
+        // of a second per 2,000 channels, a second at most.
+        let every = (INPUT_WATCH_EVERY * (self.effective.channels.len() / 2_000).max(1) as u32)
             .min(Duration::from_secs(1));
         if self
             .input_watched

@@ -295,6 +295,11 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// The interface index encoder `name` was registered with (from memory: no map read).
+    pub fn registered_ifindex(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).map(|(_, info)| info.ifindex)
+    }
+
     /// The name of encoder `id`, if it is registered.
     pub fn encoder_name(&self, id: u32) -> Option<String> {
         self.by_name

@@ -93,7 +93,7 @@ pub fn spawn(
         let mut probes: Vec<Probed> = Vec::new();
         let mut v4: Option<UdpSocket> = None;
         let mut v6: Option<UdpSocket> = None;
-        let mut buf = vec![0u8; 2048];
+        let mut buf = Inbox::new();
         follow(&mut probes, &targets.borrow_and_update());
         // Probe by target address, rebuilt only when the targets change.
         let mut index = indexed(&probes);
@@ -410,57 +410,23 @@ fn receive(
     sock: &UdpSocket,
     probes: &mut [Probed],
     index: &HashMap<SocketAddr, usize>,
-    buf: &mut [u8],
+    buf: &mut Inbox,
     out: &mut Vec<HealthUpdate>,
 ) {
     let now = Instant::now();
     // Bounded: a flood cannot keep the task here.
-    for _ in 0..1024 {
-        let Ok((n, from)) = sock.try_recv_from(buf) else {
+    for _ in 0..1024 / INBOX {
+        let Ok(got) = sock.try_io(Interest::READABLE, || buf.read(sock.as_raw_fd())) else {
             break;
         };
-        let Some(&i) = index.get(&unmapped(from)) else {
-            continue;
-        };
-        let p = &mut probes[i];
-        let Some((want, sent, _)) = p.pending else {
-            continue;
-        };
-        let data = &buf[..n];
-        let answered = match p.target.ask {
-            Ask::Echo => {
-                if data == payload(Ask::Echo, want) {
-                    Some(true)
-                } else if echo_number(data).is_some_and(|k| k < want) {
-                    None
-                } else {
-                    Some(false)
-                }
-            }
-            Ask::Induction => match srt::answer_to(data) {
-                Some(to) if to == want => Some(true),
-                Some(to) if to < want && want - to < 1024 => None,
-                _ => Some(false),
-            },
-        };
-        match answered {
-            None => {}
-            Some(true) => {
-                p.pending = None;
-                out.push(update(p, Ok(now.duration_since(sent)), false));
-            }
-            Some(false) => {
-                p.pending = None;
-                let count = STRAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                let what = match p.target.ask {
-                    Ask::Echo => format!("echo from {from} does not match the probe ({n} bytes)"),
-                    Ask::Induction => format!(
-                        "not an SRT induction answer ({n} bytes; {count} such datagrams so far)"
-                    ),
-                };
-                out.push(update(p, Err(what), false));
-            }
+        for k in 0..got {
+            let Some((from, data)) = buf.datagram(k) else {
+                continue;
+            };
+            settle(probes, index, from, data, now, out);
         }
+        // Read on until the socket says it is empty: that clears its readiness, so the task
+        // is not woken again for nothing.
     }
     for _ in 0..1024 {
         let Some(dest) = refusal(sock) else {
@@ -474,6 +440,130 @@ fn receive(
                 Err("refused: nothing listens on the health port".into()),
                 true,
             ));
+        }
+    }
+}
+
+/// Datagrams read at once (one `recvmmsg`).
+const INBOX: usize = 64;
+
+/// Buffers for one `recvmmsg` of up to [`INBOX`] datagrams of up to 2 KiB each.
+struct Inbox {
+    data: Vec<[u8; 2048]>,
+    names: Vec<libc::sockaddr_storage>,
+    lens: Vec<usize>,
+}
+
+impl Inbox {
+    fn new() -> Self {
+        Self {
+            data: vec![[0u8; 2048]; INBOX],
+            // SAFETY: plain data; all-zero is valid.
+            names: vec![unsafe { zeroed() }; INBOX],
+            lens: vec![0; INBOX],
+        }
+    }
+
+    /// One `recvmmsg` (non-blocking): how many datagrams it read; `WouldBlock` when none.
+    fn read(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = self
+            .data
+            .iter_mut()
+            .map(|d| libc::iovec {
+                iov_base: d.as_mut_ptr().cast(),
+                iov_len: d.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .zip(self.names.iter_mut())
+            .map(|(iov, name)| {
+                // SAFETY: plain data; all-zero is valid.
+                let mut m: libc::mmsghdr = unsafe { zeroed() };
+                m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+                m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: every header points at buffers of this Inbox and at `iovs`, all of which
+        // outlive the call; the count is the headers'.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                msgs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for (len, m) in self.lens.iter_mut().zip(&msgs).take(n) {
+            *len = m.msg_len as usize;
+        }
+        Ok(n)
+    }
+
+    /// Datagram `k` of the last read: its source and contents.
+    fn datagram(&self, k: usize) -> Option<(SocketAddr, &[u8])> {
+        let from = from_raw(&self.names[k])?;
+        Some((from, &self.data[k][..self.lens[k].min(2048)]))
+    }
+}
+
+/// Settles the probe a datagram from `from` answers, if any.
+fn settle(
+    probes: &mut [Probed],
+    index: &HashMap<SocketAddr, usize>,
+    from: SocketAddr,
+    data: &[u8],
+    now: Instant,
+    out: &mut Vec<HealthUpdate>,
+) {
+    let n = data.len();
+    let Some(&i) = index.get(&unmapped(from)) else {
+        return;
+    };
+    let p = &mut probes[i];
+    let Some((want, sent, _)) = p.pending else {
+        return;
+    };
+    let answered = match p.target.ask {
+        Ask::Echo => {
+            if data == payload(Ask::Echo, want) {
+                Some(true)
+            } else if echo_number(data).is_some_and(|k| k < want) {
+                None
+            } else {
+                Some(false)
+            }
+        }
+        Ask::Induction => match srt::answer_to(data) {
+            Some(to) if to == want => Some(true),
+            Some(to) if to < want && want - to < 1024 => None,
+            _ => Some(false),
+        },
+    };
+    match answered {
+        None => {}
+        Some(true) => {
+            p.pending = None;
+            out.push(update(p, Ok(now.duration_since(sent)), false));
+        }
+        Some(false) => {
+            p.pending = None;
+            let count = STRAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let what = match p.target.ask {
+                Ask::Echo => format!("echo from {from} does not match the probe ({n} bytes)"),
+                Ask::Induction => format!(
+                    "not an SRT induction answer ({n} bytes; {count} such datagrams so far)"
+                ),
+            };
+            out.push(update(p, Err(what), false));
         }
     }
 }
