@@ -36,7 +36,8 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// cargo-deb builds the Debian package (`cargo xtask package`).
 const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Tools the integration tests, the demo lab and the benchmarks run (nftables: the DNAT
-/// variant of `bench forward`; systemd: `systemd-analyze verify` of the unit file).
+/// variant of `bench forward`; systemd: `systemd-analyze verify` of the unit file; bpftool:
+/// the fault test that writes the pinned maps as a second, foreign writer would).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -48,6 +49,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "nftables",
     "systemd",
+    "bpftool",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.
 const USERSPACE: &[&str] = &["--workspace", "--exclude", "nsfail-ebpf"];

@@ -8,7 +8,7 @@ impl Controller {
     /// forwards to a dead encoder until the switch, so its forwarded-packet time says nothing
     /// about when it died; its last reply through the return path (SRT ACKs, any answer) or
     /// its last successful probe, whichever is later, does. With neither, the last packet
-    /// forwarded to it is used. Read once per (from, to) pair of a batch: a failover of many
+    /// forwarded to it is used, and with none of these the moment of the switch. Read once per (from, to) pair of a batch: a failover of many
     /// channels reads two encoders' counters, not two per channel.
     pub(super) fn switch_baseline(
         &self,
@@ -27,10 +27,14 @@ impl Controller {
                     .tx
                     .last_seen_ns
                     .max(self.alive_ns.get(from).copied().unwrap_or(0));
+                // An encoder that never showed a sign of life (it failed before its first
+                // packet, reply or probe answer): the switchover starts now.
                 let last_old = if alive > 0 {
                     alive
-                } else {
+                } else if old.rx.last_seen_ns > 0 {
                     old.rx.last_seen_ns
+                } else {
+                    monotonic_ns()
                 };
                 Some((last_old, new.rx.packets))
             })
