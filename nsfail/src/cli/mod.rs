@@ -237,6 +237,8 @@ fn one_line(s: &str) -> String {
     s.lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }
 
+/// Runs one command. Long because it is the CLI's table of commands: one short arm per
+/// subcommand, kept in one match so that every command and what it sends is read in one place.
 fn dispatch(cli: Cli) -> Result<()> {
     let json = cli.json;
     let socket = cli.socket.clone();

@@ -119,7 +119,8 @@ impl Config {
 impl HealthCheck {
     /// Builds `encoder`'s health check, given the channels of its config (an `srt` or `flow`
     /// check takes its port from them); every problem with its settings, or the check. The
-    /// one place health settings are checked.
+    /// one place health settings are checked. Long because it is one match arm per health
+    /// kind, each with its own settings' checks.
     pub fn build(encoder: &Encoder, channels: &[Channel]) -> Result<Self, Vec<HealthProblem>> {
         let health = &encoder.health;
         let mut problems = Vec::new();

@@ -2,6 +2,8 @@
 
 use super::*;
 
+/// Every problem with one encoder's settings. Long because it is a flat list of independent
+/// checks, each a few lines naming its key; splitting it would only scatter the list.
 pub(super) fn encoder_problems(i: usize, encoder: &Encoder, out: &mut Vec<Problem>) {
     let name = &encoder.name;
     if let Some(why) = name_problem(name) {

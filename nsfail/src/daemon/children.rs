@@ -283,6 +283,9 @@ pub(super) async fn supervise(s: Supervisor, start: Start, mut orders: watch::Re
     }
 }
 
+/// A managed process's life: adopt or start it, wait for its exit or an order, back off and
+/// restart. Long because adoption, start, exit and orders are one state machine whose
+/// transitions read best side by side.
 async fn run_loop(
     s: &Supervisor,
     spawn: &Spawn,

@@ -147,6 +147,9 @@ struct Serving<'a> {
     watchdog: Option<Duration>,
 }
 
+/// The serve loop. Long because its set-up order is the contract with systemd and the tests
+/// (SIGHUP handled before anything slow, the socket bound, the actor started, READY=1 last) and
+/// its one `select!` names every source of work; the work itself lives elsewhere.
 async fn serve(serving: Serving<'_>) -> Result<()> {
     let Serving {
         ctl,

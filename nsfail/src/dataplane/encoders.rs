@@ -18,7 +18,8 @@ impl Dataplane {
 
     /// [`Dataplane::upsert_encoder`] with its egress policy, written before the TC program
     /// is attached to a new veth: no packet leaves the encoder unpoliced (no fail-open
-    /// window).
+    /// window). Long because its steps must run in this order (resolve, refuse a family
+    /// change, policy, ENCODERS, DEVMAP, TC link) and each undoes what came before on failure.
     pub fn upsert_encoder_policed(
         &mut self,
         spec: &EncoderSpec,

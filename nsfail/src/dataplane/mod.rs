@@ -306,6 +306,8 @@ impl Dataplane {
         Ok(dp)
     }
 
+    /// Opens everything an earlier process pinned. Long because it opens each pinned map and
+    /// program in turn, each with its own error naming it.
     fn adopt(pins: Pins) -> Result<Self> {
         let meta_map = open_pinned_map(&pins, "META")?;
         let meta: Array<MapData, u32> = meta_map.try_into().map_err(map_err("META"))?;

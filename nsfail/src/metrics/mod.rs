@@ -423,7 +423,8 @@ fn channel_families(
     Ok(())
 }
 
-/// The per-encoder families: health, drain, receive readiness, counters, egress drops.
+/// The per-encoder families: health, drain, receive readiness, counters, egress drops. Long
+/// because it is the list of those families, one short block each.
 fn encoder_families(
     snapshot: &Snapshot,
     encoder: &mut DescriptorEncoder,
