@@ -3,8 +3,10 @@
 #![no_std]
 
 pub mod csum;
+pub mod egress;
 pub mod maps;
 pub mod rewrite;
 pub mod srt;
 
+pub use egress::*;
 pub use maps::*;
