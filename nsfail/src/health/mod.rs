@@ -14,6 +14,7 @@ pub mod batch;
 mod exec;
 mod http;
 pub mod judge;
+mod mmsg;
 mod srt;
 mod tcp;
 mod udp;
