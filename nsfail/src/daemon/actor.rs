@@ -346,6 +346,8 @@ fn execute(c: &mut Controller, command: Command) -> Response {
         Command::Reload => {
             let outcome = c.reload();
             c.flush();
+            // The new file's parse and the configs compared with it are garbage now.
+            crate::heap::trim();
             return match outcome {
                 Ok(report) => Response::ok(report),
                 Err(e) => Response::error(e.to_string()),

@@ -94,6 +94,11 @@ struct Point {
     scrape_ms: f64,
     remap_ms: f64,
     add_ms: f64,
+    /// `nsfail reload` of the file with one channel more, after everything else (NaN when it
+    /// did not answer).
+    reload_ms: f64,
+    /// VmRSS after that reload.
+    rss_reload_mib: f64,
 }
 
 fn kib(pid: i32, field: &str) -> Result<f64> {
@@ -287,7 +292,7 @@ fn one(channels: usize) -> Result<Point> {
     thread::sleep(IDLE_WINDOW);
     let idle_cpu =
         (crate::controller::cpu_ticks(pid)? - t0) as f64 / tick / IDLE_WINDOW.as_secs_f64() * 100.0;
-    let point = Point {
+    let mut point = Point {
         first_packet_s: first.as_secs_f64(),
         idle_cpu,
         rss_first_mib: rss_first,
@@ -297,7 +302,27 @@ fn one(channels: usize) -> Result<Point> {
         scrape_ms: median(scrape),
         remap_ms: median(remap),
         add_ms: median(add),
+        reload_ms: f64::NAN,
+        rss_reload_mib: f64::NAN,
     };
+    // A reload of the file with one channel more: the daemon compares the whole file with
+    // what it runs, and applies the one difference.
+    let mut text = config(&lab, channels);
+    let extra = channels + CALLS;
+    let (a, b) = pair(extra);
+    text += &format!(
+        "[[channel]]\nname = \"ch{extra}\"\nlisten = \"{}\"\nencoders = [\"{}\", \"{}\"]\nport = {}\n",
+        listen(extra),
+        NAMES[a],
+        NAMES[b],
+        port(extra)
+    );
+    fs::write(&path, text)?;
+    point.reload_ms = cli_ms(&socket, &["reload"]).unwrap_or_else(|e| {
+        eprintln!("  {channels} channels: reload: {e:#}");
+        f64::NAN
+    });
+    point.rss_reload_mib = kib(pid, "VmRSS:")?;
     drop(daemon);
     Ok(point)
 }
@@ -330,7 +355,8 @@ pub fn run(report: &mut Report) -> Result<()> {
          100 ms); `nsfail run` to the first packet forwarded on the last channel (a packet \
          sent every ms) and VmRSS then, and the median of {CALLS} calls each of `nsfail status \
          --json`, a metrics scrape, `nsfail remap` and `nsfail add channel` (CLI wall time, \
-         process start included), then VmRSS and VmHWM, then the daemon's CPU over {idle} s of idling; one start per size; no baseline run (the old controller \
+         process start included), then VmRSS and VmHWM, then the daemon's CPU over {idle} s of idling, \
+         then one `nsfail reload` of the file with one channel added (NaN: no answer within the CLI's 10 s); one start per size; no baseline run (the old controller \
          takes hours at 100,000)",
         sizes
             .iter()
@@ -339,7 +365,7 @@ pub fn run(report: &mut Report) -> Result<()> {
             .join(", ")
     ));
     type Get = fn(&Point) -> f64;
-    let series: [(&str, &str, Get); 9] = [
+    let series: [(&str, &str, Get); 11] = [
         (
             "start-up: run to first packet on the last channel",
             "s",
@@ -360,6 +386,14 @@ pub fn run(report: &mut Report) -> Result<()> {
         ("start-up: metrics scrape", "ms", |p| p.scrape_ms),
         ("start-up: remap", "ms", |p| p.remap_ms),
         ("start-up: add channel", "ms", |p| p.add_ms),
+        (
+            "start-up: reload of the file with one channel more",
+            "ms",
+            |p| p.reload_ms,
+        ),
+        ("start-up: resident memory after the reload", "MiB", |p| {
+            p.rss_reload_mib
+        }),
         (
             "start-up: idle CPU after the calls, % of one core",
             "%",
