@@ -7,14 +7,17 @@
 //! these results aside.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use tokio::{net::UdpSocket, sync::Mutex, time::Instant};
 
-use super::{Probe, ProbeError, ProbeFuture};
+use super::{
+    Probe, ProbeError, ProbeFuture,
+    udp::{bind, io_error},
+};
 
 /// Handshake packet: 16-byte header and the 48-byte handshake body.
 const HANDSHAKE_LEN: usize = 64;
@@ -146,32 +149,6 @@ pub fn answer_to(datagram: &[u8]) -> Option<u32> {
     let ext = u16::from_be_bytes([datagram[body + 6], datagram[body + 7]]);
     (word(body) == ANSWER_VERSION && ext == ANSWER_EXT && word(body + 20) == HS_INDUCTION)
         .then(|| word(12))
-}
-
-async fn bind(target: SocketAddr) -> Result<UdpSocket, ProbeError> {
-    let any = match target {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-    };
-    let socket = UdpSocket::bind(any)
-        .await
-        .map_err(|source| ProbeError::Io { op: "bind", source })?;
-    socket
-        .connect(target)
-        .await
-        .map_err(|source| ProbeError::Io {
-            op: "connect",
-            source,
-        })?;
-    Ok(socket)
-}
-
-fn io_error(op: &'static str, source: std::io::Error) -> ProbeError {
-    if source.kind() == std::io::ErrorKind::ConnectionRefused {
-        ProbeError::Refused
-    } else {
-        ProbeError::Io { op, source }
-    }
 }
 
 #[cfg(test)]

@@ -102,7 +102,8 @@ impl Probe for UdpProbe {
     }
 }
 
-async fn bind(target: SocketAddr) -> Result<UdpSocket, ProbeError> {
+/// A socket connected to `target` (the `udp` and `srt` probes' own).
+pub(super) async fn bind(target: SocketAddr) -> Result<UdpSocket, ProbeError> {
     let any = match target {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
@@ -122,7 +123,7 @@ async fn bind(target: SocketAddr) -> Result<UdpSocket, ProbeError> {
 }
 
 /// ECONNREFUSED (a port unreachable for this attempt's datagram) is [`ProbeError::Refused`].
-fn io_error(op: &'static str, source: std::io::Error) -> ProbeError {
+pub(super) fn io_error(op: &'static str, source: std::io::Error) -> ProbeError {
     if source.kind() == std::io::ErrorKind::ConnectionRefused {
         ProbeError::Refused
     } else {
