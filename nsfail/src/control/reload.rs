@@ -111,7 +111,11 @@ impl Controller {
         let steps = steps(&self.effective, &target);
         let saved_delta = self.delta.clone();
         self.delta = delta;
-        if !steps.is_empty() {
+        if steps.is_empty() {
+            // Nothing to write; the same objects, in the file's order (for status).
+            self.effective = target;
+            self.lookup = self.effective.lookup();
+        } else {
             // One switch to the target, not one per step: the reconcile writes each object
             // that differs on its own (every map write atomic), encoders before the channels
             // that use them and removals last, and leaves every unchanged object alone; it

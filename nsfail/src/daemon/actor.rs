@@ -252,7 +252,10 @@ impl Followed {
 fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
     match msg {
         Msg::Request(command, reply) => {
-            let whole = matches!(*command, Command::Status);
+            // Requests that build large transient values (an answer covering every channel,
+            // a reload's parse and the configs compared with it): their memory goes back to
+            // the system once the answer is sent.
+            let whole = matches!(*command, Command::Status | Command::Reload);
             // Err: the client hung up; the request was carried out all the same.
             let _ = reply.send(execute(c, *command));
             if whole {
@@ -346,8 +349,6 @@ fn execute(c: &mut Controller, command: Command) -> Response {
         Command::Reload => {
             let outcome = c.reload();
             c.flush();
-            // The new file's parse and the configs compared with it are garbage now.
-            crate::heap::trim();
             return match outcome {
                 Ok(report) => Response::ok(report),
                 Err(e) => Response::error(e.to_string()),
