@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -74,7 +74,40 @@ impl Endpoint {
     }
 }
 
-/// Value of `CHANNELS` (key: the channel's ingest [`Endpoint`]): everything the XDP program
+/// Key of `CHANNELS_V4`: an IPv4 ingest address and UDP port as the packet carries them
+/// (network byte order), 8 bytes. IPv4 channels, nearly all of them, are looked up by this
+/// key rather than by a 20-byte [`Endpoint`]: the hot path hashes and compares 8 bytes, built
+/// from two header fields without widening the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChannelKey4 {
+    pub addr: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<ChannelKey4>() == 8);
+
+impl ChannelKey4 {
+    /// The key of an IPv4 [`Endpoint`], `None` for IPv6.
+    pub const fn of(e: &Endpoint) -> Option<Self> {
+        if e.family != FAMILY_V4 {
+            return None;
+        }
+        Some(Self {
+            addr: [e.addr[0], e.addr[1], e.addr[2], e.addr[3]],
+            port: e.port.to_be_bytes(),
+            _pad: [0; 2],
+        })
+    }
+
+    pub const fn endpoint(&self) -> Endpoint {
+        Endpoint::v4(self.addr, u16::from_be_bytes(self.port))
+    }
+}
+
+/// Value of `CHANNELS_V4` and `CHANNELS_V6` (key: the channel's ingest endpoint, a
+/// [`ChannelKey4`] or an IPv6 [`Endpoint`]): everything the XDP program
 /// needs to forward a packet of the channel. A failover replaces this value whole with one
 /// HASH map update, so a reader sees the old or the new encoder, never a mix.
 #[repr(C)]
@@ -308,7 +341,8 @@ const _: () = assert!(core::mem::size_of::<SourceKey>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceInfo {
-    /// `bpf_ktime_get_ns` when last refreshed (refreshed at most once a second).
+    /// CLOCK_MONOTONIC ns at tick resolution (the XDP program's jiffies clock) when last
+    /// refreshed (refreshed at most once a second).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<SourceInfo>() == 8);
@@ -337,7 +371,8 @@ pub struct EncoderInfo {
 }
 const _: () = assert!(core::mem::size_of::<EncoderInfo>() == 68);
 
-/// Packets, bytes and the time of the last one (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+/// Packets, bytes and the time of the last one (CLOCK_MONOTONIC ns: at tick resolution from
+/// the XDP program's jiffies clock, exact from the TC program's `bpf_ktime_get_ns`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
@@ -533,6 +568,8 @@ mod pod {
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and their
     // padding is explicit (asserted sizes above), so every bit pattern is valid.
     unsafe impl aya::Pod for Endpoint {}
+    // SAFETY: repr(C), byte arrays only, no padding.
+    unsafe impl aya::Pod for ChannelKey4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ChannelTarget {}
     // SAFETY: as above.
@@ -633,5 +670,22 @@ mod srt_peer_tests {
             peer(32),
             "at most MAX_SRT_PEERS_PER_CHANNEL slots"
         );
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_key_is_the_header_fields_and_gives_its_endpoint_back() {
+        let e = Endpoint::v4([203, 0, 113, 10], 5000);
+        let k = ChannelKey4::of(&e).expect("IPv4");
+        // As in the packet: address bytes as they are, port big-endian.
+        assert_eq!(k.addr, [203, 0, 113, 10]);
+        assert_eq!(k.port, [0x13, 0x88]);
+        assert_eq!(k._pad, [0, 0]);
+        assert_eq!(k.endpoint(), e);
+        assert_eq!(ChannelKey4::of(&Endpoint::v6([0x20; 16], 5000)), None);
     }
 }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     helpers::{
         bpf_xdp_adjust_head,
-        generated::{bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
+        generated::{bpf_jiffies64, bpf_xdp_get_buff_len},
     },
     macros::xdp,
     maps::lpm_trie::Key,
@@ -18,13 +18,13 @@ use network_types::{
     udp::UdpHdr,
 };
 use nsfail_common::{
-    ACTION_REDIRECT, CHANNEL_SOURCES, ChannelTarget, Endpoint, SOURCE_REFRESH_NS, SourceInfo,
-    SourceKey, SourceNet, rewrite, same_endpoint, xdp_reason as r,
+    ACTION_REDIRECT, CHANNEL_SOURCES, ChannelKey4, ChannelTarget, Endpoint, SOURCE_REFRESH_NS,
+    SourceInfo, SourceKey, SourceNet, rewrite, same_endpoint, xdp_reason as r,
 };
 
 use crate::maps::{
-    CHANNEL_STATS, CHANNELS, ENCODER_STATS, SOURCE_NETS, SOURCES, TX_PORTS, XDP_STATS, add_flow,
-    count,
+    CHANNEL_STATS, CHANNELS_V4, CHANNELS_V6, ENCODER_STATS, SOURCE_NETS, SOURCES, TX_PORTS,
+    XDP_STATS, add_flow, count,
 };
 
 const ETH_P_IPV4: u16 = 0x0800;
@@ -32,6 +32,27 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const VLAN_HLEN: usize = 4;
 const IPPROTO_UDP: u8 = 17;
+
+/// The length of a jiffy in ns, and the CLOCK_MONOTONIC time of jiffy 0 (wrapping), both set
+/// by userspace when it loads the object (`JiffyClock` in the `dataplane` module). Read-only
+/// data: the verifier knows their values.
+#[unsafe(no_mangle)]
+static NSFAIL_TICK_NS: u64 = 0;
+#[unsafe(no_mangle)]
+static NSFAIL_JIFFY0_NS: u64 = 0;
+
+#[inline(always)]
+fn clock_ns(jiffies: u64) -> u64 {
+    // SAFETY: plain reads of constants; volatile so that the compiler does not fold in the
+    // zeros they have before userspace sets them.
+    let (tick, zero) = unsafe {
+        (
+            core::ptr::read_volatile(&NSFAIL_TICK_NS),
+            core::ptr::read_volatile(&NSFAIL_JIFFY0_NS),
+        )
+    };
+    jiffies.wrapping_mul(tick).wrapping_add(zero)
+}
 
 /// A pointer to a `T` at `offset` in the packet, after checking that all of it is inside.
 #[inline(always)]
@@ -52,9 +73,8 @@ fn holds(ctx: &XdpContext, len: usize) -> bool {
     ctx.data() + len <= ctx.data_end() || len <= unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-/// What the parser found: a UDP packet to `key`, with the offsets needed to rewrite it.
+/// What the parser found of a channel's packet: its source, and what the rewrite needs.
 struct Parsed {
-    key: Endpoint,
     src: Endpoint,
     vlan: bool,
     ip_len: u64,
@@ -125,14 +145,18 @@ fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     {
         return Err(r::PASS_MALFORMED);
     }
+    let key = ChannelKey4 {
+        addr: hdr.dst_addr,
+        port: udp_hdr.dst,
+        _pad: [0; 2],
+    };
+    // SAFETY: a HASH lookup, copied out at once.
+    let target = *unsafe { CHANNELS_V4.get(key) }.ok_or(r::PASS_NO_CHANNEL)?;
     let parsed = Parsed {
-        key: Endpoint::v4(hdr.dst_addr, u16::from_be_bytes(udp_hdr.dst)),
         src: Endpoint::v4(hdr.src_addr, u16::from_be_bytes(udp_hdr.src)),
         vlan,
         ip_len: tot_len as u64,
     };
-    // SAFETY: a HASH lookup; the value is copied out before any await point (there are none).
-    let target = *unsafe { CHANNELS.get(parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
     check_source(&target, &parsed.src)?;
     if hdr.ttl <= 1 {
         return Err(r::PASS_TTL);
@@ -187,14 +211,14 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
     {
         return Err(r::PASS_MALFORMED);
     }
+    let key = Endpoint::v6(hdr.dst_addr, u16::from_be_bytes(udp_hdr.dst));
+    // SAFETY: a HASH lookup, copied out at once.
+    let target = *unsafe { CHANNELS_V6.get(key) }.ok_or(r::PASS_NO_CHANNEL)?;
     let parsed = Parsed {
-        key: Endpoint::v6(hdr.dst_addr, u16::from_be_bytes(udp_hdr.dst)),
         src: Endpoint::v6(hdr.src_addr, u16::from_be_bytes(udp_hdr.src)),
         vlan,
         ip_len: (Ipv6Hdr::LEN + payload_len) as u64,
     };
-    // SAFETY: a HASH lookup, copied out at once.
-    let target = *unsafe { CHANNELS.get(parsed.key) }.ok_or(r::PASS_NO_CHANNEL)?;
     check_source(&target, &parsed.src)?;
     if hdr.hop_limit <= 1 {
         return Err(r::PASS_TTL);
@@ -254,10 +278,11 @@ fn check_device(target: &ChannelTarget) -> Result<(), u32> {
 /// veth), and hands the packet on.
 #[inline(always)]
 fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, u32> {
-    // The coarse clock (CLOCK_MONOTONIC at tick resolution) costs a fraction of the precise
-    // one; last-seen times are read against windows of tens of ms and more.
+    // CLOCK_MONOTONIC at tick resolution, as `bpf_ktime_get_coarse_ns` gives it, from
+    // jiffies (one load: the verifier inlines `bpf_jiffies64`) scaled by constants set at
+    // load; last-seen times are read against windows of tens of ms and more.
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock_ns(unsafe { bpf_jiffies64() });
     match CHANNEL_STATS.get_ptr_mut(target.channel_id) {
         Some(s) => {
             // SAFETY: a per-CPU slot, written only from this CPU.

@@ -6,19 +6,25 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use nsfail_common::{
-    ChannelStats, ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FlowStats,
-    MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCE_NETS, MAX_SOURCES, REFUSAL_RING_BYTES, ReplyTarget,
-    SourceInfo, SourceKey, SourceNet, SrtPeers, TraceConfig, tc_reason, xdp_reason,
+    ChannelKey4, ChannelStats, ChannelTarget, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint,
+    FlowStats, MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCE_NETS, MAX_SOURCES, REFUSAL_RING_BYTES,
+    ReplyTarget, SourceInfo, SourceKey, SourceNet, SrtPeers, TraceConfig, tc_reason, xdp_reason,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when userspace creates them, so that only SRT
 /// channels cost `SRT_PEERS` memory. (An LPM trie always has it.)
 const NO_PREALLOC: u32 = 1;
 
-/// Key: a channel's ingest endpoint. Value: where its packets go now.
+/// Key: an IPv4 channel's ingest address and port (8 bytes). Value: where its packets go now.
 /// Writer: userspace (one update per failover). Reader: XDP ingress.
 #[map]
-pub static CHANNELS: HashMap<Endpoint, ChannelTarget> = HashMap::pinned(MAX_CHANNELS, 0);
+pub static CHANNELS_V4: HashMap<ChannelKey4, ChannelTarget> = HashMap::pinned(MAX_CHANNELS, 0);
+
+/// Key: an IPv6 channel's ingest endpoint. Value: as in `CHANNELS_V4`. Entries are allocated
+/// as channels are added (an IPv4-only host does not pay for 131,072 of them).
+#[map]
+pub static CHANNELS_V6: HashMap<Endpoint, ChannelTarget> =
+    HashMap::pinned(MAX_CHANNELS, NO_PREALLOC);
 
 /// Key: an encoder's endpoint for a channel (encoder address, encoder-side port). Value: the
 /// channel's ingest endpoint to restore on replies. Writer: userspace. Reader: TC egress.

@@ -9,6 +9,7 @@ use std::{
 };
 
 use nsfail::{
+    control::monotonic_ns,
     lab::{INGEST4, INGEST6, Lab, SRC4, SRC6},
     net::netns,
 };
@@ -131,7 +132,9 @@ fn udp_forwarding_replies_remap_and_adoption() {
         "ea"
     );
     dp.activate(ch4, "eb").expect("remap to eb");
+    let burst_from = monotonic_ns();
     let r = send_burst(&lab.src, src, ch4, 400..600, GAP, LINGER);
+    let burst_to = monotonic_ns();
     assert_eq!(
         rx_b.settled(),
         (400..600).collect(),
@@ -159,6 +162,19 @@ fn udp_forwarding_replies_remap_and_adoption() {
     assert_eq!((sa_.tx.packets, sb_.tx.packets), (400, 200));
     assert_eq!(sa_.rx.bytes, 400 * (20 + 8 + 200));
     assert!(sb_.rx.last_seen_ns > sa_.rx.last_seen_ns);
+    // Last-seen times are CLOCK_MONOTONIC at tick resolution (jiffies scaled at load): B's
+    // last packet went during the burst, stamped with the start of its tick (at most 10 ms
+    // before it at HZ=100, plus a late tick interrupt).
+    let seen = sb_.rx.last_seen_ns;
+    assert!(
+        seen <= burst_to && seen + 20_000_000 >= burst_from,
+        "B last seen at {seen} ns, the burst ran from {burst_from} to {burst_to}"
+    );
+    let ch_seen = dp.channel_stats(ch4).unwrap().last_seen_ns;
+    assert!(
+        ch_seen <= burst_to && ch_seen + 20_000_000 >= burst_from,
+        "the channel last seen at {ch_seen} ns, the burst ran from {burst_from} to {burst_to}"
+    );
 
     // 5. IPv6: the same path.
     let rx_a6 = Receiver::start(&ea.ns, sa(&ea.addr6, ENC_PORT));

@@ -1441,7 +1441,7 @@ fn the_audit_puts_back_what_something_else_wrote_to_the_maps() {
     let (ea, eb) = (&bed.lab.encoders[0], &bed.lab.encoders[1]);
     assert_eq!(active(&socket, "cam1"), "enc-a");
     assert_eq!(active(&socket, "cam2"), "enc-a");
-    let channels_map = bed.pins.pins.map("CHANNELS");
+    let channels_map = bed.pins.pins.map("CHANNELS_V4");
     let entries = |map: &Path| -> Vec<serde_json::Value> {
         let out = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])

@@ -871,7 +871,7 @@ fn the_debian_package_installs_upgrades_and_removes_cleanly() {
     .unwrap();
     fs::write(root.join("etc/nsfail/nsfail.state.json"), "{}").unwrap();
     fs::write(root.join("etc/nsfail/nsfail.events.jsonl"), "").unwrap();
-    let pin = root.join("sys/fs/bpf/nsfail/maps/CHANNELS");
+    let pin = root.join("sys/fs/bpf/nsfail/maps/CHANNELS_V4");
     fs::create_dir_all(pin.parent().unwrap()).unwrap();
     fs::write(&pin, "").unwrap();
 
@@ -888,7 +888,7 @@ fn the_debian_package_installs_upgrades_and_removes_cleanly() {
     dpkg(&["--purge", "nsfail"]);
     assert_eq!(
         files_under(&root),
-        vec!["sys/fs/bpf/nsfail/maps/CHANNELS".to_owned()],
+        vec!["sys/fs/bpf/nsfail/maps/CHANNELS_V4".to_owned()],
         "after the purge only the (left alone) data plane remains"
     );
     assert!(

@@ -32,9 +32,9 @@ impl Dataplane {
         let Some(&wanted) = self.mirror.channels.get(&key) else {
             return Ok(repairs);
         };
-        if self.channels.get(&key, 0).ok() != Some(wanted) {
+        if self.channels.get(&key).ok() != Some(wanted) {
             self.channels
-                .insert(key, wanted, 0)
+                .insert(key, wanted)
                 .map_err(map_err("CHANNELS"))?;
             repairs.rewritten += 1;
         }

@@ -90,7 +90,7 @@ impl Dataplane {
         }
         match written.and_then(|()| {
             self.channels
-                .insert(key, target, 0)
+                .insert(key, target)
                 .map_err(map_err("CHANNELS"))
         }) {
             Ok(()) => {
@@ -253,7 +253,7 @@ impl Dataplane {
         let (id, info) = self.encoder_checked(encoder, listen)?;
         let target = retarget(&info, id, &current);
         self.channels
-            .insert(key, target, 0)
+            .insert(key, target)
             .map_err(map_err("CHANNELS"))?;
         self.mirror.channels.insert(key, target);
         Ok(())

@@ -119,9 +119,7 @@ impl Dataplane {
             if t == target {
                 continue;
             }
-            self.channels
-                .insert(key, t, 0)
-                .map_err(map_err("CHANNELS"))?;
+            self.channels.insert(key, t).map_err(map_err("CHANNELS"))?;
             self.mirror.channels.insert(key, t);
         }
         Ok(id)

@@ -29,7 +29,7 @@ pub(super) struct Mirror {
 impl Mirror {
     /// Reads both maps (once, when a data plane is adopted).
     pub(super) fn load(
-        channels: &aya::maps::HashMap<MapData, Endpoint, ChannelTarget>,
+        channels: &super::channel_map::ChannelMaps,
         replies: &aya::maps::HashMap<MapData, Endpoint, ReplyTarget>,
     ) -> Result<Self> {
         let mut m = Self::default();

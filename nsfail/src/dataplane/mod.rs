@@ -8,13 +8,13 @@
 //! removed; [`Dataplane::teardown`] detaches and unpins everything. Dropping a `Dataplane`
 //! leaves the pinned data plane running.
 //!
-//! Failover is one atomic map write: `CHANNELS` is a HASH map whose whole value (the rewrite
+//! Failover is one atomic map write: `CHANNELS_V4` (or `_V6`) is a HASH map whose whole value (the rewrite
 //! target: encoder address, MACs, port, counter slots) is replaced by one `bpf_map_update_elem`;
 //! the XDP program sees either the old or the new value, never a mix. An encoder's egress
 //! policy is likewise one `POLICIES` value, replaced whole by [`Dataplane::set_policy`] while
 //! the TC program stays attached.
 //!
-//! This type is the only writer of CHANNELS and REPLIES and keeps a mirror of what it wrote
+//! This type is the only writer of the CHANNELS maps and REPLIES and keeps a mirror of what it wrote
 //! (reads need no map walk); [`Dataplane::audit_channel`] and [`Dataplane::remove_foreign`]
 //! put back what another writer changed.
 
@@ -66,7 +66,9 @@ use crate::{net::netns, paths::Pins};
 
 mod audit;
 pub mod btf;
+mod channel_map;
 mod channels;
+mod clock;
 mod encoders;
 mod entries;
 mod links;
@@ -84,7 +86,7 @@ pub use self::{
     audit::Repairs,
     maps::{endpoint, socket_addr},
 };
-use self::{maps::*, mirror::Mirror};
+use self::{channel_map::ChannelMaps, maps::*, mirror::Mirror};
 
 /// The eBPF object built by build.rs from nsfail-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nsfail"));
@@ -151,6 +153,10 @@ pub enum DataplaneError {
     },
     #[error("invalid {what}: {why}")]
     Invalid { what: String, why: String },
+    #[error(
+        "cannot scale the kernel's jiffies to CLOCK_MONOTONIC (the data plane's last-seen times): {0}"
+    )]
+    Clock(String),
     #[error("encoder {encoder:?} has {count} allow rules; the kernel policy holds at most {max}")]
     TooManyRules {
         encoder: String,
@@ -220,7 +226,7 @@ pub struct Dataplane {
     ingest: Option<Ingest>,
     xdp: Xdp,
     tc: SchedClassifier,
-    channels: HashMap<MapData, Endpoint, ChannelTarget>,
+    channels: ChannelMaps,
     replies: HashMap<MapData, Endpoint, ReplyTarget>,
     sources: HashMap<MapData, SourceKey, SourceInfo>,
     srt_peers: HashMap<MapData, u32, SrtPeers>,
@@ -264,8 +270,11 @@ impl Dataplane {
         ] {
             create_dir(&dir)?;
         }
+        let clock = clock::calibrate().map_err(DataplaneError::Clock)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
+            .override_global("NSFAIL_TICK_NS", &clock.tick_ns, true)
+            .override_global("NSFAIL_JIFFY0_NS", &clock.jiffy0_ns, true)
             .load(EBPF_OBJECT)?;
         let mut programs = vec![
             (PROG_INGRESS, pins.prog(PROG_INGRESS)),
@@ -354,7 +363,10 @@ impl Dataplane {
             let (id, info) = item.map_err(map_err("ENCODERS"))?;
             by_name.insert(decode_name(&info.name), (id, info));
         }
-        let channels = typed!("CHANNELS");
+        let channels = ChannelMaps {
+            v4: typed!("CHANNELS_V4"),
+            v6: typed!("CHANNELS_V6"),
+        };
         let replies = typed!("REPLIES");
         let srt_peers = typed!("SRT_PEERS");
         let source_nets = typed!("SOURCE_NETS");

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, MapData};
 use nsfail::{Dataplane, EncoderLink, EncoderSpec, dataplane::endpoint, paths::Pins};
-use nsfail_common::{ChannelTarget, Endpoint, ReplyTarget};
+use nsfail_common::{ChannelKey4, ChannelTarget, Endpoint, ReplyTarget};
 use nsfail_tests::frames::Frame;
 
 /// Encoders (addresses) the chain's ingest endpoints are spread over.
@@ -63,7 +63,7 @@ pub fn miss_frame(payload: usize) -> Vec<u8> {
 
 /// Registers the chain's encoders (all behind the host-side veth `enc_if`, whose peer has
 /// MAC `enc_mac`) and `n` channels, the first `active` of them chained. Channel 0 goes through `Dataplane::set_channel`;
-/// the others are written straight into CHANNELS and REPLIES with the values `set_channel`
+/// the others are written straight into CHANNELS_V4 and REPLIES with the values `set_channel`
 /// writes but for the target address, which is the next channel's ingest address (the chain),
 /// not an encoder's; the data plane then re-reads them (`Dataplane::reload_channels`).
 pub fn build(
@@ -101,9 +101,9 @@ pub fn build(
     )
     .context("channel 0")?;
 
-    let mut channels: HashMap<MapData, Endpoint, ChannelTarget> = pinned(pins, "CHANNELS")?;
+    let mut channels: HashMap<MapData, ChannelKey4, ChannelTarget> = pinned(pins, "CHANNELS_V4")?;
     let mut replies: HashMap<MapData, Endpoint, ReplyTarget> = pinned(pins, "REPLIES")?;
-    let t0 = channels.get(&endpoint(listen(0)), 0)?;
+    let t0 = channels.get(&key4(listen(0)), 0)?;
     let r0 = replies.get(&endpoint(listen(first_next)), 0)?;
     if t0.channel_id != 0 {
         bail!(
@@ -122,7 +122,7 @@ pub fn build(
             encoder_id,
             ..t0
         };
-        channels.insert(endpoint(listen(i)), target, 0)?;
+        channels.insert(key4(listen(i)), target, 0)?;
         let reply = ReplyTarget {
             ingest: endpoint(listen(i)),
             channel_id: i as u32,
@@ -138,6 +138,11 @@ pub fn build(
         bail!("the data plane has {count} channels, the chain {n}");
     }
     Ok(())
+}
+
+/// The CHANNELS_V4 key of an (IPv4) ingest address.
+pub fn key4(listen: SocketAddr) -> ChannelKey4 {
+    ChannelKey4::of(&endpoint(listen)).expect("the chain is IPv4")
 }
 
 pub fn pinned<V>(pins: &Pins, name: &str) -> Result<V>

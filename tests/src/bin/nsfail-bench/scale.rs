@@ -1,4 +1,4 @@
-//! `scale`: nsfail's per-packet cost with 250 to 100,000 channels in CHANNELS, and the latency
+//! `scale`: nsfail's per-packet cost with 250 to 100,000 channels in CHANNELS_V4, and the latency
 //! of one failover (userspace call to the first packet at the new encoder). At every size the
 //! traffic goes to the same `ACTIVE` channels; the rest are configured and idle, so only the
 //! map size varies between data planes.
@@ -15,8 +15,8 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{TestRun, TestRunOptions},
 };
-use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpMode, dataplane::endpoint, lab::Netns};
-use nsfail_common::{ChannelTarget, Endpoint, xdp_reason};
+use nsfail::{Dataplane, EncoderLink, EncoderSpec, XdpMode, lab::Netns};
+use nsfail_common::{ChannelKey4, ChannelTarget, xdp_reason};
 use nsfail_tests::{Entered, PinDir, frames::Frame};
 use rand::Rng as _;
 
@@ -65,7 +65,7 @@ struct Plane {
     sink_chain: BenchObject,
     sink_a: BenchObject,
     sink_b: BenchObject,
-    channels: HashMap<MapData, Endpoint, ChannelTarget>,
+    channels: HashMap<MapData, ChannelKey4, ChannelTarget>,
 }
 
 pub fn run(reps: usize) -> Result<Report> {
@@ -106,7 +106,7 @@ pub fn run(reps: usize) -> Result<Report> {
         ),
         format!(
             "failover: {UPDATE_TRIALS} timed `Dataplane::activate` calls and {UPDATE_TRIALS} \
-             timed raw CHANNELS updates (bpf_map_update_elem) per repetition; end to end: \
+             timed raw CHANNELS_V4 updates (bpf_map_update_elem) per repetition; end to end: \
              {E2E_TRIALS} failovers per repetition with live frames flowing (generator on CPU0, \
              64-frame batches), from just before `activate` to the arrival time at the new \
              encoder's sink (bpf_ktime_get_ns); figures are the median per repetition, p99 over \
@@ -292,7 +292,7 @@ fn plane(ns: &Netns, k: usize, n: usize) -> Result<Plane> {
     let napi = sys::threaded_napi(ns, &format!("j{k}"), sys::ROUTER_CPU)?;
     let mut sink_chain = BenchObject::load()?;
     sink_chain.attach(object::SINK, sys::link(ns, &format!("p{k}"))?.ifindex)?;
-    let channels = chain::pinned(&pins.pins, "CHANNELS")?;
+    let channels = chain::pinned(&pins.pins, "CHANNELS_V4")?;
     let sink_b = sinks.pop().expect("two sinks");
     let sink_a = sinks.pop().expect("two sinks");
     Ok(Plane {
@@ -421,9 +421,9 @@ fn live_forward(plane: &mut Plane, ns: &Netns, generator: &mut BenchObject) -> R
     })
 }
 
-/// Latency of `activate` and of a bare CHANNELS update, in µs, alternating the two encoders.
+/// Latency of `activate` and of a bare CHANNELS_V4 update, in µs, alternating the two encoders.
 fn update_latency(plane: &mut Plane, failover: SocketAddr) -> Result<(Vec<f64>, Vec<f64>)> {
-    let key = endpoint(failover);
+    let key = chain::key4(failover);
     let mut targets = Vec::new();
     for enc in ["fb", "fa"] {
         plane.dp.activate(failover, enc)?;
