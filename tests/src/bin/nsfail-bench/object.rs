@@ -25,6 +25,7 @@ pub const MINIMAL: &str = "bench_minimal";
 pub const PARSE: &str = "bench_parse";
 pub const MIN_NO_CSUM: &str = "bench_min_no_csum";
 pub const MIN_CLOCK: &str = "bench_min_clock";
+pub const MIN_JIFFIES: &str = "bench_min_jiffies";
 pub const MIN_COUNTERS: &str = "bench_min_counters";
 pub const MIN_LEARN: &str = "bench_min_learn";
 pub const MIN_DEVCHECK: &str = "bench_min_devcheck";

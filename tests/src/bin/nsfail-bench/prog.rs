@@ -29,7 +29,7 @@ pub const MIN_MISS: &str = "minimal rewrite, miss";
 /// The per-packet budget: (variant, program, what it adds to or takes from the minimal
 /// rewrite). Each is measured on the hit frames; its difference from the minimal rewrite in
 /// the same repetition is that part's cost.
-const BUDGET: [(&str, &str, &str); 7] = [
+const BUDGET: [(&str, &str, &str); 8] = [
     ("parse only", object::PARSE, "parse, no lookup, XDP_PASS"),
     (
         "minimal, no checksums",
@@ -40,6 +40,11 @@ const BUDGET: [(&str, &str, &str); 7] = [
         "minimal + clock",
         object::MIN_CLOCK,
         "plus bpf_ktime_get_coarse_ns",
+    ),
+    (
+        "minimal + jiffies clock",
+        object::MIN_JIFFIES,
+        "plus bpf_jiffies64 scaled to ns (inlined by the verifier)",
     ),
     (
         "minimal + clock + counters",
