@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -32,10 +32,16 @@ pub const MAX_SOURCE_NETS: u32 = 65_536;
 pub const ACTION_REDIRECT: u8 = 1;
 /// Send it back out of the ingest NIC (a remote encoder on the same segment).
 pub const ACTION_TX: u8 = 2;
+/// Send it back out of the ingest NIC (the uplink) to the next hop towards an encoder on
+/// another host (`ENCODER_ROUTED`), whose MAC userspace resolved through the kernel's FIB and
+/// neighbour table: cross-host forwarding in a cluster. Counted as `ROUTED`.
+pub const ACTION_ROUTED: u8 = 3;
 
 /// Encoder kinds in [`EncoderInfo::kind`].
 pub const ENCODER_LOCAL: u8 = 1;
 pub const ENCODER_REMOTE: u8 = 2;
+/// An encoder on another host, reached through the ingest host's routing table.
+pub const ENCODER_ROUTED: u8 = 3;
 
 /// An IP address and UDP port. IPv4 addresses use the first 4 bytes of `addr`, the rest zero.
 /// `port` is in host byte order. Aligned to 4 bytes, so that the XDP program compares and
@@ -517,7 +523,10 @@ pub mod xdp_reason {
     /// A packet to a channel with `sources` from an address outside them: passed to the host
     /// untouched, never forwarded.
     pub const PASS_NOT_SOURCE: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Rewritten towards an encoder on another host and sent back out of the uplink to the
+    /// next hop (`XDP_TX`).
+    pub const ROUTED: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "tx",
@@ -530,6 +539,7 @@ pub mod xdp_reason {
         "pass_no_device",
         "redirect_failed",
         "pass_not_source",
+        "routed",
     ];
 }
 

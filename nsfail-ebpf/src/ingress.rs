@@ -18,8 +18,8 @@ use network_types::{
     udp::UdpHdr,
 };
 use nsfail_common::{
-    ACTION_REDIRECT, CHANNEL_SOURCES, ChannelKey4, ChannelTarget, Endpoint, SOURCE_REFRESH_NS,
-    SourceInfo, SourceKey, SourceNet, rewrite, same_endpoint, xdp_reason as r,
+    ACTION_REDIRECT, ACTION_ROUTED, CHANNEL_SOURCES, ChannelKey4, ChannelTarget, Endpoint,
+    SOURCE_REFRESH_NS, SourceInfo, SourceKey, SourceNet, rewrite, same_endpoint, xdp_reason as r,
 };
 
 use crate::maps::{
@@ -327,7 +327,16 @@ fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, 
         count(&XDP_STATS, r::REDIRECTED);
         Ok(XDP_REDIRECT)
     } else {
-        count(&XDP_STATS, r::TX);
+        // The same segment, or routed back out of the uplink to the next hop towards an
+        // encoder on another host (its MAC resolved by userspace).
+        count(
+            &XDP_STATS,
+            if target.action == ACTION_ROUTED {
+                r::ROUTED
+            } else {
+                r::TX
+            },
+        );
         Ok(XDP_TX)
     }
 }

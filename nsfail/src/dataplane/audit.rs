@@ -60,7 +60,9 @@ impl Dataplane {
             .channels
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| !self.mirror.channels.contains_key(k))
+            .filter(|k| {
+                !self.mirror.channels.contains_key(k) && !self.mirror.transit.contains_key(k)
+            })
             .collect();
         for k in foreign {
             self.channels.remove(&k).map_err(map_err("CHANNELS"))?;

@@ -27,24 +27,31 @@ impl Dataplane {
     ) -> Result<u32> {
         let name_bytes = encode_name(&spec.name)?;
         let ingest = self.ingest.clone();
-        let (ifindex, smac, kind) = match &spec.link {
+        let (ifindex, smac, kind, hop_mac) = match &spec.link {
             EncoderLink::Local { ifname } => {
                 let l = netns::link(ifname).map_err(|source| DataplaneError::Interface {
                     name: ifname.clone(),
                     source,
                 })?;
-                (l.ifindex, l.mac, ENCODER_LOCAL)
+                (l.ifindex, l.mac, ENCODER_LOCAL, None)
             }
             EncoderLink::Remote => {
                 let ingest = ingest.ok_or(DataplaneError::NoIngest)?;
-                (ingest.ifindex, ingest.mac, ENCODER_REMOTE)
+                (ingest.ifindex, ingest.mac, ENCODER_REMOTE, None)
+            }
+            EncoderLink::Routed => {
+                let ingest = ingest.ok_or(DataplaneError::NoIngest)?;
+                let hop = next_hop_by(&ingest, spec)?;
+                (ingest.ifindex, ingest.mac, ENCODER_ROUTED, Some(hop.mac))
             }
         };
+        // A routed encoder is reached through its next hop: that MAC is what XDP writes.
+        let mac = hop_mac.unwrap_or(spec.mac);
         let (family, addr) = ip_bytes(spec.addr);
         let info = EncoderInfo {
             name: name_bytes,
             addr,
-            mac: spec.mac,
+            mac,
             smac,
             ifindex,
             family,
@@ -103,7 +110,7 @@ impl Dataplane {
                     why: e.to_string(),
                 })?;
         } else {
-            // A remote encoder is reached by XDP_TX: no DEVMAP entry.
+            // A remote or routed encoder is reached by XDP_TX: no DEVMAP entry.
             let _ = self.tx_ports.set(id, 0, None, 0);
         }
         // Repoint channels whose target is this encoder (its MAC or address may have changed).
@@ -122,7 +129,54 @@ impl Dataplane {
             self.channels.insert(key, t).map_err(map_err("CHANNELS"))?;
             self.mirror.channels.insert(key, t);
         }
+        // Transit entries follow the encoder's MAC; one that is no longer local (or whose
+        // address changed: its key is the old address) goes.
+        let transit: Vec<(Endpoint, ChannelTarget)> = self
+            .mirror
+            .transit
+            .iter()
+            .filter(|(_, t)| t.encoder_id == id)
+            .map(|(k, t)| (*k, *t))
+            .collect();
+        for (key, target) in transit {
+            let t = retarget(&info, id, &target);
+            if info.kind == ENCODER_LOCAL && t.addr == key.addr {
+                if t != target {
+                    self.channels.insert(key, t).map_err(map_err("CHANNELS"))?;
+                    self.mirror.transit.insert(key, t);
+                }
+            } else {
+                self.channels.remove(&key).map_err(map_err("CHANNELS"))?;
+                self.mirror.transit.remove(&key);
+            }
+        }
         Ok(id)
+    }
+
+    /// Resolves the next hop of every routed encoder again (the route or the gateway's MAC may
+    /// have changed) and repoints the channels of those whose next hop did (one map write
+    /// each). An encoder whose next hop cannot be resolved keeps the last one (fail static)
+    /// and is returned with the reason, for the caller to report and act on.
+    pub fn refresh_routes(&mut self) -> Vec<(String, DataplaneError)> {
+        let routed: Vec<(String, EncoderInfo)> = self
+            .by_name
+            .iter()
+            .filter(|(_, (_, info))| info.kind == ENCODER_ROUTED)
+            .map(|(name, (_, info))| (name.clone(), *info))
+            .collect();
+        let mut failed = Vec::new();
+        for (name, info) in routed {
+            let spec = EncoderSpec {
+                name: name.clone(),
+                addr: ip_addr(info.family, &info.addr),
+                mac: info.mac,
+                link: EncoderLink::Routed,
+            };
+            if let Err(e) = self.upsert_encoder(&spec) {
+                failed.push((name, e));
+            }
+        }
+        failed
     }
 
     /// Removes an encoder. Refused while a channel is forwarded to it or lists it as a backup
@@ -364,4 +418,23 @@ impl Dataplane {
         out.dedup();
         Ok(out)
     }
+}
+
+/// The next hop towards routed encoder `spec`, which must leave by the ingest NIC (the
+/// uplink): XDP sends it back out of the device it came in by.
+fn next_hop_by(ingest: &Ingest, spec: &EncoderSpec) -> Result<crate::net::route::NextHop> {
+    let invalid = |why: String| DataplaneError::Invalid {
+        what: format!("routed encoder {:?}", spec.name),
+        why,
+    };
+    let hop = crate::net::route::next_hop(spec.addr).map_err(|e| invalid(e.to_string()))?;
+    if hop.ifindex != ingest.ifindex {
+        let by = netns::ifname_of(hop.ifindex).unwrap_or_else(|_| hop.ifindex.to_string());
+        return Err(invalid(format!(
+            "{} is reached by {by}, not by the ingest interface: XDP can only send it back out \
+             of the interface it came in by",
+            spec.addr
+        )));
+    }
+    Ok(hop)
 }

@@ -14,6 +14,13 @@ pub enum EncoderLink {
     Local { ifname: String },
     /// A host on the ingest NIC's segment: XDP sends the packet back out (XDP_TX).
     Remote,
+    /// An encoder on another host of a cluster, reached through this host's routing table:
+    /// XDP rewrites the packet towards it and sends it back out of the ingest NIC (the
+    /// uplink) to the next hop, resolved in the kernel's FIB and neighbour table when the
+    /// encoder is registered and again by [`Dataplane::refresh_routes`] (the spec's `mac` is
+    /// not used); the encoder's host takes it in by its transit entry
+    /// ([`Dataplane::set_transit`]). No IP forwarding on either host.
+    Routed,
 }
 
 /// What the data plane needs to know about an encoder.

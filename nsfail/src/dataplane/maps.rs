@@ -14,10 +14,10 @@ pub(super) fn target_for(
         dmac: info.mac,
         smac: info.smac,
         port,
-        action: if info.kind == ENCODER_LOCAL {
-            ACTION_REDIRECT
-        } else {
-            ACTION_TX
+        action: match info.kind {
+            ENCODER_LOCAL => ACTION_REDIRECT,
+            ENCODER_ROUTED => ACTION_ROUTED,
+            _ => ACTION_TX,
         },
         flags: 0,
         channel_id,

@@ -12,6 +12,9 @@ use super::*;
 pub(super) struct Mirror {
     /// CHANNELS: listen key → target.
     pub(super) channels: HashMap<Endpoint, ChannelTarget>,
+    /// CHANNELS' transit entries (in a cluster): a local encoder's endpoint → the encoder,
+    /// for a channel's packets another host routed here.
+    pub(super) transit: HashMap<Endpoint, ChannelTarget>,
     /// REPLIES: reply key (encoder address and port) → where replies go.
     pub(super) replies: HashMap<Endpoint, ReplyTarget>,
     /// Each channel's reply keys (by listen key).
@@ -35,7 +38,12 @@ impl Mirror {
         let mut m = Self::default();
         for item in channels.iter() {
             let (k, t) = item.map_err(map_err("CHANNELS"))?;
-            m.channels.insert(k, t);
+            // A transit entry forwards to its own key (see the `transit` module).
+            if k.addr == t.addr && k.port == t.port {
+                m.transit.insert(k, t);
+            } else {
+                m.channels.insert(k, t);
+            }
         }
         for item in replies.iter() {
             let (k, r) = item.map_err(map_err("REPLIES"))?;

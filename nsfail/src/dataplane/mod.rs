@@ -41,11 +41,11 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use log::{info, warn};
 use nsfail_common::{
-    ABI_VERSION, ACTION_REDIRECT, ACTION_TX, CHANNEL_SOURCES, ChannelStats, ChannelTarget,
-    ENCODER_LOCAL, ENCODER_REMOTE, EncoderInfo, EncoderPolicy, EncoderStats, Endpoint, FAMILY_V4,
-    FAMILY_V6, FlowStats, MAX_CHANNELS, MAX_ENCODERS, MAX_SOURCE_NETS, MAX_SRT_PEERS_PER_CHANNEL,
-    REPLY_SRT, ReplyTarget, SourceInfo, SourceKey, SourceNet, SrtPeers, TraceConfig, drop_reason,
-    tc_reason, xdp_reason,
+    ABI_VERSION, ACTION_REDIRECT, ACTION_ROUTED, ACTION_TX, CHANNEL_SOURCES, ChannelStats,
+    ChannelTarget, ENCODER_LOCAL, ENCODER_REMOTE, ENCODER_ROUTED, EncoderInfo, EncoderPolicy,
+    EncoderStats, Endpoint, FAMILY_V4, FAMILY_V6, FlowStats, MAX_CHANNELS, MAX_ENCODERS,
+    MAX_SOURCE_NETS, MAX_SRT_PEERS_PER_CHANNEL, REPLY_SRT, ReplyTarget, SourceInfo, SourceKey,
+    SourceNet, SrtPeers, TraceConfig, drop_reason, tc_reason, xdp_reason,
 };
 
 pub use self::{
@@ -76,6 +76,7 @@ mod maps;
 mod mirror;
 pub mod policy;
 mod sys;
+mod transit;
 
 pub use nsfail_common::{
     DEFAULT_SRT_PEER_LIMIT as SRT_PEER_LIMIT_DEFAULT,

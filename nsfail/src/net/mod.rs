@@ -9,3 +9,4 @@ pub mod netns;
 pub mod plumb;
 pub mod provision;
 pub mod receive;
+pub mod route;

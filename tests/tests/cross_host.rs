@@ -1,0 +1,378 @@
+//! Cross-host forwarding (issue 17): a channel whose active encoder lives on another host.
+//!
+//! Two ingest hosts (`ha`, `hb`), each its own namespace and its own data plane with its own
+//! pin directory, behind a router namespace (`rt`, the only one that forwards IP); a caller
+//! (`cl`) sends to the ingest address, which the router sends to host A. Host A's channel
+//! lists `eb`, an encoder on host B reached through A's routing table
+//! ([`EncoderLink::Routed`]), and `ea`, its own. B serves the same channel with `eb` as a
+//! local encoder and takes in what A routes to it by a transit entry. Neither host enables
+//! IP forwarding.
+//!
+//! ```text
+//!  cl 10.71.1.2 --- rt --- 10.71.2.2 ha [XDP on ua] --- va/ea 10.71.5.2
+//!                   |
+//!                   +----- 10.71.3.2 hb [XDP on ub] --- vb/eb 10.71.4.2
+//! ```
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use nsfail::{EncoderLink, EncoderSpec, XdpMode, net::netns};
+use nsfail_tests::{
+    Entered, Netns, PinDir, ip_in, run,
+    traffic::{Receiver, send_burst},
+};
+
+const INGEST: &str = "203.0.113.77";
+const CALLER: &str = "10.71.1.2";
+const EA: &str = "10.71.5.2";
+const EB: &str = "10.71.4.2";
+const ENC_PORT: u16 = 7000;
+const GAP: Duration = Duration::from_millis(1);
+const LINGER: Duration = Duration::from_secs(2);
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+fn exec(ns: &Netns, args: &[&str]) {
+    let mut full = vec!["netns", "exec", &ns.name];
+    full.extend_from_slice(args);
+    run("ip", &full);
+}
+
+fn sysctl(ns: &Netns, key: &str, value: &str) {
+    exec(ns, &["sysctl", "-qw", &format!("{key}={value}")]);
+}
+
+/// A veth `a_if` in `a` to `b_if` in `b`, addressed `a_addr` and `b_addr` (/24), both up.
+fn wire(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
+    ip_in(
+        &a.name,
+        &[
+            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        ],
+    );
+    ip_in(
+        &a.name,
+        &["addr", "add", &format!("{a_addr}/24"), "dev", a_if],
+    );
+    ip_in(
+        &b.name,
+        &["addr", "add", &format!("{b_addr}/24"), "dev", b_if],
+    );
+    ip_in(&a.name, &["link", "set", a_if, "up"]);
+    ip_in(&b.name, &["link", "set", b_if, "up"]);
+}
+
+fn gro_on(ns: &Netns, dev: &str) {
+    exec(ns, &["ethtool", "-K", dev, "gro", "on"]);
+}
+
+fn mac(ns: &Netns, dev: &str) -> [u8; 6] {
+    netns::link_in(Some(&ns.name), dev).unwrap().mac
+}
+
+fn count(stats: &[(&str, u64)], name: &str) -> u64 {
+    stats
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(0, |(_, c)| *c)
+}
+
+struct World {
+    /// An XDP_PASS program on the router's side of A's uplink, held for the test.
+    _router_xdp: aya::Ebpf,
+    cl: Netns,
+    _rt: Netns,
+    ha: Netns,
+    hb: Netns,
+    ea: Netns,
+    eb: Netns,
+}
+
+/// Puts an XDP_PASS program on `dev` in `ns`. veth schedules the receiving side of an XDP_TX
+/// (the peer's NAPI) only when the peer has an XDP program of its own; with GRO alone the
+/// frames wait in its ring (verified here: the host's `xdp_tx` counts them, the router never
+/// sees them). A physical uplink has no such condition.
+fn router_xdp(ns: &Netns, dev: &str) -> aya::Ebpf {
+    let _in = Entered::new(ns);
+    let mut obj = aya::Ebpf::load(nsfail::lab::bench_object::OBJECT).unwrap();
+    let prog: &mut aya::programs::Xdp = obj.program_mut("bench_pass").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    prog.attach(dev, aya::programs::XdpMode::Driver).unwrap();
+    obj
+}
+
+fn world() -> World {
+    let (cl, rt, ha, hb, ea, eb) = (
+        Netns::new("xcl"),
+        Netns::new("xrt"),
+        Netns::new("xha"),
+        Netns::new("xhb"),
+        Netns::new("xea"),
+        Netns::new("xeb"),
+    );
+    sysctl(&rt, "net.ipv4.ip_forward", "1");
+    // Replies leave B from the ingest address, which the router routes to A: anycast needs
+    // loose or no reverse-path filtering upstream.
+    sysctl(&rt, "net.ipv4.conf.all.rp_filter", "0");
+    sysctl(&rt, "net.ipv4.conf.default.rp_filter", "0");
+    for h in [&ha, &hb] {
+        sysctl(h, "net.ipv4.ip_forward", "0");
+    }
+    wire(&rt, "rc", "10.71.1.1", &cl, "c0", CALLER);
+    wire(&rt, "ra", "10.71.2.1", &ha, "ua", "10.71.2.2");
+    wire(&rt, "rb", "10.71.3.1", &hb, "ub", "10.71.3.2");
+    wire(&ha, "va", "10.71.5.1", &ea, "a0", EA);
+    wire(&hb, "vb", "10.71.4.1", &eb, "b0", EB);
+    // The caller's checksums complete, as from a wire.
+    exec(&cl, &["ethtool", "-K", "c0", "tx", "off"]);
+    // Frames XDP redirects into a veth reach the peer only with GRO on (or an XDP program)
+    // there; frames it sends back out of a veth (XDP_TX, A's uplink) only with an XDP
+    // program on the peer (`router_xdp`).
+    gro_on(&rt, "rb");
+    gro_on(&ea, "a0");
+    gro_on(&eb, "b0");
+    let router_xdp = router_xdp(&rt, "ra");
+    ip_in(&cl.name, &["route", "add", "default", "via", "10.71.1.1"]);
+    ip_in(&ha.name, &["route", "add", "default", "via", "10.71.2.1"]);
+    ip_in(&hb.name, &["route", "add", "default", "via", "10.71.3.1"]);
+    ip_in(&ea.name, &["route", "add", "default", "via", "10.71.5.1"]);
+    ip_in(&eb.name, &["route", "add", "default", "via", "10.71.4.1"]);
+    // The router: the ingest address to host A (as ECMP would for this flow), B's encoder
+    // network to host B.
+    ip_in(&rt.name, &["route", "add", INGEST, "via", "10.71.2.2"]);
+    ip_in(
+        &rt.name,
+        &["route", "add", "10.71.4.0/24", "via", "10.71.3.2"],
+    );
+    World {
+        _router_xdp: router_xdp,
+        cl,
+        _rt: rt,
+        ha,
+        hb,
+        ea,
+        eb,
+    }
+}
+
+#[test]
+fn a_channel_reaches_its_encoder_on_another_host_and_its_replies_come_back() {
+    let w = world();
+    let channel = sa(INGEST, 5000);
+    let caller = sa(CALLER, 40000);
+    let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
+
+    // A's next hop towards B is the router, whose neighbour entry A's BGP session keeps
+    // fresh (A cannot probe eb itself: B does not forward IP); registering eb resolves it.
+    let mut a = {
+        let _in = Entered::new(&w.ha);
+        let mut dp = pins_a.open();
+        dp.attach_ingest("ua", XdpMode::Native).unwrap();
+        dp.upsert_encoder(&EncoderSpec {
+            name: "eb".into(),
+            addr: EB.parse::<IpAddr>().unwrap(),
+            // Not used: the next hop's MAC is resolved from A's routing and neighbour tables.
+            mac: [0; 6],
+            link: EncoderLink::Routed,
+        })
+        .unwrap();
+        dp.upsert_encoder(&EncoderSpec {
+            name: "ea".into(),
+            addr: EA.parse::<IpAddr>().unwrap(),
+            mac: mac(&w.ea, "a0"),
+            link: EncoderLink::Local {
+                ifname: "va".into(),
+            },
+        })
+        .unwrap();
+        dp.set_channel(channel, ENC_PORT, "eb", &["eb", "ea"], false)
+            .unwrap();
+        dp
+    };
+    let mut b = {
+        let _in = Entered::new(&w.hb);
+        let mut dp = pins_b.open();
+        dp.attach_ingest("ub", XdpMode::Native).unwrap();
+        dp.upsert_encoder(&EncoderSpec {
+            name: "eb".into(),
+            addr: EB.parse::<IpAddr>().unwrap(),
+            mac: mac(&w.eb, "b0"),
+            link: EncoderLink::Local {
+                ifname: "vb".into(),
+            },
+        })
+        .unwrap();
+        dp.set_channel(channel, ENC_PORT, "eb", &["eb"], false)
+            .unwrap();
+        dp
+    };
+    let rx_a = Receiver::start(&w.ea, sa(EA, ENC_PORT));
+    let rx_b = Receiver::start(&w.eb, sa(EB, ENC_PORT));
+
+    // 1. Without a transit entry on B, what A routes there is not B's to take: B's XDP
+    //    passes it, B does not forward IP, nothing arrives.
+    let r = send_burst(
+        &w.cl,
+        caller,
+        channel,
+        0..20,
+        GAP,
+        Duration::from_millis(300),
+    );
+    assert!(
+        rx_b.settled().is_empty(),
+        "nothing reached eb without transit"
+    );
+    assert!(r.seqs().is_empty());
+    let sa_ = a.xdp_stats().unwrap();
+    assert_eq!(count(&sa_, "routed"), 20, "A routed all: {sa_:?}");
+    assert_eq!(
+        count(&b.xdp_stats().unwrap(), "pass_no_channel"),
+        20,
+        "B passed them"
+    );
+
+    // 2. With it, the stream crosses: A rewrites towards eb and sends it to its next hop, B
+    //    redirects it into eb's veth and learns the caller, eb's answers leave B from the
+    //    ingest address.
+    {
+        let _in = Entered::new(&w.hb);
+        b.set_transit(channel, "eb").unwrap();
+        assert_eq!(
+            b.transits(),
+            vec![(sa(EB, ENC_PORT), channel, b.encoders().unwrap()[0].id)]
+        );
+    }
+    let r = send_burst(&w.cl, caller, channel, 100..300, GAP, LINGER);
+    assert_eq!(rx_b.settled(), (100..300).collect(), "eb got the stream");
+    assert_eq!(r.seqs(), (100..300).collect(), "every packet answered");
+    assert!(
+        r.from_only(channel),
+        "answers come from the ingest address: {:?}",
+        &r.acks[..3]
+    );
+    assert!(rx_a.settled().is_empty(), "ea got nothing");
+    assert_eq!(count(&a.xdp_stats().unwrap(), "routed"), 220);
+    assert_eq!(a.encoder_stats("eb").unwrap().rx.packets, 220);
+    assert_eq!(count(&b.xdp_stats().unwrap(), "redirected"), 200);
+    assert_eq!(b.encoder_stats("eb").unwrap().rx.packets, 200);
+    assert_eq!(b.channel_stats(channel).unwrap().packets, 200);
+    assert!(
+        b.sources()
+            .unwrap()
+            .iter()
+            .any(|s| s.channel == channel && s.peer == caller),
+        "B learned the caller as the channel's source"
+    );
+    assert_eq!(rx_b.corrupt(), 0, "checksums right after two rewrites");
+
+    // 3. A failover between hosts is one map write on the ingest host, both ways.
+    a.activate(channel, "ea").unwrap();
+    let r = send_burst(&w.cl, caller, channel, 300..400, GAP, LINGER);
+    assert_eq!(rx_a.settled(), (300..400).collect(), "ea got the rest");
+    assert_eq!(r.seqs(), (300..400).collect());
+    a.activate(channel, "eb").unwrap();
+    let r = send_burst(&w.cl, caller, channel, 400..500, GAP, LINGER);
+    assert_eq!(
+        rx_b.settled(),
+        (100..300).chain(400..500).collect(),
+        "back at eb"
+    );
+    assert_eq!(r.seqs(), (400..500).collect());
+    assert!(r.from_only(channel));
+
+    // 4. The next hop is resolved again on request: with no route to B, the encoder keeps
+    //    its last next hop (forwarding goes on) and the failure is returned, naming it.
+    ip_in(&w.ha.name, &["route", "del", "default"]);
+    let failed = {
+        let _in = Entered::new(&w.ha);
+        a.refresh_routes()
+    };
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "eb");
+    assert!(
+        failed[0].1.to_string().contains("no route to 10.71.4.2"),
+        "{}",
+        failed[0].1
+    );
+    ip_in(&w.ha.name, &["route", "add", "default", "via", "10.71.2.1"]);
+    let failed = {
+        let _in = Entered::new(&w.ha);
+        a.refresh_routes()
+    };
+    assert!(failed.is_empty(), "{failed:?}");
+    let r = send_burst(&w.cl, caller, channel, 500..600, GAP, LINGER);
+    assert_eq!(r.seqs(), (500..600).collect(), "still through B");
+
+    // 5. The channel goes from B: its transit entry goes with it.
+    {
+        let _in = Entered::new(&w.hb);
+        b.remove_channel(channel).unwrap();
+        assert!(b.transits().is_empty());
+    }
+    drop(w);
+}
+
+#[test]
+fn a_transit_entry_needs_a_local_encoder_of_the_channel() {
+    let w = world();
+    let pins = PinDir::new();
+    let channel = sa(INGEST, 5000);
+    let _in = Entered::new(&w.hb);
+    let mut dp = pins.open();
+    dp.attach_ingest("ub", XdpMode::Native).unwrap();
+    dp.upsert_encoder(&EncoderSpec {
+        name: "eb".into(),
+        addr: EB.parse::<IpAddr>().unwrap(),
+        mac: mac(&w.eb, "b0"),
+        link: EncoderLink::Local {
+            ifname: "vb".into(),
+        },
+    })
+    .unwrap();
+    dp.upsert_encoder(&EncoderSpec {
+        name: "far".into(),
+        addr: "10.71.9.2".parse::<IpAddr>().unwrap(),
+        mac: [0; 6],
+        link: EncoderLink::Routed,
+    })
+    .unwrap();
+    dp.upsert_encoder(&EncoderSpec {
+        name: "other".into(),
+        addr: "10.71.4.3".parse::<IpAddr>().unwrap(),
+        mac: mac(&w.eb, "b0"),
+        link: EncoderLink::Local {
+            ifname: "vb".into(),
+        },
+    })
+    .unwrap();
+    assert!(dp.set_transit(channel, "eb").is_err(), "no such channel");
+    dp.set_channel(channel, ENC_PORT, "eb", &["eb", "far"], false)
+        .unwrap();
+    let err = dp.set_transit(channel, "far").unwrap_err().to_string();
+    assert!(err.contains("not local"), "{err}");
+    let err = dp.set_transit(channel, "other").unwrap_err().to_string();
+    assert!(err.contains("not one of the channel's"), "{err}");
+    dp.set_transit(channel, "eb").unwrap();
+    dp.set_transit(channel, "eb").unwrap();
+    assert_eq!(dp.transits().len(), 1, "idempotent");
+    // The channel drops eb from its encoders: the transit entry goes.
+    dp.set_channel(channel, ENC_PORT, "far", &["far"], false)
+        .unwrap();
+    assert!(dp.transits().is_empty());
+    // A transit entry survives a restart of the controller (adoption) and is still told
+    // from a channel.
+    dp.set_channel(channel, ENC_PORT, "eb", &["eb", "far"], false)
+        .unwrap();
+    dp.set_transit(channel, "eb").unwrap();
+    drop(dp);
+    let dp = pins.open();
+    assert!(dp.adopted());
+    assert_eq!(dp.transits().len(), 1);
+    assert_eq!(dp.channels().unwrap().len(), 1, "{:?}", dp.channels());
+}
