@@ -20,6 +20,7 @@ use nsfail::{Dataplane, paths::Pins};
 pub mod daemon;
 pub mod foreign;
 pub mod frames;
+pub mod hosts;
 pub mod srt;
 pub mod traffic;
 
