@@ -287,7 +287,7 @@ pub enum HealthKind {
 }
 
 /// `[[channel]]`: one contribution stream.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Channel {
     pub name: String,
@@ -317,7 +317,7 @@ pub struct Channel {
 }
 
 /// `channel.failback`: what happens once a channel's primary is healthy again.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Failback {
     /// Stay on the backup until an operator remaps.
@@ -328,7 +328,7 @@ pub enum Failback {
 }
 
 /// `channel.protocol`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]

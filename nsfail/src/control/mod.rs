@@ -110,9 +110,9 @@ pub enum ControlError {
 type Result<T, E = ControlError> = std::result::Result<T, E>;
 
 pub struct Controller {
-    /// The config file as last read (at start-up or by a reload): what a reload compares the
-    /// new file with, to tell which runtime changes it overrides.
-    base: Config,
+    /// The config file as last read (at start-up or by a reload), as much of it as a reload
+    /// needs to tell which runtime changes the new file overrides.
+    loaded: reload::Loaded,
     /// Runtime changes over the config file.
     delta: Delta,
     effective: Config,
@@ -237,10 +237,8 @@ impl Controller {
         // among the parse's garbage, the copy is packed, and once the parsed one is dropped
         // that garbage can go back to the system (about 60 MiB at 100,000 channels).
         let effective = delta.apply(&base);
-        // Packed as well, for the same reason (a reload needs it).
-        let base = base.clone();
         let mut c = Self {
-            base,
+            loaded: reload::Loaded::of(&base),
             delta,
             lookup: effective.lookup(),
             effective,
@@ -266,6 +264,7 @@ impl Controller {
             failback_checked: None,
             audit: Default::default(),
         };
+        drop(base);
         if let Some(reason) = set_aside {
             warn!("{reason}");
             c.event(None, None, None, &reason);
