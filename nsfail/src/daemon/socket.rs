@@ -243,7 +243,10 @@ pub(super) async fn handle(
                 Err(e) => Response::error(format!("malformed request: {e}")),
             }
         };
-        let mut out = serde_json::to_vec(&response)?;
+        // Sized once: the answer can be tens of MB (a `status` of 100,000 channels).
+        let size = response.data.as_ref().map_or(0, |d| d.get().len());
+        let mut out = Vec::with_capacity(size + 256);
+        serde_json::to_writer(&mut out, &response)?;
         out.push(b'\n');
         write.write_all(&out).await?;
         if too_long || refused {
