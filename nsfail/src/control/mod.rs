@@ -56,6 +56,7 @@ pub use self::{
     events::{monotonic_ns, rfc3339, rotated},
     links::encoder_spec,
     state::{Delta, events_path, state_path},
+    status::StatusView,
 };
 use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
