@@ -334,7 +334,11 @@ impl Controller {
         }
         self.input.retain(|listen, _| listens.contains(listen));
         for name in self.decider.channel_names() {
-            if self.lookup.channel(&name).is_none() {
+            if self
+                .lookup
+                .channel(&self.effective.channels, &name)
+                .is_none()
+            {
                 self.decider.remove_channel(&name);
             }
         }
@@ -398,7 +402,7 @@ impl Controller {
 
     fn channel(&self, name: &str) -> Result<config::Channel> {
         self.lookup
-            .channel(name)
+            .channel(&self.effective.channels, name)
             .map(|i| self.effective.channels[i].clone())
             .ok_or_else(|| ControlError::UnknownChannel(name.to_owned()))
     }
