@@ -164,7 +164,7 @@ impl Controller {
 
 /// What a reload compares the file with: the config file as last loaded (at start-up or by
 /// the last reload), kept small. Its encoders (a few) whole; its channels (up to 100,000: a
-/// copy of them all held 30 MiB) as one fingerprint each, since a reload only asks of a
+/// copy of them all held 18 MiB) as one fingerprint each, since a reload only asks of a
 /// channel whether the file's edit touched it.
 pub(super) struct Loaded {
     encoders: Vec<config::Encoder>,
@@ -200,14 +200,13 @@ impl Loaded {
     fn touched(&self, name: &str, now: Option<&config::Channel>) -> bool {
         let key = fingerprint(name);
         let from = self.channels.partition_point(|&(n, _)| n < key);
-        let then: Vec<u64> = self.channels[from..]
+        let mut then = self.channels[from..]
             .iter()
             .take_while(|&&(n, _)| n == key)
-            .map(|&(_, print)| print)
-            .collect();
-        match (then.as_slice(), now) {
-            ([], None) => false,
-            ([print], Some(now)) => *print != fingerprint(now),
+            .map(|&(_, print)| print);
+        match (then.next(), then.next(), now) {
+            (None, _, None) => false,
+            (Some(print), None, Some(now)) => print != fingerprint(now),
             _ => true,
         }
     }
