@@ -56,6 +56,7 @@ pub use self::{
     events::{monotonic_ns, rfc3339, rotated},
     links::encoder_spec,
     state::{Delta, events_path, state_path},
+    status::StatusView,
 };
 use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
@@ -110,9 +111,9 @@ pub enum ControlError {
 type Result<T, E = ControlError> = std::result::Result<T, E>;
 
 pub struct Controller {
-    /// The config file as last read (at start-up or by a reload): what a reload compares the
-    /// new file with, to tell which runtime changes it overrides.
-    base: Config,
+    /// The config file as last read (at start-up or by a reload), as much of it as a reload
+    /// needs to tell which runtime changes the new file overrides.
+    loaded: reload::Loaded,
     /// Runtime changes over the config file.
     delta: Delta,
     effective: Config,
@@ -237,10 +238,8 @@ impl Controller {
         // among the parse's garbage, the copy is packed, and once the parsed one is dropped
         // that garbage can go back to the system (about 60 MiB at 100,000 channels).
         let effective = delta.apply(&base);
-        // Packed as well, for the same reason (a reload needs it).
-        let base = base.clone();
         let mut c = Self {
-            base,
+            loaded: reload::Loaded::of(&base),
             delta,
             lookup: effective.lookup(),
             effective,
@@ -266,6 +265,7 @@ impl Controller {
             failback_checked: None,
             audit: Default::default(),
         };
+        drop(base);
         if let Some(reason) = set_aside {
             warn!("{reason}");
             c.event(None, None, None, &reason);
@@ -334,7 +334,11 @@ impl Controller {
         }
         self.input.retain(|listen, _| listens.contains(listen));
         for name in self.decider.channel_names() {
-            if self.lookup.channel(&name).is_none() {
+            if self
+                .lookup
+                .channel(&self.effective.channels, &name)
+                .is_none()
+            {
                 self.decider.remove_channel(&name);
             }
         }
@@ -398,7 +402,7 @@ impl Controller {
 
     fn channel(&self, name: &str) -> Result<config::Channel> {
         self.lookup
-            .channel(name)
+            .channel(&self.effective.channels, name)
             .map(|i| self.effective.channels[i].clone())
             .ok_or_else(|| ControlError::UnknownChannel(name.to_owned()))
     }
