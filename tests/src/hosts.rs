@@ -230,6 +230,29 @@ pub fn bird(ns: &Netns, dir: &TempDir, name: &str, conf: &str) -> ChildGuard {
     spawn_in(ns, "bird", &["-f", "-c", &path, "-s", &sock])
 }
 
+/// A local encoder `name` at `addr`, behind host-side veth `ifname` whose peer is `dev` in
+/// `ns`.
+pub fn local(name: &str, addr: &str, ns: &Netns, dev: &str, ifname: &str) -> EncoderSpec {
+    EncoderSpec {
+        name: name.into(),
+        addr: addr.parse().unwrap(),
+        mac: mac(ns, dev),
+        link: EncoderLink::Local {
+            ifname: ifname.into(),
+        },
+    }
+}
+
+/// An encoder on another host, reached through the routing table (its `mac` is not used).
+pub fn routed(name: &str, addr: &str) -> EncoderSpec {
+    EncoderSpec {
+        name: name.into(),
+        addr: addr.parse().unwrap(),
+        mac: [0; 6],
+        link: EncoderLink::Routed,
+    }
+}
+
 /// Makes `addrs` the announced ingest addresses of the host in `ns` (its ingest on `dev`).
 pub fn announce_in(ns: &Netns, dev: &str, addrs: &[&str]) {
     let _in = Entered::new(ns);
@@ -305,22 +328,7 @@ impl AnycastLab {
             let _in = Entered::new(&w.ha);
             let mut dp = pins.0.open();
             dp.attach_ingest("ua", XdpMode::Native).unwrap();
-            for spec in [
-                EncoderSpec {
-                    name: "eb".into(),
-                    addr: EB.parse().unwrap(),
-                    mac: [0; 6],
-                    link: EncoderLink::Routed,
-                },
-                EncoderSpec {
-                    name: "ea".into(),
-                    addr: EA.parse().unwrap(),
-                    mac: mac(&w.ea, "a0"),
-                    link: EncoderLink::Local {
-                        ifname: "va".into(),
-                    },
-                },
-            ] {
+            for spec in [routed("eb", EB), local("ea", EA, &w.ea, "a0", "va")] {
                 dp.upsert_encoder(&spec).unwrap();
             }
             dp.set_channel(channel, 7000, "eb", &["eb", "ea"], false)
@@ -331,15 +339,8 @@ impl AnycastLab {
             let _in = Entered::new(&w.hb);
             let mut dp = pins.1.open();
             dp.attach_ingest("ub", XdpMode::Native).unwrap();
-            dp.upsert_encoder(&EncoderSpec {
-                name: "eb".into(),
-                addr: EB.parse().unwrap(),
-                mac: mac(&w.eb, "b0"),
-                link: EncoderLink::Local {
-                    ifname: "vb".into(),
-                },
-            })
-            .unwrap();
+            dp.upsert_encoder(&local("eb", EB, &w.eb, "b0", "vb"))
+                .unwrap();
             dp.set_channel(channel, 7000, "eb", &["eb"], false).unwrap();
             dp.set_transit(channel, "eb").unwrap();
             dp

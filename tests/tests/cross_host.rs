@@ -14,15 +14,12 @@
 //!                   +----- 10.71.3.2 hb [XDP on ub] --- vb/eb 10.71.4.2
 //! ```
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
-use nsfail::{EncoderLink, EncoderSpec, XdpMode};
+use nsfail::XdpMode;
 use nsfail_tests::{
     Entered, PinDir,
-    hosts::{CALLER, EA, EB, INGEST, mac, router_xdp, world},
+    hosts::{CALLER, EA, EB, INGEST, local, routed, router_xdp, world},
     ip_in,
     traffic::{Receiver, send_burst},
 };
@@ -55,23 +52,9 @@ fn a_channel_reaches_its_encoder_on_another_host_and_its_replies_come_back() {
         let _in = Entered::new(&w.ha);
         let mut dp = pins_a.open();
         dp.attach_ingest("ua", XdpMode::Native).unwrap();
-        dp.upsert_encoder(&EncoderSpec {
-            name: "eb".into(),
-            addr: EB.parse::<IpAddr>().unwrap(),
-            // Not used: the next hop's MAC is resolved from A's routing and neighbour tables.
-            mac: [0; 6],
-            link: EncoderLink::Routed,
-        })
-        .unwrap();
-        dp.upsert_encoder(&EncoderSpec {
-            name: "ea".into(),
-            addr: EA.parse::<IpAddr>().unwrap(),
-            mac: mac(&w.ea, "a0"),
-            link: EncoderLink::Local {
-                ifname: "va".into(),
-            },
-        })
-        .unwrap();
+        dp.upsert_encoder(&routed("eb", EB)).unwrap();
+        dp.upsert_encoder(&local("ea", EA, &w.ea, "a0", "va"))
+            .unwrap();
         dp.set_channel(channel, ENC_PORT, "eb", &["eb", "ea"], false)
             .unwrap();
         dp
@@ -80,15 +63,8 @@ fn a_channel_reaches_its_encoder_on_another_host_and_its_replies_come_back() {
         let _in = Entered::new(&w.hb);
         let mut dp = pins_b.open();
         dp.attach_ingest("ub", XdpMode::Native).unwrap();
-        dp.upsert_encoder(&EncoderSpec {
-            name: "eb".into(),
-            addr: EB.parse::<IpAddr>().unwrap(),
-            mac: mac(&w.eb, "b0"),
-            link: EncoderLink::Local {
-                ifname: "vb".into(),
-            },
-        })
-        .unwrap();
+        dp.upsert_encoder(&local("eb", EB, &w.eb, "b0", "vb"))
+            .unwrap();
         dp.set_channel(channel, ENC_PORT, "eb", &["eb"], false)
             .unwrap();
         dp
@@ -208,21 +184,9 @@ fn a_transit_entry_needs_a_local_encoder_of_the_channel() {
     let _in = Entered::new(&w.hb);
     let mut dp = pins.open();
     dp.attach_ingest("ub", XdpMode::Native).unwrap();
-    dp.upsert_encoder(&EncoderSpec {
-        name: "eb".into(),
-        addr: EB.parse::<IpAddr>().unwrap(),
-        mac: mac(&w.eb, "b0"),
-        link: EncoderLink::Local {
-            ifname: "vb".into(),
-        },
-    })
-    .unwrap();
-    let far = EncoderSpec {
-        name: "far".into(),
-        addr: "10.71.9.2".parse::<IpAddr>().unwrap(),
-        mac: [0; 6],
-        link: EncoderLink::Routed,
-    };
+    dp.upsert_encoder(&local("eb", EB, &w.eb, "b0", "vb"))
+        .unwrap();
+    let far = routed("far", "10.71.9.2");
     // B's uplink is a veth whose peer (the router's side) has no XDP program: frames sent
     // back out of it would never arrive, so a routed encoder is refused, saying why.
     let err = dp.upsert_encoder(&far).unwrap_err().to_string();
@@ -233,27 +197,13 @@ fn a_transit_entry_needs_a_local_encoder_of_the_channel() {
     assert!(dp.encoders().unwrap().iter().all(|e| e.name != "far"));
     let _rb_xdp = router_xdp(&w.rt, "rb");
     dp.upsert_encoder(&far).unwrap();
-    dp.upsert_encoder(&EncoderSpec {
-        name: "other".into(),
-        addr: "10.71.4.3".parse::<IpAddr>().unwrap(),
-        mac: mac(&w.eb, "b0"),
-        link: EncoderLink::Local {
-            ifname: "vb".into(),
-        },
-    })
-    .unwrap();
+    dp.upsert_encoder(&local("other", "10.71.4.3", &w.eb, "b0", "vb"))
+        .unwrap();
     assert!(dp.set_transit(channel, "eb").is_err(), "no such channel");
     // A channel forwarding to its own address and port is refused: a loop, and it would read
     // back as a transit entry.
-    dp.upsert_encoder(&EncoderSpec {
-        name: "itself".into(),
-        addr: INGEST.parse::<IpAddr>().unwrap(),
-        mac: mac(&w.eb, "b0"),
-        link: EncoderLink::Local {
-            ifname: "vb".into(),
-        },
-    })
-    .unwrap();
+    dp.upsert_encoder(&local("itself", INGEST, &w.eb, "b0", "vb"))
+        .unwrap();
     let err = dp
         .set_channel(channel, 5000, "itself", &["itself"], false)
         .unwrap_err()
