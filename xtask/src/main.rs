@@ -50,6 +50,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "systemd",
     "bpftool",
+    // protoc: the etcd v3 client (`etcd-client`) compiles etcd's protobuf files at build time.
+    "protobuf-compiler",
+    // etcd itself, for the cluster tests (issue 17).
+    "etcd-server",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.
 const USERSPACE: &[&str] = &["--workspace", "--exclude", "nsfail-ebpf"];

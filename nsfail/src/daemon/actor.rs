@@ -243,6 +243,7 @@ impl Followed {
                 encoders: cfg.encoders.clone(),
                 channels: Vec::new(),
                 daemon: cfg.daemon.clone(),
+                cluster: cfg.cluster.clone(),
             },
             checks: cfg.health_checks(),
         }

@@ -1,0 +1,192 @@
+//! Shared state in etcd (issue 17, first part): the key layout under `/nsfail/<name>/`, what
+//! each key holds, and the etcd calls the CLI and the daemon make.
+//!
+//! | key                                   | value (JSON)                              | lease      |
+//! |---------------------------------------|-------------------------------------------|------------|
+//! | `/nsfail/<name>/channels/<channel>`   | the channel, as `add channel` states it   | none       |
+//! | `/nsfail/<name>/hosts/<host>`         | [`HostRecord`]                            | the host's |
+//! | `/nsfail/<name>/encoders/<host>/<enc>`| [`EncoderRecord`]: definition and health  | the host's |
+//!
+//! Anything else under the prefix, or a value that does not decode, is foreign or corrupt:
+//! reported and skipped, never applied.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    api::NewChannel,
+    config::{self, Cluster},
+};
+
+pub mod cli;
+pub mod store;
+
+/// What a key under the cluster's prefix names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Key {
+    Channel(String),
+    Host(String),
+    Encoder {
+        host: String,
+        encoder: String,
+    },
+    /// Not nsfail's layout (or a bad name in it).
+    Foreign,
+}
+
+pub fn channels_prefix(c: &Cluster) -> String {
+    format!("{}channels/", c.prefix())
+}
+
+pub fn channel_key(c: &Cluster, name: &str) -> String {
+    format!("{}channels/{name}", c.prefix())
+}
+
+pub fn host_key(c: &Cluster, host: &str) -> String {
+    format!("{}hosts/{host}", c.prefix())
+}
+
+pub fn hosts_prefix(c: &Cluster) -> String {
+    format!("{}hosts/", c.prefix())
+}
+
+pub fn encoder_key(c: &Cluster, host: &str, encoder: &str) -> String {
+    format!("{}encoders/{host}/{encoder}", c.prefix())
+}
+
+/// Classifies `key` (under the prefix `prefix`).
+pub fn parse_key(prefix: &str, key: &str) -> Key {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return Key::Foreign;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let ok = |s: &str| config::valid_name(s);
+    match parts.as_slice() {
+        ["channels", name] if ok(name) => Key::Channel((*name).to_owned()),
+        ["hosts", host] if ok(host) => Key::Host((*host).to_owned()),
+        ["encoders", host, enc] if ok(host) && ok(enc) => Key::Encoder {
+            host: (*host).to_owned(),
+            encoder: (*enc).to_owned(),
+        },
+        _ => Key::Foreign,
+    }
+}
+
+/// A channel's value: the JSON of [`NewChannel`], whose name must be the key's, and which must
+/// make a valid channel by the config file's rules.
+pub fn decode_channel(name: &str, value: &[u8]) -> Result<NewChannel, String> {
+    let nc: NewChannel =
+        serde_json::from_slice(value).map_err(|e| format!("not a channel definition: {e}"))?;
+    if nc.name != name {
+        return Err(format!(
+            "the value names channel {:?}, the key {name:?}",
+            nc.name
+        ));
+    }
+    config::Channel::try_from(nc.clone()).map_err(|e| e.to_string())?;
+    Ok(nc)
+}
+
+/// A config channel as etcd stores it.
+pub fn encode_channel(ch: &config::Channel) -> NewChannel {
+    let lower = |v: serde_json::Value| v.as_str().map(str::to_owned);
+    NewChannel {
+        name: ch.name.clone(),
+        listen: ch.listen.to_string(),
+        encoders: ch.encoders.clone(),
+        port: ch.port,
+        failback: serde_json::to_value(ch.failback).ok().and_then(lower),
+        hold_down_ms: Some(ch.hold_down_ms),
+        protocol: serde_json::to_value(ch.protocol).ok().and_then(lower),
+        sources: ch.sources.iter().map(ToString::to_string).collect(),
+        srt_peer_limit: ch.srt_peer_limit,
+    }
+}
+
+/// `hosts/<host>`: a host that is up (the key lives as long as its lease).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostRecord {
+    pub host: String,
+    /// Its lease's ID.
+    pub lease: i64,
+    pub lease_s: u64,
+    /// The daemon's process ID on its host.
+    pub pid: u32,
+}
+
+/// `encoders/<host>/<encoder>`: a host's encoder, as its config defines it, and its health as
+/// that host sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderRecord {
+    pub host: String,
+    pub definition: config::Encoder,
+    pub healthy: bool,
+    pub drained: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Cluster {
+        let cfg = config::Config::parse(
+            "[ingest]\ninterface = \"eth0\"\n[cluster]\nname = \"studio\"\nhost = \"h1\"\netcd = [\"http://127.0.0.1:2379\"]\n",
+            "t",
+        )
+        .unwrap();
+        cfg.cluster.unwrap()
+    }
+
+    #[test]
+    fn keys_round_trip_and_foreign_keys_are_foreign() {
+        let c = cluster();
+        let p = c.prefix();
+        assert_eq!(
+            parse_key(&p, &channel_key(&c, "cam1")),
+            Key::Channel("cam1".into())
+        );
+        assert_eq!(parse_key(&p, &host_key(&c, "h1")), Key::Host("h1".into()));
+        assert_eq!(
+            parse_key(&p, &encoder_key(&c, "h1", "enc-a")),
+            Key::Encoder {
+                host: "h1".into(),
+                encoder: "enc-a".into()
+            }
+        );
+        for foreign in [
+            "/nsfail/studio/other/x",
+            "/nsfail/studio/channels/",
+            "/nsfail/studio/channels/a/b",
+            "/nsfail/studio/channels/bad name",
+            "/nsfail/studiox/channels/a",
+            "/nsfail/studio/encoders/h1",
+        ] {
+            assert_eq!(parse_key(&p, foreign), Key::Foreign, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn channels_decode_only_when_valid() {
+        let cfg = config::Config::parse(
+            "[ingest]\ninterface = \"eth0\"\n[[encoder]]\nname = \"e\"\naddress = \"10.0.0.2\"\nhealth = { kind = \"tcp\", port = 9 }\n[[channel]]\nname = \"cam1\"\nlisten = \"10.0.0.1:5000\"\nencoders = [\"e\"]\nprotocol = \"srt\"\nfailback = \"auto\"\nsources = [\"203.0.113.0/24\"]\nsrt_peer_limit = 4\n",
+            "t",
+        )
+        .unwrap();
+        let nc = encode_channel(&cfg.channels[0]);
+        let json = serde_json::to_vec(&nc).unwrap();
+        let back = decode_channel("cam1", &json).unwrap();
+        assert_eq!(back, nc);
+        assert_eq!(
+            config::Channel::try_from(back).unwrap(),
+            cfg.channels[0],
+            "the stored channel is the file's"
+        );
+        assert!(decode_channel("cam2", &json).unwrap_err().contains("key"));
+        assert!(decode_channel("cam1", b"{not json").is_err());
+        let bad = br#"{"name":"cam1","listen":"nowhere","encoders":["e"]}"#;
+        assert!(decode_channel("cam1", bad).is_err());
+        let extra = br#"{"name":"cam1","listen":"10.0.0.1:5000","encoders":["e"],"x":1}"#;
+        assert!(decode_channel("cam1", extra).is_err());
+    }
+}
