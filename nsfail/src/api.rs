@@ -187,6 +187,9 @@ pub struct SrtPeerStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EncoderStatus {
     pub name: String,
+    /// A cluster host's view: the host the encoder belongs to (absent without `[cluster]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub address: String,
     pub local: bool,
     pub healthy: bool,

@@ -58,14 +58,32 @@ pub(super) fn render_status(s: &Status, brief: bool) -> String {
             c.encoders.join(",")
         );
     }
+    // A cluster host's status names each encoder's host; one host's stays as it was.
+    let clustered = s.encoders.iter().any(|e| e.host.is_some());
+    let host_col = |h: &str| {
+        if clustered {
+            format!("{h:<16} ")
+        } else {
+            String::new()
+        }
+    };
     out += &format!(
-        "\n{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
-        "ENCODER", "ADDRESS", "HEALTHY", "DRAINED", "PACKETS", "REPLIES", "DROPS", "ACTIVE_FOR"
+        "\n{:<12} {}{:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
+        "ENCODER",
+        host_col("HOST"),
+        "ADDRESS",
+        "HEALTHY",
+        "DRAINED",
+        "PACKETS",
+        "REPLIES",
+        "DROPS",
+        "ACTIVE_FOR"
     );
     for e in &s.encoders {
         out += &format!(
-            "{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
+            "{:<12} {}{:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
             e.name,
+            host_col(e.host.as_deref().unwrap_or("-")),
             e.address,
             e.healthy,
             e.drained,

@@ -112,6 +112,9 @@ pub struct HostRecord {
     pub lease_s: u64,
     /// The daemon's process ID on its host.
     pub pid: u32,
+    /// The MAC address of its ingest interface: where other hosts send a channel's packets
+    /// for its encoders.
+    pub mac: String,
 }
 
 /// `encoders/<host>/<encoder>`: a host's encoder, as its config defines it, and its health as
@@ -123,6 +126,71 @@ pub struct EncoderRecord {
     pub definition: config::Encoder,
     pub healthy: bool,
     pub drained: bool,
+}
+
+/// One key of the cluster's prefix as read or watched, decoded: what a host applies, or why
+/// it skips it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    PutChannel(config::Channel),
+    DeleteChannel(String),
+    PutHost(HostRecord),
+    DeleteHost(String),
+    PutEncoder(EncoderRecord),
+    DeleteEncoder {
+        host: String,
+        encoder: String,
+    },
+    /// Foreign or corrupt: reported and skipped, never applied.
+    Bad {
+        key: String,
+        why: String,
+    },
+}
+
+/// Decodes a key under `prefix` and its value (`None`: the key was deleted).
+pub fn decode(prefix: &str, key: &[u8], value: Option<&[u8]>) -> Change {
+    let bad = |why: String| Change::Bad {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why,
+    };
+    let Ok(key_text) = std::str::from_utf8(key) else {
+        return bad("the key is not UTF-8".into());
+    };
+    match (parse_key(prefix, key_text), value) {
+        (Key::Foreign, _) => bad("not a key of nsfail's layout".into()),
+        (Key::Channel(name), None) => Change::DeleteChannel(name),
+        (Key::Channel(name), Some(v)) => match decode_channel(&name, v)
+            .and_then(|nc| config::Channel::try_from(nc).map_err(|e| e.to_string()))
+        {
+            Ok(ch) => Change::PutChannel(ch),
+            Err(why) => bad(why),
+        },
+        (Key::Host(host), None) => Change::DeleteHost(host),
+        (Key::Host(host), Some(v)) => match serde_json::from_slice::<HostRecord>(v) {
+            Ok(rec) if rec.host == host && config::parse_mac(&rec.mac).is_some() => {
+                Change::PutHost(rec)
+            }
+            Ok(rec) => bad(format!(
+                "host record of {:?} with MAC {:?} under the key of {host:?}",
+                rec.host, rec.mac
+            )),
+            Err(e) => bad(format!("not a host record: {e}")),
+        },
+        (Key::Encoder { host, encoder }, None) => Change::DeleteEncoder { host, encoder },
+        (Key::Encoder { host, encoder }, Some(v)) => {
+            match serde_json::from_slice::<EncoderRecord>(v) {
+                Ok(rec) if rec.host == host && rec.definition.name == encoder => {
+                    Change::PutEncoder(rec)
+                }
+                Ok(rec) => bad(format!(
+                    "encoder record of {}/{} under the key of {host}/{encoder}",
+                    rec.host, rec.definition.name
+                )),
+                Err(e) => bad(format!("not an encoder record: {e}")),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -188,5 +256,52 @@ mod tests {
         assert!(decode_channel("cam1", bad).is_err());
         let extra = br#"{"name":"cam1","listen":"10.0.0.1:5000","encoders":["e"],"x":1}"#;
         assert!(decode_channel("cam1", extra).is_err());
+    }
+
+    #[test]
+    fn watched_keys_decode_to_changes_or_to_reported_skips() {
+        let p = "/nsfail/studio/";
+        let ch = br#"{"name":"cam1","listen":"10.0.0.1:5000","encoders":["e"]}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/channels/cam1", Some(ch)),
+            Change::PutChannel(c) if c.name == "cam1"
+        ));
+        assert_eq!(
+            decode(p, b"/nsfail/studio/channels/cam1", None),
+            Change::DeleteChannel("cam1".into())
+        );
+        let host = br#"{"host":"h2","lease":7,"lease_s":1,"pid":9,"mac":"02:00:00:00:00:02"}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/hosts/h2", Some(host)),
+            Change::PutHost(h) if h.lease == 7
+        ));
+        let enc = br#"{"host":"h2","definition":{"name":"e","address":"10.0.0.2"},"healthy":true,"drained":false}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/encoders/h2/e", Some(enc)),
+            Change::PutEncoder(r) if r.healthy
+        ));
+        assert_eq!(
+            decode(p, b"/nsfail/studio/encoders/h2/e", None),
+            Change::DeleteEncoder {
+                host: "h2".into(),
+                encoder: "e".into()
+            }
+        );
+        // Each of these is skipped, with its reason, and never applied.
+        let bad: [(&[u8], Option<&[u8]>); 6] = [
+            (b"/nsfail/studio/junk", Some(b"1")),
+            (b"/nsfail/studio/channels/cam1", Some(b"{not json")),
+            (b"/nsfail/studio/channels/cam2", Some(ch)),
+            (b"/nsfail/studio/hosts/h3", Some(host)),
+            (b"/nsfail/studio/encoders/h3/e", Some(enc)),
+            (b"/nsfail/studio/channels/\xff", Some(ch)),
+        ];
+        for (key, value) in bad {
+            assert!(
+                matches!(decode(p, key, value), Change::Bad { .. }),
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
     }
 }

@@ -38,6 +38,7 @@ mod events;
 mod input;
 mod links;
 mod reload;
+mod shared;
 mod srt;
 mod state;
 mod status;
@@ -55,11 +56,12 @@ use self::{
 pub use self::{
     events::{monotonic_ns, rfc3339, rotated},
     links::encoder_spec,
+    shared::{Shared, SharedReport},
     state::{Delta, events_path, state_path},
 };
 use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
-    api::{ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
+    api::{self, ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
     config::{self, Config, ConfigError},
     dataplane::ChannelOptions,
     net::{
@@ -161,6 +163,10 @@ pub struct Controller {
     failback_checked: Option<Instant>,
     /// Where the audit of the maps against the decisions is.
     audit: audit::AuditCursor,
+    /// A cluster host: what it read from etcd (`None`: one host, no cluster).
+    shared: Option<Shared>,
+    /// What the cluster's last composition skipped, as reported (see `shared`).
+    skip_reported: BTreeSet<String>,
 }
 
 /// How often a state file that could not be written is tried again.
@@ -265,6 +271,8 @@ impl Controller {
             persist_tried: None,
             failback_checked: None,
             audit: Default::default(),
+            shared: None,
+            skip_reported: BTreeSet::new(),
         };
         if let Some(reason) = set_aside {
             warn!("{reason}");

@@ -49,6 +49,10 @@ impl Controller {
             let stats = self.dp.encoder_stats(&e.name).unwrap_or_default();
             encoders.push(EncoderStatus {
                 name: e.name.clone(),
+                host: self
+                    .shared
+                    .as_ref()
+                    .map(|s| s.host_of(&e.name).unwrap_or(s.host()).to_owned()),
                 address: e.address.to_string(),
                 local: e.interface.is_some(),
                 healthy: self.decider.healthy(&e.name),

@@ -1,0 +1,365 @@
+//! The cluster's shared state as this host's controller holds it (issue 17): the channels
+//! and the other hosts' encoders read from etcd. The effective configuration is composed
+//! from the config file (ingest, this host's own encoders) and this state, and every change
+//! read from etcd is applied by the reload's code ([`Controller::reload_with`]), the same
+//! path as a SIGHUP: validated whole, applied object by object, undone on failure.
+//!
+//! What cannot be applied is reported and skipped, never applied: a foreign or corrupt key,
+//! a channel that is not valid with the others (an encoder nobody registered, a taken
+//! ingest address), another host's encoder whose name is one of this host's.
+
+use super::*;
+use crate::cluster::{Change, EncoderRecord, HostRecord};
+
+/// What this host knows of the cluster.
+#[derive(Debug)]
+pub struct Shared {
+    /// This host's name.
+    host: String,
+    /// The config file as last read: ingest, this host's encoders, `[cluster]`.
+    file: Config,
+    channels: BTreeMap<String, config::Channel>,
+    hosts: BTreeMap<String, HostRecord>,
+    /// Other hosts' encoders, by name; kept when their host's lease expires (down, not
+    /// gone), so that the channels naming them stay valid.
+    remote: BTreeMap<String, Remote>,
+    /// What the last composition skipped, and why (reported once per change of reason).
+    skipped: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Remote {
+    record: EncoderRecord,
+    /// Whether its record is in etcd (under its host's live lease).
+    registered: bool,
+}
+
+impl Remote {
+    fn usable(&self) -> bool {
+        self.registered && self.record.healthy && !self.record.drained
+    }
+}
+
+/// What applying a batch of changes did, for the daemon's log.
+#[derive(Clone, Debug, Default)]
+pub struct SharedReport {
+    /// What the reload's code changed.
+    pub changes: Vec<String>,
+    /// Keys or objects skipped, each with its reason.
+    pub skipped: Vec<String>,
+}
+
+impl Shared {
+    pub fn new(host: String, file: Config) -> Self {
+        Self {
+            host,
+            file,
+            channels: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            remote: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether `encoder` is another host's (its health comes from etcd, not from a probe).
+    pub fn is_remote(&self, encoder: &str) -> bool {
+        self.remote.contains_key(encoder)
+    }
+
+    /// The host of a remote encoder.
+    pub fn host_of(&self, encoder: &str) -> Option<&str> {
+        self.remote.get(encoder).map(|r| r.record.host.as_str())
+    }
+
+    /// Records `changes`; returns the keys skipped as bad, and whether the composed
+    /// configuration may differ (a channel, an encoder definition or a host's MAC changed).
+    fn record(&mut self, changes: Vec<Change>) -> (Vec<String>, bool) {
+        let mut bad = Vec::new();
+        let mut recompose = false;
+        for change in changes {
+            match change {
+                Change::PutChannel(ch) => {
+                    recompose |= self.channels.get(&ch.name) != Some(&ch);
+                    self.channels.insert(ch.name.clone(), ch);
+                }
+                Change::DeleteChannel(name) => {
+                    recompose |= self.channels.remove(&name).is_some();
+                }
+                Change::PutHost(rec) => {
+                    if rec.host != self.host {
+                        let mac = self.hosts.get(&rec.host).map(|h| h.mac.clone());
+                        recompose |= mac.as_ref() != Some(&rec.mac);
+                        self.hosts.insert(rec.host.clone(), rec);
+                    }
+                }
+                Change::DeleteHost(host) => {
+                    // Its encoders' keys go with the same lease and say so themselves; the
+                    // MAC stays known for when the host comes back.
+                    if host != self.host {
+                        debug!("cluster host {host} is down");
+                    }
+                }
+                Change::PutEncoder(rec) => {
+                    if rec.host == self.host {
+                        continue;
+                    }
+                    let before = self.remote.get(&rec.definition.name);
+                    recompose |= before.is_none_or(|r| r.record.definition != rec.definition);
+                    if let Some(r) = before
+                        && r.record.host != rec.host
+                    {
+                        bad.push(format!(
+                            "encoder {} registered by host {} and by host {}: the later one \
+                             is used",
+                            rec.definition.name, r.record.host, rec.host
+                        ));
+                    }
+                    self.remote.insert(
+                        rec.definition.name.clone(),
+                        Remote {
+                            record: rec,
+                            registered: true,
+                        },
+                    );
+                }
+                Change::DeleteEncoder { host, encoder } => {
+                    if let Some(r) = self.remote.get_mut(&encoder)
+                        && r.record.host == host
+                    {
+                        r.registered = false;
+                    }
+                }
+                Change::Bad { key, why } => bad.push(format!("{key}: {why}")),
+            }
+        }
+        (bad, recompose)
+    }
+
+    /// The effective configuration's base: the file's ingest and own encoders, the other
+    /// hosts' encoders (as remote encoders reached through the ingest interface at their
+    /// host's MAC) and the cluster's channels, each checked against what is already in; what
+    /// does not fit is left out, with its reason in `self.skipped`.
+    fn compose(&mut self) -> Config {
+        let mut cfg = Config {
+            channels: Vec::new(),
+            ..self.file.clone()
+        };
+        let mut skipped = BTreeMap::new();
+        let mut lookup = cfg.lookup();
+        for (name, r) in &self.remote {
+            let what = format!("encoder {name} of host {}", r.record.host);
+            if lookup.encoder(name).is_some() {
+                skipped.insert(
+                    what,
+                    format!("this host ({}) has an encoder of that name", self.host),
+                );
+                continue;
+            }
+            let Some(host) = self.hosts.get(&r.record.host) else {
+                skipped.insert(what, "its host has never registered".into());
+                continue;
+            };
+            let remote = config::Encoder {
+                interface: None,
+                netns: None,
+                mac: Some(host.mac.clone()),
+                spawn: None,
+                restart: config::Restart::default(),
+                env: BTreeMap::new(),
+                prefix: None,
+                ..r.record.definition.clone()
+            };
+            let mut candidate = Config {
+                channels: Vec::new(),
+                ..cfg.clone()
+            };
+            candidate.encoders.push(remote.clone());
+            match candidate.validate() {
+                Ok(()) => cfg.push_encoder(&mut lookup, remote),
+                Err(e) => {
+                    skipped.insert(what, e.to_string());
+                }
+            }
+        }
+        for ch in self.channels.values() {
+            match cfg.check_new_channel(&lookup, ch) {
+                Ok(()) => cfg.push_channel(&mut lookup, ch.clone()),
+                Err(e) => {
+                    skipped.insert(format!("channel {}", ch.name), e.to_string());
+                }
+            }
+        }
+        self.skipped = skipped;
+        cfg
+    }
+}
+
+impl Controller {
+    /// Starts the controller of a cluster host: the effective configuration is composed from
+    /// `file` and what was read from etcd (`changes`, a whole snapshot of the prefix).
+    pub fn start_clustered(
+        file: Config,
+        host: String,
+        changes: Vec<Change>,
+        config_path: &Path,
+        dp: Dataplane,
+    ) -> Result<(Self, SharedReport)> {
+        let mut shared = Shared::new(host, file);
+        let (bad, _) = shared.record(changes);
+        let composed = shared.compose();
+        let mut c = Self::start(composed, config_path, dp)?;
+        let mut report = SharedReport::default();
+        c.report_skipped(bad, &shared, &mut report);
+        c.shared = Some(shared);
+        c.sync_remote_health()?;
+        c.generation += 1;
+        Ok((c, report))
+    }
+
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.as_ref()
+    }
+
+    /// Applies changes read from etcd: definitions through the reload's code, other hosts'
+    /// encoders' health through [`Controller::on_health`]. With `resync`, `changes` is a
+    /// whole new snapshot (after etcd was lost): what it does not name is gone.
+    pub fn apply_shared(&mut self, changes: Vec<Change>, resync: bool) -> Result<SharedReport> {
+        let mut report = SharedReport::default();
+        let Some(mut shared) = self.shared.take() else {
+            return Err(ControlError::Refused(
+                "this host is not in a cluster".into(),
+            ));
+        };
+        if resync {
+            shared.channels.clear();
+            for r in shared.remote.values_mut() {
+                r.registered = false;
+            }
+        }
+        let (bad, recompose) = shared.record(changes);
+        let result = if recompose || resync {
+            let composed = shared.compose();
+            self.shared = Some(shared);
+            self.reload_from(composed, "cluster").map(|r| r.changes)
+        } else {
+            self.shared = Some(shared);
+            Ok(Vec::new())
+        };
+        let shared = self.shared.take().expect("put back above");
+        self.report_skipped(bad, &shared, &mut report);
+        self.shared = Some(shared);
+        report.changes = result?;
+        self.sync_remote_health()?;
+        Ok(report)
+    }
+
+    /// Re-reads the config file of a cluster host (a reload): the file's part is replaced,
+    /// the cluster's part stays.
+    pub(super) fn reload_clustered(&mut self, file: Config) -> Result<api::ReloadReport> {
+        let Some(mut shared) = self.shared.take() else {
+            return self.reload_with(file);
+        };
+        if file.cluster != shared.file.cluster {
+            self.shared = Some(shared);
+            return Err(ControlError::Refused(
+                "[cluster] changed: it takes effect at the next start (nothing changed)".into(),
+            ));
+        }
+        let saved = std::mem::replace(&mut shared.file, file);
+        let composed = shared.compose();
+        self.shared = Some(shared);
+        let result = self.reload_with(composed);
+        if result.is_err()
+            && let Some(shared) = self.shared.as_mut()
+        {
+            shared.file = saved;
+        }
+        result
+    }
+
+    /// Logs and records (as events) the keys and objects skipped, each once per reason.
+    fn report_skipped(&mut self, bad: Vec<String>, shared: &Shared, report: &mut SharedReport) {
+        for b in bad {
+            let reason = format!("cluster: skipped {b}");
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+            report.skipped.push(b);
+        }
+        for (what, why) in &shared.skipped {
+            let line = format!("{what}: {why}");
+            if self.skip_reported.contains(&line) {
+                continue;
+            }
+            let reason = format!("cluster: skipped {line}");
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+            report.skipped.push(line);
+        }
+        self.skip_reported = shared
+            .skipped
+            .iter()
+            .map(|(what, why)| format!("{what}: {why}"))
+            .collect();
+    }
+
+    /// Other hosts' encoders are as healthy as their hosts say, and down when their host's
+    /// lease expired.
+    fn sync_remote_health(&mut self) -> Result<()> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let health: Vec<(String, bool)> = shared
+            .remote
+            .iter()
+            .filter(|(name, _)| self.has_encoder(name))
+            .map(|(name, r)| (name.clone(), r.usable()))
+            .collect();
+        for (name, usable) in health {
+            if self.probed.get(&name).copied() != Some(usable) {
+                self.on_health(&name, usable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// This host's own encoders and their health (healthy, drained), to publish in etcd.
+    pub fn local_health(&self) -> Vec<(config::Encoder, bool, bool)> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        shared
+            .file
+            .encoders
+            .iter()
+            .filter(|e| self.has_encoder(&e.name))
+            .map(|e| {
+                (
+                    e.clone(),
+                    self.decider.healthy(&e.name),
+                    self.decider.drained(&e.name),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether channel `name`, read from etcd, is in the effective configuration, or why not.
+    pub fn shared_channel(&self, name: &str) -> Result<(), String> {
+        if self.lookup.channel(name).is_some() {
+            return Ok(());
+        }
+        let skipped = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.skipped.get(&format!("channel {name}")));
+        Err(skipped.cloned().unwrap_or_else(|| "not applied".into()))
+    }
+
+    /// An event of the cluster's task (etcd lost, back).
+    pub fn cluster_event(&mut self, reason: &str) {
+        self.event(None, None, None, reason);
+    }
+}

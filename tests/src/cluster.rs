@@ -1,0 +1,213 @@
+//! etcd for the cluster tests (issue 17): Debian's `etcd` started by the test in a namespace
+//! of its own, linked by a veth to each ingest namespace that needs it, and a client of it for
+//! writing keys as another host (or a vandal) would. Everything is undone on drop, panics
+//! included: the etcd process (by its PID), its data directory, the namespace and its veths.
+
+use std::{path::Path, time::Duration};
+
+use etcd_client::{Client, PutOptions};
+
+use crate::{ChildGuard, Entered, Netns, daemon::TempDir, ip_in, unique, wait_for};
+
+/// etcd's client port, on every address of its namespace.
+pub const PORT: u16 = 2379;
+
+/// An etcd in its own namespace. Fields drop in order: the process, then its data, then the
+/// namespace (which takes the veths with it).
+pub struct Etcd {
+    process: Option<ChildGuard>,
+    data: TempDir,
+    pub ns: Netns,
+}
+
+impl Etcd {
+    /// The namespace, not yet running etcd (see [`Etcd::start`]).
+    pub fn new() -> Self {
+        let ns = Netns::new("etcd");
+        ip_in(&ns.name, &["link", "set", "lo", "up"]);
+        Self {
+            process: None,
+            data: TempDir::new(),
+            ns,
+        }
+    }
+
+    /// Links the namespace `other` to etcd's with a veth on `10.79.N.0/24` (etcd `.1`,
+    /// `other` `.2`); returns the endpoint `other` reaches etcd at.
+    pub fn link(&self, other: &str, n: u8) -> String {
+        let (ours, theirs) = (unique("et"), unique("et"));
+        crate::run(
+            "ip",
+            &[
+                "-n",
+                &self.ns.name,
+                "link",
+                "add",
+                &ours,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &theirs,
+                "netns",
+                other,
+            ],
+        );
+        ip_in(
+            &self.ns.name,
+            &["addr", "add", &format!("10.79.{n}.1/24"), "dev", &ours],
+        );
+        ip_in(&self.ns.name, &["link", "set", &ours, "up"]);
+        ip_in(
+            other,
+            &["addr", "add", &format!("10.79.{n}.2/24"), "dev", &theirs],
+        );
+        ip_in(other, &["link", "set", &theirs, "up"]);
+        format!("http://10.79.{n}.1:{PORT}")
+    }
+
+    /// Starts etcd (a 50 ms heartbeat, as the cluster's hosts expect) and waits until it
+    /// answers (10 s at most).
+    pub fn start(&mut self) {
+        let dir = self.data.path.join("etcd");
+        let child = crate::spawn_in(
+            &self.ns,
+            "etcd",
+            &[
+                "--name",
+                "t",
+                "--data-dir",
+                dir.to_str().expect("utf-8 path"),
+                "--listen-client-urls",
+                &format!("http://0.0.0.0:{PORT}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{PORT}"),
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "t=http://127.0.0.1:2380",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ],
+        );
+        self.process = Some(child);
+        let up = wait_for(Duration::from_secs(10), || {
+            self.client_blocking(|mut c| async move { c.status().await.map(|_| ()) })
+                .ok()
+        });
+        assert!(up.is_some(), "etcd did not answer in {}", self.ns.name);
+    }
+
+    /// Stops etcd (SIGKILL, by its PID); its data stays for a restart.
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Runs `f` with a client of this etcd, on a runtime of this thread inside etcd's
+    /// namespace (the connection is made there), 10 s at most.
+    pub fn client_blocking<T, F>(&self, f: impl FnOnce(Client) -> F) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let _inside = Entered::new(&self.ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let attempt = async {
+                let c = Client::connect([format!("http://127.0.0.1:{PORT}")], None).await?;
+                f(c).await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("no answer within 10 s".into()),
+            }
+        })
+    }
+
+    /// Puts `key` = `value`, with a lease of `lease_s` seconds that is never kept alive
+    /// when given (a host that stops at once).
+    pub fn put(&self, key: &str, value: &[u8], lease_s: Option<i64>) {
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.client_blocking(|mut c| async move {
+            let options = match lease_s {
+                Some(ttl) => {
+                    Some(PutOptions::new().with_lease(c.lease_grant(ttl, None).await?.id()))
+                }
+                None => None,
+            };
+            c.put(key, value, options).await.map(|_| ())
+        })
+        .expect("etcd put");
+    }
+
+    /// The value of `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let key = key.to_owned();
+        self.client_blocking(|mut c| async move {
+            Ok(c.get(key, None)
+                .await?
+                .kvs()
+                .first()
+                .map(|kv| kv.value().to_vec()))
+        })
+        .expect("etcd get")
+    }
+
+    /// Runs `nsfail ARGS...` (the CLI) inside etcd's namespace, where the cluster's etcd is
+    /// `http://127.0.0.1:2379`.
+    pub fn nsfail(&self, args: &[&str]) -> crate::daemon::CliOut {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(crate::daemon::nsfail_bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run nsfail");
+        crate::daemon::CliOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Default for Etcd {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `[cluster]` section of a host.
+pub fn cluster_section(name: &str, host: &str, endpoint: &str) -> String {
+    format!(
+        "\n[cluster]\nname = \"{name}\"\nhost = \"{host}\"\netcd = [\"{endpoint}\"]\nlease_s = 1\n"
+    )
+}
+
+/// `config` without its `[[channel]]` tables (a cluster host's file: channels live in etcd).
+pub fn without_channels(config: &str) -> String {
+    match config.find("[[channel]]") {
+        Some(at) => config[..at].to_owned(),
+        None => config.to_owned(),
+    }
+}
+
+/// Whether XDP is attached to `ifname` in namespace `ns`.
+pub fn xdp_attached(ns: &str, ifname: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", ifname])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// The daemon's log so far.
+pub fn log_of(config: &Path) -> String {
+    std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+}
