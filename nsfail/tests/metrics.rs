@@ -66,6 +66,7 @@ fn status(packets: u64) -> Status {
                 health_interval_ms: 100,
             })
             .collect(),
+        cluster: None,
     }
 }
 

@@ -150,7 +150,10 @@ fn a_cluster_host_follows_etcd() {
     });
     assert!(
         up.is_some(),
-        "h1 and its healthy encoders in cluster status"
+        "h1 and its healthy encoders in cluster status: {}\n{}",
+        etcd.nsfail(&["cluster", "status", "--config", seed.to_str().unwrap()])
+            .stdout,
+        log_of(&host_cfg)
     );
     let st = status(&socket);
     assert_eq!(
@@ -304,6 +307,14 @@ fn a_cluster_host_follows_etcd() {
             .then(|| t.elapsed())
     });
     let expired = expired.expect("cam4 leaves enc-r when h2's lease expires");
+    // h1, the only host, leads: it wrote its decision for every host to follow.
+    let written = wait_for(Duration::from_secs(2), || {
+        let v = etcd.get(&format!("{prefix}active/cam4"))?;
+        let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
+        (v["encoder"] == "enc-a" && v["leader"] == "h1").then_some(())
+    });
+    assert!(written.is_some(), "the leader's choice for cam4 in etcd");
+    assert_eq!(status(&socket)["cluster"]["leader"], "h1");
     assert!(etcd.get(&format!("{prefix}encoders/h2/enc-r")).is_none());
     println!(
         "h2's 1 s lease expired: cam4 off enc-r after {:.2} s",

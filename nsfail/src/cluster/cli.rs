@@ -65,7 +65,12 @@ pub fn status(path: &Path, json: bool) -> Result<()> {
             st.name,
             st.etcd.endpoints.join(",")
         );
-        println!("{} channels", st.channels);
+        println!(
+            "{} channels ({} with an active encoder from a leader); leader: {}",
+            st.channels,
+            st.actives,
+            st.leader.as_deref().unwrap_or("none")
+        );
         println!(
             "{:<24} {:>8} {:>8} {:>8}  ENCODERS",
             "HOST", "PID", "LEASE_S", "TTL_S"

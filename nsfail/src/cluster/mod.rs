@@ -6,6 +6,8 @@
 //! | `/nsfail/<name>/channels/<channel>`   | the channel, as `add channel` states it   | none       |
 //! | `/nsfail/<name>/hosts/<host>`         | [`HostRecord`]                            | the host's |
 //! | `/nsfail/<name>/encoders/<host>/<enc>`| [`EncoderRecord`]: definition and health  | the host's |
+//! | `/nsfail/<name>/active/<channel>`     | [`ActiveRecord`]: the leader's choice     | none       |
+//! | `/nsfail/<name>/leader/<lease>`       | a candidate's host name (etcd election)   | the host's |
 //!
 //! Anything else under the prefix, or a value that does not decode, is foreign or corrupt:
 //! reported and skipped, never applied.
@@ -29,6 +31,9 @@ pub enum Key {
         host: String,
         encoder: String,
     },
+    Active(String),
+    /// A candidate's key in the leader election (etcd's election API writes it).
+    Election,
     /// Not nsfail's layout (or a bad name in it).
     Foreign,
 }
@@ -53,6 +58,15 @@ pub fn encoder_key(c: &Cluster, host: &str, encoder: &str) -> String {
     format!("{}encoders/{host}/{encoder}", c.prefix())
 }
 
+pub fn active_key(c: &Cluster, channel: &str) -> String {
+    format!("{}active/{channel}", c.prefix())
+}
+
+/// The election's name: candidates' keys are `<name>/<lease in hex>`.
+pub fn election_name(c: &Cluster) -> String {
+    format!("{}leader", c.prefix())
+}
+
 /// Classifies `key` (under the prefix `prefix`).
 pub fn parse_key(prefix: &str, key: &str) -> Key {
     let Some(rest) = key.strip_prefix(prefix) else {
@@ -67,6 +81,10 @@ pub fn parse_key(prefix: &str, key: &str) -> Key {
             host: (*host).to_owned(),
             encoder: (*enc).to_owned(),
         },
+        ["active", name] if ok(name) => Key::Active((*name).to_owned()),
+        ["leader", lease] if !lease.is_empty() && lease.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Key::Election
+        }
         _ => Key::Foreign,
     }
 }
@@ -128,6 +146,17 @@ pub struct EncoderRecord {
     pub drained: bool,
 }
 
+/// `active/<channel>`: the encoder the leader chose for a channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveRecord {
+    pub encoder: String,
+    /// The host that was leader when it wrote this.
+    pub leader: String,
+    /// Its term: the create revision of its key in the election.
+    pub term: i64,
+}
+
 /// One key of the cluster's prefix as read or watched, decoded: what a host applies, or why
 /// it skips it.
 #[derive(Clone, Debug, PartialEq)]
@@ -141,6 +170,13 @@ pub enum Change {
         host: String,
         encoder: String,
     },
+    PutActive {
+        channel: String,
+        record: ActiveRecord,
+    },
+    DeleteActive(String),
+    /// A candidate of the election came or went (followed through etcd's election API).
+    Election,
     /// Foreign or corrupt: reported and skipped, never applied.
     Bad {
         key: String,
@@ -176,6 +212,15 @@ pub fn decode(prefix: &str, key: &[u8], value: Option<&[u8]>) -> Change {
                 rec.host, rec.mac
             )),
             Err(e) => bad(format!("not a host record: {e}")),
+        },
+        (Key::Election, _) => Change::Election,
+        (Key::Active(channel), None) => Change::DeleteActive(channel),
+        (Key::Active(channel), Some(v)) => match serde_json::from_slice::<ActiveRecord>(v) {
+            Ok(record) if config::valid_name(&record.encoder) => {
+                Change::PutActive { channel, record }
+            }
+            Ok(record) => bad(format!("not an encoder name: {:?}", record.encoder)),
+            Err(e) => bad(format!("not an active-encoder record: {e}")),
         },
         (Key::Encoder { host, encoder }, None) => Change::DeleteEncoder { host, encoder },
         (Key::Encoder { host, encoder }, Some(v)) => {
@@ -287,8 +332,19 @@ mod tests {
                 encoder: "e".into()
             }
         );
+        let active = br#"{"encoder":"e","leader":"h2","term":12}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/active/cam1", Some(active)),
+            Change::PutActive { channel, record } if channel == "cam1" && record.term == 12
+        ));
+        assert_eq!(
+            decode(p, b"/nsfail/studio/leader/694d8a3b1c2f0e05", Some(b"h2")),
+            Change::Election
+        );
         // Each of these is skipped, with its reason, and never applied.
-        let bad: [(&[u8], Option<&[u8]>); 6] = [
+        let bad: [(&[u8], Option<&[u8]>); 8] = [
+            (b"/nsfail/studio/active/cam1", Some(b"{}")),
+            (b"/nsfail/studio/leader/not-hex", Some(b"h2")),
             (b"/nsfail/studio/junk", Some(b"1")),
             (b"/nsfail/studio/channels/cam1", Some(b"{not json")),
             (b"/nsfail/studio/channels/cam2", Some(ch)),

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 
 use super::*;
@@ -85,8 +85,13 @@ pub async fn apply(
                 continue;
             };
             if channels.iter().all(|ch| ch.name != name) {
+                // Its active encoder goes with it, so that a channel of the same name added
+                // later does not start from a stale choice.
                 client
-                    .delete(key.as_bytes(), None)
+                    .txn(Txn::new().and_then([
+                        TxnOp::delete(key.as_bytes(), None),
+                        TxnOp::delete(active_key(c, &name), None),
+                    ]))
                     .await
                     .with_context(|| format!("deleting channel {name}"))?;
                 report.removed.push(name);
@@ -102,8 +107,12 @@ pub struct ClusterStatus {
     pub name: String,
     pub etcd: EtcdHealth,
     pub hosts: Vec<HostStatus>,
+    /// The host the election made leader (`None`: none now).
+    pub leader: Option<String>,
     /// How many channels the cluster holds.
     pub channels: usize,
+    /// Channels with an active encoder written by a leader.
+    pub actives: usize,
     /// Keys under the prefix that are not nsfail's layout or do not decode.
     pub bad_keys: Vec<String>,
 }
@@ -139,7 +148,9 @@ pub async fn status(c: &Cluster) -> ClusterStatus {
             error: None,
         },
         hosts: Vec::new(),
+        leader: None,
         channels: 0,
+        actives: 0,
         bad_keys: Vec::new(),
     };
     if let Err(e) = read_status(c, &mut out).await {
@@ -186,8 +197,19 @@ async fn read_status(c: &Cluster, out: &mut ClusterStatus) -> Result<()> {
                     _ => out.bad_keys.push(key),
                 }
             }
+            Key::Active(_) => match decode(&prefix, kv.key(), Some(kv.value())) {
+                Change::PutActive { .. } => out.actives += 1,
+                _ => out.bad_keys.push(key),
+            },
+            Key::Election => {}
             Key::Foreign => out.bad_keys.push(key),
         }
+    }
+    // No leader is an error of the election API ("election: no leader"), not of etcd.
+    if let Ok(resp) = client.leader(election_name(c)).await {
+        out.leader = resp
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
     }
     for (host, encoder, healthy) in encoders {
         if let Some(h) = out.hosts.iter_mut().find(|h| h.host == host) {

@@ -423,6 +423,7 @@ impl Controller {
     /// Manual failover: `channel` to `encoder`, which must be one of its encoders and not
     /// drained.
     pub fn remap(&mut self, channel: &str, encoder: &str) -> Result<()> {
+        self.refuse_unless_leader("remap")?;
         let ch = self.channel(channel)?;
         if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
@@ -449,6 +450,7 @@ impl Controller {
     /// Moves every channel off `encoder` and keeps them off until undrained. Refused, with
     /// nothing moved, when some channel would be left without a healthy encoder.
     pub fn drain(&mut self, encoder: &str) -> Result<()> {
+        self.refuse_unless_leader("drain")?;
         if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
         }

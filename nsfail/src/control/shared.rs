@@ -9,7 +9,7 @@
 //! ingest address), another host's encoder whose name is one of this host's.
 
 use super::*;
-use crate::cluster::{Change, EncoderRecord, HostRecord};
+use crate::cluster::{ActiveRecord, Change, EncoderRecord, HostRecord};
 
 /// What this host knows of the cluster.
 #[derive(Debug)]
@@ -25,6 +25,16 @@ pub struct Shared {
     remote: BTreeMap<String, Remote>,
     /// What the last composition skipped, and why (reported once per change of reason).
     skipped: BTreeMap<String, String>,
+    /// Each channel's active encoder as the leader wrote it.
+    actives: BTreeMap<String, ActiveRecord>,
+    /// Whether this host is the leader (elected, and etcd reachable).
+    leading: bool,
+    /// The leader as the election last said (`None`: none, or etcd unreachable).
+    leader: Option<String>,
+    /// Whether this host is connected to etcd now.
+    etcd_up: bool,
+    /// Leader: channels whose active encoder may differ from what etcd holds.
+    outbox: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -58,6 +68,11 @@ impl Shared {
             hosts: BTreeMap::new(),
             remote: BTreeMap::new(),
             skipped: BTreeMap::new(),
+            actives: BTreeMap::new(),
+            leading: false,
+            leader: None,
+            etcd_up: true,
+            outbox: BTreeSet::new(),
         }
     }
 
@@ -75,17 +90,28 @@ impl Shared {
         self.remote.get(encoder).map(|r| r.record.host.as_str())
     }
 
-    /// Records `changes`; returns the keys skipped as bad, and whether the composed
-    /// configuration may differ (a channel, an encoder definition or a host's MAC changed).
-    fn record(&mut self, changes: Vec<Change>) -> (Vec<String>, bool) {
+    /// Records `changes`; returns the keys skipped as bad, whether the composed
+    /// configuration may differ (a channel, an encoder definition or a host's MAC changed),
+    /// and the channels whose definition or active encoder changed.
+    fn record(&mut self, changes: Vec<Change>) -> (Vec<String>, bool, BTreeSet<String>) {
         let mut bad = Vec::new();
         let mut recompose = false;
+        let mut touched = BTreeSet::new();
         for change in changes {
             match change {
                 Change::PutChannel(ch) => {
                     recompose |= self.channels.get(&ch.name) != Some(&ch);
+                    touched.insert(ch.name.clone());
                     self.channels.insert(ch.name.clone(), ch);
                 }
+                Change::PutActive { channel, record } => {
+                    touched.insert(channel.clone());
+                    self.actives.insert(channel, record);
+                }
+                Change::DeleteActive(channel) => {
+                    self.actives.remove(&channel);
+                }
+                Change::Election => {}
                 Change::DeleteChannel(name) => {
                     recompose |= self.channels.remove(&name).is_some();
                 }
@@ -136,7 +162,7 @@ impl Shared {
                 Change::Bad { key, why } => bad.push(format!("{key}: {why}")),
             }
         }
-        (bad, recompose)
+        (bad, recompose, touched)
     }
 
     /// The effective configuration's base: the file's ingest and own encoders, the other
@@ -209,13 +235,15 @@ impl Controller {
         dp: Dataplane,
     ) -> Result<(Self, SharedReport)> {
         let mut shared = Shared::new(host, file);
-        let (bad, _) = shared.record(changes);
+        let (bad, _, _) = shared.record(changes);
         let composed = shared.compose();
         let mut c = Self::start(composed, config_path, dp)?;
         let mut report = SharedReport::default();
         c.report_skipped(bad, &shared, &mut report);
+        let all: BTreeSet<String> = shared.channels.keys().cloned().collect();
         c.shared = Some(shared);
         c.sync_remote_health()?;
+        c.follow(&all);
         c.generation += 1;
         Ok((c, report))
     }
@@ -236,11 +264,15 @@ impl Controller {
         };
         if resync {
             shared.channels.clear();
+            shared.actives.clear();
             for r in shared.remote.values_mut() {
                 r.registered = false;
             }
         }
-        let (bad, recompose) = shared.record(changes);
+        let (bad, recompose, mut touched) = shared.record(changes);
+        if resync {
+            touched = shared.channels.keys().cloned().collect();
+        }
         let result = if recompose || resync {
             let composed = shared.compose();
             self.shared = Some(shared);
@@ -254,7 +286,125 @@ impl Controller {
         self.shared = Some(shared);
         report.changes = result?;
         self.sync_remote_health()?;
+        self.follow(&touched);
+        if let Some(s) = self.shared.as_mut()
+            && s.leading
+        {
+            s.outbox.extend(touched);
+        }
         Ok(report)
+    }
+
+    /// A follower takes, for each of `channels`, the encoder the leader wrote (when it is one
+    /// of the channel's and known here). The leader keeps its own decisions.
+    fn follow(&mut self, channels: &BTreeSet<String>) {
+        let Some(shared) = &self.shared else { return };
+        if shared.leading {
+            return;
+        }
+        let now = Instant::now();
+        let mut decisions = Vec::new();
+        for name in channels {
+            let Some(rec) = shared.actives.get(name) else {
+                continue;
+            };
+            let Some(i) = self.lookup.channel(name) else {
+                continue;
+            };
+            let ch = &self.effective.channels[i];
+            if self.decider.active(name) == Some(rec.encoder.as_str())
+                || !ch.encoders.contains(&rec.encoder)
+                || !self.has_encoder(&rec.encoder)
+            {
+                continue;
+            }
+            decisions.extend(self.decider.follow(name, &rec.encoder, now));
+        }
+        self.apply_all(decisions);
+    }
+
+    /// What the cluster's task says of the election and of etcd: whether this host leads,
+    /// who does, whether etcd is reachable. Becoming leader puts every channel in the
+    /// outbox (what etcd holds is compared with this host's decisions).
+    pub fn set_cluster_view(&mut self, leading: bool, leader: Option<String>, etcd_up: bool) {
+        let Some(s) = self.shared.as_mut() else {
+            return;
+        };
+        let was = s.leading;
+        s.leading = leading;
+        s.leader = leader;
+        s.etcd_up = etcd_up;
+        if leading && !was {
+            s.outbox = s.channels.keys().cloned().collect();
+            let reason = format!("cluster: this host ({}) is the leader", s.host);
+            info!("{reason}");
+            self.event(None, None, None, &reason);
+        } else if !leading && was {
+            s.outbox.clear();
+            let reason = format!("cluster: this host ({}) is no longer the leader", s.host);
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+        }
+    }
+
+    /// Leader: the channels whose active encoder here differs from what etcd holds, to write
+    /// there (the outbox is emptied).
+    pub fn take_outbox(&mut self) -> Vec<(String, String)> {
+        let Some(s) = self.shared.as_mut() else {
+            return Vec::new();
+        };
+        if !s.leading {
+            return Vec::new();
+        }
+        let outbox = std::mem::take(&mut s.outbox);
+        let s = self.shared.as_ref().expect("checked above");
+        outbox
+            .into_iter()
+            .filter_map(|ch| {
+                let active = self.decider.active(&ch)?;
+                (s.actives.get(&ch).map(|r| r.encoder.as_str()) != Some(active))
+                    .then(|| (ch.clone(), active.to_owned()))
+            })
+            .collect()
+    }
+
+    /// A decision carried out: the leader writes it to etcd.
+    pub(super) fn note_decided(&mut self, channel: &str) {
+        if let Some(s) = self.shared.as_mut()
+            && s.leading
+        {
+            s.outbox.insert(channel.to_owned());
+        }
+    }
+
+    /// Remaps and drains are the leader's in a cluster (a follower's would be overwritten by
+    /// the leader's choice); while etcd is unreachable every host may make them locally.
+    pub(super) fn refuse_unless_leader(&self, what: &str) -> Result<()> {
+        match &self.shared {
+            Some(s) if s.etcd_up && !s.leading => Err(ControlError::Refused(format!(
+                "{what} is the cluster leader's to do: this host ({}) is not it (leader: {})",
+                s.host,
+                s.leader.as_deref().unwrap_or("none now")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The cluster as this host sees it, for `status`.
+    pub fn cluster_view(&self) -> Option<api::ClusterView> {
+        let s = self.shared.as_ref()?;
+        Some(api::ClusterView {
+            name: s
+                .file
+                .cluster
+                .as_ref()
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+            host: s.host.clone(),
+            leader: s.leader.clone(),
+            leading: s.leading,
+            etcd: s.etcd_up,
+        })
     }
 
     /// Re-reads the config file of a cluster host (a reload): the file's part is replaced,

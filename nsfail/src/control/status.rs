@@ -73,6 +73,10 @@ impl Controller {
                 health_interval_ms: e.health.interval_ms,
             });
         }
-        Ok(Status { channels, encoders })
+        Ok(Status {
+            channels,
+            encoders,
+            cluster: self.cluster_view(),
+        })
     }
 }

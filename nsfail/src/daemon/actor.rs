@@ -81,6 +81,14 @@ pub(super) enum Msg {
     SharedChannel(String, oneshot::Sender<Result<(), String>>),
     /// Something the cluster's task has to say (for the events).
     ClusterEvent(String),
+    /// The election and etcd as the cluster's task sees them.
+    ClusterView {
+        leading: bool,
+        leader: Option<String>,
+        etcd_up: bool,
+    },
+    /// Leader: the active encoders to write to etcd.
+    TakeOutbox(oneshot::Sender<Vec<(String, String)>>),
     /// End the actor; the data plane stays as it is.
     Stop,
 }
@@ -337,6 +345,16 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
             let _ = reply.send(c.shared_channel(&name));
         }
         Msg::ClusterEvent(reason) => c.cluster_event(&reason),
+        Msg::ClusterView {
+            leading,
+            leader,
+            etcd_up,
+        } => c.set_cluster_view(leading, leader, etcd_up),
+        Msg::TakeOutbox(reply) => {
+            // Err: the cluster task is stopping; the outbox is filled again at the next
+            // election.
+            let _ = reply.send(c.take_outbox());
+        }
         Msg::Stop => unreachable!("handled by the loop"),
     }
 }

@@ -12,7 +12,8 @@ use std::collections::BTreeSet;
 
 use anyhow::anyhow;
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaderKey, PutOptions, Txn,
+    TxnOp, WatchOptions, WatchResponse,
 };
 use log::debug;
 use tokio::sync::watch as tokio_watch;
@@ -26,6 +27,10 @@ use crate::{
 
 /// How often the local encoders' health is compared with what was last published.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// How often the leader writes the decisions it made since the last time.
+const OUTBOX_EVERY: Duration = Duration::from_millis(10);
+/// How often who leads is asked when nothing in the election changed.
+const LEADER_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// The longest wait between two attempts to reach etcd.
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a socket write waits for this host's watch to apply it.
@@ -246,6 +251,12 @@ pub(super) async fn run(
             },
             Err(e) => e.context("registering the host"),
         };
+        // The leader steps down: its lease runs out in etcd, and another host is elected.
+        ctl.tell(Msg::ClusterView {
+            leading: false,
+            leader: None,
+            etcd_up: false,
+        });
         let reason = format!(
             "cluster: etcd lost ({lost:#}); forwarding with the last state, failing over \
              between this host's encoders"
@@ -292,6 +303,11 @@ pub(super) async fn run(
             registered = Ok(lease);
             revision = joined.revision;
             applied.send_replace(revision);
+            ctl.tell(Msg::ClusterView {
+                leading: false,
+                leader: None,
+                etcd_up: true,
+            });
             let reason = "cluster: etcd is back; its state applied".to_owned();
             info!("{reason}");
             ctl.tell(Msg::ClusterEvent(reason));
@@ -300,8 +316,9 @@ pub(super) async fn run(
     }
 }
 
-/// One connected stretch: keep-alives, the watch and health publication, until one of them
-/// fails (the error says which).
+/// One connected stretch: keep-alives, the watch, health publication, the campaign for
+/// leadership and, once elected, the leader's writes of its decisions; until one of them fails
+/// (the error says which).
 async fn session(
     client: &mut Client,
     me: &Me,
@@ -336,8 +353,46 @@ async fn session(
     publish.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut published: BTreeMap<String, (bool, bool)> = BTreeMap::new();
     let mut writer = client.clone();
+    let election = cluster::election_name(&me.cluster);
+    let mut elector = client.clone();
+    let campaign = elector.campaign(election.clone(), me.host.clone(), lease);
+    let mut asker = client.clone();
+    // Who leads is asked at the start, whenever a candidate's key comes or goes, and every
+    // second besides.
+    let mut ask_leader = tokio::time::interval(LEADER_CHECK_EVERY);
+    ask_leader.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tokio::pin!(campaign);
+    let mut leading: Option<LeaderKey> = None;
+    let mut outbox = tokio::time::interval(OUTBOX_EVERY);
+    outbox.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            won = &mut campaign, if leading.is_none() => match won {
+                Ok(resp) => match resp.leader() {
+                    Some(key) => {
+                        info!("cluster {}: elected leader (term {})", me.cluster.name, key.rev());
+                        leading = Some(key.clone());
+                        ctl.tell(Msg::ClusterView {
+                            leading: true,
+                            leader: Some(me.host.clone()),
+                            etcd_up: true,
+                        });
+                    }
+                    None => return anyhow!("the election answered without a leader key"),
+                },
+                Err(e) => return anyhow::Error::new(e).context("campaigning for leadership"),
+            },
+            _ = ask_leader.tick() => {
+                if let Err(e) = tell_leader(&mut asker, &election, me, leading.is_some(), ctl).await {
+                    return e;
+                }
+            }
+            _ = outbox.tick(), if leading.is_some() => {
+                let key = leading.as_ref().expect("guarded");
+                if let Err(e) = write_decisions(&mut writer, me, key, ctl).await {
+                    return e;
+                }
+            }
             _ = keep.tick() => {
                 let answered = tokio::time::timeout(lease_for, async {
                     keeper.keep_alive().await?;
@@ -353,11 +408,11 @@ async fn session(
                 }
             }
             msg = stream.message() => match msg {
-                Ok(Some(resp)) => {
-                    if let Err(e) = apply_watched(&prefix, resp, ctl, applied).await {
-                        return e;
-                    }
-                }
+                Ok(Some(resp)) => match apply_watched(&prefix, resp, ctl, applied).await {
+                    Ok(true) => ask_leader.reset_immediately(),
+                    Ok(false) => {}
+                    Err(e) => return e,
+                },
                 Ok(None) => return anyhow!("the watch ended"),
                 Err(e) => return anyhow::Error::new(e).context("watching the prefix"),
             },
@@ -370,14 +425,80 @@ async fn session(
     }
 }
 
+/// The leader writes the active encoders it decided since the last call, each only while its
+/// election key is still the one it won with (a deposed leader's write fails, never lands).
+async fn write_decisions(
+    client: &mut Client,
+    me: &Me,
+    key: &LeaderKey,
+    ctl: &ControlHandle,
+) -> Result<()> {
+    let Some(outbox) = ctl.ask(Msg::TakeOutbox).await else {
+        bail!("the controller stopped");
+    };
+    for (channel, encoder) in outbox {
+        let record = cluster::ActiveRecord {
+            encoder,
+            leader: me.host.clone(),
+            term: key.rev(),
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.key(),
+                CompareOp::Equal,
+                key.rev(),
+            )])
+            .and_then([TxnOp::put(
+                cluster::active_key(&me.cluster, &channel),
+                json(&record),
+                None,
+            )]);
+        match client.txn(txn).await {
+            Ok(r) if r.succeeded() => {}
+            Ok(_) => bail!("no longer the leader (its election key is gone)"),
+            Err(e) => return Err(anyhow::Error::new(e).context("writing the active encoders")),
+        }
+    }
+    Ok(())
+}
+
+/// Asks etcd who leads and tells the controller; a leader that finds another host leading
+/// was deposed (an error: the session starts again).
+async fn tell_leader(
+    client: &mut Client,
+    election: &str,
+    me: &Me,
+    leading: bool,
+    ctl: &ControlHandle,
+) -> Result<()> {
+    let leader = match client.leader(election).await {
+        Ok(resp) => resp
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+        // etcd answers "election: no leader" as an error of the call.
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => None,
+        Err(e) => return Err(anyhow::Error::new(e).context("asking who leads")),
+    };
+    if leading && leader.as_deref() != Some(me.host.as_str()) {
+        bail!("another host leads now ({})", leader.unwrap_or_default());
+    }
+    ctl.tell(Msg::ClusterView {
+        leading,
+        leader,
+        etcd_up: true,
+    });
+    Ok(())
+}
+
 /// Hands one watch response's events to the controller, in order; a cancelled watch
 /// (compacted history) is an error, so that the session starts again from a snapshot.
+/// Returns whether a candidate of the election came or went.
 async fn apply_watched(
     prefix: &str,
     resp: WatchResponse,
     ctl: &ControlHandle,
     applied: &tokio_watch::Sender<i64>,
-) -> Result<()> {
+) -> Result<bool> {
     if resp.canceled() {
         bail!(
             "the watch was cancelled ({}; compacted at {})",
@@ -398,6 +519,7 @@ async fn apply_watched(
             Some(cluster::decode(prefix, kv.key(), value))
         })
         .collect();
+    let election = changes.iter().any(|c| matches!(c, Change::Election));
     if !changes.is_empty() {
         let report = ctl
             .ask(|reply| Msg::Cluster {
@@ -415,7 +537,7 @@ async fn apply_watched(
     if let Some(revision) = revision {
         applied.send_replace(revision);
     }
-    Ok(())
+    Ok(election)
 }
 
 /// Writes the records of local encoders whose health or drain changed since last written.

@@ -112,6 +112,7 @@ fn status() -> Status {
             encoder("enc-a", false, false, 10),
             encoder("enc-b", true, true, 90),
         ],
+        cluster: None,
     }
 }
 

@@ -35,6 +35,8 @@ pub enum Reason {
     Manual,
     /// `nsfail drain`.
     Drain,
+    /// A cluster host follows the choice its leader wrote in etcd.
+    Leader,
 }
 
 impl Reason {
@@ -46,6 +48,7 @@ impl Reason {
             Self::Failback => "failback after hold-down",
             Self::Manual => "manual remap",
             Self::Drain => "drain",
+            Self::Leader => "the cluster leader's choice",
         }
     }
 }
@@ -352,6 +355,13 @@ impl Decider {
         let (name, _) = self.channels.get_key_value(channel)?;
         let name = name.clone();
         Some(self.apply(&name, encoder, Reason::Manual, now))
+    }
+
+    /// A cluster follower takes the encoder its leader chose for `channel`.
+    pub fn follow(&mut self, channel: &str, encoder: &str, now: Instant) -> Option<Decision> {
+        let (name, _) = self.channels.get_key_value(channel)?;
+        let name = name.clone();
+        Some(self.apply(&name, encoder, Reason::Leader, now))
     }
 
     /// The moves a drain of `encoder` needs, or the first channel it would strand. Nothing
