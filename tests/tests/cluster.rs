@@ -346,3 +346,239 @@ fn a_cluster_host_follows_etcd() {
     drop(again);
     drop(daemon);
 }
+
+/// The seed file of the two-host test: every encoder of the cluster (for the file's own
+/// checks), cam1 on h1's enc-a then h2's enc-c, cam2 on h2's enc-c then enc-d.
+fn two_host_seed(name: &str) -> String {
+    let mut s = "[ingest]\ninterface = \"seed\"\n".to_owned();
+    for (i, enc) in ["enc-a", "enc-b", "enc-c", "enc-d"].iter().enumerate() {
+        s += &format!(
+            "[[encoder]]\nname = \"{enc}\"\naddress = \"10.77.{}.2\"\nmac = \"02:00:00:00:00:0{i}\"\nhealth = {{ kind = \"udp\", port = 9000 }}\n",
+            i % 2 + 1
+        );
+    }
+    s += "[[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\nencoders = [\"enc-a\", \"enc-c\"]\nport = 7000\n";
+    s += "[[channel]]\nname = \"cam2\"\nlisten = \"10.77.0.1:5002\"\nencoders = [\"enc-c\", \"enc-d\"]\nport = 7002\n";
+    s + &cluster_section(name, "seed", "http://127.0.0.1:2379")
+}
+
+fn cluster_of(socket: &std::path::Path) -> serde_json::Value {
+    status(socket)["cluster"].clone()
+}
+
+fn active_in_etcd(etcd: &Etcd, prefix: &str, channel: &str) -> Option<(String, String)> {
+    let v = etcd.get(&format!("{prefix}active/{channel}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
+    Some((
+        v["encoder"].as_str()?.to_owned(),
+        v["leader"].as_str()?.to_owned(),
+    ))
+}
+
+/// Two hosts, each in its own lab with its own two encoders: one leads, the other follows
+/// the leader's choices into its maps; a follower's remap is refused; when the leader dies a
+/// new one is elected within its lease and fails its encoders' channels over; while etcd is
+/// down the survivor steps down, keeps forwarding and fails over between its own encoders,
+/// and leads again when etcd returns.
+#[test]
+fn two_hosts_follow_one_leader() {
+    let (lab1, lab2) = (lab(2), lab(2));
+    let mut echoes1: Vec<Echo> = lab1
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut echoes2: Vec<Echo> = lab2
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut etcd = Etcd::new();
+    let (ep1, ep2) = (etcd.link(&lab1.rt.name, 1), etcd.link(&lab2.rt.name, 2));
+    etcd.start();
+    let name = unique("c");
+    let prefix = format!("/nsfail/{name}/");
+    let dir = TempDir::new();
+    let seed = dir.path.join("seed.toml");
+    fs::write(&seed, two_host_seed(&name)).unwrap();
+    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+
+    let cfg1 = dir.path.join("h1.toml");
+    fs::write(
+        &cfg1,
+        without_channels(&lab_config_with(&lab1, &Policy::tolerant()))
+            + &cluster_section(&name, "h1", &ep1),
+    )
+    .unwrap();
+    let cfg2 = dir.path.join("h2.toml");
+    fs::write(
+        &cfg2,
+        without_channels(&lab_config_with(&lab2, &Policy::tolerant()))
+            .replace("\"enc-a\"", "\"enc-c\"")
+            .replace("\"enc-b\"", "\"enc-d\"")
+            + &cluster_section(&name, "h2", &ep2),
+    )
+    .unwrap();
+    let (pins1, pins2) = (PinDir::new(), PinDir::new());
+    let (sock1, sock2) = (dir.path.join("h1.sock"), dir.path.join("h2.sock"));
+    let h1 = Daemon::start(&cfg1, &sock1, &pins1);
+    let led = wait_for(Duration::from_secs(5), || {
+        (cluster_of(&sock1)["leading"] == true).then_some(())
+    });
+    assert!(led.is_some(), "h1 leads:\n{}", log_of(&cfg1));
+    let mut h2 = Daemon::start(&cfg2, &sock2, &pins2);
+    let follows = wait_for(Duration::from_secs(5), || {
+        let ch = channels(&sock2);
+        (cluster_of(&sock2)["leader"] == "h1"
+            && ch
+                == [
+                    ("cam1".into(), "enc-a".into()),
+                    ("cam2".into(), "enc-c".into()),
+                ])
+        .then_some(())
+    });
+    assert!(
+        follows.is_some(),
+        "h2 follows h1: {:?}\n{}",
+        channels(&sock2),
+        log_of(&cfg2)
+    );
+    assert_eq!(cluster_of(&sock2)["leading"], false);
+    let st = status(&sock2);
+    let hosts: Vec<(String, String)> = st["encoders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["host"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            ("enc-c".into(), "h2".into()),
+            ("enc-d".into(), "h2".into()),
+            ("enc-a".into(), "h1".into()),
+            ("enc-b".into(), "h1".into())
+        ],
+        "h2's status names each encoder's host"
+    );
+
+    // A remap is the leader's: refused on h2; on h1 it reaches h2's maps through etcd.
+    let refused = cli(&sock2, &["remap", "cam1", "enc-c"]);
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains("leader"), "{}", refused.stderr);
+    let t = Instant::now();
+    assert_eq!(cli(&sock1, &["remap", "cam1", "enc-c"]).code, 0);
+    let followed = wait_for(Duration::from_secs(5), || {
+        channels(&sock2)
+            .contains(&("cam1".into(), "enc-c".into()))
+            .then(|| t.elapsed())
+    })
+    .expect("h2 follows h1's remap");
+    println!(
+        "a remap on the leader in the follower's status after {:.1} ms (CLI polls)",
+        followed.as_secs_f64() * 1000.0
+    );
+    assert_eq!(
+        active_in_etcd(&etcd, &prefix, "cam1"),
+        Some(("enc-c".into(), "h1".into()))
+    );
+    assert!(has_event(&sock2, "the cluster leader's choice"));
+    // h2's data plane forwards cam1 to its own enc-c now.
+    let ec = &lab2.encoders[0];
+    let rx = Receiver::start(&ec.ns, sa(&format!("{}:7000", ec.addr4)));
+    send_burst(
+        &lab2.src,
+        sa("10.77.0.2:41001"),
+        sa("10.77.0.1:5000"),
+        0..30,
+        Duration::from_millis(2),
+        Duration::from_secs(2),
+    );
+    assert_eq!(rx.seen().len(), 30, "h2 forwards cam1 to enc-c");
+    assert_eq!(cli(&sock1, &["remap", "cam1", "enc-a"]).code, 0);
+    let back = wait_for(Duration::from_secs(5), || {
+        channels(&sock2)
+            .contains(&("cam1".into(), "enc-a".into()))
+            .then_some(())
+    });
+    assert!(back.is_some());
+
+    // h1 dies (SIGKILL): h2 is elected once h1's lease expires, finds enc-a down and moves
+    // cam1 to its own enc-c, and writes that as the new leader.
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(h1.child.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let elected = wait_for(Duration::from_secs(6), || {
+        (cluster_of(&sock2)["leading"] == true).then(|| killed.elapsed())
+    })
+    .unwrap_or_else(|| panic!("h2 elected:\n{}", log_of(&cfg2)));
+    let written = wait_for(Duration::from_secs(6), || {
+        (active_in_etcd(&etcd, &prefix, "cam1") == Some(("enc-c".into(), "h2".into())))
+            .then(|| killed.elapsed())
+    })
+    .unwrap_or_else(|| panic!("h2 writes cam1 on enc-c:\n{}", log_of(&cfg2)));
+    println!(
+        "leader killed: new leader after {:.2} s, its failover in etcd after {:.2} s (lease 1 s)",
+        elected.as_secs_f64(),
+        written.as_secs_f64()
+    );
+    assert!(channels(&sock2).contains(&("cam1".into(), "enc-c".into())));
+    drop(echoes1.drain(..));
+
+    // etcd stops: h2 steps down, keeps forwarding, and fails cam2 over between its own
+    // encoders when enc-c dies.
+    etcd.kill();
+    let lost = wait_for(Duration::from_secs(6), || {
+        let c = cluster_of(&sock2);
+        (c["etcd"] == false && c["leading"] == false).then_some(())
+    });
+    assert!(lost.is_some(), "h2 steps down:\n{}", log_of(&cfg2));
+    assert!(has_event(&sock2, "cluster: etcd lost"));
+    echoes2[0].stop();
+    let local = wait_for(Duration::from_secs(5), || {
+        channels(&sock2)
+            .contains(&("cam2".into(), "enc-d".into()))
+            .then_some(())
+    });
+    assert!(
+        local.is_some(),
+        "local failover without etcd:\n{}",
+        log_of(&cfg2)
+    );
+    let ed = &lab2.encoders[1];
+    let rx = Receiver::start(&ed.ns, sa(&format!("{}:7002", ed.addr4)));
+    send_burst(
+        &lab2.src,
+        sa("10.77.0.2:41002"),
+        sa("10.77.0.1:5002"),
+        0..30,
+        Duration::from_millis(2),
+        Duration::from_secs(2),
+    );
+    assert_eq!(
+        rx.seen().len(),
+        30,
+        "h2 forwards cam2 to enc-d without etcd"
+    );
+
+    // etcd returns: h2 leads again and writes what it decided meanwhile.
+    etcd.start();
+    let again = wait_for(Duration::from_secs(10), || {
+        (active_in_etcd(&etcd, &prefix, "cam2") == Some(("enc-d".into(), "h2".into())))
+            .then_some(())
+    });
+    assert!(again.is_some(), "h2 leads again:\n{}", log_of(&cfg2));
+    assert_eq!(cluster_of(&sock2)["etcd"], true);
+    assert!(has_event(&sock2, "cluster: etcd is back"));
+    assert_eq!(h2.stop(), Some(0));
+    drop(h1);
+}

@@ -529,6 +529,7 @@ impl Controller {
             self.apply_all(decisions);
         }
         self.retry_unapplied();
+        self.follow_periodically(now);
         self.audit(now);
         self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a

@@ -35,7 +35,12 @@ pub struct Shared {
     etcd_up: bool,
     /// Leader: channels whose active encoder may differ from what etcd holds.
     outbox: BTreeSet<String>,
+    /// When a follower last compared all its channels with the leader's choices.
+    followed_at: Option<Instant>,
 }
+
+/// How often a follower compares all its channels with the leader's choices.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq)]
 struct Remote {
@@ -73,6 +78,7 @@ impl Shared {
             leader: None,
             etcd_up: true,
             outbox: BTreeSet::new(),
+            followed_at: None,
         }
     }
 
@@ -295,8 +301,10 @@ impl Controller {
         Ok(report)
     }
 
-    /// A follower takes, for each of `channels`, the encoder the leader wrote (when it is one
-    /// of the channel's and known here). The leader keeps its own decisions.
+    /// A follower takes, for each of `channels`, the encoder the leader wrote, when it is one
+    /// of the channel's and usable as this host sees it (healthy, not drained): a choice
+    /// written before this host saw the encoder fail (a stale one, read back after an etcd
+    /// outage) never moves a stream onto a dead encoder. The leader keeps its own decisions.
     fn follow(&mut self, channels: &BTreeSet<String>) {
         let Some(shared) = &self.shared else { return };
         if shared.leading {
@@ -315,12 +323,31 @@ impl Controller {
             if self.decider.active(name) == Some(rec.encoder.as_str())
                 || !ch.encoders.contains(&rec.encoder)
                 || !self.has_encoder(&rec.encoder)
+                || !self.decider.healthy(&rec.encoder)
+                || self.decider.drained(&rec.encoder)
             {
                 continue;
             }
             decisions.extend(self.decider.follow(name, &rec.encoder, now));
         }
         self.apply_all(decisions);
+    }
+
+    /// Periodic work of a follower: the leader's choices it could not take when they came
+    /// (the encoder was down here then) are taken once it can; every [`FOLLOW_EVERY`].
+    pub(super) fn follow_periodically(&mut self, now: Instant) {
+        let Some(s) = self.shared.as_mut() else {
+            return;
+        };
+        if s.leading
+            || s.followed_at
+                .is_some_and(|t| now.duration_since(t) < FOLLOW_EVERY)
+        {
+            return;
+        }
+        s.followed_at = Some(now);
+        let all: BTreeSet<String> = s.actives.keys().cloned().collect();
+        self.follow(&all);
     }
 
     /// What the cluster's task says of the election and of etcd: whether this host leads,
