@@ -60,9 +60,10 @@ fn a_cluster_host_follows_etcd() {
     let dir = TempDir::new();
     let full = lab_config_with(&lab, &Policy::tolerant());
     let host_cfg = dir.path.join("h1.toml");
+    // The host's file keeps its channels: they are not used (and the daemon says so).
     fs::write(
         &host_cfg,
-        without_channels(&full) + &cluster_section(&name, "h1", &endpoint),
+        full.clone() + &cluster_section(&name, "h1", &endpoint),
     )
     .unwrap();
     let seed = dir.path.join("seed.toml");
@@ -182,11 +183,27 @@ fn a_cluster_host_follows_etcd() {
         "cam3 is in etcd"
     );
     assert!(channels(&socket).contains(&("cam3".into(), "enc-b".into())));
+    let chosen = wait_for(Duration::from_secs(3), || {
+        active_in_etcd(&etcd, &prefix, "cam2")
+    });
+    assert_eq!(
+        chosen,
+        Some(("enc-a".into(), "h1".into())),
+        "h1 leads and wrote cam2's choice"
+    );
     let t = Instant::now();
     let removed = cli(&socket, &["remove", "channel", "cam2"]);
     let remove_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(removed.code, 0, "remove channel: {}", removed.stderr);
     assert!(etcd.get(&format!("{prefix}channels/cam2")).is_none());
+    assert!(
+        etcd.get(&format!("{prefix}active/cam2")).is_none(),
+        "its active encoder goes with it"
+    );
+    assert!(has_event(
+        &socket,
+        "the config file's 2 channels are not used"
+    ));
     assert!(!channels(&socket).iter().any(|(n, _)| n == "cam2"));
     println!(
         "add channel through etcd: {add_ms:.1} ms; remove: {remove_ms:.1} ms (CLI round trip)"

@@ -230,6 +230,17 @@ impl Shared {
     }
 }
 
+/// A cluster host's file lists channels: they are not used (said, not silently dropped).
+fn unused_channels(file: &Config) -> Option<String> {
+    (!file.channels.is_empty()).then(|| {
+        format!(
+            "cluster: the config file's {} channels are not used by this host: a cluster's \
+             channels live in etcd (nsfail apply --config FILE writes them there)",
+            file.channels.len()
+        )
+    })
+}
+
 impl Controller {
     /// Starts the controller of a cluster host: the effective configuration is composed from
     /// `file` and what was read from etcd (`changes`, a whole snapshot of the prefix).
@@ -240,11 +251,16 @@ impl Controller {
         config_path: &Path,
         dp: Dataplane,
     ) -> Result<(Self, SharedReport)> {
+        let unused = unused_channels(&file);
         let mut shared = Shared::new(host, file);
         let (bad, _, _) = shared.record(changes);
         let composed = shared.compose();
         let mut c = Self::start(composed, config_path, dp)?;
         let mut report = SharedReport::default();
+        if let Some(reason) = unused {
+            warn!("{reason}");
+            c.event(None, None, None, &reason);
+        }
         c.report_skipped(bad, &shared, &mut report);
         let all: BTreeSet<String> = shared.channels.keys().cloned().collect();
         c.shared = Some(shared);
@@ -445,6 +461,10 @@ impl Controller {
             return Err(ControlError::Refused(
                 "[cluster] changed: it takes effect at the next start (nothing changed)".into(),
             ));
+        }
+        if let Some(reason) = unused_channels(&file) {
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
         }
         let saved = std::mem::replace(&mut shared.file, file);
         let composed = shared.compose();

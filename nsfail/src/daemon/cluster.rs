@@ -632,8 +632,16 @@ impl Writes {
     async fn remove_channel(&self, name: &str) -> Response {
         let key = cluster::channel_key(&self.cluster, name);
         let mut client = self.client.clone();
-        let written = match client.delete(key, None).await {
-            Ok(r) if r.deleted() == 0 => {
+        // The channel and its active encoder together, so that a channel of the same name
+        // added later does not start from a stale choice.
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+            .and_then([
+                TxnOp::delete(key, None),
+                TxnOp::delete(cluster::active_key(&self.cluster, name), None),
+            ]);
+        let written = match client.txn(txn).await {
+            Ok(r) if !r.succeeded() => {
                 return Response::error(format!("unknown channel {name:?} in the cluster"));
             }
             Ok(r) => r.header().map_or(0, |h| h.revision()),
