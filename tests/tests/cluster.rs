@@ -462,6 +462,31 @@ fn two_hosts_follow_one_leader() {
         log_of(&cfg2)
     );
     assert_eq!(cluster_of(&sock2)["leading"], false);
+    // `cluster status`: etcd's health, the leader, both hosts with their leases and encoders.
+    let seed_path = seed.to_str().unwrap();
+    let cs = wait_for(Duration::from_secs(3), || {
+        let out = etcd.nsfail(&["cluster", "status", "--config", seed_path, "--json"]);
+        let cs: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        let healthy = serde_json::json!([["enc-c", true], ["enc-d", true]]);
+        (out.code == 0 && cs["hosts"][1]["encoders"] == healthy).then_some(cs)
+    })
+    .expect("cluster status with h2's healthy encoders");
+    assert_eq!(cs["etcd"]["healthy"], true);
+    assert_eq!(cs["leader"], "h1");
+    assert_eq!(cs["channels"], 2);
+    assert_eq!(cs["bad_keys"], serde_json::json!([]));
+    let hosts = cs["hosts"].as_array().unwrap();
+    let names: Vec<&str> = hosts.iter().map(|h| h["host"].as_str().unwrap()).collect();
+    assert_eq!(names, ["h1", "h2"]);
+    for h in hosts {
+        assert_eq!(h["lease_s"], 1);
+        assert!(
+            h["ttl_s"].as_i64().is_some_and(|t| (0..=1).contains(&t)),
+            "{h}"
+        );
+    }
+    let human = etcd.nsfail(&["cluster", "status", "--config", seed.to_str().unwrap()]);
+    assert!(human.stdout.contains("leader: h1"), "{}", human.stdout);
     let st = status(&sock2);
     let hosts: Vec<(String, String)> = st["encoders"]
         .as_array()
@@ -598,4 +623,35 @@ fn two_hosts_follow_one_leader() {
     assert!(has_event(&sock2, "cluster: etcd is back"));
     assert_eq!(h2.stop(), Some(0));
     drop(h1);
+}
+
+/// A first start waits for an etcd that never answers, with nothing attached, and SIGTERM
+/// ends the wait cleanly.
+#[test]
+fn a_host_waiting_for_etcd_stops_cleanly() {
+    let lab = lab(2);
+    let etcd = Etcd::new();
+    let endpoint = etcd.link(&lab.rt.name, 1);
+    let dir = TempDir::new();
+    let cfg = dir.path.join("h1.toml");
+    fs::write(
+        &cfg,
+        without_channels(&lab_config_with(&lab, &Policy::tolerant()))
+            + &cluster_section(&unique("c"), "h1", &endpoint),
+    )
+    .unwrap();
+    let pins = PinDir::new();
+    let mut daemon = Daemon::spawn(&cfg, &dir.path.join("nsfail.sock"), &pins);
+    let waiting = wait_for(Duration::from_secs(10), || {
+        log_of(&cfg).contains("waiting for etcd").then_some(())
+    });
+    assert!(waiting.is_some(), "{}", log_of(&cfg));
+    assert!(!xdp_attached(&lab.rt.name, "ing"));
+    assert_eq!(daemon.stop(), Some(0), "{}", log_of(&cfg));
+    assert!(log_of(&cfg).contains("stopped while waiting for etcd"));
+    assert!(!xdp_attached(&lab.rt.name, "ing"), "nothing attached");
+    assert!(
+        !pins.pins.maps().exists() && !dir.path.join("nsfail.sock").exists(),
+        "no maps pinned, no socket"
+    );
 }
