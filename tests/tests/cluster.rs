@@ -285,6 +285,10 @@ fn a_cluster_host_follows_etcd() {
         (enc_r["host"].as_str(), enc_r["local"].as_bool()),
         (Some("h2"), Some(false))
     );
+    assert!(
+        !log_of(&host_cfg).contains("enc-r: no route"),
+        "no egress policy here for another host's encoder"
+    );
     etcd.put(
         &format!("{prefix}encoders/h2/enc-r"),
         remote(false).as_bytes(),

@@ -207,6 +207,16 @@ impl Controller {
     /// the effective configuration. When the data plane was adopted, channels keep the
     /// encoder they are on (if still valid), so a restart moves nothing.
     pub fn start(base: Config, config_path: &Path, dp: Dataplane) -> Result<Self> {
+        Self::start_with(base, config_path, dp, None)
+    }
+
+    /// [`Controller::start`], for a cluster host with what it read from etcd.
+    fn start_with(
+        base: Config,
+        config_path: &Path,
+        dp: Dataplane,
+        shared: Option<Shared>,
+    ) -> Result<Self> {
         let state_path = state_path(config_path);
         let writer = Writer::start(state_path.clone(), events_path(config_path));
         // A state file that cannot be read back, or whose changes no longer fit the config
@@ -271,7 +281,7 @@ impl Controller {
             persist_tried: None,
             failback_checked: None,
             audit: Default::default(),
-            shared: None,
+            shared,
             skip_reported: BTreeSet::new(),
         };
         if let Some(reason) = set_aside {
@@ -365,8 +375,13 @@ impl Controller {
             })?;
         }
         let spec = encoder_spec(e)?;
-        let policy = policy_from_config(&self.effective, e)?;
-        self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
+        // Another cluster host's encoder sends nothing through this host: no egress policy
+        // here (its own host polices it).
+        let policy = match self.shared.as_ref().is_some_and(|s| s.is_remote(&e.name)) {
+            true => None,
+            false => Some(policy_from_config(&self.effective, e)?),
+        };
+        self.dp.upsert_encoder_policed(&spec, policy.as_ref())?;
         self.decider.add_encoder(&e.name, now);
         if e.spawn.is_none()
             && let Some(ns) = &e.netns

@@ -87,13 +87,17 @@ impl Shared {
     }
 
     /// Whether `encoder` is another host's (its health comes from etcd, not from a probe).
+    /// An encoder of this host's file is its own, whatever another host claims.
     pub fn is_remote(&self, encoder: &str) -> bool {
-        self.remote.contains_key(encoder)
+        self.remote.contains_key(encoder) && self.file.encoder(encoder).is_none()
     }
 
     /// The host of a remote encoder.
     pub fn host_of(&self, encoder: &str) -> Option<&str> {
-        self.remote.get(encoder).map(|r| r.record.host.as_str())
+        self.remote
+            .get(encoder)
+            .filter(|_| self.is_remote(encoder))
+            .map(|r| r.record.host.as_str())
     }
 
     /// Records `changes`; returns the keys skipped as bad, whether the composed
@@ -255,14 +259,15 @@ impl Controller {
         let mut shared = Shared::new(host, file);
         let (bad, _, _) = shared.record(changes);
         let composed = shared.compose();
-        let mut c = Self::start(composed, config_path, dp)?;
+        let all: BTreeSet<String> = shared.channels.keys().cloned().collect();
+        let mut c = Self::start_with(composed, config_path, dp, Some(shared))?;
         let mut report = SharedReport::default();
         if let Some(reason) = unused {
             warn!("{reason}");
             c.event(None, None, None, &reason);
         }
+        let shared = c.shared.take().expect("started with it");
         c.report_skipped(bad, &shared, &mut report);
-        let all: BTreeSet<String> = shared.channels.keys().cloned().collect();
         c.shared = Some(shared);
         c.sync_remote_health()?;
         c.follow(&all);
@@ -512,7 +517,7 @@ impl Controller {
         let health: Vec<(String, bool)> = shared
             .remote
             .iter()
-            .filter(|(name, _)| self.has_encoder(name))
+            .filter(|(name, _)| shared.is_remote(name) && self.has_encoder(name))
             .map(|(name, r)| (name.clone(), r.usable()))
             .collect();
         for (name, usable) in health {
@@ -558,5 +563,125 @@ impl Controller {
     /// An event of the cluster's task (etcd lost, back).
     pub fn cluster_event(&mut self, reason: &str) {
         self.event(None, None, None, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> Config {
+        Config::parse(
+            "[ingest]\ninterface = \"eth0\"\n\
+             [[encoder]]\nname = \"enc-a\"\naddress = \"10.0.1.2\"\nmac = \"02:00:00:00:01:02\"\n\
+             health = { kind = \"udp\", port = 9000 }\n\
+             [cluster]\nname = \"studio\"\nhost = \"h1\"\netcd = [\"http://127.0.0.1:2379\"]\n",
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn host(name: &str, mac: &str) -> Change {
+        Change::PutHost(HostRecord {
+            host: name.into(),
+            lease: 1,
+            lease_s: 1,
+            pid: 1,
+            mac: mac.into(),
+        })
+    }
+
+    fn encoder(host: &str, name: &str, healthy: bool) -> Change {
+        let definition: config::Encoder = serde_json::from_value(serde_json::json!({
+            "name": name, "address": "10.0.9.2", "interface": "veth-x", "netns": "ns-x",
+            "health": {"kind": "udp", "port": 9000}
+        }))
+        .unwrap();
+        Change::PutEncoder(EncoderRecord {
+            host: host.into(),
+            definition,
+            healthy,
+            drained: false,
+        })
+    }
+
+    fn channel(name: &str, listen: &str, encoders: &[&str]) -> Change {
+        Change::PutChannel(
+            serde_json::from_value(serde_json::json!({
+                "name": name, "listen": listen, "encoders": encoders
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn composition_takes_what_fits_and_says_why_it_skips_the_rest() {
+        let mut s = Shared::new("h1".into(), file());
+        let (bad, recompose, touched) = s.record(vec![
+            host("h2", "02:00:00:00:00:22"),
+            encoder("h2", "enc-r", true),
+            // Another host claiming this host's encoder name.
+            encoder("h3", "enc-a", true),
+            encoder("h4", "enc-z", true),
+            channel("cam1", "10.0.0.1:5000", &["enc-r", "enc-a"]),
+            channel("cam2", "10.0.0.1:5002", &["enc-x"]),
+            channel("cam3", "10.0.0.1:5000", &["enc-a"]),
+            Change::Bad {
+                key: "/nsfail/studio/junk".into(),
+                why: "not a key of nsfail's layout".into(),
+            },
+        ]);
+        assert!(recompose);
+        assert_eq!(bad, ["/nsfail/studio/junk: not a key of nsfail's layout"]);
+        assert_eq!(
+            touched.into_iter().collect::<Vec<_>>(),
+            ["cam1", "cam2", "cam3"]
+        );
+        let cfg = s.compose();
+        let names: Vec<&str> = cfg.encoders.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["enc-a", "enc-r"]);
+        let remote = cfg.encoder("enc-r").unwrap();
+        assert_eq!(
+            (
+                remote.interface.as_deref(),
+                remote.netns.as_deref(),
+                remote.mac.as_deref()
+            ),
+            (None, None, Some("02:00:00:00:00:22")),
+            "another host's encoder is remote here, at its host's MAC"
+        );
+        assert_eq!(
+            cfg.encoder("enc-a").unwrap().address.to_string(),
+            "10.0.1.2"
+        );
+        let channels: Vec<&str> = cfg.channels.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(channels, ["cam1"]);
+        let skipped: Vec<&str> = s.skipped.keys().map(String::as_str).collect();
+        assert_eq!(
+            skipped,
+            [
+                "channel cam2",
+                "channel cam3",
+                "encoder enc-a of host h3",
+                "encoder enc-z of host h4"
+            ]
+        );
+        assert!(s.skipped["encoder enc-z of host h4"].contains("never registered"));
+        assert!(s.is_remote("enc-r") && !s.is_remote("enc-a"));
+        assert_eq!(
+            s.host_of("enc-a"),
+            None,
+            "this host's own, whatever h3 says"
+        );
+
+        // Its host's lease expires: the encoder stays defined, and is down.
+        assert!(s.remote["enc-r"].usable());
+        let (_, recompose, _) = s.record(vec![Change::DeleteEncoder {
+            host: "h2".into(),
+            encoder: "enc-r".into(),
+        }]);
+        assert!(!recompose);
+        assert!(!s.remote["enc-r"].usable());
+        assert_eq!(s.compose().encoders.len(), 2);
     }
 }
