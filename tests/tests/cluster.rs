@@ -240,6 +240,34 @@ fn a_cluster_host_follows_etcd() {
     let now: Vec<String> = channels(&socket).into_iter().map(|(n, _)| n).collect();
     assert_eq!(now, ["cam1", "cam3", "cam5"], "nothing bad applied");
 
+    // SIGHUP: the file is reloaded, the cluster's channels stay, and a changed definition of
+    // this host's encoder is published.
+    let text = fs::read_to_string(&host_cfg).unwrap();
+    let at = text.rfind("fall = 5").expect("enc-b's tolerant check");
+    fs::write(
+        &host_cfg,
+        format!("{}fall = 6{}", &text[..at], &text[at + 8..]),
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let republished = wait_for(Duration::from_secs(5), || {
+        let v = etcd.get(&format!("{prefix}encoders/h1/enc-b"))?;
+        let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
+        (v["definition"]["health"]["fall"] == 6).then_some(())
+    });
+    assert!(republished.is_some(), "enc-b's new definition in etcd");
+    assert!(has_event(&socket, "config reloaded"));
+    let now: Vec<String> = channels(&socket).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        now,
+        ["cam1", "cam3", "cam5"],
+        "a reload keeps the cluster's channels"
+    );
+
     // Another host's encoder, under that host's lease: healthy, then reported down.
     let mac = "02:00:00:00:00:02";
     let h2 = format!(r#"{{"host":"h2","lease":0,"lease_s":1,"pid":1,"mac":"{mac}"}}"#);

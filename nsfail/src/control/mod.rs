@@ -36,6 +36,7 @@ mod changes;
 pub mod decision;
 mod events;
 mod input;
+mod leadership;
 mod links;
 mod reload;
 mod shared;

@@ -4,6 +4,9 @@
 //! read from etcd is applied by the reload's code ([`Controller::reload_with`]), the same
 //! path as a SIGHUP: validated whole, applied object by object, undone on failure.
 //!
+//! Leadership (following the leader's choices, writing this host's as leader) is in
+//! `leadership`.
+//!
 //! What cannot be applied is reported and skipped, never applied: a foreign or corrupt key,
 //! a channel that is not valid with the others (an encoder nobody registered, a taken
 //! ingest address), another host's encoder whose name is one of this host's.
@@ -15,10 +18,10 @@ use crate::cluster::{ActiveRecord, Change, EncoderRecord, HostRecord};
 #[derive(Debug)]
 pub struct Shared {
     /// This host's name.
-    host: String,
+    pub(super) host: String,
     /// The config file as last read: ingest, this host's encoders, `[cluster]`.
-    file: Config,
-    channels: BTreeMap<String, config::Channel>,
+    pub(super) file: Config,
+    pub(super) channels: BTreeMap<String, config::Channel>,
     hosts: BTreeMap<String, HostRecord>,
     /// Other hosts' encoders, by name; kept when their host's lease expires (down, not
     /// gone), so that the channels naming them stay valid.
@@ -26,21 +29,18 @@ pub struct Shared {
     /// What the last composition skipped, and why (reported once per change of reason).
     skipped: BTreeMap<String, String>,
     /// Each channel's active encoder as the leader wrote it.
-    actives: BTreeMap<String, ActiveRecord>,
+    pub(super) actives: BTreeMap<String, ActiveRecord>,
     /// Whether this host is the leader (elected, and etcd reachable).
-    leading: bool,
+    pub(super) leading: bool,
     /// The leader as the election last said (`None`: none, or etcd unreachable).
-    leader: Option<String>,
+    pub(super) leader: Option<String>,
     /// Whether this host is connected to etcd now.
-    etcd_up: bool,
+    pub(super) etcd_up: bool,
     /// Leader: channels whose active encoder may differ from what etcd holds.
-    outbox: BTreeSet<String>,
+    pub(super) outbox: BTreeSet<String>,
     /// When a follower last compared all its channels with the leader's choices.
-    followed_at: Option<Instant>,
+    pub(super) followed_at: Option<Instant>,
 }
-
-/// How often a follower compares all its channels with the leader's choices.
-const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq)]
 struct Remote {
@@ -320,139 +320,6 @@ impl Controller {
             s.outbox.extend(touched);
         }
         Ok(report)
-    }
-
-    /// A follower takes, for each of `channels`, the encoder the leader wrote, when it is one
-    /// of the channel's and usable as this host sees it (healthy, not drained): a choice
-    /// written before this host saw the encoder fail (a stale one, read back after an etcd
-    /// outage) never moves a stream onto a dead encoder. The leader keeps its own decisions.
-    fn follow(&mut self, channels: &BTreeSet<String>) {
-        let Some(shared) = &self.shared else { return };
-        if shared.leading {
-            return;
-        }
-        let now = Instant::now();
-        let mut decisions = Vec::new();
-        for name in channels {
-            let Some(rec) = shared.actives.get(name) else {
-                continue;
-            };
-            let Some(i) = self.lookup.channel(name) else {
-                continue;
-            };
-            let ch = &self.effective.channels[i];
-            if self.decider.active(name) == Some(rec.encoder.as_str())
-                || !ch.encoders.contains(&rec.encoder)
-                || !self.has_encoder(&rec.encoder)
-                || !self.decider.healthy(&rec.encoder)
-                || self.decider.drained(&rec.encoder)
-            {
-                continue;
-            }
-            decisions.extend(self.decider.follow(name, &rec.encoder, now));
-        }
-        self.apply_all(decisions);
-    }
-
-    /// Periodic work of a follower: the leader's choices it could not take when they came
-    /// (the encoder was down here then) are taken once it can; every [`FOLLOW_EVERY`].
-    pub(super) fn follow_periodically(&mut self, now: Instant) {
-        let Some(s) = self.shared.as_mut() else {
-            return;
-        };
-        if s.leading
-            || s.followed_at
-                .is_some_and(|t| now.duration_since(t) < FOLLOW_EVERY)
-        {
-            return;
-        }
-        s.followed_at = Some(now);
-        let all: BTreeSet<String> = s.actives.keys().cloned().collect();
-        self.follow(&all);
-    }
-
-    /// What the cluster's task says of the election and of etcd: whether this host leads,
-    /// who does, whether etcd is reachable. Becoming leader puts every channel in the
-    /// outbox (what etcd holds is compared with this host's decisions).
-    pub fn set_cluster_view(&mut self, leading: bool, leader: Option<String>, etcd_up: bool) {
-        let Some(s) = self.shared.as_mut() else {
-            return;
-        };
-        let was = s.leading;
-        s.leading = leading;
-        s.leader = leader;
-        s.etcd_up = etcd_up;
-        if leading && !was {
-            s.outbox = s.channels.keys().cloned().collect();
-            let reason = format!("cluster: this host ({}) is the leader", s.host);
-            info!("{reason}");
-            self.event(None, None, None, &reason);
-        } else if !leading && was {
-            s.outbox.clear();
-            let reason = format!("cluster: this host ({}) is no longer the leader", s.host);
-            warn!("{reason}");
-            self.event(None, None, None, &reason);
-        }
-    }
-
-    /// Leader: the channels whose active encoder here differs from what etcd holds, to write
-    /// there (the outbox is emptied).
-    pub fn take_outbox(&mut self) -> Vec<(String, String)> {
-        let Some(s) = self.shared.as_mut() else {
-            return Vec::new();
-        };
-        if !s.leading {
-            return Vec::new();
-        }
-        let outbox = std::mem::take(&mut s.outbox);
-        let s = self.shared.as_ref().expect("checked above");
-        outbox
-            .into_iter()
-            .filter_map(|ch| {
-                let active = self.decider.active(&ch)?;
-                (s.actives.get(&ch).map(|r| r.encoder.as_str()) != Some(active))
-                    .then(|| (ch.clone(), active.to_owned()))
-            })
-            .collect()
-    }
-
-    /// A decision carried out: the leader writes it to etcd.
-    pub(super) fn note_decided(&mut self, channel: &str) {
-        if let Some(s) = self.shared.as_mut()
-            && s.leading
-        {
-            s.outbox.insert(channel.to_owned());
-        }
-    }
-
-    /// Remaps and drains are the leader's in a cluster (a follower's would be overwritten by
-    /// the leader's choice); while etcd is unreachable every host may make them locally.
-    pub(super) fn refuse_unless_leader(&self, what: &str) -> Result<()> {
-        match &self.shared {
-            Some(s) if s.etcd_up && !s.leading => Err(ControlError::Refused(format!(
-                "{what} is the cluster leader's to do: this host ({}) is not it (leader: {})",
-                s.host,
-                s.leader.as_deref().unwrap_or("none now")
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    /// The cluster as this host sees it, for `status`.
-    pub fn cluster_view(&self) -> Option<api::ClusterView> {
-        let s = self.shared.as_ref()?;
-        Some(api::ClusterView {
-            name: s
-                .file
-                .cluster
-                .as_ref()
-                .map(|c| c.name.clone())
-                .unwrap_or_default(),
-            host: s.host.clone(),
-            leader: s.leader.clone(),
-            leading: s.leading,
-            etcd: s.etcd_up,
-        })
     }
 
     /// Re-reads the config file of a cluster host (a reload): the file's part is replaced,
