@@ -112,25 +112,13 @@ pub fn run(opts: Options) -> Result<()> {
     // anything.
     let joined = match &cfg.cluster {
         None => None,
-        Some(c) => {
-            let me = cluster::Me {
-                cluster: c.clone(),
-                host: c.host_name(),
-                mac: format_mac(
-                    crate::net::netns::link(&cfg.ingest.interface)
-                        .with_context(|| format!("ingest interface {}", cfg.ingest.interface))?
-                        .mac,
-                ),
-                encoders: cfg.encoders.clone(),
-            };
-            match rt.block_on(cluster::join(&me))? {
-                Some(joined) => Some((me, joined)),
-                None => {
-                    info!("stopped while waiting for etcd; nothing was changed");
-                    return Ok(());
-                }
+        Some(c) => match rt.block_on(cluster::join_at_start(c, &cfg))? {
+            Some(joined) => Some(joined),
+            None => {
+                info!("stopped while waiting for etcd; nothing was changed");
+                return Ok(());
             }
-        }
+        },
     };
     let mut dp = Dataplane::open(opts.pins.clone())?;
     dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
@@ -139,18 +127,7 @@ pub fn run(opts: Options) -> Result<()> {
     let refusals = dp.refusals()?;
     let (ctl, cluster) = match joined {
         None => (Controller::start(cfg, &opts.config, dp)?, None),
-        Some((me, mut joined)) => {
-            let changes = std::mem::take(&mut joined.changes);
-            let (ctl, report) =
-                Controller::start_clustered(cfg, me.host.clone(), changes, &opts.config, dp)?;
-            info!(
-                "cluster {} host {}: {} keys skipped",
-                me.cluster.name,
-                me.host,
-                report.skipped.len()
-            );
-            (ctl, Some((me, joined)))
-        }
+        Some((me, joined)) => cluster::start_controller(cfg, &opts.config, dp, me, joined)?,
     };
     crate::heap::trim();
     info!(
@@ -264,19 +241,7 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
     let (writes, cluster_task) = match cluster {
         None => (None, None),
         Some((me, joined)) => {
-            let (applied_tx, applied) = watch::channel(joined.revision);
-            let writes = Arc::new(cluster::Writes {
-                client: joined.client.clone(),
-                cluster: me.cluster.clone(),
-                applied,
-            });
-            let task = tokio::spawn(cluster::run(
-                me,
-                joined,
-                ctl.clone(),
-                applied_tx,
-                stop.clone(),
-            ));
+            let (writes, task) = cluster::spawn(me, joined, ctl.clone(), stop.clone());
             (Some(writes), Some(task))
         }
     };
@@ -337,14 +302,6 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
     let _ = fs::remove_file(socket);
     info!("stopped; the data plane keeps forwarding (nsfail teardown removes it)");
     Ok(())
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Reloads the config on every SIGHUP, one reload at a time: signals that arrive while a

@@ -47,6 +47,66 @@ pub(super) struct Me {
     pub(super) encoders: Vec<config::Encoder>,
 }
 
+/// This host as its config file makes it, joined to the cluster: see [`join`]. `None`:
+/// stopped while waiting.
+pub(super) async fn join_at_start(c: &Cluster, cfg: &Config) -> Result<Option<(Me, Joined)>> {
+    let ingest = crate::net::netns::link(&cfg.ingest.interface)
+        .with_context(|| format!("ingest interface {}", cfg.ingest.interface))?;
+    let me = Me {
+        cluster: c.clone(),
+        host: c.host_name(),
+        mac: format_mac(ingest.mac),
+        encoders: cfg.encoders.clone(),
+    };
+    Ok(join(&me).await?.map(|joined| (me, joined)))
+}
+
+/// Starts the controller of a cluster host on what it read at its join.
+pub(super) fn start_controller(
+    cfg: Config,
+    config_path: &Path,
+    dp: Dataplane,
+    me: Me,
+    mut joined: Joined,
+) -> Result<(Controller, Option<(Me, Joined)>)> {
+    let changes = std::mem::take(&mut joined.changes);
+    let (ctl, report) =
+        Controller::start_clustered(cfg, me.host.clone(), changes, config_path, dp)?;
+    info!(
+        "cluster {} host {}: {} keys or objects skipped",
+        me.cluster.name,
+        me.host,
+        report.skipped.len()
+    );
+    Ok((ctl, Some((me, joined))))
+}
+
+/// Starts the task that keeps the host in the cluster (see [`run`]); returns what socket
+/// writes go through, and the task.
+pub(super) fn spawn(
+    me: Me,
+    joined: Joined,
+    ctl: ControlHandle,
+    stop: CancellationToken,
+) -> (Arc<Writes>, JoinHandle<()>) {
+    let (applied_tx, applied) = watch::channel(joined.revision);
+    let writes = Arc::new(Writes {
+        client: joined.client.clone(),
+        cluster: me.cluster.clone(),
+        applied,
+    });
+    let task = tokio::spawn(run(me, joined, ctl, applied_tx, stop));
+    (writes, task)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 fn options() -> ConnectOptions {
     ConnectOptions::new()
         .with_connect_timeout(cluster::store::CONNECT_TIMEOUT)
