@@ -5,7 +5,7 @@
 
 use std::{path::Path, time::Duration};
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 
 use crate::{ChildGuard, Entered, Netns, daemon::TempDir, ip_in, unique, wait_for};
 
@@ -157,6 +157,31 @@ impl Etcd {
                 .map(|kv| kv.value().to_vec()))
         })
         .expect("etcd get")
+    }
+
+    /// Every value ever put under `prefix` (etcd's history, oldest first; nothing is compacted
+    /// in a test's etcd): replayed by a watch from revision 1, read until it is quiet for
+    /// 500 ms.
+    pub fn history(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let prefix = prefix.to_owned();
+        self.client_blocking(|mut c| async move {
+            let options = WatchOptions::new().with_prefix().with_start_revision(1);
+            let (_watcher, mut stream) = c.watch(prefix, Some(options)).await?;
+            let mut out = Vec::new();
+            while let Ok(msg) =
+                tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+            {
+                let Some(resp) = msg? else { break };
+                for ev in resp.events() {
+                    if let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) {
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        out.push((key, kv.value().to_vec()));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .expect("etcd history")
     }
 
     /// Runs `nsfail ARGS...` (the CLI) inside etcd's namespace, where the cluster's etcd is

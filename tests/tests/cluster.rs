@@ -655,6 +655,35 @@ fn two_hosts_follow_one_leader() {
     assert!(has_event(&sock2, "cluster: etcd is back"));
     assert_eq!(h2.stop(), Some(0));
     drop(h1);
+
+    // Split brain: every active encoder written in the run came from the one leader of its
+    // term, and h2's terms came after h1's.
+    let mut terms: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> =
+        Default::default();
+    for (key, value) in etcd.history(&format!("{prefix}active/")) {
+        let v: serde_json::Value = serde_json::from_slice(&value).expect("an active record");
+        let (term, leader) = (v["term"].as_i64().unwrap(), v["leader"].as_str().unwrap());
+        terms.entry(term).or_default().insert(leader.to_owned());
+        assert!(key.starts_with(&format!("{prefix}active/cam")), "{key}");
+    }
+    assert!(
+        terms.len() >= 3,
+        "h1's term, h2's, h2's after etcd returned: {terms:?}"
+    );
+    assert!(
+        terms.values().all(|leaders| leaders.len() == 1),
+        "one writer per term: {terms:?}"
+    );
+    let order: Vec<&str> = terms
+        .values()
+        .map(|l| l.iter().next().unwrap().as_str())
+        .collect();
+    let first_h2 = order.iter().position(|l| *l == "h2").unwrap();
+    assert!(
+        order[..first_h2].iter().all(|l| *l == "h1")
+            && order[first_h2..].iter().all(|l| *l == "h2"),
+        "{terms:?}"
+    );
 }
 
 /// A first start waits for an etcd that never answers, with nothing attached, and SIGTERM

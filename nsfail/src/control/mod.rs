@@ -545,6 +545,7 @@ impl Controller {
             self.apply_all(decisions);
         }
         self.retry_unapplied();
+        self.retry_shared(now);
         self.follow_periodically(now);
         self.audit(now);
         self.check_persisted(now);

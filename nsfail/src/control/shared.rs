@@ -40,7 +40,12 @@ pub struct Shared {
     pub(super) outbox: BTreeSet<String>,
     /// When a follower last compared all its channels with the leader's choices.
     pub(super) followed_at: Option<Instant>,
+    /// When applying what etcd holds last failed, and why (retried by the periodic work).
+    failed: Option<(Instant, String)>,
 }
+
+/// How often a failed application of etcd's state is tried again.
+const RETRY_SHARED: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq)]
 struct Remote {
@@ -79,6 +84,7 @@ impl Shared {
             etcd_up: true,
             outbox: BTreeSet::new(),
             followed_at: None,
+            failed: None,
         }
     }
 
@@ -300,12 +306,11 @@ impl Controller {
         if resync {
             touched = shared.channels.keys().cloned().collect();
         }
-        let result = if recompose || resync {
-            let composed = shared.compose();
-            self.shared = Some(shared);
-            self.reload_from(composed, "cluster").map(|r| r.changes)
+        let retrying = shared.failed.is_some();
+        self.shared = Some(shared);
+        let result = if recompose || resync || retrying {
+            self.recompose()
         } else {
-            self.shared = Some(shared);
             Ok(Vec::new())
         };
         let shared = self.shared.take().expect("put back above");
@@ -320,6 +325,67 @@ impl Controller {
             s.outbox.extend(touched);
         }
         Ok(report)
+    }
+
+    /// Applies the composition of the file and what etcd holds through the reload's code. A
+    /// failure (a map write the kernel refused, say) is reported once per reason and retried
+    /// every [`RETRY_SHARED`] by the periodic work until it succeeds: what etcd holds is not
+    /// given up because one attempt failed.
+    fn recompose(&mut self) -> Result<Vec<String>> {
+        let Some(shared) = self.shared.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let composed = shared.compose();
+        let result = self.reload_from(composed, "cluster").map(|r| r.changes);
+        let Some(shared) = self.shared.as_mut() else {
+            return result;
+        };
+        match &result {
+            Ok(_) => {
+                if shared.failed.take().is_some() {
+                    let reason = "cluster: etcd's state applied after failed attempts";
+                    info!("{reason}");
+                    self.event(None, None, None, reason);
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let again = shared.failed.as_ref().is_some_and(|(_, w)| *w == why);
+                shared.failed = Some((Instant::now(), why.clone()));
+                if !again {
+                    let reason = format!(
+                        "cluster: applying etcd's state failed (critical), retrying: {why}"
+                    );
+                    warn!("{reason}");
+                    self.event(None, None, None, &reason);
+                }
+            }
+        }
+        result
+    }
+
+    /// Periodic work: a composition that failed is tried again (see
+    /// [`Controller::recompose`]); once it succeeds the leader's choices are taken.
+    pub(super) fn retry_shared(&mut self, now: Instant) {
+        let due = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.failed.as_ref())
+            .is_some_and(|(at, _)| now.duration_since(*at) >= RETRY_SHARED);
+        if !due {
+            return;
+        }
+        if self.recompose().is_ok() {
+            if let Err(e) = self.sync_remote_health() {
+                warn!("cluster: other hosts' encoders' health: {e}");
+            }
+            let all: BTreeSet<String> = self
+                .shared
+                .as_ref()
+                .map(|s| s.channels.keys().cloned().collect())
+                .unwrap_or_default();
+            self.follow(&all);
+        }
     }
 
     /// Re-reads the config file of a cluster host (a reload): the file's part is replaced,

@@ -228,7 +228,17 @@ async fn register(client: &mut Client, me: &Me) -> Result<i64, etcd_client::Erro
         )
         .await?;
     let ttl = i64::try_from(c.lease_s).unwrap_or(i64::MAX);
-    let lease = client.lease_grant(ttl, None).await?.id();
+    let granted = client.lease_grant(ttl, None).await?;
+    if granted.ttl() != ttl {
+        // etcd raises a TTL below its minimum (1.5 election timeouts): a dead host is seen
+        // later than lease_s says.
+        warn!(
+            "cluster.lease_s = {ttl}, but etcd granted a lease of {} s (its minimum: lower \
+             etcd's --election-timeout for shorter leases)",
+            granted.ttl()
+        );
+    }
+    let lease = granted.id();
     let under_lease = || Some(PutOptions::new().with_lease(lease));
     let host = HostRecord {
         host: me.host.clone(),
