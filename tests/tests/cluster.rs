@@ -364,6 +364,16 @@ fn a_cluster_host_follows_etcd() {
     });
     assert!(written.is_some(), "the leader's choice for cam4 in etcd");
     assert_eq!(status(&socket)["cluster"]["leader"], "h1");
+    let human = cli(&socket, &["status"]).stdout;
+    assert!(
+        human.contains("host h1 (leader)  leader h1  etcd reachable") && human.contains(" HOST "),
+        "{human}"
+    );
+    let enc_r_line = human
+        .lines()
+        .find(|l| l.starts_with("enc-r"))
+        .unwrap_or_default();
+    assert!(enc_r_line.contains(" h2 "), "enc-r's host: {human}");
     assert!(etcd.get(&format!("{prefix}encoders/h2/enc-r")).is_none());
     println!(
         "h2's 1 s lease expired: cam4 off enc-r after {:.2} s",
