@@ -183,6 +183,36 @@ fn a_cluster_host_follows_etcd() {
         "cam3 is in etcd"
     );
     assert!(channels(&socket).contains(&("cam3".into(), "enc-b".into())));
+    // Refused before anything is written: an encoder nobody has, a name already taken.
+    let unknown = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam7",
+            "--listen",
+            "10.77.0.1:5010",
+            "--encoders",
+            "enc-x",
+        ],
+    );
+    assert_eq!(unknown.code, 1, "{}", unknown.stdout);
+    assert!(unknown.stderr.contains("enc-x"), "{}", unknown.stderr);
+    assert!(etcd.get(&format!("{prefix}channels/cam7")).is_none());
+    let taken = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam1",
+            "--listen",
+            "10.77.0.1:5012",
+            "--encoders",
+            "enc-a",
+        ],
+    );
+    assert_eq!(taken.code, 1);
+    assert!(taken.stderr.contains("already exists"), "{}", taken.stderr);
     let chosen = wait_for(Duration::from_secs(3), || {
         active_in_etcd(&etcd, &prefix, "cam2")
     });
@@ -239,6 +269,26 @@ fn a_cluster_host_follows_etcd() {
     assert!(reported.is_some(), "skips reported: {:?}", events(&socket));
     let now: Vec<String> = channels(&socket).into_iter().map(|(n, _)| n).collect();
     assert_eq!(now, ["cam1", "cam3", "cam5"], "nothing bad applied");
+    // cam8 is skipped here but its key exists: adding that name again is refused by etcd's
+    // transaction, not written over.
+    let over = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam8",
+            "--listen",
+            "10.77.0.1:5014",
+            "--encoders",
+            "enc-a",
+        ],
+    );
+    assert_eq!(over.code, 1);
+    assert!(
+        over.stderr.contains("already exists in the cluster"),
+        "{}",
+        over.stderr
+    );
 
     // SIGHUP: the file is reloaded, the cluster's channels stay, and a changed definition of
     // this host's encoder is published.

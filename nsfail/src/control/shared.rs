@@ -493,6 +493,17 @@ impl Controller {
         Err(skipped.cloned().unwrap_or_else(|| "not applied".into()))
     }
 
+    /// Whether a new channel fits the effective configuration (its name, ingest address and
+    /// encoders), as `add channel` checks it on one host.
+    pub fn check_new_channel(&self, ch: &config::Channel) -> Result<(), String> {
+        if self.lookup.channel(&ch.name).is_some() {
+            return Err(format!("channel {:?} already exists", ch.name));
+        }
+        self.effective
+            .check_new_channel(&self.lookup, ch)
+            .map_err(|e| e.to_string())
+    }
+
     /// An event of the cluster's task (etcd lost, back).
     pub fn cluster_event(&mut self, reason: &str) {
         self.event(None, None, None, reason);

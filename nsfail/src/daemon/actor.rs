@@ -79,6 +79,8 @@ pub(super) enum Msg {
     LocalHealth(oneshot::Sender<Vec<(config::Encoder, bool, bool)>>),
     /// Whether a channel read from etcd is applied here (or why it is skipped).
     SharedChannel(String, oneshot::Sender<Result<(), String>>),
+    /// Whether a new channel fits the effective configuration (before it is written to etcd).
+    CheckChannel(Box<config::Channel>, oneshot::Sender<Result<(), String>>),
     /// Something the cluster's task has to say (for the events).
     ClusterEvent(String),
     /// The election and etcd as the cluster's task sees them.
@@ -343,6 +345,10 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
         Msg::SharedChannel(name, reply) => {
             // Err: the client hung up.
             let _ = reply.send(c.shared_channel(&name));
+        }
+        Msg::CheckChannel(ch, reply) => {
+            // Err: the client hung up.
+            let _ = reply.send(c.check_new_channel(&ch));
         }
         Msg::ClusterEvent(reason) => c.cluster_event(&reason),
         Msg::ClusterView {

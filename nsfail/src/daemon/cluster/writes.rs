@@ -40,10 +40,30 @@ impl Writes {
             Ok(ch) => ch,
             Err(e) => return Response::error(e.to_string()),
         };
+        // Checked against the cluster as this host holds it before anything is written, as a
+        // single host checks it: a channel that cannot be applied is refused, not stored.
+        match ctl
+            .ask(|reply| Msg::CheckChannel(Box::new(ch.clone()), reply))
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(why)) => return Response::error(why),
+            None => return Response::error("the daemon is stopping"),
+        }
         let key = cluster::channel_key(&self.cluster, &ch.name);
         let value = json(&cluster::encode_channel(&ch));
         let mut client = self.client.clone();
-        let written = match client.put(key, value, None).await {
+        // Only a new key: another host may have added the same name since the check.
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let written = match client.txn(txn).await {
+            Ok(r) if !r.succeeded() => {
+                return Response::error(format!(
+                    "channel {:?} already exists in the cluster",
+                    ch.name
+                ));
+            }
             Ok(r) => r.header().map_or(0, |h| h.revision()),
             Err(e) => return Response::error(format!("writing to etcd: {e}")),
         };
