@@ -11,7 +11,8 @@
 //!   the channel's last move: a flapping encoder cannot bounce a channel more than once per
 //!   hold-down;
 //! - a manual remap or drain always wins: it is applied as asked, and automatic failback
-//!   leaves a manually placed channel alone until the next automatic failover.
+//!   leaves a manually placed channel alone until the next automatic failover; so does a
+//!   cluster follower with a channel placed by its leader (failback is the leader's).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -255,7 +256,10 @@ impl Decider {
         let st = self.channels.get_mut(channel).expect("known channel");
         let from = std::mem::replace(&mut st.active, to.clone());
         st.last_move = Some(now);
-        st.manual = matches!(reason, Reason::Manual | Reason::Drain);
+        // A cluster follower leaves failback to its leader, whose choices it follows: its own
+        // failback would undo a leader's manual remap, and the leader's choice would move it
+        // back a second later.
+        st.manual = matches!(reason, Reason::Manual | Reason::Drain | Reason::Leader);
         st.stranded = false;
         unindex(&mut self.on, &from, channel);
         index(&mut self.on, &to, channel);
