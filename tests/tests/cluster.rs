@@ -333,6 +333,16 @@ fn a_cluster_host_follows_etcd() {
         remote(true).as_bytes(),
         None,
     );
+    // add channel is checked against what this host has applied: enc-r first.
+    let known = wait_for(Duration::from_secs(5), || {
+        let st = status(&socket);
+        st["encoders"]
+            .as_array()?
+            .iter()
+            .any(|e| e["name"] == "enc-r")
+            .then_some(())
+    });
+    assert!(known.is_some(), "enc-r of h2 applied here");
     let added = cli(
         &socket,
         &[
