@@ -236,3 +236,170 @@ pub fn xdp_attached(ns: &str, ifname: &str) -> bool {
 pub fn log_of(config: &Path) -> String {
     std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
 }
+
+/// Two ingest hosts behind a router, as `tests/tests/cross_host.rs` builds them, with etcd
+/// linked to both hosts (`10.79.1.0/24` to A, `10.79.2.0/24` to B):
+///
+/// ```text
+///  cl 10.71.1.2 --- rt --- 10.71.2.2 ha [XDP on ua] --- va/ea 10.71.5.2
+///                   |
+///                   +----- 10.71.3.2 hb [XDP on ub] --- vb/eb 10.71.4.2
+/// ```
+///
+/// The router sends the ingest address [`ROUTED_INGEST`] to host A and B's encoder network to
+/// host B; neither host forwards IP. Fields drop in order, the namespaces last.
+pub struct RoutedWorld {
+    /// An XDP_PASS program on the router's side of A's uplink (veth delivers an XDP_TX only
+    /// to a peer with an XDP program).
+    _router_xdp: aya::Ebpf,
+    pub etcd: Etcd,
+    pub cl: Netns,
+    pub rt: Netns,
+    pub ha: Netns,
+    pub hb: Netns,
+    pub ea: Netns,
+    pub eb: Netns,
+    /// etcd as host A and host B reach it.
+    pub endpoints: [String; 2],
+}
+
+/// The ingest address of [`RoutedWorld`].
+pub const ROUTED_INGEST: &str = "203.0.113.77";
+
+fn exec_in(ns: &Netns, args: &[&str]) {
+    let mut full = vec!["netns", "exec", &ns.name];
+    full.extend_from_slice(args);
+    crate::run("ip", &full);
+}
+
+/// A veth `a_if` in `a` to `b_if` in `b`, addressed `a_addr` and `b_addr` (/24), both up.
+fn wire(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
+    ip_in(
+        &a.name,
+        &[
+            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        ],
+    );
+    ip_in(
+        &a.name,
+        &["addr", "add", &format!("{a_addr}/24"), "dev", a_if],
+    );
+    ip_in(
+        &b.name,
+        &["addr", "add", &format!("{b_addr}/24"), "dev", b_if],
+    );
+    ip_in(&a.name, &["link", "set", a_if, "up"]);
+    ip_in(&b.name, &["link", "set", b_if, "up"]);
+}
+
+impl RoutedWorld {
+    pub fn new() -> Self {
+        let (cl, rt, ha, hb, ea, eb) = (
+            Netns::new("ccl"),
+            Netns::new("crt"),
+            Netns::new("cha"),
+            Netns::new("chb"),
+            Netns::new("cea"),
+            Netns::new("ceb"),
+        );
+        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // Replies leave B from the ingest address, which the router routes to A.
+        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"]);
+        for h in [&ha, &hb] {
+            exec_in(h, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+        }
+        wire(&rt, "rc", "10.71.1.1", &cl, "c0", "10.71.1.2");
+        wire(&rt, "ra", "10.71.2.1", &ha, "ua", "10.71.2.2");
+        wire(&rt, "rb", "10.71.3.1", &hb, "ub", "10.71.3.2");
+        wire(&ha, "va", "10.71.5.1", &ea, "a0", "10.71.5.2");
+        wire(&hb, "vb", "10.71.4.1", &eb, "b0", "10.71.4.2");
+        // The caller's checksums complete, as from a wire.
+        exec_in(&cl, &["ethtool", "-K", "c0", "tx", "off"]);
+        exec_in(&rt, &["ethtool", "-K", "rb", "gro", "on"]);
+        let router_xdp = {
+            let _in = Entered::new(&rt);
+            let mut obj = aya::Ebpf::load(nsfail::lab::bench_object::OBJECT).expect("object");
+            let prog: &mut aya::programs::Xdp = obj
+                .program_mut("bench_pass")
+                .expect("bench_pass")
+                .try_into()
+                .expect("an XDP program");
+            prog.load().expect("load");
+            prog.attach("ra", aya::programs::XdpMode::Driver)
+                .expect("attach");
+            obj
+        };
+        ip_in(&cl.name, &["route", "add", "default", "via", "10.71.1.1"]);
+        ip_in(&ha.name, &["route", "add", "default", "via", "10.71.2.1"]);
+        ip_in(&hb.name, &["route", "add", "default", "via", "10.71.3.1"]);
+        ip_in(&ea.name, &["route", "add", "default", "via", "10.71.5.1"]);
+        ip_in(&eb.name, &["route", "add", "default", "via", "10.71.4.1"]);
+        ip_in(
+            &rt.name,
+            &["route", "add", ROUTED_INGEST, "via", "10.71.2.2"],
+        );
+        ip_in(
+            &rt.name,
+            &["route", "add", "10.71.4.0/24", "via", "10.71.3.2"],
+        );
+        ip_in(
+            &rt.name,
+            &["route", "add", "10.71.5.0/24", "via", "10.71.2.2"],
+        );
+        let etcd = Etcd::new();
+        let endpoints = [etcd.link(&ha.name, 1), etcd.link(&hb.name, 2)];
+        Self {
+            _router_xdp: router_xdp,
+            etcd,
+            cl,
+            rt,
+            ha,
+            hb,
+            ea,
+            eb,
+            endpoints,
+        }
+    }
+
+    /// Host A's (`a`: true) or B's config: its ingest interface and its one encoder, with
+    /// `[cluster]` `name`.
+    pub fn host_config(&self, a: bool, name: &str) -> String {
+        let (host, uplink, ns, enc, addr, veth, enc_ns, endpoint) = if a {
+            (
+                "ha",
+                "ua",
+                &self.ha,
+                "ea",
+                "10.71.5.2",
+                "va",
+                &self.ea,
+                &self.endpoints[0],
+            )
+        } else {
+            (
+                "hb",
+                "ub",
+                &self.hb,
+                "eb",
+                "10.71.4.2",
+                "vb",
+                &self.eb,
+                &self.endpoints[1],
+            )
+        };
+        format!(
+            "[ingest]\ninterface = \"{uplink}\"\nnetns = \"{}\"\nxdp_mode = \"native\"\n\
+             metrics = \"127.0.0.1:9464\"\n\n[[encoder]]\nname = \"{enc}\"\naddress = \"{addr}\"\n\
+             interface = \"{veth}\"\nnetns = \"{}\"\n\
+             health = {{ kind = \"udp\", port = 9000, fall = 5 }}\n",
+            ns.name, enc_ns.name
+        ) + &cluster_section(name, host, endpoint)
+    }
+}
+
+impl Default for RoutedWorld {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -39,6 +39,7 @@ mod input;
 mod leadership;
 mod links;
 mod reload;
+mod routed;
 mod shared;
 mod srt;
 mod state;
@@ -376,13 +377,11 @@ impl Controller {
             })?;
         }
         let spec = encoder_spec(e)?;
-        // Another cluster host's encoder sends nothing through this host: no egress policy
-        // here (its own host polices it).
-        let policy = match self.shared.as_ref().is_some_and(|s| s.is_remote(&e.name)) {
-            true => None,
-            false => Some(policy_from_config(&self.effective, e)?),
-        };
-        self.dp.upsert_encoder_policed(&spec, policy.as_ref())?;
+        if self.shared.as_ref().is_some_and(|s| s.is_remote(&e.name)) {
+            return self.reconcile_routed(spec, now);
+        }
+        let policy = policy_from_config(&self.effective, e)?;
+        self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
         self.decider.add_encoder(&e.name, now);
         if e.spawn.is_none()
             && let Some(ns) = &e.netns
@@ -547,6 +546,7 @@ impl Controller {
         self.retry_unapplied();
         self.retry_shared(now);
         self.follow_periodically(now);
+        self.refresh_routes_periodically(now);
         self.audit(now);
         self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a

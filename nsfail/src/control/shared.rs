@@ -42,6 +42,16 @@ pub struct Shared {
     pub(super) followed_at: Option<Instant>,
     /// When applying what etcd holds last failed, and why (retried by the periodic work).
     failed: Option<(Instant, String)>,
+    /// Per other host's encoder: why it is not routed (reached at its host's MAC instead),
+    /// as last reported.
+    pub(super) unrouted: BTreeMap<String, String>,
+    /// Per routed encoder: why its next hop could not be resolved again (it forwards on the
+    /// last one), as reported.
+    pub(super) stale_routes: BTreeMap<String, String>,
+    /// Per (channel, local encoder): why its transit entry could not be set, as reported.
+    pub(super) transit_failed: BTreeMap<(String, String), String>,
+    /// When the routed encoders' next hops were last resolved again.
+    pub(super) routes_at: Option<Instant>,
 }
 
 /// How often a failed application of etcd's state is tried again.
@@ -85,6 +95,10 @@ impl Shared {
             outbox: BTreeSet::new(),
             followed_at: None,
             failed: None,
+            unrouted: BTreeMap::new(),
+            stale_routes: BTreeMap::new(),
+            transit_failed: BTreeMap::new(),
+            routes_at: None,
         }
     }
 
@@ -276,6 +290,7 @@ impl Controller {
         c.report_skipped(bad, &shared, &mut report);
         c.shared = Some(shared);
         c.sync_remote_health()?;
+        c.sync_transits();
         c.follow(&all);
         c.generation += 1;
         Ok((c, report))
@@ -342,7 +357,9 @@ impl Controller {
         };
         match &result {
             Ok(_) => {
-                if shared.failed.take().is_some() {
+                let recovered = shared.failed.take().is_some();
+                self.sync_transits();
+                if recovered {
                     let reason = "cluster: etcd's state applied after failed attempts";
                     info!("{reason}");
                     self.event(None, None, None, reason);
