@@ -37,6 +37,15 @@ fn channels(socket: &std::path::Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `ip route show table TABLE` in namespace `ns`.
+fn routes_in(ns: &str, table: u32) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "route", "show", "table", &table.to_string()])
+        .output()
+        .expect("ip route show");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn has_event(socket: &std::path::Path, needle: &str) -> bool {
     events(socket)
         .iter()
@@ -65,7 +74,7 @@ fn a_cluster_host_follows_etcd() {
     // The host's file keeps its channels: they are not used (and the daemon says so).
     fs::write(
         &host_cfg,
-        full.clone() + &cluster_section(&name, "h1", &endpoint),
+        full.clone() + &cluster_section(&name, "h1", &endpoint) + "announce_table = 2345\n",
     )
     .unwrap();
     let seed = dir.path.join("seed.toml");
@@ -121,6 +130,13 @@ fn a_cluster_host_follows_etcd() {
         log_of(&host_cfg)
     );
     assert!(xdp_attached(&lab.rt.name, "ing"));
+    // Anycast: the ingest address is announced in the cluster's table.
+    let announced = wait_for(Duration::from_secs(3), || {
+        routes_in(&lab.rt.name, 2345)
+            .contains("10.77.0.1 dev ing proto static")
+            .then_some(())
+    });
+    assert!(announced.is_some(), "{}", routes_in(&lab.rt.name, 2345));
     // The data plane forwards what etcd defined: cam2's stream reaches enc-a.
     let ea = &lab.encoders[0];
     let rx = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
@@ -443,8 +459,31 @@ fn a_cluster_host_follows_etcd() {
     );
     assert!(has_event(&socket, "encoder unhealthy"));
 
+    // A second ingest address comes with a channel and goes with it.
+    let cam6 = br#"{"name":"cam6","listen":"10.77.0.9:5000","encoders":["enc-a"]}"#;
+    etcd.put(&format!("{prefix}channels/cam6"), cam6, None);
+    let added = wait_for(Duration::from_secs(3), || {
+        routes_in(&lab.rt.name, 2345)
+            .contains("10.77.0.9 dev ing proto static")
+            .then_some(())
+    });
+    assert!(added.is_some(), "{}", routes_in(&lab.rt.name, 2345));
+    assert_eq!(cli(&socket, &["remove", "channel", "cam6"]).code, 0);
+    let withdrawn = wait_for(Duration::from_secs(3), || {
+        (!routes_in(&lab.rt.name, 2345).contains("10.77.0.9")).then_some(())
+    });
+    assert!(withdrawn.is_some(), "{}", routes_in(&lab.rt.name, 2345));
+    assert!(has_event(
+        &socket,
+        "cluster: withdrew 10.77.0.9 (table 2345)"
+    ));
+
     // A restart is refused when another host holds one of this host's encoder names.
     assert_eq!(daemon.stop(), Some(0), "clean stop:\n{}", log_of(&host_cfg));
+    assert!(
+        routes_in(&lab.rt.name, 2345).contains("10.77.0.1 dev ing proto static"),
+        "a stopped daemon leaves its announcement (the data plane keeps forwarding)"
+    );
     let taken = br#"{"host":"h9","definition":{"name":"enc-b","address":"10.77.2.2","health":{"kind":"udp","port":9000}},"healthy":true,"drained":false}"#;
     etcd.put(&format!("{prefix}encoders/h9/enc-b"), taken, None);
     let mut again = Daemon::spawn(&host_cfg, &socket, &pins);

@@ -547,6 +547,7 @@ impl Controller {
         self.retry_shared(now);
         self.follow_periodically(now);
         self.refresh_routes_periodically(now);
+        self.announce_periodically(now);
         self.audit(now);
         self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a

@@ -8,11 +8,21 @@
 //! An encoder with no route here is reached as a remote encoder at its host's ingest MAC
 //! instead (hosts on one segment), and that is reported: on a routed network it does not
 //! arrive.
+//!
+//! Anycast: with `announce_table`, the host keeps one route per ingest address in that table
+//! while its XDP program is on the ingest interface, and withdraws them when it is not, for a
+//! routing daemon to export. A daemon that stops leaves them (the data plane keeps
+//! forwarding).
+
+use std::net::IpAddr;
 
 use super::*;
+use crate::net::announce;
 
 /// How often the routed encoders' next hops are resolved again.
 const ROUTES_EVERY: Duration = Duration::from_secs(5);
+/// How often the announced routes are compared with what should be announced.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 
 impl Controller {
     /// Registers another host's encoder: routed when this host has a route to it, else at its
@@ -156,6 +166,79 @@ impl Controller {
             if let Err(err) = retried {
                 warn!("cluster: encoder {name}: {err}");
             }
+        }
+    }
+
+    /// Makes `announce_table` hold a route for each ingest address while the XDP program is
+    /// on the ingest interface, and none while it is not; every change an event, a failure
+    /// reported once per reason.
+    pub(super) fn sync_announce(&mut self) {
+        let Some(shared) = self.shared.as_mut() else {
+            return;
+        };
+        let Some(table) = shared.file.cluster.as_ref().and_then(|c| c.announce_table) else {
+            return;
+        };
+        shared.announced_at = Some(Instant::now());
+        let wanted: BTreeSet<IpAddr> = if self.ingest_lost.is_none() {
+            self.effective
+                .channels
+                .iter()
+                .map(|c| c.listen.ip())
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let ingest = self.effective.ingest.interface.clone();
+        let outcome =
+            netns::link(&ingest).and_then(|link| announce::sync(table, link.ifindex, &wanted));
+        let changed = match outcome {
+            Ok(changed) => {
+                if let Some(s) = self.shared.as_mut() {
+                    s.announce_failed = None;
+                }
+                changed
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let Some(s) = self.shared.as_mut() else {
+                    return;
+                };
+                if s.announce_failed.as_ref() != Some(&why) {
+                    let reason = format!(
+                        "cluster: the ingest addresses cannot be announced in table {table} \
+                         (critical): {why}"
+                    );
+                    warn!("{reason}");
+                    self.event(None, None, None, &reason);
+                    if let Some(s) = self.shared.as_mut() {
+                        s.announce_failed = Some(why);
+                    }
+                }
+                return;
+            }
+        };
+        for addr in changed.added {
+            let reason = format!("cluster: announcing {addr} (table {table})");
+            info!("{reason}");
+            self.event(None, None, None, &reason);
+        }
+        for addr in changed.withdrawn {
+            let reason = format!("cluster: withdrew {addr} (table {table})");
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+        }
+    }
+
+    /// Periodic work: [`Controller::sync_announce`] every [`ANNOUNCE_EVERY`] (the ingest
+    /// interface may have been lost or found again, a route deleted by hand).
+    pub(super) fn announce_periodically(&mut self, now: Instant) {
+        let due = self.shared.as_ref().is_some_and(|s| {
+            s.announced_at
+                .is_none_or(|t| now.duration_since(t) >= ANNOUNCE_EVERY)
+        });
+        if due {
+            self.sync_announce();
         }
     }
 }

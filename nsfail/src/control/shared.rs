@@ -52,6 +52,9 @@ pub struct Shared {
     pub(super) transit_failed: BTreeMap<(String, String), String>,
     /// When the routed encoders' next hops were last resolved again.
     pub(super) routes_at: Option<Instant>,
+    /// When the announced routes were last synced, and why the last sync failed.
+    pub(super) announced_at: Option<Instant>,
+    pub(super) announce_failed: Option<String>,
 }
 
 /// How often a failed application of etcd's state is tried again.
@@ -99,6 +102,8 @@ impl Shared {
             stale_routes: BTreeMap::new(),
             transit_failed: BTreeMap::new(),
             routes_at: None,
+            announced_at: None,
+            announce_failed: None,
         }
     }
 
@@ -291,6 +296,7 @@ impl Controller {
         c.shared = Some(shared);
         c.sync_remote_health()?;
         c.sync_transits();
+        c.sync_announce();
         c.follow(&all);
         c.generation += 1;
         Ok((c, report))
@@ -359,6 +365,7 @@ impl Controller {
             Ok(_) => {
                 let recovered = shared.failed.take().is_some();
                 self.sync_transits();
+                self.sync_announce();
                 if recovered {
                     let reason = "cluster: etcd's state applied after failed attempts";
                     info!("{reason}");

@@ -5,6 +5,7 @@
 //!
 //! Must not: touch BPF objects (that is `dataplane`), or decide anything about channels.
 
+pub mod announce;
 pub mod netns;
 pub mod plumb;
 pub mod provision;
