@@ -133,7 +133,7 @@ fn a_cluster_host_follows_etcd() {
     // Anycast: the ingest address is announced in the cluster's table.
     let announced = wait_for(Duration::from_secs(3), || {
         routes_in(&lab.rt.name, 2345)
-            .contains("10.77.0.1 dev ing proto static")
+            .contains("10.77.0.1 dev ing proto 247")
             .then_some(())
     });
     assert!(announced.is_some(), "{}", routes_in(&lab.rt.name, 2345));
@@ -464,7 +464,7 @@ fn a_cluster_host_follows_etcd() {
     etcd.put(&format!("{prefix}channels/cam6"), cam6, None);
     let added = wait_for(Duration::from_secs(3), || {
         routes_in(&lab.rt.name, 2345)
-            .contains("10.77.0.9 dev ing proto static")
+            .contains("10.77.0.9 dev ing proto 247")
             .then_some(())
     });
     assert!(added.is_some(), "{}", routes_in(&lab.rt.name, 2345));
@@ -481,7 +481,7 @@ fn a_cluster_host_follows_etcd() {
     // A restart is refused when another host holds one of this host's encoder names.
     assert_eq!(daemon.stop(), Some(0), "clean stop:\n{}", log_of(&host_cfg));
     assert!(
-        routes_in(&lab.rt.name, 2345).contains("10.77.0.1 dev ing proto static"),
+        routes_in(&lab.rt.name, 2345).contains("10.77.0.1 dev ing proto 247"),
         "a stopped daemon leaves its announcement (the data plane keeps forwarding)"
     );
     let taken = br#"{"host":"h9","definition":{"name":"enc-b","address":"10.77.2.2","health":{"kind":"udp","port":9000}},"healthy":true,"drained":false}"#;

@@ -352,6 +352,23 @@ fn a_transit_entry_needs_a_local_encoder_of_the_channel() {
     })
     .unwrap();
     assert!(dp.set_transit(channel, "eb").is_err(), "no such channel");
+    // A channel forwarding to its own address and port is refused: a loop, and it would read
+    // back as a transit entry.
+    dp.upsert_encoder(&EncoderSpec {
+        name: "itself".into(),
+        addr: INGEST.parse::<IpAddr>().unwrap(),
+        mac: mac(&w.eb, "b0"),
+        link: EncoderLink::Local {
+            ifname: "vb".into(),
+        },
+    })
+    .unwrap();
+    let err = dp
+        .set_channel(channel, 5000, "itself", &["itself"], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("own address and port"), "{err}");
+    dp.remove_encoder("itself").unwrap();
     dp.set_channel(channel, ENC_PORT, "eb", &["eb", "far"], false)
         .unwrap();
     let err = dp.set_transit(channel, "far").unwrap_err().to_string();

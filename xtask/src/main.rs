@@ -37,7 +37,8 @@ const BPFFS: &str = "/sys/fs/bpf";
 const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Tools the integration tests, the demo lab and the benchmarks run (nftables: the DNAT
 /// variant of `bench forward`; systemd: `systemd-analyze verify` of the unit file; bpftool:
-/// the fault test that writes the pinned maps as a second, foreign writer would).
+/// the fault test that writes the pinned maps as a second, foreign writer would; bird2: the
+/// anycast test).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -54,6 +55,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     // etcd itself, for the cluster tests (issue 17).
     "etcd-server",
+    // BIRD 2, for the anycast tests (issue 17): hosts announcing the ingest addresses to a
+    // router over BGP with BFD.
+    "bird2",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.
 const USERSPACE: &[&str] = &["--workspace", "--exclude", "nsfail-ebpf"];

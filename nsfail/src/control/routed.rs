@@ -10,9 +10,9 @@
 //! arrive.
 //!
 //! Anycast: with `announce_table`, the host keeps one route per ingest address in that table
-//! while its XDP program is on the ingest interface, and withdraws them when it is not, for a
-//! routing daemon to export. A daemon that stops leaves them (the data plane keeps
-//! forwarding).
+//! ([`announce::sync`]) while its XDP program is on the ingest interface, and withdraws them
+//! when it is not, for a routing daemon to export. A daemon that stops leaves them (the data
+//! plane keeps forwarding).
 
 use std::net::IpAddr;
 
@@ -223,7 +223,7 @@ impl Controller {
             info!("{reason}");
             self.event(None, None, None, &reason);
         }
-        for addr in changed.withdrawn {
+        for addr in changed.removed {
             let reason = format!("cluster: withdrew {addr} (table {table})");
             warn!("{reason}");
             self.event(None, None, None, &reason);

@@ -58,6 +58,14 @@ impl Dataplane {
         // Check every reply key before writing any.
         for (name, _, info) in &ids {
             let rkey = reply_key(info, port);
+            // An encoder at the channel's own address and port would be a loop, and would
+            // read back as a transit entry (see the `transit` module).
+            if rkey == key {
+                return Err(DataplaneError::Invalid {
+                    what: format!("channel {listen}"),
+                    why: format!("encoder {name:?} is at the channel's own address and port"),
+                });
+            }
             if let Some(other) = self.mirror.replies.get(&rkey)
                 && other.ingest != key
             {

@@ -27,6 +27,8 @@ use nsfail_tests::frames::Frame;
 /// Encoders (addresses) the chain's ingest endpoints are spread over.
 pub const ENCODERS: usize = 16;
 const PORT_BASE: u16 = 10_000;
+/// Added to an idle channel's own port for its target (listen ports stay below 17,000).
+const IDLE_PORT_OFFSET: u16 = 20_000;
 /// Runs one frame can stay a hit for: each run decrements the TTL, which must stay above 1.
 pub const MAX_WALK: u32 = 250;
 /// The source of every chain frame.
@@ -112,7 +114,14 @@ pub fn build(
         );
     }
     for i in 1..n {
-        let to = listen(next(i));
+        // An idle channel points past the listen ports (never at itself: an entry that
+        // forwards to its own key is a transit entry to the data plane).
+        let to = if i < active {
+            listen(next(i))
+        } else {
+            let own = listen(i);
+            SocketAddr::new(own.ip(), own.port() + IDLE_PORT_OFFSET)
+        };
         let key = endpoint(to);
         let encoder_id = ids[&encoder_name(next(i) % ENCODERS)];
         let target = ChannelTarget {
