@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod foreign;
 pub mod frames;
+pub mod hosts;
 pub mod srt;
 pub mod traffic;
 

@@ -11,135 +11,30 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::IpAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use nsfail::net::{announce, netns};
-use nsfail_tests::{ChildGuard, Entered, Netns, daemon::TempDir, ip_in, run, spawn_in, wait_for};
+use nsfail::net::announce;
+use nsfail_tests::{
+    Entered, Netns,
+    daemon::TempDir,
+    hosts::{
+        AnycastLab, FLOWS, TABLE, announce_in, bird, host_conf, next_hops as next_hops_of,
+        router_conf, wire,
+    },
+    run, wait_for,
+};
 
-const TABLE: u32 = 2345;
 const INGEST: &str = "203.0.113.88";
 /// BFD: 100 ms intervals, down after 3 missed.
 const BFD: &str = "min rx interval 100 ms; min tx interval 100 ms; multiplier 3;";
 
-fn wire(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
-    ip_in(
-        &a.name,
-        &[
-            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
-        ],
-    );
-    ip_in(
-        &a.name,
-        &["addr", "add", &format!("{a_addr}/24"), "dev", a_if],
-    );
-    ip_in(
-        &b.name,
-        &["addr", "add", &format!("{b_addr}/24"), "dev", b_if],
-    );
-    ip_in(&a.name, &["link", "set", a_if, "up"]);
-    ip_in(&b.name, &["link", "set", b_if, "up"]);
-}
-
-/// A host's BIRD: the announce table learned (routes other programs made in it), exported
-/// to the router over BGP with BFD, nothing imported.
-fn host_conf(dir: &TempDir, name: &str, me: &str, router: &str) -> String {
-    let log = dir.path.join(format!("{name}.log"));
-    format!(
-        r#"log "{log}" all;
-router id {me};
-protocol device {{ scan time 1; }}
-protocol kernel announce {{
-    kernel table {TABLE};
-    learn;
-    scan time 1;
-    ipv4 {{ import all; export none; }};
-}}
-protocol bfd {{ interface "*" {{ {BFD} }}; }}
-protocol bgp up {{
-    local {me} as 65001;
-    neighbor {router} as 65000;
-    bfd on;
-    hold time 3;
-    connect delay time 1;
-    connect retry time 1;
-    error wait time 1, 2;
-    ipv4 {{ import none; export where proto = "announce"; next hop self; }};
-}}
-"#,
-        log = log.display()
-    )
-}
-
-/// The router's BIRD: both hosts' routes imported and merged into one multipath kernel
-/// route (ECMP).
-fn router_conf(dir: &TempDir) -> String {
-    let log = dir.path.join("r.log");
-    let mut conf = format!(
-        r#"log "{log}" all;
-router id 10.72.1.1;
-protocol device {{ scan time 1; }}
-protocol kernel {{
-    merge paths on;
-    ipv4 {{ import none; export all; }};
-}}
-protocol bfd {{ interface "*" {{ {BFD} }}; }}
-"#,
-        log = log.display()
-    );
-    for (i, host) in [(1, "10.72.1.2"), (2, "10.72.2.2")] {
-        conf += &format!(
-            r#"protocol bgp h{i} {{
-    local 10.72.{i}.1 as 65000;
-    neighbor {host} as 65001;
-    bfd on;
-    hold time 3;
-    connect delay time 1;
-    connect retry time 1;
-    error wait time 1, 2;
-    ipv4 {{ import all; export none; }};
-}}
-"#
-        );
-    }
-    conf
-}
-
-fn bird(ns: &Netns, dir: &TempDir, name: &str, conf: &str) -> ChildGuard {
-    let path = dir.path.join(format!("{name}.conf"));
-    fs::write(&path, conf).unwrap();
-    let sock = dir.path.join(format!("{name}.ctl"));
-    let (path, sock) = (path.display().to_string(), sock.display().to_string());
-    run("bird", &["-p", "-c", &path]);
-    spawn_in(ns, "bird", &["-f", "-c", &path, "-s", &sock])
-}
-
-/// The router's next hops for the ingest address.
 fn next_hops(r: &Netns) -> BTreeSet<String> {
-    let out = Command::new("ip")
-        .args(["-n", &r.name, "route", "show", INGEST])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[0] == "via")
-        .map(|w| w[1].to_owned())
-        .collect()
+    next_hops_of(r, INGEST)
 }
 
 fn hops(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| s.to_string()).collect()
-}
-
-fn announce_in(ns: &Netns, dev: &str, addrs: &[&str]) {
-    let _in = Entered::new(ns);
-    let ifindex = netns::link(dev).unwrap().ifindex;
-    let set: BTreeSet<IpAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
-    announce::sync(TABLE, ifindex, &set).unwrap();
 }
 
 #[test]
@@ -151,18 +46,27 @@ fn the_router_spreads_the_ingest_address_over_the_hosts_that_announce_it_and_bfd
     wire(&r, "r2", "10.72.2.1", &h2, "u2", "10.72.2.2");
     announce_in(&h1, "u1", &[INGEST]);
     announce_in(&h2, "u2", &[INGEST]);
-    let _router = bird(&r, &dir, "r", &router_conf(&dir));
+    let _router = bird(
+        &r,
+        &dir,
+        "r",
+        &router_conf(
+            &dir,
+            &[("10.72.1.1", "10.72.1.2"), ("10.72.2.1", "10.72.2.2")],
+            BFD,
+        ),
+    );
     let mut bird1 = bird(
         &h1,
         &dir,
         "h1",
-        &host_conf(&dir, "h1", "10.72.1.2", "10.72.1.1"),
+        &host_conf(&dir, "h1", "10.72.1.2", "10.72.1.1", BFD),
     );
     let _bird2 = bird(
         &h2,
         &dir,
         "h2",
-        &host_conf(&dir, "h2", "10.72.2.2", "10.72.2.1"),
+        &host_conf(&dir, "h2", "10.72.2.2", "10.72.2.1", BFD),
     );
 
     // 1. Both hosts announce: one route, a next hop per host.
@@ -231,4 +135,45 @@ fn the_router_spreads_the_ingest_address_over_the_hosts_that_announce_it_and_bfd
         gone.as_millis()
     );
     let _ = bird1.child.kill();
+}
+
+/// The data path under anycast (issue 17, "What must be shown" 2): flows from one caller,
+/// spread by the router's ECMP (L4 hash) over two ingest hosts, all reach the channel's
+/// encoder on host B (directly on B, through A by A's routed encoder and B's transit entry).
+/// Host A freezes (its BIRD stopped, all its traffic dropped at the router, the link up):
+/// the flows that went through A move to B when BFD withdraws A; those through B lose
+/// nothing. The gap's figures are `cargo xtask bench cluster`'s.
+#[test]
+fn flows_through_a_frozen_host_move_to_the_other_and_the_rest_lose_nothing() {
+    // A more tolerant BFD than the control-plane test: this one also carries streams on a
+    // busy VM, where a false "down" would move flows that must not move.
+    let lab = AnycastLab::new("min rx interval 100 ms; min tx interval 100 ms; multiplier 5;");
+    let run = lab.freeze_a();
+    assert!(
+        !run.via_a.is_empty() && run.via_a.len() < FLOWS as usize,
+        "ECMP spread {FLOWS} flows over both hosts: {:?} went through A",
+        run.via_a
+    );
+    assert!(run.withdrawn.is_some(), "the router kept the frozen host");
+    let mut lost_a = Vec::new();
+    for f in &run.flows {
+        if run.via_a.contains(&f.flow) {
+            assert!(
+                f.tail_arrived,
+                "flow {} (through A) came back through B",
+                f.flow
+            );
+            lost_a.push(f.lost);
+        } else {
+            assert_eq!(
+                f.lost, 0,
+                "flow {} through B lost {} packets",
+                f.flow, f.lost
+            );
+        }
+    }
+    eprintln!(
+        "flows through the frozen host lost {lost_a:?} packets; the router dropped it after {:?}",
+        run.withdrawn
+    );
 }

@@ -19,60 +19,20 @@ use std::{
     time::Duration,
 };
 
-use nsfail::{EncoderLink, EncoderSpec, XdpMode, net::netns};
+use nsfail::{EncoderLink, EncoderSpec, XdpMode};
 use nsfail_tests::{
-    Entered, Netns, PinDir, ip_in, run,
+    Entered, PinDir,
+    hosts::{CALLER, EA, EB, INGEST, mac, world},
+    ip_in,
     traffic::{Receiver, send_burst},
 };
 
-const INGEST: &str = "203.0.113.77";
-const CALLER: &str = "10.71.1.2";
-const EA: &str = "10.71.5.2";
-const EB: &str = "10.71.4.2";
 const ENC_PORT: u16 = 7000;
 const GAP: Duration = Duration::from_millis(1);
 const LINGER: Duration = Duration::from_secs(2);
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
-}
-
-fn exec(ns: &Netns, args: &[&str]) {
-    let mut full = vec!["netns", "exec", &ns.name];
-    full.extend_from_slice(args);
-    run("ip", &full);
-}
-
-fn sysctl(ns: &Netns, key: &str, value: &str) {
-    exec(ns, &["sysctl", "-qw", &format!("{key}={value}")]);
-}
-
-/// A veth `a_if` in `a` to `b_if` in `b`, addressed `a_addr` and `b_addr` (/24), both up.
-fn wire(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
-    ip_in(
-        &a.name,
-        &[
-            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
-        ],
-    );
-    ip_in(
-        &a.name,
-        &["addr", "add", &format!("{a_addr}/24"), "dev", a_if],
-    );
-    ip_in(
-        &b.name,
-        &["addr", "add", &format!("{b_addr}/24"), "dev", b_if],
-    );
-    ip_in(&a.name, &["link", "set", a_if, "up"]);
-    ip_in(&b.name, &["link", "set", b_if, "up"]);
-}
-
-fn gro_on(ns: &Netns, dev: &str) {
-    exec(ns, &["ethtool", "-K", dev, "gro", "on"]);
-}
-
-fn mac(ns: &Netns, dev: &str) -> [u8; 6] {
-    netns::link_in(Some(&ns.name), dev).unwrap().mac
 }
 
 fn count(stats: &[(&str, u64)], name: &str) -> u64 {
@@ -82,87 +42,9 @@ fn count(stats: &[(&str, u64)], name: &str) -> u64 {
         .map_or(0, |(_, c)| *c)
 }
 
-struct World {
-    /// An XDP_PASS program on the router's side of A's uplink, held for the test.
-    _router_xdp: aya::Ebpf,
-    cl: Netns,
-    _rt: Netns,
-    ha: Netns,
-    hb: Netns,
-    ea: Netns,
-    eb: Netns,
-}
-
-/// Puts an XDP_PASS program on `dev` in `ns`. veth schedules the receiving side of an XDP_TX
-/// (the peer's NAPI) only when the peer has an XDP program of its own; with GRO alone the
-/// frames wait in its ring (verified here: the host's `xdp_tx` counts them, the router never
-/// sees them). A physical uplink has no such condition.
-fn router_xdp(ns: &Netns, dev: &str) -> aya::Ebpf {
-    let _in = Entered::new(ns);
-    let mut obj = aya::Ebpf::load(nsfail::lab::bench_object::OBJECT).unwrap();
-    let prog: &mut aya::programs::Xdp = obj.program_mut("bench_pass").unwrap().try_into().unwrap();
-    prog.load().unwrap();
-    prog.attach(dev, aya::programs::XdpMode::Driver).unwrap();
-    obj
-}
-
-fn world() -> World {
-    let (cl, rt, ha, hb, ea, eb) = (
-        Netns::new("xcl"),
-        Netns::new("xrt"),
-        Netns::new("xha"),
-        Netns::new("xhb"),
-        Netns::new("xea"),
-        Netns::new("xeb"),
-    );
-    sysctl(&rt, "net.ipv4.ip_forward", "1");
-    // Replies leave B from the ingest address, which the router routes to A: anycast needs
-    // loose or no reverse-path filtering upstream.
-    sysctl(&rt, "net.ipv4.conf.all.rp_filter", "0");
-    sysctl(&rt, "net.ipv4.conf.default.rp_filter", "0");
-    for h in [&ha, &hb] {
-        sysctl(h, "net.ipv4.ip_forward", "0");
-    }
-    wire(&rt, "rc", "10.71.1.1", &cl, "c0", CALLER);
-    wire(&rt, "ra", "10.71.2.1", &ha, "ua", "10.71.2.2");
-    wire(&rt, "rb", "10.71.3.1", &hb, "ub", "10.71.3.2");
-    wire(&ha, "va", "10.71.5.1", &ea, "a0", EA);
-    wire(&hb, "vb", "10.71.4.1", &eb, "b0", EB);
-    // The caller's checksums complete, as from a wire.
-    exec(&cl, &["ethtool", "-K", "c0", "tx", "off"]);
-    // Frames XDP redirects into a veth reach the peer only with GRO on (or an XDP program)
-    // there; frames it sends back out of a veth (XDP_TX, A's uplink) only with an XDP
-    // program on the peer (`router_xdp`).
-    gro_on(&rt, "rb");
-    gro_on(&ea, "a0");
-    gro_on(&eb, "b0");
-    let router_xdp = router_xdp(&rt, "ra");
-    ip_in(&cl.name, &["route", "add", "default", "via", "10.71.1.1"]);
-    ip_in(&ha.name, &["route", "add", "default", "via", "10.71.2.1"]);
-    ip_in(&hb.name, &["route", "add", "default", "via", "10.71.3.1"]);
-    ip_in(&ea.name, &["route", "add", "default", "via", "10.71.5.1"]);
-    ip_in(&eb.name, &["route", "add", "default", "via", "10.71.4.1"]);
-    // The router: the ingest address to host A (as ECMP would for this flow), B's encoder
-    // network to host B.
-    ip_in(&rt.name, &["route", "add", INGEST, "via", "10.71.2.2"]);
-    ip_in(
-        &rt.name,
-        &["route", "add", "10.71.4.0/24", "via", "10.71.3.2"],
-    );
-    World {
-        _router_xdp: router_xdp,
-        cl,
-        _rt: rt,
-        ha,
-        hb,
-        ea,
-        eb,
-    }
-}
-
 #[test]
 fn a_channel_reaches_its_encoder_on_another_host_and_its_replies_come_back() {
-    let w = world();
+    let w = world(true);
     let channel = sa(INGEST, 5000);
     let caller = sa(CALLER, 40000);
     let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
@@ -320,7 +202,7 @@ fn a_channel_reaches_its_encoder_on_another_host_and_its_replies_come_back() {
 
 #[test]
 fn a_transit_entry_needs_a_local_encoder_of_the_channel() {
-    let w = world();
+    let w = world(true);
     let pins = PinDir::new();
     let channel = sa(INGEST, 5000);
     let _in = Entered::new(&w.hb);

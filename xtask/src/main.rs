@@ -113,7 +113,8 @@ enum Cmd {
     /// Set up, then run the benchmarks (needs root) in a release build; prints a table and
     /// writes NAME.json and NAME.svg under target/bench/.
     Bench {
-        /// The benchmark to run: prog, scale, forward, controller, failover or all (default: all).
+        /// The benchmark to run: prog, scale, forward, controller, failover, all (default: all),
+        /// or controller-startup or cluster (not in all).
         name: Option<String>,
         /// Repetitions per figure (at least 5; default 7).
         #[arg(long)]

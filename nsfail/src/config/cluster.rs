@@ -177,6 +177,17 @@ mod tests {
     }
 
     #[test]
+    fn the_parse_in_pieces_keeps_the_cluster_section() {
+        let text = "[ingest]\ninterface = \"eth0\"\n[cluster]\nname = \"s\"\netcd = [\"http://127.0.0.1:2379\"]\n\
+                    [[encoder]]\nname = \"e\"\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:00:01\"\n\
+                    [[channel]]\nname = \"cam1\"\nlisten = \"10.0.0.1:5000\"\nencoders = [\"e\"]\n";
+        let whole: Config = toml::from_str(text).unwrap();
+        let pieces = super::super::pieces::parse(text, 1).expect("cut in pieces");
+        assert_eq!(pieces, whole);
+        assert_eq!(pieces.cluster.unwrap().name, "s");
+    }
+
+    #[test]
     fn defaults_host_and_lease() {
         let c = parse("[cluster]\nname = \"s\"\netcd = [\"http://127.0.0.1:2379\"]\n")
             .unwrap()

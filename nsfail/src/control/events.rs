@@ -46,6 +46,12 @@ impl Controller {
     pub fn drain_events(&mut self, max: usize) {
         for _ in 0..max {
             let Some((at, mut ev)) = self.pending_events.pop_front() else {
+                // A start-up or a failover of many channels queues an event per channel:
+                // the queue's room for them (20 MiB at 100,000 channels) goes once they are
+                // written.
+                if self.pending_events.capacity() > EVENT_RING {
+                    self.pending_events.shrink_to_fit();
+                }
                 return;
             };
             if ev.time.is_empty() {

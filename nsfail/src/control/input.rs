@@ -54,7 +54,7 @@ impl Controller {
     pub fn input_moving(&self, channel: &str, window: Duration) -> bool {
         let Some(ch) = self
             .lookup
-            .channel(channel)
+            .channel(&self.effective.channels, channel)
             .map(|i| &self.effective.channels[i])
         else {
             return false;

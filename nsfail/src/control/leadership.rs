@@ -24,7 +24,7 @@ impl Controller {
             let Some(rec) = shared.actives.get(name) else {
                 continue;
             };
-            let Some(i) = self.lookup.channel(name) else {
+            let Some(i) = self.lookup.channel(&self.effective.channels, name) else {
                 continue;
             };
             let ch = &self.effective.channels[i];

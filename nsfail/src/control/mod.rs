@@ -60,6 +60,7 @@ pub use self::{
     links::encoder_spec,
     shared::{Shared, SharedReport},
     state::{Delta, events_path, state_path},
+    status::StatusView,
 };
 use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
@@ -114,9 +115,9 @@ pub enum ControlError {
 type Result<T, E = ControlError> = std::result::Result<T, E>;
 
 pub struct Controller {
-    /// The config file as last read (at start-up or by a reload): what a reload compares the
-    /// new file with, to tell which runtime changes it overrides.
-    base: Config,
+    /// The config file as last read (at start-up or by a reload), as much of it as a reload
+    /// needs to tell which runtime changes the new file overrides.
+    loaded: reload::Loaded,
     /// Runtime changes over the config file.
     delta: Delta,
     effective: Config,
@@ -255,10 +256,8 @@ impl Controller {
         // among the parse's garbage, the copy is packed, and once the parsed one is dropped
         // that garbage can go back to the system (about 60 MiB at 100,000 channels).
         let effective = delta.apply(&base);
-        // Packed as well, for the same reason (a reload needs it).
-        let base = base.clone();
         let mut c = Self {
-            base,
+            loaded: reload::Loaded::of(&base),
             delta,
             lookup: effective.lookup(),
             effective,
@@ -286,6 +285,7 @@ impl Controller {
             shared,
             skip_reported: BTreeSet::new(),
         };
+        drop(base);
         if let Some(reason) = set_aside {
             warn!("{reason}");
             c.event(None, None, None, &reason);
@@ -354,7 +354,11 @@ impl Controller {
         }
         self.input.retain(|listen, _| listens.contains(listen));
         for name in self.decider.channel_names() {
-            if self.lookup.channel(&name).is_none() {
+            if self
+                .lookup
+                .channel(&self.effective.channels, &name)
+                .is_none()
+            {
                 self.decider.remove_channel(&name);
             }
         }
@@ -421,7 +425,7 @@ impl Controller {
 
     fn channel(&self, name: &str) -> Result<config::Channel> {
         self.lookup
-            .channel(name)
+            .channel(&self.effective.channels, name)
             .map(|i| self.effective.channels[i].clone())
             .ok_or_else(|| ControlError::UnknownChannel(name.to_owned()))
     }

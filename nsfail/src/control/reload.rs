@@ -107,7 +107,7 @@ impl Controller {
         new.ingest.xdp_mode = running.xdp_mode;
         new.ingest.metrics = running.metrics;
 
-        let delta = kept_delta(&self.base, &self.delta, &new);
+        let delta = kept_delta(&self.loaded, &self.delta, &new);
         let target = delta.apply(&new);
         target.validate().map_err(|e| {
             ControlError::Refused(format!(
@@ -146,7 +146,7 @@ impl Controller {
                 report.changes.push(step.describe());
             }
         }
-        self.base = new;
+        self.loaded = Loaded::of(&new);
         self.persist_or_report();
         Ok(report)
     }
@@ -168,28 +168,71 @@ impl Controller {
     }
 }
 
-/// The runtime delta kept over `new` (the file as it is now; `old`: as last loaded): entries for objects the file's edit touched go (the
-/// file wins there), and so do remaps and drains of objects that are gone.
-fn kept_delta(old: &Config, delta: &Delta, new: &Config) -> Delta {
+/// What a reload compares the file with: the config file as last loaded (at start-up or by
+/// the last reload), kept small. Its encoders (a few) whole; its channels (up to 100,000: a
+/// copy of them all held 18 MiB) as one fingerprint each, since a reload only asks of a
+/// channel whether the file's edit touched it.
+pub(super) struct Loaded {
+    encoders: Vec<config::Encoder>,
+    /// (hash of the name, hash of the whole definition) per channel, sorted.
+    channels: Vec<(u64, u64)>,
+}
+
+/// A 64-bit SipHash with fixed keys: stable for the life of the process, which is all a
+/// fingerprint needs. Two different definitions of a channel, or two names, share one with
+/// odds of about 1 in 10^19 per pair.
+fn fingerprint(x: &(impl std::hash::Hash + ?Sized)) -> u64 {
+    use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(x)
+}
+
+impl Loaded {
+    pub(super) fn of(cfg: &Config) -> Self {
+        let mut channels: Vec<(u64, u64)> = cfg
+            .channels
+            .iter()
+            .map(|c| (fingerprint(c.name.as_str()), fingerprint(c)))
+            .collect();
+        channels.sort_unstable();
+        Self {
+            encoders: cfg.encoders.clone(),
+            channels,
+        }
+    }
+
+    /// Whether the file's edit touched the channel `name`, `now` being its definition in the
+    /// file now: added, removed or changed since the file was last loaded. (A name that
+    /// shares its hash with another channel's counts as touched, whatever the odds.)
+    fn touched(&self, name: &str, now: Option<&config::Channel>) -> bool {
+        let key = fingerprint(name);
+        let from = self.channels.partition_point(|&(n, _)| n < key);
+        let mut then = self.channels[from..]
+            .iter()
+            .take_while(|&&(n, _)| n == key)
+            .map(|&(_, print)| print);
+        match (then.next(), then.next(), now) {
+            (None, _, None) => false,
+            (Some(print), None, Some(now)) => print != fingerprint(now),
+            _ => true,
+        }
+    }
+}
+
+/// The runtime delta kept over `new` (the file as it is now; `old`: as last loaded): entries
+/// for objects the file's edit touched go (the file wins there), and so do remaps and drains
+/// of objects that are gone.
+fn kept_delta(old: &Loaded, delta: &Delta, new: &Config) -> Delta {
     let mut delta = delta.clone();
-    let (old_c, new_c) = (Names::channels(old), Names::channels(new));
-    let (old_e, new_e) = (Names::encoders(old), Names::encoders(new));
-    let channels: BTreeSet<&str> = old_c
-        .names()
-        .chain(new_c.names())
-        .filter(|n| old_c.get(n) != new_c.get(n))
-        .collect();
+    let new_c = Names::channels(new);
+    let touched = |name: &str| old.touched(name, new_c.get(name));
+    let (old_e, new_e) = (Names(first_by_name(&old.encoders)), Names::encoders(new));
     let encoders: BTreeSet<&str> = old_e
         .names()
         .chain(new_e.names())
         .filter(|n| old_e.get(n) != new_e.get(n))
         .collect();
-    delta
-        .added_channels
-        .retain(|c| !channels.contains(c.name.as_str()));
-    delta
-        .removed_channels
-        .retain(|n| !channels.contains(n.as_str()));
+    delta.added_channels.retain(|c| !touched(&c.name));
+    delta.removed_channels.retain(|n| !touched(n));
     delta
         .added_encoders
         .retain(|e| !encoders.contains(e.name.as_str()));
@@ -222,12 +265,16 @@ impl<'a> Names<'a, config::Channel> {
 
 impl<'a> Names<'a, config::Encoder> {
     fn encoders(cfg: &'a Config) -> Self {
-        let mut m = HashMap::with_capacity(cfg.encoders.len());
-        for e in &cfg.encoders {
-            m.entry(e.name.as_str()).or_insert(e);
-        }
-        Self(m)
+        Self(first_by_name(&cfg.encoders))
     }
+}
+
+fn first_by_name(encoders: &[config::Encoder]) -> HashMap<&str, &config::Encoder> {
+    let mut m = HashMap::with_capacity(encoders.len());
+    for e in encoders {
+        m.entry(e.name.as_str()).or_insert(e);
+    }
+    m
 }
 
 impl<'a, T> Names<'a, T> {
@@ -346,7 +393,7 @@ mod tests {
         // The file gains `both` (on another port) and changes nothing else.
         let mut new = old.clone();
         new.channels.push(extra("both", 5014));
-        let kept = kept_delta(&old, &delta, &new);
+        let kept = kept_delta(&Loaded::of(&old), &delta, &new);
         let names: Vec<&str> = kept
             .added_channels
             .iter()
@@ -374,7 +421,7 @@ mod tests {
         let mut delta = delta.clone();
         delta.added_channels.clear();
         delta.active = [("cam1".to_owned(), "b".to_owned())].into();
-        let kept = kept_delta(&old, &delta, &new);
+        let kept = kept_delta(&Loaded::of(&old), &delta, &new);
         assert!(
             kept.drained.is_empty() && kept.active.is_empty(),
             "{kept:?}"

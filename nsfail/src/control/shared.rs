@@ -507,7 +507,11 @@ impl Controller {
 
     /// Whether channel `name`, read from etcd, is in the effective configuration, or why not.
     pub fn shared_channel(&self, name: &str) -> Result<(), String> {
-        if self.lookup.channel(name).is_some() {
+        if self
+            .lookup
+            .channel(&self.effective.channels, name)
+            .is_some()
+        {
             return Ok(());
         }
         let skipped = self
@@ -520,7 +524,11 @@ impl Controller {
     /// Whether a new channel fits the effective configuration (its name, ingest address and
     /// encoders), as `add channel` checks it on one host.
     pub fn check_new_channel(&self, ch: &config::Channel) -> Result<(), String> {
-        if self.lookup.channel(&ch.name).is_some() {
+        if self
+            .lookup
+            .channel(&self.effective.channels, &ch.name)
+            .is_some()
+        {
             return Err(format!("channel {:?} already exists", ch.name));
         }
         self.effective

@@ -386,7 +386,7 @@ fn execute(c: &mut Controller, command: Command) -> Response {
     };
     let result = match command {
         Command::Status => {
-            return match c.status() {
+            return match c.status_view() {
                 Ok(s) => Response::ok(s),
                 Err(e) => Response::error(e.to_string()),
             };
@@ -423,15 +423,16 @@ fn execute(c: &mut Controller, command: Command) -> Response {
 }
 
 fn observe(c: &Controller, metrics: &Metrics) {
-    let Ok(status) = c.status() else { return };
+    let Ok(status) = c.status_view() else { return };
     let dp = c.dataplane();
     let drops: Vec<_> = status
         .encoders
         .iter()
         .filter_map(|e| Some((e.name.clone(), dp.encoder_drops(&e.name).ok()?)))
         .collect();
-    metrics.observe(
-        &status,
+    metrics.observe_channels(
+        status.channels(),
+        &status.encoders,
         &drops,
         &dp.xdp_stats().unwrap_or_default(),
         &dp.tc_stats().unwrap_or_default(),

@@ -30,6 +30,7 @@
 //! | `nsfail_tc_packets_total` | counter | reason |
 
 use std::{
+    borrow::Borrow,
     collections::HashSet,
     io,
     net::SocketAddr,
@@ -57,7 +58,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Status;
+use crate::api::{ChannelStatus, EncoderStatus, Status};
 
 mod http;
 
@@ -159,8 +160,22 @@ impl Metrics {
         xdp: &[(&'static str, u64)],
         tc: &[(&'static str, u64)],
     ) {
+        self.observe_channels(&status.channels, &status.encoders, drops, xdp, tc);
+    }
+
+    /// [`Metrics::observe`] of a status whose channels come one at a time (a
+    /// [`crate::control::StatusView`]'s): none of them is kept beyond its sample.
+    pub fn observe_channels<C: Borrow<ChannelStatus>>(
+        &self,
+        channels: impl IntoIterator<Item = C>,
+        encoders: &[EncoderStatus],
+        drops: &[(String, Vec<(&'static str, u64)>)],
+        xdp: &[(&'static str, u64)],
+        tc: &[(&'static str, u64)],
+    ) {
+        let next = Snapshot::of(channels, encoders, drops, xdp, tc);
         let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        let channels: HashSet<&str> = status.channels.iter().map(|c| c.name.as_str()).collect();
+        let channels: HashSet<&str> = next.channels.iter().map(|c| &*c.name).collect();
         for old in &snapshot.channels {
             if !channels.contains(&*old.name) {
                 self.failovers.remove(&ChannelLabels {
@@ -168,7 +183,7 @@ impl Metrics {
                 });
             }
         }
-        let encoders: HashSet<&str> = status.encoders.iter().map(|e| e.name.as_str()).collect();
+        let encoders: HashSet<&str> = encoders.iter().map(|e| e.name.as_str()).collect();
         for old in &snapshot.encoders {
             if !encoders.contains(old.name.as_str()) {
                 let labels = EncoderLabels {
@@ -178,7 +193,7 @@ impl Metrics {
                 self.probe_failures.remove(&labels);
             }
         }
-        *snapshot = Snapshot::of(status, drops, xdp, tc);
+        *snapshot = next;
     }
 
     /// Counts a failover of `channel`; `switchover` is how long it took from detection to the
@@ -232,7 +247,7 @@ impl Metrics {
 #[derive(Debug, Default)]
 struct Snapshot {
     channels: Vec<ChannelSample>,
-    encoders: Vec<crate::api::EncoderStatus>,
+    encoders: Vec<EncoderStatus>,
     /// Encoder names the channels refer to by index.
     names: Vec<String>,
     /// Encoder lists (priority order) the channels refer to by index.
@@ -257,8 +272,9 @@ struct ChannelSample {
 }
 
 impl Snapshot {
-    fn of(
-        status: &Status,
+    fn of<C: Borrow<ChannelStatus>>(
+        channels: impl IntoIterator<Item = C>,
+        encoders: &[EncoderStatus],
         drops: &[(String, Vec<(&'static str, u64)>)],
         xdp: &[(&'static str, u64)],
         tc: &[(&'static str, u64)],
@@ -276,10 +292,10 @@ impl Snapshot {
             name_ids.insert(name.to_owned(), i);
             i
         };
-        let channels = status
-            .channels
-            .iter()
+        let channels = channels
+            .into_iter()
             .map(|c| {
+                let c = c.borrow();
                 let list: Vec<u32> = c.encoders.iter().map(|e| id(e, &mut names)).collect();
                 let encoders = match list_ids.get(&list) {
                     Some(&l) => l,
@@ -302,7 +318,7 @@ impl Snapshot {
             .collect();
         Self {
             channels,
-            encoders: status.encoders.clone(),
+            encoders: encoders.to_vec(),
             names,
             lists,
             drops: drops.to_vec(),

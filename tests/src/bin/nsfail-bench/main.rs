@@ -26,6 +26,7 @@
 
 mod chain;
 mod chart;
+mod cluster;
 mod controller;
 mod failover;
 mod forward;
@@ -52,6 +53,8 @@ enum Bench {
     Failover,
     /// The controller's start-up series alone (1,000 to 100,000 channels).
     ControllerStartup,
+    /// Anycast: a forwarding ingest host frozen (10 trials at least; not in `all`).
+    Cluster,
     /// Every benchmark above, in that order (the start-up series runs within `controller`).
     All,
 }
@@ -93,7 +96,7 @@ impl Args {
         }
         every
             .into_iter()
-            .chain([Bench::ControllerStartup])
+            .chain([Bench::ControllerStartup, Bench::Cluster])
             .filter(|b| self.benches.contains(b))
             .collect()
     }
@@ -129,6 +132,8 @@ fn try_main() -> Result<()> {
             Bench::Forward => forward::run(args.reps),
             Bench::Controller => controller::run(args.reps.min(5)),
             Bench::ControllerStartup => controller::startup_only(),
+            // The issue asks for 10 trials.
+            Bench::Cluster => cluster::run(args.reps.max(10)),
             // The issue asks for 20 kill-and-failover trials per detector.
             Bench::Failover | Bench::All => failover::run(20, 5),
         };

@@ -249,8 +249,9 @@ fn one(channels: usize) -> Result<Point> {
     let trace = |what: &str| {
         if std::env::var_os("NSFAIL_BENCH_RSS_TRACE").is_some() {
             eprintln!(
-                "    {what}: {:.0} MiB",
-                kib(pid, "VmRSS:").unwrap_or(f64::NAN)
+                "    {what}: {:.0} MiB (peak {:.0} MiB)",
+                kib(pid, "VmRSS:").unwrap_or(f64::NAN),
+                kib(pid, "VmHWM:").unwrap_or(f64::NAN)
             );
         }
     };
