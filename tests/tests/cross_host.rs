@@ -22,7 +22,7 @@ use std::{
 use nsfail::{EncoderLink, EncoderSpec, XdpMode};
 use nsfail_tests::{
     Entered, PinDir,
-    hosts::{CALLER, EA, EB, INGEST, mac, world},
+    hosts::{CALLER, EA, EB, INGEST, mac, router_xdp, world},
     ip_in,
     traffic::{Receiver, send_burst},
 };
@@ -217,13 +217,22 @@ fn a_transit_entry_needs_a_local_encoder_of_the_channel() {
         },
     })
     .unwrap();
-    dp.upsert_encoder(&EncoderSpec {
+    let far = EncoderSpec {
         name: "far".into(),
         addr: "10.71.9.2".parse::<IpAddr>().unwrap(),
         mac: [0; 6],
         link: EncoderLink::Routed,
-    })
-    .unwrap();
+    };
+    // B's uplink is a veth whose peer (the router's side) has no XDP program: frames sent
+    // back out of it would never arrive, so a routed encoder is refused, saying why.
+    let err = dp.upsert_encoder(&far).unwrap_err().to_string();
+    assert!(
+        err.contains("ub is a veth whose peer rb") && err.contains("no native XDP program"),
+        "{err}"
+    );
+    assert!(dp.encoders().unwrap().iter().all(|e| e.name != "far"));
+    let _rb_xdp = router_xdp(&w.rt, "rb");
+    dp.upsert_encoder(&far).unwrap();
     dp.upsert_encoder(&EncoderSpec {
         name: "other".into(),
         addr: "10.71.4.3".parse::<IpAddr>().unwrap(),

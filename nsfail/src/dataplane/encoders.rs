@@ -37,10 +37,15 @@ impl Dataplane {
             }
             EncoderLink::Remote => {
                 let ingest = ingest.ok_or(DataplaneError::NoIngest)?;
+                // Remote encoders predate this check: said, not refused.
+                if let Err(e) = xdp_tx_reaches(&ingest, spec) {
+                    warn!("{e}");
+                }
                 (ingest.ifindex, ingest.mac, ENCODER_REMOTE, None)
             }
             EncoderLink::Routed => {
                 let ingest = ingest.ok_or(DataplaneError::NoIngest)?;
+                xdp_tx_reaches(&ingest, spec)?;
                 let hop = next_hop_by(&ingest, spec)?;
                 (ingest.ifindex, ingest.mac, ENCODER_ROUTED, Some(hop.mac))
             }
@@ -437,4 +442,24 @@ fn next_hop_by(ingest: &Ingest, spec: &EncoderSpec) -> Result<crate::net::route:
         )));
     }
     Ok(hop)
+}
+
+/// Refuses an encoder reached by `XDP_TX` out of an ingest NIC whose frames would not arrive
+/// (a veth whose peer has no XDP program: see `net::receive::xdp_tx_problem`).
+fn xdp_tx_reaches(ingest: &Ingest, spec: &EncoderSpec) -> Result<()> {
+    let ifname = netns::ifname_of(ingest.ifindex).map_err(|source| DataplaneError::Interface {
+        name: ingest.ifindex.to_string(),
+        source,
+    })?;
+    match crate::net::receive::xdp_tx_problem(&ifname) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(DataplaneError::Invalid {
+            what: format!("encoder {:?}", spec.name),
+            why,
+        }),
+        Err(e) => Err(DataplaneError::Invalid {
+            what: format!("encoder {:?}", spec.name),
+            why: format!("cannot tell whether frames sent back out of {ifname} arrive: {e}"),
+        }),
+    }
 }

@@ -31,7 +31,7 @@ use netlink_packet_generic::{
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkXdp},
     nsid::{NsidAttribute, NsidMessage},
 };
 
@@ -170,6 +170,61 @@ fn check_and_repair(ifname: &str, hint: Option<&str>, repair: bool) -> io::Resul
             format!("{ifname} ({what}): its driver takes XDP frames")
         },
         repaired,
+    })
+}
+
+/// For encoders reached by frames XDP sends back out of `ifname` (`XDP_TX`: remote and routed
+/// encoders), why those frames would not arrive, if they would not. A veth hands such a frame
+/// to its peer's ring but schedules the peer only when the peer has a native XDP program of
+/// its own; GRO is not enough, unlike for redirected frames: without one the frames wait
+/// there, counted as sent (verified here). Any other device: `None`.
+pub fn xdp_tx_problem(ifname: &str) -> io::Result<Option<String>> {
+    let Some(link) = host_link(ifname)? else {
+        return Ok(Some(format!("interface {ifname} does not exist")));
+    };
+    if link.kind.as_deref() != Some("veth") {
+        return Ok(None);
+    }
+    let peer = Peer::find(&link, None)?;
+    let index = peer.ifindex;
+    let (name, native) = peer.run(move || -> io::Result<(String, bool)> {
+        Ok((netns::ifname_of(index)?, native_program(index)?))
+    })??;
+    Ok((!native).then(|| {
+        format!(
+            "{ifname} is a veth whose peer {name} in {} has no native XDP program: a veth \
+             delivers the frames XDP sends back out of it (XDP_TX) only to a peer with one, so \
+             they would be lost; attach one there (XDP_PASS will do)",
+            peer.desc
+        )
+    }))
+}
+
+/// Whether interface `ifindex` (in this namespace) has an XDP program in driver mode.
+fn native_program(ifindex: u32) -> io::Result<bool> {
+    netns::netlink(None, move |h| {
+        Box::pin(async move {
+            let mut links = h.link().get().match_index(ifindex).execute();
+            let Some(msg) = links
+                .next()
+                .await
+                .transpose()
+                .map_err(|e| io::Error::other(e.to_string()))?
+            else {
+                return Ok(false);
+            };
+            Ok(msg.attributes.iter().any(|a| match a {
+                LinkAttribute::Xdp(xdp) => {
+                    xdp.iter()
+                        .any(|x| matches!(x, LinkXdp::DrvProgId(id) if *id != 0))
+                        || (xdp
+                            .iter()
+                            .any(|x| matches!(x, LinkXdp::ProgId(id) if *id != 0))
+                            && !xdp.iter().any(|x| matches!(x, LinkXdp::SkbProgId(_))))
+                }
+                _ => false,
+            }))
+        })
     })
 }
 
