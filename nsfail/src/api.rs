@@ -152,6 +152,22 @@ impl Response {
 pub struct Status {
     pub channels: Vec<ChannelStatus>,
     pub encoders: Vec<EncoderStatus>,
+    /// A cluster host's view of its cluster (absent without `[cluster]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// `status`'s cluster part: this host, the leader, etcd.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub name: String,
+    pub host: String,
+    /// The leader as the election says (`None`: none now, or etcd unreachable).
+    pub leader: Option<String>,
+    /// Whether this host is the leader.
+    pub leading: bool,
+    /// Whether this host reaches etcd now.
+    pub etcd: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -187,6 +203,9 @@ pub struct SrtPeerStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EncoderStatus {
     pub name: String,
+    /// A cluster host's view: the host the encoder belongs to (absent without `[cluster]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub address: String,
     pub local: bool,
     pub healthy: bool,

@@ -22,6 +22,7 @@
 pub mod api;
 pub mod child;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

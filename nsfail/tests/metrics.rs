@@ -49,6 +49,7 @@ fn status(packets: u64) -> Status {
             .into_iter()
             .map(|name| EncoderStatus {
                 name: name.to_owned(),
+                host: None,
                 address: "10.200.1.2".to_owned(),
                 local: true,
                 healthy: name == "enc-a",
@@ -65,6 +66,7 @@ fn status(packets: u64) -> Status {
                 health_interval_ms: 100,
             })
             .collect(),
+        cluster: None,
     }
 }
 

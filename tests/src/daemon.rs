@@ -193,6 +193,18 @@ impl Daemon {
 
     /// [`Daemon::start`] with another build of nsfail (a benchmark's baseline).
     pub fn start_bin(bin: &Path, config: &Path, socket: &Path, pins: &PinDir) -> Self {
+        let mut d = Self::spawn_bin(bin, config, socket, pins);
+        d.wait_up(config);
+        d
+    }
+
+    /// Starts the daemon without waiting for it to answer (its log is the config's path
+    /// with the extension `log`).
+    pub fn spawn(config: &Path, socket: &Path, pins: &PinDir) -> Self {
+        Self::spawn_bin(&nsfail_bin(), config, socket, pins)
+    }
+
+    fn spawn_bin(bin: &Path, config: &Path, socket: &Path, pins: &PinDir) -> Self {
         let log = fs::File::create(config.with_extension("log")).expect("daemon log");
         let child = Command::new(bin)
             .arg("--socket")
@@ -207,10 +219,17 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawn daemon");
-        let mut d = Self {
+        Self {
             child: ChildGuard { child },
             socket: socket.to_owned(),
-        };
+        }
+    }
+
+    /// Waits (20 s at most) until the daemon answers `status`; panics with its log if it
+    /// exits first.
+    pub fn wait_up(&mut self, config: &Path) {
+        let socket = self.socket.clone();
+        let d = self;
         let up = wait_for(Duration::from_secs(20), || {
             if let Ok(Some(status)) = d.child.child.try_wait() {
                 panic!(
@@ -218,7 +237,7 @@ impl Daemon {
                     fs::read_to_string(config.with_extension("log")).unwrap_or_default()
                 );
             }
-            (cli(socket, &["status", "--json"]).code == 0).then_some(())
+            (cli(&socket, &["status", "--json"]).code == 0).then_some(())
         });
         assert!(
             up.is_some(),
@@ -226,7 +245,6 @@ impl Daemon {
             socket.display()
         );
         d.child.child.stdout.take();
-        d
     }
 
     /// SIGTERM and wait: a clean stop. Returns the exit code.

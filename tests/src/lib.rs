@@ -17,6 +17,7 @@ use std::{
 use nix::sched::{CloneFlags, setns};
 use nsfail::{Dataplane, paths::Pins};
 
+pub mod cluster;
 pub mod daemon;
 pub mod foreign;
 pub mod frames;

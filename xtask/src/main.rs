@@ -51,6 +51,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "systemd",
     "bpftool",
+    // protoc: the etcd v3 client (`etcd-client`) compiles etcd's protobuf files at build time.
+    "protobuf-compiler",
+    // etcd itself, for the cluster tests (issue 17).
+    "etcd-server",
     // BIRD 2, for the anycast tests (issue 17): hosts announcing the ingest addresses to a
     // router over BGP with BFD.
     "bird2",

@@ -102,6 +102,18 @@ enum Cmd {
     /// The demo lab.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Write the file's channels (and nothing else) to its [cluster]'s etcd; every daemon of
+    /// the cluster applies them.
+    Apply {
+        #[arg(long)]
+        config: PathBuf,
+        /// Also delete the cluster's channels the file does not list.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// The cluster of a config's [cluster] section.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -200,6 +212,15 @@ struct SpawnEncoder {
 enum RemoveCmd {
     Channel { name: String },
     Encoder { name: String },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Hosts with the time left on their leases, their encoders, etcd's health.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -473,6 +494,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 println!("config for the daemon: {}", info.config.display());
             }
             Ok(())
+        }
+        Cmd::Apply { config, prune } => crate::cluster::cli::apply(&config, prune, cli.json),
+        Cmd::Cluster(ClusterCmd::Status { config }) => {
+            crate::cluster::cli::status(&config, cli.json)
         }
         Cmd::Lab(LabCmd::Run) => lab_run(&cli.socket),
         Cmd::Lab(LabCmd::Down) => {

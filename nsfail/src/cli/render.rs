@@ -16,6 +16,20 @@ pub(super) fn render_event(e: &Event) -> String {
 
 pub(super) fn render_status(s: &Status, brief: bool) -> String {
     let mut out = String::new();
+    if let Some(c) = &s.cluster {
+        out += &format!(
+            "cluster {}  host {}{}  leader {}  etcd {}\n\n",
+            c.name,
+            c.host,
+            if c.leading { " (leader)" } else { "" },
+            c.leader.as_deref().unwrap_or("none"),
+            if c.etcd {
+                "reachable"
+            } else {
+                "UNREACHABLE (last state kept)"
+            }
+        );
+    }
     if brief {
         out += &format!(
             "{:<12} {:<24} {:<10} ENCODERS\n",
@@ -30,14 +44,32 @@ pub(super) fn render_status(s: &Status, brief: bool) -> String {
                 c.encoders.join(",")
             );
         }
+        let clustered = s.cluster.is_some();
+        let host_col = |h: &str| {
+            if clustered {
+                format!("{h:<16} ")
+            } else {
+                String::new()
+            }
+        };
         out += &format!(
-            "\n{:<12} {:<26} {:<7} {:<8} {:<7}\n",
-            "ENCODER", "ADDRESS", "LOCAL", "HEALTHY", "DRAINED"
+            "\n{:<12} {}{:<26} {:<7} {:<8} {:<7}\n",
+            "ENCODER",
+            host_col("HOST"),
+            "ADDRESS",
+            "LOCAL",
+            "HEALTHY",
+            "DRAINED"
         );
         for e in &s.encoders {
             out += &format!(
-                "{:<12} {:<26} {:<7} {:<8} {:<7}\n",
-                e.name, e.address, e.local, e.healthy, e.drained
+                "{:<12} {}{:<26} {:<7} {:<8} {:<7}\n",
+                e.name,
+                host_col(e.host.as_deref().unwrap_or("-")),
+                e.address,
+                e.local,
+                e.healthy,
+                e.drained
             );
         }
         return out;
@@ -58,14 +90,32 @@ pub(super) fn render_status(s: &Status, brief: bool) -> String {
             c.encoders.join(",")
         );
     }
+    // A cluster host's status names each encoder's host; one host's stays as it was.
+    let clustered = s.cluster.is_some();
+    let host_col = |h: &str| {
+        if clustered {
+            format!("{h:<16} ")
+        } else {
+            String::new()
+        }
+    };
     out += &format!(
-        "\n{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
-        "ENCODER", "ADDRESS", "HEALTHY", "DRAINED", "PACKETS", "REPLIES", "DROPS", "ACTIVE_FOR"
+        "\n{:<12} {}{:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
+        "ENCODER",
+        host_col("HOST"),
+        "ADDRESS",
+        "HEALTHY",
+        "DRAINED",
+        "PACKETS",
+        "REPLIES",
+        "DROPS",
+        "ACTIVE_FOR"
     );
     for e in &s.encoders {
         out += &format!(
-            "{:<12} {:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
+            "{:<12} {}{:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
             e.name,
+            host_col(e.host.as_deref().unwrap_or("-")),
             e.address,
             e.healthy,
             e.drained,

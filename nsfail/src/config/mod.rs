@@ -45,6 +45,7 @@ macro_rules! at {
     };
 }
 
+mod cluster;
 mod error;
 mod health;
 mod lookup;
@@ -53,8 +54,9 @@ mod problems;
 mod request;
 mod url;
 
-use self::{error::*, problems::*};
+use self::{cluster::*, error::*, problems::*};
 pub use self::{
+    cluster::{Cluster, DEFAULT_LEASE_S, MAX_LEASE_S, valid_name},
     error::{ConfigError, Location},
     health::{Check, HealthCheck, HealthProblem},
     lookup::Lookup,
@@ -86,6 +88,9 @@ pub struct Config {
     pub channels: Vec<Channel>,
     #[serde(default, skip_serializing_if = "DaemonSettings::is_default")]
     pub daemon: DaemonSettings,
+    /// `[cluster]` (issue 17): `None`, the default, is one host with no extra services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
 }
 
 /// Where the events file is rotated unless `daemon.events_max_bytes` says otherwise.

@@ -30,6 +30,8 @@ struct Rest {
     channels: Option<IgnoredAny>,
     #[serde(default)]
     daemon: DaemonSettings,
+    #[serde(default)]
+    cluster: Option<Cluster>,
 }
 
 /// A run of `[[channel]]` sections.
@@ -91,6 +93,7 @@ pub(super) fn parse(text: &str, per_piece: usize) -> Option<Config> {
         encoders: rest.encoders,
         channels,
         daemon: rest.daemon,
+        cluster: rest.cluster,
     })
 }
 

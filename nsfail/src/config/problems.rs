@@ -296,6 +296,9 @@ impl Config {
             ));
         }
         daemon_problems(&self.daemon, &mut out);
+        if let Some(cluster) = &self.cluster {
+            cluster_problems(cluster, &mut out);
+        }
         let mut encoder_names = HashMap::new();
         for (i, encoder) in self.encoders.iter().enumerate() {
             if let Some(&first) = encoder_names.get(encoder.name.as_str()) {

@@ -79,6 +79,7 @@ impl Controller {
         let reconnects = (ch.protocol == config::Protocol::Srt && d.from != to)
             .then(|| self.srt_reconnect(&ch, batch));
         self.delta.active.insert(d.channel.clone(), to.clone());
+        self.note_decided(&d.channel);
         self.record(Event {
             time: String::new(),
             channel: Some(d.channel.clone()),

@@ -96,6 +96,7 @@ impl Controller {
                 .collect(),
             channels: Vec::new(),
             daemon: self.effective.daemon.clone(),
+            cluster: self.effective.cluster.clone(),
         }
         .validate()?;
         // Resolve before changing anything, for a clear error (a managed encoder's namespace

@@ -36,8 +36,11 @@ mod changes;
 pub mod decision;
 mod events;
 mod input;
+mod leadership;
 mod links;
 mod reload;
+mod routed;
+mod shared;
 mod srt;
 mod state;
 mod status;
@@ -55,12 +58,13 @@ use self::{
 pub use self::{
     events::{monotonic_ns, rfc3339, rotated},
     links::encoder_spec,
+    shared::{Shared, SharedReport},
     state::{Delta, events_path, state_path},
     status::StatusView,
 };
 use crate::{
     Dataplane, DataplaneError, EncoderLink, EncoderSpec,
-    api::{ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
+    api::{self, ChannelStatus, EncoderStatus, Event, SrtPeerStatus, Status},
     config::{self, Config, ConfigError},
     dataplane::ChannelOptions,
     net::{
@@ -162,6 +166,10 @@ pub struct Controller {
     failback_checked: Option<Instant>,
     /// Where the audit of the maps against the decisions is.
     audit: audit::AuditCursor,
+    /// A cluster host: what it read from etcd (`None`: one host, no cluster).
+    shared: Option<Shared>,
+    /// What the cluster's last composition skipped, as reported (see `shared`).
+    skip_reported: BTreeSet<String>,
 }
 
 /// How often a state file that could not be written is tried again.
@@ -202,6 +210,16 @@ impl Controller {
     /// the effective configuration. When the data plane was adopted, channels keep the
     /// encoder they are on (if still valid), so a restart moves nothing.
     pub fn start(base: Config, config_path: &Path, dp: Dataplane) -> Result<Self> {
+        Self::start_with(base, config_path, dp, None)
+    }
+
+    /// [`Controller::start`], for a cluster host with what it read from etcd.
+    fn start_with(
+        base: Config,
+        config_path: &Path,
+        dp: Dataplane,
+        shared: Option<Shared>,
+    ) -> Result<Self> {
         let state_path = state_path(config_path);
         let writer = Writer::start(state_path.clone(), events_path(config_path));
         // A state file that cannot be read back, or whose changes no longer fit the config
@@ -264,6 +282,8 @@ impl Controller {
             persist_tried: None,
             failback_checked: None,
             audit: Default::default(),
+            shared,
+            skip_reported: BTreeSet::new(),
         };
         drop(base);
         if let Some(reason) = set_aside {
@@ -361,6 +381,9 @@ impl Controller {
             })?;
         }
         let spec = encoder_spec(e)?;
+        if self.shared.as_ref().is_some_and(|s| s.is_remote(&e.name)) {
+            return self.reconcile_routed(spec, now);
+        }
         let policy = policy_from_config(&self.effective, e)?;
         self.dp.upsert_encoder_policed(&spec, Some(&policy))?;
         self.decider.add_encoder(&e.name, now);
@@ -419,6 +442,7 @@ impl Controller {
     /// Manual failover: `channel` to `encoder`, which must be one of its encoders and not
     /// drained.
     pub fn remap(&mut self, channel: &str, encoder: &str) -> Result<()> {
+        self.refuse_unless_leader("remap")?;
         let ch = self.channel(channel)?;
         if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
@@ -445,6 +469,7 @@ impl Controller {
     /// Moves every channel off `encoder` and keeps them off until undrained. Refused, with
     /// nothing moved, when some channel would be left without a healthy encoder.
     pub fn drain(&mut self, encoder: &str) -> Result<()> {
+        self.refuse_unless_leader("drain")?;
         if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
         }
@@ -523,6 +548,10 @@ impl Controller {
             self.apply_all(decisions);
         }
         self.retry_unapplied();
+        self.retry_shared(now);
+        self.follow_periodically(now);
+        self.refresh_routes_periodically(now);
+        self.announce_periodically(now);
         self.audit(now);
         self.check_persisted(now);
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a

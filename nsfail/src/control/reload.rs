@@ -46,7 +46,7 @@ impl Controller {
     pub fn reload(&mut self) -> Result<ReloadReport> {
         let result = Config::load_for_host(&self.config_path)
             .map_err(ControlError::from)
-            .and_then(|new| self.reload_with(new));
+            .and_then(|new| self.reload_clustered(new));
         match &result {
             Ok(report) => {
                 let reason = match report.changes.len() {
@@ -79,7 +79,13 @@ impl Controller {
 
     /// Applies `new` (the file's contents, parsed and validated) as a reload: see the module
     /// comment for what wins. All or nothing: a step that fails undoes the steps made.
-    pub fn reload_with(&mut self, mut new: Config) -> Result<ReloadReport> {
+    pub fn reload_with(&mut self, new: Config) -> Result<ReloadReport> {
+        self.reload_from(new, "reload")
+    }
+
+    /// [`Controller::reload_with`], with `origin` naming in the events what brought the
+    /// change (`reload`, or `cluster` for a change read from etcd).
+    pub(super) fn reload_from(&mut self, mut new: Config, origin: &str) -> Result<ReloadReport> {
         let mut report = ReloadReport::default();
         let running = self.effective.ingest.clone();
         let restart_only = [
@@ -136,7 +142,7 @@ impl Controller {
             }
             self.generation += 1;
             for step in &steps {
-                self.step_event(step);
+                self.step_event(step, origin);
                 report.changes.push(step.describe());
             }
         }
@@ -145,8 +151,8 @@ impl Controller {
         Ok(report)
     }
 
-    fn step_event(&mut self, step: &Step) {
-        let reason = format!("{} (reload)", step.describe());
+    fn step_event(&mut self, step: &Step, origin: &str) {
+        let reason = format!("{} ({origin})", step.describe());
         match step {
             Step::RemoveChannel(name) => self.event(Some(name), None, None, &reason),
             Step::PutChannel { channel, .. } => {

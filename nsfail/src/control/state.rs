@@ -103,6 +103,7 @@ impl Delta {
             encoders: Vec::new(),
             channels: Vec::new(),
             daemon: base.daemon.clone(),
+            cluster: base.cluster.clone(),
         };
         cfg.encoders.extend(
             base.encoders

@@ -18,6 +18,8 @@ pub struct StatusView<'a> {
     stats: HashMap<SocketAddr, FlowStats>,
     peers: HashMap<SocketAddr, Vec<SrtPeerStatus>>,
     pub encoders: Vec<EncoderStatus>,
+    /// A cluster host's view of its cluster.
+    pub cluster: Option<api::ClusterView>,
 }
 
 impl Controller {
@@ -27,6 +29,7 @@ impl Controller {
         Ok(Status {
             channels,
             encoders: view.encoders,
+            cluster: view.cluster,
         })
     }
 
@@ -57,6 +60,10 @@ impl Controller {
             let stats = self.dp.encoder_stats(&e.name).unwrap_or_default();
             encoders.push(EncoderStatus {
                 name: e.name.clone(),
+                host: self
+                    .shared
+                    .as_ref()
+                    .map(|s| s.host_of(&e.name).unwrap_or(s.host()).to_owned()),
                 address: e.address.to_string(),
                 local: e.interface.is_some(),
                 healthy: self.decider.healthy(&e.name),
@@ -83,6 +90,7 @@ impl Controller {
             stats,
             peers,
             encoders,
+            cluster: self.cluster_view(),
         })
     }
 }
@@ -120,9 +128,13 @@ impl Serialize for StatusView<'_> {
                 s.collect_seq(self.0.channels())
             }
         }
-        let mut st = s.serialize_struct("Status", 2)?;
+        let mut st = s.serialize_struct("Status", 2 + usize::from(self.cluster.is_some()))?;
         st.serialize_field("channels", &Channels(self))?;
         st.serialize_field("encoders", &self.encoders)?;
+        match &self.cluster {
+            Some(cluster) => st.serialize_field("cluster", cluster)?,
+            None => st.skip_field("cluster")?,
+        }
         st.end()
     }
 }

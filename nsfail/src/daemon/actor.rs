@@ -28,8 +28,9 @@ use tokio::sync::{oneshot, watch};
 use super::notify::Notifier;
 use crate::{
     api::{Command, Response},
+    cluster::Change,
     config::{self, Config, HealthCheck},
-    control::{ControlError, Controller},
+    control::{ControlError, Controller, SharedReport},
     health::{HealthUpdate, judge::Judge},
     metrics::Metrics,
     net::receive::Verdict,
@@ -68,6 +69,28 @@ pub(super) enum Msg {
     Links(Vec<(String, Verdict)>, oneshot::Sender<()>),
     /// Copy the data plane's counters into the metrics registry (a scrape is coming).
     Observe(oneshot::Sender<()>),
+    /// Changes read from etcd (`resync`: a whole new snapshot), to apply.
+    Cluster {
+        changes: Vec<Change>,
+        resync: bool,
+        reply: oneshot::Sender<Result<SharedReport, String>>,
+    },
+    /// This host's encoders with their health and drain, to publish in etcd.
+    LocalHealth(oneshot::Sender<Vec<(config::Encoder, bool, bool)>>),
+    /// Whether a channel read from etcd is applied here (or why it is skipped).
+    SharedChannel(String, oneshot::Sender<Result<(), String>>),
+    /// Whether a new channel fits the effective configuration (before it is written to etcd).
+    CheckChannel(Box<config::Channel>, oneshot::Sender<Result<(), String>>),
+    /// Something the cluster's task has to say (for the events).
+    ClusterEvent(String),
+    /// The election and etcd as the cluster's task sees them.
+    ClusterView {
+        leading: bool,
+        leader: Option<String>,
+        etcd_up: bool,
+    },
+    /// Leader: the active encoders to write to etcd.
+    TakeOutbox(oneshot::Sender<Vec<(String, String)>>),
     /// End the actor; the data plane stays as it is.
     Stop,
 }
@@ -243,8 +266,14 @@ impl Followed {
                 encoders: cfg.encoders.clone(),
                 channels: Vec::new(),
                 daemon: cfg.daemon.clone(),
+                cluster: cfg.cluster.clone(),
             },
-            checks: cfg.health_checks(),
+            // Other hosts' encoders are judged by their hosts (their health is in etcd).
+            checks: cfg
+                .health_checks()
+                .into_iter()
+                .filter(|(name, _)| !c.shared().is_some_and(|s| s.is_remote(name)))
+                .collect(),
         }
     }
 }
@@ -298,6 +327,39 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
             // Err: the scrape was abandoned.
             let _ = reply.send(());
             crate::heap::trim();
+        }
+        Msg::Cluster {
+            changes,
+            resync,
+            reply,
+        } => {
+            let report = c.apply_shared(changes, resync).map_err(|e| e.to_string());
+            c.flush();
+            // Err: the cluster task is stopping; the changes were applied all the same.
+            let _ = reply.send(report);
+        }
+        Msg::LocalHealth(reply) => {
+            // Err: the cluster task is stopping.
+            let _ = reply.send(c.local_health());
+        }
+        Msg::SharedChannel(name, reply) => {
+            // Err: the client hung up.
+            let _ = reply.send(c.shared_channel(&name));
+        }
+        Msg::CheckChannel(ch, reply) => {
+            // Err: the client hung up.
+            let _ = reply.send(c.check_new_channel(&ch));
+        }
+        Msg::ClusterEvent(reason) => c.cluster_event(&reason),
+        Msg::ClusterView {
+            leading,
+            leader,
+            etcd_up,
+        } => c.set_cluster_view(leading, leader, etcd_up),
+        Msg::TakeOutbox(reply) => {
+            // Err: the cluster task is stopping; the outbox is filled again at the next
+            // election.
+            let _ = reply.send(c.take_outbox());
         }
         Msg::Stop => unreachable!("handled by the loop"),
     }

@@ -48,6 +48,7 @@ use crate::{
 
 mod actor;
 mod children;
+mod cluster;
 mod links;
 mod lock;
 mod notify;
@@ -100,12 +101,34 @@ pub fn run(opts: Options) -> Result<()> {
             .with_context(|| format!("entering network namespace {ns}"))?;
         info!("running in network namespace {ns}");
     }
+    // One thread runs every probe, the socket and the metrics endpoint: nothing on it blocks,
+    // since everything that touches the controller runs on the controller's own thread (see
+    // `actor`); with a thousand probe results a second, one thread spares the cross-thread
+    // wake-ups.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // A cluster host knows its channels only from etcd: it waits for it before it attaches
+    // anything.
+    let joined = match &cfg.cluster {
+        None => None,
+        Some(c) => match rt.block_on(cluster::join_at_start(c, &cfg))? {
+            Some(joined) => Some(joined),
+            None => {
+                info!("stopped while waiting for etcd; nothing was changed");
+                return Ok(());
+            }
+        },
+    };
     let mut dp = Dataplane::open(opts.pins.clone())?;
     dp.attach_ingest(&cfg.ingest.interface, cfg.ingest.xdp_mode)?;
     let adopted = dp.adopted();
     // Opened before the controller takes the data plane: read on the runtime thread.
     let refusals = dp.refusals()?;
-    let ctl = Controller::start(cfg, &opts.config, dp)?;
+    let (ctl, cluster) = match joined {
+        None => (Controller::start(cfg, &opts.config, dp)?, None),
+        Some((me, joined)) => cluster::start_controller(cfg, &opts.config, dp, me, joined)?,
+    };
     crate::heap::trim();
     info!(
         "{} the data plane; {} channels, {} encoders",
@@ -113,28 +136,24 @@ pub fn run(opts: Options) -> Result<()> {
         ctl.config().channels.len(),
         ctl.config().encoders.len()
     );
-    // One thread runs every probe, the socket and the metrics endpoint: nothing on it blocks,
-    // since everything that touches the controller runs on the controller's own thread (see
-    // `actor`); with a thousand probe results a second, one thread spares the cross-thread
-    // wake-ups.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve(Serving {
-            ctl,
-            refusals,
-            socket: &opts.socket,
-            pins: &opts.pins,
-            leftovers,
-            group,
-            notifier,
-            watchdog,
-        }))
+    rt.block_on(serve(Serving {
+        ctl,
+        cluster,
+        refusals,
+        socket: &opts.socket,
+        pins: &opts.pins,
+        leftovers,
+        group,
+        notifier,
+        watchdog,
+    }))
 }
 
 /// What the serve loop starts from: the started controller and what `run` prepared for it.
 struct Serving<'a> {
     ctl: Controller,
+    /// A cluster host: itself, and what it read from etcd at the start.
+    cluster: Option<(cluster::Me, cluster::Joined)>,
     /// The egress programs' refused-stream reports.
     refusals: RingBuf<MapData>,
     socket: &'a Path,
@@ -153,6 +172,7 @@ struct Serving<'a> {
 async fn serve(serving: Serving<'_>) -> Result<()> {
     let Serving {
         ctl,
+        cluster,
         refusals,
         socket,
         pins,
@@ -218,6 +238,13 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
         stop.clone(),
     ));
     let refusal_watch = tokio::spawn(watch_refusals(refusals, ctl.clone(), stop.clone()));
+    let (writes, cluster_task) = match cluster {
+        None => (None, None),
+        Some((me, joined)) => {
+            let (writes, task) = cluster::spawn(me, joined, ctl.clone(), stop.clone());
+            (Some(writes), Some(task))
+        }
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // The data plane is attached (the controller started on it), the socket and the metrics
@@ -228,8 +255,9 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let ctl = ctl.clone();
+                    let writes = writes.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(stream, ctl, group).await {
+                        if let Err(e) = handle(stream, ctl, group, writes).await {
                             warn!("client: {e}");
                         }
                     });
@@ -263,6 +291,10 @@ async fn serve(serving: Serving<'_>) -> Result<()> {
     let _ = link_watch.await;
     let _ = reloads.await;
     let _ = refusal_watch.await;
+    if let Some(task) = cluster_task {
+        // It ends at the stop; the host's lease expires by itself.
+        let _ = task.await;
+    }
     // Managed encoders keep running: the next daemon adopts them.
     managed.detach_all().await;
     let _ = metrics_task.await;

@@ -209,6 +209,7 @@ pub(super) async fn handle(
     stream: UnixStream,
     ctl: ControlHandle,
     group: Option<Gid>,
+    writes: Option<Arc<super::cluster::Writes>>,
 ) -> Result<()> {
     let peer = peer_of(&stream, group);
     let (read, mut write) = stream.into_split();
@@ -238,7 +239,16 @@ pub(super) async fn handle(
                         refused = peer.access == Access::Nothing;
                         Response::error(why)
                     }
-                    None => ctl.request(req.command).await,
+                    None => {
+                        let through_etcd = match &writes {
+                            Some(w) => w.intercept(&req.command, &ctl).await,
+                            None => None,
+                        };
+                        match through_etcd {
+                            Some(answer) => answer,
+                            None => ctl.request(req.command).await,
+                        }
+                    }
                 },
                 Err(e) => Response::error(format!("malformed request: {e}")),
             }

@@ -84,6 +84,7 @@ fn channel(name: &str, active: Option<&str>, packets: u64, bytes: u64) -> Channe
 fn encoder(name: &str, healthy: bool, drained: bool, packets: u64) -> EncoderStatus {
     EncoderStatus {
         name: name.to_owned(),
+        host: None,
         address: "10.200.1.2".to_owned(),
         local: true,
         healthy,
@@ -111,6 +112,7 @@ fn status() -> Status {
             encoder("enc-a", false, false, 10),
             encoder("enc-b", true, true, 90),
         ],
+        cluster: None,
     }
 }
 

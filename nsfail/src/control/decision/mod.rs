@@ -11,7 +11,8 @@
 //!   the channel's last move: a flapping encoder cannot bounce a channel more than once per
 //!   hold-down;
 //! - a manual remap or drain always wins: it is applied as asked, and automatic failback
-//!   leaves a manually placed channel alone until the next automatic failover.
+//!   leaves a manually placed channel alone until the next automatic failover; so does a
+//!   cluster follower with a channel placed by its leader (failback is the leader's).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -35,6 +36,8 @@ pub enum Reason {
     Manual,
     /// `nsfail drain`.
     Drain,
+    /// A cluster host follows the choice its leader wrote in etcd.
+    Leader,
 }
 
 impl Reason {
@@ -46,6 +49,7 @@ impl Reason {
             Self::Failback => "failback after hold-down",
             Self::Manual => "manual remap",
             Self::Drain => "drain",
+            Self::Leader => "the cluster leader's choice",
         }
     }
 }
@@ -252,7 +256,10 @@ impl Decider {
         let st = self.channels.get_mut(channel).expect("known channel");
         let from = std::mem::replace(&mut st.active, to.clone());
         st.last_move = Some(now);
-        st.manual = matches!(reason, Reason::Manual | Reason::Drain);
+        // A cluster follower leaves failback to its leader, whose choices it follows: its own
+        // failback would undo a leader's manual remap, and the leader's choice would move it
+        // back a second later.
+        st.manual = matches!(reason, Reason::Manual | Reason::Drain | Reason::Leader);
         st.stranded = false;
         unindex(&mut self.on, &from, channel);
         index(&mut self.on, &to, channel);
@@ -352,6 +359,13 @@ impl Decider {
         let (name, _) = self.channels.get_key_value(channel)?;
         let name = name.clone();
         Some(self.apply(&name, encoder, Reason::Manual, now))
+    }
+
+    /// A cluster follower takes the encoder its leader chose for `channel`.
+    pub fn follow(&mut self, channel: &str, encoder: &str, now: Instant) -> Option<Decision> {
+        let (name, _) = self.channels.get_key_value(channel)?;
+        let name = name.clone();
+        Some(self.apply(&name, encoder, Reason::Leader, now))
     }
 
     /// The moves a drain of `encoder` needs, or the first channel it would strand. Nothing

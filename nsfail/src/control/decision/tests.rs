@@ -166,6 +166,27 @@ fn manual_remap_wins_over_automatic_failback() {
 }
 
 #[test]
+fn a_follower_leaves_failback_to_its_leader_but_fails_over_itself() {
+    let (mut d, mut c) = setup(Failback::Auto);
+    let ds = d
+        .follow("cam1", "b", c.advance(Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(moved(&[ds]), vec![("cam1", "a", Some("b"), Reason::Leader)]);
+    assert!(
+        d.tick(c.advance(HOLD * 3)).is_empty(),
+        "no failback to a on its own: the leader's choice stays"
+    );
+    let ds = d.set_health("b", false, c.advance(Duration::from_secs(1)));
+    assert_eq!(
+        moved(&ds),
+        vec![
+            ("cam1", "b", Some("a"), Reason::EncoderDown),
+            ("cam2", "b", Some("a"), Reason::EncoderDown)
+        ]
+    );
+}
+
+#[test]
 fn drain_moves_everything_or_nothing() {
     let (mut d, mut c) = setup(Failback::Auto);
     let t = c.advance(Duration::from_secs(1));

@@ -102,6 +102,7 @@ pub(super) fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProt
             srt_peer_limit: None,
         }],
         daemon: Default::default(),
+        cluster: None,
     };
     format!(
         "# The demo lab's daemon config, written by `nsfail lab up`; `nsfail lab down` removes \

@@ -1,0 +1,363 @@
+//! Shared state in etcd (issue 17, first part): the key layout under `/nsfail/<name>/`, what
+//! each key holds, and the etcd calls the CLI and the daemon make.
+//!
+//! | key                                   | value (JSON)                              | lease      |
+//! |---------------------------------------|-------------------------------------------|------------|
+//! | `/nsfail/<name>/channels/<channel>`   | the channel, as `add channel` states it   | none       |
+//! | `/nsfail/<name>/hosts/<host>`         | [`HostRecord`]                            | the host's |
+//! | `/nsfail/<name>/encoders/<host>/<enc>`| [`EncoderRecord`]: definition and health  | the host's |
+//! | `/nsfail/<name>/active/<channel>`     | [`ActiveRecord`]: the leader's choice     | none       |
+//! | `/nsfail/<name>/leader/<lease>`       | a candidate's host name (etcd election)   | the host's |
+//!
+//! Anything else under the prefix, or a value that does not decode, is foreign or corrupt:
+//! reported and skipped, never applied.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    api::NewChannel,
+    config::{self, Cluster},
+};
+
+pub mod cli;
+pub mod store;
+
+/// What a key under the cluster's prefix names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Key {
+    Channel(String),
+    Host(String),
+    Encoder {
+        host: String,
+        encoder: String,
+    },
+    Active(String),
+    /// A candidate's key in the leader election (etcd's election API writes it).
+    Election,
+    /// Not nsfail's layout (or a bad name in it).
+    Foreign,
+}
+
+pub fn channels_prefix(c: &Cluster) -> String {
+    format!("{}channels/", c.prefix())
+}
+
+pub fn channel_key(c: &Cluster, name: &str) -> String {
+    format!("{}channels/{name}", c.prefix())
+}
+
+pub fn host_key(c: &Cluster, host: &str) -> String {
+    format!("{}hosts/{host}", c.prefix())
+}
+
+pub fn hosts_prefix(c: &Cluster) -> String {
+    format!("{}hosts/", c.prefix())
+}
+
+pub fn encoder_key(c: &Cluster, host: &str, encoder: &str) -> String {
+    format!("{}encoders/{host}/{encoder}", c.prefix())
+}
+
+pub fn active_key(c: &Cluster, channel: &str) -> String {
+    format!("{}active/{channel}", c.prefix())
+}
+
+/// The election's name: candidates' keys are `<name>/<lease in hex>`.
+pub fn election_name(c: &Cluster) -> String {
+    format!("{}leader", c.prefix())
+}
+
+/// Classifies `key` (under the prefix `prefix`).
+pub fn parse_key(prefix: &str, key: &str) -> Key {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return Key::Foreign;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let ok = |s: &str| config::valid_name(s);
+    match parts.as_slice() {
+        ["channels", name] if ok(name) => Key::Channel((*name).to_owned()),
+        ["hosts", host] if ok(host) => Key::Host((*host).to_owned()),
+        ["encoders", host, enc] if ok(host) && ok(enc) => Key::Encoder {
+            host: (*host).to_owned(),
+            encoder: (*enc).to_owned(),
+        },
+        ["active", name] if ok(name) => Key::Active((*name).to_owned()),
+        ["leader", lease] if !lease.is_empty() && lease.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Key::Election
+        }
+        _ => Key::Foreign,
+    }
+}
+
+/// A channel's value: the JSON of [`NewChannel`], whose name must be the key's, and which must
+/// make a valid channel by the config file's rules.
+pub fn decode_channel(name: &str, value: &[u8]) -> Result<NewChannel, String> {
+    let nc: NewChannel =
+        serde_json::from_slice(value).map_err(|e| format!("not a channel definition: {e}"))?;
+    if nc.name != name {
+        return Err(format!(
+            "the value names channel {:?}, the key {name:?}",
+            nc.name
+        ));
+    }
+    config::Channel::try_from(nc.clone()).map_err(|e| e.to_string())?;
+    Ok(nc)
+}
+
+/// A config channel as etcd stores it.
+pub fn encode_channel(ch: &config::Channel) -> NewChannel {
+    let lower = |v: serde_json::Value| v.as_str().map(str::to_owned);
+    NewChannel {
+        name: ch.name.clone(),
+        listen: ch.listen.to_string(),
+        encoders: ch.encoders.clone(),
+        port: ch.port,
+        failback: serde_json::to_value(ch.failback).ok().and_then(lower),
+        hold_down_ms: Some(ch.hold_down_ms),
+        protocol: serde_json::to_value(ch.protocol).ok().and_then(lower),
+        sources: ch.sources.iter().map(ToString::to_string).collect(),
+        srt_peer_limit: ch.srt_peer_limit,
+    }
+}
+
+/// `hosts/<host>`: a host that is up (the key lives as long as its lease).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostRecord {
+    pub host: String,
+    /// Its lease's ID.
+    pub lease: i64,
+    pub lease_s: u64,
+    /// The daemon's process ID on its host.
+    pub pid: u32,
+    /// The MAC address of its ingest interface: where other hosts send a channel's packets
+    /// for its encoders.
+    pub mac: String,
+}
+
+/// `encoders/<host>/<encoder>`: a host's encoder, as its config defines it, and its health as
+/// that host sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderRecord {
+    pub host: String,
+    pub definition: config::Encoder,
+    pub healthy: bool,
+    pub drained: bool,
+}
+
+/// `active/<channel>`: the encoder the leader chose for a channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveRecord {
+    pub encoder: String,
+    /// The host that was leader when it wrote this.
+    pub leader: String,
+    /// Its term: the create revision of its key in the election.
+    pub term: i64,
+}
+
+/// One key of the cluster's prefix as read or watched, decoded: what a host applies, or why
+/// it skips it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    PutChannel(config::Channel),
+    DeleteChannel(String),
+    PutHost(HostRecord),
+    DeleteHost(String),
+    PutEncoder(EncoderRecord),
+    DeleteEncoder {
+        host: String,
+        encoder: String,
+    },
+    PutActive {
+        channel: String,
+        record: ActiveRecord,
+    },
+    DeleteActive(String),
+    /// A candidate of the election came or went (followed through etcd's election API).
+    Election,
+    /// Foreign or corrupt: reported and skipped, never applied.
+    Bad {
+        key: String,
+        why: String,
+    },
+}
+
+/// Decodes a key under `prefix` and its value (`None`: the key was deleted).
+pub fn decode(prefix: &str, key: &[u8], value: Option<&[u8]>) -> Change {
+    let bad = |why: String| Change::Bad {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why,
+    };
+    let Ok(key_text) = std::str::from_utf8(key) else {
+        return bad("the key is not UTF-8".into());
+    };
+    match (parse_key(prefix, key_text), value) {
+        (Key::Foreign, _) => bad("not a key of nsfail's layout".into()),
+        (Key::Channel(name), None) => Change::DeleteChannel(name),
+        (Key::Channel(name), Some(v)) => match decode_channel(&name, v)
+            .and_then(|nc| config::Channel::try_from(nc).map_err(|e| e.to_string()))
+        {
+            Ok(ch) => Change::PutChannel(ch),
+            Err(why) => bad(why),
+        },
+        (Key::Host(host), None) => Change::DeleteHost(host),
+        (Key::Host(host), Some(v)) => match serde_json::from_slice::<HostRecord>(v) {
+            Ok(rec) if rec.host == host && config::parse_mac(&rec.mac).is_some() => {
+                Change::PutHost(rec)
+            }
+            Ok(rec) => bad(format!(
+                "host record of {:?} with MAC {:?} under the key of {host:?}",
+                rec.host, rec.mac
+            )),
+            Err(e) => bad(format!("not a host record: {e}")),
+        },
+        (Key::Election, _) => Change::Election,
+        (Key::Active(channel), None) => Change::DeleteActive(channel),
+        (Key::Active(channel), Some(v)) => match serde_json::from_slice::<ActiveRecord>(v) {
+            Ok(record) if config::valid_name(&record.encoder) => {
+                Change::PutActive { channel, record }
+            }
+            Ok(record) => bad(format!("not an encoder name: {:?}", record.encoder)),
+            Err(e) => bad(format!("not an active-encoder record: {e}")),
+        },
+        (Key::Encoder { host, encoder }, None) => Change::DeleteEncoder { host, encoder },
+        (Key::Encoder { host, encoder }, Some(v)) => {
+            match serde_json::from_slice::<EncoderRecord>(v) {
+                Ok(rec) if rec.host == host && rec.definition.name == encoder => {
+                    Change::PutEncoder(rec)
+                }
+                Ok(rec) => bad(format!(
+                    "encoder record of {}/{} under the key of {host}/{encoder}",
+                    rec.host, rec.definition.name
+                )),
+                Err(e) => bad(format!("not an encoder record: {e}")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Cluster {
+        let cfg = config::Config::parse(
+            "[ingest]\ninterface = \"eth0\"\n[cluster]\nname = \"studio\"\nhost = \"h1\"\netcd = [\"http://127.0.0.1:2379\"]\n",
+            "t",
+        )
+        .unwrap();
+        cfg.cluster.unwrap()
+    }
+
+    #[test]
+    fn keys_round_trip_and_foreign_keys_are_foreign() {
+        let c = cluster();
+        let p = c.prefix();
+        assert_eq!(
+            parse_key(&p, &channel_key(&c, "cam1")),
+            Key::Channel("cam1".into())
+        );
+        assert_eq!(parse_key(&p, &host_key(&c, "h1")), Key::Host("h1".into()));
+        assert_eq!(
+            parse_key(&p, &encoder_key(&c, "h1", "enc-a")),
+            Key::Encoder {
+                host: "h1".into(),
+                encoder: "enc-a".into()
+            }
+        );
+        for foreign in [
+            "/nsfail/studio/other/x",
+            "/nsfail/studio/channels/",
+            "/nsfail/studio/channels/a/b",
+            "/nsfail/studio/channels/bad name",
+            "/nsfail/studiox/channels/a",
+            "/nsfail/studio/encoders/h1",
+        ] {
+            assert_eq!(parse_key(&p, foreign), Key::Foreign, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn channels_decode_only_when_valid() {
+        let cfg = config::Config::parse(
+            "[ingest]\ninterface = \"eth0\"\n[[encoder]]\nname = \"e\"\naddress = \"10.0.0.2\"\nhealth = { kind = \"tcp\", port = 9 }\n[[channel]]\nname = \"cam1\"\nlisten = \"10.0.0.1:5000\"\nencoders = [\"e\"]\nprotocol = \"srt\"\nfailback = \"auto\"\nsources = [\"203.0.113.0/24\"]\nsrt_peer_limit = 4\n",
+            "t",
+        )
+        .unwrap();
+        let nc = encode_channel(&cfg.channels[0]);
+        let json = serde_json::to_vec(&nc).unwrap();
+        let back = decode_channel("cam1", &json).unwrap();
+        assert_eq!(back, nc);
+        assert_eq!(
+            config::Channel::try_from(back).unwrap(),
+            cfg.channels[0],
+            "the stored channel is the file's"
+        );
+        assert!(decode_channel("cam2", &json).unwrap_err().contains("key"));
+        assert!(decode_channel("cam1", b"{not json").is_err());
+        let bad = br#"{"name":"cam1","listen":"nowhere","encoders":["e"]}"#;
+        assert!(decode_channel("cam1", bad).is_err());
+        let extra = br#"{"name":"cam1","listen":"10.0.0.1:5000","encoders":["e"],"x":1}"#;
+        assert!(decode_channel("cam1", extra).is_err());
+    }
+
+    #[test]
+    fn watched_keys_decode_to_changes_or_to_reported_skips() {
+        let p = "/nsfail/studio/";
+        let ch = br#"{"name":"cam1","listen":"10.0.0.1:5000","encoders":["e"]}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/channels/cam1", Some(ch)),
+            Change::PutChannel(c) if c.name == "cam1"
+        ));
+        assert_eq!(
+            decode(p, b"/nsfail/studio/channels/cam1", None),
+            Change::DeleteChannel("cam1".into())
+        );
+        let host = br#"{"host":"h2","lease":7,"lease_s":1,"pid":9,"mac":"02:00:00:00:00:02"}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/hosts/h2", Some(host)),
+            Change::PutHost(h) if h.lease == 7
+        ));
+        let enc = br#"{"host":"h2","definition":{"name":"e","address":"10.0.0.2"},"healthy":true,"drained":false}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/encoders/h2/e", Some(enc)),
+            Change::PutEncoder(r) if r.healthy
+        ));
+        assert_eq!(
+            decode(p, b"/nsfail/studio/encoders/h2/e", None),
+            Change::DeleteEncoder {
+                host: "h2".into(),
+                encoder: "e".into()
+            }
+        );
+        let active = br#"{"encoder":"e","leader":"h2","term":12}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/active/cam1", Some(active)),
+            Change::PutActive { channel, record } if channel == "cam1" && record.term == 12
+        ));
+        assert_eq!(
+            decode(p, b"/nsfail/studio/leader/694d8a3b1c2f0e05", Some(b"h2")),
+            Change::Election
+        );
+        // Each of these is skipped, with its reason, and never applied.
+        let bad: [(&[u8], Option<&[u8]>); 8] = [
+            (b"/nsfail/studio/active/cam1", Some(b"{}")),
+            (b"/nsfail/studio/leader/not-hex", Some(b"h2")),
+            (b"/nsfail/studio/junk", Some(b"1")),
+            (b"/nsfail/studio/channels/cam1", Some(b"{not json")),
+            (b"/nsfail/studio/channels/cam2", Some(ch)),
+            (b"/nsfail/studio/hosts/h3", Some(host)),
+            (b"/nsfail/studio/encoders/h3/e", Some(enc)),
+            (b"/nsfail/studio/channels/\xff", Some(ch)),
+        ];
+        for (key, value) in bad {
+            assert!(
+                matches!(decode(p, key, value), Change::Bad { .. }),
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The etcd calls: connect, write channels (`nsfail apply`), read the cluster's hosts
+//! (`nsfail cluster status`). The daemon's side (lease, registration, watch) is in
+//! `daemon::cluster`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use serde::Serialize;
+
+use super::*;
+
+/// How long a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client of the cluster's etcd, checked to answer (a `status` call: the client itself
+/// connects lazily).
+pub async fn connect(c: &Cluster) -> Result<Client> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT);
+    let endpoints = c.etcd.join(", ");
+    let mut client = tokio::time::timeout(
+        CONNECT_TIMEOUT + REQUEST_TIMEOUT,
+        Client::connect(&c.etcd, Some(options)),
+    )
+    .await
+    .map_err(|_| anyhow!("etcd at {endpoints}: no answer"))?
+    .with_context(|| format!("etcd at {endpoints}"))?;
+    client
+        .status()
+        .await
+        .with_context(|| format!("etcd at {endpoints}"))?;
+    Ok(client)
+}
+
+/// What `nsfail apply` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    /// Channels written (new or changed).
+    pub written: Vec<String>,
+    /// Channels already in etcd as the file has them.
+    pub unchanged: Vec<String>,
+    /// Channels deleted (`--prune`: in etcd, not in the file).
+    pub removed: Vec<String>,
+}
+
+/// Writes `channels` to etcd; with `prune`, deletes the cluster's channels the file does not
+/// list. Nothing but `channels/` keys is touched.
+pub async fn apply(
+    client: &mut Client,
+    c: &Cluster,
+    channels: &[config::Channel],
+    prune: bool,
+) -> Result<ApplyReport> {
+    let mut report = ApplyReport::default();
+    let existing = client
+        .get(channels_prefix(c), Some(GetOptions::new().with_prefix()))
+        .await
+        .context("reading the cluster's channels")?;
+    let mut before = std::collections::BTreeMap::new();
+    for kv in existing.kvs() {
+        before.insert(kv.key().to_vec(), kv.value().to_vec());
+    }
+    for ch in channels {
+        let key = channel_key(c, &ch.name);
+        let value = serde_json::to_vec(&encode_channel(ch))?;
+        if before.get(key.as_bytes()) == Some(&value) {
+            report.unchanged.push(ch.name.clone());
+            continue;
+        }
+        client
+            .put(key, value, None)
+            .await
+            .with_context(|| format!("writing channel {}", ch.name))?;
+        report.written.push(ch.name.clone());
+    }
+    if prune {
+        let prefix = c.prefix();
+        for key in before.keys() {
+            let key = String::from_utf8_lossy(key);
+            let Key::Channel(name) = parse_key(&prefix, &key) else {
+                continue;
+            };
+            if channels.iter().all(|ch| ch.name != name) {
+                // Its active encoder goes with it, so that a channel of the same name added
+                // later does not start from a stale choice.
+                client
+                    .txn(Txn::new().and_then([
+                        TxnOp::delete(key.as_bytes(), None),
+                        TxnOp::delete(active_key(c, &name), None),
+                    ]))
+                    .await
+                    .with_context(|| format!("deleting channel {name}"))?;
+                report.removed.push(name);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// `nsfail cluster status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub etcd: EtcdHealth,
+    pub hosts: Vec<HostStatus>,
+    /// The host the election made leader (`None`: none now).
+    pub leader: Option<String>,
+    /// How many channels the cluster holds.
+    pub channels: usize,
+    /// Channels with an active encoder written by a leader.
+    pub actives: usize,
+    /// Keys under the prefix that are not nsfail's layout or do not decode.
+    pub bad_keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EtcdHealth {
+    pub endpoints: Vec<String>,
+    pub healthy: bool,
+    pub version: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostStatus {
+    pub host: String,
+    pub pid: u32,
+    pub lease_s: u64,
+    /// Seconds left on its lease (`None`: expired while being read).
+    pub ttl_s: Option<i64>,
+    /// Its encoders: name and health.
+    pub encoders: Vec<(String, bool)>,
+}
+
+/// Reads the cluster's hosts, their leases and encoders. etcd unreachable is not an error:
+/// the status says so.
+pub async fn status(c: &Cluster) -> ClusterStatus {
+    let mut out = ClusterStatus {
+        name: c.name.clone(),
+        etcd: EtcdHealth {
+            endpoints: c.etcd.clone(),
+            healthy: false,
+            version: None,
+            error: None,
+        },
+        hosts: Vec::new(),
+        leader: None,
+        channels: 0,
+        actives: 0,
+        bad_keys: Vec::new(),
+    };
+    if let Err(e) = read_status(c, &mut out).await {
+        out.etcd.error = Some(format!("{e:#}"));
+    }
+    out
+}
+
+async fn read_status(c: &Cluster, out: &mut ClusterStatus) -> Result<()> {
+    let mut client = connect(c).await?;
+    let st = client.status().await?;
+    out.etcd.healthy = true;
+    out.etcd.version = Some(st.version().to_owned());
+    let all = client
+        .get(c.prefix(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let prefix = c.prefix();
+    let mut encoders: Vec<(String, String, bool)> = Vec::new();
+    for kv in all.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match parse_key(&prefix, &key) {
+            Key::Channel(name) => match decode_channel(&name, kv.value()) {
+                Ok(_) => out.channels += 1,
+                Err(_) => out.bad_keys.push(key),
+            },
+            Key::Host(host) => match serde_json::from_slice::<HostRecord>(kv.value()) {
+                Ok(rec) if rec.host == host => {
+                    let ttl = client.lease_time_to_live(rec.lease, None).await?.ttl();
+                    out.hosts.push(HostStatus {
+                        host,
+                        pid: rec.pid,
+                        lease_s: rec.lease_s,
+                        ttl_s: (ttl >= 0).then_some(ttl),
+                        encoders: Vec::new(),
+                    });
+                }
+                _ => out.bad_keys.push(key),
+            },
+            Key::Encoder { host, encoder } => {
+                match serde_json::from_slice::<EncoderRecord>(kv.value()) {
+                    Ok(rec) if rec.host == host && rec.definition.name == encoder => {
+                        encoders.push((host, encoder, rec.healthy));
+                    }
+                    _ => out.bad_keys.push(key),
+                }
+            }
+            Key::Active(_) => match decode(&prefix, kv.key(), Some(kv.value())) {
+                Change::PutActive { .. } => out.actives += 1,
+                _ => out.bad_keys.push(key),
+            },
+            Key::Election => {}
+            Key::Foreign => out.bad_keys.push(key),
+        }
+    }
+    // No leader is an error of the election API ("election: no leader"), not of etcd.
+    if let Ok(resp) = client.leader(election_name(c)).await {
+        out.leader = resp
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+    }
+    for (host, encoder, healthy) in encoders {
+        if let Some(h) = out.hosts.iter_mut().find(|h| h.host == host) {
+            h.encoders.push((encoder, healthy));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! A cluster's leadership as this host's controller sees it (issue 17): the leader writes
+//! every decision it carries out (its outbox, emptied by the cluster task into etcd);
+//! followers take the leader's choices through the same decision path; remaps and drains are
+//! the leader's while etcd is reachable; without etcd every host decides for itself.
+
+use super::*;
+
+/// How often a follower compares all its channels with the leader's choices.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+impl Controller {
+    /// A follower takes, for each of `channels`, the encoder the leader wrote, when it is one
+    /// of the channel's and usable as this host sees it (healthy, not drained): a choice
+    /// written before this host saw the encoder fail (a stale one, read back after an etcd
+    /// outage) never moves a stream onto a dead encoder. The leader keeps its own decisions.
+    pub(super) fn follow(&mut self, channels: &BTreeSet<String>) {
+        let Some(shared) = &self.shared else { return };
+        if shared.leading {
+            return;
+        }
+        let now = Instant::now();
+        let mut decisions = Vec::new();
+        for name in channels {
+            let Some(rec) = shared.actives.get(name) else {
+                continue;
+            };
+            let Some(i) = self.lookup.channel(&self.effective.channels, name) else {
+                continue;
+            };
+            let ch = &self.effective.channels[i];
+            if self.decider.active(name) == Some(rec.encoder.as_str())
+                || !ch.encoders.contains(&rec.encoder)
+                || !self.has_encoder(&rec.encoder)
+                || !self.decider.healthy(&rec.encoder)
+                || self.decider.drained(&rec.encoder)
+            {
+                continue;
+            }
+            decisions.extend(self.decider.follow(name, &rec.encoder, now));
+        }
+        self.apply_all(decisions);
+    }
+
+    /// Periodic work of a follower: the leader's choices it could not take when they came
+    /// (the encoder was down here then) are taken once it can; every [`FOLLOW_EVERY`].
+    pub(super) fn follow_periodically(&mut self, now: Instant) {
+        let Some(s) = self.shared.as_mut() else {
+            return;
+        };
+        if s.leading
+            || s.followed_at
+                .is_some_and(|t| now.duration_since(t) < FOLLOW_EVERY)
+        {
+            return;
+        }
+        s.followed_at = Some(now);
+        let all: BTreeSet<String> = s.actives.keys().cloned().collect();
+        self.follow(&all);
+    }
+
+    /// What the cluster's task says of the election and of etcd: whether this host leads,
+    /// who does, whether etcd is reachable. Becoming leader puts every channel in the
+    /// outbox (what etcd holds is compared with this host's decisions).
+    pub fn set_cluster_view(&mut self, leading: bool, leader: Option<String>, etcd_up: bool) {
+        let Some(s) = self.shared.as_mut() else {
+            return;
+        };
+        let was = s.leading;
+        s.leading = leading;
+        s.leader = leader;
+        s.etcd_up = etcd_up;
+        if leading && !was {
+            s.outbox = s.channels.keys().cloned().collect();
+            let reason = format!("cluster: this host ({}) is the leader", s.host);
+            info!("{reason}");
+            self.event(None, None, None, &reason);
+        } else if !leading && was {
+            s.outbox.clear();
+            let reason = format!("cluster: this host ({}) is no longer the leader", s.host);
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+        }
+    }
+
+    /// Leader: the channels whose active encoder here differs from what etcd holds, to write
+    /// there (the outbox is emptied).
+    pub fn take_outbox(&mut self) -> Vec<(String, String)> {
+        let Some(s) = self.shared.as_mut() else {
+            return Vec::new();
+        };
+        if !s.leading {
+            return Vec::new();
+        }
+        let outbox = std::mem::take(&mut s.outbox);
+        let s = self.shared.as_ref().expect("checked above");
+        outbox
+            .into_iter()
+            .filter_map(|ch| {
+                let active = self.decider.active(&ch)?;
+                (s.actives.get(&ch).map(|r| r.encoder.as_str()) != Some(active))
+                    .then(|| (ch.clone(), active.to_owned()))
+            })
+            .collect()
+    }
+
+    /// A decision carried out: the leader writes it to etcd.
+    pub(super) fn note_decided(&mut self, channel: &str) {
+        if let Some(s) = self.shared.as_mut()
+            && s.leading
+        {
+            s.outbox.insert(channel.to_owned());
+        }
+    }
+
+    /// Remaps and drains are the leader's in a cluster (a follower's would be overwritten by
+    /// the leader's choice); while etcd is unreachable every host may make them locally.
+    pub(super) fn refuse_unless_leader(&self, what: &str) -> Result<()> {
+        match &self.shared {
+            Some(s) if s.etcd_up && !s.leading => Err(ControlError::Refused(format!(
+                "{what} is the cluster leader's to do: this host ({}) is not it (leader: {})",
+                s.host,
+                s.leader.as_deref().unwrap_or("none now")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The cluster as this host sees it, for `status`.
+    pub fn cluster_view(&self) -> Option<api::ClusterView> {
+        let s = self.shared.as_ref()?;
+        Some(api::ClusterView {
+            name: s
+                .file
+                .cluster
+                .as_ref()
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+            host: s.host.clone(),
+            leader: s.leader.clone(),
+            leading: s.leading,
+            etcd: s.etcd_up,
+        })
+    }
+}

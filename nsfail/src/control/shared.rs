@@ -1,0 +1,663 @@
+//! The cluster's shared state as this host's controller holds it (issue 17): the channels
+//! and the other hosts' encoders read from etcd. The effective configuration is composed
+//! from the config file (ingest, this host's own encoders) and this state, and every change
+//! read from etcd is applied by the reload's code ([`Controller::reload_with`]), the same
+//! path as a SIGHUP: validated whole, applied object by object, undone on failure.
+//!
+//! Leadership (following the leader's choices, writing this host's as leader) is in
+//! `leadership`.
+//!
+//! What cannot be applied is reported and skipped, never applied: a foreign or corrupt key,
+//! a channel that is not valid with the others (an encoder nobody registered, a taken
+//! ingest address), another host's encoder whose name is one of this host's.
+
+use super::*;
+use crate::cluster::{ActiveRecord, Change, EncoderRecord, HostRecord};
+
+/// What this host knows of the cluster.
+#[derive(Debug)]
+pub struct Shared {
+    /// This host's name.
+    pub(super) host: String,
+    /// The config file as last read: ingest, this host's encoders, `[cluster]`.
+    pub(super) file: Config,
+    pub(super) channels: BTreeMap<String, config::Channel>,
+    hosts: BTreeMap<String, HostRecord>,
+    /// Other hosts' encoders, by name; kept when their host's lease expires (down, not
+    /// gone), so that the channels naming them stay valid.
+    remote: BTreeMap<String, Remote>,
+    /// What the last composition skipped, and why (reported once per change of reason).
+    skipped: BTreeMap<String, String>,
+    /// Each channel's active encoder as the leader wrote it.
+    pub(super) actives: BTreeMap<String, ActiveRecord>,
+    /// Whether this host is the leader (elected, and etcd reachable).
+    pub(super) leading: bool,
+    /// The leader as the election last said (`None`: none, or etcd unreachable).
+    pub(super) leader: Option<String>,
+    /// Whether this host is connected to etcd now.
+    pub(super) etcd_up: bool,
+    /// Leader: channels whose active encoder may differ from what etcd holds.
+    pub(super) outbox: BTreeSet<String>,
+    /// When a follower last compared all its channels with the leader's choices.
+    pub(super) followed_at: Option<Instant>,
+    /// When applying what etcd holds last failed, and why (retried by the periodic work).
+    failed: Option<(Instant, String)>,
+    /// Per other host's encoder: why it is not routed (reached at its host's MAC instead),
+    /// as last reported.
+    pub(super) unrouted: BTreeMap<String, String>,
+    /// Per routed encoder: why its next hop could not be resolved again (it forwards on the
+    /// last one), as reported.
+    pub(super) stale_routes: BTreeMap<String, String>,
+    /// Per (channel, local encoder): why its transit entry could not be set, as reported.
+    pub(super) transit_failed: BTreeMap<(String, String), String>,
+    /// When the routed encoders' next hops were last resolved again.
+    pub(super) routes_at: Option<Instant>,
+    /// When the announced routes were last synced, and why the last sync failed.
+    pub(super) announced_at: Option<Instant>,
+    pub(super) announce_failed: Option<String>,
+}
+
+/// How often a failed application of etcd's state is tried again.
+const RETRY_SHARED: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug, PartialEq)]
+struct Remote {
+    record: EncoderRecord,
+    /// Whether its record is in etcd (under its host's live lease).
+    registered: bool,
+}
+
+impl Remote {
+    fn usable(&self) -> bool {
+        self.registered && self.record.healthy && !self.record.drained
+    }
+}
+
+/// What applying a batch of changes did, for the daemon's log.
+#[derive(Clone, Debug, Default)]
+pub struct SharedReport {
+    /// What the reload's code changed.
+    pub changes: Vec<String>,
+    /// Keys or objects skipped, each with its reason.
+    pub skipped: Vec<String>,
+}
+
+impl Shared {
+    pub fn new(host: String, file: Config) -> Self {
+        Self {
+            host,
+            file,
+            channels: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            remote: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+            actives: BTreeMap::new(),
+            leading: false,
+            leader: None,
+            etcd_up: true,
+            outbox: BTreeSet::new(),
+            followed_at: None,
+            failed: None,
+            unrouted: BTreeMap::new(),
+            stale_routes: BTreeMap::new(),
+            transit_failed: BTreeMap::new(),
+            routes_at: None,
+            announced_at: None,
+            announce_failed: None,
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether `encoder` is another host's (its health comes from etcd, not from a probe).
+    /// An encoder of this host's file is its own, whatever another host claims.
+    pub fn is_remote(&self, encoder: &str) -> bool {
+        self.remote.contains_key(encoder) && self.file.encoder(encoder).is_none()
+    }
+
+    /// The host of a remote encoder.
+    pub fn host_of(&self, encoder: &str) -> Option<&str> {
+        self.remote
+            .get(encoder)
+            .filter(|_| self.is_remote(encoder))
+            .map(|r| r.record.host.as_str())
+    }
+
+    /// Records `changes`; returns the keys skipped as bad, whether the composed
+    /// configuration may differ (a channel, an encoder definition or a host's MAC changed),
+    /// and the channels whose definition or active encoder changed.
+    fn record(&mut self, changes: Vec<Change>) -> (Vec<String>, bool, BTreeSet<String>) {
+        let mut bad = Vec::new();
+        let mut recompose = false;
+        let mut touched = BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::PutChannel(ch) => {
+                    recompose |= self.channels.get(&ch.name) != Some(&ch);
+                    touched.insert(ch.name.clone());
+                    self.channels.insert(ch.name.clone(), ch);
+                }
+                Change::PutActive { channel, record } => {
+                    touched.insert(channel.clone());
+                    self.actives.insert(channel, record);
+                }
+                Change::DeleteActive(channel) => {
+                    self.actives.remove(&channel);
+                }
+                Change::Election => {}
+                Change::DeleteChannel(name) => {
+                    recompose |= self.channels.remove(&name).is_some();
+                }
+                Change::PutHost(rec) => {
+                    if rec.host != self.host {
+                        let mac = self.hosts.get(&rec.host).map(|h| h.mac.clone());
+                        recompose |= mac.as_ref() != Some(&rec.mac);
+                        self.hosts.insert(rec.host.clone(), rec);
+                    }
+                }
+                Change::DeleteHost(host) => {
+                    // Its encoders' keys go with the same lease and say so themselves; the
+                    // MAC stays known for when the host comes back.
+                    if host != self.host {
+                        debug!("cluster host {host} is down");
+                    }
+                }
+                Change::PutEncoder(rec) => {
+                    if rec.host == self.host {
+                        continue;
+                    }
+                    let before = self.remote.get(&rec.definition.name);
+                    recompose |= before.is_none_or(|r| r.record.definition != rec.definition);
+                    if let Some(r) = before
+                        && r.record.host != rec.host
+                    {
+                        bad.push(format!(
+                            "encoder {} registered by host {} and by host {}: the later one \
+                             is used",
+                            rec.definition.name, r.record.host, rec.host
+                        ));
+                    }
+                    self.remote.insert(
+                        rec.definition.name.clone(),
+                        Remote {
+                            record: rec,
+                            registered: true,
+                        },
+                    );
+                }
+                Change::DeleteEncoder { host, encoder } => {
+                    if let Some(r) = self.remote.get_mut(&encoder)
+                        && r.record.host == host
+                    {
+                        r.registered = false;
+                    }
+                }
+                Change::Bad { key, why } => bad.push(format!("{key}: {why}")),
+            }
+        }
+        (bad, recompose, touched)
+    }
+
+    /// The effective configuration's base: the file's ingest and own encoders, the other
+    /// hosts' encoders (as remote encoders reached through the ingest interface at their
+    /// host's MAC) and the cluster's channels, each checked against what is already in; what
+    /// does not fit is left out, with its reason in `self.skipped`.
+    fn compose(&mut self) -> Config {
+        let mut cfg = Config {
+            channels: Vec::new(),
+            ..self.file.clone()
+        };
+        let mut skipped = BTreeMap::new();
+        let mut lookup = cfg.lookup();
+        for (name, r) in &self.remote {
+            let what = format!("encoder {name} of host {}", r.record.host);
+            if lookup.encoder(name).is_some() {
+                skipped.insert(
+                    what,
+                    format!("this host ({}) has an encoder of that name", self.host),
+                );
+                continue;
+            }
+            let Some(host) = self.hosts.get(&r.record.host) else {
+                skipped.insert(what, "its host has never registered".into());
+                continue;
+            };
+            let remote = config::Encoder {
+                interface: None,
+                netns: None,
+                mac: Some(host.mac.clone()),
+                spawn: None,
+                restart: config::Restart::default(),
+                env: BTreeMap::new(),
+                prefix: None,
+                ..r.record.definition.clone()
+            };
+            let mut candidate = Config {
+                channels: Vec::new(),
+                ..cfg.clone()
+            };
+            candidate.encoders.push(remote.clone());
+            match candidate.validate() {
+                Ok(()) => cfg.push_encoder(&mut lookup, remote),
+                Err(e) => {
+                    skipped.insert(what, e.to_string());
+                }
+            }
+        }
+        for ch in self.channels.values() {
+            match cfg.check_new_channel(&lookup, ch) {
+                Ok(()) => cfg.push_channel(&mut lookup, ch.clone()),
+                Err(e) => {
+                    skipped.insert(format!("channel {}", ch.name), e.to_string());
+                }
+            }
+        }
+        self.skipped = skipped;
+        cfg
+    }
+}
+
+/// A cluster host's file lists channels: they are not used (said, not silently dropped).
+fn unused_channels(file: &Config) -> Option<String> {
+    (!file.channels.is_empty()).then(|| {
+        format!(
+            "cluster: the config file's {} channels are not used by this host: a cluster's \
+             channels live in etcd (nsfail apply --config FILE writes them there)",
+            file.channels.len()
+        )
+    })
+}
+
+impl Controller {
+    /// Starts the controller of a cluster host: the effective configuration is composed from
+    /// `file` and what was read from etcd (`changes`, a whole snapshot of the prefix).
+    pub fn start_clustered(
+        file: Config,
+        host: String,
+        changes: Vec<Change>,
+        config_path: &Path,
+        dp: Dataplane,
+    ) -> Result<(Self, SharedReport)> {
+        let unused = unused_channels(&file);
+        let mut shared = Shared::new(host, file);
+        let (bad, _, _) = shared.record(changes);
+        let composed = shared.compose();
+        let all: BTreeSet<String> = shared.channels.keys().cloned().collect();
+        let mut c = Self::start_with(composed, config_path, dp, Some(shared))?;
+        let mut report = SharedReport::default();
+        if let Some(reason) = unused {
+            warn!("{reason}");
+            c.event(None, None, None, &reason);
+        }
+        let shared = c.shared.take().expect("started with it");
+        c.report_skipped(bad, &shared, &mut report);
+        c.shared = Some(shared);
+        c.sync_remote_health()?;
+        c.sync_transits();
+        c.sync_announce();
+        c.follow(&all);
+        c.generation += 1;
+        Ok((c, report))
+    }
+
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.as_ref()
+    }
+
+    /// Applies changes read from etcd: definitions through the reload's code, other hosts'
+    /// encoders' health through [`Controller::on_health`]. With `resync`, `changes` is a
+    /// whole new snapshot (after etcd was lost): what it does not name is gone.
+    pub fn apply_shared(&mut self, changes: Vec<Change>, resync: bool) -> Result<SharedReport> {
+        let mut report = SharedReport::default();
+        let Some(mut shared) = self.shared.take() else {
+            return Err(ControlError::Refused(
+                "this host is not in a cluster".into(),
+            ));
+        };
+        if resync {
+            shared.channels.clear();
+            shared.actives.clear();
+            for r in shared.remote.values_mut() {
+                r.registered = false;
+            }
+        }
+        let (bad, recompose, mut touched) = shared.record(changes);
+        if resync {
+            touched = shared.channels.keys().cloned().collect();
+        }
+        let retrying = shared.failed.is_some();
+        self.shared = Some(shared);
+        let result = if recompose || resync || retrying {
+            self.recompose()
+        } else {
+            Ok(Vec::new())
+        };
+        let shared = self.shared.take().expect("put back above");
+        self.report_skipped(bad, &shared, &mut report);
+        self.shared = Some(shared);
+        report.changes = result?;
+        self.sync_remote_health()?;
+        self.follow(&touched);
+        if let Some(s) = self.shared.as_mut()
+            && s.leading
+        {
+            s.outbox.extend(touched);
+        }
+        Ok(report)
+    }
+
+    /// Applies the composition of the file and what etcd holds through the reload's code. A
+    /// failure (a map write the kernel refused, say) is reported once per reason and retried
+    /// every [`RETRY_SHARED`] by the periodic work until it succeeds: what etcd holds is not
+    /// given up because one attempt failed.
+    fn recompose(&mut self) -> Result<Vec<String>> {
+        let Some(shared) = self.shared.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let composed = shared.compose();
+        let result = self.reload_from(composed, "cluster").map(|r| r.changes);
+        let Some(shared) = self.shared.as_mut() else {
+            return result;
+        };
+        match &result {
+            Ok(_) => {
+                let recovered = shared.failed.take().is_some();
+                self.sync_transits();
+                self.sync_announce();
+                if recovered {
+                    let reason = "cluster: etcd's state applied after failed attempts";
+                    info!("{reason}");
+                    self.event(None, None, None, reason);
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let again = shared.failed.as_ref().is_some_and(|(_, w)| *w == why);
+                shared.failed = Some((Instant::now(), why.clone()));
+                if !again {
+                    let reason = format!(
+                        "cluster: applying etcd's state failed (critical), retrying: {why}"
+                    );
+                    warn!("{reason}");
+                    self.event(None, None, None, &reason);
+                }
+            }
+        }
+        result
+    }
+
+    /// Periodic work: a composition that failed is tried again (see
+    /// [`Controller::recompose`]); once it succeeds the leader's choices are taken.
+    pub(super) fn retry_shared(&mut self, now: Instant) {
+        let due = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.failed.as_ref())
+            .is_some_and(|(at, _)| now.duration_since(*at) >= RETRY_SHARED);
+        if !due {
+            return;
+        }
+        if self.recompose().is_ok() {
+            if let Err(e) = self.sync_remote_health() {
+                warn!("cluster: other hosts' encoders' health: {e}");
+            }
+            let all: BTreeSet<String> = self
+                .shared
+                .as_ref()
+                .map(|s| s.channels.keys().cloned().collect())
+                .unwrap_or_default();
+            self.follow(&all);
+        }
+    }
+
+    /// Re-reads the config file of a cluster host (a reload): the file's part is replaced,
+    /// the cluster's part stays.
+    pub(super) fn reload_clustered(&mut self, file: Config) -> Result<api::ReloadReport> {
+        let Some(mut shared) = self.shared.take() else {
+            return self.reload_with(file);
+        };
+        if file.cluster != shared.file.cluster {
+            self.shared = Some(shared);
+            return Err(ControlError::Refused(
+                "[cluster] changed: it takes effect at the next start (nothing changed)".into(),
+            ));
+        }
+        if let Some(reason) = unused_channels(&file) {
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+        }
+        let saved = std::mem::replace(&mut shared.file, file);
+        let composed = shared.compose();
+        self.shared = Some(shared);
+        let result = self.reload_with(composed);
+        if result.is_err()
+            && let Some(shared) = self.shared.as_mut()
+        {
+            shared.file = saved;
+        }
+        result
+    }
+
+    /// Logs and records (as events) the keys and objects skipped, each once per reason.
+    fn report_skipped(&mut self, bad: Vec<String>, shared: &Shared, report: &mut SharedReport) {
+        for b in bad {
+            let reason = format!("cluster: skipped {b}");
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+            report.skipped.push(b);
+        }
+        for (what, why) in &shared.skipped {
+            let line = format!("{what}: {why}");
+            if self.skip_reported.contains(&line) {
+                continue;
+            }
+            let reason = format!("cluster: skipped {line}");
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+            report.skipped.push(line);
+        }
+        self.skip_reported = shared
+            .skipped
+            .iter()
+            .map(|(what, why)| format!("{what}: {why}"))
+            .collect();
+    }
+
+    /// Other hosts' encoders are as healthy as their hosts say, and down when their host's
+    /// lease expired.
+    fn sync_remote_health(&mut self) -> Result<()> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let health: Vec<(String, bool)> = shared
+            .remote
+            .iter()
+            .filter(|(name, _)| shared.is_remote(name) && self.has_encoder(name))
+            .map(|(name, r)| (name.clone(), r.usable()))
+            .collect();
+        for (name, usable) in health {
+            if self.probed.get(&name).copied() != Some(usable) {
+                self.on_health(&name, usable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// This host's own encoders and their health (healthy, drained), to publish in etcd.
+    pub fn local_health(&self) -> Vec<(config::Encoder, bool, bool)> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        shared
+            .file
+            .encoders
+            .iter()
+            .filter(|e| self.has_encoder(&e.name))
+            .map(|e| {
+                (
+                    e.clone(),
+                    self.decider.healthy(&e.name),
+                    self.decider.drained(&e.name),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether channel `name`, read from etcd, is in the effective configuration, or why not.
+    pub fn shared_channel(&self, name: &str) -> Result<(), String> {
+        if self
+            .lookup
+            .channel(&self.effective.channels, name)
+            .is_some()
+        {
+            return Ok(());
+        }
+        let skipped = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.skipped.get(&format!("channel {name}")));
+        Err(skipped.cloned().unwrap_or_else(|| "not applied".into()))
+    }
+
+    /// Whether a new channel fits the effective configuration (its name, ingest address and
+    /// encoders), as `add channel` checks it on one host.
+    pub fn check_new_channel(&self, ch: &config::Channel) -> Result<(), String> {
+        if self
+            .lookup
+            .channel(&self.effective.channels, &ch.name)
+            .is_some()
+        {
+            return Err(format!("channel {:?} already exists", ch.name));
+        }
+        self.effective
+            .check_new_channel(&self.lookup, ch)
+            .map_err(|e| e.to_string())
+    }
+
+    /// An event of the cluster's task (etcd lost, back).
+    pub fn cluster_event(&mut self, reason: &str) {
+        self.event(None, None, None, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> Config {
+        Config::parse(
+            "[ingest]\ninterface = \"eth0\"\n\
+             [[encoder]]\nname = \"enc-a\"\naddress = \"10.0.1.2\"\nmac = \"02:00:00:00:01:02\"\n\
+             health = { kind = \"udp\", port = 9000 }\n\
+             [cluster]\nname = \"studio\"\nhost = \"h1\"\netcd = [\"http://127.0.0.1:2379\"]\n",
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn host(name: &str, mac: &str) -> Change {
+        Change::PutHost(HostRecord {
+            host: name.into(),
+            lease: 1,
+            lease_s: 1,
+            pid: 1,
+            mac: mac.into(),
+        })
+    }
+
+    fn encoder(host: &str, name: &str, healthy: bool) -> Change {
+        let definition: config::Encoder = serde_json::from_value(serde_json::json!({
+            "name": name, "address": "10.0.9.2", "interface": "veth-x", "netns": "ns-x",
+            "health": {"kind": "udp", "port": 9000}
+        }))
+        .unwrap();
+        Change::PutEncoder(EncoderRecord {
+            host: host.into(),
+            definition,
+            healthy,
+            drained: false,
+        })
+    }
+
+    fn channel(name: &str, listen: &str, encoders: &[&str]) -> Change {
+        Change::PutChannel(
+            serde_json::from_value(serde_json::json!({
+                "name": name, "listen": listen, "encoders": encoders
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn composition_takes_what_fits_and_says_why_it_skips_the_rest() {
+        let mut s = Shared::new("h1".into(), file());
+        let (bad, recompose, touched) = s.record(vec![
+            host("h2", "02:00:00:00:00:22"),
+            encoder("h2", "enc-r", true),
+            // Another host claiming this host's encoder name.
+            encoder("h3", "enc-a", true),
+            encoder("h4", "enc-z", true),
+            channel("cam1", "10.0.0.1:5000", &["enc-r", "enc-a"]),
+            channel("cam2", "10.0.0.1:5002", &["enc-x"]),
+            channel("cam3", "10.0.0.1:5000", &["enc-a"]),
+            Change::Bad {
+                key: "/nsfail/studio/junk".into(),
+                why: "not a key of nsfail's layout".into(),
+            },
+        ]);
+        assert!(recompose);
+        assert_eq!(bad, ["/nsfail/studio/junk: not a key of nsfail's layout"]);
+        assert_eq!(
+            touched.into_iter().collect::<Vec<_>>(),
+            ["cam1", "cam2", "cam3"]
+        );
+        let cfg = s.compose();
+        let names: Vec<&str> = cfg.encoders.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["enc-a", "enc-r"]);
+        let remote = cfg.encoder("enc-r").unwrap();
+        assert_eq!(
+            (
+                remote.interface.as_deref(),
+                remote.netns.as_deref(),
+                remote.mac.as_deref()
+            ),
+            (None, None, Some("02:00:00:00:00:22")),
+            "another host's encoder is remote here, at its host's MAC"
+        );
+        assert_eq!(
+            cfg.encoder("enc-a").unwrap().address.to_string(),
+            "10.0.1.2"
+        );
+        let channels: Vec<&str> = cfg.channels.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(channels, ["cam1"]);
+        let skipped: Vec<&str> = s.skipped.keys().map(String::as_str).collect();
+        assert_eq!(
+            skipped,
+            [
+                "channel cam2",
+                "channel cam3",
+                "encoder enc-a of host h3",
+                "encoder enc-z of host h4"
+            ]
+        );
+        assert!(s.skipped["encoder enc-z of host h4"].contains("never registered"));
+        assert!(s.is_remote("enc-r") && !s.is_remote("enc-a"));
+        assert_eq!(
+            s.host_of("enc-a"),
+            None,
+            "this host's own, whatever h3 says"
+        );
+
+        // Its host's lease expires: the encoder stays defined, and is down.
+        assert!(s.remote["enc-r"].usable());
+        let (_, recompose, _) = s.record(vec![Change::DeleteEncoder {
+            host: "h2".into(),
+            encoder: "enc-r".into(),
+        }]);
+        assert!(!recompose);
+        assert!(!s.remote["enc-r"].usable());
+        assert_eq!(s.compose().encoders.len(), 2);
+    }
+}

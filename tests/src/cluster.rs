@@ -1,0 +1,405 @@
+//! etcd for the cluster tests (issue 17): Debian's `etcd` started by the test in a namespace
+//! of its own, linked by a veth to each ingest namespace that needs it, and a client of it for
+//! writing keys as another host (or a vandal) would. Everything is undone on drop, panics
+//! included: the etcd process (by its PID), its data directory, the namespace and its veths.
+
+use std::{path::Path, time::Duration};
+
+use etcd_client::{Client, EventType, PutOptions, WatchOptions};
+
+use crate::{ChildGuard, Entered, Netns, daemon::TempDir, ip_in, unique, wait_for};
+
+/// etcd's client port, on every address of its namespace.
+pub const PORT: u16 = 2379;
+
+/// An etcd in its own namespace. Fields drop in order: the process, then its data, then the
+/// namespace (which takes the veths with it).
+pub struct Etcd {
+    process: Option<ChildGuard>,
+    data: TempDir,
+    pub ns: Netns,
+}
+
+impl Etcd {
+    /// The namespace, not yet running etcd (see [`Etcd::start`]).
+    pub fn new() -> Self {
+        let ns = Netns::new("etcd");
+        ip_in(&ns.name, &["link", "set", "lo", "up"]);
+        Self {
+            process: None,
+            data: TempDir::new(),
+            ns,
+        }
+    }
+
+    /// Links the namespace `other` to etcd's with a veth on `10.79.N.0/24` (etcd `.1`,
+    /// `other` `.2`); returns the endpoint `other` reaches etcd at.
+    pub fn link(&self, other: &str, n: u8) -> String {
+        let (ours, theirs) = (unique("et"), unique("et"));
+        crate::run(
+            "ip",
+            &[
+                "-n",
+                &self.ns.name,
+                "link",
+                "add",
+                &ours,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &theirs,
+                "netns",
+                other,
+            ],
+        );
+        ip_in(
+            &self.ns.name,
+            &["addr", "add", &format!("10.79.{n}.1/24"), "dev", &ours],
+        );
+        ip_in(&self.ns.name, &["link", "set", &ours, "up"]);
+        ip_in(
+            other,
+            &["addr", "add", &format!("10.79.{n}.2/24"), "dev", &theirs],
+        );
+        ip_in(other, &["link", "set", &theirs, "up"]);
+        format!("http://10.79.{n}.1:{PORT}")
+    }
+
+    /// Starts etcd (a 50 ms heartbeat, as the cluster's hosts expect) and waits until it
+    /// answers (10 s at most).
+    pub fn start(&mut self) {
+        let dir = self.data.path.join("etcd");
+        let child = crate::spawn_in(
+            &self.ns,
+            "etcd",
+            &[
+                "--name",
+                "t",
+                "--data-dir",
+                dir.to_str().expect("utf-8 path"),
+                "--listen-client-urls",
+                &format!("http://0.0.0.0:{PORT}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{PORT}"),
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "t=http://127.0.0.1:2380",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ],
+        );
+        self.process = Some(child);
+        let up = wait_for(Duration::from_secs(10), || {
+            self.client_blocking(|mut c| async move { c.status().await.map(|_| ()) })
+                .ok()
+        });
+        assert!(up.is_some(), "etcd did not answer in {}", self.ns.name);
+    }
+
+    /// Stops etcd (SIGKILL, by its PID); its data stays for a restart.
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Runs `f` with a client of this etcd, on a runtime of this thread inside etcd's
+    /// namespace (the connection is made there), 10 s at most.
+    pub fn client_blocking<T, F>(&self, f: impl FnOnce(Client) -> F) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let _inside = Entered::new(&self.ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let attempt = async {
+                let c = Client::connect([format!("http://127.0.0.1:{PORT}")], None).await?;
+                f(c).await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("no answer within 10 s".into()),
+            }
+        })
+    }
+
+    /// Puts `key` = `value`, with a lease of `lease_s` seconds that is never kept alive
+    /// when given (a host that stops at once).
+    pub fn put(&self, key: &str, value: &[u8], lease_s: Option<i64>) {
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.client_blocking(|mut c| async move {
+            let options = match lease_s {
+                Some(ttl) => {
+                    Some(PutOptions::new().with_lease(c.lease_grant(ttl, None).await?.id()))
+                }
+                None => None,
+            };
+            c.put(key, value, options).await.map(|_| ())
+        })
+        .expect("etcd put");
+    }
+
+    /// The value of `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let key = key.to_owned();
+        self.client_blocking(|mut c| async move {
+            Ok(c.get(key, None)
+                .await?
+                .kvs()
+                .first()
+                .map(|kv| kv.value().to_vec()))
+        })
+        .expect("etcd get")
+    }
+
+    /// Every value ever put under `prefix` (etcd's history, oldest first; nothing is compacted
+    /// in a test's etcd): replayed by a watch from revision 1, read until it is quiet for
+    /// 500 ms.
+    pub fn history(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let prefix = prefix.to_owned();
+        self.client_blocking(|mut c| async move {
+            let options = WatchOptions::new().with_prefix().with_start_revision(1);
+            let (_watcher, mut stream) = c.watch(prefix, Some(options)).await?;
+            let mut out = Vec::new();
+            while let Ok(msg) =
+                tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+            {
+                let Some(resp) = msg? else { break };
+                for ev in resp.events() {
+                    if let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) {
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        out.push((key, kv.value().to_vec()));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .expect("etcd history")
+    }
+
+    /// Runs `nsfail ARGS...` (the CLI) inside etcd's namespace, where the cluster's etcd is
+    /// `http://127.0.0.1:2379`.
+    pub fn nsfail(&self, args: &[&str]) -> crate::daemon::CliOut {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(crate::daemon::nsfail_bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run nsfail");
+        crate::daemon::CliOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Default for Etcd {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `[cluster]` section of a host.
+pub fn cluster_section(name: &str, host: &str, endpoint: &str) -> String {
+    format!(
+        "\n[cluster]\nname = \"{name}\"\nhost = \"{host}\"\netcd = [\"{endpoint}\"]\nlease_s = 1\n"
+    )
+}
+
+/// `config` without its `[[channel]]` tables (a cluster host's file: channels live in etcd).
+pub fn without_channels(config: &str) -> String {
+    match config.find("[[channel]]") {
+        Some(at) => config[..at].to_owned(),
+        None => config.to_owned(),
+    }
+}
+
+/// Whether XDP is attached to `ifname` in namespace `ns`.
+pub fn xdp_attached(ns: &str, ifname: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", ifname])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// The daemon's log so far.
+pub fn log_of(config: &Path) -> String {
+    std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+}
+
+/// Two ingest hosts behind a router, as `tests/tests/cross_host.rs` builds them, with etcd
+/// linked to both hosts (`10.79.1.0/24` to A, `10.79.2.0/24` to B):
+///
+/// ```text
+///  cl 10.71.1.2 --- rt --- 10.71.2.2 ha [XDP on ua] --- va/ea 10.71.5.2
+///                   |
+///                   +----- 10.71.3.2 hb [XDP on ub] --- vb/eb 10.71.4.2
+/// ```
+///
+/// The router sends the ingest address [`ROUTED_INGEST`] to host A and B's encoder network to
+/// host B; neither host forwards IP. Fields drop in order, the namespaces last.
+pub struct RoutedWorld {
+    /// An XDP_PASS program on the router's side of A's uplink (veth delivers an XDP_TX only
+    /// to a peer with an XDP program).
+    _router_xdp: aya::Ebpf,
+    pub etcd: Etcd,
+    pub cl: Netns,
+    pub rt: Netns,
+    pub ha: Netns,
+    pub hb: Netns,
+    pub ea: Netns,
+    pub eb: Netns,
+    /// etcd as host A and host B reach it.
+    pub endpoints: [String; 2],
+}
+
+/// The ingest address of [`RoutedWorld`].
+pub const ROUTED_INGEST: &str = "203.0.113.77";
+
+fn exec_in(ns: &Netns, args: &[&str]) {
+    let mut full = vec!["netns", "exec", &ns.name];
+    full.extend_from_slice(args);
+    crate::run("ip", &full);
+}
+
+/// A veth `a_if` in `a` to `b_if` in `b`, addressed `a_addr` and `b_addr` (/24), both up.
+fn wire(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
+    ip_in(
+        &a.name,
+        &[
+            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        ],
+    );
+    ip_in(
+        &a.name,
+        &["addr", "add", &format!("{a_addr}/24"), "dev", a_if],
+    );
+    ip_in(
+        &b.name,
+        &["addr", "add", &format!("{b_addr}/24"), "dev", b_if],
+    );
+    ip_in(&a.name, &["link", "set", a_if, "up"]);
+    ip_in(&b.name, &["link", "set", b_if, "up"]);
+}
+
+impl RoutedWorld {
+    pub fn new() -> Self {
+        let (cl, rt, ha, hb, ea, eb) = (
+            Netns::new("ccl"),
+            Netns::new("crt"),
+            Netns::new("cha"),
+            Netns::new("chb"),
+            Netns::new("cea"),
+            Netns::new("ceb"),
+        );
+        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // Replies leave B from the ingest address, which the router routes to A.
+        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"]);
+        for h in [&ha, &hb] {
+            exec_in(h, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+        }
+        wire(&rt, "rc", "10.71.1.1", &cl, "c0", "10.71.1.2");
+        wire(&rt, "ra", "10.71.2.1", &ha, "ua", "10.71.2.2");
+        wire(&rt, "rb", "10.71.3.1", &hb, "ub", "10.71.3.2");
+        wire(&ha, "va", "10.71.5.1", &ea, "a0", "10.71.5.2");
+        wire(&hb, "vb", "10.71.4.1", &eb, "b0", "10.71.4.2");
+        // The caller's checksums complete, as from a wire.
+        exec_in(&cl, &["ethtool", "-K", "c0", "tx", "off"]);
+        exec_in(&rt, &["ethtool", "-K", "rb", "gro", "on"]);
+        let router_xdp = {
+            let _in = Entered::new(&rt);
+            let mut obj = aya::Ebpf::load(nsfail::lab::bench_object::OBJECT).expect("object");
+            let prog: &mut aya::programs::Xdp = obj
+                .program_mut("bench_pass")
+                .expect("bench_pass")
+                .try_into()
+                .expect("an XDP program");
+            prog.load().expect("load");
+            prog.attach("ra", aya::programs::XdpMode::Driver)
+                .expect("attach");
+            obj
+        };
+        ip_in(&cl.name, &["route", "add", "default", "via", "10.71.1.1"]);
+        ip_in(&ha.name, &["route", "add", "default", "via", "10.71.2.1"]);
+        ip_in(&hb.name, &["route", "add", "default", "via", "10.71.3.1"]);
+        ip_in(&ea.name, &["route", "add", "default", "via", "10.71.5.1"]);
+        ip_in(&eb.name, &["route", "add", "default", "via", "10.71.4.1"]);
+        ip_in(
+            &rt.name,
+            &["route", "add", ROUTED_INGEST, "via", "10.71.2.2"],
+        );
+        ip_in(
+            &rt.name,
+            &["route", "add", "10.71.4.0/24", "via", "10.71.3.2"],
+        );
+        ip_in(
+            &rt.name,
+            &["route", "add", "10.71.5.0/24", "via", "10.71.2.2"],
+        );
+        let etcd = Etcd::new();
+        let endpoints = [etcd.link(&ha.name, 1), etcd.link(&hb.name, 2)];
+        Self {
+            _router_xdp: router_xdp,
+            etcd,
+            cl,
+            rt,
+            ha,
+            hb,
+            ea,
+            eb,
+            endpoints,
+        }
+    }
+
+    /// Host A's (`a`: true) or B's config: its ingest interface and its one encoder, with
+    /// `[cluster]` `name`.
+    pub fn host_config(&self, a: bool, name: &str) -> String {
+        let (host, uplink, ns, enc, addr, veth, enc_ns, endpoint) = if a {
+            (
+                "ha",
+                "ua",
+                &self.ha,
+                "ea",
+                "10.71.5.2",
+                "va",
+                &self.ea,
+                &self.endpoints[0],
+            )
+        } else {
+            (
+                "hb",
+                "ub",
+                &self.hb,
+                "eb",
+                "10.71.4.2",
+                "vb",
+                &self.eb,
+                &self.endpoints[1],
+            )
+        };
+        format!(
+            "[ingest]\ninterface = \"{uplink}\"\nnetns = \"{}\"\nxdp_mode = \"native\"\n\
+             metrics = \"127.0.0.1:9464\"\n\n[[encoder]]\nname = \"{enc}\"\naddress = \"{addr}\"\n\
+             interface = \"{veth}\"\nnetns = \"{}\"\n\
+             health = {{ kind = \"udp\", port = 9000, fall = 5 }}\n",
+            ns.name, enc_ns.name
+        ) + &cluster_section(name, host, endpoint)
+    }
+}
+
+impl Default for RoutedWorld {
+    fn default() -> Self {
+        Self::new()
+    }
+}

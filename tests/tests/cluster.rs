@@ -1,0 +1,951 @@
+//! A cluster host on a real etcd (issue 17): Debian's etcd in a namespace of the test's own,
+//! the real daemon in a lab's ingest namespace. Without `[cluster]` nothing here runs.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use nsfail_tests::{
+    PinDir,
+    cluster::{
+        Etcd, ROUTED_INGEST, RoutedWorld, cluster_section, log_of, without_channels, xdp_attached,
+    },
+    daemon::{Daemon, Policy, TempDir, cli, events, lab_config_with, status},
+    lab,
+    traffic::{Echo, Receiver, send_burst},
+    unique, wait_for,
+};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// The channel names in `status --json`, with their active encoders.
+fn channels(socket: &std::path::Path) -> Vec<(String, String)> {
+    status(socket)["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["active"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `ip route show table TABLE` in namespace `ns`.
+fn routes_in(ns: &str, table: u32) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "route", "show", "table", &table.to_string()])
+        .output()
+        .expect("ip route show");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn has_event(socket: &std::path::Path, needle: &str) -> bool {
+    events(socket)
+        .iter()
+        .any(|e| e["reason"].as_str().unwrap_or("").contains(needle))
+}
+
+/// One host: it waits for etcd at its first start with nothing attached, takes its channels
+/// from etcd, registers its encoders and their health, applies `add/remove channel` through
+/// etcd, skips and reports corrupt and foreign keys, and fails a channel over when another
+/// host's encoder is reported down or its host's lease expires.
+#[test]
+fn a_cluster_host_follows_etcd() {
+    let lab = lab(2);
+    let _echoes: Vec<Echo> = lab
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut etcd = Etcd::new();
+    let endpoint = etcd.link(&lab.rt.name, 1);
+    let name = unique("c");
+    let prefix = format!("/nsfail/{name}/");
+    let dir = TempDir::new();
+    let full = lab_config_with(&lab, &Policy::tolerant());
+    let host_cfg = dir.path.join("h1.toml");
+    // The host's file keeps its channels: they are not used (and the daemon says so).
+    fs::write(
+        &host_cfg,
+        full.clone() + &cluster_section(&name, "h1", &endpoint) + "announce_table = 2345\n",
+    )
+    .unwrap();
+    let seed = dir.path.join("seed.toml");
+    fs::write(
+        &seed,
+        full.clone() + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
+    )
+    .unwrap();
+    let socket = dir.path.join("nsfail.sock");
+    let pins = PinDir::new();
+
+    // etcd is not running: the daemon waits, says so, and attaches nothing.
+    let mut daemon = Daemon::spawn(&host_cfg, &socket, &pins);
+    let waiting = wait_for(Duration::from_secs(10), || {
+        log_of(&host_cfg).contains("waiting for etcd").then_some(())
+    });
+    assert!(
+        waiting.is_some(),
+        "no word of the wait:\n{}",
+        log_of(&host_cfg)
+    );
+    assert!(
+        matches!(daemon.child.child.try_wait(), Ok(None)),
+        "the daemon waits rather than exits"
+    );
+    assert!(
+        !xdp_attached(&lab.rt.name, "ing"),
+        "nothing attached while waiting"
+    );
+    assert!(
+        cli(&socket, &["status"]).code != 0,
+        "no socket while waiting"
+    );
+
+    // etcd starts; the channels are seeded with `nsfail apply`; the host takes them.
+    etcd.start();
+    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap(), "--json"]);
+    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    let report: serde_json::Value = serde_json::from_str(&applied.stdout).unwrap();
+    assert_eq!(report["written"], serde_json::json!(["cam1", "cam2"]));
+    daemon.wait_up(&host_cfg);
+    let both = wait_for(Duration::from_secs(10), || {
+        let ch = channels(&socket);
+        (ch.len() == 2).then_some(ch)
+    });
+    assert_eq!(
+        both,
+        Some(vec![
+            ("cam1".to_owned(), "enc-a".to_owned()),
+            ("cam2".to_owned(), "enc-a".to_owned())
+        ]),
+        "{}",
+        log_of(&host_cfg)
+    );
+    assert!(xdp_attached(&lab.rt.name, "ing"));
+    // Anycast: the ingest address is announced in the cluster's table.
+    let announced = wait_for(Duration::from_secs(3), || {
+        routes_in(&lab.rt.name, 2345)
+            .contains("10.77.0.1 dev ing proto 247")
+            .then_some(())
+    });
+    assert!(announced.is_some(), "{}", routes_in(&lab.rt.name, 2345));
+    // The data plane forwards what etcd defined: cam2's stream reaches enc-a.
+    let ea = &lab.encoders[0];
+    let rx = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
+    send_burst(
+        &lab.src,
+        sa("10.77.0.2:41000"),
+        sa("10.77.0.1:5002"),
+        0..50,
+        Duration::from_millis(2),
+        Duration::from_secs(2),
+    );
+    assert_eq!(rx.seen().len(), 50, "cam2 from etcd forwards to enc-a");
+
+    // Its encoders are registered under its lease, their health published.
+    let up = wait_for(Duration::from_secs(5), || {
+        let st = etcd.nsfail(&[
+            "cluster",
+            "status",
+            "--config",
+            seed.to_str().unwrap(),
+            "--json",
+        ]);
+        let st: serde_json::Value = serde_json::from_str(&st.stdout).ok()?;
+        let h1 = st["hosts"]
+            .as_array()?
+            .iter()
+            .find(|h| h["host"] == "h1")?
+            .clone();
+        (h1["encoders"] == serde_json::json!([["enc-a", true], ["enc-b", true]])).then_some(h1)
+    });
+    assert!(
+        up.is_some(),
+        "h1 and its healthy encoders in cluster status: {}\n{}",
+        etcd.nsfail(&["cluster", "status", "--config", seed.to_str().unwrap()])
+            .stdout,
+        log_of(&host_cfg)
+    );
+    let st = status(&socket);
+    assert_eq!(
+        st["encoders"][0]["host"], "h1",
+        "status names each encoder's host"
+    );
+
+    // add channel / remove channel go through etcd, answered once applied here.
+    let t = Instant::now();
+    let added = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam3",
+            "--listen",
+            "10.77.0.1:5004",
+            "--encoders",
+            "enc-b,enc-a",
+        ],
+    );
+    let add_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(added.code, 0, "add channel: {}", added.stderr);
+    assert!(
+        etcd.get(&format!("{prefix}channels/cam3")).is_some(),
+        "cam3 is in etcd"
+    );
+    assert!(channels(&socket).contains(&("cam3".into(), "enc-b".into())));
+    // Refused before anything is written: an encoder nobody has, a name already taken.
+    let unknown = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam7",
+            "--listen",
+            "10.77.0.1:5010",
+            "--encoders",
+            "enc-x",
+        ],
+    );
+    assert_eq!(unknown.code, 1, "{}", unknown.stdout);
+    assert!(unknown.stderr.contains("enc-x"), "{}", unknown.stderr);
+    assert!(etcd.get(&format!("{prefix}channels/cam7")).is_none());
+    let taken = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam1",
+            "--listen",
+            "10.77.0.1:5012",
+            "--encoders",
+            "enc-a",
+        ],
+    );
+    assert_eq!(taken.code, 1);
+    assert!(taken.stderr.contains("already exists"), "{}", taken.stderr);
+    let chosen = wait_for(Duration::from_secs(3), || {
+        active_in_etcd(&etcd, &prefix, "cam2")
+    });
+    assert_eq!(
+        chosen,
+        Some(("enc-a".into(), "h1".into())),
+        "h1 leads and wrote cam2's choice"
+    );
+    let t = Instant::now();
+    let removed = cli(&socket, &["remove", "channel", "cam2"]);
+    let remove_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(removed.code, 0, "remove channel: {}", removed.stderr);
+    assert!(etcd.get(&format!("{prefix}channels/cam2")).is_none());
+    assert!(
+        etcd.get(&format!("{prefix}active/cam2")).is_none(),
+        "its active encoder goes with it"
+    );
+    assert!(has_event(
+        &socket,
+        "the config file's 2 channels are not used"
+    ));
+    assert!(!channels(&socket).iter().any(|(n, _)| n == "cam2"));
+    println!(
+        "add channel through etcd: {add_ms:.1} ms; remove: {remove_ms:.1} ms (CLI round trip)"
+    );
+
+    // A channel written to etcd by someone else reaches the maps through the watch.
+    let cam5 = br#"{"name":"cam5","listen":"10.77.0.1:5006","encoders":["enc-a"]}"#;
+    let t = Instant::now();
+    etcd.put(&format!("{prefix}channels/cam5"), cam5, None);
+    let seen = wait_for(Duration::from_secs(5), || {
+        channels(&socket)
+            .iter()
+            .any(|(n, _)| n == "cam5")
+            .then(|| t.elapsed())
+    });
+    let seen = seen.expect("cam5 applied from the watch");
+    println!(
+        "a put in etcd visible in status after {:.1} ms (20 ms polls)",
+        seen.as_secs_f64() * 1000.0
+    );
+
+    // Corrupt and foreign keys: reported and skipped; everything else stays.
+    etcd.put(&format!("{prefix}channels/cam9"), b"{not json", None);
+    etcd.put(&format!("{prefix}junk/x"), b"1", None);
+    let bad = br#"{"name":"cam8","listen":"10.77.0.1:5000","encoders":["enc-a"]}"#;
+    etcd.put(&format!("{prefix}channels/cam8"), bad, None);
+    let reported = wait_for(Duration::from_secs(5), || {
+        (has_event(&socket, "skipped /nsfail/")
+            && has_event(&socket, "junk/x")
+            && has_event(&socket, "skipped channel cam8"))
+        .then_some(())
+    });
+    assert!(reported.is_some(), "skips reported: {:?}", events(&socket));
+    let now: Vec<String> = channels(&socket).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(now, ["cam1", "cam3", "cam5"], "nothing bad applied");
+    // cam8 is skipped here but its key exists: adding that name again is refused by etcd's
+    // transaction, not written over.
+    let over = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam8",
+            "--listen",
+            "10.77.0.1:5014",
+            "--encoders",
+            "enc-a",
+        ],
+    );
+    assert_eq!(over.code, 1);
+    assert!(
+        over.stderr.contains("already exists in the cluster"),
+        "{}",
+        over.stderr
+    );
+
+    // SIGHUP: the file is reloaded, the cluster's channels stay, and a changed definition of
+    // this host's encoder is published.
+    let text = fs::read_to_string(&host_cfg).unwrap();
+    let at = text.rfind("fall = 5").expect("enc-b's tolerant check");
+    fs::write(
+        &host_cfg,
+        format!("{}fall = 6{}", &text[..at], &text[at + 8..]),
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let republished = wait_for(Duration::from_secs(5), || {
+        let v = etcd.get(&format!("{prefix}encoders/h1/enc-b"))?;
+        let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
+        (v["definition"]["health"]["fall"] == 6).then_some(())
+    });
+    assert!(republished.is_some(), "enc-b's new definition in etcd");
+    assert!(has_event(&socket, "config reloaded"));
+    let now: Vec<String> = channels(&socket).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        now,
+        ["cam1", "cam3", "cam5"],
+        "a reload keeps the cluster's channels"
+    );
+
+    // Another host's encoder, under that host's lease: healthy, then reported down.
+    let mac = "02:00:00:00:00:02";
+    let h2 = format!(r#"{{"host":"h2","lease":0,"lease_s":1,"pid":1,"mac":"{mac}"}}"#);
+    etcd.put(&format!("{prefix}hosts/h2"), h2.as_bytes(), None);
+    let remote = |healthy: bool| {
+        format!(
+            r#"{{"host":"h2","definition":{{"name":"enc-r","address":"10.77.9.2","health":{}}},"healthy":{healthy},"drained":false}}"#,
+            r#"{"kind":"udp","port":9000}"#
+        )
+    };
+    etcd.put(
+        &format!("{prefix}encoders/h2/enc-r"),
+        remote(true).as_bytes(),
+        None,
+    );
+    // add channel is checked against what this host has applied: enc-r first.
+    let known = wait_for(Duration::from_secs(5), || {
+        let st = status(&socket);
+        st["encoders"]
+            .as_array()?
+            .iter()
+            .any(|e| e["name"] == "enc-r")
+            .then_some(())
+    });
+    assert!(known.is_some(), "enc-r of h2 applied here");
+    let added = cli(
+        &socket,
+        &[
+            "add",
+            "channel",
+            "cam4",
+            "--listen",
+            "10.77.0.1:5008",
+            "--encoders",
+            "enc-r,enc-a",
+        ],
+    );
+    assert_eq!(
+        added.code, 0,
+        "add channel on a remote encoder: {}",
+        added.stderr
+    );
+    assert!(channels(&socket).contains(&("cam4".into(), "enc-r".into())));
+    let st = status(&socket);
+    let enc_r = st["encoders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "enc-r")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (enc_r["host"].as_str(), enc_r["local"].as_bool()),
+        (Some("h2"), Some(false))
+    );
+    assert!(
+        !log_of(&host_cfg).contains("enc-r: no route"),
+        "no egress policy here for another host's encoder"
+    );
+    etcd.put(
+        &format!("{prefix}encoders/h2/enc-r"),
+        remote(false).as_bytes(),
+        None,
+    );
+    let moved = wait_for(Duration::from_secs(5), || {
+        channels(&socket)
+            .contains(&("cam4".into(), "enc-a".into()))
+            .then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "cam4 fails over when h2 reports enc-r down"
+    );
+
+    // Back up, on a lease h2 never keeps alive: when it expires, enc-r is down again.
+    etcd.put(
+        &format!("{prefix}encoders/h2/enc-r"),
+        remote(true).as_bytes(),
+        Some(1),
+    );
+    let healthy = wait_for(Duration::from_secs(5), || {
+        let st = status(&socket);
+        let e = st["encoders"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == "enc-r")?
+            .clone();
+        (e["healthy"] == true).then_some(())
+    });
+    assert!(healthy.is_some(), "enc-r healthy again");
+    assert_eq!(cli(&socket, &["remap", "cam4", "enc-r"]).code, 0);
+    let t = Instant::now();
+    let expired = wait_for(Duration::from_secs(6), || {
+        channels(&socket)
+            .contains(&("cam4".into(), "enc-a".into()))
+            .then(|| t.elapsed())
+    });
+    let expired = expired.expect("cam4 leaves enc-r when h2's lease expires");
+    // h1, the only host, leads: it wrote its decision for every host to follow.
+    let written = wait_for(Duration::from_secs(2), || {
+        let v = etcd.get(&format!("{prefix}active/cam4"))?;
+        let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
+        (v["encoder"] == "enc-a" && v["leader"] == "h1").then_some(())
+    });
+    assert!(written.is_some(), "the leader's choice for cam4 in etcd");
+    assert_eq!(status(&socket)["cluster"]["leader"], "h1");
+    let human = cli(&socket, &["status"]).stdout;
+    assert!(
+        human.contains("host h1 (leader)  leader h1  etcd reachable") && human.contains(" HOST "),
+        "{human}"
+    );
+    let enc_r_line = human
+        .lines()
+        .find(|l| l.starts_with("enc-r"))
+        .unwrap_or_default();
+    assert!(enc_r_line.contains(" h2 "), "enc-r's host: {human}");
+    assert!(etcd.get(&format!("{prefix}encoders/h2/enc-r")).is_none());
+    println!(
+        "h2's 1 s lease expired: cam4 off enc-r after {:.2} s",
+        expired.as_secs_f64()
+    );
+    assert!(has_event(&socket, "encoder unhealthy"));
+
+    // A second ingest address comes with a channel and goes with it.
+    let cam6 = br#"{"name":"cam6","listen":"10.77.0.9:5000","encoders":["enc-a"]}"#;
+    etcd.put(&format!("{prefix}channels/cam6"), cam6, None);
+    let added = wait_for(Duration::from_secs(3), || {
+        routes_in(&lab.rt.name, 2345)
+            .contains("10.77.0.9 dev ing proto 247")
+            .then_some(())
+    });
+    assert!(added.is_some(), "{}", routes_in(&lab.rt.name, 2345));
+    assert_eq!(cli(&socket, &["remove", "channel", "cam6"]).code, 0);
+    let withdrawn = wait_for(Duration::from_secs(3), || {
+        (!routes_in(&lab.rt.name, 2345).contains("10.77.0.9")).then_some(())
+    });
+    assert!(withdrawn.is_some(), "{}", routes_in(&lab.rt.name, 2345));
+    assert!(has_event(
+        &socket,
+        "cluster: withdrew 10.77.0.9 (table 2345)"
+    ));
+
+    // A restart is refused when another host holds one of this host's encoder names.
+    assert_eq!(daemon.stop(), Some(0), "clean stop:\n{}", log_of(&host_cfg));
+    assert!(
+        routes_in(&lab.rt.name, 2345).contains("10.77.0.1 dev ing proto 247"),
+        "a stopped daemon leaves its announcement (the data plane keeps forwarding)"
+    );
+    let taken = br#"{"host":"h9","definition":{"name":"enc-b","address":"10.77.2.2","health":{"kind":"udp","port":9000}},"healthy":true,"drained":false}"#;
+    etcd.put(&format!("{prefix}encoders/h9/enc-b"), taken, None);
+    let mut again = Daemon::spawn(&host_cfg, &socket, &pins);
+    let code = wait_for(Duration::from_secs(10), || {
+        again
+            .child
+            .child
+            .try_wait()
+            .ok()
+            .flatten()
+            .and_then(|s| s.code())
+    });
+    assert_eq!(code, Some(1), "refused:\n{}", log_of(&host_cfg));
+    let log = log_of(&host_cfg);
+    assert!(
+        log.contains("encoder enc-b of this host (h1) is already registered")
+            && log.contains("by host h9"),
+        "{log}"
+    );
+    drop(again);
+    drop(daemon);
+}
+
+/// The seed file of the two-host test: every encoder of the cluster (for the file's own
+/// checks), cam1 on h1's enc-a then h2's enc-c, cam2 on h2's enc-c then enc-d.
+fn two_host_seed(name: &str) -> String {
+    let mut s = "[ingest]\ninterface = \"seed\"\n".to_owned();
+    for (i, enc) in ["enc-a", "enc-b", "enc-c", "enc-d"].iter().enumerate() {
+        s += &format!(
+            "[[encoder]]\nname = \"{enc}\"\naddress = \"10.77.{}.2\"\nmac = \"02:00:00:00:00:0{i}\"\nhealth = {{ kind = \"udp\", port = 9000 }}\n",
+            i % 2 + 1
+        );
+    }
+    s += "[[channel]]\nname = \"cam1\"\nlisten = \"10.77.0.1:5000\"\nencoders = [\"enc-a\", \"enc-c\"]\nport = 7000\n";
+    s += "[[channel]]\nname = \"cam2\"\nlisten = \"10.77.0.1:5002\"\nencoders = [\"enc-c\", \"enc-d\"]\nport = 7002\n";
+    s + &cluster_section(name, "seed", "http://127.0.0.1:2379")
+}
+
+fn cluster_of(socket: &std::path::Path) -> serde_json::Value {
+    status(socket)["cluster"].clone()
+}
+
+fn active_in_etcd(etcd: &Etcd, prefix: &str, channel: &str) -> Option<(String, String)> {
+    let v = etcd.get(&format!("{prefix}active/{channel}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
+    Some((
+        v["encoder"].as_str()?.to_owned(),
+        v["leader"].as_str()?.to_owned(),
+    ))
+}
+
+/// Two hosts, each in its own lab with its own two encoders: one leads, the other follows
+/// the leader's choices into its maps; a follower's remap is refused; when the leader dies a
+/// new one is elected within its lease and fails its encoders' channels over; while etcd is
+/// down the survivor steps down, keeps forwarding and fails over between its own encoders,
+/// and leads again when etcd returns.
+#[test]
+fn two_hosts_follow_one_leader() {
+    let (lab1, lab2) = (lab(2), lab(2));
+    let mut echoes1: Vec<Echo> = lab1
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut echoes2: Vec<Echo> = lab2
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut etcd = Etcd::new();
+    let (ep1, ep2) = (etcd.link(&lab1.rt.name, 1), etcd.link(&lab2.rt.name, 2));
+    etcd.start();
+    let name = unique("c");
+    let prefix = format!("/nsfail/{name}/");
+    let dir = TempDir::new();
+    let seed = dir.path.join("seed.toml");
+    fs::write(&seed, two_host_seed(&name)).unwrap();
+    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+
+    let cfg1 = dir.path.join("h1.toml");
+    fs::write(
+        &cfg1,
+        without_channels(&lab_config_with(&lab1, &Policy::tolerant()))
+            + &cluster_section(&name, "h1", &ep1),
+    )
+    .unwrap();
+    let cfg2 = dir.path.join("h2.toml");
+    fs::write(
+        &cfg2,
+        without_channels(&lab_config_with(&lab2, &Policy::tolerant()))
+            .replace("\"enc-a\"", "\"enc-c\"")
+            .replace("\"enc-b\"", "\"enc-d\"")
+            + &cluster_section(&name, "h2", &ep2),
+    )
+    .unwrap();
+    let (pins1, pins2) = (PinDir::new(), PinDir::new());
+    let (sock1, sock2) = (dir.path.join("h1.sock"), dir.path.join("h2.sock"));
+    let h1 = Daemon::start(&cfg1, &sock1, &pins1);
+    let led = wait_for(Duration::from_secs(5), || {
+        (cluster_of(&sock1)["leading"] == true).then_some(())
+    });
+    assert!(led.is_some(), "h1 leads:\n{}", log_of(&cfg1));
+    let mut h2 = Daemon::start(&cfg2, &sock2, &pins2);
+    let follows = wait_for(Duration::from_secs(5), || {
+        let ch = channels(&sock2);
+        (cluster_of(&sock2)["leader"] == "h1"
+            && ch
+                == [
+                    ("cam1".into(), "enc-a".into()),
+                    ("cam2".into(), "enc-c".into()),
+                ])
+        .then_some(())
+    });
+    assert!(
+        follows.is_some(),
+        "h2 follows h1: {:?}\n{}",
+        channels(&sock2),
+        log_of(&cfg2)
+    );
+    assert_eq!(cluster_of(&sock2)["leading"], false);
+    // `cluster status`: etcd's health, the leader, both hosts with their leases and encoders.
+    let seed_path = seed.to_str().unwrap();
+    let cs = wait_for(Duration::from_secs(3), || {
+        let out = etcd.nsfail(&["cluster", "status", "--config", seed_path, "--json"]);
+        let cs: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        let healthy = serde_json::json!([["enc-c", true], ["enc-d", true]]);
+        (out.code == 0 && cs["hosts"][1]["encoders"] == healthy).then_some(cs)
+    })
+    .expect("cluster status with h2's healthy encoders");
+    assert_eq!(cs["etcd"]["healthy"], true);
+    assert_eq!(cs["leader"], "h1");
+    assert_eq!(cs["channels"], 2);
+    assert_eq!(cs["bad_keys"], serde_json::json!([]));
+    let hosts = cs["hosts"].as_array().unwrap();
+    let names: Vec<&str> = hosts.iter().map(|h| h["host"].as_str().unwrap()).collect();
+    assert_eq!(names, ["h1", "h2"]);
+    for h in hosts {
+        assert_eq!(h["lease_s"], 1);
+        assert!(
+            h["ttl_s"].as_i64().is_some_and(|t| (0..=1).contains(&t)),
+            "{h}"
+        );
+    }
+    let human = etcd.nsfail(&["cluster", "status", "--config", seed.to_str().unwrap()]);
+    assert!(human.stdout.contains("leader: h1"), "{}", human.stdout);
+    let st = status(&sock2);
+    let hosts: Vec<(String, String)> = st["encoders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["host"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            ("enc-c".into(), "h2".into()),
+            ("enc-d".into(), "h2".into()),
+            ("enc-a".into(), "h1".into()),
+            ("enc-b".into(), "h1".into())
+        ],
+        "h2's status names each encoder's host"
+    );
+
+    // A remap is the leader's: refused on h2; on h1 it reaches h2's maps through etcd.
+    let refused = cli(&sock2, &["remap", "cam1", "enc-c"]);
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains("leader"), "{}", refused.stderr);
+    let t = Instant::now();
+    assert_eq!(cli(&sock1, &["remap", "cam1", "enc-c"]).code, 0);
+    let followed = wait_for(Duration::from_secs(5), || {
+        channels(&sock2)
+            .contains(&("cam1".into(), "enc-c".into()))
+            .then(|| t.elapsed())
+    })
+    .expect("h2 follows h1's remap");
+    println!(
+        "a remap on the leader in the follower's status after {:.1} ms (CLI polls)",
+        followed.as_secs_f64() * 1000.0
+    );
+    assert_eq!(
+        active_in_etcd(&etcd, &prefix, "cam1"),
+        Some(("enc-c".into(), "h1".into()))
+    );
+    assert!(has_event(&sock2, "the cluster leader's choice"));
+    // h2's data plane forwards cam1 to its own enc-c now.
+    let ec = &lab2.encoders[0];
+    let rx = Receiver::start(&ec.ns, sa(&format!("{}:7000", ec.addr4)));
+    send_burst(
+        &lab2.src,
+        sa("10.77.0.2:41001"),
+        sa("10.77.0.1:5000"),
+        0..30,
+        Duration::from_millis(2),
+        Duration::from_secs(2),
+    );
+    assert_eq!(rx.seen().len(), 30, "h2 forwards cam1 to enc-c");
+    assert_eq!(cli(&sock1, &["remap", "cam1", "enc-a"]).code, 0);
+    let back = wait_for(Duration::from_secs(5), || {
+        channels(&sock2)
+            .contains(&("cam1".into(), "enc-a".into()))
+            .then_some(())
+    });
+    assert!(back.is_some());
+
+    // h1 dies (SIGKILL): h2 is elected once h1's lease expires, finds enc-a down and moves
+    // cam1 to its own enc-c, and writes that as the new leader.
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(h1.child.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let elected = wait_for(Duration::from_secs(6), || {
+        (cluster_of(&sock2)["leading"] == true).then(|| killed.elapsed())
+    })
+    .unwrap_or_else(|| panic!("h2 elected:\n{}", log_of(&cfg2)));
+    let written = wait_for(Duration::from_secs(6), || {
+        (active_in_etcd(&etcd, &prefix, "cam1") == Some(("enc-c".into(), "h2".into())))
+            .then(|| killed.elapsed())
+    })
+    .unwrap_or_else(|| panic!("h2 writes cam1 on enc-c:\n{}", log_of(&cfg2)));
+    println!(
+        "leader killed: new leader after {:.2} s, its failover in etcd after {:.2} s (lease 1 s)",
+        elected.as_secs_f64(),
+        written.as_secs_f64()
+    );
+    assert!(channels(&sock2).contains(&("cam1".into(), "enc-c".into())));
+    drop(echoes1.drain(..));
+
+    // etcd stops: h2 steps down, keeps forwarding, and fails cam2 over between its own
+    // encoders when enc-c dies.
+    etcd.kill();
+    let lost = wait_for(Duration::from_secs(6), || {
+        let c = cluster_of(&sock2);
+        (c["etcd"] == false && c["leading"] == false).then_some(())
+    });
+    assert!(lost.is_some(), "h2 steps down:\n{}", log_of(&cfg2));
+    assert!(has_event(&sock2, "cluster: etcd lost"));
+    echoes2[0].stop();
+    let local = wait_for(Duration::from_secs(5), || {
+        channels(&sock2)
+            .contains(&("cam2".into(), "enc-d".into()))
+            .then_some(())
+    });
+    assert!(
+        local.is_some(),
+        "local failover without etcd:\n{}",
+        log_of(&cfg2)
+    );
+    let ed = &lab2.encoders[1];
+    let rx = Receiver::start(&ed.ns, sa(&format!("{}:7002", ed.addr4)));
+    send_burst(
+        &lab2.src,
+        sa("10.77.0.2:41002"),
+        sa("10.77.0.1:5002"),
+        0..30,
+        Duration::from_millis(2),
+        Duration::from_secs(2),
+    );
+    assert_eq!(
+        rx.seen().len(),
+        30,
+        "h2 forwards cam2 to enc-d without etcd"
+    );
+
+    // etcd returns: h2 leads again and writes what it decided meanwhile.
+    etcd.start();
+    let again = wait_for(Duration::from_secs(10), || {
+        (active_in_etcd(&etcd, &prefix, "cam2") == Some(("enc-d".into(), "h2".into())))
+            .then_some(())
+    });
+    assert!(again.is_some(), "h2 leads again:\n{}", log_of(&cfg2));
+    assert_eq!(cluster_of(&sock2)["etcd"], true);
+    assert!(has_event(&sock2, "cluster: etcd is back"));
+    assert_eq!(h2.stop(), Some(0));
+    drop(h1);
+
+    // Split brain: every active encoder written in the run came from the one leader of its
+    // term, and h2's terms came after h1's.
+    let mut terms: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> =
+        Default::default();
+    for (key, value) in etcd.history(&format!("{prefix}active/")) {
+        let v: serde_json::Value = serde_json::from_slice(&value).expect("an active record");
+        let (term, leader) = (v["term"].as_i64().unwrap(), v["leader"].as_str().unwrap());
+        terms.entry(term).or_default().insert(leader.to_owned());
+        assert!(key.starts_with(&format!("{prefix}active/cam")), "{key}");
+    }
+    assert!(
+        terms.len() >= 3,
+        "h1's term, h2's, h2's after etcd returned: {terms:?}"
+    );
+    assert!(
+        terms.values().all(|leaders| leaders.len() == 1),
+        "one writer per term: {terms:?}"
+    );
+    let order: Vec<&str> = terms
+        .values()
+        .map(|l| l.iter().next().unwrap().as_str())
+        .collect();
+    let first_h2 = order.iter().position(|l| *l == "h2").unwrap();
+    assert!(
+        order[..first_h2].iter().all(|l| *l == "h1")
+            && order[first_h2..].iter().all(|l| *l == "h2"),
+        "{terms:?}"
+    );
+}
+
+/// A first start waits for an etcd that never answers, with nothing attached, and SIGTERM
+/// ends the wait cleanly.
+#[test]
+fn a_host_waiting_for_etcd_stops_cleanly() {
+    let lab = lab(2);
+    let etcd = Etcd::new();
+    let endpoint = etcd.link(&lab.rt.name, 1);
+    let dir = TempDir::new();
+    let cfg = dir.path.join("h1.toml");
+    fs::write(
+        &cfg,
+        without_channels(&lab_config_with(&lab, &Policy::tolerant()))
+            + &cluster_section(&unique("c"), "h1", &endpoint),
+    )
+    .unwrap();
+    let pins = PinDir::new();
+    let mut daemon = Daemon::spawn(&cfg, &dir.path.join("nsfail.sock"), &pins);
+    let waiting = wait_for(Duration::from_secs(10), || {
+        log_of(&cfg).contains("waiting for etcd").then_some(())
+    });
+    assert!(waiting.is_some(), "{}", log_of(&cfg));
+    assert!(!xdp_attached(&lab.rt.name, "ing"));
+    assert_eq!(daemon.stop(), Some(0), "{}", log_of(&cfg));
+    assert!(log_of(&cfg).contains("stopped while waiting for etcd"));
+    assert!(!xdp_attached(&lab.rt.name, "ing"), "nothing attached");
+    assert!(
+        !pins.pins.maps().exists() && !dir.path.join("nsfail.sock").exists(),
+        "no maps pinned, no socket"
+    );
+}
+
+/// A stream crosses hosts by the cluster's choices: the router sends the caller's packets to
+/// host A; the leader's choice is encoder eb on host B, so A routes them to B, whose transit
+/// entry (set by its daemon because the channel has encoders on other hosts) takes them into
+/// eb, and eb's answers leave B from the ingest address. When eb dies, B publishes it, the
+/// leader fails the channel over to A's own ea, and the stream follows.
+#[test]
+fn a_stream_crosses_hosts_by_the_leaders_choice() {
+    let mut w = RoutedWorld::new();
+    let mut echoes = [
+        Echo::start(&w.ea, sa("10.71.5.2:9000")),
+        Echo::start(&w.eb, sa("10.71.4.2:9000")),
+    ];
+    w.etcd.start();
+    let name = unique("c");
+    let prefix = format!("/nsfail/{name}/");
+    let dir = TempDir::new();
+    let seed = dir.path.join("seed.toml");
+    fs::write(
+        &seed,
+        format!(
+            "[ingest]\ninterface = \"seed\"\n\
+             [[encoder]]\nname = \"ea\"\naddress = \"10.71.5.2\"\nmac = \"02:00:00:00:00:01\"\n\
+             health = {{ kind = \"udp\", port = 9000 }}\n\
+             [[encoder]]\nname = \"eb\"\naddress = \"10.71.4.2\"\nmac = \"02:00:00:00:00:02\"\n\
+             health = {{ kind = \"udp\", port = 9000 }}\n\
+             [[channel]]\nname = \"cam1\"\nlisten = \"{ROUTED_INGEST}:5000\"\n\
+             encoders = [\"eb\", \"ea\"]\nport = 7000\n"
+        ) + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
+    )
+    .unwrap();
+    let applied = w
+        .etcd
+        .nsfail(&["apply", "--config", seed.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    let (cfg_a, cfg_b) = (dir.path.join("ha.toml"), dir.path.join("hb.toml"));
+    fs::write(&cfg_a, w.host_config(true, &name)).unwrap();
+    fs::write(&cfg_b, w.host_config(false, &name)).unwrap();
+    let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
+    let (sock_a, sock_b) = (dir.path.join("ha.sock"), dir.path.join("hb.sock"));
+    let a = Daemon::start(&cfg_a, &sock_a, &pins_a);
+    let led = wait_for(Duration::from_secs(5), || {
+        (cluster_of(&sock_a)["leading"] == true).then_some(())
+    });
+    assert!(led.is_some(), "ha leads:\n{}", log_of(&cfg_a));
+    let b = Daemon::start(&cfg_b, &sock_b, &pins_b);
+    // Both hosts know the channel and both encoders healthy; the leader puts it on eb.
+    let ready = wait_for(Duration::from_secs(10), || {
+        let st = status(&sock_a);
+        let healthy = st["encoders"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["healthy"] == true)
+            .count();
+        (healthy == 2 && !channels(&sock_b).is_empty()).then_some(())
+    });
+    assert!(ready.is_some(), "{}\n{}", log_of(&cfg_a), log_of(&cfg_b));
+    let remap = cli(&sock_a, &["remap", "cam1", "eb"]);
+    assert_eq!(remap.code, 0, "{}", remap.stderr);
+    let on_b = wait_for(Duration::from_secs(5), || {
+        (channels(&sock_b) == [("cam1".to_owned(), "eb".to_owned())]).then_some(())
+    });
+    assert!(on_b.is_some(), "hb follows: {:?}", channels(&sock_b));
+    assert!(
+        !log_of(&cfg_a).contains("no route to encoder eb"),
+        "eb is routed from ha:\n{}",
+        log_of(&cfg_a)
+    );
+
+    let channel = sa(&format!("{ROUTED_INGEST}:5000"));
+    let caller = sa("10.71.1.2:40000");
+    let rx_a = Receiver::start(&w.ea, sa("10.71.5.2:7000"));
+    let mut rx_b = Receiver::start(&w.eb, sa("10.71.4.2:7000"));
+    let r = send_burst(
+        &w.cl,
+        caller,
+        channel,
+        0..200,
+        Duration::from_millis(1),
+        Duration::from_secs(2),
+    );
+    assert_eq!(
+        rx_b.settled(),
+        (0..200).collect(),
+        "eb on host B got the stream routed by host A:\n{}\n{}",
+        log_of(&cfg_a),
+        log_of(&cfg_b)
+    );
+    assert_eq!(r.seqs(), (0..200).collect(), "every packet answered");
+    assert!(r.from_only(channel), "answers come from the ingest address");
+    assert!(rx_a.settled().is_empty());
+    assert_eq!(rx_b.corrupt(), 0);
+
+    // eb dies: B publishes it down, the leader A moves cam1 to its own ea.
+    let t = Instant::now();
+    rx_b.kill();
+    echoes[1].stop();
+    let moved = wait_for(Duration::from_secs(10), || {
+        (channels(&sock_a) == [("cam1".to_owned(), "ea".to_owned())]).then(|| t.elapsed())
+    })
+    .unwrap_or_else(|| panic!("failover to ea:\n{}\n{}", log_of(&cfg_a), log_of(&cfg_b)));
+    println!(
+        "eb on host B killed: the leader on A moved cam1 to ea after {:.0} ms",
+        moved.as_secs_f64() * 1000.0
+    );
+    let written = wait_for(Duration::from_secs(2), || {
+        (active_in_etcd(&w.etcd, &prefix, "cam1") == Some(("ea".into(), "ha".into()))).then_some(())
+    });
+    assert!(written.is_some(), "the leader's failover in etcd");
+    let r = send_burst(
+        &w.cl,
+        caller,
+        channel,
+        200..300,
+        Duration::from_millis(1),
+        Duration::from_secs(2),
+    );
+    assert_eq!(rx_a.settled(), (200..300).collect(), "ea has the stream");
+    assert_eq!(r.seqs(), (200..300).collect());
+    drop(b);
+    drop(a);
+}
