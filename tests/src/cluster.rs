@@ -3,11 +3,17 @@
 //! writing keys as another host (or a vandal) would. Everything is undone on drop, panics
 //! included: the etcd process (by its PID), its data directory, the namespace and its veths.
 
-use std::{path::Path, time::Duration};
+use std::{fs, path::Path, time::Duration};
 
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 
-use crate::{ChildGuard, Entered, Netns, daemon::TempDir, ip_in, unique, wait_for};
+use crate::{
+    ChildGuard, Entered, Netns, PinDir,
+    daemon::{Daemon, TempDir, cli, status},
+    ip_in,
+    traffic::{Echo, Receiver, send_burst, spawn_burst},
+    unique, wait_for,
+};
 
 /// etcd's client port, on every address of its namespace.
 pub const PORT: u16 = 2379;
@@ -402,4 +408,195 @@ impl Default for RoutedWorld {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Two clustered daemons on [`RoutedWorld`]: host A (`ea`, the leader) and host B (`eb`),
+/// channel cam1 (`eb` then `ea`) on the leader's choice `eb`, reached from A through B.
+pub struct RoutedCluster {
+    // Fields drop in this order: the daemons before their pins, the world last.
+    pub b: Daemon,
+    _a: Daemon,
+    pub echoes: [Echo; 2],
+    _pins: (PinDir, PinDir),
+    pub sock_a: std::path::PathBuf,
+    pub cfg_a: std::path::PathBuf,
+    pub cfg_b: std::path::PathBuf,
+    pub prefix: String,
+    _dir: TempDir,
+    pub w: RoutedWorld,
+}
+
+pub fn routed_cluster() -> RoutedCluster {
+    let mut w = RoutedWorld::new();
+    let echoes = [
+        Echo::start(&w.ea, sa("10.71.5.2:9000")),
+        Echo::start(&w.eb, sa("10.71.4.2:9000")),
+    ];
+    w.etcd.start();
+    let name = unique("c");
+    let prefix = format!("/nsfail/{name}/");
+    let dir = TempDir::new();
+    let seed = dir.path.join("seed.toml");
+    fs::write(
+        &seed,
+        format!(
+            "[ingest]\ninterface = \"seed\"\n\
+             [[encoder]]\nname = \"ea\"\naddress = \"10.71.5.2\"\nmac = \"02:00:00:00:00:01\"\n\
+             health = {{ kind = \"udp\", port = 9000 }}\n\
+             [[encoder]]\nname = \"eb\"\naddress = \"10.71.4.2\"\nmac = \"02:00:00:00:00:02\"\n\
+             health = {{ kind = \"udp\", port = 9000 }}\n\
+             [[channel]]\nname = \"cam1\"\nlisten = \"{ROUTED_INGEST}:5000\"\n\
+             encoders = [\"eb\", \"ea\"]\nport = 7000\n"
+        ) + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
+    )
+    .unwrap();
+    let applied = w
+        .etcd
+        .nsfail(&["apply", "--config", seed.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    let (cfg_a, cfg_b) = (dir.path.join("ha.toml"), dir.path.join("hb.toml"));
+    fs::write(&cfg_a, w.host_config(true, &name)).unwrap();
+    fs::write(&cfg_b, w.host_config(false, &name)).unwrap();
+    let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
+    let (sock_a, sock_b) = (dir.path.join("ha.sock"), dir.path.join("hb.sock"));
+    let a = Daemon::start(&cfg_a, &sock_a, &pins_a);
+    let led = wait_for(Duration::from_secs(5), || {
+        (cluster_of(&sock_a)["leading"] == true).then_some(())
+    });
+    assert!(led.is_some(), "ha leads:\n{}", log_of(&cfg_a));
+    let b = Daemon::start(&cfg_b, &sock_b, &pins_b);
+    // Both hosts know the channel and both encoders healthy; the leader puts it on eb.
+    let ready = wait_for(Duration::from_secs(10), || {
+        let st = status(&sock_a);
+        let healthy = st["encoders"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["healthy"] == true)
+            .count();
+        (healthy == 2 && !channels(&sock_b).is_empty()).then_some(())
+    });
+    assert!(ready.is_some(), "{}\n{}", log_of(&cfg_a), log_of(&cfg_b));
+    let remap = cli(&sock_a, &["remap", "cam1", "eb"]);
+    assert_eq!(remap.code, 0, "{}", remap.stderr);
+    let on_b = wait_for(Duration::from_secs(5), || {
+        (channels(&sock_b) == [("cam1".to_owned(), "eb".to_owned())]).then_some(())
+    });
+    assert!(on_b.is_some(), "hb follows: {:?}", channels(&sock_b));
+    assert!(
+        !log_of(&cfg_a).contains("no route to encoder eb"),
+        "eb is routed from ha:\n{}",
+        log_of(&cfg_a)
+    );
+
+    RoutedCluster {
+        b,
+        _a: a,
+        echoes,
+        _pins: (pins_a, pins_b),
+        sock_a,
+        cfg_a,
+        cfg_b,
+        prefix,
+        _dir: dir,
+        w,
+    }
+}
+
+/// What freezing host B did to a stream on cam1.
+#[derive(Debug)]
+pub struct ActiveFreeze {
+    /// Of the 100 packets sent before: how many reached eb on B.
+    pub before: usize,
+    pub sent: u32,
+    pub lost: u32,
+    /// Lost packets times the send interval.
+    pub gap_ms: f64,
+    /// Whether the stream's last 500 packets arrived at ea on A.
+    pub ended_at_a: bool,
+}
+
+impl RoutedCluster {
+    /// 4,000 packets to cam1 at 1 a ms; 500 ms in, host B freezes: its daemon stopped
+    /// (SIGSTOP, continued after the burst) and everything to and from its uplink dropped at
+    /// the router, the link up.
+    pub fn freeze_b(&self) -> ActiveFreeze {
+        let channel = sa(&format!("{ROUTED_INGEST}:5000"));
+        let caller = sa("10.71.1.2:40000");
+        let rx_a = Receiver::start(&self.w.ea, sa("10.71.5.2:7000"));
+        let rx_b = Receiver::start(&self.w.eb, sa("10.71.4.2:7000"));
+        send_burst(
+            &self.w.cl,
+            caller,
+            channel,
+            0..100,
+            Duration::from_millis(1),
+            Duration::from_secs(2),
+        );
+        let before = rx_b.settled().len();
+        let n = 4000u32;
+        let burst = spawn_burst(
+            &self.w.cl.name,
+            caller,
+            channel,
+            1000..1000 + n,
+            Duration::from_millis(1),
+            Duration::from_secs(2),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = nix::unistd::Pid::from_raw(self.b.child.pid());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+        crate::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.w.rt.name,
+                "nft",
+                "add table netdev freeze; add chain netdev freeze in { type filter hook \
+                 ingress device \"rb\" priority 0; policy drop; }; add chain netdev freeze out \
+                 { type filter hook egress device \"rb\" priority 0; policy drop; }",
+            ],
+        );
+        let sent = burst.join().expect("burst thread");
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        let (on_a, on_b) = (rx_a.settled(), rx_b.settled());
+        let range = 1000..1000 + n;
+        let arrived = range
+            .clone()
+            .filter(|s| on_a.contains(s) || on_b.contains(s))
+            .count() as u32;
+        let tail = range.rev().take(500).filter(|s| on_a.contains(s)).count();
+        let lost = n - arrived;
+        ActiveFreeze {
+            before,
+            sent: n,
+            lost,
+            gap_ms: sent.sending.as_secs_f64() * 1e3 * f64::from(lost) / f64::from(n - 1),
+            ended_at_a: tail == 500,
+        }
+    }
+}
+
+fn sa(s: &str) -> std::net::SocketAddr {
+    s.parse().expect("address")
+}
+
+fn channels(socket: &Path) -> Vec<(String, String)> {
+    status(socket)["channels"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap_or("").to_owned(),
+                        c["active"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cluster_of(socket: &Path) -> serde_json::Value {
+    status(socket)["cluster"].clone()
 }

@@ -10,7 +10,8 @@ use std::{
 use nsfail_tests::{
     PinDir,
     cluster::{
-        Etcd, ROUTED_INGEST, RoutedWorld, cluster_section, log_of, without_channels, xdp_attached,
+        Etcd, ROUTED_INGEST, RoutedCluster, cluster_section, log_of, routed_cluster,
+        without_channels, xdp_attached,
     },
     daemon::{Daemon, Policy, TempDir, cli, events, lab_config_with, status},
     lab,
@@ -835,67 +836,15 @@ fn a_host_waiting_for_etcd_stops_cleanly() {
 /// leader fails the channel over to A's own ea, and the stream follows.
 #[test]
 fn a_stream_crosses_hosts_by_the_leaders_choice() {
-    let mut w = RoutedWorld::new();
-    let mut echoes = [
-        Echo::start(&w.ea, sa("10.71.5.2:9000")),
-        Echo::start(&w.eb, sa("10.71.4.2:9000")),
-    ];
-    w.etcd.start();
-    let name = unique("c");
-    let prefix = format!("/nsfail/{name}/");
-    let dir = TempDir::new();
-    let seed = dir.path.join("seed.toml");
-    fs::write(
-        &seed,
-        format!(
-            "[ingest]\ninterface = \"seed\"\n\
-             [[encoder]]\nname = \"ea\"\naddress = \"10.71.5.2\"\nmac = \"02:00:00:00:00:01\"\n\
-             health = {{ kind = \"udp\", port = 9000 }}\n\
-             [[encoder]]\nname = \"eb\"\naddress = \"10.71.4.2\"\nmac = \"02:00:00:00:00:02\"\n\
-             health = {{ kind = \"udp\", port = 9000 }}\n\
-             [[channel]]\nname = \"cam1\"\nlisten = \"{ROUTED_INGEST}:5000\"\n\
-             encoders = [\"eb\", \"ea\"]\nport = 7000\n"
-        ) + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
-    )
-    .unwrap();
-    let applied = w
-        .etcd
-        .nsfail(&["apply", "--config", seed.to_str().unwrap()]);
-    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
-    let (cfg_a, cfg_b) = (dir.path.join("ha.toml"), dir.path.join("hb.toml"));
-    fs::write(&cfg_a, w.host_config(true, &name)).unwrap();
-    fs::write(&cfg_b, w.host_config(false, &name)).unwrap();
-    let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
-    let (sock_a, sock_b) = (dir.path.join("ha.sock"), dir.path.join("hb.sock"));
-    let a = Daemon::start(&cfg_a, &sock_a, &pins_a);
-    let led = wait_for(Duration::from_secs(5), || {
-        (cluster_of(&sock_a)["leading"] == true).then_some(())
-    });
-    assert!(led.is_some(), "ha leads:\n{}", log_of(&cfg_a));
-    let b = Daemon::start(&cfg_b, &sock_b, &pins_b);
-    // Both hosts know the channel and both encoders healthy; the leader puts it on eb.
-    let ready = wait_for(Duration::from_secs(10), || {
-        let st = status(&sock_a);
-        let healthy = st["encoders"]
-            .as_array()?
-            .iter()
-            .filter(|e| e["healthy"] == true)
-            .count();
-        (healthy == 2 && !channels(&sock_b).is_empty()).then_some(())
-    });
-    assert!(ready.is_some(), "{}\n{}", log_of(&cfg_a), log_of(&cfg_b));
-    let remap = cli(&sock_a, &["remap", "cam1", "eb"]);
-    assert_eq!(remap.code, 0, "{}", remap.stderr);
-    let on_b = wait_for(Duration::from_secs(5), || {
-        (channels(&sock_b) == [("cam1".to_owned(), "eb".to_owned())]).then_some(())
-    });
-    assert!(on_b.is_some(), "hb follows: {:?}", channels(&sock_b));
-    assert!(
-        !log_of(&cfg_a).contains("no route to encoder eb"),
-        "eb is routed from ha:\n{}",
-        log_of(&cfg_a)
-    );
-
+    let mut c = routed_cluster();
+    let RoutedCluster {
+        ref w,
+        ref sock_a,
+        ref cfg_a,
+        ref cfg_b,
+        ref prefix,
+        ..
+    } = c;
     let channel = sa(&format!("{ROUTED_INGEST}:5000"));
     let caller = sa("10.71.1.2:40000");
     let rx_a = Receiver::start(&w.ea, sa("10.71.5.2:7000"));
@@ -912,8 +861,8 @@ fn a_stream_crosses_hosts_by_the_leaders_choice() {
         rx_b.settled(),
         (0..200).collect(),
         "eb on host B got the stream routed by host A:\n{}\n{}",
-        log_of(&cfg_a),
-        log_of(&cfg_b)
+        log_of(cfg_a),
+        log_of(cfg_b)
     );
     assert_eq!(r.seqs(), (0..200).collect(), "every packet answered");
     assert!(r.from_only(channel), "answers come from the ingest address");
@@ -923,17 +872,17 @@ fn a_stream_crosses_hosts_by_the_leaders_choice() {
     // eb dies: B publishes it down, the leader A moves cam1 to its own ea.
     let t = Instant::now();
     rx_b.kill();
-    echoes[1].stop();
+    c.echoes[1].stop();
     let moved = wait_for(Duration::from_secs(10), || {
-        (channels(&sock_a) == [("cam1".to_owned(), "ea".to_owned())]).then(|| t.elapsed())
+        (channels(sock_a) == [("cam1".to_owned(), "ea".to_owned())]).then(|| t.elapsed())
     })
-    .unwrap_or_else(|| panic!("failover to ea:\n{}\n{}", log_of(&cfg_a), log_of(&cfg_b)));
+    .unwrap_or_else(|| panic!("failover to ea:\n{}\n{}", log_of(cfg_a), log_of(cfg_b)));
     println!(
         "eb on host B killed: the leader on A moved cam1 to ea after {:.0} ms",
         moved.as_secs_f64() * 1000.0
     );
     let written = wait_for(Duration::from_secs(2), || {
-        (active_in_etcd(&w.etcd, &prefix, "cam1") == Some(("ea".into(), "ha".into()))).then_some(())
+        (active_in_etcd(&w.etcd, prefix, "cam1") == Some(("ea".into(), "ha".into()))).then_some(())
     });
     assert!(written.is_some(), "the leader's failover in etcd");
     let r = send_burst(
@@ -946,6 +895,34 @@ fn a_stream_crosses_hosts_by_the_leaders_choice() {
     );
     assert_eq!(rx_a.settled(), (200..300).collect(), "ea has the stream");
     assert_eq!(r.seqs(), (200..300).collect());
-    drop(b);
-    drop(a);
+    drop(c);
+}
+
+/// Issue 17, "What must be shown" 1: the active encoder's host freezes. Its daemon is stopped
+/// (SIGSTOP) and its uplink's traffic dropped at the router, the link left up; only its lease
+/// can tell. The leader (host A) sees B's encoders down when B's lease expires and moves the
+/// stream to its own encoder; nothing is needed from B. The gap is printed (a figure, not a
+/// pass line: `cargo xtask bench cluster` has it over 10 trials).
+#[test]
+fn the_active_encoders_host_frozen_moves_the_stream_to_the_backup_on_the_other_host() {
+    let c = routed_cluster();
+    let f = c.freeze_b();
+    assert_eq!(
+        f.before, 100,
+        "the stream reached eb on B before the freeze"
+    );
+    assert!(
+        f.ended_at_a,
+        "the stream ended at ea on A:\n{}",
+        log_of(&c.cfg_a)
+    );
+    assert_eq!(channels(&c.sock_a), [("cam1".to_owned(), "ea".to_owned())]);
+    assert!(
+        f.lost > 0,
+        "B's frozen uplink lost the packets in flight to it"
+    );
+    println!(
+        "host B frozen: {} of {} packets lost, a gap of about {:.0} ms (1 s lease)",
+        f.lost, f.sent, f.gap_ms
+    );
 }
