@@ -577,6 +577,45 @@ impl RoutedCluster {
     }
 }
 
+impl RoutedCluster {
+    /// 4,000 packets to cam1 at 1 a ms; 500 ms in, encoder eb on host B dies (its receiver
+    /// and its health responder stop; its host lives): host B judges it down, the leader on
+    /// A moves the stream to ea. Returns the gap (lost packets times the send interval) and
+    /// whether the stream's last 500 packets arrived at ea.
+    pub fn kill_eb(&mut self) -> (f64, bool) {
+        let channel = sa(&format!("{ROUTED_INGEST}:5000"));
+        let caller = sa("10.71.1.2:40001");
+        let rx_a = Receiver::start(&self.w.ea, sa("10.71.5.2:7000"));
+        let mut rx_b = Receiver::start(&self.w.eb, sa("10.71.4.2:7000"));
+        let n = 4000u32;
+        let burst = spawn_burst(
+            &self.w.cl.name,
+            caller,
+            channel,
+            0..n,
+            Duration::from_millis(1),
+            Duration::from_secs(2),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        // What eb received up to its death counts: read before the receiver goes.
+        let on_b = rx_b.seen();
+        rx_b.kill();
+        self.echoes[1].stop();
+        let sent = burst.join().expect("burst thread");
+        let on_b: std::collections::BTreeSet<u32> = on_b.union(&rx_b.seen()).copied().collect();
+        let on_a = rx_a.settled();
+        let arrived = (0..n)
+            .filter(|s| on_a.contains(s) || on_b.contains(s))
+            .count() as u32;
+        let tail = (0..n).rev().take(500).filter(|s| on_a.contains(s)).count();
+        let lost = n - arrived;
+        (
+            sent.sending.as_secs_f64() * 1e3 * f64::from(lost) / f64::from(n - 1),
+            tail == 500,
+        )
+    }
+}
+
 fn sa(s: &str) -> std::net::SocketAddr {
     s.parse().expect("address")
 }
