@@ -9,7 +9,8 @@ use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 
 use crate::{
     ChildGuard, Entered, Netns, PinDir,
-    daemon::{Daemon, TempDir, cli, status},
+    daemon::{Daemon, TempDir, cli, placement, status},
+    hosts::{exec, router_xdp, wire},
     ip_in,
     traffic::{Echo, Receiver, send_burst, spawn_burst},
     unique, wait_for,
@@ -272,32 +273,6 @@ pub struct RoutedWorld {
 /// The ingest address of [`RoutedWorld`].
 pub const ROUTED_INGEST: &str = "203.0.113.77";
 
-fn exec_in(ns: &Netns, args: &[&str]) {
-    let mut full = vec!["netns", "exec", &ns.name];
-    full.extend_from_slice(args);
-    crate::run("ip", &full);
-}
-
-/// A veth `a_if` in `a` to `b_if` in `b`, addressed `a_addr` and `b_addr` (/24), both up.
-fn wire(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
-    ip_in(
-        &a.name,
-        &[
-            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
-        ],
-    );
-    ip_in(
-        &a.name,
-        &["addr", "add", &format!("{a_addr}/24"), "dev", a_if],
-    );
-    ip_in(
-        &b.name,
-        &["addr", "add", &format!("{b_addr}/24"), "dev", b_if],
-    );
-    ip_in(&a.name, &["link", "set", a_if, "up"]);
-    ip_in(&b.name, &["link", "set", b_if, "up"]);
-}
-
 impl RoutedWorld {
     pub fn new() -> Self {
         let (cl, rt, ha, hb, ea, eb) = (
@@ -308,12 +283,12 @@ impl RoutedWorld {
             Netns::new("cea"),
             Netns::new("ceb"),
         );
-        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        exec(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         // Replies leave B from the ingest address, which the router routes to A.
-        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
-        exec_in(&rt, &["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"]);
+        exec(&rt, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+        exec(&rt, &["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"]);
         for h in [&ha, &hb] {
-            exec_in(h, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+            exec(h, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
         }
         wire(&rt, "rc", "10.71.1.1", &cl, "c0", "10.71.1.2");
         wire(&rt, "ra", "10.71.2.1", &ha, "ua", "10.71.2.2");
@@ -321,21 +296,9 @@ impl RoutedWorld {
         wire(&ha, "va", "10.71.5.1", &ea, "a0", "10.71.5.2");
         wire(&hb, "vb", "10.71.4.1", &eb, "b0", "10.71.4.2");
         // The caller's checksums complete, as from a wire.
-        exec_in(&cl, &["ethtool", "-K", "c0", "tx", "off"]);
-        exec_in(&rt, &["ethtool", "-K", "rb", "gro", "on"]);
-        let router_xdp = {
-            let _in = Entered::new(&rt);
-            let mut obj = aya::Ebpf::load(nsfail::lab::bench_object::OBJECT).expect("object");
-            let prog: &mut aya::programs::Xdp = obj
-                .program_mut("bench_pass")
-                .expect("bench_pass")
-                .try_into()
-                .expect("an XDP program");
-            prog.load().expect("load");
-            prog.attach("ra", aya::programs::XdpMode::Driver)
-                .expect("attach");
-            obj
-        };
+        exec(&cl, &["ethtool", "-K", "c0", "tx", "off"]);
+        exec(&rt, &["ethtool", "-K", "rb", "gro", "on"]);
+        let router_xdp = router_xdp(&rt, "ra");
         ip_in(&cl.name, &["route", "add", "default", "via", "10.71.1.1"]);
         ip_in(&ha.name, &["route", "add", "default", "via", "10.71.2.1"]);
         ip_in(&hb.name, &["route", "add", "default", "via", "10.71.3.1"]);
@@ -473,15 +436,15 @@ pub fn routed_cluster() -> RoutedCluster {
             .iter()
             .filter(|e| e["healthy"] == true)
             .count();
-        (healthy == 2 && !channels(&sock_b).is_empty()).then_some(())
+        (healthy == 2 && !placement(&sock_b).is_empty()).then_some(())
     });
     assert!(ready.is_some(), "{}\n{}", log_of(&cfg_a), log_of(&cfg_b));
     let remap = cli(&sock_a, &["remap", "cam1", "eb"]);
     assert_eq!(remap.code, 0, "{}", remap.stderr);
     let on_b = wait_for(Duration::from_secs(5), || {
-        (channels(&sock_b) == [("cam1".to_owned(), "eb".to_owned())]).then_some(())
+        (placement(&sock_b) == [("cam1".to_owned(), "eb".to_owned())]).then_some(())
     });
-    assert!(on_b.is_some(), "hb follows: {:?}", channels(&sock_b));
+    assert!(on_b.is_some(), "hb follows: {:?}", placement(&sock_b));
     assert!(
         !log_of(&cfg_a).contains("no route to encoder eb"),
         "eb is routed from ha:\n{}",
@@ -618,22 +581,6 @@ impl RoutedCluster {
 
 fn sa(s: &str) -> std::net::SocketAddr {
     s.parse().expect("address")
-}
-
-fn channels(socket: &Path) -> Vec<(String, String)> {
-    status(socket)["channels"]
-        .as_array()
-        .map(|cs| {
-            cs.iter()
-                .map(|c| {
-                    (
-                        c["name"].as_str().unwrap_or("").to_owned(),
-                        c["active"].as_str().unwrap_or("").to_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn cluster_of(socket: &Path) -> serde_json::Value {

@@ -339,3 +339,20 @@ impl Bed {
         self.daemon.socket.clone()
     }
 }
+
+/// Channels and their active encoder, as `status --json` has them.
+pub fn placement(socket: &Path) -> Vec<(String, String)> {
+    status(socket)["channels"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap_or("").to_owned(),
+                        c["active"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

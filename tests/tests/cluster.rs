@@ -13,7 +13,7 @@ use nsfail_tests::{
         Etcd, ROUTED_INGEST, RoutedCluster, cluster_section, log_of, routed_cluster,
         without_channels, xdp_attached,
     },
-    daemon::{Daemon, Policy, TempDir, cli, events, lab_config_with, status},
+    daemon::{Daemon, Policy, TempDir, cli, events, lab_config_with, placement, status},
     lab,
     traffic::{Echo, Receiver, send_burst},
     unique, wait_for,
@@ -21,21 +21,6 @@ use nsfail_tests::{
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// The channel names in `status --json`, with their active encoders.
-fn channels(socket: &std::path::Path) -> Vec<(String, String)> {
-    status(socket)["channels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["name"].as_str().unwrap().to_owned(),
-                c["active"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect()
 }
 
 /// `ip route show table TABLE` in namespace `ns`.
@@ -118,7 +103,7 @@ fn a_cluster_host_follows_etcd() {
     assert_eq!(report["written"], serde_json::json!(["cam1", "cam2"]));
     daemon.wait_up(&host_cfg);
     let both = wait_for(Duration::from_secs(10), || {
-        let ch = channels(&socket);
+        let ch = placement(&socket);
         (ch.len() == 2).then_some(ch)
     });
     assert_eq!(
@@ -201,7 +186,7 @@ fn a_cluster_host_follows_etcd() {
         etcd.get(&format!("{prefix}channels/cam3")).is_some(),
         "cam3 is in etcd"
     );
-    assert!(channels(&socket).contains(&("cam3".into(), "enc-b".into())));
+    assert!(placement(&socket).contains(&("cam3".into(), "enc-b".into())));
     // Refused before anything is written: an encoder nobody has, a name already taken.
     let unknown = cli(
         &socket,
@@ -253,7 +238,7 @@ fn a_cluster_host_follows_etcd() {
         &socket,
         "the config file's 2 channels are not used"
     ));
-    assert!(!channels(&socket).iter().any(|(n, _)| n == "cam2"));
+    assert!(!placement(&socket).iter().any(|(n, _)| n == "cam2"));
     println!(
         "add channel through etcd: {add_ms:.1} ms; remove: {remove_ms:.1} ms (CLI round trip)"
     );
@@ -263,7 +248,7 @@ fn a_cluster_host_follows_etcd() {
     let t = Instant::now();
     etcd.put(&format!("{prefix}channels/cam5"), cam5, None);
     let seen = wait_for(Duration::from_secs(5), || {
-        channels(&socket)
+        placement(&socket)
             .iter()
             .any(|(n, _)| n == "cam5")
             .then(|| t.elapsed())
@@ -286,7 +271,7 @@ fn a_cluster_host_follows_etcd() {
         .then_some(())
     });
     assert!(reported.is_some(), "skips reported: {:?}", events(&socket));
-    let now: Vec<String> = channels(&socket).into_iter().map(|(n, _)| n).collect();
+    let now: Vec<String> = placement(&socket).into_iter().map(|(n, _)| n).collect();
     assert_eq!(now, ["cam1", "cam3", "cam5"], "nothing bad applied");
     // cam8 is skipped here but its key exists: adding that name again is refused by etcd's
     // transaction, not written over.
@@ -330,7 +315,7 @@ fn a_cluster_host_follows_etcd() {
     });
     assert!(republished.is_some(), "enc-b's new definition in etcd");
     assert!(has_event(&socket, "config reloaded"));
-    let now: Vec<String> = channels(&socket).into_iter().map(|(n, _)| n).collect();
+    let now: Vec<String> = placement(&socket).into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         now,
         ["cam1", "cam3", "cam5"],
@@ -379,7 +364,7 @@ fn a_cluster_host_follows_etcd() {
         "add channel on a remote encoder: {}",
         added.stderr
     );
-    assert!(channels(&socket).contains(&("cam4".into(), "enc-r".into())));
+    assert!(placement(&socket).contains(&("cam4".into(), "enc-r".into())));
     let st = status(&socket);
     let enc_r = st["encoders"]
         .as_array()
@@ -402,7 +387,7 @@ fn a_cluster_host_follows_etcd() {
         None,
     );
     let moved = wait_for(Duration::from_secs(5), || {
-        channels(&socket)
+        placement(&socket)
             .contains(&("cam4".into(), "enc-a".into()))
             .then_some(())
     });
@@ -430,7 +415,7 @@ fn a_cluster_host_follows_etcd() {
     assert_eq!(cli(&socket, &["remap", "cam4", "enc-r"]).code, 0);
     let t = Instant::now();
     let expired = wait_for(Duration::from_secs(6), || {
-        channels(&socket)
+        placement(&socket)
             .contains(&("cam4".into(), "enc-a".into()))
             .then(|| t.elapsed())
     });
@@ -590,7 +575,7 @@ fn two_hosts_follow_one_leader() {
     assert!(led.is_some(), "h1 leads:\n{}", log_of(&cfg1));
     let mut h2 = Daemon::start(&cfg2, &sock2, &pins2);
     let follows = wait_for(Duration::from_secs(5), || {
-        let ch = channels(&sock2);
+        let ch = placement(&sock2);
         (cluster_of(&sock2)["leader"] == "h1"
             && ch
                 == [
@@ -602,7 +587,7 @@ fn two_hosts_follow_one_leader() {
     assert!(
         follows.is_some(),
         "h2 follows h1: {:?}\n{}",
-        channels(&sock2),
+        placement(&sock2),
         log_of(&cfg2)
     );
     assert_eq!(cluster_of(&sock2)["leading"], false);
@@ -661,7 +646,7 @@ fn two_hosts_follow_one_leader() {
     let t = Instant::now();
     assert_eq!(cli(&sock1, &["remap", "cam1", "enc-c"]).code, 0);
     let followed = wait_for(Duration::from_secs(5), || {
-        channels(&sock2)
+        placement(&sock2)
             .contains(&("cam1".into(), "enc-c".into()))
             .then(|| t.elapsed())
     })
@@ -689,7 +674,7 @@ fn two_hosts_follow_one_leader() {
     assert_eq!(rx.seen().len(), 30, "h2 forwards cam1 to enc-c");
     assert_eq!(cli(&sock1, &["remap", "cam1", "enc-a"]).code, 0);
     let back = wait_for(Duration::from_secs(5), || {
-        channels(&sock2)
+        placement(&sock2)
             .contains(&("cam1".into(), "enc-a".into()))
             .then_some(())
     });
@@ -717,7 +702,7 @@ fn two_hosts_follow_one_leader() {
         elected.as_secs_f64(),
         written.as_secs_f64()
     );
-    assert!(channels(&sock2).contains(&("cam1".into(), "enc-c".into())));
+    assert!(placement(&sock2).contains(&("cam1".into(), "enc-c".into())));
     drop(echoes1.drain(..));
 
     // etcd stops: h2 steps down, keeps forwarding, and fails cam2 over between its own
@@ -731,7 +716,7 @@ fn two_hosts_follow_one_leader() {
     assert!(has_event(&sock2, "cluster: etcd lost"));
     echoes2[0].stop();
     let local = wait_for(Duration::from_secs(5), || {
-        channels(&sock2)
+        placement(&sock2)
             .contains(&("cam2".into(), "enc-d".into()))
             .then_some(())
     });
@@ -874,7 +859,7 @@ fn a_stream_crosses_hosts_by_the_leaders_choice() {
     rx_b.kill();
     c.echoes[1].stop();
     let moved = wait_for(Duration::from_secs(10), || {
-        (channels(sock_a) == [("cam1".to_owned(), "ea".to_owned())]).then(|| t.elapsed())
+        (placement(sock_a) == [("cam1".to_owned(), "ea".to_owned())]).then(|| t.elapsed())
     })
     .unwrap_or_else(|| panic!("failover to ea:\n{}\n{}", log_of(cfg_a), log_of(cfg_b)));
     println!(
@@ -916,7 +901,7 @@ fn the_active_encoders_host_frozen_moves_the_stream_to_the_backup_on_the_other_h
         "the stream ended at ea on A:\n{}",
         log_of(&c.cfg_a)
     );
-    assert_eq!(channels(&c.sock_a), [("cam1".to_owned(), "ea".to_owned())]);
+    assert_eq!(placement(&c.sock_a), [("cam1".to_owned(), "ea".to_owned())]);
     assert!(
         f.lost > 0,
         "B's frozen uplink lost the packets in flight to it"

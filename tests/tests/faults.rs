@@ -17,7 +17,7 @@ use nsfail_tests::{
     ChildGuard, PinDir,
     daemon::{
         Bed, Daemon, HEALTH_DESIGN, HEALTH_TOLERANT, Policy, TempDir, active, cli, events,
-        lab_config_with, nsfail_bin, status,
+        lab_config_with, nsfail_bin, placement, status,
     },
     frames::{Frame, inject},
     lab, run,
@@ -30,21 +30,6 @@ const LINGER: Duration = Duration::from_secs(2);
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
-}
-
-/// Channels and their active encoder, as `status --json` has them.
-fn placement(socket: &Path) -> Vec<(String, String)> {
-    status(socket)["channels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["name"].as_str().unwrap().to_owned(),
-                c["active"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect()
 }
 
 fn reasons(socket: &Path) -> Vec<String> {

@@ -30,6 +30,15 @@ pub(super) fn render_status(s: &Status, brief: bool) -> String {
             }
         );
     }
+    // A cluster host's status names each encoder's host; one host's stays as it was.
+    let clustered = s.cluster.is_some();
+    let host_col = |h: &str| {
+        if clustered {
+            format!("{h:<16} ")
+        } else {
+            String::new()
+        }
+    };
     if brief {
         out += &format!(
             "{:<12} {:<24} {:<10} ENCODERS\n",
@@ -44,14 +53,6 @@ pub(super) fn render_status(s: &Status, brief: bool) -> String {
                 c.encoders.join(",")
             );
         }
-        let clustered = s.cluster.is_some();
-        let host_col = |h: &str| {
-            if clustered {
-                format!("{h:<16} ")
-            } else {
-                String::new()
-            }
-        };
         out += &format!(
             "\n{:<12} {}{:<26} {:<7} {:<8} {:<7}\n",
             "ENCODER",
@@ -90,15 +91,6 @@ pub(super) fn render_status(s: &Status, brief: bool) -> String {
             c.encoders.join(",")
         );
     }
-    // A cluster host's status names each encoder's host; one host's stays as it was.
-    let clustered = s.cluster.is_some();
-    let host_col = |h: &str| {
-        if clustered {
-            format!("{h:<16} ")
-        } else {
-            String::new()
-        }
-    };
     out += &format!(
         "\n{:<12} {}{:<26} {:<8} {:<8} {:>10} {:>10} {:>7}  {}\n",
         "ENCODER",
