@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Stored in `META[0]`; a controller adopts pinned maps only
 /// when the version matches, and otherwise asks for a teardown.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// Address family values used in keys (not the kernel's `AF_*`, which differ per platform).
 pub const FAMILY_V4: u8 = 4;
@@ -145,8 +145,37 @@ pub struct ChannelTarget {
     pub channel_id: u32,
     /// Index into `ENCODER_STATS` and `TX_PORTS` (the DEVMAP).
     pub encoder_id: u32,
+    /// What the rewrite from the key (the ingest endpoint) to `addr`:`port` adds to the
+    /// IPv4 header checksum, TTL decrement included (0 for IPv6): see
+    /// [`crate::rewrite::Deltas`]. Set by [`ChannelTarget::sealed`] as the value is written.
+    pub csum_ip: u16,
+    /// The same for the UDP checksum (address and port).
+    pub csum_udp: u16,
 }
-const _: () = assert!(core::mem::size_of::<ChannelTarget>() == 40);
+const _: () = assert!(core::mem::size_of::<ChannelTarget>() == 44);
+
+impl ChannelTarget {
+    /// The value as it is written under `key`: with the checksum deltas of the rewrite from
+    /// `key` to this target, so that the XDP program adds two constants instead of working
+    /// out each changed word per packet.
+    pub fn sealed(self, key: &Endpoint) -> Self {
+        let d = crate::rewrite::Deltas::of(key, &self.addr, self.port);
+        Self {
+            csum_ip: d.ip,
+            csum_udp: d.udp,
+            ..self
+        }
+    }
+
+    /// The value without its deltas (as userspace compares and keeps it).
+    pub fn unsealed(self) -> Self {
+        Self {
+            csum_ip: 0,
+            csum_udp: 0,
+            ..self
+        }
+    }
+}
 
 /// [`ChannelTarget::flags`]: the channel takes packets only from the prefixes of its
 /// `sources`, held in `SOURCE_NETS`; others pass to the host untouched

@@ -295,7 +295,10 @@ fn random_target(rng: &mut impl Rng, f: &Frame) -> Target {
 }
 
 /// The rewrite the XDP program does (`nsfail_common::rewrite`, called by
-/// `nsfail-ebpf/src/ingress.rs`), applied to the frame's own header bytes. Returns the UDP
+/// `nsfail-ebpf/src/ingress.rs`), applied to the frame's own header bytes: the sealed one,
+/// with the checksum deltas worked out from the key the channel was found by (the frame's
+/// destination) as userspace seals them into the target. It must write exactly what the
+/// word-by-word update writes, which is checked on a copy of every frame. Returns the UDP
 /// checksum as the incremental update left it before `udp_nonzero`, or `None` for an IPv4
 /// packet without one.
 fn rewrite(f: &mut Frame, t: &Target) -> Option<u16> {
@@ -303,6 +306,21 @@ fn rewrite(f: &mut Frame, t: &Target) -> Option<u16> {
         f.0[f.ttl_at()] > 1,
         "ingress passes an expiring TTL unchanged"
     );
+    let key = match f.ip() {
+        Ip::V4 => Endpoint::v4(f.dst().try_into().unwrap(), f.dport()),
+        Ip::V6 => Endpoint::v6(f.dst().try_into().unwrap(), f.dport()),
+    };
+    let d = rewrite::Deltas::of(&key, &t.addr, t.port);
+    let mut stepwise = f.clone();
+    let by_words = rewrite_with(&mut stepwise, t, None);
+    let sealed = rewrite_with(f, t, Some(d));
+    assert_eq!(sealed, by_words, "sealed and word-by-word updates differ");
+    assert_eq!(f.0, stepwise.0, "sealed and word-by-word rewrites differ");
+    sealed
+}
+
+/// The sealed rewrite with `deltas`, or else the word-by-word one.
+fn rewrite_with(f: &mut Frame, t: &Target, deltas: Option<rewrite::Deltas>) -> Option<u16> {
     let l4 = f.l4();
     let ip_version = f.ip();
     let (l3, l4_on) = f.0.split_at_mut(l4);
@@ -311,11 +329,17 @@ fn rewrite(f: &mut Frame, t: &Target) -> Option<u16> {
         Ip::V4 => {
             let ip: &mut [u8; rewrite::IPV4_LEN] = (&mut l3[L3..L3 + IPV4_LEN]).try_into().unwrap();
             let dst = [t.addr[0], t.addr[1], t.addr[2], t.addr[3]];
-            rewrite::ipv4(ip, udp, dst, t.port)
+            match deltas {
+                Some(d) => rewrite::ipv4_sealed(ip, udp, dst, t.port, d),
+                None => rewrite::ipv4(ip, udp, dst, t.port),
+            }
         }
         Ip::V6 => {
             let ip: &mut [u8; rewrite::IPV6_LEN] = (&mut l3[L3..L3 + IPV6_LEN]).try_into().unwrap();
-            Some(rewrite::ipv6(ip, udp, &t.addr, t.port))
+            Some(match deltas {
+                Some(d) => rewrite::ipv6_sealed(ip, udp, &t.addr, t.port, d),
+                None => rewrite::ipv6(ip, udp, &t.addr, t.port),
+            })
         }
     }
 }

@@ -182,7 +182,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
             &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
         )
     };
-    rewrite::ipv4(ip, udp, dst, target.port);
+    rewrite::ipv4_sealed(ip, udp, dst, target.port, deltas(&target));
     forward(ctx, &parsed, &target)
 }
 
@@ -237,8 +237,18 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
             &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
         )
     };
-    rewrite::ipv6(ip, udp, &target.addr, target.port);
+    rewrite::ipv6_sealed(ip, udp, &target.addr, target.port, deltas(&target));
     forward(ctx, &parsed, &target)
+}
+
+/// The checksum deltas userspace sealed into the target for its key, which is this packet's
+/// destination.
+#[inline(always)]
+fn deltas(target: &ChannelTarget) -> rewrite::Deltas {
+    rewrite::Deltas {
+        ip: target.csum_ip,
+        udp: target.csum_udp,
+    }
 }
 
 /// A channel with `sources` takes packets only from addresses inside them: anything else

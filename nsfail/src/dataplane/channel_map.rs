@@ -1,6 +1,7 @@
 //! CHANNELS_V4 and CHANNELS_V6 as one map keyed by ingest [`Endpoint`]: the XDP program looks
 //! IPv4 channels up by an 8-byte key and IPv6 ones by the full endpoint; the rest of this
-//! module sees one map, and each call goes to the family's own.
+//! module sees one map, and each call goes to the family's own. Values are written sealed
+//! with their checksum deltas ([`ChannelTarget::sealed`]) and read back without them.
 
 use aya::maps::{HashMap, MapData, MapError};
 use nsfail_common::{ChannelKey4, ChannelTarget, Endpoint};
@@ -16,9 +17,13 @@ impl ChannelMaps {
             Some(k) => self.v4.get(&k, 0),
             None => self.v6.get(key, 0),
         }
+        .map(ChannelTarget::unsealed)
     }
 
+    /// Writes `target` under `key`, sealed with the checksum deltas of its rewrite (which
+    /// only the key and the target decide).
     pub(super) fn insert(&mut self, key: Endpoint, target: ChannelTarget) -> Result<(), MapError> {
+        let target = target.sealed(&key);
         match ChannelKey4::of(&key) {
             Some(k) => self.v4.insert(k, target, 0),
             None => self.v6.insert(key, target, 0),
@@ -40,6 +45,7 @@ impl ChannelMaps {
             .iter()
             .map(|r| r.map(|(k, t)| (k.endpoint(), t)))
             .chain(self.v6.iter())
+            .map(|r| r.map(|(k, t)| (k, t.unsealed())))
     }
 
     /// Every key of both maps, IPv4 first.

@@ -22,6 +22,8 @@ pub(super) fn target_for(
         flags: 0,
         channel_id,
         encoder_id,
+        csum_ip: 0,
+        csum_udp: 0,
     }
 }
 

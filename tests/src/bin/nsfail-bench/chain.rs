@@ -131,7 +131,7 @@ pub fn build(
             encoder_id,
             ..t0
         };
-        channels.insert(key4(listen(i)), target, 0)?;
+        channels.insert(key4(listen(i)), target.sealed(&endpoint(listen(i))), 0)?;
         let reply = ReplyTarget {
             ingest: endpoint(listen(i)),
             channel_id: i as u32,
