@@ -911,3 +911,191 @@ fn the_active_encoders_host_frozen_moves_the_stream_to_the_backup_on_the_other_h
         f.lost, f.sent, f.gap_ms
     );
 }
+
+/// Issue 17, "What must be shown" 4: the leader's host freezes (its daemon SIGSTOPped, its
+/// link to etcd dropping every packet at etcd's side, the link up). The other host is elected
+/// within about one lease (the time is printed), moves the frozen host's channel to its own
+/// encoder, and an encoder failure right after is still failed over by the new leader (the
+/// stream ends at the backup; the gap is printed). When the old leader continues it rejoins as
+/// a follower: it writes no active encoder, and the channel that failed over stays where it is.
+#[test]
+fn the_leaders_host_frozen_a_new_leader_handles_the_next_failure() {
+    let (lab1, lab2) = (lab(2), lab(2));
+    let _echoes1: Vec<Echo> = lab1
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut echoes2: Vec<Echo> = lab2
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut etcd = Etcd::new();
+    let (ep1, ep2) = (etcd.link(&lab1.rt.name, 1), etcd.link(&lab2.rt.name, 2));
+    etcd.start();
+    let name = unique("c");
+    let prefix = format!("/nsfail/{name}/");
+    let dir = TempDir::new();
+    let seed = dir.path.join("seed.toml");
+    fs::write(&seed, two_host_seed(&name)).unwrap();
+    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    let cfg1 = dir.path.join("h1.toml");
+    fs::write(
+        &cfg1,
+        without_channels(&lab_config_with(&lab1, &Policy::tolerant()))
+            + &cluster_section(&name, "h1", &ep1),
+    )
+    .unwrap();
+    let cfg2 = dir.path.join("h2.toml");
+    fs::write(
+        &cfg2,
+        without_channels(&lab_config_with(&lab2, &Policy::tolerant()))
+            .replace("\"enc-a\"", "\"enc-c\"")
+            .replace("\"enc-b\"", "\"enc-d\"")
+            + &cluster_section(&name, "h2", &ep2),
+    )
+    .unwrap();
+    let (pins1, pins2) = (PinDir::new(), PinDir::new());
+    let (sock1, sock2) = (dir.path.join("h1.sock"), dir.path.join("h2.sock"));
+    let h1 = Daemon::start(&cfg1, &sock1, &pins1);
+    let led = wait_for(Duration::from_secs(5), || {
+        (cluster_of(&sock1)["leading"] == true).then_some(())
+    });
+    assert!(led.is_some(), "h1 leads:\n{}", log_of(&cfg1));
+    let _h2 = Daemon::start(&cfg2, &sock2, &pins2);
+    let follows = wait_for(Duration::from_secs(10), || {
+        (cluster_of(&sock2)["leader"] == "h1"
+            && placement(&sock2)
+                == [
+                    ("cam1".into(), "enc-a".into()),
+                    ("cam2".into(), "enc-c".into()),
+                ])
+        .then_some(())
+    });
+    assert!(follows.is_some(), "h2 follows h1:\n{}", log_of(&cfg2));
+
+    // h1 freezes.
+    let h1_pid = nix::unistd::Pid::from_raw(h1.child.pid());
+    let frozen = Instant::now();
+    nix::sys::signal::kill(h1_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let drop_h1 = "add table inet freeze; \
+         add chain inet freeze in { type filter hook input priority 0; policy accept; }; \
+         add chain inet freeze out { type filter hook output priority 0; policy accept; }; \
+         add rule inet freeze in ip saddr 10.79.1.2 drop; \
+         add rule inet freeze out ip daddr 10.79.1.2 drop";
+    nsfail_tests::run("ip", &["netns", "exec", &etcd.ns.name, "nft", drop_h1]);
+    let elected = wait_for(Duration::from_secs(8), || {
+        (cluster_of(&sock2)["leading"] == true).then(|| frozen.elapsed())
+    })
+    .unwrap_or_else(|| panic!("h2 elected:\n{}", log_of(&cfg2)));
+    let moved = wait_for(Duration::from_secs(8), || {
+        (active_in_etcd(&etcd, &prefix, "cam1") == Some(("enc-c".into(), "h2".into())))
+            .then(|| frozen.elapsed())
+    })
+    .unwrap_or_else(|| panic!("h2 moves cam1 to enc-c:\n{}", log_of(&cfg2)));
+    println!(
+        "leader's host frozen: h2 leads after {:.2} s, cam1 on h2's enc-c in etcd after {:.2} s \
+         (lease 1 s)",
+        elected.as_secs_f64(),
+        moved.as_secs_f64()
+    );
+
+    // Right after, enc-c (cam2's active encoder, on the new leader's host) dies mid-stream.
+    let (ec, ed) = (&lab2.encoders[0], &lab2.encoders[1]);
+    let mut rx_c = Receiver::start(&ec.ns, sa(&format!("{}:7002", ec.addr4)));
+    let rx_d = Receiver::start(&ed.ns, sa(&format!("{}:7002", ed.addr4)));
+    let n = 3000u32;
+    let burst = nsfail_tests::traffic::spawn_burst(
+        &lab2.src.name,
+        sa("10.77.0.2:41010"),
+        sa("10.77.0.1:5002"),
+        0..n,
+        Duration::from_millis(1),
+        Duration::from_secs(2),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let on_c = rx_c.seen();
+    rx_c.kill();
+    echoes2[0].stop();
+    let sent = burst.join().expect("burst thread");
+    let on_c: std::collections::BTreeSet<u32> = on_c.union(&rx_c.seen()).copied().collect();
+    let on_d = rx_d.settled();
+    let lost = (0..n)
+        .filter(|s| !on_c.contains(s) && !on_d.contains(s))
+        .count() as u32;
+    let tail = (0..n).rev().take(500).filter(|s| on_d.contains(s)).count();
+    assert_eq!(tail, 500, "cam2's stream ends at enc-d:\n{}", log_of(&cfg2));
+    assert_eq!(
+        active_in_etcd(&etcd, &prefix, "cam2"),
+        Some(("enc-d".into(), "h2".into())),
+        "the new leader wrote cam2's failover"
+    );
+    println!(
+        "enc-c killed right after: cam2 at enc-d, {lost} of {n} packets lost, a gap of about \
+         {:.0} ms",
+        sent.sending.as_secs_f64() * 1e3 * f64::from(lost) / f64::from(n - 1)
+    );
+
+    // h1 continues: it follows h2, writes nothing, and nothing moves needlessly.
+    let writes_before = etcd.history(&format!("{prefix}active/")).len();
+    nsfail_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &etcd.ns.name,
+            "nft",
+            "delete table inet freeze",
+        ],
+    );
+    nix::sys::signal::kill(h1_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let rejoined = wait_for(Duration::from_secs(10), || {
+        let c = cluster_of(&sock1);
+        (c["leader"] == "h2" && c["leading"] == false && placement(&sock1) == placement(&sock2))
+            .then_some(())
+    });
+    assert!(
+        rejoined.is_some(),
+        "h1 rejoins as a follower: {} {:?} vs {:?}\n{}",
+        cluster_of(&sock1),
+        placement(&sock1),
+        placement(&sock2),
+        log_of(&cfg1)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let history = etcd.history(&format!("{prefix}active/"));
+    let after: Vec<(String, serde_json::Value)> = history[writes_before..]
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::from_slice(v).unwrap()))
+        .collect();
+    assert!(
+        after.iter().all(|(_, v)| v["leader"] == "h2"),
+        "only the new leader writes after h1 continues: {after:?}"
+    );
+    // cam1 had only the dead enc-c left while h1 was away: back to enc-a is its one move.
+    let moves: Vec<(&str, &str)> = after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.rsplit('/').next().unwrap(),
+                v["encoder"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [("cam1", "enc-a")],
+        "one legitimate move, cam2 stays on enc-d: {after:?}"
+    );
+    assert!(
+        placement(&sock2).contains(&("cam2".into(), "enc-d".into())),
+        "{:?}",
+        placement(&sock2)
+    );
+    println!(
+        "after h1 continued: {} active/ writes: {after:?}",
+        after.len()
+    );
+}
