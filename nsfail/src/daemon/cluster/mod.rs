@@ -24,8 +24,9 @@ use crate::{
     config::{self, Cluster},
 };
 
-/// The longest wait between two attempts to reach etcd.
-const RETRY_MAX: Duration = Duration::from_secs(2);
+/// The longest wait between two attempts to reach etcd: short, so that hosts agree again within
+/// a second of etcd's return (issue 17); a refused connection costs next to nothing.
+const RETRY_MAX: Duration = Duration::from_millis(250);
 
 /// This host in the cluster, as `join` left it.
 pub(super) struct Joined {
@@ -227,6 +228,15 @@ async fn register(client: &mut Client, me: &Me) -> Result<i64, etcd_client::Erro
             Some(GetOptions::new().with_prefix()),
         )
         .await?;
+    // This host's lease from before (a session that lost etcd, or a previous process): a
+    // restarted etcd renews it, so its election key would hold the leadership for one more
+    // lease. Revoked once its keys are under the new lease, the cluster elects and agrees
+    // within a second of etcd's return.
+    let previous = client.get(cluster::host_key(c, &me.host), None).await?;
+    let previous = previous
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<HostRecord>(kv.value()).ok());
     let ttl = i64::try_from(c.lease_s).unwrap_or(i64::MAX);
     let granted = client.lease_grant(ttl, None).await?;
     if granted.ttl() != ttl {
@@ -273,6 +283,13 @@ async fn register(client: &mut Client, me: &Me) -> Result<i64, etcd_client::Erro
                 under_lease(),
             )
             .await?;
+    }
+    if let Some(old) = previous
+        && old.lease != lease
+        && let Err(e) = client.lease_revoke(old.lease).await
+    {
+        // Expired meanwhile: nothing left to revoke.
+        debug!("revoking this host's previous lease {}: {e}", old.lease);
     }
     Ok(lease)
 }
