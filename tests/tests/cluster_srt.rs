@@ -110,7 +110,7 @@ fn a_frozen_hosts_srt_caller_is_told_by_the_leader_and_streams_at_the_backup() {
             ))
             .collect::<Vec<_>>(),
         at_a - frozen_at,
-        cli(&c.sock_a, &["events"]).stdout
+        cli(&c.sock_a, &["events"]).stdout + &log_of(&c.cfg_a)
     );
     let grew = wait_for(Duration::from_secs(5), || {
         (srt::size(&out_a) > 20_000).then_some(())

@@ -367,6 +367,11 @@ impl Controller {
             for r in shared.remote.values_mut() {
                 r.registered = false;
             }
+            // Callers the snapshot does not hold again count as gone from now.
+            let now = Instant::now();
+            for (_, gone) in shared.callers.values_mut() {
+                gone.get_or_insert(now);
+            }
         }
         let (bad, recompose, mut touched) = shared.record(changes);
         if resync {

@@ -118,8 +118,8 @@ impl Batch {
     }
 }
 
-/// Sends the SHUTDOWNs from the ingest address (IP_FREEBIND: the address need not be
-/// configured on this host for the packets to carry it).
+/// Sends the SHUTDOWNs from the ingest address (IP_FREEBIND and, for IPv4, IP_TRANSPARENT:
+/// the address need not be configured on this host for the packets to carry it).
 pub(super) fn send_srt_shutdowns(
     from: SocketAddr,
     callers: &[(SocketAddr, u32)],
@@ -135,6 +135,13 @@ pub(super) fn send_srt_shutdowns(
     };
     let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::IpFreebind, &true)?;
+    // A cluster host need not hold the ingest address at all (the router sends it to
+    // another host): without IP_TRANSPARENT the kernel refuses to route from a source that
+    // is not local (ENETUNREACH). IPv4 only: nix has no IPV6_TRANSPARENT, and an IPv6 ingest
+    // address still has to be local to the host that sends.
+    if from.is_ipv4() {
+        setsockopt(&fd, sockopt::IpTransparent, &true)?;
+    }
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
     for round in 0..3 {
