@@ -390,6 +390,11 @@ pub struct RoutedCluster {
 }
 
 pub fn routed_cluster() -> RoutedCluster {
+    routed_cluster_of("udp")
+}
+
+/// [`routed_cluster`] with cam1 of `protocol` (`udp` or `srt`).
+pub fn routed_cluster_of(protocol: &str) -> RoutedCluster {
     let mut w = RoutedWorld::new();
     let echoes = [
         Echo::start(&w.ea, sa("10.71.5.2:9000")),
@@ -409,7 +414,7 @@ pub fn routed_cluster() -> RoutedCluster {
              [[encoder]]\nname = \"eb\"\naddress = \"10.71.4.2\"\nmac = \"02:00:00:00:00:02\"\n\
              health = {{ kind = \"udp\", port = 9000 }}\n\
              [[channel]]\nname = \"cam1\"\nlisten = \"{ROUTED_INGEST}:5000\"\n\
-             encoders = [\"eb\", \"ea\"]\nport = 7000\n"
+             encoders = [\"eb\", \"ea\"]\nport = 7000\nprotocol = \"{protocol}\"\n"
         ) + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
     )
     .unwrap();

@@ -66,9 +66,10 @@ pub fn status(path: &Path, json: bool) -> Result<()> {
             st.etcd.endpoints.join(",")
         );
         println!(
-            "{} channels ({} with an active encoder from a leader); leader: {}",
+            "{} channels ({} with an active encoder from a leader, {} SRT callers); leader: {}",
             st.channels,
             st.actives,
+            st.srt_callers,
             st.leader.as_deref().unwrap_or("none")
         );
         println!(

@@ -8,9 +8,12 @@
 //! | `/nsfail/<name>/encoders/<host>/<enc>`| [`EncoderRecord`]: definition and health  | the host's |
 //! | `/nsfail/<name>/active/<channel>`     | [`ActiveRecord`]: the leader's choice     | none       |
 //! | `/nsfail/<name>/leader/<lease>`       | a candidate's host name (etcd election)   | the host's |
+//! | `/nsfail/<name>/callers/<channel>/<host>/<ip:port>` | [`CallerRecord`]: an SRT caller that host learned | the host's |
 //!
 //! Anything else under the prefix, or a value that does not decode, is foreign or corrupt:
 //! reported and skipped, never applied.
+
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +37,12 @@ pub enum Key {
     Active(String),
     /// A candidate's key in the leader election (etcd's election API writes it).
     Election,
+    /// An SRT caller of a channel, learned by a host.
+    Caller {
+        channel: String,
+        host: String,
+        caller: SocketAddr,
+    },
     /// Not nsfail's layout (or a bad name in it).
     Foreign,
 }
@@ -62,6 +71,15 @@ pub fn active_key(c: &Cluster, channel: &str) -> String {
     format!("{}active/{channel}", c.prefix())
 }
 
+pub fn callers_prefix(c: &Cluster) -> String {
+    format!("{}callers/", c.prefix())
+}
+
+/// An SRT caller's key: `callers/<channel>/<host>/<ip:port>` (an IPv6 caller as `[ip]:port`).
+pub fn caller_key(c: &Cluster, channel: &str, host: &str, caller: SocketAddr) -> String {
+    format!("{}callers/{channel}/{host}/{caller}", c.prefix())
+}
+
 /// The election's name: candidates' keys are `<name>/<lease in hex>`.
 pub fn election_name(c: &Cluster) -> String {
     format!("{}leader", c.prefix())
@@ -82,6 +100,16 @@ pub fn parse_key(prefix: &str, key: &str) -> Key {
             encoder: (*enc).to_owned(),
         },
         ["active", name] if ok(name) => Key::Active((*name).to_owned()),
+        ["callers", channel, host, caller] if ok(channel) && ok(host) => {
+            match caller.parse::<SocketAddr>() {
+                Ok(caller) => Key::Caller {
+                    channel: (*channel).to_owned(),
+                    host: (*host).to_owned(),
+                    caller,
+                },
+                Err(_) => Key::Foreign,
+            }
+        }
         ["leader", lease] if !lease.is_empty() && lease.chars().all(|c| c.is_ascii_hexdigit()) => {
             Key::Election
         }
@@ -157,6 +185,19 @@ pub struct ActiveRecord {
     pub term: i64,
 }
 
+/// `callers/<channel>/<host>/<caller>`: an SRT caller of a channel that a host learned (its
+/// data plane saw the caller's handshake accepted), with what a SHUTDOWN to it needs. The
+/// host writes it under its own lease and deletes it when it forgets the caller, so that a
+/// repoint tells the caller to reconnect even when the host that learned it is down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerRecord {
+    /// The channel's ingest address the caller sends to: the SHUTDOWN's source.
+    pub listen: SocketAddr,
+    /// The caller's SRT socket ID: the SHUTDOWN's Destination Socket ID.
+    pub socket_id: u32,
+}
+
 /// One key of the cluster's prefix as read or watched, decoded: what a host applies, or why
 /// it skips it.
 #[derive(Clone, Debug, PartialEq)]
@@ -175,6 +216,17 @@ pub enum Change {
         record: ActiveRecord,
     },
     DeleteActive(String),
+    PutCaller {
+        channel: String,
+        host: String,
+        caller: SocketAddr,
+        record: CallerRecord,
+    },
+    DeleteCaller {
+        channel: String,
+        host: String,
+        caller: SocketAddr,
+    },
     /// A candidate of the election came or went (followed through etcd's election API).
     Election,
     /// Foreign or corrupt: reported and skipped, never applied.
@@ -222,6 +274,38 @@ pub fn decode(prefix: &str, key: &[u8], value: Option<&[u8]>) -> Change {
             Ok(record) => bad(format!("not an encoder name: {:?}", record.encoder)),
             Err(e) => bad(format!("not an active-encoder record: {e}")),
         },
+        (
+            Key::Caller {
+                channel,
+                host,
+                caller,
+            },
+            None,
+        ) => Change::DeleteCaller {
+            channel,
+            host,
+            caller,
+        },
+        (
+            Key::Caller {
+                channel,
+                host,
+                caller,
+            },
+            Some(v),
+        ) => match serde_json::from_slice::<CallerRecord>(v) {
+            Ok(record) if record.listen.is_ipv4() == caller.is_ipv4() => Change::PutCaller {
+                channel,
+                host,
+                caller,
+                record,
+            },
+            Ok(record) => bad(format!(
+                "caller {caller} of ingest address {}: not the same IP family",
+                record.listen
+            )),
+            Err(e) => bad(format!("not an SRT caller record: {e}")),
+        },
         (Key::Encoder { host, encoder }, None) => Change::DeleteEncoder { host, encoder },
         (Key::Encoder { host, encoder }, Some(v)) => {
             match serde_json::from_slice::<EncoderRecord>(v) {
@@ -267,7 +351,21 @@ mod tests {
                 encoder: "enc-a".into()
             }
         );
+        assert_eq!(
+            parse_key(
+                &p,
+                &caller_key(&c, "cam1", "h1", "[2001:db8::7]:4000".parse().unwrap())
+            ),
+            Key::Caller {
+                channel: "cam1".into(),
+                host: "h1".into(),
+                caller: "[2001:db8::7]:4000".parse().unwrap()
+            }
+        );
         for foreign in [
+            "/nsfail/studio/callers/cam1/h1/nowhere",
+            "/nsfail/studio/callers/cam1/h1",
+            "/nsfail/studio/callers/cam1/bad host/10.0.0.9:4000",
             "/nsfail/studio/other/x",
             "/nsfail/studio/channels/",
             "/nsfail/studio/channels/a/b",
@@ -341,8 +439,25 @@ mod tests {
             decode(p, b"/nsfail/studio/leader/694d8a3b1c2f0e05", Some(b"h2")),
             Change::Election
         );
+        let caller = br#"{"listen":"10.0.0.1:5000","socket_id":305419896}"#;
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/callers/cam1/h2/10.9.0.2:4000", Some(caller)),
+            Change::PutCaller { channel, host, caller, record }
+                if channel == "cam1" && host == "h2" && caller.port() == 4000
+                    && record.socket_id == 0x1234_5678
+        ));
+        assert!(matches!(
+            decode(p, b"/nsfail/studio/callers/cam1/h2/10.9.0.2:4000", None),
+            Change::DeleteCaller { host, .. } if host == "h2"
+        ));
         // Each of these is skipped, with its reason, and never applied.
-        let bad: [(&[u8], Option<&[u8]>); 8] = [
+        let bad: [(&[u8], Option<&[u8]>); 11] = [
+            (b"/nsfail/studio/callers/cam1/h2/10.9.0.2:4000", Some(b"{}")),
+            (
+                b"/nsfail/studio/callers/cam1/h2/[2001:db8::2]:4000",
+                Some(caller),
+            ),
+            (b"/nsfail/studio/callers/cam1/h2/10.9.0.2", Some(caller)),
             (b"/nsfail/studio/active/cam1", Some(b"{}")),
             (b"/nsfail/studio/leader/not-hex", Some(b"h2")),
             (b"/nsfail/studio/junk", Some(b"1")),

@@ -113,6 +113,8 @@ pub struct ClusterStatus {
     pub channels: usize,
     /// Channels with an active encoder written by a leader.
     pub actives: usize,
+    /// SRT callers published by the hosts (one per channel, host and caller).
+    pub srt_callers: usize,
     /// Keys under the prefix that are not nsfail's layout or do not decode.
     pub bad_keys: Vec<String>,
 }
@@ -151,6 +153,7 @@ pub async fn status(c: &Cluster) -> ClusterStatus {
         leader: None,
         channels: 0,
         actives: 0,
+        srt_callers: 0,
         bad_keys: Vec::new(),
     };
     if let Err(e) = read_status(c, &mut out).await {
@@ -199,6 +202,10 @@ async fn read_status(c: &Cluster, out: &mut ClusterStatus) -> Result<()> {
             }
             Key::Active(_) => match decode(&prefix, kv.key(), Some(kv.value())) {
                 Change::PutActive { .. } => out.actives += 1,
+                _ => out.bad_keys.push(key),
+            },
+            Key::Caller { .. } => match decode(&prefix, kv.key(), Some(kv.value())) {
+                Change::PutCaller { .. } => out.srt_callers += 1,
                 _ => out.bad_keys.push(key),
             },
             Key::Election => {}

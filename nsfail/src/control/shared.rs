@@ -12,7 +12,7 @@
 //! ingest address), another host's encoder whose name is one of this host's.
 
 use super::*;
-use crate::cluster::{ActiveRecord, Change, EncoderRecord, HostRecord};
+use crate::cluster::{ActiveRecord, CallerRecord, Change, EncoderRecord, HostRecord};
 
 /// What this host knows of the cluster.
 #[derive(Debug)]
@@ -28,6 +28,11 @@ pub struct Shared {
     remote: BTreeMap<String, Remote>,
     /// What the last composition skipped, and why (reported once per change of reason).
     skipped: BTreeMap<String, String>,
+    /// SRT callers other hosts published, by (channel, host, caller), with when their key
+    /// went (`None`: still in etcd). A key that went is kept for [`CALLER_GRACE`]: a host
+    /// that froze loses its keys with its lease, in the same breath as its encoders, and
+    /// the repoint that follows must still tell its callers.
+    pub(super) callers: BTreeMap<(String, String, SocketAddr), (CallerRecord, Option<Instant>)>,
     /// Each channel's active encoder as the leader wrote it.
     pub(super) actives: BTreeMap<String, ActiveRecord>,
     /// Whether this host is the leader (elected, and etcd reachable).
@@ -56,6 +61,10 @@ pub struct Shared {
     pub(super) announced_at: Option<Instant>,
     pub(super) announce_failed: Option<String>,
 }
+
+/// How long a published SRT caller whose key went is still told of repoints: longer than
+/// libsrt's ~5 s peer-idle timeout, after which the caller reconnects by itself.
+pub(super) const CALLER_GRACE: Duration = Duration::from_secs(10);
 
 /// How often a failed application of etcd's state is tried again.
 const RETRY_SHARED: Duration = Duration::from_secs(1);
@@ -91,6 +100,7 @@ impl Shared {
             hosts: BTreeMap::new(),
             remote: BTreeMap::new(),
             skipped: BTreeMap::new(),
+            callers: BTreeMap::new(),
             actives: BTreeMap::new(),
             leading: false,
             leader: None,
@@ -125,6 +135,19 @@ impl Shared {
             .map(|r| r.record.host.as_str())
     }
 
+    /// The SRT callers of `channel` that other hosts published (or did until less than
+    /// [`CALLER_GRACE`] ago), for the leader to tell of a repoint: (caller, socket ID).
+    pub(super) fn published_callers(&self, channel: &str) -> Vec<(SocketAddr, u32)> {
+        let now = Instant::now();
+        self.callers
+            .iter()
+            .filter(|((ch, _, _), (_, gone))| {
+                ch == channel && gone.is_none_or(|t| now - t < CALLER_GRACE)
+            })
+            .map(|((_, _, caller), (rec, _))| (*caller, rec.socket_id))
+            .collect()
+    }
+
     /// Records `changes`; returns the keys skipped as bad, whether the composed
     /// configuration may differ (a channel, an encoder definition or a host's MAC changed),
     /// and the channels whose definition or active encoder changed.
@@ -147,6 +170,28 @@ impl Shared {
                     self.actives.remove(&channel);
                 }
                 Change::Election => {}
+                Change::PutCaller {
+                    channel,
+                    host,
+                    caller,
+                    record,
+                } => {
+                    if host != self.host {
+                        self.callers.insert((channel, host, caller), (record, None));
+                    }
+                }
+                Change::DeleteCaller {
+                    channel,
+                    host,
+                    caller,
+                } => {
+                    let now = Instant::now();
+                    self.callers
+                        .retain(|_, (_, gone)| gone.is_none_or(|t| now - t < CALLER_GRACE));
+                    if let Some((_, gone)) = self.callers.get_mut(&(channel, host, caller)) {
+                        gone.get_or_insert(now);
+                    }
+                }
                 Change::DeleteChannel(name) => {
                     recompose |= self.channels.remove(&name).is_some();
                 }
@@ -321,6 +366,11 @@ impl Controller {
             shared.actives.clear();
             for r in shared.remote.values_mut() {
                 r.registered = false;
+            }
+            // Callers the snapshot does not hold again count as gone from now.
+            let now = Instant::now();
+            for (_, gone) in shared.callers.values_mut() {
+                gone.get_or_insert(now);
             }
         }
         let (bad, recompose, mut touched) = shared.record(changes);

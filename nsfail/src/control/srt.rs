@@ -1,9 +1,47 @@
 //! SRT reconnects: after a repoint, each live caller of the channel is sent a SHUTDOWN from
-//! the ingest address, so that it reconnects to the encoder the channel now points to.
+//! the ingest address, so that it reconnects to the encoder the channel now points to. In a
+//! cluster the leader also tells the callers that other hosts published in etcd.
 
 use super::*;
 
 impl Controller {
+    /// The SRT callers this host has learned and heard from lately, for the cluster to publish:
+    /// (channel, caller, record). Empty outside a cluster.
+    pub fn local_callers(&self) -> Vec<(String, SocketAddr, crate::cluster::CallerRecord)> {
+        if self.shared.is_none() {
+            return Vec::new();
+        }
+        let by_listen: HashMap<SocketAddr, &str> = self
+            .config()
+            .channels
+            .iter()
+            .filter(|ch| ch.protocol == config::Protocol::Srt)
+            .map(|ch| (ch.listen, ch.name.as_str()))
+            .collect();
+        let now = monotonic_ns();
+        match self.dp.srt_peers() {
+            Ok(peers) => peers
+                .into_iter()
+                .filter(|p| now.saturating_sub(p.last_seen_ns) < SRT_PEER_FRESH.as_nanos() as u64)
+                .filter_map(|p| {
+                    let name = by_listen.get(&p.channel)?;
+                    Some((
+                        (*name).to_owned(),
+                        p.peer,
+                        crate::cluster::CallerRecord {
+                            listen: p.channel,
+                            socket_id: p.socket_id,
+                        },
+                    ))
+                })
+                .collect(),
+            Err(e) => {
+                warn!("reading SRT peers to publish: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     /// Sends each live SRT caller of `ch` a SHUTDOWN from the channel's ingest address, three
     /// times a few ms apart (loss-safe; a caller ignores a wrong or stale ID). The caller drops
     /// its session at once and its new handshake lands on the encoder the channel now points
@@ -28,9 +66,21 @@ impl Controller {
             }
             by_channel
         });
-        let Some(callers) = peers.remove(&ch.listen) else {
+        let mut callers = peers.remove(&ch.listen).unwrap_or_default();
+        // Cluster: the leader also tells the callers other hosts learned, whichever host
+        // that was and whether it is up. Each host tells its own as well, so a caller may
+        // get its SHUTDOWN twice: harmless, the second finds the session gone (or a new
+        // socket ID) and is ignored.
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.leading) {
+            for c in shared.published_callers(&ch.name) {
+                if !callers.contains(&c) {
+                    callers.push(c);
+                }
+            }
+        }
+        if callers.is_empty() {
             return 0;
-        };
+        }
         let count = callers.len() as u32;
         batch.shutdowns.push((ch.name.clone(), ch.listen, callers));
         count
@@ -68,8 +118,8 @@ impl Batch {
     }
 }
 
-/// Sends the SHUTDOWNs from the ingest address (IP_FREEBIND: the address need not be
-/// configured on this host for the packets to carry it).
+/// Sends the SHUTDOWNs from the ingest address (IP_FREEBIND and, for IPv4, IP_TRANSPARENT:
+/// the address need not be configured on this host for the packets to carry it).
 pub(super) fn send_srt_shutdowns(
     from: SocketAddr,
     callers: &[(SocketAddr, u32)],
@@ -85,6 +135,13 @@ pub(super) fn send_srt_shutdowns(
     };
     let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::IpFreebind, &true)?;
+    // A cluster host need not hold the ingest address at all (the router sends it to
+    // another host): without IP_TRANSPARENT the kernel refuses to route from a source that
+    // is not local (ENETUNREACH). IPv4 only: nix has no IPV6_TRANSPARENT, and an IPv6 ingest
+    // address still has to be local to the host that sends.
+    if from.is_ipv4() {
+        setsockopt(&fd, sockopt::IpTransparent, &true)?;
+    }
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
     for round in 0..3 {

@@ -14,6 +14,7 @@
 //! channels a copy per change would cost more than the change).
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         mpsc::{self, RecvTimeoutError},
@@ -28,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 use super::notify::Notifier;
 use crate::{
     api::{Command, Response},
-    cluster::Change,
+    cluster::{self, Change},
     config::{self, Config, HealthCheck},
     control::{ControlError, Controller, SharedReport},
     health::{HealthUpdate, judge::Judge},
@@ -77,6 +78,8 @@ pub(super) enum Msg {
     },
     /// This host's encoders with their health and drain, to publish in etcd.
     LocalHealth(oneshot::Sender<Vec<(config::Encoder, bool, bool)>>),
+    /// The SRT callers this host learned, to publish in etcd.
+    LocalCallers(oneshot::Sender<Vec<(String, SocketAddr, cluster::CallerRecord)>>),
     /// Whether a channel read from etcd is applied here (or why it is skipped).
     SharedChannel(String, oneshot::Sender<Result<(), String>>),
     /// Whether a new channel fits the effective configuration (before it is written to etcd).
@@ -341,6 +344,10 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
         Msg::LocalHealth(reply) => {
             // Err: the cluster task is stopping.
             let _ = reply.send(c.local_health());
+        }
+        Msg::LocalCallers(reply) => {
+            // Err: the cluster task is stopping.
+            let _ = reply.send(c.local_callers());
         }
         Msg::SharedChannel(name, reply) => {
             // Err: the client hung up.

@@ -11,7 +11,7 @@
 mod session;
 mod writes;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::SocketAddr};
 
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 use log::debug;
@@ -20,7 +20,7 @@ use tokio::sync::watch as tokio_watch;
 pub(in crate::daemon) use self::writes::Writes;
 use super::{actor::ControlHandle, *};
 use crate::{
-    cluster::{self, Change, EncoderRecord, HostRecord},
+    cluster::{self, CallerRecord, Change, EncoderRecord, HostRecord},
     config::{self, Cluster},
 };
 

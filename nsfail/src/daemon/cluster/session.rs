@@ -51,6 +51,7 @@ pub(super) async fn session(
     let mut publish = tokio::time::interval(PUBLISH_EVERY);
     publish.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut published: BTreeMap<String, EncoderRecord> = BTreeMap::new();
+    let mut callers: BTreeMap<(String, SocketAddr), CallerRecord> = BTreeMap::new();
     let mut writer = client.clone();
     let election = cluster::election_name(&me.cluster);
     let mut elector = client.clone();
@@ -98,6 +99,9 @@ pub(super) async fn session(
             _ = publish.tick() => {
                 if let Err(e) = publish_health(&mut writer, me, lease, ctl, &mut published).await {
                     return e.context("publishing the encoders' health");
+                }
+                if let Err(e) = publish_callers(&mut writer, me, lease, ctl, &mut callers).await {
+                    return e.context("publishing the SRT callers");
                 }
             }
         }
@@ -262,6 +266,53 @@ async fn publish_health(
             )
             .await?;
         published.insert(name, rec);
+    }
+    Ok(())
+}
+
+/// Publishes the SRT callers this host learned (`callers/<channel>/<host>/<caller>`, under
+/// the host's lease) and deletes those it forgot, so that the leader tells them of a repoint
+/// even when this host cannot.
+async fn publish_callers(
+    client: &mut Client,
+    me: &Me,
+    lease: i64,
+    ctl: &ControlHandle,
+    published: &mut BTreeMap<(String, SocketAddr), CallerRecord>,
+) -> Result<()> {
+    let Some(now) = ctl.ask(Msg::LocalCallers).await else {
+        bail!("the controller stopped");
+    };
+    let now: BTreeMap<(String, SocketAddr), CallerRecord> = now
+        .into_iter()
+        .map(|(channel, caller, rec)| ((channel, caller), rec))
+        .collect();
+    let gone: Vec<(String, SocketAddr)> = published
+        .keys()
+        .filter(|k| !now.contains_key(*k))
+        .cloned()
+        .collect();
+    for (channel, caller) in gone {
+        client
+            .delete(
+                cluster::caller_key(&me.cluster, &channel, &me.host, caller),
+                None,
+            )
+            .await?;
+        published.remove(&(channel, caller));
+    }
+    for ((channel, caller), rec) in now {
+        if published.get(&(channel.clone(), caller)) == Some(&rec) {
+            continue;
+        }
+        client
+            .put(
+                cluster::caller_key(&me.cluster, &channel, &me.host, caller),
+                json(&rec),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        published.insert((channel, caller), rec);
     }
     Ok(())
 }
