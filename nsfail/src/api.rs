@@ -30,6 +30,11 @@ pub enum Command {
     Undrain {
         encoder: String,
     },
+    /// `drain host`: withdraw this cluster host's anycast routes (`drained`), or announce
+    /// them again (`undrain host`).
+    DrainHost {
+        drained: bool,
+    },
     AddChannel {
         channel: NewChannel,
     },
@@ -168,6 +173,9 @@ pub struct ClusterView {
     pub leading: bool,
     /// Whether this host reaches etcd now.
     pub etcd: bool,
+    /// Whether `nsfail drain host` withdrew this host's anycast routes.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -20,6 +20,10 @@ pub const LOCK_DIR: &str = "/run/nsfail/locks";
 /// Where the daemon keeps what its managed encoders' processes need across its restarts
 /// (their identities and output FIFOs), one directory per pin directory.
 pub const CHILDREN_DIR: &str = "/run/nsfail/children";
+/// Where a cluster daemon records the routing table it announces its ingest addresses in
+/// (and the namespace of that table), one file per pin directory, so that `nsfail teardown`
+/// can withdraw them.
+pub const ANNOUNCE_DIR: &str = "/run/nsfail/announce";
 /// Where the kernel shows processes.
 pub const PROC: &str = "/proc";
 
@@ -95,6 +99,12 @@ impl Pins {
     /// A managed encoder's output FIFO (stdout and stderr both).
     pub fn child_output(&self, encoder: &str) -> PathBuf {
         self.children_dir().join(format!("{encoder}.out"))
+    }
+
+    /// The announce table of the daemon serving this pin directory:
+    /// `/run/nsfail/announce/<pin dir, '/' as '_'>.json`.
+    pub fn announce_record(&self) -> PathBuf {
+        Path::new(ANNOUNCE_DIR).join(format!("{}.json", self.tail()))
     }
 
     /// The link of one of the redirect tracepoints (`xdp_devmap_xmit`, `xdp_redirect_err`).

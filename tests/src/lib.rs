@@ -131,9 +131,8 @@ impl Default for PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        // Managed encoders a daemon left running on this pin directory, if any.
-        nsfail::daemon::teardown_managed(&self.pins);
-        if let Err(e) = Dataplane::teardown(&self.pins) {
+        // Also what a daemon left on purpose: managed encoders, announced routes.
+        if let Err(e) = nsfail::daemon::teardown(&self.pins) {
             eprintln!("teardown of {}: {e}", self.pins.root().display());
         }
     }

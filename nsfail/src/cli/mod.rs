@@ -64,10 +64,34 @@ enum Cmd {
     List,
     /// Move a channel to another of its encoders now (manual failover).
     Remap { channel: String, encoder: String },
-    /// Move every channel off an encoder and keep them off.
-    Drain { encoder: String },
-    /// Let an encoder receive channels again.
-    Undrain { encoder: String },
+    /// Move every channel off an encoder and keep them off; `drain host`: withdraw this
+    /// cluster host's anycast routes, so that the router moves its flows to the other hosts.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true,
+        disable_help_subcommand = true
+    )]
+    Drain {
+        #[command(subcommand)]
+        host: Option<HostTarget>,
+        /// The encoder (`nsfail drain -- host` drains an encoder named "host").
+        #[arg(required = true)]
+        encoder: Option<String>,
+    },
+    /// Let an encoder receive channels again; `undrain host`: announce this host's routes
+    /// again.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true,
+        disable_help_subcommand = true
+    )]
+    Undrain {
+        #[command(subcommand)]
+        host: Option<HostTarget>,
+        /// The encoder (`nsfail undrain -- host` for an encoder named "host").
+        #[arg(required = true)]
+        encoder: Option<String>,
+    },
     /// Add a channel or an encoder at run time (persisted).
     #[command(subcommand)]
     Add(AddCmd),
@@ -120,6 +144,13 @@ enum Cmd {
     /// Print the man page (roff).
     #[command(hide = true)]
     Man,
+}
+
+/// `drain host` / `undrain host`.
+#[derive(Subcommand)]
+enum HostTarget {
+    /// This cluster host as a whole: its announced ingest addresses (`announce_table`).
+    Host,
 }
 
 #[derive(Subcommand)]
@@ -322,19 +353,46 @@ fn dispatch(cli: Cli) -> Result<()> {
             done(format!("{channel} -> {encoder}"));
             Ok(())
         }
-        Cmd::Drain { encoder } => {
+        Cmd::Drain {
+            host: Some(HostTarget::Host),
+            ..
+        } => {
+            request(Command::DrainHost { drained: true })?;
+            done(
+                "host drained: its anycast routes withdrawn; it still forwards what arrives".into(),
+            );
+            Ok(())
+        }
+        Cmd::Undrain {
+            host: Some(HostTarget::Host),
+            ..
+        } => {
+            request(Command::DrainHost { drained: false })?;
+            done("host undrained: its anycast routes announced again".into());
+            Ok(())
+        }
+        Cmd::Drain {
+            encoder: Some(encoder),
+            ..
+        } => {
             request(Command::Drain {
                 encoder: encoder.clone(),
             })?;
             done(format!("{encoder} drained"));
             Ok(())
         }
-        Cmd::Undrain { encoder } => {
+        Cmd::Undrain {
+            encoder: Some(encoder),
+            ..
+        } => {
             request(Command::Undrain {
                 encoder: encoder.clone(),
             })?;
             done(format!("{encoder} undrained"));
             Ok(())
+        }
+        Cmd::Drain { .. } | Cmd::Undrain { .. } => {
+            unreachable!("clap requires an encoder or `host`")
         }
         Cmd::Add(AddCmd::Channel(a)) => {
             let mut v = json!({ "name": a.name, "listen": a.listen, "encoders": a.encoders });
@@ -477,11 +535,19 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Teardown { pins } => {
-            let pins = Pins::new(pins);
-            let managed = crate::daemon::teardown_managed(&pins);
-            Dataplane::teardown(&pins)?;
+            let removed = crate::daemon::teardown(&Pins::new(pins))?;
+            let routes = match &removed.withdrawn {
+                Some((table, addrs)) => {
+                    format!(
+                        "; {} announced route(s) withdrawn from table {table}",
+                        addrs.len()
+                    )
+                }
+                None => String::new(),
+            };
             done(format!(
-                "data plane detached and unpinned; {managed} managed encoder(s) stopped"
+                "data plane detached and unpinned; {} managed encoder(s) stopped{routes}",
+                removed.managed
             ));
             Ok(())
         }

@@ -18,10 +18,15 @@ pub(super) fn render_status(s: &Status, brief: bool) -> String {
     let mut out = String::new();
     if let Some(c) = &s.cluster {
         out += &format!(
-            "cluster {}  host {}{}  leader {}  etcd {}\n\n",
+            "cluster {}  host {}{}{}  leader {}  etcd {}\n\n",
             c.name,
             c.host,
             if c.leading { " (leader)" } else { "" },
+            if c.drained {
+                " DRAINED (routes withdrawn)"
+            } else {
+                ""
+            },
             c.leader.as_deref().unwrap_or("none"),
             if c.etcd {
                 "reachable"

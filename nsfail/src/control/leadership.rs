@@ -139,6 +139,7 @@ impl Controller {
             leader: s.leader.clone(),
             leading: s.leading,
             etcd: s.etcd_up,
+            drained: self.delta.host_drained,
         })
     }
 }

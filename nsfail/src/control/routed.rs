@@ -11,8 +11,8 @@
 //!
 //! Anycast: with `announce_table`, the host keeps one route per ingest address in that table
 //! ([`announce::sync`]) while its XDP program is on the ingest interface, and withdraws them
-//! when it is not, for a routing daemon to export. A daemon that stops leaves them (the data
-//! plane keeps forwarding).
+//! when it is not or while the host is drained (`nsfail drain host`), for a routing daemon to
+//! export. A daemon that stops leaves them (the data plane keeps forwarding).
 
 use std::net::IpAddr;
 
@@ -180,7 +180,7 @@ impl Controller {
             return;
         };
         shared.announced_at = Some(Instant::now());
-        let wanted: BTreeSet<IpAddr> = if self.ingest_lost.is_none() {
+        let wanted: BTreeSet<IpAddr> = if self.ingest_lost.is_none() && !self.delta.host_drained {
             self.effective
                 .channels
                 .iter()
@@ -228,6 +228,47 @@ impl Controller {
             warn!("{reason}");
             self.event(None, None, None, &reason);
         }
+    }
+
+    /// `nsfail drain host` (`drained`) and `undrain host`: withdraws this host's announced
+    /// routes, so that the router moves the flows to the other hosts while this host's data
+    /// plane keeps forwarding whatever still arrives, or announces them again. Kept in the
+    /// state file, so a restarted daemon stays drained. Refused on a host that announces
+    /// nothing (no `[cluster]` with `announce_table`).
+    pub fn drain_host(&mut self, drained: bool) -> Result<()> {
+        let Some(table) = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.file.cluster.as_ref()?.announce_table)
+        else {
+            return Err(ControlError::Refused(
+                "drain host withdraws this host's anycast routes: it needs a [cluster] section \
+                 with announce_table"
+                    .to_owned(),
+            ));
+        };
+        if self.delta.host_drained == drained {
+            return Ok(());
+        }
+        self.delta.host_drained = drained;
+        let reason = if drained {
+            format!(
+                "host drained: its ingest addresses withdrawn from table {table}; what still \
+                 arrives is forwarded"
+            )
+        } else {
+            format!("host undrained: its ingest addresses announced in table {table} again")
+        };
+        info!("{reason}");
+        self.event(None, None, None, &reason);
+        self.sync_announce();
+        self.persist_or_report();
+        Ok(())
+    }
+
+    /// Whether `nsfail drain host` holds this host's routes back.
+    pub fn host_drained(&self) -> bool {
+        self.delta.host_drained
     }
 
     /// Periodic work: [`Controller::sync_announce`] every [`ANNOUNCE_EVERY`] (the ingest

@@ -75,6 +75,9 @@ pub struct Delta {
     pub active: BTreeMap<String, String>,
     #[serde(default)]
     pub drained: BTreeSet<String>,
+    /// `nsfail drain host`: this cluster host announces none of its ingest addresses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_drained: bool,
 }
 
 impl Delta {

@@ -405,6 +405,7 @@ fn execute(c: &mut Controller, command: Command) -> Response {
         Command::Remap { channel, encoder } => c.remap(&channel, &encoder),
         Command::Drain { encoder } => c.drain(&encoder),
         Command::Undrain { encoder } => c.undrain(&encoder),
+        Command::DrainHost { drained } => c.drain_host(drained),
         Command::AddChannel { channel } => match config::Channel::try_from(channel) {
             Ok(channel) => c.add_channel(channel),
             Err(e) => return Response::error(e.to_string()),

@@ -56,8 +56,8 @@ mod output;
 mod probes;
 mod records;
 mod socket;
+mod teardown;
 
-pub use self::records::teardown as teardown_managed;
 use self::{
     actor::{Actor, ControlHandle, Msg},
     children::Managed,
@@ -66,6 +66,10 @@ use self::{
     notify::Notifier,
     probes::Probes,
     socket::{bind, handle},
+};
+pub use self::{
+    records::teardown as teardown_managed,
+    teardown::{AnnounceRecord, Removed, teardown},
 };
 
 pub struct Options {
@@ -100,6 +104,10 @@ pub fn run(opts: Options) -> Result<()> {
         setns(f.as_fd(), CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering network namespace {ns}"))?;
         info!("running in network namespace {ns}");
+    }
+    if let Some(table) = cfg.cluster.as_ref().and_then(|c| c.announce_table) {
+        teardown::record_announce(&opts.pins, cfg.ingest.netns.as_deref(), table)
+            .with_context(|| format!("writing {}", opts.pins.announce_record().display()))?;
     }
     // One thread runs every probe, the socket and the metrics endpoint: nothing on it blocks,
     // since everything that touches the controller runs on the controller's own thread (see

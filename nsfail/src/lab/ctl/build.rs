@@ -263,8 +263,7 @@ impl Builder {
         Ok(())
     }
 
-    /// Starts `cmdline` in namespace `netns` as a detached process (own session, stdin from
-    /// /dev/null, output to files), waits until it runs as itself, and records it.
+    /// [`start`]s `cmdline` in namespace `netns` and records it.
     pub(super) fn spawn(
         &mut self,
         name: &str,
@@ -272,73 +271,15 @@ impl Builder {
         cmdline: Vec<String>,
         stdout: Option<&Path>,
     ) -> Result<()> {
-        let log_path = self.dir.log(name);
-        let log = open_append(&log_path)?;
-        let out = match stdout {
-            Some(path) => open_append(path)?,
-            None => log
-                .try_clone()
-                .map_err(io_err(format!("open {}", log_path.display())))?,
-        };
-        let ns = File::open(paths::netns(netns))
-            .map_err(io_err(format!("open network namespace {netns}")))?;
-        let mut command = Command::new(&cmdline[0]);
-        command
-            .args(&cmdline[1..])
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(log);
-        let ns_fd = ns.as_raw_fd();
-        // SAFETY: setns(2) and setsid(2) are async-signal-safe, and the closure allocates
-        // nothing; `ns` outlives the spawn below.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                nix::unistd::setsid().map(drop).map_err(io::Error::from)
-            });
-        }
-        let child = command
-            .spawn()
-            .map_err(io_err(format!("start {}", cmdline.join(" "))))?;
-        let pid = child.id();
-        self.children.push((name.to_owned(), child));
-        let child = &mut self.children.last_mut().expect("just pushed").1;
-
-        // Wait until the PID runs the program itself (past the fork and exec).
-        let start = Instant::now();
-        while proc_cmdline(pid).as_ref() != Some(&cmdline) {
-            if let Some(status) = child
-                .try_wait()
-                .map_err(io_err(format!("wait for {name}")))?
-            {
-                return Err(LabCtlError::Start {
-                    name: name.to_owned(),
-                    detail: format!("{status}: {}", log_tail(&log_path)),
-                });
-            }
-            if start.elapsed() > EXEC_WAIT {
-                return Err(LabCtlError::Start {
-                    name: name.to_owned(),
-                    detail: format!("not running as `{}` after {EXEC_WAIT:?}", cmdline.join(" ")),
-                });
-            }
-            thread::sleep(POLL);
-        }
-        let (_, start_time) = proc_stat(pid).ok_or_else(|| LabCtlError::Start {
-            name: name.to_owned(),
-            detail: "exited at once".to_owned(),
-        })?;
-        self.info.processes.push(LabProcess {
-            name: name.to_owned(),
-            netns: netns.to_owned(),
-            pid,
-            start_time,
+        start(
+            &self.dir,
+            &mut self.children,
+            name,
+            Some(netns),
             cmdline,
-            log: log_path,
-        });
+            stdout,
+        )
+        .map(|p| self.info.processes.push(p))?;
         self.save()
     }
 
@@ -369,6 +310,93 @@ impl Builder {
             },
         }
     }
+}
+
+/// Starts `cmdline` as a detached process (own session, stdin from /dev/null, output to
+/// files in `dir`), in namespace `netns` if given, and waits until it runs as itself. The
+/// child is pushed on `children` as soon as it exists (so that undoing never depends on
+/// recognising it); returns what to record.
+pub(in crate::lab) fn start(
+    dir: &LabDir,
+    children: &mut Vec<(String, Child)>,
+    name: &str,
+    netns: Option<&str>,
+    cmdline: Vec<String>,
+    stdout: Option<&Path>,
+) -> Result<LabProcess> {
+    let log_path = dir.log(name);
+    let log = open_append(&log_path)?;
+    let out = match stdout {
+        Some(path) => open_append(path)?,
+        None => log
+            .try_clone()
+            .map_err(io_err(format!("open {}", log_path.display())))?,
+    };
+    let ns = netns
+        .map(|netns| {
+            File::open(paths::netns(netns))
+                .map_err(io_err(format!("open network namespace {netns}")))
+        })
+        .transpose()?;
+    let mut command = Command::new(&cmdline[0]);
+    command
+        .args(&cmdline[1..])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(log);
+    let ns_fd = ns.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: setns(2) and setsid(2) are async-signal-safe, and the closure allocates
+    // nothing; `ns` outlives the spawn below.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(fd) = ns_fd
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            nix::unistd::setsid().map(drop).map_err(io::Error::from)
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(io_err(format!("start {}", cmdline.join(" "))))?;
+    let pid = child.id();
+    children.push((name.to_owned(), child));
+    let child = &mut children.last_mut().expect("just pushed").1;
+
+    // Wait until the PID runs the program itself (past the fork and exec).
+    let begun = Instant::now();
+    while proc_cmdline(pid).as_ref() != Some(&cmdline) {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(io_err(format!("wait for {name}")))?
+        {
+            return Err(LabCtlError::Start {
+                name: name.to_owned(),
+                detail: format!("{status}: {}", log_tail(&log_path)),
+            });
+        }
+        if begun.elapsed() > EXEC_WAIT {
+            return Err(LabCtlError::Start {
+                name: name.to_owned(),
+                detail: format!("not running as `{}` after {EXEC_WAIT:?}", cmdline.join(" ")),
+            });
+        }
+        thread::sleep(POLL);
+    }
+    let (_, start_time) = proc_stat(pid).ok_or_else(|| LabCtlError::Start {
+        name: name.to_owned(),
+        detail: "exited at once".to_owned(),
+    })?;
+    Ok(LabProcess {
+        name: name.to_owned(),
+        netns: netns.unwrap_or_default().to_owned(),
+        pid,
+        start_time,
+        cmdline,
+        log: log_path,
+    })
 }
 
 /// The letter of encoder `i`: a, b, ... (as in [`Lab`]'s namespace and interface names).

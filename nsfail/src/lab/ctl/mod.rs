@@ -66,7 +66,7 @@ pub enum LabCtlError {
         "network namespace {0} exists but no lab is recorded; if it is a leftover, `ip netns del {0}` removes it"
     )]
     NamespaceExists(String),
-    #[error("{tool} not found on PATH (apt-get install {package})")]
+    #[error("{tool} not found on PATH: `cargo xtask setup` installs it (Debian package {package})")]
     MissingTool {
         tool: &'static str,
         package: &'static str,
@@ -295,7 +295,7 @@ pub fn down_with(opts: &LabOptions) -> Result<()> {
 /// Kills (SIGKILL) encoder `encoder`'s stream receiver in the lab recorded in `opts.dir`, as
 /// if it crashed: its namespace, veth and everything else stay. Returns the process killed.
 pub fn kill_with(opts: &LabOptions, encoder: &str) -> Result<LabProcess> {
-    let info = load(&LabDir::new(&opts.dir))?
+    let info: LabInfo = load(&LabDir::new(&opts.dir))?
         .ok_or_else(|| LabCtlError::Options("no lab is up (nsfail lab up builds it)".to_owned()))?;
     let role = format!("{encoder}-receiver");
     let p = info
@@ -345,14 +345,14 @@ fn check_options(opts: &LabOptions) -> Result<()> {
     Ok(())
 }
 
-fn require(tool: &'static str, package: &'static str) -> Result<()> {
+pub(in crate::lab) fn require(tool: &'static str, package: &'static str) -> Result<()> {
     which::which(tool)
         .map(drop)
         .map_err(|_| LabCtlError::MissingTool { tool, package })
 }
 
 /// Claims `dir` for a new lab: the record is created exclusively, so of two `up`s one wins.
-fn claim(dir: &LabDir, info: &LabInfo) -> Result<()> {
+pub(in crate::lab) fn claim(dir: &LabDir, info: &impl Serialize) -> Result<()> {
     fs::create_dir_all(dir.root()).map_err(io_err(format!("create {}", dir.root().display())))?;
     let file = match OpenOptions::new()
         .write(true)
@@ -369,7 +369,7 @@ fn claim(dir: &LabDir, info: &LabInfo) -> Result<()> {
 }
 
 /// Replaces the record whole (write, then rename), so a reader never sees half of one.
-fn save(dir: &LabDir, info: &LabInfo) -> Result<()> {
+pub(in crate::lab) fn save(dir: &LabDir, info: &impl Serialize) -> Result<()> {
     let json = serde_json::to_vec_pretty(info).map_err(|source| LabCtlError::Record {
         path: dir.record(),
         source,
@@ -379,7 +379,7 @@ fn save(dir: &LabDir, info: &LabInfo) -> Result<()> {
     fs::rename(&tmp, dir.record()).map_err(io_err(format!("write {}", dir.record().display())))
 }
 
-fn load(dir: &LabDir) -> Result<Option<LabInfo>> {
+pub(in crate::lab) fn load<T: serde::de::DeserializeOwned>(dir: &LabDir) -> Result<Option<T>> {
     let path = dir.record();
     let text = match fs::read(&path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -421,7 +421,7 @@ fn teardown(dir: &LabDir, info: &mut LabInfo) -> Result<()> {
 }
 
 /// SIGTERM, then SIGKILL for what is left after [`GRACE`]; returns the processes still running.
-fn stop(procs: &[LabProcess]) -> Vec<LabProcess> {
+pub(in crate::lab) fn stop(procs: &[LabProcess]) -> Vec<LabProcess> {
     for sig in [Signal::SIGTERM, Signal::SIGKILL] {
         for p in procs {
             p.signal(sig);
@@ -438,14 +438,14 @@ fn stop(procs: &[LabProcess]) -> Vec<LabProcess> {
     procs.iter().filter(|p| p.is_running()).cloned().collect()
 }
 
-fn delete_netns(name: &str) -> Result<()> {
+pub(in crate::lab) fn delete_netns(name: &str) -> Result<()> {
     if !paths::netns(name).exists() {
         return Ok(());
     }
     crate::net::provision::delete_netns(name).map_err(io_err(format!("delete namespace {name}")))
 }
 
-fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+pub(in crate::lab) fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
     let Ok(entries) = fs::read_dir(paths::NETNS_DIR) else {
         return Vec::new();
     };
@@ -487,7 +487,7 @@ fn open_append(path: &Path) -> Result<File> {
 }
 
 /// The last lines of a log, for an error message.
-fn log_tail(path: &Path) -> String {
+pub(in crate::lab) fn log_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
