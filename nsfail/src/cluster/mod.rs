@@ -183,6 +183,11 @@ pub struct ActiveRecord {
     pub leader: String,
     /// Its term: the create revision of its key in the election.
     pub term: i64,
+    /// Placed by hand (`remap`, `drain`): automatic failback leaves the channel where it is
+    /// until its next automatic failover, on whichever host leads next. Absent in records
+    /// written before it existed: automatic.
+    #[serde(default)]
+    pub manual: bool,
 }
 
 /// `callers/<channel>/<host>/<caller>`: an SRT caller of a channel that a host learned (its

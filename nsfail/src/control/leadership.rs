@@ -5,6 +5,15 @@
 
 use super::*;
 
+/// A leader's decision to write to etcd: the channel's active encoder, and whether it was
+/// placed by hand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub channel: String,
+    pub encoder: String,
+    pub manual: bool,
+}
+
 /// How often a follower compares all its channels with the leader's choices.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
@@ -71,6 +80,15 @@ impl Controller {
         s.etcd_up = etcd_up;
         if leading && !was {
             s.outbox = s.channels.keys().cloned().collect();
+            // Where this host followed the leader before it, it takes over how that leader
+            // placed each channel: by hand (failback waits for the next automatic failover)
+            // or automatically (failback goes on). A channel this host moved itself since
+            // (etcd unreachable, say) keeps its own state.
+            for (name, rec) in &s.actives {
+                if self.decider.active(name) == Some(rec.encoder.as_str()) {
+                    self.decider.set_manual(name, rec.manual);
+                }
+            }
             let reason = format!("cluster: this host ({}) is the leader", s.host);
             info!("{reason}");
             self.event(None, None, None, &reason);
@@ -82,9 +100,9 @@ impl Controller {
         }
     }
 
-    /// Leader: the channels whose active encoder here differs from what etcd holds, to write
-    /// there (the outbox is emptied).
-    pub fn take_outbox(&mut self) -> Vec<(String, String)> {
+    /// Leader: the channels whose active encoder here (or whether it was placed by hand)
+    /// differs from what etcd holds, to write there (the outbox is emptied).
+    pub fn take_outbox(&mut self) -> Vec<Placed> {
         let Some(s) = self.shared.as_mut() else {
             return Vec::new();
         };
@@ -97,8 +115,15 @@ impl Controller {
             .into_iter()
             .filter_map(|ch| {
                 let active = self.decider.active(&ch)?;
-                (s.actives.get(&ch).map(|r| r.encoder.as_str()) != Some(active))
-                    .then(|| (ch.clone(), active.to_owned()))
+                let manual = self.decider.manual(&ch)?;
+                let written = s.actives.get(&ch);
+                (written.map(|r| (r.encoder.as_str(), r.manual)) != Some((active, manual))).then(
+                    || Placed {
+                        channel: ch.clone(),
+                        encoder: active.to_owned(),
+                        manual,
+                    },
+                )
             })
             .collect()
     }

@@ -37,6 +37,7 @@ pub mod decision;
 mod events;
 mod input;
 mod leadership;
+pub use leadership::Placed;
 mod links;
 mod reload;
 mod routed;

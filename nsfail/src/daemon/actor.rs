@@ -93,7 +93,7 @@ pub(super) enum Msg {
         etcd_up: bool,
     },
     /// Leader: the active encoders to write to etcd.
-    TakeOutbox(oneshot::Sender<Vec<(String, String)>>),
+    TakeOutbox(oneshot::Sender<Vec<crate::control::Placed>>),
     /// End the actor; the data plane stays as it is.
     Stop,
 }

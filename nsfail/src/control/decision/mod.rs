@@ -231,6 +231,20 @@ impl Decider {
         self.encoders.get(encoder).is_some_and(|e| e.healthy)
     }
 
+    /// Whether the channel's placement was manual (a remap or drain, or a leader's choice
+    /// followed): automatic failback leaves it alone.
+    pub fn manual(&self, channel: &str) -> Option<bool> {
+        self.channels.get(channel).map(|st| st.manual)
+    }
+
+    /// A host that takes the lead adopts, for a channel it had followed, whether the leader
+    /// before it placed the channel by hand, so that failback goes on as it would have.
+    pub fn set_manual(&mut self, channel: &str, manual: bool) {
+        if let Some(st) = self.channels.get_mut(channel) {
+            st.manual = manual;
+        }
+    }
+
     pub fn active(&self, channel: &str) -> Option<&str> {
         self.channels.get(channel).map(|c| &*c.active)
     }

@@ -119,11 +119,13 @@ async fn write_decisions(
     let Some(outbox) = ctl.ask(Msg::TakeOutbox).await else {
         bail!("the controller stopped");
     };
-    for (channel, encoder) in outbox {
+    for placed in outbox {
+        let channel = placed.channel;
         let record = cluster::ActiveRecord {
-            encoder,
+            encoder: placed.encoder,
             leader: me.host.clone(),
             term: key.rev(),
+            manual: placed.manual,
         };
         let txn = Txn::new()
             .when([Compare::create_revision(
