@@ -25,6 +25,7 @@ use crate::net::{netns, plumb, provision};
 
 pub mod bench_object;
 pub mod bird;
+pub mod cluster;
 pub mod ctl;
 pub mod demo;
 pub mod etcd;

@@ -38,7 +38,9 @@ use crate::{
 
 mod build;
 
-use self::build::Builder;
+pub(in crate::lab) use self::build::{
+    Builder, srt_receiver, start, test_stream, udp_echo, udp_receiver,
+};
 
 /// The channel's ingest port, and the port each encoder receives on.
 const STREAM_PORT: u16 = 5000;
