@@ -680,11 +680,16 @@ fn print_cluster_lab(info: &crate::lab::cluster::ClusterLabInfo) {
         "  ip netns exec {} nsfail cluster status --config {}\n  \
          ip -n {} route show {INGEST}    # one next hop per host (ECMP)\n  \
          ls -l {}    # what each encoder received\n  \
-         nsfail lab cluster down",
+         nsfail lab cluster down{}",
         h1.netns,
         h1.config.display(),
         info.router,
-        info.dir.join("*.ts").display()
+        info.dir.join("*.ts").display(),
+        if info.dir == std::path::Path::new(paths::LAB_CLUSTER_DIR) {
+            String::new()
+        } else {
+            format!(" --dir {}", info.dir.display())
+        }
     );
 }
 

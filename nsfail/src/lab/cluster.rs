@@ -13,7 +13,7 @@
 //! sit on `10.78.(10i+1).0/24` and `10.78.(10i+2).0/24` (the host `.1`, the encoder `.2`), and
 //! the router routes those statically to the host. Channels (in etcd, written by `up`):
 //! `cam-udp` on [`INGEST`]`:5000` over the `a` encoders, `cam-srt` on `:5001` over the `b`
-//! encoders, both with h1's encoder first. Each host announces the ingest address in table
+//! encoders; the leader places each on one of them. Each host announces the ingest address in table
 //! [`TABLE`]; the router spreads the caller's flows over the three by the L4 hash, and a host
 //! that is not the active encoder's sends the flow on to that host (see README, "Across hosts").
 //!
