@@ -315,7 +315,8 @@ fn build(b: &mut Builder<ClusterLabInfo>, opts: &ClusterLabOptions) -> Result<()
     start_encoders(b, &hosts)?;
     for h in &hosts {
         let config = host_config(h, &b.info.etcd);
-        fs::write(&h.config, config).map_err(io_err(format!("write {}", h.config.display())))?;
+        fs::write(&h.config, config)
+            .map_err(ctl::io_err(format!("write {}", h.config.display())))?;
         b.info.pins.push(h.pins.clone());
         b.save()?;
         let daemon = [
@@ -328,7 +329,7 @@ fn build(b: &mut Builder<ClusterLabInfo>, opts: &ClusterLabOptions) -> Result<()
             "--pins".to_owned(),
             h.pins.display().to_string(),
         ];
-        // In the host's namespace: the daemon moves into its ingest namespace itself.
+        // Started here: the daemon moves into its host's namespace itself (`ingest.netns`).
         let process = ctl::start(
             &b.dir,
             &mut b.children,
@@ -344,12 +345,4 @@ fn build(b: &mut Builder<ClusterLabInfo>, opts: &ClusterLabOptions) -> Result<()
     wait_for_ecmp(b, &rt, &hosts)?;
     start_caller(b, &cl)?;
     b.settle()
-}
-
-fn step(what: String) -> impl FnOnce(std::io::Error) -> LabCtlError {
-    move |source| LabCtlError::Io { what, source }
-}
-
-fn io_err(what: String) -> impl FnOnce(std::io::Error) -> LabCtlError {
-    step(what)
 }

@@ -28,7 +28,7 @@ pub(super) fn network(rt: &str, etcd_ns: &str, cl: &str, hosts: &[ClusterLabHost
         default_route(ns, ifname, near)?;
     }
     // The caller's checksums complete, as from a wire.
-    plumb::tx_checksum_off(cl, "c0").map_err(step(format!("tx offload off in {cl}")))?;
+    plumb::tx_checksum_off(cl, "c0").map_err(ctl::io_err(format!("tx offload off in {cl}")))?;
     for (h, i) in hosts.iter().zip(1..) {
         sysctls(&h.netns, &[("net/ipv4/ip_forward", "0")])?;
         let router_if = format!("r-{}", h.name);
@@ -37,7 +37,7 @@ pub(super) fn network(rt: &str, etcd_ns: &str, cl: &str, hosts: &[ClusterLabHost
         default_route(&h.netns, UPLINK, near)?;
         // What a host's XDP sends back out of its uplink, and its encoders' replies redirected
         // there, reach the router only with GRO on (and an XDP program, see `pass_xdp`).
-        plumb::gro_on(rt, &router_if).map_err(step(format!("GRO on in {rt}")))?;
+        plumb::gro_on(rt, &router_if).map_err(ctl::io_err(format!("GRO on in {rt}")))?;
         for (j, letter) in [(0, 'a'), (1, 'b')] {
             let net = encoder_net(i, j);
             let enc_ns = format!("{}{letter}", h.netns);
@@ -51,11 +51,11 @@ pub(super) fn network(rt: &str, etcd_ns: &str, cl: &str, hosts: &[ClusterLabHost
             )?;
             default_route(&enc_ns, "e0", addr(net, NEAR))?;
             // XDP_REDIRECT into a veth delivers only when the receiving peer has GRO on.
-            plumb::gro_on(&enc_ns, "e0").map_err(step(format!("GRO on in {enc_ns}")))?;
+            plumb::gro_on(&enc_ns, "e0").map_err(ctl::io_err(format!("GRO on in {enc_ns}")))?;
             netns::quicken_icmp_errors(&enc_ns)
-                .map_err(step(format!("ICMP error rate limit in {enc_ns}")))?;
+                .map_err(ctl::io_err(format!("ICMP error rate limit in {enc_ns}")))?;
             let subnet = format!("{}/24", addr(net, 0));
-            ctl_cmd(&[
+            ip(&[
                 "-n",
                 rt,
                 "route",
@@ -78,15 +78,15 @@ fn sysctls(ns: &str, values: &[(&str, &str)]) -> Result<()> {
         values.iter().try_for_each(|(k, v)| fs::write(k, v))
     })
     .and_then(|r| r)
-    .map_err(step(format!("sysctls in {ns}")))
+    .map_err(ctl::io_err(format!("sysctls in {ns}")))
 }
 
 fn default_route(ns: &str, ifname: &str, gateway: Ipv4Addr) -> Result<()> {
     plumb::default_route(Some(ns), ifname, IpAddr::V4(gateway))
-        .map_err(step(format!("default route via {gateway} in {ns}")))
+        .map_err(ctl::io_err(format!("default route via {gateway} in {ns}")))
 }
 
-fn ctl_cmd(args: &[&str]) -> Result<()> {
+fn ip(args: &[&str]) -> Result<()> {
     crate::lab::cmd("ip", args)
         .map(drop)
         .map_err(LabCtlError::from)

@@ -12,7 +12,7 @@ pub(super) fn start_etcd(b: &mut Builder<ClusterLabInfo>, ns: &str) -> Result<()
     while netns::in_netns(ns, move || {
         TcpStream::connect_timeout(&local, Duration::from_millis(200))
     })
-    .map_err(step(format!("enter {ns}")))?
+    .map_err(ctl::io_err(format!("enter {ns}")))?
     .is_err()
     {
         if begun.elapsed() > ETCD_WAIT {
@@ -149,7 +149,8 @@ pub(super) fn start_encoders(
         for (name, letter) in h.encoders.iter().zip(['a', 'b']) {
             let ns = format!("{}{letter}", h.netns);
             let output = b.dir.output(name);
-            fs::File::create(&output).map_err(io_err(format!("create {}", output.display())))?;
+            fs::File::create(&output)
+                .map_err(ctl::io_err(format!("create {}", output.display())))?;
             b.info.outputs.push((name.clone(), output.clone()));
             let receiver = match letter {
                 'a' => udp_receiver(UDP_ENCODER_PORT),
@@ -185,7 +186,7 @@ pub(super) fn start_birds(
         let path = b.dir.bird_config(&name);
         fs::File::create(&path)
             .and_then(|mut f| f.write_all(conf.as_bytes()))
-            .map_err(io_err(format!("write {}", path.display())))?;
+            .map_err(ctl::io_err(format!("write {}", path.display())))?;
         let cmdline = [
             "bird".to_owned(),
             "-f".to_owned(),

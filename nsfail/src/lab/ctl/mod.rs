@@ -104,7 +104,7 @@ pub enum LabCtlError {
 
 type Result<T> = std::result::Result<T, LabCtlError>;
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabCtlError {
+pub(in crate::lab) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabCtlError {
     let what = what.into();
     move |source| LabCtlError::Io { what, source }
 }
