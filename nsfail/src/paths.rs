@@ -13,6 +13,9 @@ pub const NETNS_DIR: &str = "/run/netns";
 /// The persistent demo lab of `nsfail lab up`: its record, the daemon config it writes, the
 /// streams its encoders receive and its processes' logs.
 pub const LAB_DIR: &str = "/run/nsfail/lab";
+/// The cluster lab of `nsfail lab cluster up`: its record, the hosts' configs, sockets and
+/// logs, etcd's data, the BIRD configs and the streams its encoders receive.
+pub const LAB_CLUSTER_DIR: &str = "/run/nsfail/lab-cluster";
 /// The running kernel's own type information.
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Where a daemon's lock on its pin directory is kept (bpffs holds no regular files).
@@ -164,11 +167,42 @@ impl LabDir {
     pub fn log(&self, process: &str) -> PathBuf {
         self.root.join(format!("{process}.log"))
     }
+
+    /// A cluster lab host's daemon config.
+    pub fn host_config(&self, host: &str) -> PathBuf {
+        self.root.join(format!("{host}.toml"))
+    }
+
+    /// A cluster lab host's control socket.
+    pub fn socket(&self, host: &str) -> PathBuf {
+        self.root.join(format!("{host}.sock"))
+    }
+
+    /// The config of the BIRD named `name` (a cluster lab host's, or the router's).
+    pub fn bird_config(&self, name: &str) -> PathBuf {
+        self.root.join(format!("bird-{name}.conf"))
+    }
+
+    /// That BIRD's control socket (`birdc -s` it).
+    pub fn bird_socket(&self, name: &str) -> PathBuf {
+        self.root.join(format!("bird-{name}.ctl"))
+    }
+
+    /// etcd's data directory.
+    pub fn etcd_data(&self) -> PathBuf {
+        self.root.join("etcd")
+    }
 }
 
 /// One file of process `pid` under [`PROC`] (`stat`, `cmdline`, ...).
 pub fn proc_file(pid: u32, name: &str) -> PathBuf {
     Path::new(PROC).join(pid.to_string()).join(name)
+}
+
+/// A lab's pin directory named `name` (a cluster lab host's data plane, or the programs the
+/// lab pins itself).
+pub fn lab_pins(name: &str) -> PathBuf {
+    Path::new(BPFFS).join(name)
 }
 
 /// A named network namespace's handle.

@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// etcd's client port, on every address of its namespace.
-pub const PORT: u16 = 2379;
+pub const PORT: u16 = nsfail::lab::etcd::PORT;
 
 /// An etcd in its own namespace. Fields drop in order: the process, then its data, then the
 /// namespace (which takes the veths with it).
@@ -76,31 +76,9 @@ impl Etcd {
     /// Starts etcd (a 50 ms heartbeat, as the cluster's hosts expect) and waits until it
     /// answers (10 s at most).
     pub fn start(&mut self) {
-        let dir = self.data.path.join("etcd");
-        let child = crate::spawn_in(
-            &self.ns,
-            "etcd",
-            &[
-                "--name",
-                "t",
-                "--data-dir",
-                dir.to_str().expect("utf-8 path"),
-                "--listen-client-urls",
-                &format!("http://0.0.0.0:{PORT}"),
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{PORT}"),
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "t=http://127.0.0.1:2380",
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-            ],
-        );
+        let command = nsfail::lab::etcd::command(&self.data.path.join("etcd"));
+        let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
+        let child = crate::spawn_in(&self.ns, &command[0], &args);
         self.process = Some(child);
         let up = wait_for(Duration::from_secs(10), || {
             self.client_blocking(|mut c| async move { c.status().await.map(|_| ()) })

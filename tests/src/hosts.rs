@@ -11,7 +11,6 @@ use std::{
     collections::BTreeSet,
     fs,
     net::{IpAddr, SocketAddr},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -46,24 +45,11 @@ pub fn sysctl(ns: &Netns, key: &str, value: &str) {
     exec(ns, &["sysctl", "-qw", &format!("{key}={value}")]);
 }
 
-/// A veth `a_if` in `a` to `b_if` in `b`, addressed `a_addr` and `b_addr` (/24), both up.
+/// A veth `a_if` in `a` to `b_if` in `b`, addressed `a_addr` and `b_addr` (/24), both up
+/// ([`nsfail::lab::wire`]).
 pub fn wire(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
-    ip_in(
-        &a.name,
-        &[
-            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
-        ],
-    );
-    ip_in(
-        &a.name,
-        &["addr", "add", &format!("{a_addr}/24"), "dev", a_if],
-    );
-    ip_in(
-        &b.name,
-        &["addr", "add", &format!("{b_addr}/24"), "dev", b_if],
-    );
-    ip_in(&a.name, &["link", "set", a_if, "up"]);
-    ip_in(&b.name, &["link", "set", b_if, "up"]);
+    let v4 = |addr: &str| [(addr.parse::<IpAddr>().expect("an address"), 24)];
+    nsfail::lab::wire(&a.name, a_if, &v4(a_addr), &b.name, b_if, &v4(b_addr)).expect("wire");
 }
 
 pub fn gro_on(ns: &Netns, dev: &str) {
@@ -155,70 +141,17 @@ pub fn world(router_routes_ingest: bool) -> World {
     }
 }
 
-/// A host's BIRD: the announce table learned (routes other programs made in it), exported
-/// to the router over BGP with BFD, nothing imported.
+/// A host's BIRD config (the product's, [`nsfail::lab::bird::host_conf`]), logging to
+/// `dir/NAME.log`, announcing [`TABLE`].
 pub fn host_conf(dir: &TempDir, name: &str, me: &str, router: &str, bfd: &str) -> String {
     let log = dir.path.join(format!("{name}.log"));
-    format!(
-        r#"log "{log}" all;
-router id {me};
-protocol device {{ scan time 1; }}
-protocol kernel announce {{
-    kernel table {TABLE};
-    learn;
-    scan time 1;
-    ipv4 {{ import all; export none; }};
-}}
-protocol bfd {{ interface "*" {{ {bfd} }}; }}
-protocol bgp up {{
-    local {me} as 65001;
-    neighbor {router} as 65000;
-    bfd on;
-    hold time 3;
-    connect delay time 1;
-    connect retry time 1;
-    error wait time 1, 2;
-    ipv4 {{ import none; export where proto = "announce"; next hop self; }};
-}}
-"#,
-        log = log.display()
-    )
+    nsfail::lab::bird::host_conf(&log, me, router, TABLE, bfd)
 }
 
-/// The router's BIRD: both hosts' routes imported and merged into one multipath kernel
-/// route (ECMP).
+/// The router's BIRD config ([`nsfail::lab::bird::router_conf`]), logging to `dir/r.log`.
 /// `hosts`: (the router's address on the link, the host's address).
 pub fn router_conf(dir: &TempDir, hosts: &[(&str, &str)], bfd: &str) -> String {
-    let log = dir.path.join("r.log");
-    let mut conf = format!(
-        r#"log "{log}" all;
-router id {router_id};
-protocol device {{ scan time 1; }}
-protocol kernel {{
-    merge paths on;
-    ipv4 {{ import none; export all; }};
-}}
-protocol bfd {{ interface "*" {{ {bfd} }}; }}
-"#,
-        log = log.display(),
-        router_id = hosts.first().map_or("10.0.0.1", |h| h.0),
-    );
-    for (i, (local, host)) in hosts.iter().enumerate() {
-        conf += &format!(
-            r#"protocol bgp h{i} {{
-    local {local} as 65000;
-    neighbor {host} as 65001;
-    bfd on;
-    hold time 3;
-    connect delay time 1;
-    connect retry time 1;
-    error wait time 1, 2;
-    ipv4 {{ import all; export none; }};
-}}
-"#
-        );
-    }
-    conf
+    nsfail::lab::bird::router_conf(&dir.path.join("r.log"), hosts, bfd)
 }
 
 pub fn bird(ns: &Netns, dir: &TempDir, name: &str, conf: &str) -> ChildGuard {
@@ -261,18 +194,12 @@ pub fn announce_in(ns: &Netns, dev: &str, addrs: &[&str]) {
     announce::sync(TABLE, ifindex, &set).unwrap();
 }
 
-/// The router's next hops for `addr`.
+/// The router's next hops for `addr` ([`nsfail::lab::bird::next_hops`]).
 pub fn next_hops(r: &Netns, addr: &str) -> BTreeSet<String> {
-    let out = Command::new("ip")
-        .args(["-n", &r.name, "route", "show", addr])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[0] == "via")
-        .map(|w| w[1].to_owned())
+    nsfail::lab::bird::next_hops(&r.name, addr)
+        .expect("ip route show")
+        .iter()
+        .map(ToString::to_string)
         .collect()
 }
 

@@ -53,10 +53,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     // protoc: the etcd v3 client (`etcd-client`) compiles etcd's protobuf files at build time.
     "protobuf-compiler",
-    // etcd itself, for the cluster tests (issue 17).
+    // etcd itself, for the cluster tests and `nsfail lab cluster` (issue 17).
     "etcd-server",
-    // BIRD 2, for the anycast tests (issue 17): hosts announcing the ingest addresses to a
-    // router over BGP with BFD.
+    // BIRD 2, for the anycast tests and `nsfail lab cluster` (issue 17): hosts announcing
+    // the ingest addresses to a router over BGP with BFD.
     "bird2",
 ];
 /// Userspace crates only: a bare `--workspace` would also build the eBPF crate for the host.

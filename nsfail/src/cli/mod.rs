@@ -266,11 +266,43 @@ enum LabCmd {
     /// Kill -9 an encoder's stream receiver (`nsfail lab kill enc-a`), as if it crashed: its
     /// channel fails over.
     Kill { encoder: String },
+    /// The cluster lab: three ingest hosts (each its own daemon, BIRD and two encoders), a
+    /// router with BIRD (ECMP, BFD), etcd, and a caller streaming UDP and SRT.
+    #[command(subcommand)]
+    Cluster(ClusterLabCmd),
     /// A self-contained data-plane demo: stream, remap half-way, clean up.
     Demo {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600))]
         seconds: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterLabCmd {
+    /// Build the cluster lab and start everything in it (about 10-30 s).
+    Up(ClusterLabArgs),
+    /// Remove exactly what `lab cluster up` made: processes, pin directories, namespaces, files.
+    Down(ClusterLabArgs),
+}
+
+#[derive(Args)]
+struct ClusterLabArgs {
+    /// Every namespace's and pin directory's name starts with this.
+    #[arg(long, default_value = "nsfc-")]
+    prefix: String,
+    /// The lab's directory: its record, configs, sockets, logs, etcd's data, the streams.
+    #[arg(long, default_value = paths::LAB_CLUSTER_DIR)]
+    dir: PathBuf,
+}
+
+impl ClusterLabArgs {
+    fn options(self) -> Result<crate::lab::cluster::ClusterLabOptions> {
+        Ok(crate::lab::cluster::ClusterLabOptions {
+            prefix: self.prefix,
+            dir: self.dir,
+            nsfail: std::env::current_exe().context("locating the nsfail binary")?,
+        })
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -571,6 +603,27 @@ fn dispatch(cli: Cli) -> Result<()> {
             done("lab removed".into());
             Ok(())
         }
+        Cmd::Lab(LabCmd::Cluster(ClusterLabCmd::Up(args))) => {
+            let info = crate::lab::cluster::up(&args.options()?)?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                print_cluster_lab(&info);
+            }
+            Ok(())
+        }
+        Cmd::Lab(LabCmd::Cluster(ClusterLabCmd::Down(args))) => {
+            let opts = args.options()?;
+            if crate::lab::cluster::down(&opts)? {
+                done("cluster lab removed".into());
+            } else {
+                done(format!(
+                    "no cluster lab is recorded in {}: nothing to remove",
+                    opts.dir.display()
+                ));
+            }
+            Ok(())
+        }
         Cmd::Lab(LabCmd::Demo { seconds }) => crate::lab::demo::run(seconds),
         Cmd::Lab(LabCmd::Kill { encoder }) => {
             let p = labctl::kill(&encoder)?;
@@ -595,6 +648,49 @@ fn srt_listener_port(command: &[String]) -> Option<u16> {
             let authority = rest.split(['?', '/']).next()?;
             authority.rsplit_once(':')?.1.parse().ok()
         })
+}
+
+/// What `lab cluster up` made, and how to look at it.
+fn print_cluster_lab(info: &crate::lab::cluster::ClusterLabInfo) {
+    use crate::lab::cluster::INGEST;
+    println!("cluster lab up: namespaces {}", info.namespaces.join(", "));
+    for c in &info.channels {
+        println!(
+            "channel {} on {} ({}), encoders {}",
+            c.name,
+            c.listen,
+            c.protocol,
+            c.encoders.join(", ")
+        );
+    }
+    let h1 = &info.hosts[0];
+    println!(
+        "etcd at {}; the caller ({}) streams to {INGEST}, which the router ({}) spreads over \
+         the hosts.\nLook at it (as root):",
+        info.etcd, info.caller, info.router
+    );
+    for h in &info.hosts {
+        println!(
+            "  nsfail --socket {} status    # host {}",
+            h.socket.display(),
+            h.name
+        );
+    }
+    println!(
+        "  ip netns exec {} nsfail cluster status --config {}\n  \
+         ip -n {} route show {INGEST}    # one next hop per host (ECMP)\n  \
+         ls -l {}    # what each encoder received\n  \
+         nsfail lab cluster down{}",
+        h1.netns,
+        h1.config.display(),
+        info.router,
+        info.dir.join("*.ts").display(),
+        if info.dir == std::path::Path::new(paths::LAB_CLUSTER_DIR) {
+            String::new()
+        } else {
+            format!(" --dir {}", info.dir.display())
+        }
+    );
 }
 
 /// The demo: lab up, daemon in the foreground (a child process, since the daemon moves into

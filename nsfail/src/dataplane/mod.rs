@@ -544,7 +544,7 @@ impl Dataplane {
 }
 
 /// Mounts bpffs at /sys/fs/bpf when `dir` is not on one already.
-fn ensure_bpffs(dir: &Path) -> Result<()> {
+pub(crate) fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let bpffs = Path::new(crate::paths::BPFFS);
     let statfs = |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0);

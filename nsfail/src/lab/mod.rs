@@ -24,8 +24,11 @@ use std::{
 use crate::net::{netns, plumb, provision};
 
 pub mod bench_object;
+pub mod bird;
+pub mod cluster;
 pub mod ctl;
 pub mod demo;
+pub mod etcd;
 
 /// The lab's address plan, named here once. Link 0 joins the sender to the ingest host, link
 /// `i + 1` joins encoder `i` to it; on every link the ingest host's side is host 1 and the far
@@ -239,13 +242,30 @@ impl Lab {
 /// Link `net` of the plan: a veth `near_if` in `near` (the ingest host) to `far_if` in `far`,
 /// both addressed and up.
 fn link(near: &Netns, near_if: &str, far: &Netns, far_if: &str, net: u8) -> Result<()> {
-    let what = format!(
-        "link {net}: {}/{near_if} <-> {}/{far_if}",
-        near.name, far.name
-    );
-    plumb::veth(Some(&near.name), near_if, &far.name, far_if).map_err(step(what.clone()))?;
-    plumb::address_up(Some(&near.name), near_if, &side(net, NEAR)).map_err(step(what.clone()))?;
-    plumb::address_up(Some(&far.name), far_if, &side(net, FAR)).map_err(step(what))
+    wire(
+        &near.name,
+        near_if,
+        &side(net, NEAR),
+        &far.name,
+        far_if,
+        &side(net, FAR),
+    )
+}
+
+/// A veth `a_if` in namespace `a` to `b_if` in namespace `b`, each side with its addresses
+/// (and prefix lengths), both up.
+pub fn wire(
+    a: &str,
+    a_if: &str,
+    a_addrs: &[(IpAddr, u8)],
+    b: &str,
+    b_if: &str,
+    b_addrs: &[(IpAddr, u8)],
+) -> Result<()> {
+    let what = format!("veth {a}/{a_if} <-> {b}/{b_if}");
+    plumb::veth(Some(a), a_if, b, b_if).map_err(step(what.clone()))?;
+    plumb::address_up(Some(a), a_if, a_addrs).map_err(step(what.clone()))?;
+    plumb::address_up(Some(b), b_if, b_addrs).map_err(step(what))
 }
 
 #[cfg(test)]

@@ -113,10 +113,10 @@ pub(super) fn daemon_config(rt: &str, encoders: &[LabEncoder], protocol: LabProt
 
 /// A lab being built: the record so far, and the processes started, still held as children so
 /// that undoing never depends on recognising them.
-pub(super) struct Builder {
-    pub(super) dir: LabDir,
-    pub(super) info: LabInfo,
-    pub(super) children: Vec<(String, Child)>,
+pub(in crate::lab) struct Builder<R: Record = LabInfo> {
+    pub(in crate::lab) dir: LabDir,
+    pub(in crate::lab) info: R,
+    pub(in crate::lab) children: Vec<(String, Child)>,
 }
 
 impl Builder {
@@ -155,21 +155,7 @@ impl Builder {
 
         self.start_encoders(&encoders, opts.protocol)?;
         self.start_host_and_source(&rt, &src, opts.protocol)?;
-
-        // A process that cannot bind, connect or find its codec exits at once.
-        thread::sleep(SETTLE);
-        for (name, child) in &mut self.children {
-            if let Some(status) = child
-                .try_wait()
-                .map_err(io_err(format!("wait for {name}")))?
-            {
-                return Err(LabCtlError::Start {
-                    name: name.clone(),
-                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
-                });
-            }
-        }
-        Ok(())
+        self.settle()
     }
 
     /// Each encoder's receiver (its output file), and for UDP its health echo.
@@ -179,20 +165,8 @@ impl Builder {
             File::create(&output).map_err(io_err(format!("create {}", output.display())))?;
             self.info.outputs.push((e.name.clone(), output.clone()));
             let receiver = match protocol {
-                LabProtocol::Srt => vec![
-                    "srt-live-transmit".to_owned(),
-                    "-a".to_owned(),
-                    "yes".to_owned(),
-                    "-q".to_owned(),
-                    format!("srt://:{STREAM_PORT}?mode=listener"),
-                    "file://con".to_owned(),
-                ],
-                LabProtocol::Udp => vec![
-                    "socat".to_owned(),
-                    "-u".to_owned(),
-                    format!("UDP-RECV:{STREAM_PORT}"),
-                    "STDOUT".to_owned(),
-                ],
+                LabProtocol::Srt => srt_receiver(STREAM_PORT),
+                LabProtocol::Udp => udp_receiver(STREAM_PORT),
             };
             self.spawn(
                 &format!("{}-receiver", e.name),
@@ -201,13 +175,7 @@ impl Builder {
                 Some(&output),
             )?;
             if protocol == LabProtocol::Udp {
-                // One datagram in, the same datagram back to its sender, from the echo port.
-                let echo = vec![
-                    "socat".to_owned(),
-                    "-T1".to_owned(),
-                    format!("UDP-RECVFROM:{ECHO_PORT},fork"),
-                    "PIPE".to_owned(),
-                ];
+                let echo = udp_echo(ECHO_PORT);
                 self.spawn(&format!("{}-echo", e.name), &e.netns, echo, None)?;
             }
         }
@@ -241,30 +209,89 @@ impl Builder {
             }
             LabProtocol::Udp => format!("udp://{INGEST4}:{STREAM_PORT}?pkt_size=1316"),
         };
-        let mut ffmpeg: Vec<String> = [
-            "ffmpeg",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=640x360:rate=25",
-        ]
-        .into_iter()
-        .chain(video_codec())
-        .chain(["-g", "25", "-b:v", "1M", "-f", "mpegts"])
-        .map(str::to_owned)
-        .collect();
-        ffmpeg.push(target);
-        self.spawn("src-ffmpeg", src, ffmpeg, None)?;
+        let ffmpeg = test_stream(&["-f".to_owned(), "mpegts".to_owned(), target]);
+        self.spawn("src-ffmpeg", src, ffmpeg, None)
+    }
+}
 
+/// An SRT listener on `port` writing what it receives to stdout (and answering the `srt`
+/// health check itself).
+pub(in crate::lab) fn srt_receiver(port: u16) -> Vec<String> {
+    [
+        "srt-live-transmit",
+        "-a",
+        "yes",
+        "-q",
+        &format!("srt://:{port}?mode=listener"),
+        "file://con",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// A UDP receiver on `port` writing what it receives to stdout.
+pub(in crate::lab) fn udp_receiver(port: u16) -> Vec<String> {
+    ["socat", "-u", &format!("UDP-RECV:{port}"), "STDOUT"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// A UDP echo on `port` for the daemon's `udp` health probes: one datagram in, the same
+/// datagram back to its sender.
+pub(in crate::lab) fn udp_echo(port: u16) -> Vec<String> {
+    ["socat", "-T1", &format!("UDP-RECVFROM:{port},fork"), "PIPE"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// ffmpeg sending a live MPEG-TS test picture (25 frames a second, 1 Mbit/s) to `output` (its
+/// format and target arguments).
+pub(in crate::lab) fn test_stream(output: &[String]) -> Vec<String> {
+    [
+        "ffmpeg",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=640x360:rate=25",
+    ]
+    .into_iter()
+    .chain(video_codec())
+    .chain(["-g", "25", "-b:v", "1M"])
+    .map(str::to_owned)
+    .chain(output.iter().cloned())
+    .collect()
+}
+
+impl<R: Record> Builder<R> {
+    /// Waits [`SETTLE`], then fails if a started process has exited: one that cannot bind,
+    /// connect or find its codec exits at once.
+    pub(in crate::lab) fn settle(&mut self) -> Result<()> {
+        thread::sleep(SETTLE);
+        self.exited()
+    }
+
+    /// Fails, naming it and the end of its log, if a started process has exited.
+    pub(in crate::lab) fn exited(&mut self) -> Result<()> {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err(format!("wait for {name}")))?
+            {
+                return Err(LabCtlError::Start {
+                    name: name.clone(),
+                    detail: format!("{status}: {}", log_tail(&self.dir.log(name))),
+                });
+            }
+        }
         Ok(())
     }
 
     /// [`start`]s `cmdline` in namespace `netns` and records it.
-    pub(super) fn spawn(
+    pub(in crate::lab) fn spawn(
         &mut self,
         name: &str,
         netns: &str,
@@ -279,17 +306,17 @@ impl Builder {
             cmdline,
             stdout,
         )
-        .map(|p| self.info.processes.push(p))?;
+        .map(|p| self.info.processes().push(p))?;
         self.save()
     }
 
-    pub(super) fn save(&self) -> Result<()> {
+    pub(in crate::lab) fn save(&self) -> Result<()> {
         save(&self.dir, &self.info)
     }
 
     /// Undoes a failed build: stops the children (by handle, which cannot name another
     /// process), then removes the namespaces and the directory. Returns the error to report.
-    pub(super) fn undo(mut self, cause: LabCtlError) -> LabCtlError {
+    pub(in crate::lab) fn undo(mut self, cause: LabCtlError) -> LabCtlError {
         for (_, child) in &self.children {
             let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         }
@@ -301,7 +328,7 @@ impl Builder {
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.info.processes.clear();
+        self.info.processes().clear();
         match teardown(&self.dir, &mut self.info) {
             Ok(()) => cause,
             Err(e) => LabCtlError::Rollback {

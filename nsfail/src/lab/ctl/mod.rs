@@ -38,7 +38,9 @@ use crate::{
 
 mod build;
 
-use self::build::*;
+pub(in crate::lab) use self::build::{
+    Builder, srt_receiver, start, test_stream, udp_echo, udp_receiver,
+};
 
 /// The channel's ingest port, and the port each encoder receives on.
 const STREAM_PORT: u16 = 5000;
@@ -62,6 +64,8 @@ const POLL: Duration = Duration::from_millis(20);
 pub enum LabCtlError {
     #[error("lab is already up (nsfail lab down removes it)")]
     AlreadyUp,
+    #[error("a cluster lab is already up (nsfail lab cluster down removes it)")]
+    ClusterAlreadyUp,
     #[error(
         "network namespace {0} exists but no lab is recorded; if it is a leftover, `ip netns del {0}` removes it"
     )]
@@ -100,7 +104,7 @@ pub enum LabCtlError {
 
 type Result<T> = std::result::Result<T, LabCtlError>;
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabCtlError {
+pub(in crate::lab) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabCtlError {
     let what = what.into();
     move |source| LabCtlError::Io { what, source }
 }
@@ -238,6 +242,28 @@ pub struct LabInfo {
     pub outputs: Vec<(String, PathBuf)>,
 }
 
+/// What a lab's record holds that `down` must undo: the processes it started and the
+/// namespaces it made, and anything else of its own ([`Record::release`]).
+pub(in crate::lab) trait Record: Serialize {
+    fn processes(&mut self) -> &mut Vec<LabProcess>;
+    fn namespaces(&mut self) -> &mut Vec<String>;
+    /// Removes the lab's other state, after its processes stopped and before its namespaces
+    /// go; returns what resisted (kept in the record for a retry).
+    fn release(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl Record for LabInfo {
+    fn processes(&mut self) -> &mut Vec<LabProcess> {
+        &mut self.processes
+    }
+
+    fn namespaces(&mut self) -> &mut Vec<String> {
+        &mut self.namespaces
+    }
+}
+
 /// Builds the lab, starts its processes and writes its daemon config; refuses if a lab is
 /// recorded already. On failure, undoes what it did before returning the error.
 pub fn up(opts: &LabOptions) -> Result<LabInfo> {
@@ -277,7 +303,7 @@ pub fn down() -> Result<()> {
 /// directory. Anything that resists stays recorded, so that a retry can finish the job.
 pub fn down_with(opts: &LabOptions) -> Result<()> {
     let dir = LabDir::new(&opts.dir);
-    let Some(mut info) = load(&dir)? else {
+    let Some(mut info) = load::<LabInfo>(&dir)? else {
         let strays = namespaces_with_prefix(&opts.prefix);
         if !strays.is_empty() {
             log::warn!(
@@ -335,11 +361,15 @@ fn check_options(opts: &LabOptions) -> Result<()> {
             opts.encoders
         )));
     }
+    check_prefix(&opts.prefix)
+}
+
+/// A lab's namespace prefix: 1 to 32 of A-Z a-z 0-9 - _ . (it also names pin directories).
+pub(in crate::lab) fn check_prefix(prefix: &str) -> Result<()> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if opts.prefix.is_empty() || opts.prefix.len() > 32 || !opts.prefix.chars().all(allowed) {
+    if prefix.is_empty() || prefix.len() > 32 || !prefix.chars().all(allowed) {
         return Err(LabCtlError::Options(format!(
-            "namespace prefix {:?}: 1 to 32 of A-Z a-z 0-9 - _ .",
-            opts.prefix
+            "namespace prefix {prefix:?}: 1 to 32 of A-Z a-z 0-9 - _ ."
         )));
     }
     Ok(())
@@ -390,18 +420,20 @@ pub(in crate::lab) fn load<T: serde::de::DeserializeOwned>(dir: &LabDir) -> Resu
         .map_err(|source| LabCtlError::Record { path, source })
 }
 
-/// Stops the recorded processes, deletes the recorded namespaces, then the lab directory.
-/// What resists stays in the record.
-fn teardown(dir: &LabDir, info: &mut LabInfo) -> Result<()> {
+/// Stops the recorded processes, releases the lab's other state, deletes the recorded
+/// namespaces, then the lab directory. What resists stays in the record.
+pub(in crate::lab) fn teardown(dir: &LabDir, info: &mut impl Record) -> Result<()> {
     let mut failures = Vec::new();
-    info.processes = stop(&info.processes);
-    for p in &info.processes {
+    let survivors = stop(info.processes());
+    for p in &survivors {
         failures.push(format!(
             "process {} (pid {}) survived SIGKILL",
             p.name, p.pid
         ));
     }
-    info.namespaces.retain(|ns| match delete_netns(ns) {
+    *info.processes() = survivors;
+    failures.extend(info.release());
+    info.namespaces().retain(|ns| match delete_netns(ns) {
         Ok(()) => false,
         Err(e) => {
             failures.push(e.to_string());
