@@ -3,14 +3,14 @@
 //! writing keys as another host (or a vandal) would. Everything is undone on drop, panics
 //! included: the etcd process (by its PID), its data directory, the namespace and its veths.
 
-use std::{fs, path::Path, time::Duration};
+use std::{collections::BTreeSet, fs, path::Path, time::Duration};
 
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 
 use crate::{
     ChildGuard, Entered, Netns, PinDir,
     daemon::{Daemon, TempDir, cli, placement, status},
-    hosts::{exec, router_xdp, wire},
+    hosts::{TABLE, bird, exec, host_conf, next_hops, router_conf, router_xdp, wire},
     ip_in,
     traffic::{Echo, Receiver, send_burst, spawn_burst},
     unique, wait_for,
@@ -253,6 +253,21 @@ pub const ROUTED_INGEST: &str = "203.0.113.77";
 
 impl RoutedWorld {
     pub fn new() -> Self {
+        Self::build(true)
+    }
+
+    /// [`RoutedWorld::new`] without the router's route to the ingest address: BGP gives it
+    /// (see [`AnycastCluster`]), spreading flows over the hosts by the L4 hash.
+    pub fn anycast() -> Self {
+        let w = Self::build(false);
+        exec(
+            &w.rt,
+            &["sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"],
+        );
+        w
+    }
+
+    fn build(router_routes_ingest: bool) -> Self {
         let (cl, rt, ha, hb, ea, eb) = (
             Netns::new("ccl"),
             Netns::new("crt"),
@@ -282,10 +297,12 @@ impl RoutedWorld {
         ip_in(&hb.name, &["route", "add", "default", "via", "10.71.3.1"]);
         ip_in(&ea.name, &["route", "add", "default", "via", "10.71.5.1"]);
         ip_in(&eb.name, &["route", "add", "default", "via", "10.71.4.1"]);
-        ip_in(
-            &rt.name,
-            &["route", "add", ROUTED_INGEST, "via", "10.71.2.2"],
-        );
+        if router_routes_ingest {
+            ip_in(
+                &rt.name,
+                &["route", "add", ROUTED_INGEST, "via", "10.71.2.2"],
+            );
+        }
         ip_in(
             &rt.name,
             &["route", "add", "10.71.4.0/24", "via", "10.71.3.2"],
@@ -356,10 +373,11 @@ impl Default for RoutedWorld {
 pub struct RoutedCluster {
     // Fields drop in this order: the daemons before their pins, the world last.
     pub b: Daemon,
-    _a: Daemon,
+    pub a: Daemon,
     pub echoes: [Echo; 2],
-    _pins: (PinDir, PinDir),
+    pub pins: (PinDir, PinDir),
     pub sock_a: std::path::PathBuf,
+    pub sock_b: std::path::PathBuf,
     pub cfg_a: std::path::PathBuf,
     pub cfg_b: std::path::PathBuf,
     pub prefix: String,
@@ -373,7 +391,12 @@ pub fn routed_cluster() -> RoutedCluster {
 
 /// [`routed_cluster`] with cam1 of `protocol` (`udp` or `srt`).
 pub fn routed_cluster_of(protocol: &str) -> RoutedCluster {
-    let mut w = RoutedWorld::new();
+    routed_cluster_in(RoutedWorld::new(), protocol, "")
+}
+
+/// [`routed_cluster_of`] on `w`, with `cluster_extra` (lines of `[cluster]`) in both hosts'
+/// files.
+fn routed_cluster_in(mut w: RoutedWorld, protocol: &str, cluster_extra: &str) -> RoutedCluster {
     let echoes = [
         Echo::start(&w.ea, sa("10.71.5.2:9000")),
         Echo::start(&w.eb, sa("10.71.4.2:9000")),
@@ -401,8 +424,8 @@ pub fn routed_cluster_of(protocol: &str) -> RoutedCluster {
         .nsfail(&["apply", "--config", seed.to_str().unwrap()]);
     assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
     let (cfg_a, cfg_b) = (dir.path.join("ha.toml"), dir.path.join("hb.toml"));
-    fs::write(&cfg_a, w.host_config(true, &name)).unwrap();
-    fs::write(&cfg_b, w.host_config(false, &name)).unwrap();
+    fs::write(&cfg_a, w.host_config(true, &name) + cluster_extra).unwrap();
+    fs::write(&cfg_b, w.host_config(false, &name) + cluster_extra).unwrap();
     let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
     let (sock_a, sock_b) = (dir.path.join("ha.sock"), dir.path.join("hb.sock"));
     let a = Daemon::start(&cfg_a, &sock_a, &pins_a);
@@ -436,16 +459,92 @@ pub fn routed_cluster_of(protocol: &str) -> RoutedCluster {
 
     RoutedCluster {
         b,
-        _a: a,
+        a,
         echoes,
-        _pins: (pins_a, pins_b),
+        pins: (pins_a, pins_b),
         sock_a,
+        sock_b,
         cfg_a,
         cfg_b,
         prefix,
         _dir: dir,
         w,
     }
+}
+
+/// [`RoutedCluster`] under anycast (issue 17): both hosts' daemons announce
+/// [`ROUTED_INGEST`] in their announce table ([`TABLE`]), each host's BIRD exports it to the
+/// router's over BGP with BFD (`bfd`: the options of every session), and the router spreads
+/// flows over the hosts by the L4 hash (ECMP). cam1's encoder is eb on host B: a flow through
+/// A reaches it by A's routed encoder and B's transit entry.
+pub struct AnycastCluster {
+    // Fields drop in order: the BIRDs first, then the daemons, their pins and the world.
+    _birds: [ChildGuard; 3],
+    pub c: RoutedCluster,
+    pub bird_dir: TempDir,
+}
+
+impl AnycastCluster {
+    pub fn new(bfd: &str) -> Self {
+        let c = routed_cluster_in(
+            RoutedWorld::anycast(),
+            "udp",
+            &format!("announce_table = {TABLE}\n"),
+        );
+        let dir = TempDir::new();
+        let w = &c.w;
+        let router = bird(
+            &w.rt,
+            &dir,
+            "r",
+            &router_conf(
+                &dir,
+                &[("10.71.2.1", "10.71.2.2"), ("10.71.3.1", "10.71.3.2")],
+                bfd,
+            ),
+        );
+        let bird_a = bird(
+            &w.ha,
+            &dir,
+            "ha",
+            &host_conf(&dir, "ha", "10.71.2.2", "10.71.2.1", bfd),
+        );
+        let bird_b = bird(
+            &w.hb,
+            &dir,
+            "hb",
+            &host_conf(&dir, "hb", "10.71.3.2", "10.71.3.1", bfd),
+        );
+        let lab = Self {
+            _birds: [router, bird_a, bird_b],
+            c,
+            bird_dir: dir,
+        };
+        let up = wait_for(Duration::from_secs(30), || {
+            (lab.next_hops() == hops(&[A_HOP, B_HOP])).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "router's next hops {:?}; its log: {}",
+            lab.next_hops(),
+            fs::read_to_string(lab.bird_dir.path.join("r.log")).unwrap_or_default()
+        );
+        lab
+    }
+
+    /// The router's next hops for the ingest address.
+    pub fn next_hops(&self) -> BTreeSet<String> {
+        next_hops(&self.c.w.rt, ROUTED_INGEST)
+    }
+}
+
+/// Host A's and host B's address on their uplinks: the router's next hops.
+pub const A_HOP: &str = "10.71.2.2";
+pub const B_HOP: &str = "10.71.3.2";
+
+/// A set of next hops.
+pub fn hops(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
 }
 
 /// What freezing host B did to a stream on cam1.

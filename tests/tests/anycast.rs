@@ -11,18 +11,22 @@
 use std::{
     collections::BTreeSet,
     fs,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use nsfail::net::announce;
 use nsfail_tests::{
     Entered, Netns,
-    daemon::TempDir,
+    cluster::{A_HOP, AnycastCluster, B_HOP, ROUTED_INGEST, hops as hop_set, log_of},
+    daemon::{Daemon, TempDir, cli, events, nsfail_bin, status},
     hosts::{
         AnycastLab, FLOWS, TABLE, announce_in, bird, host_conf, next_hops as next_hops_of,
         router_conf, wire,
     },
-    run, wait_for,
+    run,
+    traffic::{Receiver, send_burst, spawn_burst},
+    wait_for,
 };
 
 const INGEST: &str = "203.0.113.88";
@@ -176,4 +180,253 @@ fn flows_through_a_frozen_host_move_to_the_other_and_the_rest_lose_nothing() {
         "flows through the frozen host lost {lost_a:?} packets; the router dropped it after {:?}",
         run.withdrawn
     );
+}
+
+/// BFD for the tests that carry streams on a busy VM, where a false "down" would move flows
+/// that must not move.
+const TOLERANT_BFD: &str = "min rx interval 100 ms; min tx interval 100 ms; multiplier 5;";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn channel() -> SocketAddr {
+    sa(&format!("{ROUTED_INGEST}:5000"))
+}
+
+/// Flow `f`'s caller: port 41000 + f.
+fn caller(f: u32) -> SocketAddr {
+    SocketAddr::new("10.71.1.2".parse().unwrap(), 41000 + f as u16)
+}
+
+/// `ip route show table TABLE` in the namespace `ns`: nsfail's routes carry `proto 247`.
+fn routes_in(ns: &Netns) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "route", "show", "table", &TABLE.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn announces(ns: &Netns) -> bool {
+    routes_in(ns).contains(&format!("{ROUTED_INGEST} dev "))
+}
+
+/// cam1's input packets as host A's data plane counted them.
+fn packets_at_a(lab: &AnycastCluster) -> u64 {
+    status(&lab.c.sock_a)["channels"][0]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("cam1's packets: {}", status(&lab.c.sock_a)))
+}
+
+/// 10 packets on each flow, seqs from `base`: every flow is answered by eb, whichever host it
+/// entered by. With `via_a`, the flows host A's data plane counted (the router sends them
+/// through A).
+fn flows(lab: &AnycastCluster, base: u32, via_a: bool) -> BTreeSet<u32> {
+    let mut through_a = BTreeSet::new();
+    for f in 0..FLOWS {
+        let before = via_a.then(|| packets_at_a(lab));
+        let seqs = base + f * 100_000..base + f * 100_000 + 10;
+        let r = send_burst(
+            &lab.c.w.cl,
+            caller(f),
+            channel(),
+            seqs,
+            Duration::from_millis(1),
+            Duration::from_secs(2),
+        );
+        assert_eq!(r.seqs().len(), 10, "flow {f} answered");
+        if before.is_some_and(|n| packets_at_a(lab) > n) {
+            through_a.insert(f);
+        }
+    }
+    through_a
+}
+
+/// Every flow streams 1,500 packets (1 a ms, seqs from `base`); `act` runs 500 ms in.
+/// Returns each flow's packets that did not reach eb.
+fn stream_while(lab: &AnycastCluster, rx: &Receiver, base: u32, act: impl FnOnce()) -> Vec<u32> {
+    const PACKETS: u32 = 1500;
+    let range = |f: u32| base + f * 100_000..base + f * 100_000 + PACKETS;
+    let bursts: Vec<_> = (0..FLOWS)
+        .map(|f| {
+            spawn_burst(
+                &lab.c.w.cl.name,
+                caller(f),
+                channel(),
+                range(f),
+                Duration::from_millis(1),
+                Duration::from_secs(2),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    act();
+    for b in bursts {
+        b.join().unwrap();
+    }
+    let seen = rx.settled();
+    (0..FLOWS)
+        .map(|f| PACKETS - range(f).filter(|s| seen.contains(s)).count() as u32)
+        .collect()
+}
+
+fn drained(socket: &std::path::Path) -> serde_json::Value {
+    status(socket)["cluster"]["drained"].clone()
+}
+
+/// `nsfail drain host` (issue 17): host A withdraws its route from its announce table, the
+/// router's next hops shrink to host B and A's flows move there without a packet lost on any
+/// flow (A still forwards what reaches it meanwhile); the drain is in `status` and the state
+/// file, so a restarted daemon keeps its route withdrawn; `undrain host` announces it again
+/// and the router sends flows through A again.
+#[test]
+fn drain_host_moves_the_hosts_flows_to_the_other_host_without_loss_and_outlives_a_restart() {
+    let mut lab = AnycastCluster::new(TOLERANT_BFD);
+    let w = &lab.c.w;
+    let (ha, hb) = (&w.ha, &w.hb);
+    let rx = Receiver::start(&w.eb, sa("10.71.4.2:7000"));
+    let both = hop_set(&[A_HOP, B_HOP]);
+    let only_b = hop_set(&[B_HOP]);
+    assert!(announces(ha) && announces(hb), "{}", routes_in(ha));
+    assert_eq!(drained(&lab.c.sock_a), false);
+    let via_a = flows(&lab, 0, true);
+    assert!(
+        !via_a.is_empty() && via_a.len() < FLOWS as usize,
+        "ECMP spread {FLOWS} flows over both hosts: {via_a:?} went through A"
+    );
+
+    // Drained while every flow streams.
+    let sock_a = lab.c.sock_a.clone();
+    let mut out = None;
+    let mut moved = None;
+    let lost = stream_while(&lab, &rx, 1_000, || {
+        let at = Instant::now();
+        out = Some(cli(&sock_a, &["drain", "host"]));
+        moved = wait_for(Duration::from_secs(10), || {
+            (lab.next_hops() == only_b).then(|| at.elapsed())
+        });
+    });
+    let out = out.unwrap();
+    assert_eq!(out.code, 0, "drain host: {}", out.stderr);
+    let moved = moved.unwrap_or_else(|| panic!("router still has {:?}", lab.next_hops()));
+    eprintln!("drained host A left the router's route after {moved:?}; lost per flow {lost:?}");
+    assert_eq!(
+        lost,
+        vec![0; FLOWS as usize],
+        "packets lost per flow across the drain"
+    );
+    assert!(!announces(ha), "A withdrew: {}", routes_in(ha));
+    assert!(announces(hb), "B still announces: {}", routes_in(hb));
+    assert_eq!(drained(&lab.c.sock_a), true);
+    assert_eq!(drained(&lab.c.sock_b), false);
+    assert!(
+        events(&sock_a).iter().any(|e| e["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("host drained")),
+        "a host drained event"
+    );
+    assert!(flows(&lab, 10_000, true).is_empty(), "no flow through A");
+    // Again: nothing changes.
+    assert_eq!(cli(&sock_a, &["drain", "host"]).code, 0);
+    assert_eq!(drained(&lab.c.sock_a), true);
+
+    // A's daemon restarts: still drained, its route still withdrawn once it runs again
+    // (held for 3 of its 1 s announce rounds).
+    assert_eq!(lab.c.a.stop(), Some(0), "{}", log_of(&lab.c.cfg_a));
+    assert!(!announces(ha), "{}", routes_in(ha));
+    lab.c.a = Daemon::start(&lab.c.cfg_a, &sock_a, &lab.c.pins.0);
+    let serving = wait_for(Duration::from_secs(10), || {
+        (!nsfail_tests::daemon::placement(&sock_a).is_empty()).then_some(())
+    });
+    assert!(serving.is_some(), "{}", log_of(&lab.c.cfg_a));
+    assert_eq!(drained(&sock_a), true, "the drain outlives a restart");
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(3) {
+        assert!(
+            !announces(ha),
+            "announced after the restart: {}",
+            routes_in(ha)
+        );
+        assert_eq!(lab.next_hops(), only_b);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(flows(&lab, 20_000, true).is_empty(), "no flow through A");
+
+    // Undrained: announced again, and the router sends flows through A again.
+    let out = cli(&sock_a, &["undrain", "host"]);
+    assert_eq!(out.code, 0, "undrain host: {}", out.stderr);
+    assert!(announces(ha), "{}", routes_in(ha));
+    assert_eq!(drained(&sock_a), false);
+    let back = wait_for(Duration::from_secs(10), || {
+        (lab.next_hops() == both).then_some(())
+    });
+    assert!(back.is_some(), "router's next hops {:?}", lab.next_hops());
+    assert!(
+        !flows(&lab, 30_000, true).is_empty(),
+        "flows through A again"
+    );
+    // Host B followed throughout (longer than etcd's 5 s request timeout): it never lost
+    // etcd, so its encoder never left the cluster.
+    let log_b = log_of(&lab.c.cfg_b);
+    assert!(!log_b.contains("etcd lost"), "{log_b}");
+}
+
+/// A cluster host's daemon killed (SIGKILL) leaves its routes, and forwarding, in place (issue
+/// 17: the data plane outlives it); `nsfail teardown` with the daemon's pin directory
+/// withdraws them from the recorded table in the recorded namespace, and removes the record:
+/// the router's next hops shrink to the other host, which answers every flow.
+#[test]
+fn a_killed_hosts_routes_stay_until_teardown_withdraws_them() {
+    let mut lab = AnycastCluster::new(TOLERANT_BFD);
+    let _rx = Receiver::start(&lab.c.w.eb, sa("10.71.4.2:7000"));
+    let both = hop_set(&[A_HOP, B_HOP]);
+    let only_b = hop_set(&[B_HOP]);
+    let record = lab.c.pins.0.pins.announce_record();
+    assert!(record.exists(), "{} recorded", record.display());
+    let via_a = flows(&lab, 0, true);
+    assert!(!via_a.is_empty(), "no flow went through A");
+
+    lab.c.a.child.child.kill().unwrap();
+    lab.c.a.child.child.wait().unwrap();
+    // Held over 3 s (A's lease expires after 1 s): its route and the router's next hop stay,
+    // and A's data plane still forwards its flows.
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(3) {
+        assert!(announces(&lab.c.w.ha), "{}", routes_in(&lab.c.w.ha));
+        assert_eq!(lab.next_hops(), both);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    flows(&lab, 1_000, false);
+    assert!(record.exists());
+
+    let root = lab.c.pins.0.pins.root().to_owned();
+    let out = std::process::Command::new(nsfail_bin())
+        .arg("teardown")
+        .arg("--pins")
+        .arg(&root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "teardown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "1 announced route(s) withdrawn from table {TABLE}"
+        )),
+        "{stdout}"
+    );
+    assert!(!announces(&lab.c.w.ha), "{}", routes_in(&lab.c.w.ha));
+    assert!(announces(&lab.c.w.hb), "{}", routes_in(&lab.c.w.hb));
+    assert!(!record.exists(), "{} removed", record.display());
+    let gone = wait_for(Duration::from_secs(10), || {
+        (lab.next_hops() == only_b).then_some(())
+    });
+    assert!(gone.is_some(), "router's next hops {:?}", lab.next_hops());
+    // Every flow, those A took included, is answered through B.
+    flows(&lab, 2_000, false);
 }

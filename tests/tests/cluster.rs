@@ -830,6 +830,11 @@ fn a_stream_crosses_hosts_by_the_leaders_choice() {
         ref prefix,
         ..
     } = c;
+    // A cluster host without announce_table announces nothing: drain host is refused.
+    let out = cli(sock_a, &["drain", "host"]);
+    assert_eq!(out.code, 1, "drain host: {}", out.stdout);
+    assert!(out.stderr.contains("with announce_table"), "{}", out.stderr);
+    assert_eq!(status(sock_a)["cluster"]["drained"], false);
     let channel = sa(&format!("{ROUTED_INGEST}:5000"));
     let caller = sa("10.71.1.2:40000");
     let rx_a = Receiver::start(&w.ea, sa("10.71.5.2:7000"));

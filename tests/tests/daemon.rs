@@ -130,7 +130,11 @@ fn refused_requests_leave_state_unchanged() {
     let before = status(sock);
     assert_eq!(active(&before, "cam1"), "enc-a");
 
-    let refusals: [(&[&str], &str); 7] = [
+    let state_file = s.config.with_extension("state.json");
+    let state_before = fs::read(&state_file).ok();
+    assert!(before["cluster"].is_null(), "not a cluster host: {before}");
+
+    let refusals: [(&[&str], &str); 9] = [
         (&["remap", "nope", "enc-b"], "unknown channel"),
         (&["remap", "cam1", "nope"], "unknown encoder"),
         (&["drain", "nope"], "unknown encoder"),
@@ -160,6 +164,15 @@ fn refused_requests_leave_state_unchanged() {
             ],
             "enc-z",
         ),
+        // Not a cluster host: it announces nothing to withdraw.
+        (
+            &["drain", "host"],
+            "needs a [cluster] section with announce_table",
+        ),
+        (
+            &["undrain", "host"],
+            "needs a [cluster] section with announce_table",
+        ),
     ];
     for (args, needle) in refusals {
         let out = cli(sock, args);
@@ -172,7 +185,13 @@ fn refused_requests_leave_state_unchanged() {
         );
         assert!(out.stderr.contains(needle), "{args:?}: {}", out.stderr);
         assert_eq!(status(sock)["channels"], before["channels"], "{args:?}");
+        assert!(status(sock)["cluster"].is_null(), "{args:?}");
     }
+    assert_eq!(
+        fs::read(&state_file).ok(),
+        state_before,
+        "the refusals wrote the state file"
+    );
     // Draining enc-a moves both channels to enc-b; draining enc-b then would leave them
     // without a healthy encoder: refused, nothing moves.
     assert_eq!(cli(sock, &["drain", "enc-a"]).code, 0);

@@ -109,12 +109,19 @@ fn format_mac(mac: [u8; 6]) -> String {
 }
 
 fn options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(cluster::store::CONNECT_TIMEOUT)
+    campaign_options()
         .with_timeout(cluster::store::REQUEST_TIMEOUT)
         // A dead etcd is found by HTTP/2 pings, not by a request that never returns.
         .with_keep_alive(Duration::from_millis(500), Duration::from_millis(1000))
         .with_keep_alive_while_idle(true)
+}
+
+/// The campaign's own connection: it waits as long as another host leads, so no request
+/// timeout (one made a follower drop its session, lease and encoders' keys every 5 s, and the
+/// leader fail their channels over), and no pings (etcd answers pings on a connection that
+/// carries nothing else with GOAWAY). A dead etcd ends the session by the lease's keep-alives.
+fn campaign_options() -> ConnectOptions {
+    ConnectOptions::new().with_connect_timeout(cluster::store::CONNECT_TIMEOUT)
 }
 
 /// Connects and reads the prefix, retrying until etcd answers, and says so while

@@ -54,7 +54,10 @@ pub(super) async fn session(
     let mut callers: BTreeMap<(String, SocketAddr), CallerRecord> = BTreeMap::new();
     let mut writer = client.clone();
     let election = cluster::election_name(&me.cluster);
-    let mut elector = client.clone();
+    let mut elector = match Client::connect(&me.cluster.etcd, Some(campaign_options())).await {
+        Ok(c) => c,
+        Err(e) => return anyhow::Error::new(e).context("connecting for the campaign"),
+    };
     let campaign = elector.campaign(election.clone(), me.host.clone(), lease);
     let mut asker = client.clone();
     // Who leads is asked at the start, whenever a candidate's key comes or goes, and every
