@@ -3,6 +3,9 @@
 //! writing keys as another host (or a vandal) would. Everything is undone on drop, panics
 //! included: the etcd process (by its PID), its data directory, the namespace and its veths.
 
+pub mod srt_freeze;
+pub mod two_hosts;
+
 use std::{collections::BTreeSet, fs, path::Path, time::Duration};
 
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
@@ -560,7 +563,39 @@ pub struct ActiveFreeze {
     pub ended_at_a: bool,
 }
 
+/// Host B frozen by [`RoutedCluster::freeze_host_b`]; its daemon is continued on drop (its
+/// uplink stays cut off).
+pub struct FrozenB(nix::unistd::Pid);
+
+impl Drop for FrozenB {
+    fn drop(&mut self) {
+        // The daemon may have died meanwhile: then there is nothing to continue.
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 impl RoutedCluster {
+    /// Freezes host B: its daemon stopped (SIGSTOP) and everything to and from its uplink
+    /// dropped at the router, the link up, so that only its lease can tell.
+    pub fn freeze_host_b(&self) -> FrozenB {
+        let pid = nix::unistd::Pid::from_raw(self.b.child.pid());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP hb");
+        let frozen = FrozenB(pid);
+        crate::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.w.rt.name,
+                "nft",
+                "add table netdev freeze; add chain netdev freeze in { type filter hook \
+                 ingress device \"rb\" priority 0; policy drop; }; add chain netdev freeze out \
+                 { type filter hook egress device \"rb\" priority 0; policy drop; }",
+            ],
+        );
+        frozen
+    }
+
     /// 4,000 packets to cam1 at 1 a ms; 500 ms in, host B freezes: its daemon stopped
     /// (SIGSTOP, continued after the burst) and everything to and from its uplink dropped at
     /// the router, the link up.
@@ -588,22 +623,9 @@ impl RoutedCluster {
             Duration::from_secs(2),
         );
         std::thread::sleep(Duration::from_millis(500));
-        let pid = nix::unistd::Pid::from_raw(self.b.child.pid());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
-        crate::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.w.rt.name,
-                "nft",
-                "add table netdev freeze; add chain netdev freeze in { type filter hook \
-                 ingress device \"rb\" priority 0; policy drop; }; add chain netdev freeze out \
-                 { type filter hook egress device \"rb\" priority 0; policy drop; }",
-            ],
-        );
+        let frozen = self.freeze_host_b();
         let sent = burst.join().expect("burst thread");
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        drop(frozen);
         let (on_a, on_b) = (rx_a.settled(), rx_b.settled());
         let range = 1000..1000 + n;
         let arrived = range
@@ -665,6 +687,7 @@ fn sa(s: &str) -> std::net::SocketAddr {
     s.parse().expect("address")
 }
 
-fn cluster_of(socket: &Path) -> serde_json::Value {
+/// The `cluster` object of a daemon's status.
+pub fn cluster_of(socket: &Path) -> serde_json::Value {
     status(socket)["cluster"].clone()
 }
