@@ -1009,3 +1009,90 @@ fn etcd_stopped_for_30_s_loses_nothing_and_converges_without_needless_moves() {
         "the one legitimate move, once"
     );
 }
+
+/// Failback survives a change of leader. cam3 and cam4 (enc-c then enc-d on h2, failback
+/// auto, hold-down 1 s) both leave enc-c: cam4 by a remap on the leader h1 (by hand), cam3
+/// when enc-c fails (automatic); etcd's records say which. h1 is killed and h2 leads; when
+/// enc-c is healthy again, h2 fails cam3 back to it, as h1 would have, and leaves cam4 on
+/// enc-d, where it was put by hand.
+#[test]
+fn a_new_leader_fails_back_what_the_old_one_failed_over_and_not_what_it_placed_by_hand() {
+    let mut t = two_hosts();
+    for (name, port) in [("cam3", 5004), ("cam4", 5006)] {
+        let channel = serde_json::json!({
+            "name": name,
+            "listen": format!("10.77.0.1:{port}"),
+            "encoders": ["enc-c", "enc-d"],
+            "port": port + 2000,
+            "failback": "auto",
+            "hold_down_ms": 1000,
+        });
+        t.etcd.put(
+            &format!("{}channels/{name}", t.prefix),
+            channel.to_string().as_bytes(),
+            None,
+        );
+    }
+    let on = |sock: &std::path::Path, ch: &str, enc: &str| {
+        placement(sock).contains(&(ch.to_owned(), enc.to_owned()))
+    };
+    let placed = wait_for(Duration::from_secs(10), || {
+        (["cam3", "cam4"]
+            .iter()
+            .all(|ch| on(&t.sock1, ch, "enc-c") && on(&t.sock2, ch, "enc-c")))
+        .then_some(())
+    });
+    assert!(
+        placed.is_some(),
+        "{:?}\n{}",
+        placement(&t.sock2),
+        log_of(&t.cfg1)
+    );
+    let remap = cli(&t.sock1, &["remap", "cam4", "enc-d"]);
+    assert_eq!(remap.code, 0, "{}", remap.stderr);
+    t.echoes2[0].stop();
+    let record = |ch: &str| -> serde_json::Value {
+        t.etcd
+            .get(&format!("{}active/{ch}", t.prefix))
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default()
+    };
+    let failed_over = wait_for(Duration::from_secs(10), || {
+        (record("cam3")["encoder"] == "enc-d" && record("cam4")["encoder"] == "enc-d").then_some(())
+    });
+    assert!(
+        failed_over.is_some(),
+        "{} {}\n{}",
+        record("cam3"),
+        record("cam4"),
+        log_of(&t.cfg1)
+    );
+    assert_eq!(record("cam3")["manual"], false, "{}", record("cam3"));
+    assert_eq!(record("cam4")["manual"], true, "{}", record("cam4"));
+
+    // h1 dies; h2 leads once h1's lease expires.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.h1.child.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let leads = wait_for(Duration::from_secs(8), || {
+        (cluster_of(&t.sock2)["leading"] == true).then_some(())
+    });
+    assert!(leads.is_some(), "h2 leads:\n{}", log_of(&t.cfg2));
+    let ec = &t.lab2.encoders[0];
+    t.echoes2[0] = Echo::start(&ec.ns, sa(&format!("{}:9000", ec.addr4)));
+    let back = wait_for(Duration::from_secs(10), || {
+        (record("cam3")["encoder"] == "enc-c" && record("cam3")["leader"] == "h2").then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "h2 fails cam3 back to enc-c: {}\n{}",
+        record("cam3"),
+        log_of(&t.cfg2)
+    );
+    assert!(on(&t.sock2, "cam3", "enc-c"), "{:?}", placement(&t.sock2));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(record("cam4")["encoder"], "enc-d", "{}", record("cam4"));
+    assert!(on(&t.sock2, "cam4", "enc-d"), "{:?}", placement(&t.sock2));
+}
