@@ -82,25 +82,28 @@ impl Controller {
         }
     }
 
-    /// Leader: the channels whose active encoder here differs from what etcd holds, to write
-    /// there (the outbox is emptied).
-    pub fn take_outbox(&mut self) -> Vec<(String, String)> {
+    /// Leader: up to `limit` channels whose active encoder here differs from what etcd holds,
+    /// to write there; they leave the outbox, the rest stay for the next call (a new leader
+    /// of many channels writes them a slice at a time, between its keep-alives).
+    pub fn take_outbox(&mut self, limit: usize) -> Vec<(String, String)> {
         let Some(s) = self.shared.as_mut() else {
             return Vec::new();
         };
         if !s.leading {
             return Vec::new();
         }
-        let outbox = std::mem::take(&mut s.outbox);
-        let s = self.shared.as_ref().expect("checked above");
-        outbox
-            .into_iter()
-            .filter_map(|ch| {
-                let active = self.decider.active(&ch)?;
-                (s.actives.get(&ch).map(|r| r.encoder.as_str()) != Some(active))
-                    .then(|| (ch.clone(), active.to_owned()))
-            })
-            .collect()
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(ch) = s.outbox.pop_first() else {
+                break;
+            };
+            if let Some(active) = self.decider.active(&ch)
+                && s.actives.get(&ch).map(|r| r.encoder.as_str()) != Some(active)
+            {
+                out.push((ch, active.to_owned()));
+            }
+        }
+        out
     }
 
     /// A decision carried out: the leader writes it to etcd.
