@@ -49,6 +49,8 @@ const CHANGES: usize = 100;
 /// How long one start or one change may take before the run is reported as failed.
 const LIMIT: Duration = Duration::from_secs(120);
 const CHANGE_LIMIT: Duration = Duration::from_secs(10);
+/// The pause after each change (seen on every host) before the next.
+const GAP: Duration = Duration::from_millis(100);
 const NAMES: [&str; 4] = ["enc-a", "enc-b", "enc-c", "enc-d"];
 
 fn listen(i: usize) -> SocketAddr {
@@ -328,9 +330,8 @@ fn one(n: usize) -> Result<Point> {
     // Let the hosts settle (health published, leader's writes followed).
     thread::sleep(Duration::from_secs(2));
 
-    // (b) changes.
+    // (b) changes, one at a time: [`GAP`] after each is seen everywhere.
     let mut add_ms = Vec::new();
-    let mut remap_ms = Vec::new();
     for k in 0..CHANGES {
         let i = n + k;
         let (a, b) = pair(i);
@@ -345,12 +346,15 @@ fn one(n: usize) -> Result<Point> {
         let value = serde_json::to_vec(&nc)?;
         let t0 = Instant::now();
         client.put(key, value)?;
-        let want = key4(listen(i));
         add_ms.push(
-            on_all(&maps, t0, want, |t| t.is_some()).with_context(|| format!("channel add{k}"))?,
+            on_all(&maps, t0, key4(listen(i)), |t| t.is_some())
+                .with_context(|| format!("channel add{k}"))?,
         );
-
-        // Remap a channel not moved before to its backup.
+        thread::sleep(GAP);
+    }
+    let mut remap_ms = Vec::new();
+    for k in 0..CHANGES {
+        // A channel not moved before, to its backup.
         let j = (k * 97) % n;
         let (_, b) = pair(j);
         let to: Ipv4Addr = lab1.encoders[b].addr4.parse()?;
@@ -370,7 +374,7 @@ fn one(n: usize) -> Result<Point> {
             })
             .with_context(|| format!("remap ch{j}"))?,
         );
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(GAP);
     }
     let log = fs::read_to_string(paths[0].with_extension("log")).unwrap_or_default();
     let lost = log
@@ -420,7 +424,9 @@ pub fn run() -> Result<Report> {
             "changes ({CHANGES} of each kind): a channel put into etcd by another client, and \
              `nsfail remap` of a channel to its backup on the leader h1 (CLI process start \
              included); each from just before the write to the change in all three hosts' \
-             pinned maps (read every 0.2 ms); the slowest host's delay per change"
+             pinned maps (read every 0.2 ms); the slowest host's delay per change; {} ms \
+             between changes, all adds then all remaps",
+            GAP.as_millis()
         ),
     ];
     for &n in &sizes {
@@ -479,6 +485,13 @@ pub fn run() -> Result<Report> {
         );
         remap.samples = p.remap_ms.clone();
         report.figures.extend([add, remap]);
+        report.notes.push(format!(
+            "{n} channels: channel put p50 {:.1} ms, p99 {:.1} ms; remap p50 {:.1} ms, p99 {:.1} ms",
+            pct(&p.add_ms, 0.5),
+            pct(&p.add_ms, 0.99),
+            pct(&p.remap_ms, 0.5),
+            pct(&p.remap_ms, 0.99)
+        ));
         report.notes.push(format!(
             "{n} channels: h1's log says `etcd lost` or `no longer the leader` {} times",
             p.lost
