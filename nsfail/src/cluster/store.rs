@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
 use serde::Serialize;
 
 use super::*;
@@ -36,6 +36,58 @@ pub async fn connect(c: &Cluster) -> Result<Client> {
     Ok(client)
 }
 
+/// Keys per answer of [`get_prefix`]: a page of channels stays far below the client's 4 MiB
+/// limit on an answer (a channel's value is about 200 bytes, at most a few KiB with many
+/// sources), which one answer holding the whole prefix passes at about 13,000 channels.
+pub const PAGE: i64 = 1000;
+
+/// Every key under `prefix` as of one revision (the first page's; later pages ask for it),
+/// read in pages of [`PAGE`] keys. Returns that revision and the keys in order.
+pub async fn get_prefix(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(i64, Vec<KeyValue>), etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision != 0 {
+            options = options.with_revision(revision);
+        }
+        let mut page = client.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        let more = page.more();
+        let kvs = page.take_kvs();
+        let Some(last) = kvs.last() else {
+            return Ok((revision, out));
+        };
+        // The next page starts right after the last key of this one.
+        from = last.key().to_vec();
+        from.push(0);
+        out.extend(kvs);
+        if !more {
+            return Ok((revision, out));
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range end of a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the key space.
+    vec![0]
+}
+
 /// What `nsfail apply` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ApplyReport {
@@ -56,12 +108,11 @@ pub async fn apply(
     prune: bool,
 ) -> Result<ApplyReport> {
     let mut report = ApplyReport::default();
-    let existing = client
-        .get(channels_prefix(c), Some(GetOptions::new().with_prefix()))
+    let (_, existing) = get_prefix(client, &channels_prefix(c))
         .await
         .context("reading the cluster's channels")?;
     let mut before = std::collections::BTreeMap::new();
-    for kv in existing.kvs() {
+    for kv in &existing {
         before.insert(kv.key().to_vec(), kv.value().to_vec());
     }
     // Written in transactions of up to [`TXN_OPS`] puts: one round trip per key took
@@ -105,7 +156,7 @@ pub async fn apply(
 }
 
 /// Operations per transaction: etcd's default `--max-txn-ops`.
-const TXN_OPS: usize = 128;
+pub const TXN_OPS: usize = 128;
 
 /// Writes `batch` (channel name, put) in one transaction and empties it.
 async fn write_batch(
@@ -197,12 +248,10 @@ async fn read_status(c: &Cluster, out: &mut ClusterStatus) -> Result<()> {
     let st = client.status().await?;
     out.etcd.healthy = true;
     out.etcd.version = Some(st.version().to_owned());
-    let all = client
-        .get(c.prefix(), Some(GetOptions::new().with_prefix()))
-        .await?;
     let prefix = c.prefix();
+    let (_, all) = get_prefix(&mut client, &prefix).await?;
     let mut encoders: Vec<(String, String, bool)> = Vec::new();
-    for kv in all.kvs() {
+    for kv in &all {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         match parse_key(&prefix, &key) {
             Key::Channel(name) => match decode_channel(&name, kv.value()) {
@@ -254,4 +303,16 @@ async fn read_status(c: &Cluster, out: &mut ClusterStatus) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_at_its_last_byte_plus_one() {
+        assert_eq!(prefix_end(b"/nsfail/c/"), b"/nsfail/c0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 }

@@ -100,32 +100,36 @@ impl Controller {
         }
     }
 
-    /// Leader: the channels whose active encoder here (or whether it was placed by hand)
-    /// differs from what etcd holds, to write there (the outbox is emptied).
-    pub fn take_outbox(&mut self) -> Vec<Placed> {
+    /// Leader: up to `limit` channels whose active encoder here (or whether it was placed by
+    /// hand) differs from what etcd holds, to write there; they leave the outbox, the rest
+    /// stay for the next call (a new leader of many channels writes them a slice at a time,
+    /// between its keep-alives).
+    pub fn take_outbox(&mut self, limit: usize) -> Vec<Placed> {
         let Some(s) = self.shared.as_mut() else {
             return Vec::new();
         };
         if !s.leading {
             return Vec::new();
         }
-        let outbox = std::mem::take(&mut s.outbox);
-        let s = self.shared.as_ref().expect("checked above");
-        outbox
-            .into_iter()
-            .filter_map(|ch| {
-                let active = self.decider.active(&ch)?;
-                let manual = self.decider.manual(&ch)?;
-                let written = s.actives.get(&ch);
-                (written.map(|r| (r.encoder.as_str(), r.manual)) != Some((active, manual))).then(
-                    || Placed {
-                        channel: ch.clone(),
-                        encoder: active.to_owned(),
-                        manual,
-                    },
-                )
-            })
-            .collect()
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(ch) = s.outbox.pop_first() else {
+                break;
+            };
+            let (Some(active), Some(manual)) = (self.decider.active(&ch), self.decider.manual(&ch))
+            else {
+                continue;
+            };
+            let written = s.actives.get(&ch).map(|r| (r.encoder.as_str(), r.manual));
+            if written != Some((active, manual)) {
+                out.push(Placed {
+                    encoder: active.to_owned(),
+                    channel: ch,
+                    manual,
+                });
+            }
+        }
+        out
     }
 
     /// A decision carried out: the leader writes it to etcd.

@@ -92,8 +92,8 @@ pub(super) enum Msg {
         leader: Option<String>,
         etcd_up: bool,
     },
-    /// Leader: the active encoders to write to etcd.
-    TakeOutbox(oneshot::Sender<Vec<crate::control::Placed>>),
+    /// Leader: at most this many active encoders to write to etcd.
+    TakeOutbox(usize, oneshot::Sender<Vec<crate::control::Placed>>),
     /// End the actor; the data plane stays as it is.
     Stop,
 }
@@ -363,10 +363,10 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
             leader,
             etcd_up,
         } => c.set_cluster_view(leading, leader, etcd_up),
-        Msg::TakeOutbox(reply) => {
+        Msg::TakeOutbox(limit, reply) => {
             // Err: the cluster task is stopping; the outbox is filled again at the next
             // election.
-            let _ = reply.send(c.take_outbox());
+            let _ = reply.send(c.take_outbox(limit));
         }
         Msg::Stop => unreachable!("handled by the loop"),
     }

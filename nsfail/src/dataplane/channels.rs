@@ -104,7 +104,7 @@ impl Dataplane {
             Ok(()) => {
                 self.mirror.channels.insert(key, target);
                 self.drop_source_nets(channel_id, &opts.sources)?;
-                self.sync_transit(channel_id)?;
+                self.sync_transit(channel_id, Some((key, target)))?;
                 Ok(channel_id)
             }
             Err(e) => {
@@ -282,7 +282,7 @@ impl Dataplane {
             self.replies.remove(&rkey).map_err(map_err("REPLIES"))?;
             self.mirror.remove_reply(&rkey);
         }
-        self.sync_transit(current.channel_id)?;
+        self.sync_transit(current.channel_id, None)?;
         self.mirror.free_id(current.channel_id);
         let stale: Vec<SourceKey> = self
             .sources

@@ -189,15 +189,16 @@ enum RegisterError {
     Refused(String),
 }
 
-/// Refuses an encoder name another host registered, then reads the whole prefix.
+/// Reads the whole prefix (as of one revision) and refuses an encoder name another host
+/// registered.
 async fn read(mut client: Client, me: &Me) -> Result<Joined, RegisterError> {
     let c = &me.cluster;
     let prefix = c.prefix();
-    let all = client
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    // In pages: one answer of the whole prefix would pass the client's limit on an answer at
+    // about 13,000 channels.
+    let (revision, all) = cluster::store::get_prefix(&mut client, &prefix).await?;
     let mine: BTreeSet<&str> = me.encoders.iter().map(|e| e.name.as_str()).collect();
-    for kv in all.kvs() {
+    for kv in &all {
         let key = String::from_utf8_lossy(kv.key());
         if let cluster::Key::Encoder { host, encoder } = cluster::parse_key(&prefix, &key)
             && host != me.host
@@ -211,9 +212,7 @@ async fn read(mut client: Client, me: &Me) -> Result<Joined, RegisterError> {
             )));
         }
     }
-    let revision = all.header().map_or(0, |h| h.revision());
     let changes = all
-        .kvs()
         .iter()
         .map(|kv| cluster::decode(&prefix, kv.key(), Some(kv.value())))
         .collect();

@@ -12,6 +12,8 @@ use super::*;
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How often the leader writes the decisions it made since the last time.
 const OUTBOX_EVERY: Duration = Duration::from_millis(10);
+/// Transactions the leader writes per tick of [`OUTBOX_EVERY`] at most.
+const OUTBOX_TXNS: usize = 4;
 /// How often who leads is asked when nothing in the election changed.
 const LEADER_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -111,36 +113,46 @@ pub(super) async fn session(
     }
 }
 
-/// The leader writes the active encoders it decided since the last call, each only while its
-/// election key is still the one it won with (a deposed leader's write fails, never lands).
+/// The leader writes the active encoders it decided since the last call, at most
+/// [`OUTBOX_TXNS`] transactions of [`cluster::store::TXN_OPS`] channels per call (the rest wait
+/// in the controller's outbox for the next tick, so that the session's loop, keep-alives
+/// included, is not held while a new leader of 10,000 channels writes them all). Each
+/// transaction succeeds only while the leader's election key is still the one it won with (a
+/// deposed leader's write fails whole, never lands).
 async fn write_decisions(
     client: &mut Client,
     me: &Me,
     key: &LeaderKey,
     ctl: &ControlHandle,
 ) -> Result<()> {
-    let Some(outbox) = ctl.ask(Msg::TakeOutbox).await else {
+    let limit = OUTBOX_TXNS * cluster::store::TXN_OPS;
+    let Some(outbox) = ctl.ask(|reply| Msg::TakeOutbox(limit, reply)).await else {
         bail!("the controller stopped");
     };
-    for placed in outbox {
-        let channel = placed.channel;
-        let record = cluster::ActiveRecord {
-            encoder: placed.encoder,
-            leader: me.host.clone(),
-            term: key.rev(),
-            manual: placed.manual,
-        };
+    for batch in outbox.chunks(cluster::store::TXN_OPS) {
+        let puts: Vec<TxnOp> = batch
+            .iter()
+            .map(|placed| {
+                let record = cluster::ActiveRecord {
+                    encoder: placed.encoder.clone(),
+                    leader: me.host.clone(),
+                    term: key.rev(),
+                    manual: placed.manual,
+                };
+                TxnOp::put(
+                    cluster::active_key(&me.cluster, &placed.channel),
+                    json(&record),
+                    None,
+                )
+            })
+            .collect();
         let txn = Txn::new()
             .when([Compare::create_revision(
                 key.key(),
                 CompareOp::Equal,
                 key.rev(),
             )])
-            .and_then([TxnOp::put(
-                cluster::active_key(&me.cluster, &channel),
-                json(&record),
-                None,
-            )]);
+            .and_then(puts);
         match client.txn(txn).await {
             Ok(r) if r.succeeded() => {}
             Ok(_) => bail!("no longer the leader (its election key is gone)"),

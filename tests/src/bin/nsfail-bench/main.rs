@@ -27,6 +27,7 @@
 mod chain;
 mod chart;
 mod cluster;
+mod cluster_scale;
 mod controller;
 mod failover;
 mod forward;
@@ -55,6 +56,9 @@ enum Bench {
     ControllerStartup,
     /// Anycast: a forwarding ingest host frozen (10 trials at least; not in `all`).
     Cluster,
+    /// Cluster: 1,000 and 10,000 channels in etcd, start-up and one change on every host
+    /// (not in `all`).
+    ClusterScale,
     /// Every benchmark above, in that order (the start-up series runs within `controller`).
     All,
 }
@@ -96,7 +100,11 @@ impl Args {
         }
         every
             .into_iter()
-            .chain([Bench::ControllerStartup, Bench::Cluster])
+            .chain([
+                Bench::ControllerStartup,
+                Bench::Cluster,
+                Bench::ClusterScale,
+            ])
             .filter(|b| self.benches.contains(b))
             .collect()
     }
@@ -134,6 +142,7 @@ fn try_main() -> Result<()> {
             Bench::ControllerStartup => controller::startup_only(),
             // The issue asks for 10 trials.
             Bench::Cluster => cluster::run(args.reps.max(10)),
+            Bench::ClusterScale => cluster_scale::run(),
             // The issue asks for 20 kill-and-failover trials per detector.
             Bench::Failover | Bench::All => failover::run(20, 5),
         };
