@@ -197,6 +197,34 @@ const SWITCH_MEASURE_FOR: Duration = Duration::from_secs(5);
 pub struct TickReport {
     pub moved: Vec<String>,
     pub switchovers: Vec<Switchover>,
+    /// The part of the tick that took longest, and how long (for the log: the controller's
+    /// thread does nothing else meanwhile, so a long part delays failovers and changes).
+    pub slowest: (&'static str, Duration),
+}
+
+/// Times the parts of a tick one after the other and keeps the slowest.
+struct PartTimer {
+    at: Instant,
+    slowest: (&'static str, Duration),
+}
+
+impl PartTimer {
+    fn start() -> Self {
+        Self {
+            at: Instant::now(),
+            slowest: ("", Duration::ZERO),
+        }
+    }
+
+    /// Ends the part called `name` (begun when the previous one ended).
+    fn done(&mut self, name: &'static str) {
+        let now = Instant::now();
+        let took = now.duration_since(self.at);
+        self.at = now;
+        if took > self.slowest.1 {
+            self.slowest = (name, took);
+        }
+    }
 }
 
 /// A finished switchover measurement, for metrics.
@@ -539,6 +567,7 @@ impl Controller {
     /// the channels moved and the switchovers measured since the last call.
     pub fn tick(&mut self) -> Result<TickReport> {
         let now = Instant::now();
+        let mut parts = PartTimer::start();
         if self.decider.displaced() <= FAILBACK_CHECK_MANY
             || self
                 .failback_checked
@@ -548,13 +577,21 @@ impl Controller {
             let decisions = self.decider.tick(now);
             self.apply_all(decisions);
         }
+        parts.done("failback");
         self.retry_unapplied();
+        parts.done("retrying writes");
         self.retry_shared(now);
+        parts.done("retrying the cluster's state");
         self.follow_periodically(now);
+        parts.done("following the leader");
         self.refresh_routes_periodically(now);
+        parts.done("resolving next hops");
         self.announce_periodically(now);
+        parts.done("announcing routes");
         self.audit(now);
+        parts.done("audit");
         self.check_persisted(now);
+        parts.done("checking the state file");
         // Input loss is judged over seconds: a tenth of a second is fine grain, and spares a
         // map read on every tick; with many channels (a read of them all each time), a tenth
         // of a second per 2,000 channels, a second at most.
@@ -567,9 +604,13 @@ impl Controller {
             self.input_watched = Some(now);
             self.watch_input(now)?;
         }
+        parts.done("input watch");
+        let switchovers = self.measure_switchovers(now);
+        parts.done("switchover measurement");
         Ok(TickReport {
-            switchovers: self.measure_switchovers(now),
+            switchovers,
             moved: std::mem::take(&mut self.moved),
+            slowest: parts.slowest,
         })
     }
 

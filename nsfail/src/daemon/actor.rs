@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use tokio::sync::{oneshot, watch};
 
 use super::notify::Notifier;
@@ -96,6 +96,30 @@ pub(super) enum Msg {
     TakeOutbox(usize, oneshot::Sender<Vec<crate::control::Placed>>),
     /// End the actor; the data plane stays as it is.
     Stop,
+}
+
+impl Msg {
+    /// What the message asks, for the log.
+    fn kind(&self) -> &'static str {
+        match self {
+            Msg::Request(..) => "a control-socket request",
+            Msg::Health(_) => "probe results",
+            Msg::Refused(..) => "refusals",
+            Msg::EncoderEvent(..) => "an encoder's event",
+            Msg::ReceiveTargets(_) => "the link watch's targets",
+            Msg::Links(..) => "the link watch's round",
+            Msg::Observe(_) => "copying counters for a scrape",
+            Msg::Cluster { .. } => "changes from etcd",
+            Msg::LocalHealth(_) => "the local encoders' health",
+            Msg::LocalCallers(_) => "the SRT callers to publish",
+            Msg::SharedChannel(..) => "a channel's state in etcd",
+            Msg::CheckChannel(..) => "checking a new channel",
+            Msg::ClusterEvent(_) => "a cluster event",
+            Msg::ClusterView { .. } => "the election's view",
+            Msg::TakeOutbox(..) => "the leader's outbox",
+            Msg::Stop => "stopping",
+        }
+    }
 }
 
 /// How the rest of the daemon talks to the controller.
@@ -196,7 +220,10 @@ fn run(
         match rx.recv_timeout(wait) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Ok(msg) => {
+                let what = msg.kind();
+                let started = Instant::now();
                 handle(&mut c, &mut judge, msg, &metrics);
+                report_slow(what, started.elapsed());
                 // A failover started by the message is timed from the next tick on.
                 if c.busy() {
                     next_tick = next_tick.min(Instant::now() + TICK);
@@ -207,8 +234,11 @@ fn run(
         let now = Instant::now();
         if now >= next_tick {
             judge.run(&mut c);
+            report_slow("the health checks' verdicts", now.elapsed());
             match c.tick() {
                 Ok(report) => {
+                    let (part, took) = report.slowest;
+                    report_slow(part, took);
                     for channel in &report.moved {
                         metrics.record_failover(channel, None);
                     }
@@ -238,6 +268,19 @@ fn run(
     }
     c.flush();
     info!("controller stopped");
+}
+
+/// Work on the controller's thread longer than this is logged (debug): nothing else runs on
+/// it meanwhile, failovers and changes from etcd included.
+const SLOW_WORK: Duration = Duration::from_millis(20);
+
+fn report_slow(what: &str, took: Duration) {
+    if took >= SLOW_WORK {
+        debug!(
+            "controller: {what} took {:.1} ms",
+            took.as_secs_f64() * 1000.0
+        );
+    }
 }
 
 /// When the periodic work runs next: after [`TICK`] while the controller is busy, otherwise

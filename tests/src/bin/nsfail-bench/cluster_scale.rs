@@ -214,6 +214,18 @@ fn record(all: Vec<f64>, out: &mut Vec<f64>, slow: &mut Vec<Vec<f64>>) {
     let max = all.iter().copied().fold(0.0, f64::max);
     out.push(max);
     if max > 100.0 {
+        // When it ended (UTC, as the daemons' logs stamp their lines), to find in them.
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let s = at.as_secs() % 86_400;
+        eprintln!(
+            "  slow change (h1, h2, h3 ms: {all:?}) ended at {:02}:{:02}:{:02}.{:03} UTC",
+            s / 3600,
+            s / 60 % 60,
+            s % 60,
+            at.subsec_millis()
+        );
         slow.push(all);
     }
 }
@@ -385,6 +397,19 @@ fn one(n: usize) -> Result<Point> {
         .with_context(|| format!("remap ch{j}"))?;
         record(all, &mut remap_ms, &mut slow);
         thread::sleep(GAP);
+    }
+    // NSFAIL_BENCH_KEEP_LOGS=DIR: the three daemons' logs kept there, to read what a slow
+    // change waited for (`RUST_LOG=info,nsfail::daemon::actor=debug` logs the controller's
+    // long work).
+    if let Some(keep) = std::env::var_os("NSFAIL_BENCH_KEEP_LOGS") {
+        let keep = std::path::PathBuf::from(keep);
+        fs::create_dir_all(&keep)?;
+        for (k, p) in paths.iter().enumerate() {
+            let to = keep.join(format!("cluster-scale-{n}-h{}.log", k + 1));
+            if let Err(e) = fs::copy(p.with_extension("log"), &to) {
+                eprintln!("  keeping {}: {e}", to.display());
+            }
+        }
     }
     let log = fs::read_to_string(paths[0].with_extension("log")).unwrap_or_default();
     let lost = log
