@@ -455,7 +455,39 @@ fn a_cluster_host_follows_etcd() {
             .then_some(())
     });
     assert!(added.is_some(), "{}", routes_in(&lab.rt.name, 2345));
+    // A channel put on cam6's address is skipped (a channel added on its own is checked as
+    // the whole composition checks it), and applied once cam6 is gone.
+    let cam11 = br#"{"name":"cam11","listen":"10.77.0.9:5000","encoders":["enc-b"]}"#;
+    etcd.put(&format!("{prefix}channels/cam11"), cam11, None);
+    let skipped = wait_for(Duration::from_secs(5), || {
+        has_event(&socket, "skipped channel cam11").then_some(())
+    });
+    assert!(skipped.is_some(), "cam11 skipped: {:?}", events(&socket));
+    assert!(!placement(&socket).iter().any(|(n, _)| n == "cam11"));
+    // Another change makes the host compose etcd's state whole again: the running cam6
+    // keeps its address ("cam11" sorts first, and used to take it over).
+    assert_eq!(cli(&socket, &["remove", "channel", "cam5"]).code, 0);
+    let now = placement(&socket);
+    assert!(
+        now.contains(&("cam6".into(), "enc-a".into())) && !now.iter().any(|(n, _)| n == "cam11"),
+        "{now:?}"
+    );
     assert_eq!(cli(&socket, &["remove", "channel", "cam6"]).code, 0);
+    let taken_over = wait_for(Duration::from_secs(5), || {
+        placement(&socket)
+            .contains(&("cam11".into(), "enc-b".into()))
+            .then_some(())
+    });
+    assert!(
+        taken_over.is_some(),
+        "cam11 applied once cam6 left its address: {:?}",
+        placement(&socket)
+    );
+    assert!(
+        routes_in(&lab.rt.name, 2345).contains("10.77.0.9 dev ing proto 247"),
+        "10.77.0.9 stays announced for cam11"
+    );
+    assert_eq!(cli(&socket, &["remove", "channel", "cam11"]).code, 0);
     let withdrawn = wait_for(Duration::from_secs(3), || {
         (!routes_in(&lab.rt.name, 2345).contains("10.77.0.9")).then_some(())
     });

@@ -9,7 +9,7 @@ impl Controller {
     /// After a change of the effective configuration: followers re-read it, the state file
     /// is written. A state file that cannot be written is reported (and retried), not
     /// presented as a refusal of what is already in the data plane.
-    fn changed(&mut self) {
+    pub(super) fn changed(&mut self) {
         self.generation += 1;
         self.persist_or_report();
     }

@@ -18,7 +18,7 @@ use crate::api::ReloadReport;
 
 /// One object's change.
 #[derive(Clone, Debug)]
-enum Step {
+pub(super) enum Step {
     RemoveChannel(String),
     PutEncoder { encoder: config::Encoder, new: bool },
     PutChannel { channel: config::Channel, new: bool },
@@ -27,7 +27,7 @@ enum Step {
 }
 
 impl Step {
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let verb = |new: bool| if new { "added" } else { "changed" };
         match self {
             Self::RemoveChannel(name) => format!("channel {name} removed"),
@@ -202,7 +202,7 @@ impl Controller {
         Ok(())
     }
 
-    fn step_event(&mut self, step: &Step, origin: &str) {
+    pub(super) fn step_event(&mut self, step: &Step, origin: &str) {
         let reason = format!("{} ({origin})", step.describe());
         match step {
             Step::RemoveChannel(name) => self.event(Some(name), None, None, &reason),
@@ -249,6 +249,14 @@ impl Loaded {
             encoders: cfg.encoders.clone(),
             channels,
         }
+    }
+
+    /// Takes in a channel added since (a cluster's channel added on its own, without a whole
+    /// reload), as [`Loaded::of`] would have.
+    pub(super) fn insert_channel(&mut self, channel: &config::Channel) {
+        let entry = (fingerprint(channel.name.as_str()), fingerprint(channel));
+        let at = self.channels.partition_point(|e| *e < entry);
+        self.channels.insert(at, entry);
     }
 
     /// Whether the file's edit touched the channel `name`, `now` being its definition in the
