@@ -158,7 +158,35 @@ fn a_channel_reaches_its_encoder_on_another_host_and_its_replies_come_back() {
         "{}",
         failed[0].1
     );
-    ip_in(&w.ha.name, &["route", "add", "default", "via", "10.71.2.1"]);
+    // A gateway that does not answer (no neighbour entry): the kernel is asked and the
+    //    refresh says so without waiting for it; the last next hop stays.
+    ip_in(
+        &w.ha.name,
+        &["route", "add", "default", "via", "10.71.2.99"],
+    );
+    let failed = {
+        let _in = Entered::new(&w.ha);
+        a.refresh_routes()
+    };
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0]
+            .1
+            .to_string()
+            .contains("no neighbour entry for 10.71.2.99 (the next hop towards 10.71.4.2) yet"),
+        "{}",
+        failed[0].1
+    );
+    let r = send_burst(&w.cl, caller, channel, 600..650, GAP, LINGER);
+    assert_eq!(
+        r.seqs(),
+        (600..650).collect(),
+        "still through B's last next hop"
+    );
+    ip_in(
+        &w.ha.name,
+        &["route", "replace", "default", "via", "10.71.2.1"],
+    );
     let failed = {
         let _in = Entered::new(&w.ha);
         a.refresh_routes()

@@ -162,6 +162,11 @@ impl Controller {
             else {
                 continue;
             };
+            // Not tried while its next hop is still unresolved (the kernel is asked again):
+            // registering waits up to a second for it, on this thread.
+            if crate::net::route::next_hop_within(e.address, Duration::ZERO).is_err() {
+                continue;
+            }
             let retried = encoder_spec(&e).and_then(|spec| self.reconcile_routed(spec, now));
             if let Err(err) = retried {
                 warn!("cluster: encoder {name}: {err}");

@@ -161,7 +161,10 @@ impl Dataplane {
     /// Resolves the next hop of every routed encoder again (the route or the gateway's MAC may
     /// have changed) and repoints the channels of those whose next hop did (one map write
     /// each). An encoder whose next hop cannot be resolved keeps the last one (fail static)
-    /// and is returned with the reason, for the caller to report and act on.
+    /// and is returned with the reason, for the caller to report and act on. Nothing here
+    /// waits for a neighbour entry: a gateway without one is asked for it and counts as not
+    /// resolved this time (the controller calls this every few seconds on its own thread,
+    /// which a wait of a second per encoder would hold).
     pub fn refresh_routes(&mut self) -> Vec<(String, DataplaneError)> {
         let routed: Vec<(String, EncoderInfo)> = self
             .by_name
@@ -177,6 +180,17 @@ impl Dataplane {
                 mac: info.mac,
                 link: EncoderLink::Routed,
             };
+            if let Err(e) = crate::net::route::next_hop_within(spec.addr, std::time::Duration::ZERO)
+            {
+                failed.push((
+                    name.clone(),
+                    DataplaneError::Invalid {
+                        what: format!("routed encoder {name:?}"),
+                        why: e.to_string(),
+                    },
+                ));
+                continue;
+            }
             if let Err(e) = self.upsert_encoder(&spec) {
                 failed.push((name, e));
             }

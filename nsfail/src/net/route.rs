@@ -35,9 +35,16 @@ const RESOLVE_WITHIN: Duration = Duration::from_secs(1);
 
 /// The next hop towards `dst` in the calling thread's namespace. A gateway without a
 /// neighbour entry yet is resolved by the kernel, prompted by one empty UDP datagram to its
-/// discard port (9); an address with no route, or an unreachable or blackhole route, is an
-/// error naming it.
+/// discard port (9), and waited for up to [`RESOLVE_WITHIN`]; an address with no route, or an
+/// unreachable or blackhole route, is an error naming it.
 pub fn next_hop(dst: IpAddr) -> io::Result<NextHop> {
+    next_hop_within(dst, RESOLVE_WITHIN)
+}
+
+/// [`next_hop`], waiting at most `wait` for a neighbour entry it had to ask for. With no wait
+/// the kernel is asked and the error returned at once, for a caller that tries again later
+/// (the controller's periodic refresh, whose thread must not be held).
+pub fn next_hop_within(dst: IpAddr, wait: Duration) -> io::Result<NextHop> {
     let (ifindex, via) = route(dst)?;
     if let Some(mac) = neighbour(ifindex, via)? {
         return Ok(NextHop { ifindex, via, mac });
@@ -48,7 +55,15 @@ pub fn next_hop(dst: IpAddr) -> io::Result<NextHop> {
     })?;
     // Resolution starts with the first packet; that this one is lost or refused is fine.
     let _ = sock.send_to(&[], SocketAddr::new(via, 9));
-    let deadline = Instant::now() + RESOLVE_WITHIN;
+    if wait.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no neighbour entry for {via} (the next hop towards {dst}) yet: the kernel was                  asked to resolve it"
+            ),
+        ));
+    }
+    let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
         if let Some(mac) = neighbour(ifindex, via)? {
@@ -59,7 +74,7 @@ pub fn next_hop(dst: IpAddr) -> io::Result<NextHop> {
         io::ErrorKind::NotFound,
         format!(
             "no neighbour entry for {via} (the next hop towards {dst}) within {} ms",
-            RESOLVE_WITHIN.as_millis()
+            wait.as_millis()
         ),
     ))
 }
