@@ -22,7 +22,7 @@ use nsfail_tests::{
     daemon::{Daemon, TempDir, cli, events, nsfail_bin, status},
     hosts::{
         AnycastLab, FLOWS, TABLE, announce_in, bird, host_conf, next_hops as next_hops_of,
-        router_conf, wire,
+        router_conf, router_xdp, wire,
     },
     run,
     traffic::{Receiver, send_burst, spawn_burst},
@@ -429,4 +429,87 @@ fn a_killed_hosts_routes_stay_until_teardown_withdraws_them() {
     assert!(gone.is_some(), "router's next hops {:?}", lab.next_hops());
     // Every flow, those A took included, is answered through B.
     flows(&lab, 2_000, false);
+}
+
+/// Someone else's XDP program takes host A's ingest interface (nsfail's link detached with
+/// bpftool, theirs attached in its place): A's data plane no longer sees the channel's
+/// packets, so A withdraws its route, the router stops sending flows to it, and every flow is
+/// answered through B. Once the interface is free again, A re-attaches and announces again.
+#[test]
+fn a_host_that_loses_its_ingest_program_withdraws_its_route_until_it_has_it_back() {
+    let lab = AnycastCluster::new(TOLERANT_BFD);
+    let _rx = Receiver::start(&lab.c.w.eb, sa("10.71.4.2:7000"));
+    let both = hop_set(&[A_HOP, B_HOP]);
+    let only_b = hop_set(&[B_HOP]);
+    let up = wait_for(Duration::from_secs(10), || {
+        (announces(&lab.c.w.ha) && lab.next_hops() == both).then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "{} {:?}",
+        routes_in(&lab.c.w.ha),
+        lab.next_hops()
+    );
+
+    // A is stopped for the swap (a few ms), or it would re-attach between the two steps.
+    let pid = nix::unistd::Pid::from_raw(lab.c.a.child.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let link = lab.c.pins.0.pins.xdp_link("ua");
+    let out = std::process::Command::new("bpftool")
+        .args(["link", "detach", "pinned"])
+        .arg(&link)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool link detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let foreign = router_xdp(&lab.c.w.ha, "ua");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let withdrawn = wait_for(Duration::from_secs(10), || {
+        (!announces(&lab.c.w.ha)).then_some(())
+    });
+    assert!(
+        withdrawn.is_some(),
+        "A still announces without its program: {}\n{}",
+        routes_in(&lab.c.w.ha),
+        log_of(&lab.c.cfg_a)
+    );
+    let said = events(&lab.c.sock_a);
+    let withdrew = format!("cluster: withdrew {ROUTED_INGEST}");
+    for needle in ["ingest interface ua lost (critical)", withdrew.as_str()] {
+        assert!(
+            said.iter()
+                .any(|e| e["reason"].as_str().unwrap_or("").contains(needle)),
+            "no event {needle:?}: {said:?}"
+        );
+    }
+    assert!(announces(&lab.c.w.hb), "{}", routes_in(&lab.c.w.hb));
+    let gone = wait_for(Duration::from_secs(10), || {
+        (lab.next_hops() == only_b).then_some(())
+    });
+    assert!(gone.is_some(), "router's next hops {:?}", lab.next_hops());
+    // Every flow is answered through B.
+    flows(&lab, 3_000, false);
+
+    drop(foreign);
+    let back = wait_for(Duration::from_secs(10), || {
+        (announces(&lab.c.w.ha) && lab.next_hops() == both).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "A back: {} {:?}\n{}",
+        routes_in(&lab.c.w.ha),
+        lab.next_hops(),
+        log_of(&lab.c.cfg_a)
+    );
+    assert!(
+        events(&lab.c.sock_a)
+            .iter()
+            .any(|e| e["reason"] == "XDP re-attached to ingest interface ua"),
+        "no re-attach event"
+    );
+    let via_a = flows(&lab, 4_000, true);
+    assert!(!via_a.is_empty(), "no flow went through A again");
 }
