@@ -120,7 +120,7 @@ pub enum DataplaneError {
     },
     #[error("interface {name}: {source}")]
     Interface { name: String, source: io::Error },
-    #[error("XDP attach to {ifname} in {mode:?} mode failed: {source}")]
+    #[error("XDP attach to {ifname} in {mode:?} mode failed: {}", attach_detail(.source))]
     Attach {
         ifname: String,
         mode: XdpMode,
@@ -595,4 +595,26 @@ fn remove_file(path: &Path) -> Result<()> {
         }),
         _ => Ok(()),
     }
+}
+
+/// An attach error with its causes (aya's says only which call failed; the OS error is its
+/// source), and what a busy interface most likely means.
+fn attach_detail(e: &ProgramError) -> String {
+    let mut out = e.to_string();
+    let mut busy = false;
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            busy |= io.raw_os_error() == Some(nix::libc::EBUSY);
+        }
+        cause = c.source();
+    }
+    if busy {
+        out.push_str(
+            " (another XDP program is attached to the interface: `ip link show` names it)",
+        );
+    }
+    out
 }
