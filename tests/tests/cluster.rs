@@ -152,7 +152,10 @@ fn a_cluster_host_follows_etcd() {
             .iter()
             .find(|h| h["host"] == "h1")?
             .clone();
-        (h1["encoders"] == serde_json::json!([["enc-a", true], ["enc-b", true]])).then_some(h1)
+        // The leader (h1) wrote both channels' active encoders.
+        (h1["encoders"] == serde_json::json!([["enc-a", true], ["enc-b", true]])
+            && st["actives"] == 2)
+            .then_some(h1)
     });
     assert!(
         up.is_some(),
