@@ -1131,3 +1131,82 @@ fn a_new_leader_fails_back_what_the_old_one_failed_over_and_not_what_it_placed_b
     assert_eq!(record("cam4")["encoder"], "enc-d", "{}", record("cam4"));
     assert!(on(&t.sock2, "cam4", "enc-d"), "{:?}", placement(&t.sock2));
 }
+
+fn drained_on(socket: &std::path::Path, encoder: &str) -> Option<bool> {
+    status(socket)["encoders"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == encoder)?["drained"]
+        .as_bool()
+}
+
+/// A drain is the cluster's: made on the leader, it is written to etcd (`drains/<encoder>`,
+/// no lease), every host drains the encoder, and it outlives the leader that made it: the
+/// next leader still refuses to put a channel on it, until `undrain` deletes the key and
+/// every host undrains it. Before, a drain lived in the leader's memory only.
+#[test]
+fn a_drain_is_the_clusters_and_outlives_the_leader_that_made_it() {
+    let mut c: RoutedCluster = routed_cluster();
+    let key = format!("{}drains/eb", c.prefix);
+    // Only the leader (ha) drains.
+    let refused = cli(&c.sock_b, &["drain", "eb"]);
+    assert_eq!(refused.code, 1, "{}", refused.stdout);
+    assert!(refused.stderr.contains("leader"), "{}", refused.stderr);
+    assert!(c.w.etcd.get(&key).is_none());
+
+    let drained = cli(&c.sock_a, &["drain", "eb"]);
+    assert_eq!(drained.code, 0, "drain: {}", drained.stderr);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&c.w.etcd.get(&key).expect("drains/eb in etcd")).unwrap();
+    assert_eq!(rec, serde_json::json!({"encoder": "eb", "by": "ha"}));
+    let everywhere = wait_for(Duration::from_secs(5), || {
+        (drained_on(&c.sock_a, "eb") == Some(true)
+            && drained_on(&c.sock_b, "eb") == Some(true)
+            && placement(&c.sock_a) == [("cam1".to_owned(), "ea".to_owned())]
+            && placement(&c.sock_b) == [("cam1".to_owned(), "ea".to_owned())])
+        .then_some(())
+    });
+    assert!(
+        everywhere.is_some(),
+        "eb drained on both hosts, cam1 on ea: {:?} {:?}",
+        placement(&c.sock_a),
+        placement(&c.sock_b)
+    );
+
+    // ha stops (its lease revoked): hb leads; ha comes back as a follower.
+    assert_eq!(c.a.stop(), Some(0), "{}", log_of(&c.cfg_a));
+    let b_leads = wait_for(Duration::from_secs(10), || {
+        (cluster_of(&c.sock_b)["leading"] == true).then_some(())
+    });
+    assert!(b_leads.is_some(), "hb leads:\n{}", log_of(&c.cfg_b));
+    c.a = Daemon::start(&c.cfg_a, &c.sock_a, &c.pins.0);
+    let back = wait_for(Duration::from_secs(10), || {
+        let st = status(&c.sock_b);
+        let healthy = st["encoders"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["healthy"] == true)
+            .count();
+        (healthy == 2).then_some(())
+    });
+    assert!(back.is_some(), "ea healthy again:\n{}", log_of(&c.cfg_b));
+    for sock in [&c.sock_a, &c.sock_b] {
+        assert_eq!(drained_on(sock, "eb"), Some(true), "still drained");
+    }
+    let remap = cli(&c.sock_b, &["remap", "cam1", "eb"]);
+    assert_eq!(remap.code, 1, "the new leader keeps eb drained");
+    assert!(remap.stderr.contains("drained"), "{}", remap.stderr);
+    assert_eq!(placement(&c.sock_b), [("cam1".to_owned(), "ea".to_owned())]);
+
+    // undrain on the new leader: the key goes, every host undrains it.
+    let undrained = cli(&c.sock_b, &["undrain", "eb"]);
+    assert_eq!(undrained.code, 0, "undrain: {}", undrained.stderr);
+    assert!(c.w.etcd.get(&key).is_none());
+    let everywhere = wait_for(Duration::from_secs(5), || {
+        (drained_on(&c.sock_a, "eb") == Some(false) && drained_on(&c.sock_b, "eb") == Some(false))
+            .then_some(())
+    });
+    assert!(everywhere.is_some(), "eb undrained on both hosts");
+    let remap = cli(&c.sock_b, &["remap", "cam1", "eb"]);
+    assert_eq!(remap.code, 0, "{}", remap.stderr);
+}

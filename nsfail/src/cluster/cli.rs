@@ -72,6 +72,9 @@ pub fn status(path: &Path, json: bool) -> Result<()> {
             st.srt_callers,
             st.leader.as_deref().unwrap_or("none")
         );
+        if !st.drained.is_empty() {
+            println!("drained encoders: {}", st.drained.join(", "));
+        }
         println!(
             "{:<24} {:>8} {:>8} {:>8}  ENCODERS",
             "HOST", "PID", "LEASE_S", "TTL_S"

@@ -35,6 +35,8 @@ pub enum Key {
         encoder: String,
     },
     Active(String),
+    /// A drained encoder (`nsfail drain` on the leader), whichever host it is on.
+    Drain(String),
     /// A candidate's key in the leader election (etcd's election API writes it).
     Election,
     /// An SRT caller of a channel, learned by a host.
@@ -71,6 +73,10 @@ pub fn active_key(c: &Cluster, channel: &str) -> String {
     format!("{}active/{channel}", c.prefix())
 }
 
+pub fn drain_key(c: &Cluster, encoder: &str) -> String {
+    format!("{}drains/{encoder}", c.prefix())
+}
+
 pub fn callers_prefix(c: &Cluster) -> String {
     format!("{}callers/", c.prefix())
 }
@@ -100,6 +106,7 @@ pub fn parse_key(prefix: &str, key: &str) -> Key {
             encoder: (*enc).to_owned(),
         },
         ["active", name] if ok(name) => Key::Active((*name).to_owned()),
+        ["drains", name] if ok(name) => Key::Drain((*name).to_owned()),
         ["callers", channel, host, caller] if ok(channel) && ok(host) => {
             match caller.parse::<SocketAddr>() {
                 Ok(caller) => Key::Caller {
@@ -174,6 +181,16 @@ pub struct EncoderRecord {
     pub drained: bool,
 }
 
+/// `drains/<encoder>`: an encoder kept off every channel until undrained, on every host and
+/// across a change of leader (no lease: it outlives the host that wrote it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRecord {
+    pub encoder: String,
+    /// The host that led when it was drained.
+    pub by: String,
+}
+
 /// `active/<channel>`: the encoder the leader chose for a channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +238,12 @@ pub enum Change {
         record: ActiveRecord,
     },
     DeleteActive(String),
+    /// An encoder drained cluster-wide, and the host that led when it was drained.
+    PutDrain {
+        encoder: String,
+        record: DrainRecord,
+    },
+    DeleteDrain(String),
     PutCaller {
         channel: String,
         host: String,
@@ -271,6 +294,15 @@ pub fn decode(prefix: &str, key: &[u8], value: Option<&[u8]>) -> Change {
             Err(e) => bad(format!("not a host record: {e}")),
         },
         (Key::Election, _) => Change::Election,
+        (Key::Drain(encoder), None) => Change::DeleteDrain(encoder),
+        (Key::Drain(encoder), Some(v)) => match serde_json::from_slice::<DrainRecord>(v) {
+            Ok(record) if record.encoder == encoder => Change::PutDrain { encoder, record },
+            Ok(record) => bad(format!(
+                "the value names encoder {:?}, the key {encoder:?}",
+                record.encoder
+            )),
+            Err(e) => bad(format!("not a drain record: {e}")),
+        },
         (Key::Active(channel), None) => Change::DeleteActive(channel),
         (Key::Active(channel), Some(v)) => match serde_json::from_slice::<ActiveRecord>(v) {
             Ok(record) if config::valid_name(&record.encoder) => {
@@ -350,6 +382,30 @@ mod tests {
         );
         assert_eq!(parse_key(&p, &host_key(&c, "h1")), Key::Host("h1".into()));
         assert_eq!(
+            parse_key(&p, &drain_key(&c, "enc-a")),
+            Key::Drain("enc-a".into())
+        );
+        let key = drain_key(&c, "enc-a");
+        assert!(matches!(
+            decode(&p, key.as_bytes(), Some(br#"{"encoder":"enc-a","by":"h1"}"#)),
+            Change::PutDrain { encoder, record } if encoder == "enc-a" && record.by == "h1"
+        ));
+        assert!(matches!(
+            decode(&p, key.as_bytes(), None),
+            Change::DeleteDrain(e) if e == "enc-a"
+        ));
+        for bad in [
+            &br#"{"encoder":"enc-b","by":"h1"}"#[..],
+            b"{not json",
+            b"{\"encoder\":\"enc-a\"}",
+        ] {
+            assert!(
+                matches!(decode(&p, key.as_bytes(), Some(bad)), Change::Bad { .. }),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
             parse_key(&p, &encoder_key(&c, "h1", "enc-a")),
             Key::Encoder {
                 host: "h1".into(),
@@ -377,6 +433,8 @@ mod tests {
             "/nsfail/studio/channels/bad name",
             "/nsfail/studiox/channels/a",
             "/nsfail/studio/encoders/h1",
+            "/nsfail/studio/drains/bad name",
+            "/nsfail/studio/drains/a/b",
         ] {
             assert_eq!(parse_key(&p, foreign), Key::Foreign, "{foreign}");
         }

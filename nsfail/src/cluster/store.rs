@@ -196,6 +196,8 @@ pub struct ClusterStatus {
     pub actives: usize,
     /// SRT callers published by the hosts (one per channel, host and caller).
     pub srt_callers: usize,
+    /// Encoders drained cluster-wide (`drains/`).
+    pub drained: Vec<String>,
     /// Keys under the prefix that are not nsfail's layout or do not decode.
     pub bad_keys: Vec<String>,
 }
@@ -234,6 +236,7 @@ pub async fn status(c: &Cluster) -> ClusterStatus {
         leader: None,
         channels: 0,
         actives: 0,
+        drained: Vec::new(),
         srt_callers: 0,
         bad_keys: Vec::new(),
     };
@@ -281,6 +284,10 @@ async fn read_status(c: &Cluster, out: &mut ClusterStatus) -> Result<()> {
             }
             Key::Active(_) => match decode(&prefix, kv.key(), Some(kv.value())) {
                 Change::PutActive { .. } => out.actives += 1,
+                _ => out.bad_keys.push(key),
+            },
+            Key::Drain(_) => match decode(&prefix, kv.key(), Some(kv.value())) {
+                Change::PutDrain { encoder, .. } => out.drained.push(encoder),
                 _ => out.bad_keys.push(key),
             },
             Key::Caller { .. } => match decode(&prefix, kv.key(), Some(kv.value())) {

@@ -499,6 +499,11 @@ impl Controller {
     /// nothing moved, when some channel would be left without a healthy encoder.
     pub fn drain(&mut self, encoder: &str) -> Result<()> {
         self.refuse_unless_leader("drain")?;
+        self.drain_here(encoder)
+    }
+
+    /// [`Controller::drain`] on this host, whoever leads (a cluster's drain, read from etcd).
+    pub(super) fn drain_here(&mut self, encoder: &str) -> Result<()> {
         if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
         }

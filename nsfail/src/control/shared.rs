@@ -28,6 +28,11 @@ pub struct Shared {
     remote: BTreeMap<String, Remote>,
     /// What the last composition skipped, and why (reported once per change of reason).
     skipped: BTreeMap<String, String>,
+    /// Encoders drained cluster-wide (`drains/`).
+    pub(super) drains: BTreeSet<String>,
+    /// Drains that could not be made here, and why (reported once per reason, tried again
+    /// at the next change).
+    pub(super) drain_failed: BTreeMap<String, String>,
     /// SRT callers other hosts published, by (channel, host, caller), with when their key
     /// went (`None`: still in etcd). A key that went is kept for [`CALLER_GRACE`]: a host
     /// that froze loses its keys with its lease, in the same breath as its encoders, and
@@ -100,6 +105,8 @@ impl Shared {
             hosts: BTreeMap::new(),
             remote: BTreeMap::new(),
             skipped: BTreeMap::new(),
+            drains: BTreeSet::new(),
+            drain_failed: BTreeMap::new(),
             callers: BTreeMap::new(),
             actives: BTreeMap::new(),
             leading: false,
@@ -170,6 +177,12 @@ impl Shared {
                 }
                 Change::DeleteActive(channel) => {
                     self.actives.remove(&channel);
+                }
+                Change::PutDrain { encoder, .. } => {
+                    self.drains.insert(encoder);
+                }
+                Change::DeleteDrain(encoder) => {
+                    self.drains.remove(&encoder);
                 }
                 Change::Election => {}
                 Change::PutCaller {
@@ -372,6 +385,7 @@ impl Controller {
         c.sync_remote_health()?;
         c.sync_transits();
         c.sync_announce();
+        c.sync_drains();
         c.follow(&all);
         c.generation += 1;
         Ok((c, report))
@@ -394,6 +408,7 @@ impl Controller {
         if resync {
             shared.channels.clear();
             shared.actives.clear();
+            shared.drains.clear();
             for r in shared.remote.values_mut() {
                 r.registered = false;
             }
@@ -426,6 +441,7 @@ impl Controller {
         self.shared = Some(shared);
         report.changes = result?;
         self.sync_remote_health()?;
+        self.sync_drains();
         self.follow(&touched);
         if let Some(s) = self.shared.as_mut()
             && s.leading
@@ -466,6 +482,82 @@ impl Controller {
             }
         }
         result
+    }
+
+    /// Makes this host's drains those etcd holds (`drains/`): an encoder drained there is
+    /// drained here (its channels moved off it, as `drain` moves them), one undrained there
+    /// is undrained here. A drain that would leave a channel here without a healthy encoder
+    /// (this host sees other health than the leader did) is reported once per reason and
+    /// tried again at the next change.
+    pub(super) fn sync_drains(&mut self) {
+        let Some(wanted) = self.shared.as_ref().map(|s| s.drains.clone()) else {
+            return;
+        };
+        let mut failed = BTreeMap::new();
+        for encoder in &wanted {
+            if !self.has_encoder(encoder) || self.decider.drained(encoder) {
+                continue;
+            }
+            if let Err(e) = self.drain_here(encoder) {
+                failed.insert(encoder.clone(), e.to_string());
+            }
+        }
+        let undrained: Vec<String> = self
+            .delta
+            .drained
+            .iter()
+            .filter(|e| !wanted.contains(*e))
+            .cloned()
+            .collect();
+        for encoder in undrained {
+            if let Err(e) = self.undrain(&encoder) {
+                warn!("cluster: undraining {encoder}: {e}");
+            }
+        }
+        let Some(s) = self.shared.as_mut() else {
+            return;
+        };
+        let new: Vec<(String, String)> = failed
+            .iter()
+            .filter(|(e, why)| s.drain_failed.get(*e) != Some(*why))
+            .map(|(e, why)| (e.clone(), why.clone()))
+            .collect();
+        s.drain_failed = failed;
+        for (encoder, why) in new {
+            let reason = format!("cluster: drained in etcd but not here (critical): {why}");
+            warn!("encoder {encoder}: {reason}");
+            self.event(None, Some(encoder), None, &reason);
+        }
+    }
+
+    /// Whether `drain` may be written to etcd for `encoder`: on the leader only, for an
+    /// encoder this host knows, when no channel would be left without a healthy encoder.
+    pub fn check_drain(&self, encoder: &str) -> Result<(), String> {
+        self.refuse_unless_leader("drain")
+            .map_err(|e| e.to_string())?;
+        if !self.has_encoder(encoder) {
+            return Err(ControlError::UnknownEncoder(encoder.to_owned()).to_string());
+        }
+        self.decider
+            .plan_drain(encoder)
+            .map(|_| ())
+            .map_err(|channel| {
+                format!(
+                    "draining {encoder:?} would leave channel {channel:?} without a healthy encoder"
+                )
+            })
+    }
+
+    /// Whether `encoder` is drained here, or why a drain etcd holds could not be made.
+    pub fn drain_state(&self, encoder: &str) -> Result<(), String> {
+        if self.decider.drained(encoder) {
+            return Ok(());
+        }
+        Err(self
+            .shared
+            .as_ref()
+            .and_then(|s| s.drain_failed.get(encoder).cloned())
+            .unwrap_or_else(|| format!("encoder {encoder:?} is not drained on this host")))
     }
 
     /// Records that applying etcd's state failed, for [`Controller::retry_shared`] to compose

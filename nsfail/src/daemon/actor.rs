@@ -92,6 +92,10 @@ pub(super) enum Msg {
         leader: Option<String>,
         etcd_up: bool,
     },
+    /// Whether a drain of this encoder may be written to etcd (see `Controller::check_drain`).
+    CheckDrain(String, oneshot::Sender<Result<(), String>>),
+    /// Whether this encoder is drained here (after a drain was written to etcd).
+    DrainState(String, oneshot::Sender<Result<(), String>>),
     /// Leader: at most this many active encoders to write to etcd.
     TakeOutbox(usize, oneshot::Sender<Vec<crate::control::Placed>>),
     /// End the actor; the data plane stays as it is.
@@ -117,6 +121,8 @@ impl Msg {
             Msg::ClusterEvent(_) => "a cluster event",
             Msg::ClusterView { .. } => "the election's view",
             Msg::TakeOutbox(..) => "the leader's outbox",
+            Msg::CheckDrain(..) => "checking a drain",
+            Msg::DrainState(..) => "a drain's state",
             Msg::Stop => "stopping",
         }
     }
@@ -399,6 +405,12 @@ fn handle(c: &mut Controller, judge: &mut Judge, msg: Msg, metrics: &Metrics) {
         Msg::CheckChannel(ch, reply) => {
             // Err: the client hung up.
             let _ = reply.send(c.check_new_channel(&ch));
+        }
+        Msg::CheckDrain(encoder, reply) => {
+            let _ = reply.send(c.check_drain(&encoder));
+        }
+        Msg::DrainState(encoder, reply) => {
+            let _ = reply.send(c.drain_state(&encoder));
         }
         Msg::ClusterEvent(reason) => c.cluster_event(&reason),
         Msg::ClusterView {

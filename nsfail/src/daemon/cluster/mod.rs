@@ -94,6 +94,7 @@ pub(super) fn spawn(
     let writes = Arc::new(Writes {
         client: joined.client.clone(),
         cluster: me.cluster.clone(),
+        host: me.host.clone(),
         applied,
     });
     let task = tokio::spawn(run(me, joined, ctl, applied_tx, stop));

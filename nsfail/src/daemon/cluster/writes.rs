@@ -1,4 +1,4 @@
-//! `nsfail add channel` / `remove channel` on a cluster host.
+//! `nsfail add channel` / `remove channel` and `drain` / `undrain` on a cluster host.
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
@@ -14,6 +14,8 @@ const APPLIED_WAIT: Duration = Duration::from_secs(5);
 pub(in crate::daemon) struct Writes {
     pub(in crate::daemon) client: Client,
     pub(in crate::daemon) cluster: Cluster,
+    /// This host's name.
+    pub(in crate::daemon) host: String,
     pub(in crate::daemon) applied: Applied,
 }
 
@@ -27,6 +29,8 @@ impl Writes {
         match command {
             Command::AddChannel { channel } => Some(self.add_channel(channel, ctl).await),
             Command::RemoveChannel { name } => Some(self.remove_channel(name).await),
+            Command::Drain { encoder } => Some(self.drain(encoder, ctl).await),
+            Command::Undrain { encoder } => Some(self.undrain(encoder, command, ctl).await),
             Command::AddEncoder { .. } | Command::RemoveEncoder { .. } => Some(Response::error(
                 "in a cluster, a host's encoders are its config file's: edit the file and \
                  reload (they are registered in etcd under the host)",
@@ -105,6 +109,74 @@ impl Writes {
             Ok(()) => Response::ok(()),
             Err(e) => Response::error(e),
         }
+    }
+
+    /// A drain is the cluster's: written to `drains/<encoder>` (no lease), so that every host
+    /// drains the encoder and a new leader keeps it drained; answered once this host drained
+    /// it. Refused while etcd is unreachable (it could not outlive this host's term).
+    async fn drain(&self, encoder: &str, ctl: &ControlHandle) -> Response {
+        match ctl
+            .ask(|reply| Msg::CheckDrain(encoder.to_owned(), reply))
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(why)) => return Response::error(why),
+            None => return Response::error("the daemon is stopping"),
+        }
+        let record = cluster::DrainRecord {
+            encoder: encoder.to_owned(),
+            by: self.host.clone(),
+        };
+        let mut client = self.client.clone();
+        let written = match client
+            .put(
+                cluster::drain_key(&self.cluster, encoder),
+                json(&record),
+                None,
+            )
+            .await
+        {
+            Ok(r) => r.header().map_or(0, |h| h.revision()),
+            Err(e) => {
+                return Response::error(format!(
+                    "writing the drain to etcd: {e} (a cluster's drain is kept there; try                      again when etcd answers)"
+                ));
+            }
+        };
+        if let Err(e) = self.wait_applied(written).await {
+            return Response::error(e);
+        }
+        match ctl
+            .ask(|reply| Msg::DrainState(encoder.to_owned(), reply))
+            .await
+        {
+            Some(Ok(())) => Response::ok(()),
+            Some(Err(why)) => Response::error(format!(
+                "drain of {encoder} written to etcd, but not made on this host: {why}"
+            )),
+            None => Response::error("the daemon is stopping"),
+        }
+    }
+
+    /// Deletes `drains/<encoder>` (every host undrains it), then undrains it here as a single
+    /// host would (which also answers for an encoder this host does not know).
+    async fn undrain(&self, encoder: &str, command: &Command, ctl: &ControlHandle) -> Response {
+        let mut client = self.client.clone();
+        let written = match client
+            .delete(cluster::drain_key(&self.cluster, encoder), None)
+            .await
+        {
+            Ok(r) => r.header().map_or(0, |h| h.revision()),
+            Err(e) => {
+                return Response::error(format!(
+                    "deleting the drain from etcd: {e} (try again when etcd answers)"
+                ));
+            }
+        };
+        if let Err(e) = self.wait_applied(written).await {
+            return Response::error(e);
+        }
+        ctl.request(command.clone()).await
     }
 
     async fn wait_applied(&self, revision: i64) -> Result<(), String> {
