@@ -475,6 +475,16 @@ fn a_cluster_host_follows_etcd() {
         now.contains(&("cam6".into(), "enc-a".into())) && !now.iter().any(|(n, _)| n == "cam11"),
         "{now:?}"
     );
+    // A restarted host composes etcd's state from nothing and makes the same choice: the
+    // definition written first keeps the address.
+    assert_eq!(daemon.stop(), Some(0), "clean stop:\n{}", log_of(&host_cfg));
+    daemon = Daemon::start(&host_cfg, &socket, &pins);
+    let now = wait_for(Duration::from_secs(10), || {
+        let p = placement(&socket);
+        p.iter().any(|(n, _)| n == "cam6").then_some(p)
+    })
+    .unwrap_or_else(|| panic!("cam6 after a restart: {:?}", placement(&socket)));
+    assert!(!now.iter().any(|(n, _)| n == "cam11"), "{now:?}");
     assert_eq!(cli(&socket, &["remove", "channel", "cam6"]).code, 0);
     let taken_over = wait_for(Duration::from_secs(5), || {
         placement(&socket)

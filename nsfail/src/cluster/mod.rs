@@ -224,7 +224,13 @@ pub struct CallerRecord {
 /// it skips it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    PutChannel(config::Channel),
+    /// A channel's definition and the revision it was written at (etcd's mod revision; 0
+    /// when not known): of two channels that collide, the older definition is the one every
+    /// host applies.
+    PutChannel {
+        channel: config::Channel,
+        revision: i64,
+    },
     DeleteChannel(String),
     PutHost(HostRecord),
     DeleteHost(String),
@@ -264,6 +270,17 @@ pub enum Change {
     },
 }
 
+/// [`decode`] of a key etcd returned with the revision its value was written at.
+pub fn decode_at(prefix: &str, key: &[u8], value: Option<&[u8]>, mod_revision: i64) -> Change {
+    match decode(prefix, key, value) {
+        Change::PutChannel { channel, .. } => Change::PutChannel {
+            channel,
+            revision: mod_revision,
+        },
+        other => other,
+    }
+}
+
 /// Decodes a key under `prefix` and its value (`None`: the key was deleted).
 pub fn decode(prefix: &str, key: &[u8], value: Option<&[u8]>) -> Change {
     let bad = |why: String| Change::Bad {
@@ -279,7 +296,10 @@ pub fn decode(prefix: &str, key: &[u8], value: Option<&[u8]>) -> Change {
         (Key::Channel(name), Some(v)) => match decode_channel(&name, v)
             .and_then(|nc| config::Channel::try_from(nc).map_err(|e| e.to_string()))
         {
-            Ok(ch) => Change::PutChannel(ch),
+            Ok(channel) => Change::PutChannel {
+                channel,
+                revision: 0,
+            },
             Err(why) => bad(why),
         },
         (Key::Host(host), None) => Change::DeleteHost(host),
@@ -470,7 +490,7 @@ mod tests {
         let ch = br#"{"name":"cam1","listen":"10.0.0.1:5000","encoders":["e"]}"#;
         assert!(matches!(
             decode(p, b"/nsfail/studio/channels/cam1", Some(ch)),
-            Change::PutChannel(c) if c.name == "cam1"
+            Change::PutChannel { channel: c, .. } if c.name == "cam1"
         ));
         assert_eq!(
             decode(p, b"/nsfail/studio/channels/cam1", None),

@@ -142,7 +142,9 @@ impl Controller {
     }
 
     /// Remaps and drains are the leader's in a cluster (a follower's would be overwritten by
-    /// the leader's choice); while etcd is unreachable every host may make them locally.
+    /// the leader's choice); while etcd is unreachable every host may remap locally. (A
+    /// cluster host's drain is also written to etcd, so it is refused then: see the daemon's
+    /// cluster writes.)
     pub(super) fn refuse_unless_leader(&self, what: &str) -> Result<()> {
         match &self.shared {
             Some(s) if s.etcd_up && !s.leading => Err(ControlError::Refused(format!(

@@ -22,6 +22,8 @@ pub struct Shared {
     /// The config file as last read: ingest, this host's encoders, `[cluster]`.
     pub(super) file: Config,
     pub(super) channels: BTreeMap<String, config::Channel>,
+    /// The revision each channel's definition was written at (see [`Change::PutChannel`]).
+    written: BTreeMap<String, i64>,
     hosts: BTreeMap<String, HostRecord>,
     /// Other hosts' encoders, by name; kept when their host's lease expires (down, not
     /// gone), so that the channels naming them stay valid.
@@ -30,6 +32,10 @@ pub struct Shared {
     skipped: BTreeMap<String, String>,
     /// Encoders drained cluster-wide (`drains/`).
     pub(super) drains: BTreeSet<String>,
+    /// The drains etcd held at the last [`Controller::sync_drains`]: an encoder that leaves
+    /// this set is undrained here. (A drain this host holds that etcd never did, one from
+    /// before drains were the cluster's, is kept and reported, not undone.)
+    pub(super) synced_drains: BTreeSet<String>,
     /// Drains that could not be made here, and why (reported once per reason, tried again
     /// at the next change).
     pub(super) drain_failed: BTreeMap<String, String>,
@@ -102,10 +108,12 @@ impl Shared {
             host,
             file,
             channels: BTreeMap::new(),
+            written: BTreeMap::new(),
             hosts: BTreeMap::new(),
             remote: BTreeMap::new(),
             skipped: BTreeMap::new(),
             drains: BTreeSet::new(),
+            synced_drains: BTreeSet::new(),
             drain_failed: BTreeMap::new(),
             callers: BTreeMap::new(),
             actives: BTreeMap::new(),
@@ -163,12 +171,16 @@ impl Shared {
         let mut added = Vec::new();
         for change in changes {
             match change {
-                Change::PutChannel(ch) => {
+                Change::PutChannel {
+                    channel: ch,
+                    revision,
+                } => {
                     match self.channels.get(&ch.name) {
                         None => added.push(ch.name.clone()),
                         Some(old) => recompose |= *old != ch,
                     }
                     touched.insert(ch.name.clone());
+                    self.written.insert(ch.name.clone(), revision);
                     self.channels.insert(ch.name.clone(), ch);
                 }
                 Change::PutActive { channel, record } => {
@@ -208,6 +220,7 @@ impl Shared {
                     }
                 }
                 Change::DeleteChannel(name) => {
+                    self.written.remove(&name);
                     recompose |= self.channels.remove(&name).is_some();
                 }
                 Change::PutHost(rec) => {
@@ -272,11 +285,13 @@ impl Shared {
     /// The effective configuration's base: the file's ingest and own encoders, the other
     /// hosts' encoders (as remote encoders reached through the ingest interface at their
     /// host's MAC) and the cluster's channels, each checked against what is already in; what
-    /// does not fit is left out, with its reason in `self.skipped`. The channels `applied`
-    /// (those running here now) are taken first: a channel put later that collides with one
-    /// of them (the same ingest address, say) is the one left out, whatever their names; a
-    /// running stream is never displaced by a bad put.
-    fn compose(&mut self, applied: &dyn Fn(&str) -> bool) -> Config {
+    /// does not fit is left out, with its reason in `self.skipped`. The channels are taken
+    /// oldest definition first (the revision etcd wrote each at, then the name): of two that
+    /// collide (the same ingest address, say) the one written later is left out, whatever
+    /// their names, and every host, a restarted one included, makes the same choice. A
+    /// running stream is not displaced by a channel put later; a channel whose definition is
+    /// changed into a collision is the one left out.
+    fn compose(&mut self) -> Config {
         let mut cfg = Config {
             channels: Vec::new(),
             ..self.file.clone()
@@ -318,9 +333,10 @@ impl Shared {
                 }
             }
         }
-        let running = self.channels.values().filter(|c| applied(&c.name));
-        let others = self.channels.values().filter(|c| !applied(&c.name));
-        for ch in running.chain(others) {
+        let mut order: Vec<&config::Channel> = self.channels.values().collect();
+        // Stable: of equal revisions (none known), name order.
+        order.sort_by_key(|c| self.written.get(&c.name).copied().unwrap_or(0));
+        for ch in order {
             match cfg.check_new_channel(&lookup, ch) {
                 Ok(()) => cfg.push_channel(&mut lookup, ch.clone()),
                 Err(e) => {
@@ -371,7 +387,7 @@ impl Controller {
         let unused = unused_channels(&file);
         let mut shared = Shared::new(host, file);
         let bad = shared.record(changes).bad;
-        let composed = shared.compose(&|_| false);
+        let composed = shared.compose();
         let all: BTreeSet<String> = shared.channels.keys().cloned().collect();
         let mut c = Self::start_with(composed, config_path, dp, Some(shared))?;
         let mut report = SharedReport::default();
@@ -407,6 +423,7 @@ impl Controller {
         };
         if resync {
             shared.channels.clear();
+            shared.written.clear();
             shared.actives.clear();
             shared.drains.clear();
             for r in shared.remote.values_mut() {
@@ -439,9 +456,10 @@ impl Controller {
         let shared = self.shared.take().expect("put back above");
         self.report_skipped(bad, &shared, &mut report);
         self.shared = Some(shared);
+        // Drains hold whatever became of the composition (a failed one is retried).
+        self.sync_drains();
         report.changes = result?;
         self.sync_remote_health()?;
-        self.sync_drains();
         self.follow(&touched);
         if let Some(s) = self.shared.as_mut()
             && s.leading
@@ -459,8 +477,7 @@ impl Controller {
         let Some(shared) = self.shared.as_mut() else {
             return Ok(Vec::new());
         };
-        let (lookup, running) = (&self.lookup, &self.effective.channels);
-        let composed = shared.compose(&|name| lookup.channel(running, name).is_some());
+        let composed = shared.compose();
         let result = self.reload_from(composed, "cluster").map(|r| r.changes);
         let Some(shared) = self.shared.as_mut() else {
             return result;
@@ -502,17 +519,34 @@ impl Controller {
                 failed.insert(encoder.clone(), e.to_string());
             }
         }
-        let undrained: Vec<String> = self
+        let Some(s) = self.shared.as_mut() else {
+            return;
+        };
+        let undrained: Vec<String> = s.synced_drains.difference(&wanted).cloned().collect();
+        s.synced_drains = wanted.clone();
+        for encoder in undrained {
+            if self.has_encoder(&encoder)
+                && let Err(e) = self.undrain(&encoder)
+            {
+                warn!("cluster: undraining {encoder}: {e}");
+            }
+        }
+        let local_only: Vec<String> = self
             .delta
             .drained
             .iter()
-            .filter(|e| !wanted.contains(*e))
+            .filter(|e| !wanted.contains(*e) && self.has_encoder(e))
             .cloned()
             .collect();
-        for encoder in undrained {
-            if let Err(e) = self.undrain(&encoder) {
-                warn!("cluster: undraining {encoder}: {e}");
-            }
+        for encoder in local_only {
+            failed.insert(
+                encoder.clone(),
+                format!(
+                    "encoder {encoder:?} is drained on this host only, not in etcd (a drain \
+                     from before drains were the cluster's): `nsfail drain {encoder}` on the \
+                     leader makes it the cluster's, `nsfail undrain {encoder}` ends it"
+                ),
+            );
         }
         let Some(s) = self.shared.as_mut() else {
             return;
@@ -524,7 +558,7 @@ impl Controller {
             .collect();
         s.drain_failed = failed;
         for (encoder, why) in new {
-            let reason = format!("cluster: drained in etcd but not here (critical): {why}");
+            let reason = format!("cluster: drain differs from etcd's (critical): {why}");
             warn!("encoder {encoder}: {reason}");
             self.event(None, Some(encoder), None, &reason);
         }
@@ -622,6 +656,10 @@ impl Controller {
             ) {
                 let e = ControlError::from(e);
                 self.shared_failed(format!("channel {name}: {e}"));
+                if !changes.is_empty() {
+                    self.sync_transits();
+                    self.changed();
+                }
                 return Err(e);
             }
             self.decider.set_channel(&ch.name, policy(&ch), &active);
@@ -669,6 +707,7 @@ impl Controller {
                 .as_ref()
                 .map(|s| s.channels.keys().cloned().collect())
                 .unwrap_or_default();
+            self.sync_drains();
             self.follow(&all);
         }
     }
@@ -690,8 +729,7 @@ impl Controller {
             self.event(None, None, None, &reason);
         }
         let saved = std::mem::replace(&mut shared.file, file);
-        let (lookup, running) = (&self.lookup, &self.effective.channels);
-        let composed = shared.compose(&|name| lookup.channel(running, name).is_some());
+        let composed = shared.compose();
         self.shared = Some(shared);
         let result = self.reload_with(composed);
         if result.is_err()
@@ -844,12 +882,17 @@ mod tests {
     }
 
     fn channel(name: &str, listen: &str, encoders: &[&str]) -> Change {
-        Change::PutChannel(
-            serde_json::from_value(serde_json::json!({
+        channel_at(name, listen, encoders, 0)
+    }
+
+    fn channel_at(name: &str, listen: &str, encoders: &[&str], revision: i64) -> Change {
+        Change::PutChannel {
+            channel: serde_json::from_value(serde_json::json!({
                 "name": name, "listen": listen, "encoders": encoders
             }))
             .unwrap(),
-        )
+            revision,
+        }
     }
 
     #[test]
@@ -881,7 +924,7 @@ mod tests {
             touched.into_iter().collect::<Vec<_>>(),
             ["cam1", "cam2", "cam3"]
         );
-        let cfg = s.compose(&|_| false);
+        let cfg = s.compose();
         let names: Vec<&str> = cfg.encoders.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["enc-a", "enc-r"]);
         let remote = cfg.encoder("enc-r").unwrap();
@@ -911,16 +954,28 @@ mod tests {
             ]
         );
         assert!(s.skipped["encoder enc-z of host h4"].contains("never registered"));
-        // A running channel keeps its address against one put later, whatever the names.
-        let running = s.compose(&|name| name == "cam3");
-        let channels: Vec<&str> = running.channels.iter().map(|c| c.name.as_str()).collect();
+        // Of two that collide, the definition written first wins, whatever the names.
+        s.record(vec![
+            channel_at("cam3", "10.0.0.1:5000", &["enc-a"], 7),
+            channel_at("cam1", "10.0.0.1:5000", &["enc-r", "enc-a"], 9),
+        ]);
+        let older = s.compose();
+        let channels: Vec<&str> = older.channels.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(channels, ["cam3"]);
         assert!(
             s.skipped["channel cam1"].contains("10.0.0.1:5000"),
             "{:?}",
             s.skipped
         );
-        s.compose(&|_| false);
+        s.record(vec![channel_at(
+            "cam3",
+            "10.0.0.1:5000",
+            &["enc-a", "enc-r"],
+            11,
+        )]);
+        let changed = s.compose();
+        let channels: Vec<&str> = changed.channels.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(channels, ["cam1"], "cam3 changed later: cam1 is older now");
         assert!(s.is_remote("enc-r") && !s.is_remote("enc-a"));
         assert_eq!(
             s.host_of("enc-a"),
@@ -936,6 +991,6 @@ mod tests {
         }]);
         assert!(!r.recompose);
         assert!(!s.remote["enc-r"].usable());
-        assert_eq!(s.compose(&|_| false).encoders.len(), 2);
+        assert_eq!(s.compose().encoders.len(), 2);
     }
 }

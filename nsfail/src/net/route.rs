@@ -59,7 +59,8 @@ pub fn next_hop_within(dst: IpAddr, wait: Duration) -> io::Result<NextHop> {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!(
-                "no neighbour entry for {via} (the next hop towards {dst}) yet: the kernel was                  asked to resolve it"
+                "no neighbour entry for {via} (the next hop towards {dst}) yet: the kernel was \
+                 asked to resolve it"
             ),
         ));
     }

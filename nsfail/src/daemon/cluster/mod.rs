@@ -215,7 +215,7 @@ async fn read(mut client: Client, me: &Me) -> Result<Joined, RegisterError> {
     }
     let changes = all
         .iter()
-        .map(|kv| cluster::decode(&prefix, kv.key(), Some(kv.value())))
+        .map(|kv| cluster::decode_at(&prefix, kv.key(), Some(kv.value()), kv.mod_revision()))
         .collect();
     Ok(Joined {
         client,

@@ -216,7 +216,12 @@ async fn apply_watched(
                 EventType::Put => Some(kv.value()),
                 EventType::Delete => None,
             };
-            Some(cluster::decode(prefix, kv.key(), value))
+            Some(cluster::decode_at(
+                prefix,
+                kv.key(),
+                value,
+                kv.mod_revision(),
+            ))
         })
         .collect();
     let election = changes.iter().any(|c| matches!(c, Change::Election));

@@ -139,7 +139,8 @@ impl Writes {
             Ok(r) => r.header().map_or(0, |h| h.revision()),
             Err(e) => {
                 return Response::error(format!(
-                    "writing the drain to etcd: {e} (a cluster's drain is kept there; try                      again when etcd answers)"
+                    "writing the drain to etcd: {e} (a cluster's drain is kept there; try \
+                     again when etcd answers)"
                 ));
             }
         };
@@ -166,6 +167,8 @@ impl Writes {
             .delete(cluster::drain_key(&self.cluster, encoder), None)
             .await
         {
+            // Nothing deleted: no new revision to wait for.
+            Ok(r) if r.deleted() == 0 => 0,
             Ok(r) => r.header().map_or(0, |h| h.revision()),
             Err(e) => {
                 return Response::error(format!(
@@ -176,6 +179,8 @@ impl Writes {
         if let Err(e) = self.wait_applied(written).await {
             return Response::error(e);
         }
+        // A drain this host held alone (from before drains were the cluster's) ends here; an
+        // unknown encoder is said so.
         ctl.request(command.clone()).await
     }
 
