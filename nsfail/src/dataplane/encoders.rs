@@ -180,16 +180,20 @@ impl Dataplane {
                 mac: info.mac,
                 link: EncoderLink::Routed,
             };
-            if let Err(e) = crate::net::route::next_hop_within(spec.addr, std::time::Duration::ZERO)
-            {
-                failed.push((
-                    name.clone(),
-                    DataplaneError::Invalid {
-                        what: format!("routed encoder {name:?}"),
-                        why: e.to_string(),
-                    },
-                ));
-                continue;
+            match crate::net::route::next_hop_within(spec.addr, std::time::Duration::ZERO) {
+                Err(e) => {
+                    failed.push((
+                        name.clone(),
+                        DataplaneError::Invalid {
+                            what: format!("routed encoder {name:?}"),
+                            why: e.to_string(),
+                        },
+                    ));
+                    continue;
+                }
+                // The same next hop: nothing to write (and nothing resolved again below).
+                Ok(hop) if hop.mac == info.mac && hop.ifindex == info.ifindex => continue,
+                Ok(_) => {}
             }
             if let Err(e) = self.upsert_encoder(&spec) {
                 failed.push((name, e));
