@@ -529,6 +529,17 @@ impl Controller {
         if !self.has_encoder(encoder) {
             return Err(ControlError::UnknownEncoder(encoder.to_owned()));
         }
+        // A cluster's drain ends when its key goes: one etcd holds (put again since an
+        // undrain deleted it, say) is not undone here alone.
+        if self
+            .shared
+            .as_ref()
+            .is_some_and(|s| s.drains.contains(encoder))
+        {
+            return Err(ControlError::Refused(format!(
+                "encoder {encoder:?} is drained in etcd (drains/{encoder}): undrain it again"
+            )));
+        }
         if self.decider.undrain(encoder) {
             self.delta.drained.remove(encoder);
             self.event(None, None, Some(encoder.to_owned()), "undrained");
