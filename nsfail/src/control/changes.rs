@@ -57,16 +57,7 @@ impl Controller {
             )));
         }
         self.effective.check_new_channel(&self.lookup, &ch)?;
-        let active = self.choose_initial(&ch, None);
-        let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
-        self.dp.set_channel_with(
-            ch.listen,
-            ch.encoder_port(),
-            &active,
-            &members,
-            &channel_options(&ch),
-        )?;
-        self.decider.set_channel(&ch.name, policy(&ch), &active);
+        let active = self.program_new_channel(&ch)?;
         let name = ch.name.clone();
         self.delta.removed_channels.remove(&name);
         self.delta.added_channels.push(ch.clone());
@@ -74,6 +65,22 @@ impl Controller {
         self.changed();
         self.event(Some(&name), None, Some(active), "channel added");
         Ok(())
+    }
+
+    /// Writes a channel new to the data plane (on its initial encoder, which is returned) and
+    /// to the decider; the effective configuration is the caller's to extend.
+    pub(super) fn program_new_channel(&mut self, ch: &config::Channel) -> Result<String> {
+        let active = self.choose_initial(ch, None);
+        let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
+        self.dp.set_channel_with(
+            ch.listen,
+            ch.encoder_port(),
+            &active,
+            &members,
+            &channel_options(ch),
+        )?;
+        self.decider.set_channel(&ch.name, policy(ch), &active);
+        Ok(active)
     }
 
     pub fn add_encoder(&mut self, e: config::Encoder) -> Result<()> {

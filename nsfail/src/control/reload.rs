@@ -121,40 +121,28 @@ impl Controller {
             // Nothing to write; the same objects, in the file's order (for status).
             self.effective = target;
             self.lookup = self.effective.lookup();
-        } else if steps
-            .iter()
-            .all(|s| matches!(s, Step::PutChannel { new: true, .. }))
-        {
-            // New channels and nothing else (a channel added to a cluster's etcd): each
-            // written on its own, as `add channel` writes one; the switch's reconcile would
-            // write all the others again (about 100 ms at 10,000 channels, for each one added).
-            if let Err(e) = self.add_new_channels(target, &steps) {
-                self.delta = saved_delta;
-                self.generation += 1;
-                return Err(ControlError::Refused(format!(
-                    "{e}; the reload was undone (it would have made: {})",
-                    steps
-                        .iter()
-                        .map(Step::describe)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            self.generation += 1;
-            for step in &steps {
-                self.step_event(step, origin);
-                report.changes.push(step.describe());
-            }
         } else {
-            // One switch to the target, not one per step: the reconcile writes each object
-            // that differs on its own (every map write atomic), encoders before the channels
-            // that use them and removals last, and leaves every unchanged object alone; it
-            // walks the channels once however many changed (a switch per step made a reload
-            // of many changes cost changes x channels). On failure it puts the running
-            // configuration back whole.
-            if let Err(e) = self.switch_to(target) {
+            let written = if steps
+                .iter()
+                .all(|s| matches!(s, Step::PutChannel { new: true, .. }))
+            {
+                // New channels and nothing else (a channel added to a cluster's etcd): each
+                // written on its own, as `add channel` writes one; the switch's reconcile
+                // would write all the others again (about 100 ms at 10,000 channels, for
+                // each one added).
+                self.add_new_channels(target, &steps)
+            } else {
+                // One switch to the target, not one per step: the reconcile writes each
+                // object that differs on its own (every map write atomic), encoders before
+                // the channels that use them and removals last, and leaves every unchanged
+                // object alone; it walks the channels once however many changed (a switch
+                // per step made a reload of many changes cost changes x channels). On
+                // failure it puts the running configuration back whole.
+                self.switch_to(target)
+            };
+            self.generation += 1;
+            if let Err(e) = written {
                 self.delta = saved_delta;
-                self.generation += 1;
                 return Err(ControlError::Refused(format!(
                     "{e}; the reload was undone (it would have made: {})",
                     steps
@@ -164,7 +152,6 @@ impl Controller {
                         .join(", ")
                 )));
             }
-            self.generation += 1;
             for step in &steps {
                 self.step_event(step, origin);
                 report.changes.push(step.describe());
@@ -185,19 +172,10 @@ impl Controller {
             let Step::PutChannel { channel: ch, .. } = step else {
                 continue;
             };
-            let active = self.choose_initial(ch, None);
-            let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
-            if let Err(e) = self.dp.set_channel_with(
-                ch.listen,
-                ch.encoder_port(),
-                &active,
-                &members,
-                &channel_options(ch),
-            ) {
+            if let Err(e) = self.program_new_channel(ch) {
                 self.restore(previous);
-                return Err(e.into());
+                return Err(e);
             }
-            self.decider.set_channel(&ch.name, policy(ch), &active);
         }
         Ok(())
     }

@@ -645,16 +645,7 @@ impl Controller {
                 }
                 continue;
             }
-            let active = self.choose_initial(&ch, None);
-            let members: Vec<&str> = ch.encoders.iter().map(String::as_str).collect();
-            if let Err(e) = self.dp.set_channel_with(
-                ch.listen,
-                ch.encoder_port(),
-                &active,
-                &members,
-                &channel_options(&ch),
-            ) {
-                let e = ControlError::from(e);
+            if let Err(e) = self.program_new_channel(&ch) {
                 self.shared_failed(format!("channel {name}: {e}"));
                 if !changes.is_empty() {
                     self.sync_transits();
@@ -662,7 +653,6 @@ impl Controller {
                 }
                 return Err(e);
             }
-            self.decider.set_channel(&ch.name, policy(&ch), &active);
             let new_address = !self
                 .effective
                 .channels
