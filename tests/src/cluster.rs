@@ -13,7 +13,7 @@ use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 use crate::{
     ChildGuard, Entered, Netns, PinDir,
     daemon::{Daemon, TempDir, cli, placement, status},
-    hosts::{TABLE, bird, exec, host_conf, next_hops, router_conf, router_xdp, wire},
+    hosts::{TABLE, anycast_birds, exec, next_hops, router_xdp, wire},
     ip_in,
     traffic::{Echo, Receiver, send_burst, spawn_burst},
     unique, wait_for,
@@ -182,11 +182,7 @@ impl Etcd {
             .stdin(std::process::Stdio::null())
             .output()
             .expect("run nsfail");
-        crate::daemon::CliOut {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        out.into()
     }
 }
 
@@ -496,30 +492,9 @@ impl AnycastCluster {
         );
         let dir = TempDir::new();
         let w = &c.w;
-        let router = bird(
-            &w.rt,
-            &dir,
-            "r",
-            &router_conf(
-                &dir,
-                &[("10.71.2.1", "10.71.2.2"), ("10.71.3.1", "10.71.3.2")],
-                bfd,
-            ),
-        );
-        let bird_a = bird(
-            &w.ha,
-            &dir,
-            "ha",
-            &host_conf(&dir, "ha", "10.71.2.2", "10.71.2.1", bfd),
-        );
-        let bird_b = bird(
-            &w.hb,
-            &dir,
-            "hb",
-            &host_conf(&dir, "hb", "10.71.3.2", "10.71.3.1", bfd),
-        );
+        let birds = anycast_birds(&w.rt, &w.ha, &w.hb, &dir, bfd);
         let lab = Self {
-            _birds: [router, bird_a, bird_b],
+            _birds: birds,
             c,
             bird_dir: dir,
         };

@@ -63,6 +63,17 @@ pub struct CliOut {
     pub stderr: String,
 }
 
+impl From<Output> for CliOut {
+    /// A finished process's exit code (-1: killed by a signal) and its output as text.
+    fn from(out: Output) -> Self {
+        Self {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// Runs `nsfail --socket SOCKET ARGS...` to completion.
 pub fn cli(socket: &Path, args: &[&str]) -> CliOut {
     let out: Output = Command::new(nsfail_bin())
@@ -72,11 +83,7 @@ pub fn cli(socket: &Path, args: &[&str]) -> CliOut {
         .stdin(Stdio::null())
         .output()
         .expect("run nsfail");
-    CliOut {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    out.into()
 }
 
 /// `nsfail status --json`, parsed.

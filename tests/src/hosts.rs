@@ -154,6 +154,41 @@ pub fn router_conf(dir: &TempDir, hosts: &[(&str, &str)], bfd: &str) -> String {
     nsfail::lab::bird::router_conf(&dir.path.join("r.log"), hosts, bfd)
 }
 
+/// The anycast world's three BIRDs, configs and logs in `dir`: the router's (`r`, a BGP
+/// session with BFD to each host over 10.71.2.0/24 and 10.71.3.0/24) and one per host (`ha`,
+/// `hb`), exporting the announce table.
+pub fn anycast_birds(
+    rt: &Netns,
+    ha: &Netns,
+    hb: &Netns,
+    dir: &TempDir,
+    bfd: &str,
+) -> [ChildGuard; 3] {
+    let router = bird(
+        rt,
+        dir,
+        "r",
+        &router_conf(
+            dir,
+            &[("10.71.2.1", "10.71.2.2"), ("10.71.3.1", "10.71.3.2")],
+            bfd,
+        ),
+    );
+    let bird_a = bird(
+        ha,
+        dir,
+        "ha",
+        &host_conf(dir, "ha", "10.71.2.2", "10.71.2.1", bfd),
+    );
+    let bird_b = bird(
+        hb,
+        dir,
+        "hb",
+        &host_conf(dir, "hb", "10.71.3.2", "10.71.3.1", bfd),
+    );
+    [router, bird_a, bird_b]
+}
+
 pub fn bird(ns: &Netns, dir: &TempDir, name: &str, conf: &str) -> ChildGuard {
     let path = dir.path.join(format!("{name}.conf"));
     fs::write(&path, conf).unwrap();
@@ -274,28 +309,7 @@ impl AnycastLab {
         };
         announce_in(&w.ha, "ua", &[INGEST]);
         announce_in(&w.hb, "ub", &[INGEST]);
-        let router = bird(
-            &w.rt,
-            &dir,
-            "r",
-            &router_conf(
-                &dir,
-                &[("10.71.2.1", "10.71.2.2"), ("10.71.3.1", "10.71.3.2")],
-                bfd,
-            ),
-        );
-        let bird_a = bird(
-            &w.ha,
-            &dir,
-            "ha",
-            &host_conf(&dir, "ha", "10.71.2.2", "10.71.2.1", bfd),
-        );
-        let bird_b = bird(
-            &w.hb,
-            &dir,
-            "hb",
-            &host_conf(&dir, "hb", "10.71.3.2", "10.71.3.1", bfd),
-        );
+        let [router, bird_a, bird_b] = anycast_birds(&w.rt, &w.ha, &w.hb, &dir, bfd);
         let both: BTreeSet<String> = ["10.71.2.2", "10.71.3.2"].map(String::from).into();
         let up = wait_for(Duration::from_secs(30), || {
             (next_hops(&w.rt, INGEST) == both).then_some(())

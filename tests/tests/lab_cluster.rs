@@ -44,11 +44,7 @@ fn lab_cluster(opts: &ClusterLabOptions, action: &str, extra: &[&str]) -> CliOut
         .stdin(Stdio::null())
         .output()
         .expect("run nsfail");
-    CliOut {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    out.into()
 }
 
 /// Runs `nsfail lab cluster down` for the test's lab when dropped, panics included.
