@@ -510,11 +510,7 @@ impl Controller {
         let decisions = self
             .decider
             .drain(encoder, Instant::now())
-            .map_err(|channel| {
-                ControlError::Refused(format!(
-                    "draining {encoder:?} would leave channel {channel:?} without a healthy encoder"
-                ))
-            })?;
+            .map_err(|channel| would_strand(encoder, &channel))?;
         self.delta.drained.insert(encoder.to_owned());
         self.event(None, Some(encoder.to_owned()), None, "drained");
         let moved_none = decisions.is_empty();
@@ -646,6 +642,13 @@ impl Controller {
     pub fn is_active(&self, encoder: &str) -> bool {
         self.decider.is_active(encoder)
     }
+}
+
+/// The refusal of a drain of `encoder` that would leave `channel` without a healthy encoder.
+fn would_strand(encoder: &str, channel: &str) -> ControlError {
+    ControlError::Refused(format!(
+        "draining {encoder:?} would leave channel {channel:?} without a healthy encoder"
+    ))
 }
 
 /// Warns when an encoder namespace nsfail does not manage limits ICMP errors so that a dead

@@ -575,11 +575,7 @@ impl Controller {
         self.decider
             .plan_drain(encoder)
             .map(|_| ())
-            .map_err(|channel| {
-                format!(
-                    "draining {encoder:?} would leave channel {channel:?} without a healthy encoder"
-                )
-            })
+            .map_err(|channel| would_strand(encoder, &channel).to_string())
     }
 
     /// Whether `encoder` is drained here, or why a drain etcd holds could not be made.
