@@ -14,7 +14,9 @@ use nsfail_tests::{
         two_hosts::{active_in_etcd, two_host_seed, two_hosts},
         without_channels, xdp_attached,
     },
-    daemon::{Daemon, Policy, TempDir, cli, events, lab_config_with, placement, status},
+    daemon::{
+        Daemon, Policy, TempDir, cli, count_events, events, lab_config_with, placement, status,
+    },
     lab,
     traffic::{Echo, Receiver, send_burst},
     unique, wait_for,
@@ -1057,9 +1059,11 @@ fn etcd_stopped_for_30_s_loses_nothing_and_converges_without_needless_moves() {
 
 /// Failback survives a change of leader. cam3 and cam4 (enc-c then enc-d on h2, failback
 /// auto, hold-down 1 s) both leave enc-c: cam4 by a remap on the leader h1 (by hand), cam3
-/// when enc-c fails (automatic); etcd's records say which. h1 is killed and h2 leads; when
-/// enc-c is healthy again, h2 fails cam3 back to it, as h1 would have, and leaves cam4 on
-/// enc-d, where it was put by hand.
+/// when enc-c fails (automatic). h2, a follower, moves neither itself: it takes both moves
+/// from h1's records, so only the records' `manual` flag tells them apart. h1 is killed and
+/// h2 leads; when enc-c is healthy again, h2 fails cam3 back to it, as h1 would have, and
+/// leaves cam4 on enc-d, where it was put by hand. (Without the flag h2 would fail back
+/// neither, or both.)
 #[test]
 fn a_new_leader_fails_back_what_the_old_one_failed_over_and_not_what_it_placed_by_hand() {
     let mut t = two_hosts();
@@ -1114,6 +1118,22 @@ fn a_new_leader_fails_back_what_the_old_one_failed_over_and_not_what_it_placed_b
     );
     assert_eq!(record("cam3")["manual"], false, "{}", record("cam3"));
     assert_eq!(record("cam4")["manual"], true, "{}", record("cam4"));
+    // h2 saw enc-c fail itself, but the move was h1's: h2 took it from etcd.
+    let followed = wait_for(Duration::from_secs(5), || {
+        (on(&t.sock2, "cam3", "enc-d") && on(&t.sock2, "cam4", "enc-d")).then_some(())
+    });
+    assert!(followed.is_some(), "{:?}", placement(&t.sock2));
+    let seen = events(&t.sock2);
+    assert_eq!(
+        count_events(&seen, "cam3", "encoder down: failover"),
+        0,
+        "a follower makes no failover of its own: {seen:#?}"
+    );
+    assert_eq!(
+        count_events(&seen, "cam3", "the cluster leader's choice"),
+        1,
+        "{seen:#?}"
+    );
 
     // h1 dies; h2 leads once h1's lease expires.
     nix::sys::signal::kill(

@@ -71,7 +71,13 @@ impl Controller {
             return Ok(());
         };
         let ch = self.channel(&d.channel)?;
-        let measure = matches!(d.reason, Reason::EncoderDown | Reason::Recovered)
+        // A failover is timed, whoever decided it (a follower takes its leader's).
+        let failover = match d.reason {
+            Reason::EncoderDown | Reason::Recovered => true,
+            Reason::Leader => !self.decider.healthy(&d.from),
+            _ => false,
+        };
+        let measure = failover
             .then(|| self.switch_baseline(&d.channel, &d.from, &to, batch))
             .flatten();
         self.dp.activate(ch.listen, &to)?;

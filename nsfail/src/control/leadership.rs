@@ -3,6 +3,8 @@
 //! followers take the leader's choices through the same decision path; remaps and drains are
 //! the leader's while etcd is reachable; without etcd every host decides for itself.
 
+use std::sync::Arc;
+
 use super::*;
 
 /// A leader's decision to write to etcd: the channel's active encoder, and whether it was
@@ -98,6 +100,36 @@ impl Controller {
             warn!("{reason}");
             self.event(None, None, None, &reason);
         }
+        self.set_following();
+    }
+
+    /// Whether this host's decisions are its leader's: while etcd is reachable and another
+    /// host leads, the leader alone runs the failover rules and this host takes its choices
+    /// ([`Controller::follow`]); otherwise (this host leads, etcd is lost, no host leads)
+    /// this host decides, and at once moves what its own view says must move.
+    fn set_following(&mut self) {
+        let Some(s) = &self.shared else { return };
+        let following = s.etcd_up && !s.leading && s.leader.is_some();
+        if following == self.decider.following() {
+            return;
+        }
+        let reason = if following {
+            format!(
+                "cluster: failover decisions are the leader's ({})",
+                s.leader.as_deref().unwrap_or_default()
+            )
+        } else {
+            "cluster: this host makes its own failover decisions".to_owned()
+        };
+        info!("{reason}");
+        self.event(None, None, None, &reason);
+        let decisions = self.decider.set_following(following, Instant::now());
+        self.apply_all(decisions);
+    }
+
+    /// What the cluster's task waits on to publish this host's encoders' health at once.
+    pub fn health_changed(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.shared.as_ref().map(|s| s.health_changed.clone())
     }
 
     /// Leader: up to `limit` channels whose active encoder here (or whether it was placed by

@@ -571,6 +571,13 @@ impl Controller {
             return Ok(());
         }
         let decisions = self.decider.set_health(encoder, healthy, Instant::now());
+        // A cluster host publishes its own encoders' health at once: the leader decides
+        // on it.
+        if let Some(s) = &self.shared
+            && !s.is_remote(encoder)
+        {
+            s.health_changed.notify_one();
+        }
         self.apply_all(decisions);
         Ok(())
     }

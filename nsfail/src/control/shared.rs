@@ -11,6 +11,8 @@
 //! a channel that is not valid with the others (an encoder nobody registered, a taken
 //! ingest address), another host's encoder whose name is one of this host's.
 
+use std::sync::Arc;
+
 use super::{reload::Step, *};
 use crate::cluster::{ActiveRecord, CallerRecord, Change, EncoderRecord, HostRecord};
 
@@ -56,6 +58,9 @@ pub struct Shared {
     pub(super) outbox: BTreeSet<String>,
     /// When a follower last compared all its channels with the leader's choices.
     pub(super) followed_at: Option<Instant>,
+    /// Woken when a local encoder's health changes, for the cluster's task to publish it
+    /// without waiting for its next round.
+    pub(super) health_changed: Arc<tokio::sync::Notify>,
     /// When applying what etcd holds last failed, and why (retried by the periodic work).
     failed: Option<(Instant, String)>,
     /// Per other host's encoder: why it is not routed (reached at its host's MAC instead),
@@ -122,6 +127,7 @@ impl Shared {
             etcd_up: true,
             outbox: BTreeSet::new(),
             followed_at: None,
+            health_changed: Arc::default(),
             failed: None,
             unrouted: BTreeMap::new(),
             stale_routes: BTreeMap::new(),

@@ -12,7 +12,10 @@
 //!   hold-down;
 //! - a manual remap or drain always wins: it is applied as asked, and automatic failback
 //!   leaves a manually placed channel alone until the next automatic failover; so does a
-//!   cluster follower with a channel placed by its leader (failback is the leader's).
+//!   cluster follower with a channel placed by its leader (failback is the leader's);
+//! - a cluster follower (etcd reachable, a leader elected) makes no automatic move: it keeps
+//!   the encoders' health and takes the leader's choices; once it decides again (it leads,
+//!   etcd is lost, no host leads) it moves at once every channel its view says must move.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -112,6 +115,8 @@ pub struct Decider {
     /// Encoder names and encoder lists, each held once.
     names: HashSet<Name>,
     lists: HashSet<Arc<[Name]>>,
+    /// A cluster follower: the leader decides; health is kept, nothing moves by itself.
+    following: bool,
 }
 
 fn index(map: &mut ByEncoder, encoder: &Name, channel: &Name) {
@@ -240,9 +245,73 @@ impl Decider {
     /// A host that takes the lead adopts, for a channel it had followed, whether the leader
     /// before it placed the channel by hand, so that failback goes on as it would have.
     pub fn set_manual(&mut self, channel: &str, manual: bool) {
-        if let Some(st) = self.channels.get_mut(channel) {
+        let Some((name, _)) = self.channels.get_key_value(channel) else {
+            return;
+        };
+        let name = name.clone();
+        if let Some(st) = self.channels.get_mut(&name) {
             st.manual = manual;
         }
+        self.refresh_displaced(&name);
+    }
+
+    /// A cluster follower's decisions are its leader's (`true`), or this host decides again
+    /// (`false`: it leads, etcd is lost, or no host leads). Deciding again returns the moves
+    /// this host's view calls for now: every channel on an encoder that is down or drained
+    /// moves to its best usable one (or is reported stranded); failback follows from
+    /// [`Decider::tick`].
+    pub fn set_following(&mut self, following: bool, now: Instant) -> Vec<Decision> {
+        let was = std::mem::replace(&mut self.following, following);
+        if following || !was {
+            return Vec::new();
+        }
+        let mut unusable: Vec<Name> = self
+            .on
+            .keys()
+            .filter(|e| !self.usable(e))
+            .cloned()
+            .collect();
+        unusable.sort();
+        let mut out = Vec::new();
+        for encoder in unusable {
+            let names: Vec<Name> = self
+                .on
+                .get(&encoder)
+                .map(|set| set.iter().cloned().collect())
+                .unwrap_or_default();
+            let reason = if self.healthy(&encoder) {
+                Reason::Drain
+            } else {
+                Reason::EncoderDown
+            };
+            for name in names {
+                let st = &self.channels[&name];
+                match self.best(&st.encoders, Some(&encoder)) {
+                    Some(to) => out.push(self.apply(&name, &to, reason, now)),
+                    None => out.extend(self.strand(&name)),
+                }
+            }
+        }
+        out
+    }
+
+    pub fn following(&self) -> bool {
+        self.following
+    }
+
+    /// The `NoBackup` decision for a channel left on an unusable encoder, once per outage.
+    fn strand(&mut self, name: &Name) -> Option<Decision> {
+        let st = self.channels.get_mut(name).expect("known channel");
+        if st.stranded {
+            return None;
+        }
+        st.stranded = true;
+        Some(Decision {
+            channel: name.to_string(),
+            from: st.active.to_string(),
+            to: None,
+            reason: Reason::NoBackup,
+        })
     }
 
     pub fn active(&self, channel: &str) -> Option<&str> {
@@ -298,6 +367,9 @@ impl Decider {
             healthy,
             since: now,
         };
+        if self.following {
+            return Vec::new();
+        }
         let mut out = Vec::new();
         // Down: the channels on it; up: the channels that list it (stuck ones among them).
         let index = if healthy { &self.members } else { &self.on };
@@ -310,18 +382,7 @@ impl Decider {
             if !healthy && &*st.active == encoder {
                 match self.best(&st.encoders, Some(encoder)) {
                     Some(to) => out.push(self.apply(&name, &to, Reason::EncoderDown, now)),
-                    None => {
-                        let st = self.channels.get_mut(&name).expect("known channel");
-                        if !st.stranded {
-                            st.stranded = true;
-                            out.push(Decision {
-                                channel: name.to_string(),
-                                from: st.active.to_string(),
-                                to: None,
-                                reason: Reason::NoBackup,
-                            });
-                        }
-                    }
+                    None => out.extend(self.strand(&name)),
                 }
             } else if healthy
                 && !self.healthy(&st.active)
@@ -339,8 +400,9 @@ impl Decider {
     /// Time passes: automatic failback where its conditions hold.
     pub fn tick(&mut self, now: Instant) -> Vec<Decision> {
         let mut out = Vec::new();
-        // Only channels off their first encoder can move up.
-        if self.displaced.is_empty() {
+        // Only channels off their first encoder can move up; a follower's failback is its
+        // leader's.
+        if self.displaced.is_empty() || self.following {
             return out;
         }
         let names: Vec<Name> = self.displaced.iter().cloned().collect();
@@ -407,7 +469,14 @@ impl Decider {
         Ok(moves)
     }
 
+    /// Drains `encoder`: its channels move to their best usable encoders, or nothing changes
+    /// when one would be stranded. A follower only marks it drained (its leader moves the
+    /// channels, and refuses a drain that would strand one).
     pub fn drain(&mut self, encoder: &str, now: Instant) -> Result<Vec<Decision>, String> {
+        if self.following {
+            self.drained.insert(encoder.to_owned());
+            return Ok(Vec::new());
+        }
         let moves = self.plan(encoder).map_err(|c| c.to_string())?;
         self.drained.insert(encoder.to_owned());
         Ok(moves

@@ -166,7 +166,7 @@ fn manual_remap_wins_over_automatic_failback() {
 }
 
 #[test]
-fn a_follower_leaves_failback_to_its_leader_but_fails_over_itself() {
+fn a_channel_the_leader_placed_is_failed_over_here_without_etcd_but_not_failed_back() {
     let (mut d, mut c) = setup(Failback::Auto);
     let ds = d
         .follow("cam1", "b", c.advance(Duration::from_secs(1)))
@@ -183,6 +183,58 @@ fn a_follower_leaves_failback_to_its_leader_but_fails_over_itself() {
             ("cam1", "b", Some("a"), Reason::EncoderDown),
             ("cam2", "b", Some("a"), Reason::EncoderDown)
         ]
+    );
+}
+
+#[test]
+fn a_follower_moves_nothing_by_itself_and_catches_up_when_it_decides_again() {
+    let (mut d, mut c) = setup(Failback::Auto);
+    let t = c.advance(Duration::from_secs(1));
+    assert!(d.set_following(true, t).is_empty());
+    assert!(d.following());
+    // a dies: the leader decides, this host only notes it.
+    assert!(d.set_health("a", false, t).is_empty());
+    assert!(!d.healthy("a"));
+    assert_eq!(d.active("cam1"), Some("a"));
+    // A drain is marked, not carried out.
+    assert_eq!(d.drain("b", t), Ok(Vec::new()));
+    assert!(d.drained("b"));
+    assert_eq!(d.active("cam2"), Some("b"));
+    assert!(d.tick(c.advance(HOLD * 3)).is_empty());
+    // Following again changes nothing; deciding again moves what this host's view says
+    // must move, at once: cam1 off the dead a (b is drained: to c).
+    let t = c.advance(Duration::from_secs(1));
+    assert!(d.set_following(true, t).is_empty());
+    // cam2 lists only b and a, and a is down: it is stranded, and reported once.
+    assert_eq!(
+        moved(&d.set_following(false, t)),
+        vec![
+            ("cam1", "a", Some("c"), Reason::EncoderDown),
+            ("cam2", "b", None, Reason::NoBackup)
+        ]
+    );
+    assert!(d.set_following(false, t).is_empty(), "once");
+}
+
+#[test]
+fn a_new_leader_fails_back_a_channel_its_predecessor_failed_over_automatically() {
+    let (mut d, mut c) = setup(Failback::Auto);
+    let t = c.advance(Duration::from_secs(1));
+    d.set_following(true, t);
+    // The leader moved cam1 to b (a died) and cam2 to a by hand; this host followed both.
+    d.set_health("a", false, t);
+    d.follow("cam1", "b", t);
+    d.follow("cam2", "a", t);
+    d.set_health("a", true, c.advance(Duration::from_secs(1)));
+    // This host leads now, and takes over how each was placed.
+    let t = c.advance(Duration::from_secs(1));
+    assert!(d.set_following(false, t).is_empty());
+    d.set_manual("cam1", false);
+    d.set_manual("cam2", true);
+    assert_eq!(
+        moved(&d.tick(c.advance(HOLD))),
+        vec![("cam1", "b", Some("a"), Reason::Failback)],
+        "cam2 stays where it was put by hand"
     );
 }
 

@@ -46,6 +46,8 @@ pub(super) struct Me {
     pub(super) mac: String,
     /// This host's encoders, from its config file.
     pub(super) encoders: Vec<config::Encoder>,
+    /// Woken by the controller when a local encoder's health changes (publish it at once).
+    pub(super) health_changed: Arc<tokio::sync::Notify>,
 }
 
 /// This host as its config file makes it, joined to the cluster: see [`join`]. `None`:
@@ -58,6 +60,7 @@ pub(super) async fn join_at_start(c: &Cluster, cfg: &Config) -> Result<Option<(M
         host: c.host_name(),
         mac: format_mac(ingest.mac),
         encoders: cfg.encoders.clone(),
+        health_changed: Arc::default(),
     };
     Ok(join(&me).await?.map(|joined| (me, joined)))
 }
@@ -67,12 +70,15 @@ pub(super) fn start_controller(
     cfg: Config,
     config_path: &Path,
     dp: Dataplane,
-    me: Me,
+    mut me: Me,
     mut joined: Joined,
 ) -> Result<(Controller, Option<(Me, Joined)>)> {
     let changes = std::mem::take(&mut joined.changes);
     let (ctl, report) =
         Controller::start_clustered(cfg, me.host.clone(), changes, config_path, dp)?;
+    if let Some(changed) = ctl.health_changed() {
+        me.health_changed = changed;
+    }
     info!(
         "cluster {} host {}: {} keys or objects skipped",
         me.cluster.name,

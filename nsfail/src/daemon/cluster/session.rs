@@ -101,6 +101,11 @@ pub(super) async fn session(
                 Ok(None) => return anyhow!("the watch ended"),
                 Err(e) => return anyhow::Error::new(e).context("watching the prefix"),
             },
+            // A local encoder's health changed: published now (the leader decides on it), and
+            // again at every round besides.
+            () = me.health_changed.notified() => {
+                publish.reset_immediately();
+            }
             _ = publish.tick() => {
                 if let Err(e) = publish_health(&mut writer, me, lease, ctl, &mut published).await {
                     return e.context("publishing the encoders' health");
