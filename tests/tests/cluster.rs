@@ -11,7 +11,7 @@ use nsfail_tests::{
     PinDir,
     cluster::{
         Etcd, ROUTED_INGEST, RoutedCluster, cluster_of, cluster_section, log_of, routed_cluster,
-        two_hosts::{active_in_etcd, two_host_seed, two_hosts},
+        two_hosts::{active_in_etcd, two_host_seed, two_hosts, two_hosts_leased},
         without_channels, xdp_attached,
     },
     daemon::{
@@ -502,6 +502,32 @@ fn a_cluster_host_follows_etcd() {
         routes_in(&lab.rt.name, 2345).contains("10.77.0.9 dev ing proto 247"),
         "10.77.0.9 stays announced for cam11"
     );
+    // cam11 changed onto cam1's address: neither running stream is disturbed. cam11 runs
+    // on with its running definition, and the change is reported.
+    let onto_cam1 = br#"{"name":"cam11","listen":"10.77.0.1:5000","encoders":["enc-b"]}"#;
+    etcd.put(&format!("{prefix}channels/cam11"), onto_cam1, None);
+    let refused = wait_for(Duration::from_secs(5), || {
+        has_event(
+            &socket,
+            "skipped channel cam11: its new definition in etcd is not applied",
+        )
+        .then_some(())
+    });
+    assert!(refused.is_some(), "{:#?}", events(&socket));
+    let now = placement(&socket);
+    assert!(
+        now.contains(&("cam11".into(), "enc-b".into())) && now.iter().any(|(n, _)| n == "cam1"),
+        "{now:?}"
+    );
+    let listen = |name: &str| {
+        status(&socket)["channels"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name).cloned())
+            .map(|c| c["listen"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(listen("cam11").as_deref(), Some("10.77.0.9:5000"));
+    assert_eq!(listen("cam1").as_deref(), Some("10.77.0.1:5000"));
+    assert!(routes_in(&lab.rt.name, 2345).contains("10.77.0.9 dev ing proto 247"));
     assert_eq!(cli(&socket, &["remove", "channel", "cam11"]).code, 0);
     let withdrawn = wait_for(Duration::from_secs(3), || {
         (!routes_in(&lab.rt.name, 2345).contains("10.77.0.9")).then_some(())
@@ -1008,6 +1034,59 @@ fn the_leaders_host_frozen_a_new_leader_handles_the_next_failure() {
         "after h1 continued: {} active/ writes: {after:?}",
         after.len()
     );
+}
+
+/// A follower leaves failover to its leader, but not for ever: with 5 s leases, the leader
+/// h1 is frozen (SIGSTOP; its lease lives on for up to 5 s, so nobody else is elected), and
+/// enc-c, h2's encoder of cam2, dies while a stream runs through h2. h2 waits its grace for
+/// a leader's choice that cannot come, then fails cam2 over to enc-d itself, before h1's
+/// lease expires (h2's events: its own failover comes before it leads, if it does by then).
+/// Once continued, h1 (or h2, if elected meanwhile) writes the same choice.
+#[test]
+fn a_follower_fails_over_itself_what_a_frozen_leader_does_not_move() {
+    let mut t = two_hosts_leased(5);
+    let h1_pid = nix::unistd::Pid::from_raw(t.h1.child.pid());
+    nix::sys::signal::kill(h1_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let next = t.kill_enc_c(2000, Duration::from_millis(1), Duration::from_millis(300));
+    let seen = events(&t.sock2);
+    nix::sys::signal::kill(h1_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    println!(
+        "frozen leader, follower's own failover: {} of {} lost, gap {:.0} ms",
+        next.lost, next.sent, next.gap_ms
+    );
+    assert!(
+        next.ended_at_d,
+        "cam2's stream ends at enc-d: {next:?}\n{}",
+        log_of(&t.cfg2)
+    );
+    // Events are in order: h2 failed cam2 over itself before it led (if it leads yet).
+    let position = |needle: &str| {
+        seen.iter()
+            .position(|e| e["reason"].as_str().unwrap_or_default().contains(needle))
+    };
+    let own = position("has not moved 1 channels off encoders down here");
+    let led = position("this host (h2) is the leader");
+    assert!(
+        own.is_some() && led.is_none_or(|l| Some(l) > own),
+        "{seen:#?}"
+    );
+    assert_eq!(
+        count_events(&seen, "cam2", "encoder down: failover"),
+        1,
+        "{seen:#?}"
+    );
+    let agreed = wait_for(Duration::from_secs(10), || {
+        active_in_etcd(&t.etcd, &t.prefix, "cam2")
+            .is_some_and(|(encoder, _)| encoder == "enc-d")
+            .then_some(())
+    });
+    assert!(
+        agreed.is_some(),
+        "the leader writes cam2 on enc-d: {:?}\n{}",
+        active_in_etcd(&t.etcd, &t.prefix, "cam2"),
+        log_of(&t.cfg1)
+    );
+    assert!(placement(&t.sock2).contains(&("cam2".into(), "enc-d".into())));
 }
 
 /// Issue 17, "What must be shown" 5: etcd stops for 30 s while a stream runs through each

@@ -224,9 +224,9 @@ pub struct CallerRecord {
 /// it skips it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    /// A channel's definition and the revision it was written at (etcd's mod revision; 0
-    /// when not known): of two channels that collide, the older definition is the one every
-    /// host applies.
+    /// A channel's definition and the revision its key was created at (etcd's create
+    /// revision, which a change of the definition keeps; 0 when not known): of two channels
+    /// that collide, the older channel is the one a host without either running applies.
     PutChannel {
         channel: config::Channel,
         revision: i64,
@@ -270,12 +270,12 @@ pub enum Change {
     },
 }
 
-/// [`decode`] of a key etcd returned with the revision its value was written at.
-pub fn decode_at(prefix: &str, key: &[u8], value: Option<&[u8]>, mod_revision: i64) -> Change {
+/// [`decode`] of a key etcd returned with the revision the key was created at.
+pub fn decode_at(prefix: &str, key: &[u8], value: Option<&[u8]>, create_revision: i64) -> Change {
     match decode(prefix, key, value) {
         Change::PutChannel { channel, .. } => Change::PutChannel {
             channel,
-            revision: mod_revision,
+            revision: create_revision,
         },
         other => other,
     }

@@ -19,9 +19,16 @@ pub struct Placed {
 /// How often a follower compares all its channels with the leader's choices.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a follower leaves a channel on an encoder it sees down for its leader to move
+/// (the leader's write arrives in tens of ms): after that it fails the channel over itself.
+/// A leader frozen but not yet expired costs a stream this much, not a lease and an
+/// election.
+pub const FOLLOWER_GRACE: Duration = Duration::from_millis(500);
+
 impl Controller {
     /// A follower takes, for each of `channels`, the encoder the leader wrote, when it is one
-    /// of the channel's and usable as this host sees it (healthy, not drained): a choice
+    /// of the channel's and usable as this host sees it (healthy; not drained, unless the
+    /// channel's encoder here is down or drained too): a choice
     /// written before this host saw the encoder fail (a stale one, read back after an etcd
     /// outage) never moves a stream onto a dead encoder. The leader keeps its own decisions.
     pub(super) fn follow(&mut self, channels: &BTreeSet<String>) {
@@ -39,11 +46,17 @@ impl Controller {
                 continue;
             };
             let ch = &self.effective.channels[i];
-            if self.decider.active(name) == Some(rec.encoder.as_str())
+            let Some(active) = self.decider.active(name) else {
+                continue;
+            };
+            // A drained encoder is taken only off one that no longer works (the leader may
+            // not hold the drain this host does).
+            let stays = self.decider.healthy(active) && !self.decider.drained(active);
+            if active == rec.encoder
                 || !ch.encoders.contains(&rec.encoder)
                 || !self.has_encoder(&rec.encoder)
                 || !self.decider.healthy(&rec.encoder)
-                || self.decider.drained(&rec.encoder)
+                || (self.decider.drained(&rec.encoder) && stays)
             {
                 continue;
             }
@@ -67,6 +80,29 @@ impl Controller {
         s.followed_at = Some(now);
         let all: BTreeSet<String> = s.actives.keys().cloned().collect();
         self.follow(&all);
+    }
+
+    /// A follower's safeguard (see [`FOLLOWER_GRACE`]): channels on encoders down here for
+    /// longer than the grace, which the leader has not moved, fail over here.
+    pub(super) fn fail_over_overdue(&mut self, now: Instant) {
+        let decisions = self.decider.overdue(now, FOLLOWER_GRACE);
+        if decisions.is_empty() {
+            return;
+        }
+        let leader = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.leader.clone())
+            .unwrap_or_default();
+        let reason = format!(
+            "cluster: the leader ({leader}) has not moved {} channels off encoders down here for \
+             {} ms: this host fails them over itself",
+            decisions.len(),
+            FOLLOWER_GRACE.as_millis()
+        );
+        warn!("{reason}");
+        self.event(None, None, None, &reason);
+        self.apply_all(decisions);
     }
 
     /// What the cluster's task says of the election and of etcd: whether this host leads,
@@ -109,7 +145,8 @@ impl Controller {
     /// this host decides, and at once moves what its own view says must move.
     fn set_following(&mut self) {
         let Some(s) = &self.shared else { return };
-        let following = s.etcd_up && !s.leading && s.leader.is_some();
+        // A host named leader before its own campaign has answered is not its own follower.
+        let following = s.etcd_up && !s.leading && s.leader.as_ref().is_some_and(|l| *l != s.host);
         if following == self.decider.following() {
             return;
         }

@@ -579,6 +579,12 @@ impl Controller {
             s.health_changed.notify_one();
         }
         self.apply_all(decisions);
+        // A follower whose channels sit on an encoder now down takes at once the leader's
+        // choices it could not take before (the encoder it chose was down here then).
+        if !healthy && self.decider.following() {
+            let on: BTreeSet<String> = self.decider.channels_on(encoder).into_iter().collect();
+            self.follow(&on);
+        }
         Ok(())
     }
 
@@ -602,6 +608,7 @@ impl Controller {
         self.retry_shared(now);
         parts.done("retrying the cluster's state");
         self.follow_periodically(now);
+        self.fail_over_overdue(now);
         parts.done("following the leader");
         self.refresh_routes_periodically(now);
         parts.done("resolving next hops");

@@ -24,8 +24,8 @@ pub struct Shared {
     /// The config file as last read: ingest, this host's encoders, `[cluster]`.
     pub(super) file: Config,
     pub(super) channels: BTreeMap<String, config::Channel>,
-    /// The revision each channel's definition was written at (see [`Change::PutChannel`]).
-    written: BTreeMap<String, i64>,
+    /// The revision each channel's key was created at (see [`Change::PutChannel`]).
+    created: BTreeMap<String, i64>,
     hosts: BTreeMap<String, HostRecord>,
     /// Other hosts' encoders, by name; kept when their host's lease expires (down, not
     /// gone), so that the channels naming them stay valid.
@@ -113,7 +113,7 @@ impl Shared {
             host,
             file,
             channels: BTreeMap::new(),
-            written: BTreeMap::new(),
+            created: BTreeMap::new(),
             hosts: BTreeMap::new(),
             remote: BTreeMap::new(),
             skipped: BTreeMap::new(),
@@ -186,7 +186,7 @@ impl Shared {
                         Some(old) => recompose |= *old != ch,
                     }
                     touched.insert(ch.name.clone());
-                    self.written.insert(ch.name.clone(), revision);
+                    self.created.insert(ch.name.clone(), revision);
                     self.channels.insert(ch.name.clone(), ch);
                 }
                 Change::PutActive { channel, record } => {
@@ -226,7 +226,7 @@ impl Shared {
                     }
                 }
                 Change::DeleteChannel(name) => {
-                    self.written.remove(&name);
+                    self.created.remove(&name);
                     recompose |= self.channels.remove(&name).is_some();
                 }
                 Change::PutHost(rec) => {
@@ -291,13 +291,16 @@ impl Shared {
     /// The effective configuration's base: the file's ingest and own encoders, the other
     /// hosts' encoders (as remote encoders reached through the ingest interface at their
     /// host's MAC) and the cluster's channels, each checked against what is already in; what
-    /// does not fit is left out, with its reason in `self.skipped`. The channels are taken
-    /// oldest definition first (the revision etcd wrote each at, then the name): of two that
-    /// collide (the same ingest address, say) the one written later is left out, whatever
-    /// their names, and every host, a restarted one included, makes the same choice. A
-    /// running stream is not displaced by a channel put later; a channel whose definition is
-    /// changed into a collision is the one left out.
-    fn compose(&mut self) -> Config {
+    /// does not fit is left out, with its reason in `self.skipped`.
+    ///
+    /// Bad input never displaces a running stream. The channels `running` here go first:
+    /// those etcd holds unchanged, then those whose definition changed (a new definition
+    /// that does not fit leaves the running one in place, reported). The channels not
+    /// running here come last, oldest first (the revision etcd created each key at, which a
+    /// change keeps; then the name): of two that collide, the one created later is left out,
+    /// whatever their names, and a host with neither running (a restarted one) makes the
+    /// same choice.
+    fn compose(&mut self, running: &[config::Channel]) -> Config {
         let mut cfg = Config {
             channels: Vec::new(),
             ..self.file.clone()
@@ -339,14 +342,37 @@ impl Shared {
                 }
             }
         }
+        let running: BTreeMap<&str, &config::Channel> =
+            running.iter().map(|c| (c.name.as_str(), c)).collect();
         let mut order: Vec<&config::Channel> = self.channels.values().collect();
         // Stable: of equal revisions (none known), name order.
-        order.sort_by_key(|c| self.written.get(&c.name).copied().unwrap_or(0));
+        order.sort_by_key(|c| {
+            let pass = match running.get(c.name.as_str()) {
+                Some(r) if *r == *c => 0,
+                Some(_) => 1,
+                None => 2,
+            };
+            (pass, self.created.get(&c.name).copied().unwrap_or(0))
+        });
         for ch in order {
-            match cfg.check_new_channel(&lookup, ch) {
-                Ok(()) => cfg.push_channel(&mut lookup, ch.clone()),
-                Err(e) => {
-                    skipped.insert(format!("channel {}", ch.name), e.to_string());
+            let Err(e) = cfg.check_new_channel(&lookup, ch) else {
+                cfg.push_channel(&mut lookup, ch.clone());
+                continue;
+            };
+            let what = format!("channel {}", ch.name);
+            match running.get(ch.name.as_str()) {
+                Some(r) if *r != ch && cfg.check_new_channel(&lookup, r).is_ok() => {
+                    cfg.push_channel(&mut lookup, (*r).clone());
+                    skipped.insert(
+                        what,
+                        format!(
+                            "its new definition in etcd is not applied ({e}); its running \
+                             definition stays until the new one fits"
+                        ),
+                    );
+                }
+                _ => {
+                    skipped.insert(what, e.to_string());
                 }
             }
         }
@@ -393,7 +419,7 @@ impl Controller {
         let unused = unused_channels(&file);
         let mut shared = Shared::new(host, file);
         let bad = shared.record(changes).bad;
-        let composed = shared.compose();
+        let composed = shared.compose(&[]);
         let all: BTreeSet<String> = shared.channels.keys().cloned().collect();
         let mut c = Self::start_with(composed, config_path, dp, Some(shared))?;
         let mut report = SharedReport::default();
@@ -429,7 +455,7 @@ impl Controller {
         };
         if resync {
             shared.channels.clear();
-            shared.written.clear();
+            shared.created.clear();
             shared.actives.clear();
             shared.drains.clear();
             for r in shared.remote.values_mut() {
@@ -483,7 +509,7 @@ impl Controller {
         let Some(shared) = self.shared.as_mut() else {
             return Ok(Vec::new());
         };
-        let composed = shared.compose();
+        let composed = shared.compose(&self.effective.channels);
         let result = self.reload_from(composed, "cluster").map(|r| r.changes);
         let Some(shared) = self.shared.as_mut() else {
             return result;
@@ -721,7 +747,7 @@ impl Controller {
             self.event(None, None, None, &reason);
         }
         let saved = std::mem::replace(&mut shared.file, file);
-        let composed = shared.compose();
+        let composed = shared.compose(&self.effective.channels);
         self.shared = Some(shared);
         let result = self.reload_with(composed);
         if result.is_err()
@@ -916,7 +942,7 @@ mod tests {
             touched.into_iter().collect::<Vec<_>>(),
             ["cam1", "cam2", "cam3"]
         );
-        let cfg = s.compose();
+        let cfg = s.compose(&[]);
         let names: Vec<&str> = cfg.encoders.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["enc-a", "enc-r"]);
         let remote = cfg.encoder("enc-r").unwrap();
@@ -951,7 +977,7 @@ mod tests {
             channel_at("cam3", "10.0.0.1:5000", &["enc-a"], 7),
             channel_at("cam1", "10.0.0.1:5000", &["enc-r", "enc-a"], 9),
         ]);
-        let older = s.compose();
+        let older = s.compose(&[]);
         let channels: Vec<&str> = older.channels.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(channels, ["cam3"]);
         assert!(
@@ -959,15 +985,86 @@ mod tests {
             "{:?}",
             s.skipped
         );
+        // A change keeps the key's create revision: cam3, given a backup, is still the
+        // older, on a host running it or not.
         s.record(vec![channel_at(
             "cam3",
             "10.0.0.1:5000",
             &["enc-a", "enc-r"],
-            11,
+            7,
         )]);
-        let changed = s.compose();
-        let channels: Vec<&str> = changed.channels.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(channels, ["cam1"], "cam3 changed later: cam1 is older now");
+        let names = |cfg: &Config| -> Vec<String> {
+            let mut n: Vec<String> = cfg.channels.iter().map(|c| c.name.clone()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&s.compose(&[])), ["cam3"]);
+        let changed = s.compose(&older.channels);
+        assert_eq!(names(&changed), ["cam3"]);
+        assert_eq!(
+            changed.channel("cam3").unwrap().encoders,
+            ["enc-a", "enc-r"]
+        );
+
+        s.record(vec![
+            Change::DeleteChannel("cam1".into()),
+            Change::DeleteChannel("cam2".into()),
+        ]);
+        // A running channel changed into a collision with another running one keeps its
+        // running definition, and the other keeps its address; the change is reported.
+        s.record(vec![channel_at("cam4", "10.0.0.1:5004", &["enc-a"], 12)]);
+        let running = s.compose(&changed.channels);
+        assert_eq!(names(&running), ["cam3", "cam4"]);
+        s.record(vec![channel_at("cam3", "10.0.0.1:5004", &["enc-a"], 7)]);
+        let kept = s.compose(&running.channels);
+        assert_eq!(names(&kept), ["cam3", "cam4"]);
+        assert_eq!(
+            kept.channel("cam3").unwrap().listen.to_string(),
+            "10.0.0.1:5000",
+            "cam3 runs on with its old definition"
+        );
+        assert_eq!(
+            kept.channel("cam4").unwrap().listen.to_string(),
+            "10.0.0.1:5004"
+        );
+        assert!(
+            s.skipped["channel cam3"].contains("running definition stays"),
+            "{:?}",
+            s.skipped
+        );
+        // Once cam4 goes, cam3's new definition fits and is applied.
+        s.record(vec![Change::DeleteChannel("cam4".into())]);
+        let fixed = s.compose(&kept.channels);
+        assert_eq!(names(&fixed), ["cam3"]);
+        assert_eq!(
+            fixed.channel("cam3").unwrap().listen.to_string(),
+            "10.0.0.1:5004"
+        );
+        assert!(!s.skipped.contains_key("channel cam3"));
+        // Two running channels may swap addresses in one change.
+        s.record(vec![
+            channel_at("cam3", "10.0.0.1:5000", &["enc-a"], 7),
+            channel_at("cam4", "10.0.0.1:5004", &["enc-a"], 13),
+        ]);
+        let before = s.compose(&fixed.channels);
+        s.record(vec![
+            channel_at("cam3", "10.0.0.1:5004", &["enc-a"], 7),
+            channel_at("cam4", "10.0.0.1:5000", &["enc-a"], 13),
+        ]);
+        let swapped = s.compose(&before.channels);
+        assert_eq!(
+            swapped.channel("cam3").unwrap().listen.to_string(),
+            "10.0.0.1:5004"
+        );
+        assert_eq!(
+            swapped.channel("cam4").unwrap().listen.to_string(),
+            "10.0.0.1:5000"
+        );
+        assert!(
+            s.skipped.keys().all(|k| !k.starts_with("channel")),
+            "{:?}",
+            s.skipped
+        );
         assert!(s.is_remote("enc-r") && !s.is_remote("enc-a"));
         assert_eq!(
             s.host_of("enc-a"),
@@ -983,6 +1080,6 @@ mod tests {
         }]);
         assert!(!r.recompose);
         assert!(!s.remote["enc-r"].usable());
-        assert_eq!(s.compose().encoders.len(), 2);
+        assert_eq!(s.compose(&[]).encoders.len(), 2);
     }
 }

@@ -64,8 +64,16 @@ pub struct TwoHosts {
     pub lab2: nsfail::lab::Lab,
 }
 
-/// Builds [`TwoHosts`] and waits until h2 follows h1's choices.
+/// Builds [`TwoHosts`] (1 s leases) and waits until h2 follows h1's choices.
 pub fn two_hosts() -> TwoHosts {
+    two_hosts_leased(1)
+}
+
+/// [`two_hosts`] with leases of `lease_s` seconds.
+pub fn two_hosts_leased(lease_s: u64) -> TwoHosts {
+    let section = |name: &str, host: &str, ep: &str| {
+        cluster_section(name, host, ep).replace("lease_s = 1\n", &format!("lease_s = {lease_s}\n"))
+    };
     let (lab1, lab2) = (lab(2), lab(2));
     let echoes = |lab: &nsfail::lab::Lab| -> Vec<Echo> {
         lab.encoders
@@ -88,7 +96,7 @@ pub fn two_hosts() -> TwoHosts {
     fs::write(
         &cfg1,
         without_channels(&lab_config_with(&lab1, &Policy::tolerant()))
-            + &cluster_section(&name, "h1", &ep1),
+            + &section(&name, "h1", &ep1),
     )
     .unwrap();
     let cfg2 = dir.path.join("h2.toml");
@@ -97,7 +105,7 @@ pub fn two_hosts() -> TwoHosts {
         without_channels(&lab_config_with(&lab2, &Policy::tolerant()))
             .replace("\"enc-a\"", "\"enc-c\"")
             .replace("\"enc-b\"", "\"enc-d\"")
-            + &cluster_section(&name, "h2", &ep2),
+            + &section(&name, "h2", &ep2),
     )
     .unwrap();
     let (pins1, pins2) = (PinDir::new(), PinDir::new());
@@ -248,7 +256,7 @@ impl TwoHosts {
 
     /// Sends `n` packets to cam2 every `interval`; `after` in, enc-c dies (its receiver and
     /// health responder stop).
-    fn kill_enc_c(&mut self, n: u32, interval: Duration, after: Duration) -> NextFailure {
+    pub fn kill_enc_c(&mut self, n: u32, interval: Duration, after: Duration) -> NextFailure {
         let (ec, ed) = (&self.lab2.encoders[0], &self.lab2.encoders[1]);
         let mut rx_c = Receiver::start(&ec.ns, sa(&format!("{}:7002", ec.addr4)));
         let rx_d = Receiver::start(&ed.ns, sa(&format!("{}:7002", ed.addr4)));

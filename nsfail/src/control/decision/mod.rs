@@ -288,6 +288,45 @@ impl Decider {
                 let st = &self.channels[&name];
                 match self.best(&st.encoders, Some(&encoder)) {
                     Some(to) => out.push(self.apply(&name, &to, reason, now)),
+                    // A drained encoder that still works keeps what has nowhere else to go.
+                    None if reason == Reason::Drain => {}
+                    None => out.extend(self.strand(&name)),
+                }
+            }
+        }
+        out
+    }
+
+    /// A follower's safeguard: the channels on an encoder this host has seen down for
+    /// `grace` or longer, which its leader has not moved (a leader frozen but not yet
+    /// expired, or one whose choice this host cannot take), fail over here as a deciding
+    /// host's would. Nothing for a host that decides (it moved them when the encoder fell).
+    pub fn overdue(&mut self, now: Instant, grace: Duration) -> Vec<Decision> {
+        if !self.following {
+            return Vec::new();
+        }
+        let mut down: Vec<Name> = self
+            .on
+            .keys()
+            .filter(|e| {
+                self.encoders
+                    .get(&***e)
+                    .is_some_and(|s| !s.healthy && s.since + grace <= now)
+            })
+            .cloned()
+            .collect();
+        down.sort();
+        let mut out = Vec::new();
+        for encoder in down {
+            let names: Vec<Name> = self
+                .on
+                .get(&encoder)
+                .map(|set| set.iter().cloned().collect())
+                .unwrap_or_default();
+            for name in names {
+                let st = &self.channels[&name];
+                match self.best(&st.encoders, Some(&encoder)) {
+                    Some(to) => out.push(self.apply(&name, &to, Reason::EncoderDown, now)),
                     None => out.extend(self.strand(&name)),
                 }
             }
@@ -367,6 +406,14 @@ impl Decider {
             healthy,
             since: now,
         };
+        if healthy {
+            // Channels stranded on it are whole again: their next outage is reported anew.
+            for name in self.on.get(encoder).into_iter().flatten() {
+                if let Some(st) = self.channels.get_mut(name) {
+                    st.stranded = false;
+                }
+            }
+        }
         if self.following {
             return Vec::new();
         }
@@ -470,14 +517,14 @@ impl Decider {
     }
 
     /// Drains `encoder`: its channels move to their best usable encoders, or nothing changes
-    /// when one would be stranded. A follower only marks it drained (its leader moves the
-    /// channels, and refuses a drain that would strand one).
+    /// when one would be stranded. A follower checks the same, and only marks it drained:
+    /// its leader moves the channels.
     pub fn drain(&mut self, encoder: &str, now: Instant) -> Result<Vec<Decision>, String> {
+        let moves = self.plan(encoder).map_err(|c| c.to_string())?;
         if self.following {
             self.drained.insert(encoder.to_owned());
             return Ok(Vec::new());
         }
-        let moves = self.plan(encoder).map_err(|c| c.to_string())?;
         self.drained.insert(encoder.to_owned());
         Ok(moves
             .into_iter()

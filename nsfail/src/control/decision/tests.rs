@@ -196,24 +196,80 @@ fn a_follower_moves_nothing_by_itself_and_catches_up_when_it_decides_again() {
     assert!(d.set_health("a", false, t).is_empty());
     assert!(!d.healthy("a"));
     assert_eq!(d.active("cam1"), Some("a"));
-    // A drain is marked, not carried out.
+    // A drain that would strand a channel is refused here as on the leader (cam2 has only
+    // b and the dead a)...
+    assert_eq!(d.drain("b", t), Err("cam2".to_owned()));
+    assert!(!d.drained("b"));
+    // ...and one that would not is marked, not carried out.
+    d.set_health("a", true, t);
     assert_eq!(d.drain("b", t), Ok(Vec::new()));
     assert!(d.drained("b"));
     assert_eq!(d.active("cam2"), Some("b"));
+    assert!(d.set_health("a", false, t).is_empty());
     assert!(d.tick(c.advance(HOLD * 3)).is_empty());
     // Following again changes nothing; deciding again moves what this host's view says
-    // must move, at once: cam1 off the dead a (b is drained: to c).
+    // must move, at once: cam1 off the dead a (b is drained: to c). cam2, on the drained
+    // but working b with a dead backup, stays, and is no outage.
     let t = c.advance(Duration::from_secs(1));
     assert!(d.set_following(true, t).is_empty());
-    // cam2 lists only b and a, and a is down: it is stranded, and reported once.
     assert_eq!(
         moved(&d.set_following(false, t)),
+        vec![("cam1", "a", Some("c"), Reason::EncoderDown)]
+    );
+    assert_eq!(d.active("cam2"), Some("b"));
+    assert!(d.set_following(false, t).is_empty(), "once");
+}
+
+#[test]
+fn a_follower_fails_over_itself_what_its_leader_has_not_moved_within_the_grace() {
+    let (mut d, mut c) = setup(Failback::Manual);
+    let grace = Duration::from_millis(500);
+    let t = c.now();
+    assert!(
+        d.overdue(t, Duration::ZERO).is_empty(),
+        "a deciding host has nothing overdue"
+    );
+    d.set_following(true, t);
+    assert!(d.set_health("b", false, t).is_empty());
+    assert!(
+        d.overdue(c.advance(grace - Duration::from_millis(1)), grace)
+            .is_empty()
+    );
+    assert_eq!(
+        moved(&d.overdue(c.advance(Duration::from_millis(1)), grace)),
+        vec![("cam2", "b", Some("a"), Reason::EncoderDown)]
+    );
+    assert!(d.overdue(c.advance(grace), grace).is_empty(), "once");
+    // With no backup, stranded, reported once.
+    d.set_health("a", false, c.now());
+    let t = c.advance(grace);
+    assert_eq!(
+        moved(&d.overdue(t, grace)),
         vec![
             ("cam1", "a", Some("c"), Reason::EncoderDown),
-            ("cam2", "b", None, Reason::NoBackup)
+            ("cam2", "a", None, Reason::NoBackup)
         ]
     );
-    assert!(d.set_following(false, t).is_empty(), "once");
+    assert!(d.overdue(c.advance(grace), grace).is_empty());
+}
+
+#[test]
+fn a_channel_stranded_on_an_encoder_that_recovers_in_place_is_reported_at_its_next_outage() {
+    let (mut d, mut c) = setup(Failback::Manual);
+    d.set_health("a", false, c.advance(Duration::from_secs(1)));
+    let ds = d.set_health("b", false, c.advance(Duration::from_secs(1)));
+    assert!(moved(&ds).contains(&("cam2", "b", None, Reason::NoBackup)));
+    // b comes back: cam2 never left it.
+    assert!(
+        d.set_health("b", true, c.advance(Duration::from_secs(1)))
+            .iter()
+            .all(|x| x.channel != "cam2")
+    );
+    let ds = d.set_health("b", false, c.advance(Duration::from_secs(1)));
+    assert!(
+        moved(&ds).contains(&("cam2", "b", None, Reason::NoBackup)),
+        "the second outage is reported too: {ds:?}"
+    );
 }
 
 #[test]

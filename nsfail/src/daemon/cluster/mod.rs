@@ -221,7 +221,7 @@ async fn read(mut client: Client, me: &Me) -> Result<Joined, RegisterError> {
     }
     let changes = all
         .iter()
-        .map(|kv| cluster::decode_at(&prefix, kv.key(), Some(kv.value()), kv.mod_revision()))
+        .map(|kv| cluster::decode_at(&prefix, kv.key(), Some(kv.value()), kv.create_revision()))
         .collect();
     Ok(Joined {
         client,

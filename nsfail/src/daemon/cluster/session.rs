@@ -225,7 +225,7 @@ async fn apply_watched(
                 prefix,
                 kv.key(),
                 value,
-                kv.mod_revision(),
+                kv.create_revision(),
             ))
         })
         .collect();
