@@ -262,3 +262,85 @@ fn a_transit_entry_needs_a_local_encoder_of_the_channel() {
     assert_eq!(dp.transits().len(), 1);
     assert_eq!(dp.channels().unwrap().len(), 1, "{:?}", dp.channels());
 }
+
+/// A host that does not hold the ingest address still tells SRT callers to reconnect from
+/// it, for both families: the SHUTDOWN leaves host A (which has neither 10.99.0.7 nor
+/// fd99::7) and reaches the caller's namespace from the ingest address and port, with the
+/// caller's socket ID. (In the cluster, the leader sends the SHUTDOWNs of callers that
+/// another host learned; its ingest address may be on no interface of its own.)
+#[test]
+fn srt_shutdowns_leave_from_an_ingest_address_this_host_does_not_hold() {
+    use std::net::UdpSocket;
+
+    let (a, b) = (
+        nsfail_tests::Netns::new("sha"),
+        nsfail_tests::Netns::new("shb"),
+    );
+    let (va, vb) = (nsfail_tests::unique("sva"), nsfail_tests::unique("svb"));
+    nsfail_tests::run(
+        "ip",
+        &[
+            "link", "add", &va, "netns", &a.0.name, "type", "veth", "peer", "name", &vb, "netns",
+            &b.0.name,
+        ],
+    );
+    for (ns, dev, v4, v6) in [
+        (&a, &va, "10.98.0.1/24", "fd98::1/64"),
+        (&b, &vb, "10.98.0.2/24", "fd98::2/64"),
+    ] {
+        // No duplicate address detection: the addresses are usable at once.
+        nsfail_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.0.name,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.accept_dad=0"),
+            ],
+        );
+        ip_in(&ns.0.name, &["addr", "add", v4, "dev", dev]);
+        ip_in(&ns.0.name, &["addr", "add", v6, "dev", dev, "nodad"]);
+        ip_in(&ns.0.name, &["link", "set", dev, "up"]);
+    }
+    // The caller's side routes answers to the ingest addresses back through A.
+    ip_in(
+        &b.0.name,
+        &["route", "add", "10.99.0.0/24", "via", "10.98.0.1"],
+    );
+    ip_in(
+        &b.0.name,
+        &["-6", "route", "add", "fd99::/64", "via", "fd98::1"],
+    );
+    let callers = {
+        let _in = Entered::new(&b.0);
+        [
+            UdpSocket::bind("10.98.0.2:9999").unwrap(),
+            UdpSocket::bind("[fd98::2]:9999").unwrap(),
+        ]
+    };
+    for (ingest, caller, id) in [
+        (sa("10.99.0.7", 5000), sa("10.98.0.2", 9999), 0x1234_5678),
+        (sa("fd99::7", 5002), sa("fd98::2", 9999), 0x0bad_cafe),
+    ] {
+        {
+            let _in = Entered::new(&a.0);
+            nsfail::control::send_srt_shutdowns(ingest, &[(caller, id)])
+                .unwrap_or_else(|e| panic!("from {ingest}: {e}"));
+        }
+        let socket = &callers[usize::from(ingest.is_ipv6())];
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = socket
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("no SHUTDOWN from {ingest}: {e}"));
+        assert_eq!(
+            from, ingest,
+            "the SHUTDOWN carries the ingest address and port"
+        );
+        assert_eq!(&buf[..n], nsfail_common::srt::shutdown(id).as_slice());
+    }
+}

@@ -60,6 +60,7 @@ pub use self::{
     events::{monotonic_ns, rfc3339, rotated},
     links::encoder_spec,
     shared::{Shared, SharedReport},
+    srt::send_srt_shutdowns,
     state::{Delta, events_path, state_path},
     status::StatusView,
 };

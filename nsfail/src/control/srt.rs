@@ -118,12 +118,10 @@ impl Batch {
     }
 }
 
-/// Sends the SHUTDOWNs from the ingest address (IP_FREEBIND and, for IPv4, IP_TRANSPARENT:
-/// the address need not be configured on this host for the packets to carry it).
-pub(super) fn send_srt_shutdowns(
-    from: SocketAddr,
-    callers: &[(SocketAddr, u32)],
-) -> std::io::Result<()> {
+/// Sends the SHUTDOWNs from the ingest address (IP_FREEBIND and, for IPv4, IP_TRANSPARENT: the
+/// address need not be configured on this host for the packets to carry it), three rounds
+/// 3 ms apart.
+pub fn send_srt_shutdowns(from: SocketAddr, callers: &[(SocketAddr, u32)]) -> std::io::Result<()> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, sendto, setsockopt, socket,
         sockopt,
@@ -136,9 +134,11 @@ pub(super) fn send_srt_shutdowns(
     let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::IpFreebind, &true)?;
     // A cluster host need not hold the ingest address at all (the router sends it to
-    // another host): without IP_TRANSPARENT the kernel refuses to route from a source that
-    // is not local (ENETUNREACH). IPv4 only: nix has no IPV6_TRANSPARENT, and an IPv6 ingest
-    // address still has to be local to the host that sends.
+    // another host): without IP_TRANSPARENT the kernel refuses to route from an IPv4 source
+    // that is not local (ENETUNREACH). IPv6 routes such a source with IP_FREEBIND alone
+    // (`cross_host.rs` tests both). IPV6_TRANSPARENT is left unset: it is not needed, and
+    // with it a SHUTDOWN sent within a second of the interface coming up (its link-local
+    // address still tentative) was lost here, where without it none was.
     if from.is_ipv4() {
         setsockopt(&fd, sockopt::IpTransparent, &true)?;
     }
