@@ -1036,20 +1036,59 @@ fn the_leaders_host_frozen_a_new_leader_handles_the_next_failure() {
     );
 }
 
-/// A follower leaves failover to its leader, but not for ever: with 5 s leases, the leader
-/// h1 is frozen (SIGSTOP; its lease lives on for up to 5 s, so nobody else is elected), and
-/// enc-c, h2's encoder of cam2, dies while a stream runs through h2. h2 waits its grace for
-/// a leader's choice that cannot come, then fails cam2 over to enc-d itself, before h1's
-/// lease expires (h2's events: its own failover comes before it leads, if it does by then).
-/// Once continued, h1 (or h2, if elected meanwhile) writes the same choice.
+/// A follower leaves failover to its leader, but not for ever: with 15 s leases, the leader
+/// h1 is frozen (SIGSTOP; its lease lives on for 10 s at least, so nobody else is
+/// elected), and enc-c, h2's encoder of cam2, dies while a stream runs through h2. h2 waits
+/// its grace for a leader's choice that cannot come, then fails cam2 over to enc-d itself,
+/// before h1's lease expires (h2's events: its own failover comes before it leads, if it
+/// ever does). enc-c comes back while h1 is still frozen: h1's stale record (cam2 on enc-c)
+/// does not pull the stream back. Once continued, the leader writes cam2 on enc-d.
 #[test]
 fn a_follower_fails_over_itself_what_a_frozen_leader_does_not_move() {
-    let mut t = two_hosts_leased(5);
+    let mut t = two_hosts_leased(15);
+    let written = wait_for(Duration::from_secs(5), || {
+        (active_in_etcd(&t.etcd, &t.prefix, "cam2") == Some(("enc-c".into(), "h1".into())))
+            .then_some(())
+    });
+    assert!(
+        written.is_some(),
+        "h1 wrote cam2 on enc-c:\n{}",
+        log_of(&t.cfg1)
+    );
     let h1_pid = nix::unistd::Pid::from_raw(t.h1.child.pid());
+    let frozen = Instant::now();
     nix::sys::signal::kill(h1_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let next = t.kill_enc_c(2000, Duration::from_millis(1), Duration::from_millis(300));
+    // enc-c answers again; h2 sees it healthy, and keeps cam2 on enc-d past a round of
+    // following (1 s).
+    let ec = &t.lab2.encoders[0];
+    t.echoes2[0] = Echo::start(&ec.ns, sa(&format!("{}:9000", ec.addr4)));
+    let healthy = wait_for(Duration::from_secs(3), || {
+        status(&t.sock2)["encoders"]
+            .as_array()
+            .is_some_and(|es| {
+                es.iter()
+                    .any(|e| e["name"] == "enc-c" && e["healthy"] == true)
+            })
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    let stayed = placement(&t.sock2).contains(&("cam2".into(), "enc-d".into()));
+    let view = cluster_of(&t.sock2);
+    let stale = active_in_etcd(&t.etcd, &t.prefix, "cam2");
+    let within = frozen.elapsed();
     let seen = events(&t.sock2);
     nix::sys::signal::kill(h1_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(healthy.is_some(), "enc-c healthy again on h2");
+    assert_eq!(
+        (view["leader"].as_str(), stale),
+        (Some("h1"), Some(("enc-c".into(), "h1".into()))),
+        "h1 still leads, its record stale, {within:?} after the freeze: {view}"
+    );
+    assert!(
+        stayed,
+        "the stale record does not pull cam2 back: {seen:#?}"
+    );
     println!(
         "frozen leader, follower's own failover: {} of {} lost, gap {:.0} ms",
         next.lost, next.sent, next.gap_ms

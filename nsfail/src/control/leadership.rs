@@ -38,10 +38,17 @@ impl Controller {
         }
         let now = Instant::now();
         let mut decisions = Vec::new();
+        // Overridden records the leader has replaced since.
+        let mut stale = Vec::new();
         for name in channels {
             let Some(rec) = shared.actives.get(name) else {
                 continue;
             };
+            match shared.overridden.get(name) {
+                Some((encoder, term)) if *encoder == rec.encoder && *term == rec.term => continue,
+                Some(_) => stale.push(name.clone()),
+                None => {}
+            }
             let Some(i) = self.lookup.channel(&self.effective.channels, name) else {
                 continue;
             };
@@ -51,7 +58,7 @@ impl Controller {
             };
             // A drained encoder is taken only off one that no longer works (the leader may
             // not hold the drain this host does).
-            let stays = self.decider.healthy(active) && !self.decider.drained(active);
+            let stays = self.decider.healthy(active);
             if active == rec.encoder
                 || !ch.encoders.contains(&rec.encoder)
                 || !self.has_encoder(&rec.encoder)
@@ -61,6 +68,11 @@ impl Controller {
                 continue;
             }
             decisions.extend(self.decider.follow(name, &rec.encoder, now));
+        }
+        if let Some(s) = self.shared.as_mut() {
+            for name in stale {
+                s.overridden.remove(&name);
+            }
         }
         self.apply_all(decisions);
     }
@@ -89,19 +101,29 @@ impl Controller {
         if decisions.is_empty() {
             return;
         }
+        if let Some(s) = self.shared.as_mut() {
+            for d in decisions.iter().filter(|d| d.to.is_some()) {
+                if let Some(rec) = s.actives.get(&d.channel) {
+                    s.overridden
+                        .insert(d.channel.clone(), (rec.encoder.clone(), rec.term));
+                }
+            }
+        }
         let leader = self
             .shared
             .as_ref()
             .and_then(|s| s.leader.clone())
             .unwrap_or_default();
-        let reason = format!(
-            "cluster: the leader ({leader}) has not moved {} channels off encoders down here for \
-             {} ms: this host fails them over itself",
-            decisions.len(),
-            FOLLOWER_GRACE.as_millis()
-        );
-        warn!("{reason}");
-        self.event(None, None, None, &reason);
+        let moved = decisions.iter().filter(|d| d.to.is_some()).count();
+        if moved > 0 {
+            let reason = format!(
+                "cluster: the leader ({leader}) has not moved {moved} channels off encoders down \
+                 here for {} ms: this host fails them over itself",
+                FOLLOWER_GRACE.as_millis()
+            );
+            warn!("{reason}");
+            self.event(None, None, None, &reason);
+        }
         self.apply_all(decisions);
     }
 
@@ -160,6 +182,9 @@ impl Controller {
         };
         info!("{reason}");
         self.event(None, None, None, &reason);
+        if let Some(s) = self.shared.as_mut() {
+            s.overridden.clear();
+        }
         let decisions = self.decider.set_following(following, Instant::now());
         self.apply_all(decisions);
     }

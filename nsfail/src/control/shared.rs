@@ -58,6 +58,11 @@ pub struct Shared {
     pub(super) outbox: BTreeSet<String>,
     /// When a follower last compared all its channels with the leader's choices.
     pub(super) followed_at: Option<Instant>,
+    /// The leader's records (encoder, term) a follower moved channels away from itself
+    /// (the leader had not moved them off an encoder down here): not taken again, so that a
+    /// frozen leader's stale choice does not pull a stream back, until the leader writes
+    /// another.
+    pub(super) overridden: BTreeMap<String, (String, i64)>,
     /// Woken when a local encoder's health changes, for the cluster's task to publish it
     /// without waiting for its next round.
     pub(super) health_changed: Arc<tokio::sync::Notify>,
@@ -127,6 +132,7 @@ impl Shared {
             etcd_up: true,
             outbox: BTreeSet::new(),
             followed_at: None,
+            overridden: BTreeMap::new(),
             health_changed: Arc::default(),
             failed: None,
             unrouted: BTreeMap::new(),
@@ -344,36 +350,76 @@ impl Shared {
         }
         let running: BTreeMap<&str, &config::Channel> =
             running.iter().map(|c| (c.name.as_str(), c)).collect();
-        let mut order: Vec<&config::Channel> = self.channels.values().collect();
+        let created = |c: &config::Channel| self.created.get(&c.name).copied().unwrap_or(0);
+        // (pass, creation, name): unchanged running channels, changed running ones, the rest.
+        let mut unchanged = Vec::new();
+        let mut changed = Vec::new();
+        let mut rest = Vec::new();
+        for c in self.channels.values() {
+            match running.get(c.name.as_str()) {
+                Some(r) if *r == c => unchanged.push(c),
+                Some(r) => changed.push((c, *r)),
+                None => rest.push(c),
+            }
+        }
         // Stable: of equal revisions (none known), name order.
-        order.sort_by_key(|c| {
-            let pass = match running.get(c.name.as_str()) {
-                Some(r) if *r == *c => 0,
-                Some(_) => 1,
-                None => 2,
-            };
-            (pass, self.created.get(&c.name).copied().unwrap_or(0))
-        });
-        for ch in order {
-            let Err(e) = cfg.check_new_channel(&lookup, ch) else {
-                cfg.push_channel(&mut lookup, ch.clone());
-                continue;
-            };
-            let what = format!("channel {}", ch.name);
-            match running.get(ch.name.as_str()) {
-                Some(r) if *r != ch && cfg.check_new_channel(&lookup, r).is_ok() => {
-                    cfg.push_channel(&mut lookup, (*r).clone());
-                    skipped.insert(
-                        what,
-                        format!(
-                            "its new definition in etcd is not applied ({e}); its running \
+        unchanged.sort_by_cached_key(|c| created(c));
+        changed.sort_by_cached_key(|(c, _)| created(c));
+        rest.sort_by_cached_key(|c| created(c));
+        let push = |cfg: &mut Config, lookup: &mut config::Lookup, ch: &config::Channel| {
+            cfg.check_new_channel(lookup, ch)
+                .map(|()| cfg.push_channel(lookup, ch.clone()))
+                .map_err(|e| e.to_string())
+        };
+        for ch in unchanged {
+            if let Err(e) = push(&mut cfg, &mut lookup, ch) {
+                skipped.insert(format!("channel {}", ch.name), e);
+            }
+        }
+        // Changed running channels: a new definition that does not fit leaves the running
+        // one, which goes before the other changes, and the changes are tried again, until
+        // no new definition fails (so that no change takes the address of a running channel
+        // whose own change failed). At most one round per changed channel.
+        let mut kept: BTreeMap<&str, String> = BTreeMap::new();
+        loop {
+            let (mut c, mut l) = (cfg.clone(), lookup.clone());
+            let mut failed = None;
+            let mut round = BTreeMap::new();
+            for (ch, r) in &changed {
+                if let Some(why) = kept.get(ch.name.as_str()) {
+                    let outcome = match push(&mut c, &mut l, r) {
+                        Ok(()) => format!(
+                            "its new definition in etcd is not applied ({why}); its running \
                              definition stays until the new one fits"
                         ),
-                    );
+                        Err(e) => e,
+                    };
+                    round.insert(format!("channel {}", ch.name), outcome);
                 }
-                _ => {
-                    skipped.insert(what, e.to_string());
+            }
+            for (ch, _) in &changed {
+                if kept.contains_key(ch.name.as_str()) {
+                    continue;
                 }
+                if let Err(e) = push(&mut c, &mut l, ch) {
+                    failed = Some((ch.name.as_str(), e));
+                    break;
+                }
+            }
+            match failed {
+                Some((name, why)) => {
+                    kept.insert(name, why);
+                }
+                None => {
+                    (cfg, lookup) = (c, l);
+                    skipped.extend(round);
+                    break;
+                }
+            }
+        }
+        for ch in rest {
+            if let Err(e) = push(&mut cfg, &mut lookup, ch) {
+                skipped.insert(format!("channel {}", ch.name), e);
             }
         }
         self.skipped = skipped;
@@ -1065,6 +1111,30 @@ mod tests {
             "{:?}",
             s.skipped
         );
+        // A chain of changes: cam3 onto cam4's address, cam4 onto cam5's, which stays. cam4's
+        // change fails, so cam3's must too: all three run on as they were.
+        s.record(vec![channel_at("cam5", "10.0.0.1:5008", &["enc-a"], 14)]);
+        let three = s.compose(&swapped.channels);
+        assert_eq!(names(&three), ["cam3", "cam4", "cam5"]);
+        s.record(vec![
+            channel_at("cam3", "10.0.0.1:5000", &["enc-a"], 7),
+            channel_at("cam4", "10.0.0.1:5008", &["enc-a"], 13),
+        ]);
+        let chained = s.compose(&three.channels);
+        for (name, listen) in [
+            ("cam3", "10.0.0.1:5004"),
+            ("cam4", "10.0.0.1:5000"),
+            ("cam5", "10.0.0.1:5008"),
+        ] {
+            assert_eq!(
+                chained.channel(name).unwrap().listen.to_string(),
+                listen,
+                "{name} runs on: {:?}",
+                s.skipped
+            );
+        }
+        assert!(s.skipped["channel cam3"].contains("running definition stays"));
+        assert!(s.skipped["channel cam4"].contains("running definition stays"));
         assert!(s.is_remote("enc-r") && !s.is_remote("enc-a"));
         assert_eq!(
             s.host_of("enc-a"),

@@ -325,6 +325,10 @@ impl Decider {
                 .unwrap_or_default();
             for name in names {
                 let st = &self.channels[&name];
+                // Reported, and nowhere to go until an encoder of it recovers.
+                if st.stranded {
+                    continue;
+                }
                 match self.best(&st.encoders, Some(&encoder)) {
                     Some(to) => out.push(self.apply(&name, &to, Reason::EncoderDown, now)),
                     None => out.extend(self.strand(&name)),
@@ -407,8 +411,9 @@ impl Decider {
             since: now,
         };
         if healthy {
-            // Channels stranded on it are whole again: their next outage is reported anew.
-            for name in self.on.get(encoder).into_iter().flatten() {
+            // Channels stranded on it are whole again (their next outage is reported anew),
+            // and those stranded elsewhere that list it have somewhere to go again.
+            for name in self.members.get(encoder).into_iter().flatten() {
                 if let Some(st) = self.channels.get_mut(name) {
                     st.stranded = false;
                 }
