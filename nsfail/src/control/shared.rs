@@ -381,7 +381,7 @@ impl Shared {
         // no new definition fails (so that no change takes the address of a running channel
         // whose own change failed). At most one round per changed channel.
         let mut kept: BTreeMap<&str, String> = BTreeMap::new();
-        loop {
+        while !changed.is_empty() {
             let (mut c, mut l) = (cfg.clone(), lookup.clone());
             let mut failed = None;
             let mut round = BTreeMap::new();
