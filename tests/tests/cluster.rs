@@ -460,6 +460,26 @@ fn a_cluster_host_follows_etcd() {
             .then_some(())
     });
     assert!(added.is_some(), "{}", routes_in(&lab.rt.name, 2345));
+    // `nsfail apply` of a file whose channel would sit on cam6's address (cam6 is not in the
+    // file) is refused, naming the collision, and writes nothing.
+    let clash = dir.path.join("clash.toml");
+    fs::write(
+        &clash,
+        fs::read_to_string(&seed)
+            .unwrap()
+            .replace("10.77.0.1:5002", "10.77.0.9:5000"),
+    )
+    .unwrap();
+    let refused = etcd.nsfail(&["apply", "--config", clash.to_str().unwrap()]);
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    assert!(
+        refused
+            .stderr
+            .contains("cam2 on 10.77.0.9:5000 (etcd's channel cam6 is there)"),
+        "{}",
+        refused.stderr
+    );
+    assert!(etcd.get(&format!("{prefix}channels/cam2")).is_none());
     // A channel put on cam6's address is skipped (a channel added on its own is checked as
     // the whole composition checks it), and applied once cam6 is gone.
     let cam11 = br#"{"name":"cam11","listen":"10.77.0.9:5000","encoders":["enc-b"]}"#;

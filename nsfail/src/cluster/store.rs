@@ -115,6 +115,7 @@ pub async fn apply(
     for kv in &existing {
         before.insert(kv.key().to_vec(), kv.value().to_vec());
     }
+    refuse_collisions(c, channels, &existing, prune)?;
     // Written in transactions of up to [`TXN_OPS`] puts: one round trip per key took
     // seconds at 10,000 channels.
     let mut batch: Vec<(String, TxnOp)> = Vec::new();
@@ -153,6 +154,52 @@ pub async fn apply(
         }
     }
     Ok(report)
+}
+
+/// A channel of the file on the ingest address of a channel etcd keeps (one the file does
+/// not list, and `prune` does not remove) would be skipped by every host running the other,
+/// and a restarted host might choose it instead: the apply is refused, before anything is
+/// written, naming each collision.
+fn refuse_collisions(
+    c: &Cluster,
+    channels: &[config::Channel],
+    existing: &[KeyValue],
+    prune: bool,
+) -> Result<()> {
+    if prune {
+        return Ok(());
+    }
+    let prefix = c.prefix();
+    let kept: std::collections::BTreeMap<std::net::SocketAddr, String> = existing
+        .iter()
+        .filter_map(|kv| match decode(&prefix, kv.key(), Some(kv.value())) {
+            Change::PutChannel { channel, .. }
+                if channels.iter().all(|f| f.name != channel.name) =>
+            {
+                Some((channel.listen, channel.name))
+            }
+            _ => None,
+        })
+        .collect();
+    let clashes: Vec<String> = channels
+        .iter()
+        .filter_map(|ch| {
+            kept.get(&ch.listen).map(|other| {
+                format!(
+                    "{} on {} (etcd's channel {other} is there)",
+                    ch.name, ch.listen
+                )
+            })
+        })
+        .collect();
+    if clashes.is_empty() {
+        return Ok(());
+    }
+    Err(anyhow!(
+        "nothing written: the file's channels collide with channels in etcd that it does not \
+         list: {}; remove those (`nsfail remove channel`) or apply with --prune",
+        clashes.join(", ")
+    ))
 }
 
 /// Operations per transaction: etcd's default `--max-txn-ops`.
