@@ -79,8 +79,17 @@ impl Etcd {
     /// Starts etcd (a 50 ms heartbeat, as the cluster's hosts expect) and waits until it
     /// answers (10 s at most).
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// [`Etcd::start`] with more of etcd's flags (`--quota-backend-bytes=N`, say).
+    pub fn start_with(&mut self, extra: &[&str]) {
         let command = nsfail::lab::etcd::command(&self.data.path.join("etcd"));
-        let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
+        let args: Vec<&str> = command[1..]
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied())
+            .collect();
         let child = crate::spawn_in(&self.ns, &command[0], &args);
         self.process = Some(child);
         let up = wait_for(Duration::from_secs(10), || {

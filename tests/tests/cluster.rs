@@ -1148,6 +1148,178 @@ fn a_follower_fails_over_itself_what_a_frozen_leader_does_not_move() {
     assert!(placement(&t.sock2).contains(&("cam2".into(), "enc-d".into())));
 }
 
+/// etcd out of space (the operator's world: a small `--quota-backend-bytes`, filled by another
+/// client): etcd still answers reads but refuses writes. The host, alone and leading, fails
+/// cam2 over when enc-a dies; its write of that choice is refused, and it says why (etcd's
+/// own words), keeps the move, keeps forwarding to enc-b and falls back to deciding alone.
+/// enc-a comes back meanwhile: etcd's stale record is not taken. Once the operator frees the
+/// space and disarms the alarm, the host rejoins and etcd holds cam2 on enc-b.
+#[test]
+fn etcd_out_of_space_is_said_and_the_host_fails_static() {
+    let lab = lab(2);
+    let mut echoes: Vec<Echo> = lab
+        .encoders
+        .iter()
+        .map(|e| Echo::start(&e.ns, sa(&format!("{}:9000", e.addr4))))
+        .collect();
+    let mut etcd = Etcd::new();
+    let endpoint = etcd.link(&lab.rt.name, 1);
+    etcd.start_with(&["--quota-backend-bytes=4194304"]);
+    let name = unique("c");
+    let prefix = format!("/nsfail/{name}/");
+    let dir = TempDir::new();
+    let full = without_channels(&lab_config_with(&lab, &Policy::default()));
+    let seed = dir.path.join("seed.toml");
+    fs::write(
+        &seed,
+        lab_config_with(&lab, &Policy::default())
+            + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
+    )
+    .unwrap();
+    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    let host_cfg = dir.path.join("h1.toml");
+    fs::write(&host_cfg, full + &cluster_section(&name, "h1", &endpoint)).unwrap();
+    let socket = dir.path.join("nsfail.sock");
+    let pins = PinDir::new();
+    let _daemon = Daemon::start(&host_cfg, &socket, &pins);
+    let written = wait_for(Duration::from_secs(10), || {
+        (active_in_etcd(&etcd, &prefix, "cam2") == Some(("enc-a".into(), "h1".into())))
+            .then_some(())
+    });
+    assert!(
+        written.is_some(),
+        "h1 leads and writes:\n{}",
+        log_of(&host_cfg)
+    );
+
+    // Another client fills etcd until it raises its NOSPACE alarm.
+    let junk = vec![b'x'; 512 * 1024];
+    let mut full_at = None;
+    for i in 0..64 {
+        let key = format!("/junk/{i}");
+        let value = junk.clone();
+        let put = etcd.client_blocking(|mut c| async move { c.put(key, value, None).await });
+        if let Err(e) = put {
+            full_at = Some(e);
+            break;
+        }
+    }
+    let refusal = full_at.expect("etcd refuses writes once full");
+    assert!(refusal.contains("space exceeded"), "{refusal}");
+
+    // enc-a dies: the move is made here, the write refused and said.
+    echoes[0].stop();
+    let moved = wait_for(Duration::from_secs(10), || {
+        placement(&socket)
+            .contains(&("cam2".into(), "enc-b".into()))
+            .then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "{:?}\n{}",
+        placement(&socket),
+        log_of(&host_cfg)
+    );
+    let said = wait_for(Duration::from_secs(10), || {
+        has_event(&socket, "database space exceeded").then_some(())
+    });
+    assert!(
+        said.is_some(),
+        "{:#?}\n{}",
+        events(&socket),
+        log_of(&host_cfg)
+    );
+    let view = cluster_of(&socket);
+    assert_eq!(view["leading"], false, "no leader without writes: {view}");
+    // The data plane forwards to enc-b all along.
+    let eb = &lab.encoders[1];
+    let rx = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
+    send_burst(
+        &lab.src,
+        sa("10.77.0.2:41000"),
+        sa("10.77.0.1:5002"),
+        0..50,
+        Duration::from_millis(2),
+        Duration::from_secs(2),
+    );
+    assert_eq!(
+        rx.settled().len(),
+        50,
+        "cam2 forwards to enc-b while etcd is full"
+    );
+
+    // enc-a answers again while etcd is still full: etcd's record (cam2 on enc-a, written
+    // before) is stale, and the host, deciding alone, does not take it (cam2's failback is
+    // manual).
+    echoes[0] = Echo::start(
+        &lab.encoders[0].ns,
+        sa(&format!("{}:9000", lab.encoders[0].addr4)),
+    );
+    let healthy = wait_for(Duration::from_secs(5), || {
+        status(&socket)["encoders"]
+            .as_array()
+            .is_some_and(|es| {
+                es.iter()
+                    .any(|e| e["name"] == "enc-a" && e["healthy"] == true)
+            })
+            .then_some(())
+    });
+    assert!(healthy.is_some(), "enc-a healthy again");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        placement(&socket).contains(&("cam2".into(), "enc-b".into())),
+        "no stale record taken: {:#?}",
+        events(&socket)
+    );
+
+    // The operator frees the space and disarms the alarm: the host rejoins, and etcd
+    // holds its choice.
+    etcd.client_blocking(|mut c| async move {
+        c.delete(
+            "/junk/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?;
+        let revision = c.status().await?.header().map_or(0, |h| h.revision());
+        c.compact(revision, None).await?;
+        c.defragment().await?;
+        // As `etcdctl alarm disarm` does: each raised alarm, by its member.
+        let raised = c
+            .alarm(
+                etcd_client::AlarmAction::Get,
+                etcd_client::AlarmType::None,
+                None,
+            )
+            .await?;
+        for alarm in raised.alarms() {
+            let mut options = etcd_client::AlarmOptions::new();
+            options.with_member(alarm.member_id());
+            c.alarm(
+                etcd_client::AlarmAction::Deactivate,
+                etcd_client::AlarmType::Nospace,
+                Some(options),
+            )
+            .await?;
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("freeing etcd: {e}"));
+    let probe = etcd.client_blocking(|mut c| async move { c.put("/probe", "x", None).await });
+    assert!(probe.is_ok(), "etcd takes writes again: {probe:?}");
+    let back = wait_for(Duration::from_secs(15), || {
+        (active_in_etcd(&etcd, &prefix, "cam2") == Some(("enc-b".into(), "h1".into())))
+            .then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "{:?}\n{}",
+        active_in_etcd(&etcd, &prefix, "cam2"),
+        log_of(&host_cfg)
+    );
+    assert!(has_event(&socket, "cluster: etcd is back"));
+}
+
 /// Issue 17, "What must be shown" 5: etcd stops for 30 s while a stream runs through each
 /// host (cam1 through h1 to enc-a, cam2 through h2 to enc-c). No packet of cam1's stream is
 /// lost; enc-c dies during the outage and h2 fails cam2 over to its own enc-d without etcd;

@@ -85,7 +85,7 @@ impl Controller {
         let reconnects = (ch.protocol == config::Protocol::Srt && d.from != to)
             .then(|| self.srt_reconnect(&ch, batch));
         self.delta.active.insert(d.channel.clone(), to.clone());
-        self.note_decided(&d.channel);
+        self.note_decided(&d.channel, d.reason);
         self.record(Event {
             time: String::new(),
             channel: Some(d.channel.clone()),

@@ -33,10 +33,13 @@ impl Controller {
     /// outage) never moves a stream onto a dead encoder. The leader keeps its own decisions.
     pub(super) fn follow(&mut self, channels: &BTreeSet<String>) {
         let Some(shared) = &self.shared else { return };
-        if shared.leading {
+        // Only a follower takes the leader's records: a host deciding alone (etcd lost, no
+        // leader) would take stale ones.
+        if !self.decider.following() {
             return;
         }
         let now = Instant::now();
+        let hold = self.override_hold();
         let mut decisions = Vec::new();
         // Overridden records the leader has replaced since.
         let mut stale = Vec::new();
@@ -45,7 +48,13 @@ impl Controller {
                 continue;
             };
             match shared.overridden.get(name) {
-                Some((encoder, term)) if *encoder == rec.encoder && *term == rec.term => continue,
+                Some((encoder, term, since))
+                    if *encoder == rec.encoder
+                        && *term == rec.term
+                        && now.duration_since(*since) < hold =>
+                {
+                    continue;
+                }
                 Some(_) => stale.push(name.clone()),
                 None => {}
             }
@@ -100,14 +109,6 @@ impl Controller {
         let decisions = self.decider.overdue(now, FOLLOWER_GRACE);
         if decisions.is_empty() {
             return;
-        }
-        if let Some(s) = self.shared.as_mut() {
-            for d in decisions.iter().filter(|d| d.to.is_some()) {
-                if let Some(rec) = s.actives.get(&d.channel) {
-                    s.overridden
-                        .insert(d.channel.clone(), (rec.encoder.clone(), rec.term));
-                }
-            }
         }
         let leader = self
             .shared
@@ -182,10 +183,18 @@ impl Controller {
         };
         info!("{reason}");
         self.event(None, None, None, &reason);
+        let now = Instant::now();
         if let Some(s) = self.shared.as_mut() {
-            s.overridden.clear();
+            if s.leading {
+                s.overridden.clear();
+            } else if following {
+                // The hold on a stale record starts when this host follows again.
+                for (_, _, since) in s.overridden.values_mut() {
+                    *since = now;
+                }
+            }
         }
-        let decisions = self.decider.set_following(following, Instant::now());
+        let decisions = self.decider.set_following(following, now);
         self.apply_all(decisions);
     }
 
@@ -226,13 +235,34 @@ impl Controller {
         out
     }
 
-    /// A decision carried out: the leader writes it to etcd.
-    pub(super) fn note_decided(&mut self, channel: &str) {
-        if let Some(s) = self.shared.as_mut()
-            && s.leading
-        {
+    /// A decision carried out: the leader writes it to etcd; any other host that made it
+    /// itself (not by the leader's choice) remembers the record it moved away from.
+    pub(super) fn note_decided(&mut self, channel: &str, reason: Reason) {
+        let Some(s) = self.shared.as_mut() else {
+            return;
+        };
+        if s.leading {
             s.outbox.insert(channel.to_owned());
+        } else if reason != Reason::Leader
+            && let Some(rec) = s.actives.get(channel)
+        {
+            s.overridden.insert(
+                channel.to_owned(),
+                (rec.encoder.clone(), rec.term, Instant::now()),
+            );
         }
+    }
+
+    /// How long a follower leaves a record it moved away from by itself (see
+    /// `Shared::overridden`): two leases and a second, time for a new leader to be elected
+    /// and write its own choices; after that the record is the leader's real choice.
+    fn override_hold(&self) -> Duration {
+        let lease = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.file.cluster.as_ref())
+            .map_or(1, |c| c.lease_s);
+        Duration::from_secs(2 * lease + 1)
     }
 
     /// Remaps and drains are the leader's in a cluster (a follower's would be overwritten by

@@ -58,11 +58,12 @@ pub struct Shared {
     pub(super) outbox: BTreeSet<String>,
     /// When a follower last compared all its channels with the leader's choices.
     pub(super) followed_at: Option<Instant>,
-    /// The leader's records (encoder, term) a follower moved channels away from itself
-    /// (the leader had not moved them off an encoder down here): not taken again, so that a
-    /// frozen leader's stale choice does not pull a stream back, until the leader writes
-    /// another.
-    pub(super) overridden: BTreeMap<String, (String, i64)>,
+    /// The leader's records (encoder, term) this host moved channels away from by its own
+    /// decision (without etcd, with no leader, or past a follower's grace), and since when
+    /// (the later of the move and the start of following): not taken again, so that a stale
+    /// choice (a frozen leader's, or one read back after an etcd outage) does not pull a
+    /// stream back, until the leader writes another or [`Controller::override_hold`] passes.
+    pub(super) overridden: BTreeMap<String, (String, i64, Instant)>,
     /// Woken when a local encoder's health changes, for the cluster's task to publish it
     /// without waiting for its next round.
     pub(super) health_changed: Arc<tokio::sync::Notify>,
