@@ -660,6 +660,21 @@ impl Controller {
 }
 
 /// The refusal of a drain of `encoder` that would leave `channel` without a healthy encoder.
+/// Makes `now` what is reported (`reported`) and returns what in it is new, or holds for
+/// another reason than before: what to report, once per reason.
+fn newly_failed<K: Ord + Clone>(
+    reported: &mut BTreeMap<K, String>,
+    now: BTreeMap<K, String>,
+) -> Vec<(K, String)> {
+    let new = now
+        .iter()
+        .filter(|(k, why)| reported.get(*k) != Some(*why))
+        .map(|(k, why)| (k.clone(), why.clone()))
+        .collect();
+    *reported = now;
+    new
+}
+
 fn would_strand(encoder: &str, channel: &str) -> ControlError {
     ControlError::Refused(format!(
         "draining {encoder:?} would leave channel {channel:?} without a healthy encoder"

@@ -100,13 +100,7 @@ impl Controller {
         let Some(shared) = self.shared.as_mut() else {
             return;
         };
-        let new: Vec<((String, String), String)> = failed
-            .iter()
-            .filter(|(k, why)| shared.transit_failed.get(*k) != Some(*why))
-            .map(|(k, why)| (k.clone(), why.clone()))
-            .collect();
-        shared.transit_failed = failed;
-        for ((channel, encoder), why) in new {
+        for ((channel, encoder), why) in newly_failed(&mut shared.transit_failed, failed) {
             let reason = format!(
                 "cluster: packets routed here for {encoder} cannot be taken in (critical): {why}"
             );
@@ -140,13 +134,7 @@ impl Controller {
         let Some(shared) = self.shared.as_mut() else {
             return;
         };
-        let new: Vec<(String, String)> = failed
-            .iter()
-            .filter(|(name, why)| shared.stale_routes.get(*name) != Some(*why))
-            .map(|(name, why)| (name.clone(), why.clone()))
-            .collect();
-        shared.stale_routes = failed;
-        for (name, why) in new {
+        for (name, why) in newly_failed(&mut shared.stale_routes, failed) {
             let reason = format!(
                 "cluster: the next hop to encoder {name} cannot be resolved again ({why}); \
                  forwarding on the last one"

@@ -630,13 +630,7 @@ impl Controller {
         let Some(s) = self.shared.as_mut() else {
             return;
         };
-        let new: Vec<(String, String)> = failed
-            .iter()
-            .filter(|(e, why)| s.drain_failed.get(*e) != Some(*why))
-            .map(|(e, why)| (e.clone(), why.clone()))
-            .collect();
-        s.drain_failed = failed;
-        for (encoder, why) in new {
+        for (encoder, why) in newly_failed(&mut s.drain_failed, failed) {
             let reason = format!("cluster: drain differs from etcd's (critical): {why}");
             warn!("encoder {encoder}: {reason}");
             self.event(None, Some(encoder), None, &reason);
