@@ -265,15 +265,43 @@ impl Decider {
         if following || !was {
             return Vec::new();
         }
-        let mut unusable: Vec<Name> = self
-            .on
-            .keys()
-            .filter(|e| !self.usable(e))
-            .cloned()
-            .collect();
-        unusable.sort();
+        self.move_off(|d, e| !d.usable(e), false, now)
+    }
+
+    /// A follower's safeguard: the channels on an encoder this host has seen down for
+    /// `grace` or longer, which its leader has not moved (a leader frozen but not yet
+    /// expired, or one whose choice this host cannot take), fail over here as a deciding
+    /// host's would. Nothing for a host that decides (it moved them when the encoder fell).
+    pub fn overdue(&mut self, now: Instant, grace: Duration) -> Vec<Decision> {
+        if !self.following {
+            return Vec::new();
+        }
+        self.move_off(
+            |d, e| {
+                d.encoders
+                    .get(e)
+                    .is_some_and(|s| !s.healthy && s.since + grace <= now)
+            },
+            true,
+            now,
+        )
+    }
+
+    /// Moves every channel active on an encoder that `leave` picks (in name order) to its
+    /// best usable encoder: off a down one as a failover (stranded, and reported once, when
+    /// none is left), off a drained one that still works as a drain (it stays when there is
+    /// nowhere to go). With `skip_stranded`, channels already reported stranded are left
+    /// alone (nowhere to go until an encoder of theirs recovers, which unstrands them).
+    fn move_off(
+        &mut self,
+        leave: impl Fn(&Self, &str) -> bool,
+        skip_stranded: bool,
+        now: Instant,
+    ) -> Vec<Decision> {
+        let mut encoders: Vec<Name> = self.on.keys().filter(|e| leave(self, e)).cloned().collect();
+        encoders.sort();
         let mut out = Vec::new();
-        for encoder in unusable {
+        for encoder in encoders {
             let names: Vec<Name> = self
                 .on
                 .get(&encoder)
@@ -286,51 +314,13 @@ impl Decider {
             };
             for name in names {
                 let st = &self.channels[&name];
+                if skip_stranded && st.stranded {
+                    continue;
+                }
                 match self.best(&st.encoders, Some(&encoder)) {
                     Some(to) => out.push(self.apply(&name, &to, reason, now)),
                     // A drained encoder that still works keeps what has nowhere else to go.
                     None if reason == Reason::Drain => {}
-                    None => out.extend(self.strand(&name)),
-                }
-            }
-        }
-        out
-    }
-
-    /// A follower's safeguard: the channels on an encoder this host has seen down for
-    /// `grace` or longer, which its leader has not moved (a leader frozen but not yet
-    /// expired, or one whose choice this host cannot take), fail over here as a deciding
-    /// host's would. Nothing for a host that decides (it moved them when the encoder fell).
-    pub fn overdue(&mut self, now: Instant, grace: Duration) -> Vec<Decision> {
-        if !self.following {
-            return Vec::new();
-        }
-        let mut down: Vec<Name> = self
-            .on
-            .keys()
-            .filter(|e| {
-                self.encoders
-                    .get(&***e)
-                    .is_some_and(|s| !s.healthy && s.since + grace <= now)
-            })
-            .cloned()
-            .collect();
-        down.sort();
-        let mut out = Vec::new();
-        for encoder in down {
-            let names: Vec<Name> = self
-                .on
-                .get(&encoder)
-                .map(|set| set.iter().cloned().collect())
-                .unwrap_or_default();
-            for name in names {
-                let st = &self.channels[&name];
-                // Reported, and nowhere to go until an encoder of it recovers.
-                if st.stranded {
-                    continue;
-                }
-                match self.best(&st.encoders, Some(&encoder)) {
-                    Some(to) => out.push(self.apply(&name, &to, Reason::EncoderDown, now)),
                     None => out.extend(self.strand(&name)),
                 }
             }
