@@ -183,6 +183,14 @@ impl Etcd {
 
     /// Runs `nsfail ARGS...` (the CLI) inside etcd's namespace, where the cluster's etcd is
     /// `http://127.0.0.1:2379`.
+    /// Writes `config` (a seed file: `[cluster]` included) to `path` and writes its channels
+    /// to etcd with `nsfail apply`, which must succeed.
+    pub fn seed(&self, path: &Path, config: &str) {
+        fs::write(path, config).expect("seed file");
+        let applied = self.nsfail(&["apply", "--config", path.to_str().expect("utf-8")]);
+        assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    }
+
     pub fn nsfail(&self, args: &[&str]) -> crate::daemon::CliOut {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
@@ -413,10 +421,9 @@ fn routed_cluster_in(mut w: RoutedWorld, protocol: &str, cluster_extra: &str) ->
     let name = unique("c");
     let prefix = format!("/nsfail/{name}/");
     let dir = TempDir::new();
-    let seed = dir.path.join("seed.toml");
-    fs::write(
-        &seed,
-        format!(
+    w.etcd.seed(
+        &dir.path.join("seed.toml"),
+        &(format!(
             "[ingest]\ninterface = \"seed\"\n\
              [[encoder]]\nname = \"ea\"\naddress = \"10.71.5.2\"\nmac = \"02:00:00:00:00:01\"\n\
              health = {{ kind = \"udp\", port = 9000 }}\n\
@@ -424,13 +431,8 @@ fn routed_cluster_in(mut w: RoutedWorld, protocol: &str, cluster_extra: &str) ->
              health = {{ kind = \"udp\", port = 9000 }}\n\
              [[channel]]\nname = \"cam1\"\nlisten = \"{ROUTED_INGEST}:5000\"\n\
              encoders = [\"eb\", \"ea\"]\nport = 7000\nprotocol = \"{protocol}\"\n"
-        ) + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
-    )
-    .unwrap();
-    let applied = w
-        .etcd
-        .nsfail(&["apply", "--config", seed.to_str().unwrap()]);
-    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+        ) + &cluster_section(&name, "seed", "http://127.0.0.1:2379")),
+    );
     let (cfg_a, cfg_b) = (dir.path.join("ha.toml"), dir.path.join("hb.toml"));
     fs::write(&cfg_a, w.host_config(true, &name) + cluster_extra).unwrap();
     fs::write(&cfg_b, w.host_config(false, &name) + cluster_extra).unwrap();

@@ -612,9 +612,7 @@ fn two_hosts_follow_one_leader() {
     let prefix = format!("/nsfail/{name}/");
     let dir = TempDir::new();
     let seed = dir.path.join("seed.toml");
-    fs::write(&seed, two_host_seed(&name)).unwrap();
-    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap()]);
-    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    etcd.seed(&seed, &two_host_seed(&name));
 
     let cfg1 = dir.path.join("h1.toml");
     fs::write(
@@ -1169,15 +1167,11 @@ fn etcd_out_of_space_is_said_and_the_host_fails_static() {
     let prefix = format!("/nsfail/{name}/");
     let dir = TempDir::new();
     let full = without_channels(&lab_config_with(&lab, &Policy::default()));
-    let seed = dir.path.join("seed.toml");
-    fs::write(
-        &seed,
-        lab_config_with(&lab, &Policy::default())
-            + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
-    )
-    .unwrap();
-    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap()]);
-    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    etcd.seed(
+        &dir.path.join("seed.toml"),
+        &(lab_config_with(&lab, &Policy::default())
+            + &cluster_section(&name, "seed", "http://127.0.0.1:2379")),
+    );
     let host_cfg = dir.path.join("h1.toml");
     fs::write(&host_cfg, full + &cluster_section(&name, "h1", &endpoint)).unwrap();
     let socket = dir.path.join("nsfail.sock");

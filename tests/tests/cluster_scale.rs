@@ -79,14 +79,10 @@ fn a_host_takes_more_channels_than_one_page_and_leads_them_all() {
             10_000 + i
         );
     }
-    let seed_path = dir.path.join("seed.toml");
-    fs::write(
-        &seed_path,
-        seed + &cluster_section(&name, "seed", "http://127.0.0.1:2379"),
-    )
-    .unwrap();
-    let applied = etcd.nsfail(&["apply", "--config", seed_path.to_str().unwrap()]);
-    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    etcd.seed(
+        &dir.path.join("seed.toml"),
+        &(seed + &cluster_section(&name, "seed", "http://127.0.0.1:2379")),
+    );
 
     let cfg = dir.path.join("h1.toml");
     fs::write(&cfg, host + &cluster_section(&name, "h1", &endpoint)).unwrap();

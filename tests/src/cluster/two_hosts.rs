@@ -88,10 +88,7 @@ pub fn two_hosts_leased(lease_s: u64) -> TwoHosts {
     let name = unique("c");
     let prefix = format!("/nsfail/{name}/");
     let dir = TempDir::new();
-    let seed = dir.path.join("seed.toml");
-    fs::write(&seed, two_host_seed(&name)).unwrap();
-    let applied = etcd.nsfail(&["apply", "--config", seed.to_str().unwrap()]);
-    assert_eq!(applied.code, 0, "apply: {}", applied.stderr);
+    etcd.seed(&dir.path.join("seed.toml"), &two_host_seed(&name));
     let cfg1 = dir.path.join("h1.toml");
     fs::write(
         &cfg1,
