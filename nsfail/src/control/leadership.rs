@@ -92,7 +92,8 @@ impl Controller {
         let Some(s) = self.shared.as_mut() else {
             return;
         };
-        if s.leading
+        // Only a follower takes records (see `follow`): nothing to gather otherwise.
+        if !self.decider.following()
             || s.followed_at
                 .is_some_and(|t| now.duration_since(t) < FOLLOW_EVERY)
         {
