@@ -71,6 +71,23 @@ impl Endpoint {
         }
     }
 
+    /// [`Endpoint::v4`] from the address as one word (its bytes in memory order): built and
+    /// kept in one register, where four bytes would be four.
+    #[inline(always)]
+    pub fn v4_word(addr: u32, port: u16) -> Self {
+        let p = port.to_ne_bytes();
+        let words = [
+            addr,
+            0,
+            0,
+            0,
+            u32::from_ne_bytes([p[0], p[1], FAMILY_V4, 0]),
+        ];
+        // SAFETY: Endpoint is 20 bytes of plain data, 4-aligned like [u32; 5]: the address,
+        // then the port, family and a zero pad byte in the last word.
+        unsafe { core::mem::transmute::<[u32; 5], Endpoint>(words) }
+    }
+
     /// The address as four words, each read with one load (a byte array is otherwise read
     /// byte by byte in a BPF program).
     #[inline(always)]
@@ -78,6 +95,16 @@ impl Endpoint {
         // SAFETY: `addr` is at offset 0 of a 4-aligned type, so it is 4-aligned; any bits
         // are a valid u32.
         unsafe { core::ptr::read(self.addr.as_ptr().cast::<[u32; 4]>()) }
+    }
+
+    /// All 20 bytes as five words: the address, then the port, family and pad byte, each read
+    /// with one load. Two endpoints made by [`Endpoint::v4`], [`Endpoint::v4_word`] or
+    /// [`Endpoint::v6`] (pad byte 0) are equal exactly when their words are.
+    #[inline(always)]
+    pub fn all_words(&self) -> [u32; 5] {
+        // SAFETY: Endpoint is 20 bytes of plain data, 4-aligned like [u32; 5]; any bits are a
+        // valid u32.
+        unsafe { core::ptr::read((self as *const Self).cast::<[u32; 5]>()) }
     }
 
     pub const fn v6(addr: [u8; 16], port: u16) -> Self {
@@ -362,16 +389,11 @@ pub(crate) const fn word(a: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
 }
 
-/// Field by field, in 4-byte words (no `memcmp` in a BPF program).
+/// Word by word, the port, family and pad byte in the last (no `memcmp` in a BPF program).
 #[inline(always)]
 pub fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
-    let (x, y) = (a.words(), b.words());
-    x[0] == y[0]
-        && x[1] == y[1]
-        && x[2] == y[2]
-        && x[3] == y[3]
-        && a.port == b.port
-        && a.family == b.family
+    let (x, y) = (a.all_words(), b.all_words());
+    x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4]
 }
 
 /// Key of `SOURCES`: a contribution source seen sending to a channel.
@@ -737,5 +759,48 @@ mod key_tests {
         assert_eq!(k._pad, [0, 0]);
         assert_eq!(k.endpoint(), e);
         assert_eq!(ChannelKey4::of(&Endpoint::v6([0x20; 16], 5000)), None);
+    }
+
+    #[test]
+    fn an_endpoint_from_a_word_is_the_endpoint_from_its_bytes() {
+        for (addr, port) in [
+            ([203, 0, 113, 10], 5000),
+            ([0, 0, 0, 0], 0),
+            ([255, 255, 255, 255], 65535),
+            ([10, 0, 0, 1], 1),
+        ] {
+            let word = Endpoint::v4_word(u32::from_ne_bytes(addr), port);
+            assert_eq!(word, Endpoint::v4(addr, port));
+            assert!(same_endpoint(&word, &Endpoint::v4(addr, port)));
+        }
+    }
+
+    #[test]
+    fn endpoints_are_the_same_exactly_when_every_field_is() {
+        let base = Endpoint::v4([198, 18, 0, 1], 40_000);
+        let v6 = Endpoint::v6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 40_000);
+        let others = [
+            Endpoint::v4([198, 18, 0, 2], 40_000),
+            Endpoint::v4([198, 18, 0, 1], 40_001),
+            // The same 16 address bytes and port, another family.
+            Endpoint {
+                family: FAMILY_V6,
+                ..base
+            },
+            v6,
+            Endpoint::default(),
+        ];
+        assert!(same_endpoint(&base, &base));
+        assert!(same_endpoint(&v6, &v6));
+        for o in others {
+            assert_eq!(same_endpoint(&base, &o), base == o, "{o:?}");
+            assert!(!same_endpoint(&base, &o), "{o:?}");
+        }
+        // Each byte of the address counts, the last 12 of an IPv6 one included.
+        for i in 0..16 {
+            let mut other = v6;
+            other.addr[i] ^= 1;
+            assert!(!same_endpoint(&v6, &other), "byte {i}");
+        }
     }
 }

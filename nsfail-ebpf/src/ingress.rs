@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     helpers::{
         bpf_xdp_adjust_head,
-        generated::{bpf_jiffies64, bpf_xdp_get_buff_len},
+        generated::{bpf_jiffies64, bpf_redirect_map, bpf_xdp_get_buff_len},
     },
     macros::xdp,
     maps::lpm_trie::Key,
@@ -73,13 +73,6 @@ fn holds(ctx: &XdpContext, len: usize) -> bool {
     ctx.data() + len <= ctx.data_end() || len <= unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-/// What the parser found of a channel's packet: its source, and what the rewrite needs.
-struct Parsed {
-    src: Endpoint,
-    vlan: bool,
-    ip_len: u64,
-}
-
 /// Forwards packets addressed to a channel's ingest endpoint to its active encoder.
 ///
 /// Fail-open: anything that is not a well-formed, unfragmented UDP packet to a known channel —
@@ -98,7 +91,24 @@ pub fn nsfail_ingress(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_ingress(ctx: &XdpContext) -> Result<u32, u32> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // The usual frame first: untagged IPv4 without options, its headers at fixed offsets, so
+    // that the compiler works with constants (one bounds check, no variable UDP offset).
+    // Everything else, and anything this check does not hold for, takes the general parse.
+    let plain: *mut [u8; PLAIN_LEN] = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let f = unsafe { &*plain };
+    if f[12] == 0x08 && f[13] == 0x00 && f[EthHdr::LEN] == 0x45 {
+        return ipv4::<true>(ctx, plain.cast(), EthHdr::LEN, false);
+    }
+    general(ctx)
+}
+
+/// An untagged IPv4 frame without options: Ethernet, a 20-byte IPv4 header and UDP.
+const PLAIN_LEN: usize = EthHdr::LEN + Ipv4Hdr::LEN + UdpHdr::LEN;
+
+#[inline(always)]
+fn general(ctx: &XdpContext) -> Result<u32, u32> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
@@ -111,21 +121,33 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, u32> {
         vlan = true;
     }
     match ether_type {
-        ETH_P_IPV4 => ipv4(ctx, l3, vlan),
-        ETH_P_IPV6 => ipv6(ctx, l3, vlan),
+        ETH_P_IPV4 => ipv4::<false>(ctx, eth.cast(), l3, vlan),
+        ETH_P_IPV6 => ipv6(ctx, eth.cast(), l3, vlan),
         _ => Err(r::PASS_NOT_IP),
     }
 }
 
+/// `PLAIN`: the caller found an untagged frame (`l3` 14) with a 20-byte IPv4 header and room
+/// for UDP after it.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
+fn ipv4<const PLAIN: bool>(
+    ctx: &XdpContext,
+    frame: *mut u8,
+    l3: usize,
+    vlan: bool,
+) -> Result<u32, u32> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
     // SAFETY: bounds checked by ptr_at; every field is a byte array.
     let hdr = unsafe { &mut *ip };
-    let ihl = ((hdr.vihl & 0x0f) as usize) * 4;
-    if hdr.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return Err(r::PASS_MALFORMED);
-    }
+    let ihl = if PLAIN {
+        Ipv4Hdr::LEN
+    } else {
+        let ihl = ((hdr.vihl & 0x0f) as usize) * 4;
+        if hdr.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+            return Err(r::PASS_MALFORMED);
+        }
+        ihl
+    };
     if hdr.proto != IPPROTO_UDP {
         return Err(r::PASS_NOT_UDP);
     }
@@ -150,44 +172,51 @@ fn ipv4(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
         port: udp_hdr.dst,
         _pad: [0; 2],
     };
-    // SAFETY: a HASH lookup, copied out at once.
-    let target = *unsafe { CHANNELS_V4.get(key) }.ok_or(r::PASS_NO_CHANNEL)?;
-    let parsed = Parsed {
-        src: Endpoint::v4(hdr.src_addr, u16::from_be_bytes(udp_hdr.src)),
-        vlan,
-        ip_len: tot_len as u64,
-    };
-    check_source(&target, &parsed.src)?;
+    let target = channel(CHANNELS_V4.get_ptr(key))?;
+    check_source(target, || Endpoint::v4(hdr.src_addr, 0))?;
     if hdr.ttl <= 1 {
         return Err(r::PASS_TTL);
     }
-    check_device(&target)?;
+    check_device(target)?;
 
-    let dst = [
-        target.addr[0],
-        target.addr[1],
-        target.addr[2],
-        target.addr[3],
-    ];
     const {
         assert!(
             size_of::<Ipv4Hdr>() == rewrite::IPV4_LEN && size_of::<UdpHdr>() == rewrite::UDP_LEN
         )
     };
-    // SAFETY: both headers were bounds checked by ptr_at and consist of byte arrays only, so
-    // they are these byte arrays; `hdr` and `udp_hdr` are not used again.
-    let (ip, udp) = unsafe {
-        (
-            &mut *ip.cast::<[u8; rewrite::IPV4_LEN]>(),
-            &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
+    // Both headers were bounds checked by ptr_at and consist of byte arrays only, so they
+    // are these byte arrays; `hdr` and `udp_hdr` are not used again.
+    let (ip, udp) = (
+        ip.cast::<[u8; rewrite::IPV4_LEN]>(),
+        udp.cast::<[u8; rewrite::UDP_LEN]>(),
+    );
+    let src = || {
+        // SAFETY: see above; read only.
+        let (ip, udp) = unsafe { (&*ip, &*udp) };
+        Endpoint::v4_word(
+            u32::from_ne_bytes([ip[V4_SRC], ip[V4_SRC + 1], ip[V4_SRC + 2], ip[V4_SRC + 3]]),
+            u16::from_be_bytes([udp[0], udp[1]]),
         )
     };
-    rewrite::ipv4_sealed(ip, udp, dst, target.port, deltas(&target));
-    forward(ctx, &parsed, &target)
+    let rewrite = || {
+        // SAFETY: see above; `src` has been called, no other reference is live.
+        let (ip, udp) = unsafe { (&mut *ip, &mut *udp) };
+        let dst = [
+            target.addr[0],
+            target.addr[1],
+            target.addr[2],
+            target.addr[3],
+        ];
+        rewrite::ipv4_sealed(ip, udp, dst, target.port, deltas(target));
+    };
+    forward(ctx, frame, target, vlan, tot_len as u64, src, rewrite)
 }
 
+/// Offset of the source address in the IPv4 header.
+const V4_SRC: usize = 12;
+
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
+fn ipv6(ctx: &XdpContext, frame: *mut u8, l3: usize, vlan: bool) -> Result<u32, u32> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3)?;
     // SAFETY: bounds checked by ptr_at; every field is a byte array.
     let hdr = unsafe { &mut *ip };
@@ -212,34 +241,48 @@ fn ipv6(ctx: &XdpContext, l3: usize, vlan: bool) -> Result<u32, u32> {
         return Err(r::PASS_MALFORMED);
     }
     let key = Endpoint::v6(hdr.dst_addr, u16::from_be_bytes(udp_hdr.dst));
-    // SAFETY: a HASH lookup, copied out at once.
-    let target = *unsafe { CHANNELS_V6.get(key) }.ok_or(r::PASS_NO_CHANNEL)?;
-    let parsed = Parsed {
-        src: Endpoint::v6(hdr.src_addr, u16::from_be_bytes(udp_hdr.src)),
-        vlan,
-        ip_len: (Ipv6Hdr::LEN + payload_len) as u64,
-    };
-    check_source(&target, &parsed.src)?;
+    let target = channel(CHANNELS_V6.get_ptr(key))?;
+    check_source(target, || Endpoint::v6(hdr.src_addr, 0))?;
     if hdr.hop_limit <= 1 {
         return Err(r::PASS_TTL);
     }
-    check_device(&target)?;
+    check_device(target)?;
 
     const {
         assert!(
             size_of::<Ipv6Hdr>() == rewrite::IPV6_LEN && size_of::<UdpHdr>() == rewrite::UDP_LEN
         )
     };
-    // SAFETY: as in ipv4(); `hdr` and `udp_hdr` are not used again.
-    let (ip, udp) = unsafe {
-        (
-            &mut *ip.cast::<[u8; rewrite::IPV6_LEN]>(),
-            &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
-        )
+    // As in ipv4().
+    let (ip, udp) = (
+        ip.cast::<[u8; rewrite::IPV6_LEN]>(),
+        udp.cast::<[u8; rewrite::UDP_LEN]>(),
+    );
+    let src = || {
+        // SAFETY: as in ipv4().
+        let (ip, udp) = unsafe { (&*ip, &*udp) };
+        let mut addr = [0; 16];
+        addr.copy_from_slice(&ip[V6_SRC..V6_SRC + 16]);
+        Endpoint::v6(addr, u16::from_be_bytes([udp[0], udp[1]]))
     };
-    rewrite::ipv6_sealed(ip, udp, &target.addr, target.port, deltas(&target));
-    forward(ctx, &parsed, &target)
+    let rewrite = || {
+        // SAFETY: as in ipv4().
+        let (ip, udp) = unsafe { (&mut *ip, &mut *udp) };
+        rewrite::ipv6_sealed(ip, udp, &target.addr, target.port, deltas(target));
+    };
+    forward(
+        ctx,
+        frame,
+        target,
+        vlan,
+        (Ipv6Hdr::LEN + payload_len) as u64,
+        src,
+        rewrite,
+    )
 }
+
+/// Offset of the source address in the IPv6 header.
+const V6_SRC: usize = 8;
 
 /// The checksum deltas userspace sealed into the target for its key, which is this packet's
 /// destination.
@@ -251,14 +294,27 @@ fn deltas(target: &ChannelTarget) -> rewrite::Deltas {
     }
 }
 
-/// A channel with `sources` takes packets only from addresses inside them: anything else
-/// passes to the host untouched (one LPM lookup, only for such channels).
+/// The target a channel lookup found, read in place rather than copied out: a copy costs a
+/// load and a stack store per field, and each field is read at most twice. (A copy would be
+/// no more atomic: neither is one read of the value.)
 #[inline(always)]
-fn check_source(target: &ChannelTarget, src: &Endpoint) -> Result<(), u32> {
+fn channel(found: Option<*const ChannelTarget>) -> Result<&'static ChannelTarget, u32> {
+    match found {
+        // SAFETY: a map value, valid for the rest of the program (RCU).
+        Some(t) => Ok(unsafe { &*t }),
+        None => Err(r::PASS_NO_CHANNEL),
+    }
+}
+
+/// A channel with `sources` takes packets only from addresses inside them: anything else
+/// passes to the host untouched (one LPM lookup, only for such channels; `src` gives the
+/// source address, read from the frame only then).
+#[inline(always)]
+fn check_source(target: &ChannelTarget, src: impl FnOnce() -> Endpoint) -> Result<(), u32> {
     if target.flags & CHANNEL_SOURCES != 0 {
         let key = Key::new(
             SourceNet::prefix_len(128),
-            SourceNet::new(target.channel_id, src.addr),
+            SourceNet::new(target.channel_id, src().addr),
         );
         if SOURCE_NETS.get(&key).is_none() {
             return Err(r::PASS_NOT_SOURCE);
@@ -274,20 +330,40 @@ fn check_source(target: &ChannelTarget, src: &Endpoint) -> Result<(), u32> {
 /// so one helper call both checks the device and redirects, with no separate DEVMAP lookup.
 #[inline(always)]
 fn check_device(target: &ChannelTarget) -> Result<(), u32> {
-    if target.action == ACTION_REDIRECT
-        && TX_PORTS
-            .redirect(target.encoder_id, XDP_PASS as u64)
-            .is_err()
-    {
-        return Err(r::PASS_NO_DEVICE);
+    if target.action == ACTION_REDIRECT {
+        // The helper itself rather than `DevMap::redirect`, whose folding of the return value
+        // costs six instructions: it returns XDP_REDIRECT, or the flags' action (XDP_PASS).
+        // SAFETY: `DevMap` is `repr(transparent)` over its map definition, so its address is
+        // the map's, as the loader relocates it.
+        let ret = unsafe {
+            bpf_redirect_map(
+                core::ptr::addr_of!(TX_PORTS).cast_mut().cast(),
+                target.encoder_id as u64,
+                XDP_PASS as u64,
+            )
+        };
+        if ret != XDP_REDIRECT as i64 {
+            return Err(r::PASS_NO_DEVICE);
+        }
     }
     Ok(())
 }
 
-/// Learns the source, counts, rewrites the MACs (dropping a VLAN tag on the way into a
-/// veth), and hands the packet on.
+/// Counts, learns the source, rewrites the packet (`rewrite`: the IP and UDP headers; then
+/// the MACs, dropping a VLAN tag on the way into a veth), and hands it on. In this order so
+/// that the counters' map lookups, calls as far as the compiler knows, come while little is
+/// held in registers: the source (`src`) and everything the rewrite needs are read from the
+/// frame and the target after them, not kept across them.
 #[inline(always)]
-fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, u32> {
+fn forward(
+    ctx: &XdpContext,
+    frame: *mut u8,
+    target: &ChannelTarget,
+    vlan: bool,
+    ip_len: u64,
+    src: impl FnOnce() -> Endpoint,
+    rewrite: impl FnOnce(),
+) -> Result<u32, u32> {
     // CLOCK_MONOTONIC at tick resolution, as `bpf_ktime_get_coarse_ns` gives it, from
     // jiffies (one load: the verifier inlines `bpf_jiffies64`) scaled by constants set at
     // load; last-seen times are read against windows of tens of ms and more.
@@ -297,30 +373,32 @@ fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, 
         Some(s) => {
             // SAFETY: a per-CPU slot, written only from this CPU.
             let s = unsafe { &mut *s };
-            add_flow(&mut s.flow, p.ip_len, now);
-            if !same_endpoint(&s.last_src, &p.src)
-                || now.saturating_sub(s.last_src_ns) >= SOURCE_REFRESH_NS
+            add_flow(&mut s.flow, ip_len, now);
+            let src = src();
+            if !same_endpoint(&s.last_src, &src)
+                || now.wrapping_sub(s.last_src_ns) >= SOURCE_REFRESH_NS
             {
-                learn_source(p, target, now);
-                s.last_src = p.src;
+                learn_source(&src, target, now);
+                s.last_src = src;
                 s.last_src_ns = now;
             }
         }
-        None => learn_source(p, target, now),
+        None => learn_source(&src(), target, now),
     }
     if let Some(s) = ENCODER_STATS.get_ptr_mut(target.encoder_id) {
         // SAFETY: as above.
-        add_flow(unsafe { &mut (*s).rx }, p.ip_len, now);
+        add_flow(unsafe { &mut (*s).rx }, ip_len, now);
     }
+    rewrite();
 
     let redirect = target.action == ACTION_REDIRECT;
     // The encoder's veth carries untagged frames: write the new MACs 4 bytes further on, over
     // the tag, so that the inner EtherType follows them, then drop the first 4 bytes.
-    let mac_at = if redirect && p.vlan { VLAN_HLEN } else { 0 };
-    let macs: *mut [u8; 12] = ptr_at(ctx, mac_at)?;
-    // SAFETY: bounds checked by ptr_at (the frame holds at least l3 + headers).
+    let mac_at = if redirect && vlan { VLAN_HLEN } else { 0 };
+    // SAFETY: `frame` is the start of a frame that holds at least its Ethernet header (and
+    // the tag, when there is one: `mac_at` + 12 is at most l3), checked by the parse.
     unsafe {
-        let m = &mut *macs;
+        let m = &mut *frame.add(mac_at).cast::<[u8; 12]>();
         m[..6].copy_from_slice(&target.dmac);
         m[6..].copy_from_slice(&target.smac);
     }
@@ -354,9 +432,9 @@ fn forward(ctx: &XdpContext, p: &Parsed, target: &ChannelTarget) -> Result<u32, 
 /// Remembers who sends to the channel, so that the return path only answers real sources.
 /// Writes at most once a second per source, to keep the hot path read-mostly.
 #[inline(always)]
-fn learn_source(p: &Parsed, target: &ChannelTarget, now: u64) {
+fn learn_source(src: &Endpoint, target: &ChannelTarget, now: u64) {
     let key = SourceKey {
-        peer: p.src,
+        peer: *src,
         channel_id: target.channel_id,
     };
     let fresh = match SOURCES.get_ptr(key) {

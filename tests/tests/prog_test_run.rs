@@ -482,6 +482,87 @@ fn xdp_ingress_table() {
     assert!(fx.test_run(true, &[]).is_err(), "zero-length frame");
 }
 
+/// A channel whose encoder's veth is gone: the kernel removed the encoder's DEVMAP slot with
+/// the device, so the redirect helper refuses and the frame passes to the host untouched,
+/// counted `pass_no_device` (no channel or encoder counter moves: it was not forwarded).
+/// Checked on each parse the program has (the plain frame, a VLAN tag, IP options), first
+/// redirected while the veth is there.
+#[test]
+fn a_channel_whose_encoder_veth_is_gone_passes_untouched() {
+    let mut fx = Fixture::new();
+    let ns = fx._ns.name.clone();
+    ip_in(
+        &ns,
+        &["link", "add", "vg", "type", "veth", "peer", "name", "vgp"],
+    );
+    for end in ["vg", "vgp"] {
+        ip_in(&ns, &["link", "set", end, "addrgenmode", "none"]);
+        ip_in(&ns, &["link", "set", end, "up"]);
+    }
+    let (vg, vgp) = (netns::link("vg").unwrap(), netns::link("vgp").unwrap());
+    fx.dp
+        .upsert_encoder(&EncoderSpec {
+            name: "gone".into(),
+            addr: "10.77.1.7".parse().unwrap(),
+            mac: vgp.mac,
+            link: EncoderLink::Local {
+                ifname: "vg".into(),
+            },
+        })
+        .expect("encoder");
+    let ch = "10.77.0.1:5100";
+    fx.dp
+        .set_channel(sa(ch), 5100, "gone", &["gone"], false)
+        .expect("channel");
+    let payload: Vec<u8> = (0..188u32).map(|i| (i * 3) as u8).collect();
+    let plain = Frame::udp(sa(SRC4), sa(ch), &payload);
+    let mut tagged = plain.clone();
+    tagged.vlans = vec![100];
+    let mut options = plain.clone();
+    options.options = vec![0x94, 0x04, 0, 0];
+    let frames = [
+        ("plain", plain),
+        ("VLAN tag", tagged),
+        ("IP options", options),
+    ];
+    let mut rows = Vec::new();
+    for (what, f) in &frames {
+        let mut want = f.clone();
+        want.dst = SocketAddr::new("10.77.1.7".parse().unwrap(), 5100);
+        want.ttl -= 1;
+        want.dmac = vgp.mac;
+        want.smac = vg.mac;
+        want.vlans.clear();
+        rows.push(Row {
+            name: format!("{what}, veth there"),
+            input: f.bytes(),
+            verdict: XDP_REDIRECT,
+            output: Some(want.bytes()),
+            reason: "redirected",
+        });
+    }
+    run_rows(&fx, true, &rows);
+
+    ip_in(&ns, &["link", "del", "vg"]);
+    let rows: Vec<Row> = frames
+        .iter()
+        .map(|(what, f)| Row::pass(format!("{what}, veth gone"), f.bytes(), "pass_no_device"))
+        .collect();
+    let counters = |fx: &Fixture| {
+        (
+            fx.dp.channel_stats(sa(ch)).expect("channel stats"),
+            fx.dp.encoder_stats("gone").expect("encoder stats").rx,
+        )
+    };
+    let before = counters(&fx);
+    run_rows(&fx, true, &rows);
+    assert_eq!(
+        counters(&fx),
+        before,
+        "channel or encoder counters moved for frames that passed"
+    );
+}
+
 /// A random sample of channel packets through the loaded XDP program: the output is exactly
 /// the input with the MACs replaced and `nsfail_common::rewrite` applied to its headers (the
 /// function the host property tests in `nsfail-common/tests/csum.rs` check), and its
