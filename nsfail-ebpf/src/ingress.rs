@@ -19,7 +19,8 @@ use network_types::{
 };
 use nsfail_common::{
     ACTION_REDIRECT, ACTION_ROUTED, CHANNEL_SOURCES, ChannelKey4, ChannelTarget, Endpoint,
-    SOURCE_REFRESH_NS, SourceInfo, SourceKey, SourceNet, rewrite, same_endpoint, xdp_reason as r,
+    FAMILY_V4, SOURCE_REFRESH_NS, SourceInfo, SourceKey, SourceNet, rewrite, same_endpoint,
+    xdp_reason as r,
 };
 
 use crate::maps::{
@@ -375,7 +376,7 @@ fn forward(
             let s = unsafe { &mut *s };
             add_flow(&mut s.flow, ip_len, now);
             let src = src();
-            if !same_endpoint(&s.last_src, &src)
+            if !same_source(&s.last_src, &src)
                 || now.wrapping_sub(s.last_src_ns) >= SOURCE_REFRESH_NS
             {
                 learn_source(&src, target, now);
@@ -426,6 +427,22 @@ fn forward(
             },
         );
         Ok(XDP_TX)
+    }
+}
+
+/// Whether `src` is the source this CPU last learned for the channel (`last`). For an IPv4
+/// source two words decide: its address and its last word (port, family 4, pad 0). `last`
+/// is only ever written here, from an endpoint made by `Endpoint::v4_word` or `Endpoint::v6`,
+/// or zeroed by userspace with its channel id, so a `last` whose family is 4 has the zero
+/// words 1 to 3 of an IPv4 endpoint. An IPv6 source is compared in all five words (the
+/// compiler drops that branch from the IPv4 path: the family of `src` is a constant there).
+#[inline(always)]
+fn same_source(last: &Endpoint, src: &Endpoint) -> bool {
+    if src.family == FAMILY_V4 {
+        let (l, s) = (last.all_words(), src.all_words());
+        l[0] == s[0] && l[4] == s[4]
+    } else {
+        same_endpoint(last, src)
     }
 }
 

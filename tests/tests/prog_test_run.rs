@@ -482,6 +482,57 @@ fn xdp_ingress_table() {
     assert!(fx.test_run(true, &[]).is_err(), "zero-length frame");
 }
 
+/// Source learning on one CPU: each frame's source is compared with the last one that CPU
+/// learned for the channel, and a different one is written to SOURCES at once (the same one
+/// only once a second). Each source below differs from the one before in one part only (the
+/// port, one address byte, the family), so a comparison that missed that part would leave it
+/// unlearnt, and replies to it would be refused.
+#[test]
+fn every_new_source_is_learnt_at_once_on_one_cpu() {
+    let fx = Fixture::new();
+    // One CPU, so that every frame meets the last-source slot the one before it wrote.
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).expect("CPU 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pinning");
+    let payload: Vec<u8> = (0..64u32).map(|i| i as u8).collect();
+    let sequence = [
+        (SRC4, CH4),
+        ("10.77.0.2:40001", CH4),
+        ("10.77.0.3:40001", CH4),
+        ("11.77.0.3:40001", CH4),
+        ("10.77.0.2:40000", CH4),
+        // Each IPv6 one differs from the one before in one 4-byte word of the address:
+        // the fourth, third, second and first, then in the port.
+        (SRC6, CH6),
+        ("[fd77::3]:40000", CH6),
+        ("[fd77::1:0:0:3]:40000", CH6),
+        ("[fd77:0:0:1:1::3]:40000", CH6),
+        ("[fd77:1:0:1:1::3]:40000", CH6),
+        ("[fd77:1:0:1:1::3]:40001", CH6),
+    ];
+    let mut seen = Vec::new();
+    for (src, ch) in sequence {
+        let input = Frame::udp(sa(src), sa(ch), &payload).bytes();
+        assert_eq!(
+            fx.test_run(true, &input).unwrap().0,
+            XDP_REDIRECT,
+            "{src} -> {ch}"
+        );
+        let learnt = fx.dp.sources().unwrap();
+        assert!(
+            learnt
+                .iter()
+                .any(|s| s.peer == sa(src) && s.channel == sa(ch)),
+            "{src} -> {ch} not learnt: {learnt:?}"
+        );
+        seen.push((sa(src), sa(ch)));
+    }
+    // Nothing learnt that was not sent.
+    for s in fx.dp.sources().unwrap() {
+        assert!(seen.contains(&(s.peer, s.channel)), "learnt {s:?}");
+    }
+}
+
 /// A channel whose encoder's veth is gone: the kernel removed the encoder's DEVMAP slot with
 /// the device, so the redirect helper refuses and the frame passes to the host untouched,
 /// counted `pass_no_device` (no channel or encoder counter moves: it was not forwarded).
