@@ -95,11 +95,13 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, u32> {
     // The usual frame first: untagged IPv4 without options, its headers at fixed offsets, so
     // that the compiler works with constants (one bounds check, no variable UDP offset).
     // Everything else, and anything this check does not hold for, takes the general parse.
-    let plain: *mut [u8; PLAIN_LEN] = ptr_at(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let f = unsafe { &*plain };
-    if f[12] == 0x08 && f[13] == 0x00 && f[EthHdr::LEN] == 0x45 {
-        return ipv4::<true>(ctx, plain.cast(), EthHdr::LEN, false);
+    // A frame shorter than that goes to the general parse too, which says what it is.
+    if let Ok(plain) = ptr_at::<[u8; PLAIN_LEN]>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        let f = unsafe { &*plain };
+        if f[12] == 0x08 && f[13] == 0x00 && f[EthHdr::LEN] == 0x45 {
+            return ipv4::<true>(ctx, plain.cast(), EthHdr::LEN, false);
+        }
     }
     general(ctx)
 }
@@ -173,12 +175,12 @@ fn ipv4<const PLAIN: bool>(
         port: udp_hdr.dst,
         _pad: [0; 2],
     };
-    let target = channel(CHANNELS_V4.get_ptr(key))?;
-    check_source(target, || Endpoint::v4(hdr.src_addr, 0))?;
+    let (target, decided) = channel(CHANNELS_V4.get_ptr(key))?;
+    check_source(&decided, || Endpoint::v4(hdr.src_addr, 0))?;
     if hdr.ttl <= 1 {
         return Err(r::PASS_TTL);
     }
-    check_device(target)?;
+    check_device(&decided)?;
 
     const {
         assert!(
@@ -200,8 +202,9 @@ fn ipv4<const PLAIN: bool>(
         )
     };
     let rewrite = || {
-        // SAFETY: see above; `src` has been called, no other reference is live.
-        let (ip, udp) = unsafe { (&mut *ip, &mut *udp) };
+        // SAFETY: see above; `src` has been called, no other reference is live. The target
+        // is a map value, valid memory for the rest of the program (RCU).
+        let (ip, udp, target) = unsafe { (&mut *ip, &mut *udp, &*target) };
         let dst = [
             target.addr[0],
             target.addr[1],
@@ -210,7 +213,16 @@ fn ipv4<const PLAIN: bool>(
         ];
         rewrite::ipv4_sealed(ip, udp, dst, target.port, deltas(target));
     };
-    forward(ctx, frame, target, vlan, tot_len as u64, src, rewrite)
+    forward(
+        ctx,
+        frame,
+        target,
+        &decided,
+        vlan,
+        tot_len as u64,
+        src,
+        rewrite,
+    )
 }
 
 /// Offset of the source address in the IPv4 header.
@@ -242,12 +254,12 @@ fn ipv6(ctx: &XdpContext, frame: *mut u8, l3: usize, vlan: bool) -> Result<u32, 
         return Err(r::PASS_MALFORMED);
     }
     let key = Endpoint::v6(hdr.dst_addr, u16::from_be_bytes(udp_hdr.dst));
-    let target = channel(CHANNELS_V6.get_ptr(key))?;
-    check_source(target, || Endpoint::v6(hdr.src_addr, 0))?;
+    let (target, decided) = channel(CHANNELS_V6.get_ptr(key))?;
+    check_source(&decided, || Endpoint::v6(hdr.src_addr, 0))?;
     if hdr.hop_limit <= 1 {
         return Err(r::PASS_TTL);
     }
-    check_device(target)?;
+    check_device(&decided)?;
 
     const {
         assert!(
@@ -268,13 +280,14 @@ fn ipv6(ctx: &XdpContext, frame: *mut u8, l3: usize, vlan: bool) -> Result<u32, 
     };
     let rewrite = || {
         // SAFETY: as in ipv4().
-        let (ip, udp) = unsafe { (&mut *ip, &mut *udp) };
+        let (ip, udp, target) = unsafe { (&mut *ip, &mut *udp, &*target) };
         rewrite::ipv6_sealed(ip, udp, &target.addr, target.port, deltas(target));
     };
     forward(
         ctx,
         frame,
         target,
+        &decided,
         vlan,
         (Ipv6Hdr::LEN + payload_len) as u64,
         src,
@@ -295,27 +308,49 @@ fn deltas(target: &ChannelTarget) -> rewrite::Deltas {
     }
 }
 
-/// The target a channel lookup found, read in place rather than copied out: a copy costs a
-/// load and a stack store per field, and each field is read at most twice. (A copy would be
-/// no more atomic: neither is one read of the value.)
+/// What a packet's fate is decided by, read from the channel's target once: whether and
+/// where it is redirected, which counters move, whether its source is checked. Every later
+/// decision uses these values, never the map value again, so a packet that races an update
+/// of its channel is redirected, counted and answered by one target.
+struct Decided {
+    action: u8,
+    flags: u8,
+    channel_id: u32,
+    encoder_id: u32,
+}
+
+/// The target a channel lookup found, and its [`Decided`] fields. The rest of the target
+/// (addresses, MACs, checksum deltas: what the rewrite writes) is read in place when the
+/// rewrite runs rather than copied out first (a copy is a load and a stack store per field,
+/// and is no single read either: a value userspace replaces while a packet reads it can
+/// give the packet fields of both).
 #[inline(always)]
-fn channel(found: Option<*const ChannelTarget>) -> Result<&'static ChannelTarget, u32> {
-    match found {
-        // SAFETY: a map value, valid for the rest of the program (RCU).
-        Some(t) => Ok(unsafe { &*t }),
-        None => Err(r::PASS_NO_CHANNEL),
-    }
+fn channel(found: Option<*const ChannelTarget>) -> Result<(*const ChannelTarget, Decided), u32> {
+    let Some(t) = found else {
+        return Err(r::PASS_NO_CHANNEL);
+    };
+    // SAFETY: a map value, valid memory for the rest of the program (RCU); volatile, so that
+    // each field is read here once and not again later from memory that may have changed.
+    let decided = unsafe {
+        Decided {
+            action: core::ptr::read_volatile(&raw const (*t).action),
+            flags: core::ptr::read_volatile(&raw const (*t).flags),
+            channel_id: core::ptr::read_volatile(&raw const (*t).channel_id),
+            encoder_id: core::ptr::read_volatile(&raw const (*t).encoder_id),
+        }
+    };
+    Ok((t, decided))
 }
 
 /// A channel with `sources` takes packets only from addresses inside them: anything else
 /// passes to the host untouched (one LPM lookup, only for such channels; `src` gives the
 /// source address, read from the frame only then).
 #[inline(always)]
-fn check_source(target: &ChannelTarget, src: impl FnOnce() -> Endpoint) -> Result<(), u32> {
-    if target.flags & CHANNEL_SOURCES != 0 {
+fn check_source(decided: &Decided, src: impl FnOnce() -> Endpoint) -> Result<(), u32> {
+    if decided.flags & CHANNEL_SOURCES != 0 {
         let key = Key::new(
             SourceNet::prefix_len(128),
-            SourceNet::new(target.channel_id, src().addr),
+            SourceNet::new(decided.channel_id, src().addr),
         );
         if SOURCE_NETS.get(&key).is_none() {
             return Err(r::PASS_NOT_SOURCE);
@@ -330,8 +365,8 @@ fn check_source(target: &ChannelTarget, src: impl FnOnce() -> Endpoint) -> Resul
 /// acts on it once the program returns `XDP_REDIRECT`) and says whether the slot is there,
 /// so one helper call both checks the device and redirects, with no separate DEVMAP lookup.
 #[inline(always)]
-fn check_device(target: &ChannelTarget) -> Result<(), u32> {
-    if target.action == ACTION_REDIRECT {
+fn check_device(decided: &Decided) -> Result<(), u32> {
+    if decided.action == ACTION_REDIRECT {
         // The helper itself rather than `DevMap::redirect`, whose folding of the return value
         // costs six instructions: it returns XDP_REDIRECT, or the flags' action (XDP_PASS).
         // SAFETY: `DevMap` is `repr(transparent)` over its map definition, so its address is
@@ -339,7 +374,7 @@ fn check_device(target: &ChannelTarget) -> Result<(), u32> {
         let ret = unsafe {
             bpf_redirect_map(
                 core::ptr::addr_of!(TX_PORTS).cast_mut().cast(),
-                target.encoder_id as u64,
+                decided.encoder_id as u64,
                 XDP_PASS as u64,
             )
         };
@@ -356,10 +391,12 @@ fn check_device(target: &ChannelTarget) -> Result<(), u32> {
 /// held in registers: the source (`src`) and everything the rewrite needs are read from the
 /// frame and the target after them, not kept across them.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward(
     ctx: &XdpContext,
     frame: *mut u8,
-    target: &ChannelTarget,
+    target: *const ChannelTarget,
+    decided: &Decided,
     vlan: bool,
     ip_len: u64,
     src: impl FnOnce() -> Endpoint,
@@ -370,7 +407,7 @@ fn forward(
     // load; last-seen times are read against windows of tens of ms and more.
     // SAFETY: a helper without arguments.
     let now = clock_ns(unsafe { bpf_jiffies64() });
-    match CHANNEL_STATS.get_ptr_mut(target.channel_id) {
+    match CHANNEL_STATS.get_ptr_mut(decided.channel_id) {
         Some(s) => {
             // SAFETY: a per-CPU slot, written only from this CPU.
             let s = unsafe { &mut *s };
@@ -379,31 +416,39 @@ fn forward(
             if !same_source(&s.last_src, &src)
                 || now.wrapping_sub(s.last_src_ns) >= SOURCE_REFRESH_NS
             {
-                learn_source(&src, target, now);
+                learn_source(&src, decided.channel_id, now);
                 s.last_src = src;
                 s.last_src_ns = now;
             }
         }
-        None => learn_source(&src(), target, now),
+        None => learn_source(&src(), decided.channel_id, now),
     }
-    if let Some(s) = ENCODER_STATS.get_ptr_mut(target.encoder_id) {
+    if let Some(s) = ENCODER_STATS.get_ptr_mut(decided.encoder_id) {
         // SAFETY: as above.
         add_flow(unsafe { &mut (*s).rx }, ip_len, now);
     }
     rewrite();
 
-    let redirect = target.action == ACTION_REDIRECT;
+    let redirect = decided.action == ACTION_REDIRECT;
+    // SAFETY: a map value, valid memory for the rest of the program (RCU).
+    let target = unsafe { &*target };
     // The encoder's veth carries untagged frames: write the new MACs 4 bytes further on, over
     // the tag, so that the inner EtherType follows them, then drop the first 4 bytes.
-    let mac_at = if redirect && vlan { VLAN_HLEN } else { 0 };
-    // SAFETY: `frame` is the start of a frame that holds at least its Ethernet header (and
-    // the tag, when there is one: `mac_at` + 12 is at most l3), checked by the parse.
+    let strip = redirect && vlan;
+    let macs: *mut [u8; 12] = if strip {
+        // The tagged frame's own bounds check (the general parse only).
+        ptr_at(ctx, VLAN_HLEN)?
+    } else {
+        // The frame holds at least its Ethernet header, checked by the parse.
+        frame.cast()
+    };
+    // SAFETY: 12 bytes inside the frame, either way.
     unsafe {
-        let m = &mut *frame.add(mac_at).cast::<[u8; 12]>();
+        let m = &mut *macs;
         m[..6].copy_from_slice(&target.dmac);
         m[6..].copy_from_slice(&target.smac);
     }
-    if mac_at != 0 {
+    if strip {
         // SAFETY: ctx is the live XDP context; no packet pointer is used after this call.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, VLAN_HLEN as i32) } != 0 {
             // Cannot happen for a frame we just parsed past the tag; keep the count honest.
@@ -420,7 +465,7 @@ fn forward(
         // encoder on another host (its MAC resolved by userspace).
         count(
             &XDP_STATS,
-            if target.action == ACTION_ROUTED {
+            if decided.action == ACTION_ROUTED {
                 r::ROUTED
             } else {
                 r::TX
@@ -449,14 +494,14 @@ fn same_source(last: &Endpoint, src: &Endpoint) -> bool {
 /// Remembers who sends to the channel, so that the return path only answers real sources.
 /// Writes at most once a second per source, to keep the hot path read-mostly.
 #[inline(always)]
-fn learn_source(src: &Endpoint, target: &ChannelTarget, now: u64) {
+fn learn_source(src: &Endpoint, channel_id: u32, now: u64) {
     let key = SourceKey {
         peer: *src,
-        channel_id: target.channel_id,
+        channel_id,
     };
     let fresh = match SOURCES.get_ptr(key) {
         // SAFETY: a map value pointer, read once.
-        Some(v) => now.saturating_sub(unsafe { (*v).last_seen_ns }) < SOURCE_REFRESH_NS,
+        Some(v) => now.wrapping_sub(unsafe { (*v).last_seen_ns }) < SOURCE_REFRESH_NS,
         None => false,
     };
     if !fresh {

@@ -460,6 +460,33 @@ fn xdp_ingress_table() {
         v4.bytes()[..14].to_vec(),
         "pass_malformed",
     ));
+    // Frames shorter than Ethernet, IPv4 and UDP headers together are still told apart by
+    // what they are, not all called malformed.
+    let mut lldp = v4.bytes()[..20].to_vec();
+    lldp[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
+    rows.push(Row::pass(
+        "non-IP frame of 20 B",
+        lldp.clone(),
+        "pass_not_ip",
+    ));
+    let mut tagged_lldp = tagged.bytes()[..24].to_vec();
+    tagged_lldp[16..18].copy_from_slice(&0x88ccu16.to_be_bytes());
+    rows.push(Row::pass(
+        "VLAN-tagged non-IP frame of 24 B",
+        tagged_lldp,
+        "pass_not_ip",
+    ));
+    let mut short_icmp = v4.bytes()[..38].to_vec();
+    short_icmp[16..18].copy_from_slice(&24u16.to_be_bytes()); // IPv4 header and 4 bytes
+    short_icmp[23] = 1; // ICMP
+    rows.push(Row::pass("IPv4 ICMP of 38 B", short_icmp, "pass_not_udp"));
+    let mut short_fragment = v4.bytes()[..40].to_vec();
+    short_fragment[20..22].copy_from_slice(&0x2000u16.to_be_bytes()); // MF
+    rows.push(Row::pass(
+        "IPv4 UDP first fragment of 40 B",
+        short_fragment,
+        "pass_fragment",
+    ));
 
     // Truncated at every byte up to the end of the UDP header, for each kind of channel frame.
     for (kind, frame, l4_end) in [
@@ -484,23 +511,29 @@ fn xdp_ingress_table() {
 
 /// Source learning on one CPU: each frame's source is compared with the last one that CPU
 /// learned for the channel, and a different one is written to SOURCES at once (the same one
-/// only once a second). Each source below differs from the one before in one part only (the
-/// port, one address byte, the family), so a comparison that missed that part would leave it
-/// unlearnt, and replies to it would be refused.
+/// only once a second). Each source below differs from the one before on its channel in one
+/// part only (the port, one address byte, one word of an IPv6 address), so a comparison that
+/// missed that part would leave it unlearnt, and replies to it would be refused. The
+/// sequence must take less than the once-a-second refresh, or it would prove nothing.
 #[test]
 fn every_new_source_is_learnt_at_once_on_one_cpu() {
     let fx = Fixture::new();
-    // One CPU, so that every frame meets the last-source slot the one before it wrote.
+    // One CPU (the one this thread is on), so that every frame meets the last-source slot
+    // the one before it wrote; the thread's own affinity is given back at the end.
+    let me = nix::unistd::Pid::from_raw(0);
+    let before = nix::sched::sched_getaffinity(me).expect("affinity");
+    let here = nix::sched::sched_getcpu().expect("CPU");
     let mut cpu = nix::sched::CpuSet::new();
-    cpu.set(0).expect("CPU 0");
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pinning");
+    cpu.set(here).expect("this CPU");
+    nix::sched::sched_setaffinity(me, &cpu).expect("pinning");
+    let started = std::time::Instant::now();
     let payload: Vec<u8> = (0..64u32).map(|i| i as u8).collect();
     let sequence = [
         (SRC4, CH4),
         ("10.77.0.2:40001", CH4),
         ("10.77.0.3:40001", CH4),
         ("11.77.0.3:40001", CH4),
-        ("10.77.0.2:40000", CH4),
+        ("11.77.0.3:40002", CH4),
         // Each IPv6 one differs from the one before in one 4-byte word of the address:
         // the fourth, third, second and first, then in the port.
         (SRC6, CH6),
@@ -527,6 +560,12 @@ fn every_new_source_is_learnt_at_once_on_one_cpu() {
         );
         seen.push((sa(src), sa(ch)));
     }
+    let took = started.elapsed();
+    nix::sched::sched_setaffinity(me, &before).expect("unpinning");
+    assert!(
+        took < std::time::Duration::from_millis(900),
+        "the sequence took {took:?}: the once-a-second refresh may have learnt the sources"
+    );
     // Nothing learnt that was not sent.
     for s in fx.dp.sources().unwrap() {
         assert!(seen.contains(&(s.peer, s.channel)), "learnt {s:?}");
@@ -536,8 +575,8 @@ fn every_new_source_is_learnt_at_once_on_one_cpu() {
 /// A channel whose encoder's veth is gone: the kernel removed the encoder's DEVMAP slot with
 /// the device, so the redirect helper refuses and the frame passes to the host untouched,
 /// counted `pass_no_device` (no channel or encoder counter moves: it was not forwarded).
-/// Checked on each parse the program has (the plain frame, a VLAN tag, IP options), first
-/// redirected while the veth is there.
+/// Checked on each parse the program has (the plain frame, a VLAN tag, IP options, IPv6),
+/// first redirected while the veths are there.
 #[test]
 fn a_channel_whose_encoder_veth_is_gone_passes_untouched() {
     let mut fx = Fixture::new();
@@ -550,39 +589,58 @@ fn a_channel_whose_encoder_veth_is_gone_passes_untouched() {
         ip_in(&ns, &["link", "set", end, "addrgenmode", "none"]);
         ip_in(&ns, &["link", "set", end, "up"]);
     }
+    ip_in(
+        &ns,
+        &["link", "add", "vg6", "type", "veth", "peer", "name", "vg6p"],
+    );
+    for end in ["vg", "vgp", "vg6", "vg6p"] {
+        ip_in(&ns, &["link", "set", end, "addrgenmode", "none"]);
+        ip_in(&ns, &["link", "set", end, "up"]);
+    }
     let (vg, vgp) = (netns::link("vg").unwrap(), netns::link("vgp").unwrap());
-    fx.dp
-        .upsert_encoder(&EncoderSpec {
-            name: "gone".into(),
-            addr: "10.77.1.7".parse().unwrap(),
-            mac: vgp.mac,
-            link: EncoderLink::Local {
-                ifname: "vg".into(),
-            },
-        })
-        .expect("encoder");
-    let ch = "10.77.0.1:5100";
+    let (vg6, vg6p) = (netns::link("vg6").unwrap(), netns::link("vg6p").unwrap());
+    for (name, addr, mac, ifname) in [
+        ("gone", "10.77.1.7", vgp.mac, "vg"),
+        ("gone6", "fd77:1::7", vg6p.mac, "vg6"),
+    ] {
+        fx.dp
+            .upsert_encoder(&EncoderSpec {
+                name: name.into(),
+                addr: addr.parse().unwrap(),
+                mac,
+                link: EncoderLink::Local {
+                    ifname: ifname.into(),
+                },
+            })
+            .expect("encoder");
+    }
+    let (ch, ch6) = ("10.77.0.1:5100", "[fd77::1]:5100");
     fx.dp
         .set_channel(sa(ch), 5100, "gone", &["gone"], false)
         .expect("channel");
+    fx.dp
+        .set_channel(sa(ch6), 5100, "gone6", &["gone6"], false)
+        .expect("channel v6");
     let payload: Vec<u8> = (0..188u32).map(|i| (i * 3) as u8).collect();
     let plain = Frame::udp(sa(SRC4), sa(ch), &payload);
     let mut tagged = plain.clone();
     tagged.vlans = vec![100];
     let mut options = plain.clone();
     options.options = vec![0x94, 0x04, 0, 0];
+    let v6 = Frame::udp(sa(SRC6), sa(ch6), &payload);
     let frames = [
-        ("plain", plain),
-        ("VLAN tag", tagged),
-        ("IP options", options),
+        ("plain", plain, "10.77.1.7", (vg.mac, vgp.mac)),
+        ("VLAN tag", tagged, "10.77.1.7", (vg.mac, vgp.mac)),
+        ("IP options", options, "10.77.1.7", (vg.mac, vgp.mac)),
+        ("IPv6", v6, "fd77:1::7", (vg6.mac, vg6p.mac)),
     ];
     let mut rows = Vec::new();
-    for (what, f) in &frames {
+    for (what, f, enc, (host, peer)) in &frames {
         let mut want = f.clone();
-        want.dst = SocketAddr::new("10.77.1.7".parse().unwrap(), 5100);
+        want.dst = SocketAddr::new(enc.parse().unwrap(), 5100);
         want.ttl -= 1;
-        want.dmac = vgp.mac;
-        want.smac = vg.mac;
+        want.dmac = *peer;
+        want.smac = *host;
         want.vlans.clear();
         rows.push(Row {
             name: format!("{what}, veth there"),
@@ -595,14 +653,17 @@ fn a_channel_whose_encoder_veth_is_gone_passes_untouched() {
     run_rows(&fx, true, &rows);
 
     ip_in(&ns, &["link", "del", "vg"]);
+    ip_in(&ns, &["link", "del", "vg6"]);
     let rows: Vec<Row> = frames
         .iter()
-        .map(|(what, f)| Row::pass(format!("{what}, veth gone"), f.bytes(), "pass_no_device"))
+        .map(|(what, f, _, _)| Row::pass(format!("{what}, veth gone"), f.bytes(), "pass_no_device"))
         .collect();
     let counters = |fx: &Fixture| {
         (
             fx.dp.channel_stats(sa(ch)).expect("channel stats"),
+            fx.dp.channel_stats(sa(ch6)).expect("channel stats v6"),
             fx.dp.encoder_stats("gone").expect("encoder stats").rx,
+            fx.dp.encoder_stats("gone6").expect("encoder stats v6").rx,
         )
     };
     let before = counters(&fx);
