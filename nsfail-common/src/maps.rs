@@ -58,23 +58,13 @@ const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
 
 impl Endpoint {
     pub const fn v4(addr: [u8; 4], port: u16) -> Self {
-        let mut a = [0u8; 16];
-        a[0] = addr[0];
-        a[1] = addr[1];
-        a[2] = addr[2];
-        a[3] = addr[3];
-        Self {
-            addr: a,
-            port,
-            family: FAMILY_V4,
-            _pad: 0,
-        }
+        Self::v4_word(u32::from_ne_bytes(addr), port)
     }
 
     /// [`Endpoint::v4`] from the address as one word (its bytes in memory order): built and
     /// kept in one register, where four bytes would be four.
     #[inline(always)]
-    pub fn v4_word(addr: u32, port: u16) -> Self {
+    pub const fn v4_word(addr: u32, port: u16) -> Self {
         let p = port.to_ne_bytes();
         let words = [
             addr,
@@ -770,8 +760,17 @@ mod key_tests {
             ([10, 0, 0, 1], 1),
         ] {
             let word = Endpoint::v4_word(u32::from_ne_bytes(addr), port);
-            assert_eq!(word, Endpoint::v4(addr, port));
-            assert!(same_endpoint(&word, &Endpoint::v4(addr, port)));
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&addr);
+            let fields = Endpoint {
+                addr: bytes,
+                port,
+                family: FAMILY_V4,
+                _pad: 0,
+            };
+            assert_eq!(word, fields);
+            assert_eq!(Endpoint::v4(addr, port), fields);
+            assert!(same_endpoint(&word, &fields));
         }
     }
 

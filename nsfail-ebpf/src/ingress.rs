@@ -187,24 +187,23 @@ fn ipv4<const PLAIN: bool>(
             size_of::<Ipv4Hdr>() == rewrite::IPV4_LEN && size_of::<UdpHdr>() == rewrite::UDP_LEN
         )
     };
-    // Both headers were bounds checked by ptr_at and consist of byte arrays only, so they
-    // are these byte arrays; `hdr` and `udp_hdr` are not used again.
-    let (ip, udp) = (
-        ip.cast::<[u8; rewrite::IPV4_LEN]>(),
-        udp.cast::<[u8; rewrite::UDP_LEN]>(),
-    );
+    // Both headers were bounds checked by ptr_at; `hdr` and `udp_hdr` are not used again.
     let src = || {
         // SAFETY: see above; read only.
         let (ip, udp) = unsafe { (&*ip, &*udp) };
-        Endpoint::v4_word(
-            u32::from_ne_bytes([ip[V4_SRC], ip[V4_SRC + 1], ip[V4_SRC + 2], ip[V4_SRC + 3]]),
-            u16::from_be_bytes([udp[0], udp[1]]),
-        )
+        Endpoint::v4_word(u32::from_ne_bytes(ip.src_addr), u16::from_be_bytes(udp.src))
     };
     let rewrite = || {
-        // SAFETY: see above; `src` has been called, no other reference is live. The target
-        // is a map value, valid memory for the rest of the program (RCU).
-        let (ip, udp, target) = unsafe { (&mut *ip, &mut *udp, &*target) };
+        // SAFETY: see above, and the headers consist of byte arrays only, so they are these
+        // byte arrays; `src` has been called, no other reference is live. The target is a
+        // map value, valid memory for the rest of the program (RCU).
+        let (ip, udp, target) = unsafe {
+            (
+                &mut *ip.cast::<[u8; rewrite::IPV4_LEN]>(),
+                &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
+                &*target,
+            )
+        };
         let dst = [
             target.addr[0],
             target.addr[1],
@@ -224,9 +223,6 @@ fn ipv4<const PLAIN: bool>(
         rewrite,
     )
 }
-
-/// Offset of the source address in the IPv4 header.
-const V4_SRC: usize = 12;
 
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, frame: *mut u8, l3: usize, vlan: bool) -> Result<u32, u32> {
@@ -266,21 +262,20 @@ fn ipv6(ctx: &XdpContext, frame: *mut u8, l3: usize, vlan: bool) -> Result<u32, 
             size_of::<Ipv6Hdr>() == rewrite::IPV6_LEN && size_of::<UdpHdr>() == rewrite::UDP_LEN
         )
     };
-    // As in ipv4().
-    let (ip, udp) = (
-        ip.cast::<[u8; rewrite::IPV6_LEN]>(),
-        udp.cast::<[u8; rewrite::UDP_LEN]>(),
-    );
     let src = || {
         // SAFETY: as in ipv4().
         let (ip, udp) = unsafe { (&*ip, &*udp) };
-        let mut addr = [0; 16];
-        addr.copy_from_slice(&ip[V6_SRC..V6_SRC + 16]);
-        Endpoint::v6(addr, u16::from_be_bytes([udp[0], udp[1]]))
+        Endpoint::v6(ip.src_addr, u16::from_be_bytes(udp.src))
     };
     let rewrite = || {
         // SAFETY: as in ipv4().
-        let (ip, udp, target) = unsafe { (&mut *ip, &mut *udp, &*target) };
+        let (ip, udp, target) = unsafe {
+            (
+                &mut *ip.cast::<[u8; rewrite::IPV6_LEN]>(),
+                &mut *udp.cast::<[u8; rewrite::UDP_LEN]>(),
+                &*target,
+            )
+        };
         rewrite::ipv6_sealed(ip, udp, &target.addr, target.port, deltas(target));
     };
     forward(
@@ -294,9 +289,6 @@ fn ipv6(ctx: &XdpContext, frame: *mut u8, l3: usize, vlan: bool) -> Result<u32, 
         rewrite,
     )
 }
-
-/// Offset of the source address in the IPv6 header.
-const V6_SRC: usize = 8;
 
 /// The checksum deltas userspace sealed into the target for its key, which is this packet's
 /// destination.
