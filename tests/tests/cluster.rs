@@ -35,6 +35,29 @@ fn routes_in(ns: &str, table: u32) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts a receiver on `port` of encoder `enc`, sends `n` numbered packets (2 ms apart) from
+/// `from` in the lab's source namespace to the ingest endpoint `to`, and gives the receiver
+/// back, to be read at once (`seen`) or once the stream has ended (`settled`).
+fn burst_to(
+    lab: &nsfail::lab::Lab,
+    enc: &nsfail::lab::EncoderNs,
+    port: u16,
+    from: &str,
+    to: &str,
+    n: u32,
+) -> Receiver {
+    let rx = Receiver::start(&enc.ns, sa(&format!("{}:{port}", enc.addr4)));
+    send_burst(
+        &lab.src,
+        sa(from),
+        sa(to),
+        0..n,
+        Duration::from_millis(2),
+        Duration::from_secs(2),
+    );
+    rx
+}
+
 fn has_event(socket: &std::path::Path, needle: &str) -> bool {
     events(socket)
         .iter()
@@ -128,15 +151,7 @@ fn a_cluster_host_follows_etcd() {
     assert!(announced.is_some(), "{}", routes_in(&lab.rt.name, 2345));
     // The data plane forwards what etcd defined: cam2's stream reaches enc-a.
     let ea = &lab.encoders[0];
-    let rx = Receiver::start(&ea.ns, sa(&format!("{}:7002", ea.addr4)));
-    send_burst(
-        &lab.src,
-        sa("10.77.0.2:41000"),
-        sa("10.77.0.1:5002"),
-        0..50,
-        Duration::from_millis(2),
-        Duration::from_secs(2),
-    );
+    let rx = burst_to(&lab, ea, 7002, "10.77.0.2:41000", "10.77.0.1:5002", 50);
     assert_eq!(rx.seen().len(), 50, "cam2 from etcd forwards to enc-a");
 
     // Its encoders are registered under its lease, their health published.
@@ -726,15 +741,7 @@ fn two_hosts_follow_one_leader() {
     assert!(has_event(&sock2, "the cluster leader's choice"));
     // h2's data plane forwards cam1 to its own enc-c now.
     let ec = &lab2.encoders[0];
-    let rx = Receiver::start(&ec.ns, sa(&format!("{}:7000", ec.addr4)));
-    send_burst(
-        &lab2.src,
-        sa("10.77.0.2:41001"),
-        sa("10.77.0.1:5000"),
-        0..30,
-        Duration::from_millis(2),
-        Duration::from_secs(2),
-    );
+    let rx = burst_to(&lab2, ec, 7000, "10.77.0.2:41001", "10.77.0.1:5000", 30);
     assert_eq!(rx.seen().len(), 30, "h2 forwards cam1 to enc-c");
     assert_eq!(cli(&sock1, &["remap", "cam1", "enc-a"]).code, 0);
     let back = wait_for(Duration::from_secs(5), || {
@@ -790,15 +797,7 @@ fn two_hosts_follow_one_leader() {
         log_of(&cfg2)
     );
     let ed = &lab2.encoders[1];
-    let rx = Receiver::start(&ed.ns, sa(&format!("{}:7002", ed.addr4)));
-    send_burst(
-        &lab2.src,
-        sa("10.77.0.2:41002"),
-        sa("10.77.0.1:5002"),
-        0..30,
-        Duration::from_millis(2),
-        Duration::from_secs(2),
-    );
+    let rx = burst_to(&lab2, ed, 7002, "10.77.0.2:41002", "10.77.0.1:5002", 30);
     assert_eq!(
         rx.seen().len(),
         30,
@@ -1228,15 +1227,7 @@ fn etcd_out_of_space_is_said_and_the_host_fails_static() {
     assert_eq!(view["leading"], false, "no leader without writes: {view}");
     // The data plane forwards to enc-b all along.
     let eb = &lab.encoders[1];
-    let rx = Receiver::start(&eb.ns, sa(&format!("{}:7002", eb.addr4)));
-    send_burst(
-        &lab.src,
-        sa("10.77.0.2:41000"),
-        sa("10.77.0.1:5002"),
-        0..50,
-        Duration::from_millis(2),
-        Duration::from_secs(2),
-    );
+    let rx = burst_to(&lab, eb, 7002, "10.77.0.2:41000", "10.77.0.1:5002", 50);
     assert_eq!(
         rx.settled().len(),
         50,

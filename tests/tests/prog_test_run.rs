@@ -70,6 +70,16 @@ struct Fixture {
     enc6: (netns::Link, netns::Link),
 }
 
+/// A veth pair `a`/`b` in namespace `ns`, both ends up and without addresses: no DAD, router
+/// solicitation or MLD report can cross the attached programs while a row compares counters.
+fn quiet_veth(ns: &str, a: &str, b: &str) {
+    ip_in(ns, &["link", "add", a, "type", "veth", "peer", "name", b]);
+    for end in [a, b] {
+        ip_in(ns, &["link", "set", end, "addrgenmode", "none"]);
+        ip_in(ns, &["link", "set", end, "up"]);
+    }
+}
+
 fn policy(allow: &[&str], proto: AllowProto, port: u16) -> EgressPolicy {
     EgressPolicy {
         allow: allow
@@ -93,16 +103,7 @@ impl Fixture {
     fn new() -> Self {
         let ns = Netns::new("ptr");
         for (a, b) in [("ing", "ingp"), ("ve4", "ve4p"), ("ve6", "ve6p")] {
-            ip_in(
-                &ns.name,
-                &["link", "add", a, "type", "veth", "peer", "name", b],
-            );
-            // No addresses on either end: no DAD, router solicitation or MLD report can
-            // cross the attached programs while a row compares counters.
-            for end in [a, b] {
-                ip_in(&ns.name, &["link", "set", end, "addrgenmode", "none"]);
-                ip_in(&ns.name, &["link", "set", end, "up"]);
-            }
+            quiet_veth(&ns.name, a, b);
         }
         let entered = Entered::new(&ns);
         let pins = PinDir::new();
@@ -227,6 +228,17 @@ impl Fixture {
         }?;
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, out))
+    }
+
+    /// Panics unless SOURCES holds `src` as a source of channel `ch`.
+    fn assert_learnt(&self, src: &str, ch: &str) {
+        let learnt = self.dp.sources().unwrap();
+        assert!(
+            learnt
+                .iter()
+                .any(|s| s.peer == sa(src) && s.channel == sa(ch)),
+            "{src} -> {ch} not learnt: {learnt:?}"
+        );
     }
 
     fn stats(&self, xdp: bool) -> Vec<(&'static str, u64)> {
@@ -551,13 +563,7 @@ fn every_new_source_is_learnt_at_once_on_one_cpu() {
             XDP_REDIRECT,
             "{src} -> {ch}"
         );
-        let learnt = fx.dp.sources().unwrap();
-        assert!(
-            learnt
-                .iter()
-                .any(|s| s.peer == sa(src) && s.channel == sa(ch)),
-            "{src} -> {ch} not learnt: {learnt:?}"
-        );
+        fx.assert_learnt(src, ch);
         seen.push((sa(src), sa(ch)));
     }
     let took = started.elapsed();
@@ -581,22 +587,8 @@ fn every_new_source_is_learnt_at_once_on_one_cpu() {
 fn a_channel_whose_encoder_veth_is_gone_passes_untouched() {
     let mut fx = Fixture::new();
     let ns = fx._ns.name.clone();
-    ip_in(
-        &ns,
-        &["link", "add", "vg", "type", "veth", "peer", "name", "vgp"],
-    );
-    for end in ["vg", "vgp"] {
-        ip_in(&ns, &["link", "set", end, "addrgenmode", "none"]);
-        ip_in(&ns, &["link", "set", end, "up"]);
-    }
-    ip_in(
-        &ns,
-        &["link", "add", "vg6", "type", "veth", "peer", "name", "vg6p"],
-    );
-    for end in ["vg", "vgp", "vg6", "vg6p"] {
-        ip_in(&ns, &["link", "set", end, "addrgenmode", "none"]);
-        ip_in(&ns, &["link", "set", end, "up"]);
-    }
+    quiet_veth(&ns, "vg", "vgp");
+    quiet_veth(&ns, "vg6", "vg6p");
     let (vg, vgp) = (netns::link("vg").unwrap(), netns::link("vgp").unwrap());
     let (vg6, vg6p) = (netns::link("vg6").unwrap(), netns::link("vg6p").unwrap());
     for (name, addr, mac, ifname) in [
@@ -792,19 +784,8 @@ fn tc_egress_table() {
         let input = Frame::udp(sa(src), sa(ch), &payload).bytes();
         assert_eq!(fx.test_run(true, &input).unwrap().0, XDP_REDIRECT);
     }
-    let sources = fx.dp.sources().unwrap();
-    assert!(
-        sources
-            .iter()
-            .any(|s| s.peer == sa(SRC4) && s.channel == sa(CH4)),
-        "{sources:?}"
-    );
-    assert!(
-        sources
-            .iter()
-            .any(|s| s.peer == sa(SRC6) && s.channel == sa(CH6)),
-        "{sources:?}"
-    );
+    fx.assert_learnt(SRC4, CH4);
+    fx.assert_learnt(SRC6, CH6);
 
     let enc4_ep = SocketAddr::new(ENC4.parse().unwrap(), ENC_PORT);
     let enc6_ep = SocketAddr::new(ENC6.parse().unwrap(), ENC_PORT);
