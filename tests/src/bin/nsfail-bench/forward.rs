@@ -9,7 +9,8 @@
 //!  src ns: g0 ──veth── g1 (rt ns: the router) ── ve ──veth── e0 (dst ns: sink, counts + drops)
 //! ```
 //!
-//! The generator (live frames, `XDP_TX` out of g0) runs on CPU0; g1's NAPI runs in a kernel
+//! The generator (live frames, `XDP_TX` out of g0; a packet socket on g0 where the kernel
+//! refuses live frames, see `object::Source`) runs on CPU0; g1's NAPI runs in a kernel
 //! thread pinned to CPU1 (threaded NAPI), and so does everything it triggers (the redirect or
 //! the stack, then the sink on e0 in softirq); the userspace relay is pinned to CPU1 too.
 
@@ -32,7 +33,7 @@ use nsfail_common::xdp_reason;
 use nsfail_tests::{Entered, PinDir, frames::Frame};
 
 use crate::{
-    object::{self, BenchObject, GenerateRun, Generated},
+    object::{self, BenchObject, GenerateRun, Generated, Source},
     report::{Figure, Goal, Limit, Ratio, Report, summarize},
     sys::{self, CpuTime},
 };
@@ -273,7 +274,7 @@ fn sample(lab: &mut Lab, generator: &mut BenchObject, payload: usize) -> Result<
         frames: RUN_FRAMES,
         limit: RUN_TIME,
     }
-    .run(generator.program(object::GENERATOR)?)?;
+    .run(generator)?;
     thread::sleep(SETTLE);
     let cpu = CpuTime::read(sys::ROUTER_CPU)?.since(cpu_before);
     let router_ns = lab.router_runtime_ns()? - router_before;
@@ -313,7 +314,7 @@ pub fn run(reps: usize) -> Result<Report> {
     );
     report.method = vec![
         format!(
-            "each sample: the live-frames generator (XDP_TX, CPU0) runs {} ms; delivered = \
+            "each sample: the generator (CPU0) runs {} ms; delivered = \
              packets counted by the XDP sink in the encoder namespace over the run and {} ms \
              after, divided by that whole window (sink reading to sink reading); offered = the \
              generator's own rate over its run",
@@ -357,6 +358,7 @@ pub fn run(reps: usize) -> Result<Report> {
     }
     let mut unaccounted = 0u64;
     let mut redirected_total = 0u64;
+    let mut sources = Vec::new();
     for rep in 0..reps {
         for (size, payload) in SIZES {
             let count = labs.len();
@@ -375,6 +377,9 @@ pub fn run(reps: usize) -> Result<Report> {
                 }
                 let lab = &mut labs[(k + rep) % count];
                 let s = sample(lab, &mut generator, payload)?;
+                if !sources.contains(&s.generated.source) {
+                    sources.push(s.generated.source);
+                }
                 let delivered = s.delivered.max(1) as f64;
                 let values = [
                     s.delivered as f64 / s.counted.as_secs_f64() / 1e6,
@@ -399,6 +404,14 @@ pub fn run(reps: usize) -> Result<Report> {
             }
         }
     }
+    for source in &sources {
+        report
+            .method
+            .push(format!("generator: {}", source.describe()));
+    }
+    // A packet socket cannot offer more than the slowest path forwards, so the delivered
+    // ratios measure the generator: the goals then hold for router CPU alone.
+    let rate_bound = sources.contains(&Source::PacketSocket);
     let mut ratios = Vec::new();
     let mut notes = Vec::new();
     for (size, _) in SIZES {
@@ -421,7 +434,7 @@ pub fn run(reps: usize) -> Result<Report> {
                 &format!("nsfail / {other}, delivered, {size}"),
                 &fig("delivered", NSFAIL),
                 &fig("delivered", other),
-                goal,
+                goal.filter(|_| !rate_bound),
             ));
             // Router-core capacity: the other path's CPU per packet over nsfail's.
             ratios.push(Ratio::of(
@@ -431,6 +444,15 @@ pub fn run(reps: usize) -> Result<Report> {
                 goal,
             ));
         }
+        let router = |v: &str| summarize(&fig("router CPU per packet", v).samples).median;
+        notes.push(format!(
+            "{size}: router CPU per packet, medians: nsfail {:.1} ns, minimal rewrite {:.1} ns, \
+             bare redirect {:.1} ns; nsfail's extra over the minimal rewrite {:+.1} ns",
+            router(NSFAIL),
+            router(MIN),
+            router(BARE),
+            router(NSFAIL) - router(MIN)
+        ));
         ratios.push(Ratio::of(
             &format!("minimal rewrite / bare redirect, delivered, {size}"),
             &fig("delivered", MIN),

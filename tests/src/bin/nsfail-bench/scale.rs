@@ -22,7 +22,7 @@ use rand::Rng as _;
 
 use crate::{
     chain,
-    object::{self, BenchObject, GenerateRun},
+    object::{self, BenchObject, GenerateRun, Source},
     report::{Figure, Goal, Limit, Ratio, Report, summarize},
     sys,
 };
@@ -107,13 +107,13 @@ pub fn run(reps: usize) -> Result<Report> {
         format!(
             "failover: {UPDATE_TRIALS} timed `Dataplane::activate` calls and {UPDATE_TRIALS} \
              timed raw CHANNELS_V4 updates (bpf_map_update_elem) per repetition; end to end: \
-             {E2E_TRIALS} failovers per repetition with live frames flowing (generator on CPU0, \
+             {E2E_TRIALS} failovers per repetition with frames flowing (generator on CPU0, \
              64-frame batches), from just before `activate` to the arrival time at the new \
              encoder's sink (bpf_ktime_get_ns); figures are the median per repetition, p99 over \
              all trials"
         ),
         format!(
-            "live: {} ms of live frames (64 B) to the {ACTIVE} active channels in turn \
+            "live: {} ms of frames (64 B) to the {ACTIVE} active channels in turn \
              (generator on CPU0, the ingest veth's NAPI thread on CPU1), counted at the chain \
              encoders' sink from just before the run to {} ms after it and divided by that \
              window; router CPU = schedstat run time of that NAPI thread and ksoftirqd/1 per \
@@ -145,6 +145,7 @@ pub fn run(reps: usize) -> Result<Report> {
     let mut unaccounted = 0u64;
     let mut lost = vec![0usize; CHANNEL_COUNTS.len()];
     let mut walk_checked = false;
+    let mut sources: Vec<Source> = Vec::new();
     for rep in 0..reps {
         for j in 0..planes.len() {
             let k = (j + rep) % planes.len();
@@ -158,6 +159,9 @@ pub fn run(reps: usize) -> Result<Report> {
             let (activate, raw) = update_latency(plane, failover)?;
             let live = live_forward(plane, &ns, &mut generator)?;
             unaccounted += live.unaccounted;
+            if !sources.contains(&live.source) {
+                sources.push(live.source);
+            }
             generator.set_templates(&[object::template(&failover_frame)])?;
             let (e2e, timeouts) = end_to_end(plane, &ns, &generator, &failover_frame, failover)?;
             lost[k] += timeouts;
@@ -186,6 +190,12 @@ pub fn run(reps: usize) -> Result<Report> {
                 report.figures[i].pooled.extend(trials);
             }
         }
+    }
+    for source in &sources {
+        report.method.push(format!(
+            "live and end-to-end generator: {}",
+            source.describe()
+        ));
     }
     let per_packet = |report: &Report, n: usize| {
         report
@@ -363,6 +373,7 @@ fn check_walk(plane: &Plane) -> Result<()> {
 
 /// One live forwarding run.
 struct Live {
+    source: Source,
     mpps: f64,
     cpu_ns: f64,
     /// Packets nsfail counted as redirected that the sink did not receive, or the other way
@@ -400,7 +411,7 @@ fn live_forward(plane: &mut Plane, ns: &Netns, generator: &mut BenchObject) -> R
     let sink_before = plane.sink_chain.sink_count()?.0;
     let redirected_before = redirected(&plane.dp)?;
     let cpu_before = runtime(plane)?;
-    GenerateRun {
+    let generated = GenerateRun {
         ns: &ns.name,
         ifindex: plane.h_ifindex,
         frame,
@@ -408,13 +419,14 @@ fn live_forward(plane: &mut Plane, ns: &Netns, generator: &mut BenchObject) -> R
         frames: 40_000_000,
         limit: LIVE_TIME,
     }
-    .run(generator.program(object::GENERATOR)?)?;
+    .run(generator)?;
     thread::sleep(SETTLE);
     let cpu = runtime(plane)? - cpu_before;
     let delivered = plane.sink_chain.sink_count()?.0 - sink_before;
     let counted = counting.elapsed();
     let redirected = redirected(&plane.dp)? - redirected_before;
     Ok(Live {
+        source: generated.source,
         mpps: delivered as f64 / counted.as_secs_f64() / 1e6,
         cpu_ns: cpu as f64 / delivered.max(1) as f64,
         unaccounted: redirected.abs_diff(delivered),
@@ -456,7 +468,6 @@ fn end_to_end(
     frame: &[u8],
     failover: SocketAddr,
 ) -> Result<(Vec<f64>, usize)> {
-    let gen_prog = generator.program(object::GENERATOR)?;
     let run = GenerateRun {
         ns: &ns.name,
         ifindex: plane.g_ifindex,
@@ -468,7 +479,7 @@ fn end_to_end(
     plane.dp.activate(failover, "fa")?;
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
-        let handle = s.spawn(|| run.run_on_this_thread(gen_prog, &stop));
+        let handle = s.spawn(|| run.run_on_this_thread(generator, &stop));
         let result = failovers(plane, failover);
         stop.store(true, Ordering::Relaxed);
         let generated = handle
