@@ -409,11 +409,22 @@ pub fn run(reps: usize) -> Result<Report> {
             .method
             .push(format!("generator: {}", source.describe()));
     }
-    // A packet socket cannot offer more than the slowest path forwards, so the delivered
-    // ratios measure the generator: the goals then hold for router CPU alone.
-    let rate_bound = sources.contains(&Source::PacketSocket);
+    // With a packet socket, several hundred ns per packet of skb work on the router core are
+    // shared by every variant, and the generator and the router core (nearly saturated) limit
+    // each other: a ratio then stays near 1 whatever the paths cost, so a goal on it could not
+    // fail. The ratios are reported without goals, and the note says why.
+    let coarse = sources.contains(&Source::PacketSocket);
     let mut ratios = Vec::new();
     let mut notes = Vec::new();
+    if coarse {
+        notes.push(
+            "no goal is judged: with the packet-socket generator every variant carries the \
+             same skb work on the router core, which narrows every ratio towards 1; compare the \
+             router CPU per packet in ns (nsfail's extra over the minimal rewrite below), and \
+             use `prog` for the hit path's cost"
+                .into(),
+        );
+    }
     for (size, _) in SIZES {
         let fig = |group: &str, v: &str| {
             report
@@ -429,12 +440,12 @@ pub fn run(reps: usize) -> Result<Report> {
             (RELAY, 20.0),
             (KERNEL, 0.0),
         ] {
-            let goal = (goal > 0.0).then_some(Goal::AtLeast(goal));
+            let goal = (goal > 0.0 && !coarse).then_some(Goal::AtLeast(goal));
             ratios.push(Ratio::of(
                 &format!("nsfail / {other}, delivered, {size}"),
                 &fig("delivered", NSFAIL),
                 &fig("delivered", other),
-                goal.filter(|_| !rate_bound),
+                goal,
             ));
             // Router-core capacity: the other path's CPU per packet over nsfail's.
             ratios.push(Ratio::of(

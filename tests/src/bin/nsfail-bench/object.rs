@@ -222,6 +222,11 @@ pub fn template(frame: &[u8]) -> [u8; TEMPLATE_LEN] {
         .expect("a frame holds its headers")
 }
 
+/// Set once a live-frames test run has been refused with EPERM: later runs go straight to the
+/// packet socket (a refused run and its fallback's setup would otherwise fall inside every
+/// sample's counting window).
+static LIVE_REFUSED: AtomicBool = AtomicBool::new(false);
+
 /// How a generator run made its frames.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Source {
@@ -230,7 +235,7 @@ pub enum Source {
     LiveFrames,
     /// A packet socket (`AF_PACKET`, qdisc bypassed, `sendmmsg`), where the kernel refuses live
     /// frames with EPERM. Each frame is an skb, which the receiving veth copies into a page
-    /// before its XDP program runs: that copy is router-core work every variant pays alike.
+    /// before its XDP program runs: router-core work every variant carries.
     PacketSocket,
 }
 
@@ -242,8 +247,8 @@ impl Source {
             Source::PacketSocket => {
                 "a packet socket (AF_PACKET, qdisc bypassed): this kernel refuses live frames \
                  (EPERM); every frame reaches the router core as an skb the veth copies into a \
-                 page, a cost every variant pays alike, so ratios sit nearer 1 than with live \
-                 frames and the extra nanoseconds per packet say more"
+                 page, work every variant carries, so ratios sit nearer 1 than with live frames \
+                 and the extra nanoseconds per packet say more"
             }
         }
     }
@@ -303,6 +308,10 @@ impl GenerateRun<'_> {
         sys::pin_self(sys::GENERATOR_CPU)?;
         let ctx = xdp_md(self.ifindex, self.frame.len());
         let start = Instant::now();
+        if LIVE_REFUSED.load(Ordering::Relaxed) {
+            let frames = self.frames_from(&generator.templates);
+            return self.packet_socket(&frames, stop, start);
+        }
         let mut sent = 0u64;
         // Bounded in count (frames) and in time (limit).
         while sent < self.frames && start.elapsed() < self.limit && !stop.load(Ordering::Relaxed) {
@@ -319,8 +328,9 @@ impl GenerateRun<'_> {
                 Err(e) => {
                     let e = anyhow::Error::from(e);
                     if sent == 0 && os_error(&e) == Some(libc::EPERM) {
+                        LIVE_REFUSED.store(true, Ordering::Relaxed);
                         let frames = self.frames_from(&generator.templates);
-                        return self.packet_socket(&frames, stop);
+                        return self.packet_socket(&frames, stop, start);
                     }
                     return Err(e.context("live-frames test run"));
                 }
@@ -334,8 +344,10 @@ impl GenerateRun<'_> {
     }
 
     /// The frames the generator program would send: `frame` with each template's headers.
+    /// A frame too short for the headers goes as it is (the generator program passes such a
+    /// frame untouched).
     fn frames_from(&self, templates: &[[u8; TEMPLATE_LEN]]) -> Vec<Vec<u8>> {
-        if templates.is_empty() {
+        if templates.is_empty() || self.frame.len() < TEMPLATE_LEN {
             return vec![self.frame.clone()];
         }
         templates
@@ -350,9 +362,15 @@ impl GenerateRun<'_> {
 
     /// `frames` in turn out of `ifindex` through a packet socket, in `sendmmsg` batches, on the
     /// calling thread (already in the namespace and on the generator core); bounded as
-    /// live frames are. The interface's TSO is turned off first: a veth hands a packet from a
-    /// TSO-capable peer to its receive NAPI (where XDP and the router core are) only without it.
-    fn packet_socket(&self, frames: &[Vec<u8>], stop: &AtomicBool) -> Result<Generated> {
+    /// live frames are, and timed from `start`, so that the setup counts in the run's time.
+    /// The interface's TSO is turned off first: a veth hands a packet from a TSO-capable peer
+    /// to its receive NAPI (where XDP and the router core are) only without it.
+    fn packet_socket(
+        &self,
+        frames: &[Vec<u8>],
+        stop: &AtomicBool,
+        start: Instant,
+    ) -> Result<Generated> {
         const BATCH: usize = 64;
         let ifname = nix::net::if_::if_indextoname(self.ifindex)
             .with_context(|| format!("ifindex {} in {}", self.ifindex, self.ns))?;
@@ -374,25 +392,26 @@ impl GenerateRun<'_> {
                 }
             })
             .collect();
-        let mut msgs: Vec<libc::mmsghdr> = iovs
-            .iter_mut()
-            .map(|iov| {
+        let base = iovs.as_mut_ptr();
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
+            .map(|i| {
                 // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
                 let mut m: libc::mmsghdr = unsafe { zeroed() };
-                m.msg_hdr.msg_iov = iov;
+                // SAFETY: i < BATCH = iovs.len(); iovs is not moved or resized after this.
+                m.msg_hdr.msg_iov = unsafe { base.add(i) };
                 m.msg_hdr.msg_iovlen = 1;
                 m
             })
             .collect();
-        let start = Instant::now();
         let mut sent = 0u64;
         let mut next = 0usize;
         // Bounded in count (frames) and in time (limit).
         while sent < self.frames && start.elapsed() < self.limit && !stop.load(Ordering::Relaxed) {
             if frames.len() > 1 {
-                for (k, iov) in iovs.iter_mut().enumerate() {
+                for k in 0..BATCH {
                     let f = &frames[(next + k) % frames.len()];
-                    iov.iov_base = f.as_ptr() as *mut libc::c_void;
+                    // SAFETY: k < BATCH = iovs.len(), through the pointer the headers hold.
+                    unsafe { (*base.add(k)).iov_base = f.as_ptr() as *mut libc::c_void };
                 }
             }
             let want = (self.frames - sent).min(BATCH as u64) as u32;
@@ -401,8 +420,10 @@ impl GenerateRun<'_> {
             let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), want, 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                // A full device queue: the receiver is behind; try again.
-                if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == io::ErrorKind::WouldBlock
+                // A full device queue (the receiver is behind), or a signal: try again.
+                if e.raw_os_error() == Some(libc::ENOBUFS)
+                    || e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted
                 {
                     continue;
                 }
