@@ -16,7 +16,6 @@
 
 use std::{
     io,
-    mem::{size_of, zeroed},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
     sync::{
@@ -520,7 +519,7 @@ impl Relay {
                     sys::pin_self(sys::ROUTER_CPU).map_err(io::Error::other)?;
                     let rx = UdpSocket::bind(INGEST)?;
                     rx.set_read_timeout(Some(Duration::from_millis(50)))?;
-                    set_rcvbuf(&rx, 8 << 20)?;
+                    sys::setsockopt_int(&rx, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20)?;
                     let tx = UdpSocket::bind("10.80.1.1:0")?;
                     tx.connect(ENCODER)?;
                     Ok((rx, tx))
@@ -558,36 +557,6 @@ impl Drop for Relay {
     }
 }
 
-fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) -> io::Result<()> {
-    // SAFETY: setsockopt reads an int of the given size from a valid pointer.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&bytes as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// One `mmsghdr` per iovec.
-fn headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
-    iovs.iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
-            let mut m: libc::mmsghdr = unsafe { zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect()
-}
-
 /// Bounded in time: at most an hour, normally stopped with the bench.
 fn relay_loop(rx: &UdpSocket, tx: &UdpSocket, stop: &AtomicBool) -> io::Result<()> {
     let mut bufs = vec![[0u8; BUF_LEN]; BATCH];
@@ -599,8 +568,8 @@ fn relay_loop(rx: &UdpSocket, tx: &UdpSocket, stop: &AtomicBool) -> io::Result<(
     // arrived in its buffer.
     let mut rx_iovs: Vec<libc::iovec> = bufs.iter_mut().map(iov).collect();
     let mut tx_iovs: Vec<libc::iovec> = bufs.iter_mut().map(iov).collect();
-    let mut rx_msgs = headers(&mut rx_iovs);
-    let mut tx_msgs = headers(&mut tx_iovs);
+    let mut rx_msgs = sys::mmsg_headers(&mut rx_iovs);
+    let mut tx_msgs = sys::mmsg_headers(&mut tx_iovs);
     let deadline = Instant::now() + Duration::from_secs(3600);
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         // SAFETY: rx_msgs holds BATCH headers, each pointing at its own live iovec and buffer.
@@ -617,8 +586,9 @@ fn relay_loop(rx: &UdpSocket, tx: &UdpSocket, stop: &AtomicBool) -> io::Result<(
             continue;
         }
         let n = n as usize;
-        for i in 0..n {
-            tx_iovs[i].iov_len = rx_msgs[i].msg_len as usize;
+        for (tx_msg, rx_msg) in tx_msgs.iter().zip(&rx_msgs).take(n) {
+            // SAFETY: the header's own iovec, in `tx_iovs`, which is alive and unmoved.
+            unsafe { (*tx_msg.msg_hdr.msg_iov).iov_len = rx_msg.msg_len as usize };
         }
         // SAFETY: tx_msgs' first n headers point at live iovecs over the received buffers.
         unsafe { libc::sendmmsg(tx.as_raw_fd(), tx_msgs.as_mut_ptr(), n as u32, 0) };

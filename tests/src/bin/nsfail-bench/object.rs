@@ -392,26 +392,16 @@ impl GenerateRun<'_> {
                 }
             })
             .collect();
-        let base = iovs.as_mut_ptr();
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
-            .map(|i| {
-                // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
-                let mut m: libc::mmsghdr = unsafe { zeroed() };
-                // SAFETY: i < BATCH = iovs.len(); iovs is not moved or resized after this.
-                m.msg_hdr.msg_iov = unsafe { base.add(i) };
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let mut msgs = sys::mmsg_headers(&mut iovs);
         let mut sent = 0u64;
         let mut next = 0usize;
         // Bounded in count (frames) and in time (limit).
         while sent < self.frames && start.elapsed() < self.limit && !stop.load(Ordering::Relaxed) {
             if frames.len() > 1 {
-                for k in 0..BATCH {
+                for (k, m) in msgs.iter().enumerate() {
                     let f = &frames[(next + k) % frames.len()];
-                    // SAFETY: k < BATCH = iovs.len(), through the pointer the headers hold.
-                    unsafe { (*base.add(k)).iov_base = f.as_ptr() as *mut libc::c_void };
+                    // SAFETY: the header's own iovec, in `iovs`, which is alive and unmoved.
+                    unsafe { (*m.msg_hdr.msg_iov).iov_base = f.as_ptr() as *mut libc::c_void };
                 }
             }
             let want = (self.frames - sent).min(BATCH as u64) as u32;
@@ -457,20 +447,8 @@ fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
     }
     // SAFETY: fd is a new descriptor that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: the option value is a c_int that lives across the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
-    }
+    sys::setsockopt_int(&sock, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1)
+        .context("PACKET_QDISC_BYPASS")?;
     // SAFETY: sockaddr_ll is plain data.
     let mut addr: libc::sockaddr_ll = unsafe { zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;

@@ -3,8 +3,10 @@
 
 use std::{
     collections::BTreeSet,
-    fs,
+    fs, io,
+    mem::{size_of, zeroed},
     net::Ipv4Addr,
+    os::fd::AsRawFd,
     thread,
     time::{Duration, Instant},
 };
@@ -217,6 +219,45 @@ pub fn static_neighbour(ns: &Netns, addr: Ipv4Addr, mac: [u8; 6], dev: &str) -> 
         "nud",
         "permanent",
     ])?;
+    Ok(())
+}
+
+/// One `mmsghdr` per iovec, each pointing at its own. The iovecs must stay where they are
+/// for as long as the headers are used; change them through the headers (`msg_iov`).
+pub fn mmsg_headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    let base = iovs.as_mut_ptr();
+    (0..iovs.len())
+        .map(|i| {
+            // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
+            let mut m: libc::mmsghdr = unsafe { zeroed() };
+            // SAFETY: i < iovs.len().
+            m.msg_hdr.msg_iov = unsafe { base.add(i) };
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
+/// Sets the integer socket option `name` at `level` on `sock`.
+pub fn setsockopt_int(
+    sock: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reads an int of the given size from a valid pointer.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
