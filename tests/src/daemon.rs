@@ -347,6 +347,18 @@ impl Bed {
     }
 }
 
+/// Whether channel `channel` is on encoder `encoder`, as `status --json` has it.
+pub fn is_on(socket: &Path, channel: &str, encoder: &str) -> bool {
+    placement(socket)
+        .iter()
+        .any(|(c, e)| c == channel && e == encoder)
+}
+
+/// Whether channel `channel` is on encoder `encoder` within `limit` (polling `status`).
+pub fn placed_within(socket: &Path, channel: &str, encoder: &str, limit: Duration) -> bool {
+    wait_for(limit, || is_on(socket, channel, encoder).then_some(())).is_some()
+}
+
 /// Channels and their active encoder, as `status --json` has them.
 pub fn placement(socket: &Path) -> Vec<(String, String)> {
     status(socket)["channels"]

@@ -15,7 +15,8 @@ use nsfail_tests::{
         without_channels, xdp_attached,
     },
     daemon::{
-        Daemon, Policy, TempDir, cli, count_events, events, lab_config_with, placement, status,
+        Daemon, Policy, TempDir, cli, count_events, events, is_on, lab_config_with, placed_within,
+        placement, status,
     },
     lab,
     traffic::{Echo, Receiver, send_burst},
@@ -207,7 +208,7 @@ fn a_cluster_host_follows_etcd() {
         etcd.get(&format!("{prefix}channels/cam3")).is_some(),
         "cam3 is in etcd"
     );
-    assert!(placement(&socket).contains(&("cam3".into(), "enc-b".into())));
+    assert!(is_on(&socket, "cam3", "enc-b"));
     // Refused before anything is written: an encoder nobody has, a name already taken.
     let unknown = cli(
         &socket,
@@ -385,7 +386,7 @@ fn a_cluster_host_follows_etcd() {
         "add channel on a remote encoder: {}",
         added.stderr
     );
-    assert!(placement(&socket).contains(&("cam4".into(), "enc-r".into())));
+    assert!(is_on(&socket, "cam4", "enc-r"));
     let st = status(&socket);
     let enc_r = st["encoders"]
         .as_array()
@@ -407,15 +408,8 @@ fn a_cluster_host_follows_etcd() {
         remote(false).as_bytes(),
         None,
     );
-    let moved = wait_for(Duration::from_secs(5), || {
-        placement(&socket)
-            .contains(&("cam4".into(), "enc-a".into()))
-            .then_some(())
-    });
-    assert!(
-        moved.is_some(),
-        "cam4 fails over when h2 reports enc-r down"
-    );
+    let moved = placed_within(&socket, "cam4", "enc-a", Duration::from_secs(5));
+    assert!(moved, "cam4 fails over when h2 reports enc-r down");
 
     // Back up, on a lease h2 never keeps alive: when it expires, enc-r is down again.
     etcd.put(
@@ -436,9 +430,7 @@ fn a_cluster_host_follows_etcd() {
     assert_eq!(cli(&socket, &["remap", "cam4", "enc-r"]).code, 0);
     let t = Instant::now();
     let expired = wait_for(Duration::from_secs(6), || {
-        placement(&socket)
-            .contains(&("cam4".into(), "enc-a".into()))
-            .then(|| t.elapsed())
+        is_on(&socket, "cam4", "enc-a").then(|| t.elapsed())
     });
     let expired = expired.expect("cam4 leaves enc-r when h2's lease expires");
     // h1, the only host, leads: it wrote its decision for every host to follow.
@@ -523,13 +515,9 @@ fn a_cluster_host_follows_etcd() {
     .unwrap_or_else(|| panic!("cam6 after a restart: {:?}", placement(&socket)));
     assert!(!now.iter().any(|(n, _)| n == "cam11"), "{now:?}");
     assert_eq!(cli(&socket, &["remove", "channel", "cam6"]).code, 0);
-    let taken_over = wait_for(Duration::from_secs(5), || {
-        placement(&socket)
-            .contains(&("cam11".into(), "enc-b".into()))
-            .then_some(())
-    });
+    let taken_over = placed_within(&socket, "cam11", "enc-b", Duration::from_secs(5));
     assert!(
-        taken_over.is_some(),
+        taken_over,
         "cam11 applied once cam6 left its address: {:?}",
         placement(&socket)
     );
@@ -725,9 +713,7 @@ fn two_hosts_follow_one_leader() {
     let t = Instant::now();
     assert_eq!(cli(&sock1, &["remap", "cam1", "enc-c"]).code, 0);
     let followed = wait_for(Duration::from_secs(5), || {
-        placement(&sock2)
-            .contains(&("cam1".into(), "enc-c".into()))
-            .then(|| t.elapsed())
+        is_on(&sock2, "cam1", "enc-c").then(|| t.elapsed())
     })
     .expect("h2 follows h1's remap");
     println!(
@@ -744,12 +730,8 @@ fn two_hosts_follow_one_leader() {
     let rx = burst_to(&lab2, ec, 7000, "10.77.0.2:41001", "10.77.0.1:5000", 30);
     assert_eq!(rx.seen().len(), 30, "h2 forwards cam1 to enc-c");
     assert_eq!(cli(&sock1, &["remap", "cam1", "enc-a"]).code, 0);
-    let back = wait_for(Duration::from_secs(5), || {
-        placement(&sock2)
-            .contains(&("cam1".into(), "enc-a".into()))
-            .then_some(())
-    });
-    assert!(back.is_some());
+    let back = placed_within(&sock2, "cam1", "enc-a", Duration::from_secs(5));
+    assert!(back);
 
     // h1 dies (SIGKILL): h2 is elected once h1's lease expires, finds enc-a down and moves
     // cam1 to its own enc-c, and writes that as the new leader.
@@ -773,7 +755,7 @@ fn two_hosts_follow_one_leader() {
         elected.as_secs_f64(),
         written.as_secs_f64()
     );
-    assert!(placement(&sock2).contains(&("cam1".into(), "enc-c".into())));
+    assert!(is_on(&sock2, "cam1", "enc-c"));
     drop(echoes1.drain(..));
 
     // etcd stops: h2 steps down, keeps forwarding, and fails cam2 over between its own
@@ -786,16 +768,8 @@ fn two_hosts_follow_one_leader() {
     assert!(lost.is_some(), "h2 steps down:\n{}", log_of(&cfg2));
     assert!(has_event(&sock2, "cluster: etcd lost"));
     echoes2[0].stop();
-    let local = wait_for(Duration::from_secs(5), || {
-        placement(&sock2)
-            .contains(&("cam2".into(), "enc-d".into()))
-            .then_some(())
-    });
-    assert!(
-        local.is_some(),
-        "local failover without etcd:\n{}",
-        log_of(&cfg2)
-    );
+    let local = placed_within(&sock2, "cam2", "enc-d", Duration::from_secs(5));
+    assert!(local, "local failover without etcd:\n{}", log_of(&cfg2));
     let ed = &lab2.encoders[1];
     let rx = burst_to(&lab2, ed, 7002, "10.77.0.2:41002", "10.77.0.1:5002", 30);
     assert_eq!(
@@ -1043,7 +1017,7 @@ fn the_leaders_host_frozen_a_new_leader_handles_the_next_failure() {
         "one legitimate move, cam2 stays on enc-d: {after:?}"
     );
     assert!(
-        placement(&t.sock2).contains(&("cam2".into(), "enc-d".into())),
+        is_on(&t.sock2, "cam2", "enc-d"),
         "{:?}",
         placement(&t.sock2)
     );
@@ -1090,7 +1064,7 @@ fn a_follower_fails_over_itself_what_a_frozen_leader_does_not_move() {
             .then_some(())
     });
     std::thread::sleep(Duration::from_millis(1200));
-    let stayed = placement(&t.sock2).contains(&("cam2".into(), "enc-d".into()));
+    let stayed = is_on(&t.sock2, "cam2", "enc-d");
     let view = cluster_of(&t.sock2);
     let stale = active_in_etcd(&t.etcd, &t.prefix, "cam2");
     let within = frozen.elapsed();
@@ -1142,7 +1116,7 @@ fn a_follower_fails_over_itself_what_a_frozen_leader_does_not_move() {
         active_in_etcd(&t.etcd, &t.prefix, "cam2"),
         log_of(&t.cfg1)
     );
-    assert!(placement(&t.sock2).contains(&("cam2".into(), "enc-d".into())));
+    assert!(is_on(&t.sock2, "cam2", "enc-d"));
 }
 
 /// etcd out of space (the operator's world: a small `--quota-backend-bytes`, filled by another
@@ -1203,17 +1177,8 @@ fn etcd_out_of_space_is_said_and_the_host_fails_static() {
 
     // enc-a dies: the move is made here, the write refused and said.
     echoes[0].stop();
-    let moved = wait_for(Duration::from_secs(10), || {
-        placement(&socket)
-            .contains(&("cam2".into(), "enc-b".into()))
-            .then_some(())
-    });
-    assert!(
-        moved.is_some(),
-        "{:?}\n{}",
-        placement(&socket),
-        log_of(&host_cfg)
-    );
+    let moved = placed_within(&socket, "cam2", "enc-b", Duration::from_secs(10));
+    assert!(moved, "{:?}\n{}", placement(&socket), log_of(&host_cfg));
     let said = wait_for(Duration::from_secs(10), || {
         has_event(&socket, "database space exceeded").then_some(())
     });
@@ -1253,7 +1218,7 @@ fn etcd_out_of_space_is_said_and_the_host_fails_static() {
     assert!(healthy.is_some(), "enc-a healthy again");
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
-        placement(&socket).contains(&("cam2".into(), "enc-b".into())),
+        is_on(&socket, "cam2", "enc-b"),
         "no stale record taken: {:#?}",
         events(&socket)
     );
@@ -1377,13 +1342,10 @@ fn a_new_leader_fails_back_what_the_old_one_failed_over_and_not_what_it_placed_b
             None,
         );
     }
-    let on = |sock: &std::path::Path, ch: &str, enc: &str| {
-        placement(sock).contains(&(ch.to_owned(), enc.to_owned()))
-    };
     let placed = wait_for(Duration::from_secs(10), || {
         (["cam3", "cam4"]
             .iter()
-            .all(|ch| on(&t.sock1, ch, "enc-c") && on(&t.sock2, ch, "enc-c")))
+            .all(|ch| is_on(&t.sock1, ch, "enc-c") && is_on(&t.sock2, ch, "enc-c")))
         .then_some(())
     });
     assert!(
@@ -1415,7 +1377,7 @@ fn a_new_leader_fails_back_what_the_old_one_failed_over_and_not_what_it_placed_b
     assert_eq!(record("cam4")["manual"], true, "{}", record("cam4"));
     // h2 saw enc-c fail itself, but the move was h1's: h2 took it from etcd.
     let followed = wait_for(Duration::from_secs(5), || {
-        (on(&t.sock2, "cam3", "enc-d") && on(&t.sock2, "cam4", "enc-d")).then_some(())
+        (is_on(&t.sock2, "cam3", "enc-d") && is_on(&t.sock2, "cam4", "enc-d")).then_some(())
     });
     assert!(followed.is_some(), "{:?}", placement(&t.sock2));
     let seen = events(&t.sock2);
@@ -1451,10 +1413,18 @@ fn a_new_leader_fails_back_what_the_old_one_failed_over_and_not_what_it_placed_b
         record("cam3"),
         log_of(&t.cfg2)
     );
-    assert!(on(&t.sock2, "cam3", "enc-c"), "{:?}", placement(&t.sock2));
+    assert!(
+        is_on(&t.sock2, "cam3", "enc-c"),
+        "{:?}",
+        placement(&t.sock2)
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(record("cam4")["encoder"], "enc-d", "{}", record("cam4"));
-    assert!(on(&t.sock2, "cam4", "enc-d"), "{:?}", placement(&t.sock2));
+    assert!(
+        is_on(&t.sock2, "cam4", "enc-d"),
+        "{:?}",
+        placement(&t.sock2)
+    );
 }
 
 fn drained_on(socket: &std::path::Path, encoder: &str) -> Option<bool> {

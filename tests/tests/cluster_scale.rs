@@ -10,7 +10,7 @@ use etcd_client::GetOptions;
 use nsfail_tests::{
     PinDir,
     cluster::{Etcd, cluster_section, log_of, without_channels},
-    daemon::{Daemon, Policy, TempDir, lab_config_with, placement},
+    daemon::{Daemon, Policy, TempDir, lab_config_with, placed_within, placement},
     lab,
     traffic::{Echo, Receiver, send_burst},
     unique, wait_for,
@@ -144,12 +144,8 @@ fn a_host_takes_more_channels_than_one_page_and_leads_them_all() {
         .as_bytes(),
         None,
     );
-    let added = wait_for(Duration::from_secs(5), || {
-        placement(&socket)
-            .contains(&("extra".into(), "enc-b".into()))
-            .then_some(())
-    });
-    assert!(added.is_some(), "extra added:\n{}", log_of(&cfg));
+    let added = placed_within(&socket, "extra", "enc-b", Duration::from_secs(5));
+    assert!(added, "extra added:\n{}", log_of(&cfg));
     assert_eq!(placement(&socket).len(), CHANNELS + 1);
     let eb = &lab.encoders[1];
     let rx = Receiver::start(
